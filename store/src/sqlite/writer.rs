@@ -1,0 +1,446 @@
+//! The writer thread: the only code that modifies the database.
+//!
+//! It takes every request that has queued up (up to `max_batch`), applies them one after
+//! another in one transaction — each condition checked against the state left by the ones
+//! before it, each successful write taking the next revision — and commits once. That one
+//! commit (one WAL fsync) acknowledges the whole batch: group commit. Only after the commit
+//! are the batch's events published to watchers and the callers answered, so nothing is
+//! acknowledged or observed that a crash could take back.
+//!
+//! A request whose condition fails (exists, not found, conflict) gets its error and changes
+//! nothing; the rest of its batch goes on. A SQLite failure (disk full, I/O error) rolls the
+//! whole batch back and fails every request in it.
+//!
+//! Compaction marks the new compaction point in the batch's transaction, then deletes the
+//! superseded history in small chunks whenever no write is waiting.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{Shared, read, sqlite_error};
+use crate::error::{Error, Result};
+use crate::kv::{Event, EventKind, KeyValue, Revision};
+
+/// Rows of superseded history deleted per compaction step.
+const COMPACTION_CHUNK: i64 = 1000;
+
+/// A write, as queued for the writer.
+#[derive(Debug)]
+pub(super) enum Op {
+    Create {
+        key: String,
+        value: Bytes,
+    },
+    Update {
+        key: String,
+        value: Bytes,
+        expected: Revision,
+    },
+    Delete {
+        key: String,
+        expected: Option<Revision>,
+    },
+    Compact {
+        revision: Revision,
+    },
+}
+
+/// The writer's answer to one op.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// Create or update: the key's new state.
+    Put(KeyValue),
+    /// Delete: its revision and the key's last state.
+    Deleted(Revision, KeyValue),
+    /// Compact: done (the history is trimmed in the background).
+    Compacted,
+}
+
+/// One queued write and where to send its outcome.
+pub(super) struct Request {
+    pub(super) op: Op,
+    pub(super) reply: oneshot::Sender<Result<Reply>>,
+}
+
+/// What one commit published to watchers.
+#[derive(Debug)]
+pub(super) struct Committed {
+    /// The revision after the commit.
+    pub(super) revision: Revision,
+    /// The changes, in revision order.
+    pub(super) events: Vec<Event>,
+}
+
+/// Starts the writer thread. It owns the connection and the process lock, and stops (and
+/// releases the lock) once every request sender is gone.
+pub(super) fn spawn(
+    conn: Connection,
+    lock: File,
+    queue: mpsc::Receiver<Request>,
+    events: broadcast::Sender<Arc<Committed>>,
+    shared: Arc<Shared>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        .spawn(move || {
+            let _lock = lock;
+            Writer {
+                next: shared.current.load(Ordering::Acquire) + 1,
+                conn,
+                queue,
+                events,
+                shared,
+                compaction: None,
+            }
+            .run()
+        })
+}
+
+/// Where a background compaction has got to.
+#[derive(Debug, Clone, Copy)]
+struct CompactionCursor {
+    /// Delete superseded history below this revision.
+    target: Revision,
+    /// Rows up to here have been examined.
+    done: Revision,
+}
+
+struct Writer {
+    conn: Connection,
+    queue: mpsc::Receiver<Request>,
+    events: broadcast::Sender<Arc<Committed>>,
+    shared: Arc<Shared>,
+    /// The revision the next successful write gets.
+    next: Revision,
+    compaction: Option<CompactionCursor>,
+}
+
+/// Why applying one op stopped.
+enum OpError {
+    /// The op's condition failed: only this op fails.
+    Rejected(Error),
+    /// SQLite failed: the batch is rolled back.
+    Storage(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for OpError {
+    fn from(e: rusqlite::Error) -> Self {
+        OpError::Storage(e)
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        let max_batch = self.shared.options.max_batch.max(1);
+        loop {
+            let first = if self.compaction.is_some() {
+                match self.queue.try_recv() {
+                    Ok(request) => request,
+                    Err(TryRecvError::Empty) => {
+                        self.compaction_step();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match self.queue.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                }
+            };
+            let mut batch = Vec::with_capacity(max_batch.min(64));
+            batch.push(first);
+            while batch.len() < max_batch {
+                match self.queue.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    /// Applies and commits one batch, then publishes and answers.
+    fn commit(&mut self, batch: Vec<Request>) {
+        let path = self.shared.path.clone();
+        let first = self.next;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
+        let mut compact_to = None;
+
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for request in &batch {
+                match apply(&tx, self.next, &self.shared, &request.op) {
+                    Ok((reply, event)) => {
+                        if let Some(event) = event {
+                            events.push(event);
+                            self.next += 1;
+                        }
+                        if let (Op::Compact { revision }, Reply::Compacted) = (&request.op, &reply)
+                        {
+                            compact_to = compact_to.max(Some(*revision));
+                        }
+                        outcomes.push(Ok(reply));
+                    }
+                    Err(OpError::Rejected(error)) => outcomes.push(Err(error)),
+                    Err(OpError::Storage(error)) => return Err(error),
+                }
+            }
+            tx.commit()
+        })();
+
+        if let Err(error) = result {
+            // Nothing of this batch is durable: fail all of it and start over from the
+            // revision the database actually holds.
+            tracing::error!(%error, path = %path.display(), "write batch failed; rolled back");
+            self.next = first;
+            let error = sqlite_error(&path, error);
+            for request in batch {
+                let _ = request.reply.send(Err(clone_error(&error)));
+            }
+            return;
+        }
+
+        let revision = self.next - 1;
+        self.shared.current.store(revision, Ordering::Release);
+        if let Some(target) = compact_to.filter(|t| *t > self.shared.compacted.load(Ordering::Acquire))
+        {
+            self.shared.compacted.store(target, Ordering::Release);
+            // Rows examined for an earlier target may be superseded under this one: rescan.
+            self.compaction = Some(CompactionCursor { target, done: 0 });
+        }
+        if !events.is_empty() {
+            // No receivers is fine: nobody is watching.
+            let _ = self.events.send(Arc::new(Committed { revision, events }));
+        }
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = request.reply.send(outcome);
+        }
+    }
+
+    /// Deletes one chunk of history superseded before the compaction target: rows that a
+    /// newer row of the same key at or below the target replaces, and deletion markers.
+    /// Walks in revision order so that a key's older rows go before its deletion marker.
+    fn compaction_step(&mut self) {
+        let Some(cursor) = self.compaction else {
+            return;
+        };
+        let result = (|| -> rusqlite::Result<Option<Revision>> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // The last revision this chunk examines.
+            let upto: Option<Revision> = tx.query_row(
+                "SELECT MAX(revision) FROM (SELECT revision FROM log
+                 WHERE revision > ?1 AND revision < ?2 ORDER BY revision LIMIT ?3)",
+                params![cursor.done, cursor.target, COMPACTION_CHUNK],
+                |r| r.get(0),
+            )?;
+            let Some(upto) = upto else {
+                return Ok(None);
+            };
+            tx.execute(
+                "DELETE FROM log WHERE revision IN (
+                     SELECT l.revision FROM log l
+                     WHERE l.revision > ?1 AND l.revision <= ?2
+                       AND (l.deleted = 1 OR EXISTS (
+                             SELECT 1 FROM log m WHERE m.key = l.key
+                               AND m.revision > l.revision AND m.revision <= ?3)))",
+                params![cursor.done, upto, cursor.target],
+            )?;
+            tx.commit()?;
+            Ok(Some(upto))
+        })();
+        match result {
+            Ok(Some(upto)) => {
+                self.compaction = Some(CompactionCursor {
+                    done: upto,
+                    ..cursor
+                })
+            }
+            Ok(None) => {
+                tracing::debug!(target = cursor.target, "compaction finished");
+                self.compaction = None;
+            }
+            Err(error) => {
+                // Retried at the next idle moment; history is only trimmed later.
+                tracing::warn!(%error, "compaction step failed");
+                self.compaction = None;
+            }
+        }
+    }
+}
+
+/// Applies one op inside the batch transaction. Returns the reply and, for a write, its
+/// event (whose revision is `revision`).
+fn apply(
+    tx: &Connection,
+    revision: Revision,
+    shared: &Shared,
+    op: &Op,
+) -> Result<(Reply, Option<Event>), OpError> {
+    match op {
+        Op::Create { key, value } => {
+            if read::current(tx, key)?.is_some() {
+                return Err(OpError::Rejected(Error::AlreadyExists { key: key.clone() }));
+            }
+            insert_log(tx, revision, key, false, revision, 0, 1, Some(value))?;
+            tx.prepare_cached("INSERT INTO kv (key, mod_revision) VALUES (?1, ?2)")?
+                .execute(params![key.as_bytes(), revision])?;
+            let kv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+            };
+            let event = Event {
+                kind: EventKind::Create,
+                kv: kv.clone(),
+                prev: None,
+            };
+            Ok((Reply::Put(kv), Some(event)))
+        }
+        Op::Update {
+            key,
+            value,
+            expected,
+        } => {
+            let prev = existing(tx, key, Some(*expected))?;
+            insert_log(
+                tx,
+                revision,
+                key,
+                false,
+                prev.create_revision,
+                prev.mod_revision,
+                prev.version + 1,
+                Some(value),
+            )?;
+            tx.prepare_cached("UPDATE kv SET mod_revision = ?2 WHERE key = ?1")?
+                .execute(params![key.as_bytes(), revision])?;
+            let kv = KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                create_revision: prev.create_revision,
+                mod_revision: revision,
+                version: prev.version + 1,
+            };
+            let event = Event {
+                kind: EventKind::Update,
+                kv: kv.clone(),
+                prev: Some(prev),
+            };
+            Ok((Reply::Put(kv), Some(event)))
+        }
+        Op::Delete { key, expected } => {
+            let prev = existing(tx, key, *expected)?;
+            insert_log(tx, revision, key, true, 0, prev.mod_revision, 0, None)?;
+            tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?
+                .execute(params![key.as_bytes()])?;
+            let event = Event {
+                kind: EventKind::Delete,
+                kv: tombstone(key, revision),
+                prev: Some(prev.clone()),
+            };
+            Ok((Reply::Deleted(revision, prev), Some(event)))
+        }
+        Op::Compact { revision: target } => {
+            // `revision - 1` is the latest committed revision while this batch runs.
+            let current = revision - 1;
+            if *target > current {
+                return Err(OpError::Rejected(Error::FutureRevision {
+                    requested: *target,
+                    current,
+                }));
+            }
+            if *target > shared.compacted.load(Ordering::Acquire) {
+                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = 'compact_revision'")?
+                    .execute([target])?;
+            }
+            Ok((Reply::Compacted, None))
+        }
+    }
+}
+
+/// The key's current state, checked against the expected `mod_revision`.
+fn existing(tx: &Connection, key: &str, expected: Option<Revision>) -> Result<KeyValue, OpError> {
+    let current = read::current(tx, key)?
+        .ok_or_else(|| OpError::Rejected(Error::NotFound { key: key.to_owned() }))?;
+    match expected {
+        Some(expected) if expected != current.mod_revision => {
+            Err(OpError::Rejected(Error::Conflict {
+                key: key.to_owned(),
+                expected,
+                current: Box::new(current),
+            }))
+        }
+        _ => Ok(current),
+    }
+}
+
+/// The `kv` of a delete event, as etcd reports it.
+fn tombstone(key: &str, revision: Revision) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Bytes::new(),
+        create_revision: 0,
+        mod_revision: revision,
+        version: 0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_log(
+    tx: &Connection,
+    revision: Revision,
+    key: &str,
+    deleted: bool,
+    create_revision: Revision,
+    prev_revision: Revision,
+    version: i64,
+    value: Option<&Bytes>,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT INTO log (revision, key, deleted, create_revision, prev_revision, version, value)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        revision,
+        key.as_bytes(),
+        deleted as i64,
+        create_revision,
+        prev_revision,
+        version,
+        value.map(|v| v.as_ref())
+    ])
+}
+
+/// One failed commit fails every request of its batch, each with its own error value.
+fn clone_error(error: &Error) -> Error {
+    match error {
+        Error::Sqlite { path, source } => Error::Sqlite {
+            path: path.clone(),
+            source: Arc::clone(source),
+        },
+        Error::Corrupt { path, source } => Error::Corrupt {
+            path: path.clone(),
+            source: Arc::clone(source),
+        },
+        Error::Locked { path } => Error::Locked { path: path.clone() },
+        other => Error::InvalidArgument {
+            message: other.to_string(),
+        },
+    }
+}
+
