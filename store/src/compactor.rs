@@ -73,7 +73,11 @@ impl Compactor {
                 }
                 by_time = Some(revision);
                 // Keep the newest old-enough sample for the next pass.
-                if self.samples.get(1).is_some_and(|(next, _)| *next <= horizon) {
+                if self
+                    .samples
+                    .get(1)
+                    .is_some_and(|(next, _)| *next <= horizon)
+                {
                     self.samples.pop_front();
                 } else {
                     break;
@@ -122,8 +126,8 @@ mod tests {
 
     fn compactor(keep_revisions: i64, keep_for: Duration) -> (Compactor, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default())
-            .unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap();
         let policy = CompactionPolicy {
             keep_revisions,
             keep_for,

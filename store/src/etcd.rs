@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, CompactionOptions, ConnectOptions, DeleteOptions, EventType,
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType,
     GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use futures::StreamExt;
@@ -93,7 +93,8 @@ impl EtcdStore {
             E::GRpcStatus(status) => {
                 let message = status.message();
                 match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
                     | tonic::Code::Cancelled => Error::Unavailable {
                         endpoints: self.endpoints.clone(),
                         source,
@@ -118,7 +119,10 @@ impl EtcdStore {
     /// variants.
     async fn read_error(&self, source: etcd_client::Error, revision: Revision) -> Error {
         if let etcd_client::Error::GRpcStatus(status) = &source {
-            if status.message().contains("required revision has been compacted") {
+            if status
+                .message()
+                .contains("required revision has been compacted")
+            {
                 return match self.compacted_revision().await {
                     Ok(oldest) => Error::Compacted {
                         requested: revision,
@@ -127,7 +131,10 @@ impl EtcdStore {
                     Err(error) => error,
                 };
             }
-            if status.message().contains("required revision is a future revision") {
+            if status
+                .message()
+                .contains("required revision is a future revision")
+            {
                 return match self.current_revision().await {
                     Ok(current) => Error::FutureRevision {
                         requested: revision,
@@ -163,7 +170,11 @@ impl EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        self.client.clone().txn(txn).await.map_err(|e| self.error(e))
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.error(e))
     }
 }
 
@@ -279,7 +290,11 @@ impl Store for EtcdStore {
             .clone()
             .get(
                 key,
-                Some(GetOptions::new().with_range(range_end(prefix)).with_count_only()),
+                Some(
+                    GetOptions::new()
+                        .with_range(range_end(prefix))
+                        .with_count_only(),
+                ),
             )
             .await
             .map_err(|e| self.error(e))?;
@@ -320,7 +335,9 @@ impl Store for EtcdStore {
         check_value(key, &value)?;
         if expected <= 0 {
             return Err(Error::InvalidArgument {
-                message: format!("update of {key:?} needs the expected mod_revision, got {expected}"),
+                message: format!(
+                    "update of {key:?} needs the expected mod_revision, got {expected}"
+                ),
             });
         }
         let response = self
@@ -369,7 +386,10 @@ impl Store for EtcdStore {
             .txn(
                 Txn::new()
                     .when([condition])
-                    .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))])
+                    .and_then([TxnOp::delete(
+                        key,
+                        Some(DeleteOptions::new().with_prev_key()),
+                    )])
                     .or_else([TxnOp::get(key, None)]),
             )
             .await?;
@@ -492,7 +512,9 @@ impl Store for EtcdStore {
         {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(status))
-                if status.message().contains("required revision has been compacted") =>
+                if status
+                    .message()
+                    .contains("required revision has been compacted") =>
             {
                 Ok(())
             }

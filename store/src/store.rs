@@ -61,8 +61,11 @@ impl ListPage {
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Reads `key`, at `revision` or the latest. Returns the revision read at and the
     /// key-value, if the key existed then.
-    async fn get(&self, key: &str, revision: Option<Revision>)
-    -> Result<(Revision, Option<KeyValue>)>;
+    async fn get(
+        &self,
+        key: &str,
+        revision: Option<Revision>,
+    ) -> Result<(Revision, Option<KeyValue>)>;
 
     /// Lists the keys starting with `prefix` (all keys for `""`), one page at a time.
     async fn list(&self, prefix: &str, options: &ListOptions) -> Result<ListPage>;

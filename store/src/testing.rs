@@ -50,7 +50,8 @@ impl EtcdProcess {
         let peer_port = free_port().map_err(EtcdStartError::Setup)?;
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(EtcdStartError::Setup)?;
+        let log =
+            std::fs::File::create(dir.path().join("etcd.log")).map_err(EtcdStartError::Setup)?;
         let log_err = log.try_clone().map_err(EtcdStartError::Setup)?;
         let mut command = Command::new(&binary);
         command

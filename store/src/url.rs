@@ -89,18 +89,30 @@ mod tests {
     #[test]
     fn parses_both_schemes() {
         assert_eq!(
-            "sqlite:///var/lib/orquestra/state.db".parse::<Datastore>().unwrap(),
+            "sqlite:///var/lib/orquestra/state.db"
+                .parse::<Datastore>()
+                .unwrap(),
             Datastore::Sqlite("/var/lib/orquestra/state.db".into())
         );
         assert_eq!(
-            "etcd://127.0.0.1:2379,127.0.0.1:22379".parse::<Datastore>().unwrap(),
+            "etcd://127.0.0.1:2379,127.0.0.1:22379"
+                .parse::<Datastore>()
+                .unwrap(),
             Datastore::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.1:22379".into()])
         );
     }
 
     #[test]
     fn rejects_malformed_urls() {
-        for bad in ["", "state.db", "mysql://x", "sqlite://", "etcd://", "etcd://host", "etcd://h:99999"] {
+        for bad in [
+            "",
+            "state.db",
+            "mysql://x",
+            "sqlite://",
+            "etcd://",
+            "etcd://host",
+            "etcd://h:99999",
+        ] {
             let err = bad.parse::<Datastore>().unwrap_err();
             assert!(matches!(err, Error::InvalidArgument { .. }), "{bad}: {err}");
         }

@@ -2,6 +2,8 @@
 //! real etcd started on loopback for each test. Revisions are only compared relative to each
 //! other, never to absolute numbers: etcd starts its history at 1, SQLite at 0.
 
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -22,7 +24,11 @@ fn b(s: &str) -> Bytes {
 async fn create_and_get(store: &Arc<dyn Store>) {
     let before = store.current_revision().await.unwrap();
     let a = store.create("/r/a", b("1")).await.unwrap();
-    assert_eq!(a.mod_revision, before + 1, "each write takes the next revision");
+    assert_eq!(
+        a.mod_revision,
+        before + 1,
+        "each write takes the next revision"
+    );
     assert_eq!(a.create_revision, a.mod_revision);
     assert_eq!(a.version, 1);
     let c = store.create("/r/c", b("3")).await.unwrap();
@@ -38,7 +44,10 @@ async fn create_and_get(store: &Arc<dyn Store>) {
         Err(Error::AlreadyExists { key }) => assert_eq!(key, "/r/a"),
         other => panic!("expected AlreadyExists, got {other:?}"),
     }
-    assert_eq!(store.get("/r/a", None).await.unwrap().1.unwrap().value, b("1"));
+    assert_eq!(
+        store.get("/r/a", None).await.unwrap().1.unwrap().value,
+        b("1")
+    );
     assert_eq!(
         store.current_revision().await.unwrap(),
         c.mod_revision,
@@ -48,7 +57,10 @@ async fn create_and_get(store: &Arc<dyn Store>) {
 
 async fn update_is_compare_and_swap(store: &Arc<dyn Store>) {
     let v1 = store.create("/cas/k", b("v1")).await.unwrap();
-    let v2 = store.update("/cas/k", b("v2"), v1.mod_revision).await.unwrap();
+    let v2 = store
+        .update("/cas/k", b("v2"), v1.mod_revision)
+        .await
+        .unwrap();
     assert_eq!(v2.version, 2);
     assert_eq!(v2.create_revision, v1.create_revision);
     assert_eq!(v2.mod_revision, v1.mod_revision + 1);
@@ -75,7 +87,10 @@ async fn update_is_compare_and_swap(store: &Arc<dyn Store>) {
 
 async fn delete_and_recreate(store: &Arc<dyn Store>) {
     let v1 = store.create("/del/k", b("v1")).await.unwrap();
-    let v2 = store.update("/del/k", b("v2"), v1.mod_revision).await.unwrap();
+    let v2 = store
+        .update("/del/k", b("v2"), v1.mod_revision)
+        .await
+        .unwrap();
     assert!(matches!(
         store.delete("/del/k", Some(v1.mod_revision)).await,
         Err(Error::Conflict { current, .. }) if *current == v2
@@ -99,11 +114,18 @@ async fn delete_and_recreate(store: &Arc<dyn Store>) {
 async fn reads_at_past_revisions(store: &Arc<dyn Store>) {
     let v1 = store.create("/hist/k", b("v1")).await.unwrap();
     let other = store.create("/hist/other", b("o")).await.unwrap();
-    let v2 = store.update("/hist/k", b("v2"), v1.mod_revision).await.unwrap();
+    let v2 = store
+        .update("/hist/k", b("v2"), v1.mod_revision)
+        .await
+        .unwrap();
     let (deleted_at, _) = store.delete("/hist/k", None).await.unwrap();
 
     let at = |r| store.get("/hist/k", Some(r));
-    assert_eq!(at(v1.mod_revision - 1).await.unwrap().1, None, "before it existed");
+    assert_eq!(
+        at(v1.mod_revision - 1).await.unwrap().1,
+        None,
+        "before it existed"
+    );
     assert_eq!(at(v1.mod_revision).await.unwrap().1.unwrap(), v1);
     assert_eq!(at(other.mod_revision).await.unwrap().1.unwrap(), v1);
     assert_eq!(at(v2.mod_revision).await.unwrap().1.unwrap(), v2);
@@ -133,7 +155,13 @@ async fn reads_at_past_revisions(store: &Arc<dyn Store>) {
     ));
     assert!(matches!(
         store
-            .list("/hist/", &ListOptions { revision: Some(future), ..Default::default() })
+            .list(
+                "/hist/",
+                &ListOptions {
+                    revision: Some(future),
+                    ..Default::default()
+                }
+            )
             .await,
         Err(Error::FutureRevision { .. })
     ));
@@ -143,7 +171,10 @@ async fn list_pages_share_one_snapshot(store: &Arc<dyn Store>) {
     let mut expected = BTreeMap::new();
     for i in 0..25 {
         let key = format!("/pods/ns/p{i:02}");
-        let kv = store.create(&key, Bytes::from(format!("v{i}"))).await.unwrap();
+        let kv = store
+            .create(&key, Bytes::from(format!("v{i}")))
+            .await
+            .unwrap();
         expected.insert(key, kv);
     }
     // Neighbours that share a textual prefix but not the key prefix.
@@ -166,7 +197,10 @@ async fn list_pages_share_one_snapshot(store: &Arc<dyn Store>) {
 
     // Changes after the first page must not show in the following pages.
     let p15 = expected["/pods/ns/p15"].clone();
-    store.update("/pods/ns/p15", b("changed"), p15.mod_revision).await.unwrap();
+    store
+        .update("/pods/ns/p15", b("changed"), p15.mod_revision)
+        .await
+        .unwrap();
     store.delete("/pods/ns/p20", None).await.unwrap();
     store.create("/pods/ns/p99", b("late")).await.unwrap();
 
@@ -180,21 +214,41 @@ async fn list_pages_share_one_snapshot(store: &Arc<dyn Store>) {
     let want: Vec<_> = expected.values().cloned().collect();
     assert_eq!(seen, want, "every key once, in order, as of the first page");
 
-    let all = store.list("/pods/ns/", &ListOptions::default()).await.unwrap();
+    let all = store
+        .list("/pods/ns/", &ListOptions::default())
+        .await
+        .unwrap();
     assert_eq!(all.kvs.len(), 25);
     assert!(!all.more);
     assert!(all.kvs.iter().any(|kv| kv.key == "/pods/ns/p99"));
     let exact = store
-        .list("/pods/ns/", &ListOptions { limit: Some(25), ..Default::default() })
+        .list(
+            "/pods/ns/",
+            &ListOptions {
+                limit: Some(25),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    assert!(!exact.more, "a page that ends exactly at the last key says so");
+    assert!(
+        !exact.more,
+        "a page that ends exactly at the last key says so"
+    );
 
     let (_, n) = store.count("/pods/ns/").await.unwrap();
     assert_eq!(n, 25);
     let (_, everything) = store.count("").await.unwrap();
     assert_eq!(everything, 28);
-    assert_eq!(store.list("", &ListOptions::default()).await.unwrap().kvs.len(), 28);
+    assert_eq!(
+        store
+            .list("", &ListOptions::default())
+            .await
+            .unwrap()
+            .kvs
+            .len(),
+        28
+    );
 
     assert!(matches!(
         store
@@ -214,7 +268,10 @@ async fn watch_replays_history_with_previous_values(store: &Arc<dyn Store>) {
     let start = store.current_revision().await.unwrap();
     let a1 = store.create("/w/a", b("a1")).await.unwrap();
     store.create("/elsewhere/x", b("x")).await.unwrap();
-    let a2 = store.update("/w/a", b("a2"), a1.mod_revision).await.unwrap();
+    let a2 = store
+        .update("/w/a", b("a2"), a1.mod_revision)
+        .await
+        .unwrap();
     let (deleted_at, _) = store.delete("/w/a", None).await.unwrap();
 
     let mut watch = store.watch("/w/", start).await.unwrap();
@@ -291,7 +348,10 @@ async fn compaction(store: &Arc<dyn Store>) {
 
     store.compact(target).await.unwrap();
     store.compact(target).await.unwrap();
-    store.compact(target - 3).await.expect("compacting to an older revision does nothing");
+    store
+        .compact(target - 3)
+        .await
+        .expect("compacting to an older revision does nothing");
 
     // Reads before the compaction point fail with the oldest readable revision...
     match store.get("/c/kept", Some(old.mod_revision)).await {
@@ -303,7 +363,13 @@ async fn compaction(store: &Arc<dyn Store>) {
     }
     assert!(matches!(
         store
-            .list("/c/", &ListOptions { revision: Some(target - 1), ..Default::default() })
+            .list(
+                "/c/",
+                &ListOptions {
+                    revision: Some(target - 1),
+                    ..Default::default()
+                }
+            )
             .await,
         Err(Error::Compacted { .. })
     ));
@@ -313,23 +379,42 @@ async fn compaction(store: &Arc<dyn Store>) {
         Some(Err(Error::Compacted { oldest, .. })) => assert_eq!(oldest, target),
         other => panic!("expected Compacted, got {other:?}"),
     }
-    assert!(next(&mut watch).await.is_none(), "the stream ends after the error");
+    assert!(
+        next(&mut watch).await.is_none(),
+        "the stream ends after the error"
+    );
 
     // The compaction point itself and everything later stay readable.
     let page = store
-        .list("/c/", &ListOptions { revision: Some(target), ..Default::default() })
+        .list(
+            "/c/",
+            &ListOptions {
+                revision: Some(target),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(page.kvs, vec![kept.clone()]);
-    assert_eq!(store.get("/c/kept", Some(target)).await.unwrap().1.unwrap(), kept);
+    assert_eq!(
+        store.get("/c/kept", Some(target)).await.unwrap().1.unwrap(),
+        kept
+    );
     assert_eq!(store.get("/c/gone", Some(target)).await.unwrap().1, None);
     assert_eq!(gone.version, 1);
     let mut watch = store.watch("/c/", target).await.unwrap();
     assert_eq!(next_change(&mut watch).await.kv, unchanged);
-    let updated = store.update("/c/kept", b("5"), kept.mod_revision).await.unwrap();
+    let updated = store
+        .update("/c/kept", b("5"), kept.mod_revision)
+        .await
+        .unwrap();
     let event = next_change(&mut watch).await;
     assert_eq!(event.kv, updated);
-    assert_eq!(event.prev, Some(kept), "the previous value survives compaction");
+    assert_eq!(
+        event.prev,
+        Some(kept),
+        "the previous value survives compaction"
+    );
 
     let future = store.current_revision().await.unwrap() + 10;
     assert!(matches!(
@@ -351,19 +436,37 @@ async fn limits_and_bad_arguments(store: &Arc<dyn Store>) {
     let too_big = Bytes::from(vec![7u8; MAX_VALUE_BYTES + 1]);
     match store.create("/big", too_big).await {
         Err(Error::ValueTooLarge { key, size, limit }) => {
-            assert_eq!((key.as_str(), size, limit), ("/big", MAX_VALUE_BYTES + 1, MAX_VALUE_BYTES));
+            assert_eq!(
+                (key.as_str(), size, limit),
+                ("/big", MAX_VALUE_BYTES + 1, MAX_VALUE_BYTES)
+            );
         }
         other => panic!("expected ValueTooLarge, got {other:?}"),
     }
     let at_limit = Bytes::from(vec![7u8; MAX_VALUE_BYTES]);
     let kv = store.create("/big", at_limit.clone()).await.unwrap();
-    assert_eq!(store.get("/big", None).await.unwrap().1.unwrap().value, at_limit);
+    assert_eq!(
+        store.get("/big", None).await.unwrap().1.unwrap().value,
+        at_limit
+    );
     assert!(matches!(
-        store.update("/big", Bytes::from(vec![0u8; MAX_VALUE_BYTES * 2]), kv.mod_revision).await,
+        store
+            .update(
+                "/big",
+                Bytes::from(vec![0u8; MAX_VALUE_BYTES * 2]),
+                kv.mod_revision
+            )
+            .await,
         Err(Error::ValueTooLarge { .. })
     ));
-    assert!(matches!(store.create("", b("x")).await, Err(Error::InvalidArgument { .. })));
-    assert!(matches!(store.watch("/x/", -1).await, Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        store.create("", b("x")).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        store.watch("/x/", -1).await,
+        Err(Error::InvalidArgument { .. })
+    ));
 }
 
 async fn concurrent_compare_and_swap_loses_no_update(store: &Arc<dyn Store>) {
@@ -379,7 +482,11 @@ async fn concurrent_compare_and_swap_loses_no_update(store: &Arc<dyn Store>) {
                         let kv = kv.unwrap();
                         let n: u64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
                         match store
-                            .update("/counter", Bytes::from((n + 1).to_string()), kv.mod_revision)
+                            .update(
+                                "/counter",
+                                Bytes::from((n + 1).to_string()),
+                                kv.mod_revision,
+                            )
                             .await
                         {
                             Ok(_) => break,
@@ -421,12 +528,18 @@ async fn quiet_watchers_get_progress(store: &Arc<dyn Store>) {
                 other => panic!("expected only progress, got {other:?}"),
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "no progress notification in 15s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress notification in 15s"
+        );
     }
 }
 
 async fn size_is_reported(store: &Arc<dyn Store>) {
-    store.create("/size", Bytes::from(vec![1u8; 64 * 1024])).await.unwrap();
+    store
+        .create("/size", Bytes::from(vec![1u8; 64 * 1024]))
+        .await
+        .unwrap();
     assert!(store.size().await.unwrap() > 0);
 }
 

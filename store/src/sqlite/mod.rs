@@ -17,7 +17,7 @@ mod writer;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -78,6 +78,19 @@ struct Shared {
     compacted: AtomicI64,
     /// Where watchers subscribe; `None` once the store is closed, so watchers end.
     events: Mutex<Option<broadcast::Sender<Arc<Committed>>>>,
+    /// Transactions committed by the writer.
+    commits: AtomicU64,
+    /// Writes (creates, updates, deletes) those transactions made.
+    writes: AtomicU64,
+}
+
+/// Counters of the writer, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SqliteStats {
+    /// Transactions committed (each one fsync of the WAL).
+    pub commits: u64,
+    /// Successful writes; `writes / commits` is the mean group-commit batch.
+    pub writes: u64,
 }
 
 /// The embedded SQLite store. See the module docs.
@@ -129,11 +142,13 @@ impl SqliteStore {
             current: AtomicI64::new(current),
             compacted: AtomicI64::new(compacted),
             events: Mutex::new(Some(events.clone())),
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         });
 
         let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
-        let writer = writer::spawn(conn, lock, queue, events, Arc::clone(&shared))
-            .map_err(io_err(path))?;
+        let writer =
+            writer::spawn(conn, lock, queue, events, Arc::clone(&shared)).map_err(io_err(path))?;
         let checkpointer = spawn_checkpointer(path, options.checkpoint_interval)?;
         Ok(SqliteStore {
             shared,
@@ -146,6 +161,14 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// The writer's counters since open.
+    pub fn stats(&self) -> SqliteStats {
+        SqliteStats {
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            writes: self.shared.writes.load(Ordering::Relaxed),
+        }
     }
 
     async fn write(&self, op: Op) -> Result<Reply> {
@@ -464,7 +487,9 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(Revision, Revision)> {
         });
     }
     let meta = |name: &str| -> Result<Option<i64>> {
-        match conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)) {
+        match conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+            r.get(0)
+        }) {
             Ok(v) => Ok(Some(v)),
             Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
             Err(e) => Err(sqlite_error(path, e)),
@@ -481,7 +506,9 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(Revision, Revision)> {
     }
     let compacted = meta("compact_revision")?.unwrap_or(0);
     let current: Revision = conn
-        .query_row("SELECT COALESCE(MAX(revision), 0) FROM log", [], |r| r.get(0))
+        .query_row("SELECT COALESCE(MAX(revision), 0) FROM log", [], |r| {
+            r.get(0)
+        })
         .map_err(err)?;
     Ok((current, compacted))
 }

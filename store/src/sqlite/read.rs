@@ -22,15 +22,14 @@ struct Snapshot {
 }
 
 /// Starts a read transaction and reads where it stands.
-fn begin<'c>(
-    conn: &'c Connection,
-    path: &Path,
-) -> Result<(rusqlite::Transaction<'c>, Snapshot)> {
+fn begin<'c>(conn: &'c Connection, path: &Path) -> Result<(rusqlite::Transaction<'c>, Snapshot)> {
     let err = |e| sqlite_error(path, e);
     // `unchecked_transaction` because pooled connections are shared by reference; reads only.
     let tx = conn.unchecked_transaction().map_err(err)?;
     let current = tx
-        .query_row("SELECT COALESCE(MAX(revision), 0) FROM log", [], |r| r.get(0))
+        .query_row("SELECT COALESCE(MAX(revision), 0) FROM log", [], |r| {
+            r.get(0)
+        })
         .map_err(err)?;
     let compacted = tx
         .query_row(

@@ -111,9 +111,7 @@ impl Watcher {
                 self.send(WatchEvent::Change(event.clone())).await?;
             }
         }
-        if !matched
-            && self.last_sent_at.elapsed() >= self.shared.options.progress_interval
-        {
+        if !matched && self.last_sent_at.elapsed() >= self.shared.options.progress_interval {
             self.send(WatchEvent::Progress(committed.revision)).await?;
         }
         self.sent = committed.revision;

