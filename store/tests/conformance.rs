@@ -167,6 +167,70 @@ async fn reads_at_past_revisions(store: &Arc<dyn Store>) {
     ));
 }
 
+async fn recreated_keys_keep_their_history(store: &Arc<dyn Store>) {
+    let first = store.create("/re/k", b("first")).await.unwrap();
+    let (deleted_at, _) = store.delete("/re/k", None).await.unwrap();
+    let second = store.create("/re/k", b("second")).await.unwrap();
+    let second = store
+        .update("/re/k", b("second'"), second.mod_revision)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store
+            .get("/re/k", Some(first.mod_revision))
+            .await
+            .unwrap()
+            .1
+            .unwrap(),
+        first
+    );
+    assert_eq!(store.get("/re/k", Some(deleted_at)).await.unwrap().1, None);
+    assert_eq!(store.get("/re/k", None).await.unwrap().1.unwrap(), second);
+    let then = store
+        .list(
+            "/re/",
+            &ListOptions {
+                revision: Some(first.mod_revision),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(then.kvs, vec![first.clone()]);
+    let gap = store
+        .list(
+            "/re/",
+            &ListOptions {
+                revision: Some(deleted_at),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(gap.kvs.is_empty());
+
+    let mut watch = store.watch("/re/", first.mod_revision - 1).await.unwrap();
+    let kinds: Vec<_> = [
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+    ]
+    .into_iter()
+    .map(|e| (e.kind, e.prev.map(|p| p.mod_revision)))
+    .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::Create, None),
+            (EventKind::Delete, Some(first.mod_revision)),
+            (EventKind::Create, None),
+            (EventKind::Update, Some(deleted_at + 1)),
+        ]
+    );
+}
+
 async fn list_pages_share_one_snapshot(store: &Arc<dyn Store>) {
     let mut expected = BTreeMap::new();
     for i in 0..25 {
@@ -571,6 +635,7 @@ all_backends!(
     delete_and_recreate,
     reads_at_past_revisions,
     list_pages_share_one_snapshot,
+    recreated_keys_keep_their_history,
     watch_replays_history_with_previous_values,
     watch_sees_concurrent_writers_in_order,
     compaction,

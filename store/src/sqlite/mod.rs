@@ -1,8 +1,11 @@
 //! The embedded backend: one SQLite file in WAL mode.
 //!
-//! Layout: `log` holds one row per revision (the history, trimmed by compaction), `kv` maps
-//! each live key to the revision holding its current value, `meta` keeps the schema version
-//! and the compaction point. All writes go through one writer thread ([`writer`]) that
+//! Layout: `log` holds one row per revision (the history, trimmed by compaction); each row
+//! links to the previous row of its key (`prev_revision`), so a key's history is a chain.
+//! `kv` maps every key to its newest row — a value, or a deletion marker until compaction
+//! drops it. `meta` keeps the schema version and the compaction point. There is no index on
+//! `log.key`: it would add a second randomly placed page to every write (measured: about a
+//! third of the write throughput); past revisions are read by walking the chains instead. All writes go through one writer thread ([`writer`]) that
 //! commits whatever has queued up as one transaction — one fsync for many writers (group
 //! commit) — and then hands the committed events to in-process watchers ([`watch`]) without
 //! any polling. Reads run on a small pool of connections on the blocking thread pool.
@@ -474,10 +477,10 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(Revision, Revision)> {
                  version         INTEGER NOT NULL,
                  value           BLOB
              );
-             CREATE INDEX log_key_revision ON log (key, revision);
              CREATE TABLE kv (
                  key          BLOB    PRIMARY KEY,
-                 mod_revision INTEGER NOT NULL
+                 mod_revision INTEGER NOT NULL,
+                 deleted      INTEGER NOT NULL
              ) WITHOUT ROWID;
              CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
              INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION}), ('compact_revision', 0);

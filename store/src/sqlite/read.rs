@@ -1,10 +1,16 @@
 //! Read queries. Each runs inside one read transaction, so the revision it reports and the
 //! rows it returns come from the same snapshot (WAL readers see a fixed point in history).
+//!
+//! The latest state comes from `kv` joined to `log`. The state at a past revision `R` is
+//! found per key by walking its chain (`prev_revision`) back from the newest row to the first
+//! row at or below `R`; a broken link means the key did not exist then (compaction only
+//! drops rows that no read at or after the compaction point can reach — see `writer`).
 
 use std::path::Path;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::sqlite_error;
 use crate::error::{Error, Result};
@@ -14,6 +20,56 @@ use crate::store::{ListOptions, ListPage};
 
 /// Upper bound for "no upper bound": larger than any key we accept.
 const NO_END: &[u8] = &[0xff; crate::limits::MAX_KEY_BYTES + 1];
+
+/// The columns of a `log` row, in [`LogRow::from_row`] order.
+const LOG_COLUMNS: &str = "revision, key, deleted, create_revision, prev_revision, version, value";
+
+/// [`LOG_COLUMNS`] qualified by a table name or alias, for joins. Statements on the write
+/// path build their SQL once (`LazyLock`): formatting it per call showed in profiles.
+fn log_columns(table: &str) -> String {
+    LOG_COLUMNS
+        .split(", ")
+        .map(|c| format!("{table}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One `log` row: a key's state written at `revision`.
+#[derive(Debug, Clone)]
+pub(super) struct LogRow {
+    pub(super) revision: Revision,
+    pub(super) key: Vec<u8>,
+    pub(super) deleted: bool,
+    pub(super) create_revision: Revision,
+    pub(super) prev_revision: Revision,
+    pub(super) version: i64,
+    pub(super) value: Option<Vec<u8>>,
+}
+
+impl LogRow {
+    fn from_row(row: &Row<'_>, at: usize) -> rusqlite::Result<LogRow> {
+        Ok(LogRow {
+            revision: row.get(at)?,
+            key: row.get(at + 1)?,
+            deleted: row.get::<_, i64>(at + 2)? != 0,
+            create_revision: row.get(at + 3)?,
+            prev_revision: row.get(at + 4)?,
+            version: row.get(at + 5)?,
+            value: row.get(at + 6)?,
+        })
+    }
+
+    /// The key-value this row holds, or `None` for a deletion marker.
+    pub(super) fn key_value(&self) -> Option<KeyValue> {
+        (!self.deleted).then(|| KeyValue {
+            key: String::from_utf8_lossy(&self.key).into_owned(),
+            value: Bytes::from(self.value.clone().unwrap_or_default()),
+            create_revision: self.create_revision,
+            mod_revision: self.revision,
+            version: self.version,
+        })
+    }
+}
 
 /// A snapshot: the revision it stands at and the compaction point it saw.
 struct Snapshot {
@@ -27,16 +83,12 @@ fn begin<'c>(conn: &'c Connection, path: &Path) -> Result<(rusqlite::Transaction
     // `unchecked_transaction` because pooled connections are shared by reference; reads only.
     let tx = conn.unchecked_transaction().map_err(err)?;
     let current = tx
-        .query_row("SELECT COALESCE(MAX(revision), 0) FROM log", [], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT COALESCE(MAX(revision), 0) FROM log")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(err)?;
     let compacted = tx
-        .query_row(
-            "SELECT value FROM meta WHERE name = 'compact_revision'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT value FROM meta WHERE name = 'compact_revision'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(err)?;
     Ok((tx, Snapshot { current, compacted }))
 }
@@ -58,28 +110,47 @@ fn check_revision(snapshot: &Snapshot, revision: Revision) -> Result<()> {
     Ok(())
 }
 
-/// Decodes `(key, create_revision, mod_revision, version, value)`.
-fn key_value(row: &Row<'_>) -> rusqlite::Result<KeyValue> {
-    let key: Vec<u8> = row.get(0)?;
-    let value: Option<Vec<u8>> = row.get(4)?;
-    Ok(KeyValue {
-        key: String::from_utf8_lossy(&key).into_owned(),
-        create_revision: row.get(1)?,
-        mod_revision: row.get(2)?,
-        version: row.get(3)?,
-        value: Bytes::from(value.unwrap_or_default()),
-    })
+/// The `log` row at `revision`, if it is still there.
+fn log_row(conn: &Connection, revision: Revision) -> rusqlite::Result<Option<LogRow>> {
+    conn.prepare_cached(&format!(
+        "SELECT {LOG_COLUMNS} FROM log WHERE revision = ?1"
+    ))?
+    .query_row([revision], |r| LogRow::from_row(r, 0))
+    .optional()
 }
 
-/// The key's latest state, inside a transaction (used by the writer too).
-pub(super) fn current(conn: &Connection, key: &str) -> rusqlite::Result<Option<KeyValue>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT l.key, l.create_revision, l.revision, l.version, l.value
-         FROM kv k JOIN log l ON l.revision = k.mod_revision
-         WHERE k.key = ?1",
-    )?;
-    let mut rows = stmt.query([key.as_bytes()])?;
-    rows.next()?.map(key_value).transpose()
+/// Walks a key's chain back from `newest` to its state at `revision`.
+fn as_of(
+    conn: &Connection,
+    mut row: LogRow,
+    revision: Revision,
+) -> rusqlite::Result<Option<KeyValue>> {
+    while row.revision > revision {
+        if row.prev_revision == 0 {
+            return Ok(None);
+        }
+        match log_row(conn, row.prev_revision)? {
+            Some(prev) => row = prev,
+            // Compacted away: only deletion markers and rows superseded before the
+            // compaction point go, so the key did not exist at `revision`.
+            None => return Ok(None),
+        }
+    }
+    Ok(row.key_value())
+}
+
+/// The newest row of `key` (a value or a deletion marker), inside a transaction; used by the
+/// writer too.
+pub(super) fn newest(conn: &Connection, key: &str) -> rusqlite::Result<Option<LogRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {} FROM kv JOIN log ON log.revision = kv.mod_revision WHERE kv.key = ?1",
+            log_columns("log")
+        )
+    });
+    conn.prepare_cached(&SQL)?
+        .query_row([key.as_bytes()], |r| LogRow::from_row(r, 0))
+        .optional()
 }
 
 /// See [`crate::Store::get`].
@@ -91,26 +162,12 @@ pub(super) fn get(
 ) -> Result<(Revision, Option<KeyValue>)> {
     let err = |e| sqlite_error(path, e);
     let (tx, snapshot) = begin(conn, path)?;
-    let kv = match revision.filter(|r| *r > 0 && *r != snapshot.current) {
-        None => current(&tx, key).map_err(err)?,
-        Some(revision) => {
-            check_revision(&snapshot, revision)?;
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT key, create_revision, revision, version, value, deleted FROM log
-                     WHERE key = ?1 AND revision <= ?2 ORDER BY revision DESC LIMIT 1",
-                )
-                .map_err(err)?;
-            let mut rows = stmt.query(params![key.as_bytes(), revision]).map_err(err)?;
-            match rows.next().map_err(err)? {
-                Some(row) if row.get::<_, i64>(5).map_err(err)? == 0 => {
-                    Some(key_value(row).map_err(err)?)
-                }
-                _ => None,
-            }
-        }
-    };
     let at = revision.filter(|r| *r > 0).unwrap_or(snapshot.current);
+    check_revision(&snapshot, at)?;
+    let kv = match newest(&tx, key).map_err(err)? {
+        Some(row) => as_of(&tx, row, at).map_err(err)?,
+        None => None,
+    };
     Ok((at, kv))
 }
 
@@ -126,49 +183,58 @@ pub(super) fn list(
     let end = prefix_end(prefix.as_bytes());
     let end: &[u8] = end.as_deref().unwrap_or(NO_END);
     // Keys strictly after `start_after`, or from the prefix itself.
-    let (start, inclusive) = match &options.start_after {
-        Some(after) => (after.as_bytes(), false),
-        None => (prefix.as_bytes(), true),
+    let (start, op) = match &options.start_after {
+        Some(after) => (after.as_bytes(), ">"),
+        None => (prefix.as_bytes(), ">="),
     };
     let limit = options.limit.filter(|l| *l > 0);
-    // One more than asked, to learn whether more remain.
-    let fetch = limit.map_or(-1, |l| l as i64 + 1);
     let revision = options
         .revision
         .filter(|r| *r > 0)
         .unwrap_or(snapshot.current);
     check_revision(&snapshot, revision)?;
 
-    let mut kvs = if revision == snapshot.current {
-        let sql = format!(
-            "SELECT l.key, l.create_revision, l.revision, l.version, l.value
-             FROM kv k JOIN log l ON l.revision = k.mod_revision
-             WHERE k.key {} ?1 AND k.key < ?2 ORDER BY k.key LIMIT ?3",
-            if inclusive { ">=" } else { ">" }
-        );
-        let mut stmt = tx.prepare_cached(&sql).map_err(err)?;
-        stmt.query_map(params![start, end, fetch], key_value)
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(err)?
+    let mut kvs = Vec::new();
+    let mut more = false;
+    if revision == snapshot.current {
+        // One more than asked, to learn whether more remain.
+        let fetch = limit.map_or(-1, |l| l as i64 + 1);
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {} FROM kv JOIN log ON log.revision = kv.mod_revision
+                 WHERE kv.key {op} ?1 AND kv.key < ?2 AND kv.deleted = 0
+                 ORDER BY kv.key LIMIT ?3",
+                log_columns("log")
+            ))
+            .map_err(err)?;
+        let mut rows = stmt.query(params![start, end, fetch]).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            kvs.extend(LogRow::from_row(row, 0).map_err(err)?.key_value());
+        }
+        if let Some(l) = limit {
+            more = kvs.len() > l;
+            kvs.truncate(l);
+        }
     } else {
-        // The newest row of each key at or before `revision`, if it is not a deletion.
-        let sql = format!(
-            "SELECT l.key, l.create_revision, l.revision, l.version, l.value
-             FROM log l
-             WHERE l.key {} ?1 AND l.key < ?2 AND l.revision <= ?3 AND l.deleted = 0
-               AND l.revision = (SELECT MAX(m.revision) FROM log m
-                                 WHERE m.key = l.key AND m.revision <= ?3)
-             ORDER BY l.key LIMIT ?4",
-            if inclusive { ">=" } else { ">" }
-        );
-        let mut stmt = tx.prepare_cached(&sql).map_err(err)?;
-        stmt.query_map(params![start, end, revision, fetch], key_value)
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(err)?
-    };
-    let more = limit.is_some_and(|l| kvs.len() > l);
-    if let Some(l) = limit {
-        kvs.truncate(l);
+        // Every key that has a chain, deleted ones included: each one's state at `revision`.
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {} FROM kv JOIN log ON log.revision = kv.mod_revision
+                 WHERE kv.key {op} ?1 AND kv.key < ?2 ORDER BY kv.key",
+                log_columns("log")
+            ))
+            .map_err(err)?;
+        let mut rows = stmt.query(params![start, end]).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            let newest = LogRow::from_row(row, 0).map_err(err)?;
+            if let Some(kv) = as_of(&tx, newest, revision).map_err(err)? {
+                if limit.is_some_and(|l| kvs.len() == l) {
+                    more = true;
+                    break;
+                }
+                kvs.push(kv);
+            }
+        }
     }
     Ok(ListPage {
         revision,
@@ -183,13 +249,34 @@ pub(super) fn count(conn: &Connection, path: &Path, prefix: &str) -> Result<(Rev
     let end = prefix_end(prefix.as_bytes());
     let end: &[u8] = end.as_deref().unwrap_or(NO_END);
     let n: i64 = tx
-        .query_row(
-            "SELECT COUNT(*) FROM kv WHERE key >= ?1 AND key < ?2",
-            params![prefix.as_bytes(), end],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT COUNT(*) FROM kv WHERE key >= ?1 AND key < ?2 AND deleted = 0")
+        .and_then(|mut s| s.query_row(params![prefix.as_bytes(), end], |r| r.get(0)))
         .map_err(|e| sqlite_error(path, e))?;
     Ok((snapshot.current, n as u64))
+}
+
+/// The watch event a `log` row records, given the row its `prev_revision` names.
+pub(super) fn event(row: &LogRow, prev: Option<&LogRow>) -> Event {
+    let kind = if row.deleted {
+        EventKind::Delete
+    } else if row.version == 1 {
+        EventKind::Create
+    } else {
+        EventKind::Update
+    };
+    let kv = row.key_value().unwrap_or_else(|| KeyValue {
+        // A deletion, reported as etcd does: the key and the deletion's revision.
+        key: String::from_utf8_lossy(&row.key).into_owned(),
+        value: Bytes::new(),
+        create_revision: 0,
+        mod_revision: row.revision,
+        version: 0,
+    });
+    let prev = match kind {
+        EventKind::Create => None,
+        EventKind::Update | EventKind::Delete => prev.and_then(LogRow::key_value),
+    };
+    Event { kind, kv, prev }
 }
 
 /// Up to `limit` changes under `prefix` with revisions after `after`, in revision order,
@@ -213,38 +300,24 @@ pub(super) fn history(
     let end = prefix_end(prefix.as_bytes());
     let end: &[u8] = end.as_deref().unwrap_or(NO_END);
     let mut stmt = tx
-        .prepare_cached(
-            "SELECT l.key, l.create_revision, l.revision, l.version, l.value,
-                    l.deleted, l.prev_revision,
-                    p.create_revision, p.revision, p.version, p.value
-             FROM log l LEFT JOIN log p ON p.revision = l.prev_revision AND l.prev_revision > 0
+        .prepare_cached(&format!(
+            "SELECT {}, {} FROM log l LEFT JOIN log p ON p.revision = l.prev_revision
              WHERE l.revision > ?1 AND l.key >= ?2 AND l.key < ?3
              ORDER BY l.revision LIMIT ?4",
-        )
+            log_columns("l"),
+            log_columns("p")
+        ))
         .map_err(err)?;
     let rows = stmt
         .query_map(
             params![after, prefix.as_bytes(), end, limit as i64],
             |row| {
-                let kv = key_value(row)?;
-                let deleted: i64 = row.get(5)?;
-                let prev_revision: i64 = row.get(6)?;
-                let prev = match row.get::<_, Option<i64>>(8)? {
-                    Some(mod_revision) => Some(KeyValue {
-                        key: kv.key.clone(),
-                        create_revision: row.get(7)?,
-                        mod_revision,
-                        version: row.get(9)?,
-                        value: Bytes::from(row.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default()),
-                    }),
+                let changed = LogRow::from_row(row, 0)?;
+                let prev = match row.get::<_, Option<i64>>(7)? {
+                    Some(_) => Some(LogRow::from_row(row, 7)?),
                     None => None,
                 };
-                let kind = match (deleted, prev_revision) {
-                    (0, 0) => EventKind::Create,
-                    (0, _) => EventKind::Update,
-                    _ => EventKind::Delete,
-                };
-                Ok(Event { kind, kv, prev })
+                Ok(event(&changed, prev.as_ref()))
             },
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())

@@ -24,12 +24,16 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Shared, read, sqlite_error};
+use super::read::{self, LogRow};
+use super::{Shared, sqlite_error};
 use crate::error::{Error, Result};
-use crate::kv::{Event, EventKind, KeyValue, Revision};
+use crate::kv::{Event, KeyValue, Revision};
 
 /// How long the idle writer polls for the next request before it sleeps.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// WAL size, in pages, past which the writer checkpoints itself.
+const WAL_CHECKPOINT_PAGES: i64 = 4096;
 
 /// Rows of superseded history deleted per compaction step.
 const COMPACTION_CHUNK: i64 = 1000;
@@ -98,9 +102,10 @@ pub(super) fn spawn(
             // under a steady write load it never catches up with the end of the WAL, so the
             // WAL would grow without bound (and appending to a growing file is slower than
             // overwriting a reused one). The writer is the only appender: a checkpoint it
-            // runs itself once the WAL passes 2048 pages (8 MiB) completes, and the next
+            // runs itself once the WAL passes `WAL_CHECKPOINT_PAGES` (40 MiB) completes, and the next
             // commit starts the WAL over.
-            if let Err(error) = conn.pragma_update(None, "wal_autocheckpoint", 2048) {
+            if let Err(error) = conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+            {
                 tracing::warn!(%error, "could not enable the writer's WAL autocheckpoint");
             }
             Writer {
@@ -270,9 +275,12 @@ impl Writer {
         }
     }
 
-    /// Deletes one chunk of history superseded before the compaction target: rows that a
-    /// newer row of the same key at or below the target replaces, and deletion markers.
-    /// Walks in revision order so that a key's older rows go before its deletion marker.
+    /// Deletes one chunk of the history that no read at or after the compaction point can
+    /// reach: rows superseded by a newer row of their key *below* the point, and deletion
+    /// markers below it (with their `kv` entries, unless the key was created again). Each
+    /// key's newest row below the point survives, so reads at the point, and the previous
+    /// value of the first event at or after it, still find what they need. Walks in revision
+    /// order, a chunk at a time, between write batches.
     fn compaction_step(&mut self) {
         let Some(cursor) = self.compaction else {
             return;
@@ -293,12 +301,19 @@ impl Writer {
             };
             tx.execute(
                 "DELETE FROM log WHERE revision IN (
-                     SELECT l.revision FROM log l
-                     WHERE l.revision > ?1 AND l.revision <= ?2
-                       AND (l.deleted = 1 OR EXISTS (
-                             SELECT 1 FROM log m WHERE m.key = l.key
-                               AND m.revision > l.revision AND m.revision <= ?3)))",
-                params![cursor.done, upto, cursor.target],
+                     SELECT prev_revision FROM log
+                     WHERE revision > ?1 AND revision <= ?2 AND prev_revision > 0)",
+                params![cursor.done, upto],
+            )?;
+            tx.execute(
+                "DELETE FROM kv WHERE deleted = 1 AND mod_revision > ?1 AND mod_revision <= ?2
+                   AND key IN (SELECT key FROM log
+                               WHERE revision > ?1 AND revision <= ?2 AND deleted = 1)",
+                params![cursor.done, upto],
+            )?;
+            tx.execute(
+                "DELETE FROM log WHERE revision > ?1 AND revision <= ?2 AND deleted = 1",
+                params![cursor.done, upto],
             )?;
             tx.commit()?;
             Ok(Some(upto))
@@ -333,69 +348,59 @@ fn apply(
 ) -> Result<(Reply, Option<Event>), OpError> {
     match op {
         Op::Create { key, value } => {
-            if read::current(tx, key)?.is_some() {
+            let newest = read::newest(tx, key)?;
+            if newest.as_ref().is_some_and(|row| !row.deleted) {
                 return Err(OpError::Rejected(Error::AlreadyExists { key: key.clone() }));
             }
-            insert_log(tx, revision, key, false, revision, 0, 1, Some(value))?;
-            tx.prepare_cached("INSERT INTO kv (key, mod_revision) VALUES (?1, ?2)")?
-                .execute(params![key.as_bytes(), revision])?;
-            let kv = KeyValue {
-                key: key.clone(),
-                value: value.clone(),
+            // A recreated key's chain goes on through its deletion marker, so reads at
+            // revisions before the deletion still find the old incarnation.
+            let row = LogRow {
+                revision,
+                key: key.as_bytes().to_vec(),
+                deleted: false,
                 create_revision: revision,
-                mod_revision: revision,
+                prev_revision: newest.as_ref().map_or(0, |row| row.revision),
                 version: 1,
+                value: Some(value.to_vec()),
             };
-            let event = Event {
-                kind: EventKind::Create,
-                kv: kv.clone(),
-                prev: None,
-            };
-            Ok((Reply::Put(kv), Some(event)))
+            let event = write(tx, &row, newest.as_ref())?;
+            Ok((Reply::Put(event.kv.clone()), Some(event)))
         }
         Op::Update {
             key,
             value,
             expected,
         } => {
-            let prev = existing(tx, key, Some(*expected))?;
-            insert_log(
-                tx,
+            let prev = live(tx, key, Some(*expected))?;
+            let row = LogRow {
                 revision,
-                key,
-                false,
-                prev.create_revision,
-                prev.mod_revision,
-                prev.version + 1,
-                Some(value),
-            )?;
-            tx.prepare_cached("UPDATE kv SET mod_revision = ?2 WHERE key = ?1")?
-                .execute(params![key.as_bytes(), revision])?;
-            let kv = KeyValue {
-                key: key.clone(),
-                value: value.clone(),
+                key: key.as_bytes().to_vec(),
+                deleted: false,
                 create_revision: prev.create_revision,
-                mod_revision: revision,
+                prev_revision: prev.revision,
                 version: prev.version + 1,
+                value: Some(value.to_vec()),
             };
-            let event = Event {
-                kind: EventKind::Update,
-                kv: kv.clone(),
-                prev: Some(prev),
-            };
-            Ok((Reply::Put(kv), Some(event)))
+            let event = write(tx, &row, Some(&prev))?;
+            Ok((Reply::Put(event.kv.clone()), Some(event)))
         }
         Op::Delete { key, expected } => {
-            let prev = existing(tx, key, *expected)?;
-            insert_log(tx, revision, key, true, 0, prev.mod_revision, 0, None)?;
-            tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?
-                .execute(params![key.as_bytes()])?;
-            let event = Event {
-                kind: EventKind::Delete,
-                kv: tombstone(key, revision),
-                prev: Some(prev.clone()),
+            let prev = live(tx, key, *expected)?;
+            let row = LogRow {
+                revision,
+                key: key.as_bytes().to_vec(),
+                deleted: true,
+                create_revision: 0,
+                prev_revision: prev.revision,
+                version: 0,
+                value: None,
             };
-            Ok((Reply::Deleted(revision, prev), Some(event)))
+            let event = write(tx, &row, Some(&prev))?;
+            let last = event
+                .prev
+                .clone()
+                .ok_or_else(|| OpError::Rejected(Error::NotFound { key: key.clone() }))?;
+            Ok((Reply::Deleted(revision, last), Some(event)))
         }
         Op::Compact { revision: target } => {
             // `revision - 1` is the latest committed revision while this batch runs.
@@ -415,60 +420,61 @@ fn apply(
     }
 }
 
-/// The key's current state, checked against the expected `mod_revision`.
-fn existing(tx: &Connection, key: &str, expected: Option<Revision>) -> Result<KeyValue, OpError> {
-    let current = read::current(tx, key)?.ok_or_else(|| {
-        OpError::Rejected(Error::NotFound {
-            key: key.to_owned(),
-        })
-    })?;
-    match expected {
-        Some(expected) if expected != current.mod_revision => {
-            Err(OpError::Rejected(Error::Conflict {
-                key: key.to_owned(),
-                expected,
-                current: Box::new(current),
-            }))
-        }
-        _ => Ok(current),
-    }
-}
-
-/// The `kv` of a delete event, as etcd reports it.
-fn tombstone(key: &str, revision: Revision) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Bytes::new(),
-        create_revision: 0,
-        mod_revision: revision,
-        version: 0,
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn insert_log(
-    tx: &Connection,
-    revision: Revision,
-    key: &str,
-    deleted: bool,
-    create_revision: Revision,
-    prev_revision: Revision,
-    version: i64,
-    value: Option<&Bytes>,
-) -> rusqlite::Result<usize> {
+/// Appends `row` to the log, points `kv` at it, and returns its event.
+fn write(tx: &Connection, row: &LogRow, prev: Option<&LogRow>) -> rusqlite::Result<Event> {
     tx.prepare_cached(
         "INSERT INTO log (revision, key, deleted, create_revision, prev_revision, version, value)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
-        revision,
-        key.as_bytes(),
-        deleted as i64,
-        create_revision,
-        prev_revision,
-        version,
-        value.map(|v| v.as_ref())
-    ])
+        row.revision,
+        row.key,
+        row.deleted as i64,
+        row.create_revision,
+        row.prev_revision,
+        row.version,
+        row.value
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO kv (key, mod_revision, deleted) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET mod_revision = excluded.mod_revision,
+                                         deleted = excluded.deleted",
+    )?
+    .execute(params![row.key, row.revision, row.deleted as i64])?;
+    Ok(read::event(row, prev))
+}
+
+/// The key's newest row if it is live, checked against the expected `mod_revision`.
+fn live(tx: &Connection, key: &str, expected: Option<Revision>) -> Result<LogRow, OpError> {
+    let newest = read::newest(tx, key)?.filter(|row| !row.deleted);
+    let current = newest.ok_or_else(|| {
+        OpError::Rejected(Error::NotFound {
+            key: key.to_owned(),
+        })
+    })?;
+    match expected {
+        Some(expected) if expected != current.revision => Err(OpError::Rejected(Error::Conflict {
+            key: key.to_owned(),
+            expected,
+            current: Box::new(
+                current
+                    .key_value()
+                    .unwrap_or_else(|| unreachable_deleted(key)),
+            ),
+        })),
+        _ => Ok(current),
+    }
+}
+
+/// `live` filtered deletion markers out; kept as a value, never a panic.
+fn unreachable_deleted(key: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Bytes::new(),
+        create_revision: 0,
+        mod_revision: 0,
+        version: 0,
+    }
 }
 
 /// One failed commit fails every request of its batch, each with its own error value.
