@@ -102,7 +102,7 @@ pub(super) fn spawn(
             // under a steady write load it never catches up with the end of the WAL, so the
             // WAL would grow without bound (and appending to a growing file is slower than
             // overwriting a reused one). The writer is the only appender: a checkpoint it
-            // runs itself once the WAL passes `WAL_CHECKPOINT_PAGES` (40 MiB) completes, and the next
+            // runs itself once the WAL passes `WAL_CHECKPOINT_PAGES` (16 MiB) completes, and the next
             // commit starts the WAL over.
             if let Err(error) = conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
             {
