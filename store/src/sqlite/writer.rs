@@ -446,34 +446,22 @@ fn write(tx: &Connection, row: &LogRow, prev: Option<&LogRow>) -> rusqlite::Resu
 
 /// The key's newest row if it is live, checked against the expected `mod_revision`.
 fn live(tx: &Connection, key: &str, expected: Option<Revision>) -> Result<LogRow, OpError> {
-    let newest = read::newest(tx, key)?.filter(|row| !row.deleted);
-    let current = newest.ok_or_else(|| {
+    let not_found = || {
         OpError::Rejected(Error::NotFound {
             key: key.to_owned(),
         })
-    })?;
+    };
+    let newest = read::newest(tx, key)?.ok_or_else(not_found)?;
+    let current = newest.key_value().ok_or_else(not_found)?;
     match expected {
-        Some(expected) if expected != current.revision => Err(OpError::Rejected(Error::Conflict {
-            key: key.to_owned(),
-            expected,
-            current: Box::new(
-                current
-                    .key_value()
-                    .unwrap_or_else(|| unreachable_deleted(key)),
-            ),
-        })),
-        _ => Ok(current),
-    }
-}
-
-/// `live` filtered deletion markers out; kept as a value, never a panic.
-fn unreachable_deleted(key: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Bytes::new(),
-        create_revision: 0,
-        mod_revision: 0,
-        version: 0,
+        Some(expected) if expected != current.mod_revision => {
+            Err(OpError::Rejected(Error::Conflict {
+                key: key.to_owned(),
+                expected,
+                current: Box::new(current),
+            }))
+        }
+        _ => Ok(newest),
     }
 }
 
