@@ -250,3 +250,70 @@ async fn opens_by_url() {
         Err(Error::InvalidArgument { .. })
     ));
 }
+
+/// Mounts a tmpfs of `size` at a fresh directory; unmounted (by path) when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "orquestra-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs (tests run as root)");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_cleanly_and_loses_nothing_acknowledged() {
+    let disk = SmallDisk::mount("4m");
+    let path = disk.dir.path().join("state.db");
+    let mut acknowledged = Vec::new();
+    {
+        let store = open(&path);
+        let error = loop {
+            let key = format!("/fill/{:05}", acknowledged.len());
+            match store.create(&key, Bytes::from(vec![7u8; 16 * 1024])).await {
+                Ok(kv) => acknowledged.push(kv),
+                Err(error) => break error,
+            }
+            assert!(acknowledged.len() < 10_000, "a 4 MiB disk never filled up");
+        };
+        assert!(
+            matches!(error, Error::Sqlite { .. }),
+            "a full disk is a typed SQLite error: {error:?}"
+        );
+        assert!(error.to_string().contains("state.db"), "{error}");
+        // Reads still work, and see exactly the acknowledged writes.
+        let (_, n) = store.count("/fill/").await.unwrap();
+        assert_eq!(n as usize, acknowledged.len());
+    }
+    assert!(
+        acknowledged.len() > 10,
+        "some writes fit before the disk filled"
+    );
+    // After reopening on the still-full disk, every acknowledged write is there.
+    let store = open(&path);
+    for kv in &acknowledged {
+        assert_eq!(&store.get(&kv.key, None).await.unwrap().1.unwrap(), kv);
+    }
+}
