@@ -1,5 +1,248 @@
 //! Orquestra's Kubernetes-compatible API server.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout so that the
-//! dependency direction is fixed from the start (`apiserver` depends on `orquestra-store`,
-//! never the other way round). The API server is the subject of issue 3.
+//! One generic engine ([`engine`]) serves every resource the [`registry`] knows, over the
+//! versioned store (`orquestra-store`): CRUD, list with selectors and snapshot-pinned
+//! pagination, watch ([`watch`]), JSON and merge patches ([`patch`]), discovery
+//! ([`discovery`]) and Kubernetes `Status` errors ([`error`]). Kind-specific behaviour is a
+//! small named step in [`admission`].
+//!
+//! Not yet: strategic merge and server-side apply (refused with 415), tables, OpenAPI,
+//! CRD registration at runtime, the scale subresource and `pods/binding`, TLS and
+//! authentication (see issue 3 in the tracker and docs/api-server.md).
+
+pub mod admission;
+pub mod discovery;
+pub mod engine;
+pub mod error;
+pub mod object;
+pub mod patch;
+pub mod registry;
+pub mod request;
+pub mod selector;
+pub mod watch;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use orquestra_store::Store;
+use serde_json::Value;
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::patch::PatchType;
+use crate::registry::{Registry, builtin_resources};
+use crate::request::{Params, Target};
+
+/// Largest request body accepted (kube-apiserver's limit is 3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// The API server: an engine and its HTTP routes.
+#[derive(Debug, Clone)]
+pub struct ApiServer {
+    engine: Engine,
+}
+
+impl ApiServer {
+    /// An API server over `store`, serving the built-in kinds. Creates the boot namespaces.
+    pub async fn new(store: Arc<dyn Store>) -> Result<ApiServer, ApiError> {
+        let registry = Arc::new(Registry::new(builtin_resources()));
+        let engine = Engine::new(store, registry);
+        engine.ensure_boot_namespaces().await?;
+        Ok(ApiServer { engine })
+    }
+
+    /// The engine, for in-process callers.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The HTTP routes of the Kubernetes API.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route(
+                "/version",
+                get(|| async { json(StatusCode::OK, &discovery::version()) }),
+            )
+            .route(
+                "/api",
+                get(|| async { json(StatusCode::OK, &discovery::core_versions()) }),
+            )
+            .route("/api/v1", get(core_resources))
+            .route("/apis", get(groups))
+            .route("/apis/{group}", get(group))
+            .route("/apis/{group}/{version}", get(group_resources))
+            .route("/api/v1/{*rest}", any(core_resource))
+            .route("/apis/{group}/{version}/{*rest}", any(group_resource))
+            .fallback(|| async { ApiError::NoRoute })
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.engine.clone())
+    }
+}
+
+fn json(code: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn core_resources(State(engine): State<Engine>) -> Response {
+    match discovery::resources(&engine.registry, "", "v1") {
+        Some(list) => json(StatusCode::OK, &list),
+        None => ApiError::NoRoute.into_response(),
+    }
+}
+
+async fn groups(State(engine): State<Engine>) -> Response {
+    json(StatusCode::OK, &discovery::groups(&engine.registry))
+}
+
+async fn group(State(engine): State<Engine>, Path(group): Path<String>) -> Response {
+    match discovery::group(&engine.registry, &group) {
+        Some(g) => json(StatusCode::OK, &g),
+        None => ApiError::NoRoute.into_response(),
+    }
+}
+
+async fn group_resources(
+    State(engine): State<Engine>,
+    Path((group, version)): Path<(String, String)>,
+) -> Response {
+    match discovery::resources(&engine.registry, &group, &version) {
+        Some(list) => json(StatusCode::OK, &list),
+        None => ApiError::NoRoute.into_response(),
+    }
+}
+
+async fn core_resource(
+    State(engine): State<Engine>,
+    method: Method,
+    Path(rest): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(&engine, method, "", "v1", &rest, query, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn group_resource(
+    State(engine): State<Engine>,
+    method: Method,
+    Path((group, version, rest)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(
+        &engine, method, &group, &version, &rest, query, &headers, body,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Dispatches one resource request by verb.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    engine: &Engine,
+    method: Method,
+    group: &str,
+    version: &str,
+    rest: &str,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let target = Target::parse(&engine.registry, group, version, rest)?;
+    let params: Params = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
+    if target
+        .subresource
+        .as_deref()
+        .is_some_and(|s| s != "status" || !target.def.status)
+    {
+        return Err(ApiError::NoRoute);
+    }
+    let dry_run = params.dry_run()?;
+    match (method, target.name.is_some()) {
+        (Method::GET, false) if params.is_watch() => {
+            let stream = watch::watch(engine, &target, &params).await?;
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::from_stream(stream),
+            )
+                .into_response())
+        }
+        (Method::GET, false) => Ok(json(StatusCode::OK, &engine.list(&target, &params).await?)),
+        (Method::GET, true) => Ok(json(StatusCode::OK, &engine.get(&target).await?)),
+        (Method::POST, false) => {
+            let object = engine
+                .create(
+                    &target.def,
+                    target.namespace.as_deref(),
+                    parse_body(&body)?,
+                    dry_run,
+                )
+                .await?;
+            Ok(json(StatusCode::CREATED, &object))
+        }
+        (Method::PUT, true) => Ok(json(
+            StatusCode::OK,
+            &engine.update(&target, parse_body(&body)?, dry_run).await?,
+        )),
+        (Method::PATCH, true) => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let patch_type = PatchType::from_content_type(content_type)?;
+            let patch = parse_body(&body)?;
+            let mut object = engine.get(&target).await?;
+            match patch_type {
+                PatchType::Merge => patch::merge(&mut object, &patch),
+                PatchType::Json => patch::json_patch(&mut object, &patch).map_err(|e| match e {
+                    ApiError::Invalid { causes, .. } => ApiError::Invalid {
+                        kind: target.def.kind.clone(),
+                        name: target.name.clone().unwrap_or_default(),
+                        group: target.def.group.clone(),
+                        causes,
+                    },
+                    other => other,
+                })?,
+                PatchType::Strategic | PatchType::Apply => {
+                    return Err(ApiError::UnsupportedMediaType(format!(
+                        "{content_type} is not supported yet; use a JSON or merge patch"
+                    )));
+                }
+            }
+            // The patch applies to the version just read: a concurrent change is a
+            // conflict to retry, never a lost update.
+            Ok(json(
+                StatusCode::OK,
+                &engine.update(&target, object, dry_run).await?,
+            ))
+        }
+        (Method::DELETE, true) => {
+            let options = if body.is_empty() {
+                Value::Null
+            } else {
+                parse_body(&body)?
+            };
+            Ok(json(
+                StatusCode::OK,
+                &engine.delete(&target, &options, &params).await?,
+            ))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}

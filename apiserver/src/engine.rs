@@ -1,0 +1,544 @@
+//! The generic resource engine: CRUD and list for any resource over the versioned store.
+//!
+//! Objects are stored as JSON without `metadata.resourceVersion`; the store's `mod_revision`
+//! *is* the resourceVersion and is set on the way out. That makes a no-op write detectable
+//! as "same bytes" (and kept from the store: same resourceVersion, no event).
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use orquestra_store::{KeyValue, ListOptions, Store};
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::object::{
+    check_type, drop_empty_metadata, meta_str, metadata_mut, now, random_suffix, spec_of,
+    strip_nulls, validate_meta,
+};
+use crate::registry::{Registry, ResourceDef};
+use crate::request::{Params, Target};
+use crate::selector::{FieldSelector, LabelSelector};
+
+/// The namespaces that exist from the first start.
+pub const BOOT_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// The engine: a store and the resources it serves.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+}
+
+/// Turns a stored key-value into the object clients see.
+pub(crate) fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut object: Value = serde_json::from_slice(&kv.value).map_err(|e| {
+        ApiError::Storage(orquestra_store::Error::InvalidArgument {
+            message: format!("stored object {:?} is not JSON: {e}", kv.key),
+        })
+    })?;
+    set_resource_version(&mut object, kv.mod_revision);
+    Ok(object)
+}
+
+pub(crate) fn set_resource_version(object: &mut Value, revision: i64) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
+    }
+}
+
+/// The bytes to store: the object without its resourceVersion.
+fn encode(object: &Value) -> Result<Bytes, ApiError> {
+    let mut copy = object.clone();
+    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    serde_json::to_vec(&copy)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::BadRequest(format!("cannot encode object: {e}")))
+}
+
+/// A list continue token: the snapshot revision and the last key returned.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Continue {
+    rv: i64,
+    start: String,
+}
+
+impl Engine {
+    /// An engine over `store` serving `registry`.
+    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>) -> Engine {
+        Engine { store, registry }
+    }
+
+    /// Creates the namespaces every cluster has, if they are missing.
+    pub async fn ensure_boot_namespaces(&self) -> Result<(), ApiError> {
+        let def = self
+            .registry
+            .get("", "v1", "namespaces")
+            .ok_or(ApiError::NoRoute)?;
+        for name in BOOT_NAMESPACES {
+            let object =
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            match self.create(&def, None, object, false).await {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one object.
+    pub async fn get(&self, target: &Target) -> Result<Value, ApiError> {
+        let (key, name) = self.named(target)?;
+        match self.store.get(&key, None).await?.1 {
+            Some(kv) => decode(&kv),
+            None => Err(ApiError::not_found(&target.def, &name)),
+        }
+    }
+
+    fn named(&self, target: &Target) -> Result<(String, String), ApiError> {
+        let name = target.name.clone().ok_or(ApiError::MethodNotAllowed)?;
+        let key = target.key().ok_or(ApiError::MethodNotAllowed)?;
+        Ok((key, name))
+    }
+
+    /// Fails with NotFound unless namespace `ns` exists.
+    async fn require_namespace(&self, ns: &str) -> Result<(), ApiError> {
+        let Some(def) = self.registry.get("", "v1", "namespaces") else {
+            return Ok(());
+        };
+        match self.store.get(&def.key(None, ns), None).await?.1 {
+            Some(_) => Ok(()),
+            None => Err(ApiError::not_found(&def, ns)),
+        }
+    }
+
+    /// Creates an object in the collection `def` (in namespace `ns`).
+    pub async fn create(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        mut object: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        check_type(def, &mut object)?;
+        strip_nulls(&mut object);
+        let meta = metadata_mut(&mut object)?;
+        if meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            match meta.get("generateName").and_then(Value::as_str) {
+                Some(prefix) if !prefix.is_empty() => {
+                    let name = format!("{prefix}{}", random_suffix());
+                    meta.insert("name".into(), Value::String(name));
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        def,
+                        "",
+                        "metadata.name",
+                        "FieldValueRequired",
+                        "Required value: name or generateName is required".into(),
+                    ));
+                }
+            }
+        }
+        if def.namespaced {
+            let ns = ns.ok_or_else(|| {
+                ApiError::BadRequest(format!("{} must be created in a namespace", def.plural))
+            })?;
+            match meta.get("namespace").and_then(Value::as_str) {
+                Some(given) if !given.is_empty() && given != ns => {
+                    return Err(ApiError::BadRequest(
+                        "the namespace of the provided object does not match the namespace sent on the request".into(),
+                    ));
+                }
+                _ => {
+                    meta.insert("namespace".into(), Value::String(ns.to_owned()));
+                }
+            }
+        } else {
+            meta.remove("namespace");
+        }
+        for server_owned in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
+            meta.remove(server_owned);
+        }
+        meta.insert(
+            "uid".into(),
+            Value::String(uuid::Uuid::new_v4().to_string()),
+        );
+        meta.insert("creationTimestamp".into(), Value::String(now()));
+        meta.insert("generation".into(), json!(1));
+        drop_empty_metadata(&mut object);
+        crate::admission::default_on_create(def, &mut object);
+        validate_meta(def, &object)?;
+        let name = meta_str(&object, "name").unwrap_or_default().to_owned();
+        if let Some(ns) = ns.filter(|_| def.namespaced) {
+            self.require_namespace(ns).await?;
+        }
+        let key = def.key(ns, &name);
+        let bytes = encode(&object)?;
+        if dry_run {
+            return match self.store.get(&key, None).await?.1 {
+                Some(_) => Err(ApiError::already_exists(def, &name)),
+                None => Ok(object),
+            };
+        }
+        match self.store.create(&key, bytes).await {
+            Ok(kv) => {
+                set_resource_version(&mut object, kv.mod_revision);
+                Ok(object)
+            }
+            Err(orquestra_store::Error::AlreadyExists { .. }) => {
+                Err(ApiError::already_exists(def, &name))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces an object (PUT), or its status (`/status`). Without a resourceVersion in the
+    /// body the update is unconditional; with one, a stale one is a Conflict.
+    pub async fn update(
+        &self,
+        target: &Target,
+        mut body: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let def = &target.def;
+        let (key, name) = self.named(target)?;
+        check_type(def, &mut body)?;
+        strip_nulls(&mut body);
+        if meta_str(&body, "name").is_some_and(|n| n != name) {
+            return Err(ApiError::BadRequest(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&body, "name").unwrap_or_default()
+            )));
+        }
+        let expected: Option<i64> = match meta_str(&body, "resourceVersion") {
+            None | Some("") => None,
+            Some(rv) => Some(
+                rv.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}")))?,
+            ),
+        };
+        let status_only = target.subresource.as_deref() == Some("status");
+        loop {
+            let current = self
+                .store
+                .get(&key, None)
+                .await?
+                .1
+                .ok_or_else(|| ApiError::not_found(def, &name))?;
+            if expected.is_some_and(|rv| rv != current.mod_revision) {
+                return Err(ApiError::stale(def, &name));
+            }
+            let old = decode(&current)?;
+            let new = merge_update(def, &old, &body, status_only)?;
+            validate_meta(def, &new)?;
+            match self.write(def, &key, &name, &current, new, dry_run).await {
+                Err(ApiError::Conflict { .. }) if expected.is_none() => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes `new` over `current`: nothing if unchanged, a delete if a finalized object has
+    /// lost its last finalizer, else a compare-and-swap.
+    pub(crate) async fn write(
+        &self,
+        def: &ResourceDef,
+        key: &str,
+        name: &str,
+        current: &KeyValue,
+        mut new: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let bytes = encode(&new)?;
+        if bytes == current.value {
+            return decode(current);
+        }
+        if dry_run {
+            set_resource_version(&mut new, current.mod_revision);
+            return Ok(new);
+        }
+        let finalized = new.pointer("/metadata/deletionTimestamp").is_some()
+            && new
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty);
+        let result = if finalized {
+            self.store
+                .delete(key, Some(current.mod_revision))
+                .await
+                .map(|(revision, _)| revision)
+        } else {
+            self.store
+                .update(key, bytes, current.mod_revision)
+                .await
+                .map(|kv| kv.mod_revision)
+        };
+        match result {
+            Ok(revision) => {
+                set_resource_version(&mut new, revision);
+                Ok(new)
+            }
+            Err(orquestra_store::Error::Conflict { .. }) => Err(ApiError::stale(def, name)),
+            Err(orquestra_store::Error::NotFound { .. }) => Err(ApiError::not_found(def, name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes an object: at once, or — while it has finalizers — by marking it with a
+    /// deletionTimestamp. Returns the object as it was deleted or marked.
+    pub async fn delete(
+        &self,
+        target: &Target,
+        options: &Value,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
+        let def = &target.def;
+        let (key, name) = self.named(target)?;
+        let dry_run = params.dry_run()?;
+        loop {
+            let current = self
+                .store
+                .get(&key, None)
+                .await?
+                .1
+                .ok_or_else(|| ApiError::not_found(def, &name))?;
+            let mut object = decode(&current)?;
+            if let Some(pre) = options.get("preconditions") {
+                if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
+                    if meta_str(&object, "uid") != Some(uid) {
+                        return Err(ApiError::Conflict {
+                            resource: def.plural.clone(),
+                            name: name.clone(),
+                            group: def.group.clone(),
+                            message: format!(
+                                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                                meta_str(&object, "uid").unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
+                    if rv != current.mod_revision.to_string() {
+                        return Err(ApiError::stale(def, &name));
+                    }
+                }
+            }
+            let has_finalizers = object
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+            let policy = params.propagation_policy.clone().or_else(|| {
+                options
+                    .get("propagationPolicy")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            if has_finalizers || policy.as_deref() == Some("Foreground") {
+                // Graceful: mark it; whoever owns the finalizers completes the deletion.
+                let meta = metadata_mut(&mut object)?;
+                if !meta.contains_key("deletionTimestamp") {
+                    meta.insert("deletionTimestamp".into(), Value::String(now()));
+                    meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+                }
+                if policy.as_deref() == Some("Foreground") {
+                    let finalizers = meta
+                        .entry("finalizers")
+                        .or_insert_with(|| json!([]))
+                        .as_array_mut()
+                        .ok_or_else(|| ApiError::BadRequest("finalizers must be a list".into()))?;
+                    if !finalizers.iter().any(|f| f == "foregroundDeletion") {
+                        finalizers.push(json!("foregroundDeletion"));
+                    }
+                } else if policy.as_deref() == Some("Orphan") {
+                    let finalizers = meta
+                        .entry("finalizers")
+                        .or_insert_with(|| json!([]))
+                        .as_array_mut()
+                        .ok_or_else(|| ApiError::BadRequest("finalizers must be a list".into()))?;
+                    if !finalizers.iter().any(|f| f == "orphan") {
+                        finalizers.push(json!("orphan"));
+                    }
+                }
+                match self
+                    .write(def, &key, &name, &current, object, dry_run)
+                    .await
+                {
+                    Err(ApiError::Conflict { .. }) => continue,
+                    other => return other,
+                }
+            }
+            if dry_run {
+                return Ok(object);
+            }
+            match self.store.delete(&key, Some(current.mod_revision)).await {
+                Ok((revision, _)) => {
+                    set_resource_version(&mut object, revision);
+                    return Ok(object);
+                }
+                Err(orquestra_store::Error::Conflict { .. }) => continue,
+                Err(orquestra_store::Error::NotFound { .. }) => {
+                    return Err(ApiError::not_found(def, &name));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Lists a collection, filtered by selectors, one page at a time.
+    pub async fn list(&self, target: &Target, params: &Params) -> Result<Value, ApiError> {
+        let def = &target.def;
+        let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+        let limit = params.limit()?;
+        let prefix = target.prefix();
+        let (mut revision, mut start_after) = match params.continue_token.as_deref() {
+            Some(token) if !token.is_empty() => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(token)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Continue>(&b).ok())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!("invalid continue token {token:?}"))
+                    })?;
+                (Some(raw.rv), Some(raw.start))
+            }
+            _ => {
+                let exact = params.resource_version_match.as_deref() == Some("Exact");
+                (params.resource_version()?.filter(|_| exact), None)
+            }
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        'pages: loop {
+            let page = self
+                .store
+                .list(
+                    &prefix,
+                    &ListOptions {
+                        revision,
+                        limit: limit.map(|l| l.max(64)),
+                        start_after: start_after.clone(),
+                    },
+                )
+                .await?;
+            revision = Some(page.revision);
+            for kv in &page.kvs {
+                if limit.is_some_and(|l| items.len() >= l) {
+                    next = start_after.clone();
+                    break 'pages;
+                }
+                start_after = Some(kv.key.clone());
+                let object = decode(kv)?;
+                if labels.matches(&object) && fields.matches(&object) {
+                    items.push(object);
+                }
+            }
+            if !page.more {
+                break;
+            }
+            if limit.is_some_and(|l| items.len() >= l) {
+                next = start_after.clone();
+                break;
+            }
+        }
+        let revision = revision.unwrap_or_default();
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if let Some(start) = next {
+            let token = serde_json::to_vec(&Continue {
+                rv: revision,
+                start,
+            })
+            .unwrap_or_default();
+            metadata["continue"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(token));
+        }
+        Ok(json!({
+            "kind": format!("{}List", def.kind),
+            "apiVersion": def.api_version(),
+            "metadata": metadata,
+            "items": items,
+        }))
+    }
+}
+
+/// The object a PUT stores: the client's object with server-owned metadata kept from the
+/// current one, `status` kept unless this is the status subresource (which changes only
+/// `status`), and `generation` bumped when anything outside metadata and status changed.
+fn merge_update(
+    def: &ResourceDef,
+    old: &Value,
+    body: &Value,
+    status_only: bool,
+) -> Result<Value, ApiError> {
+    let mut new = if status_only {
+        let mut new = old.clone();
+        match body.get("status") {
+            Some(status) => new["status"] = status.clone(),
+            None => {
+                if let Some(map) = new.as_object_mut() {
+                    map.remove("status");
+                }
+            }
+        }
+        new
+    } else {
+        let mut new = body.clone();
+        if def.status {
+            match old.get("status") {
+                Some(status) => new["status"] = status.clone(),
+                None => {
+                    if let Some(map) = new.as_object_mut() {
+                        map.remove("status");
+                    }
+                }
+            }
+        }
+        new
+    };
+    let old_meta = old.get("metadata").cloned().unwrap_or_default();
+    let meta = metadata_mut(&mut new)?;
+    for owned in [
+        "uid",
+        "creationTimestamp",
+        "namespace",
+        "name",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        match old_meta.get(owned) {
+            Some(v) => {
+                meta.insert(owned.into(), v.clone());
+            }
+            None => {
+                meta.remove(owned);
+            }
+        }
+    }
+    meta.remove("resourceVersion");
+    let generation = old_meta
+        .get("generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let changed = spec_of(old) != spec_of(&new);
+    let meta = metadata_mut(&mut new)?;
+    meta.insert(
+        "generation".into(),
+        json!(if changed { generation + 1 } else { generation }),
+    );
+    drop_empty_metadata(&mut new);
+    Ok(new)
+}

@@ -1,0 +1,216 @@
+//! Objects as the engine handles them: JSON values, with the server-owned metadata set here
+//! and nowhere else.
+
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, Cause};
+use crate::registry::ResourceDef;
+
+/// `metadata.<field>` as a string.
+pub fn meta_str<'v>(object: &'v Value, field: &str) -> Option<&'v str> {
+    object.get("metadata")?.get(field)?.as_str()
+}
+
+/// The object's `metadata`, created if missing.
+pub fn metadata_mut(object: &mut Value) -> Result<&mut Map<String, Value>, ApiError> {
+    let map = object
+        .as_object_mut()
+        .ok_or_else(|| ApiError::BadRequest("the request body must be a JSON object".into()))?;
+    let meta = map
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if meta.is_null() {
+        *meta = Value::Object(Map::new());
+    }
+    meta.as_object_mut()
+        .ok_or_else(|| ApiError::BadRequest("metadata must be an object".into()))
+}
+
+/// The current time as Kubernetes writes it: RFC 3339, seconds, `Z`.
+pub fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// Checks `apiVersion` and `kind`, filling them in when absent.
+pub fn check_type(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
+    let map = object
+        .as_object_mut()
+        .ok_or_else(|| ApiError::BadRequest("the request body must be a JSON object".into()))?;
+    let api_version = def.api_version();
+    match map.get("apiVersion").and_then(Value::as_str) {
+        None => {
+            map.insert("apiVersion".into(), Value::String(api_version));
+        }
+        Some(v) if v == api_version => {}
+        Some(v) => {
+            return Err(ApiError::BadRequest(format!(
+                "the API version in the data ({v}) does not match the expected API version ({api_version})"
+            )));
+        }
+    }
+    match map.get("kind").and_then(Value::as_str) {
+        None => {
+            map.insert("kind".into(), Value::String(def.kind.clone()));
+        }
+        Some(k) if k == def.kind => {}
+        Some(k) => {
+            return Err(ApiError::BadRequest(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                def.kind
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Why `name` is not a DNS-1123 subdomain (or label, for `label = true`), if it is not.
+pub fn dns1123_problem(name: &str, label: bool) -> Option<String> {
+    let max = if label { 63 } else { 253 };
+    let what = if label {
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
+    } else {
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+    };
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+        && name
+            .chars()
+            .all(|c| alnum(c) || c == '-' || (!label && c == '.'));
+    if ok {
+        None
+    } else if name.len() > max {
+        Some(format!("must be no more than {max} characters"))
+    } else {
+        Some(what.to_owned())
+    }
+}
+
+/// Validates `metadata.name` (and namespace) of an object about to be stored.
+pub fn validate_meta(def: &ResourceDef, object: &Value) -> Result<(), ApiError> {
+    let name = meta_str(object, "name").unwrap_or_default();
+    let mut causes = Vec::new();
+    // Namespaces are DNS labels; everything else here a DNS subdomain.
+    if let Some(problem) = dns1123_problem(name, def.kind == "Namespace") {
+        causes.push(Cause {
+            reason: "FieldValueInvalid".into(),
+            message: format!("Invalid value: {name:?}: {problem}"),
+            field: "metadata.name".into(),
+        });
+    }
+    for map_field in ["labels", "annotations"] {
+        if let Some(map) = object.pointer(&format!("/metadata/{map_field}")) {
+            if !map.is_null()
+                && !map
+                    .as_object()
+                    .is_some_and(|m| m.values().all(Value::is_string))
+            {
+                causes.push(Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "must be a map of strings".into(),
+                    field: format!("metadata.{map_field}"),
+                });
+            }
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid {
+            kind: def.kind.clone(),
+            name: name.to_owned(),
+            group: def.group.clone(),
+            causes,
+        })
+    }
+}
+
+/// A random suffix for `generateName`, from kube-apiserver's alphabet (no vowels, no
+/// look-alikes).
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    bytes[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Removes `null`s from maps, recursively: kube-apiserver drops them, and clients send them
+/// (`creationTimestamp: null`).
+pub fn strip_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// Go's omitempty for the metadata lists and maps clients compare with `null`.
+pub fn drop_empty_metadata(object: &mut Value) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in [
+            "finalizers",
+            "ownerReferences",
+            "labels",
+            "annotations",
+            "managedFields",
+        ] {
+            let empty = match meta.get(field) {
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(Value::Object(o)) => o.is_empty(),
+                _ => false,
+            };
+            if empty {
+                meta.remove(field);
+            }
+        }
+    }
+}
+
+/// Everything but `metadata` and `status`: what `generation` counts changes of.
+pub fn spec_of(object: &Value) -> Value {
+    let mut copy = object.clone();
+    if let Some(map) = copy.as_object_mut() {
+        map.remove("metadata");
+        map.remove("status");
+    }
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        assert_eq!(dns1123_problem("web-1.example", false), None);
+        assert!(dns1123_problem("web-1.example", true).is_some());
+        assert!(dns1123_problem("Web", false).is_some());
+        assert!(dns1123_problem("-a", false).is_some());
+        assert!(dns1123_problem("", false).is_some());
+        assert!(dns1123_problem(&"a".repeat(64), true).is_some());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_seconds_utc() {
+        let t = now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z'));
+    }
+
+    #[test]
+    fn suffixes_use_the_safe_alphabet() {
+        let s = random_suffix();
+        assert_eq!(s.len(), 5);
+        assert!(s.chars().all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c)));
+    }
+}

@@ -1,0 +1,224 @@
+//! What the engine serves: one [`ResourceDef`] per resource, CRD-style, and the
+//! [`Registry`] that finds them by group/version/plural, kind or short name.
+//!
+//! Every resource goes through the same code path; a definition only says how it is named,
+//! scoped and shown. The built-in kinds are described from `k8s-openapi`'s own constants
+//! (group, version, kind, plural, scope), plus the discovery details k8s-openapi does not
+//! carry (short names, categories, subresources).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::api::{apps, coordination, core, discovery, events, rbac};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+
+/// How one resource is named, scoped and served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceDef {
+    /// API group; empty for the core group.
+    pub group: String,
+    /// Version within the group.
+    pub version: String,
+    /// `Kind` of its objects.
+    pub kind: String,
+    /// Lower-case plural: the URL segment.
+    pub plural: String,
+    /// Lower-case singular.
+    pub singular: String,
+    /// Short names for kubectl (`po`, `deploy`, …).
+    pub short_names: Vec<String>,
+    /// Categories (`all`).
+    pub categories: Vec<String>,
+    /// Namespaced, or cluster-scoped.
+    pub namespaced: bool,
+    /// Has a `/status` subresource.
+    pub status: bool,
+    /// Has a `/scale` subresource.
+    pub scale: bool,
+}
+
+impl ResourceDef {
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The store key prefix of all its objects: `/registry/<group>/<plural>/`.
+    pub fn key_prefix(&self) -> String {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        format!("/registry/{group}/{}/", self.plural)
+    }
+
+    /// The store key of one object.
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        match namespace {
+            Some(ns) if self.namespaced => format!("{}{ns}/{name}", self.key_prefix()),
+            _ => format!("{}{name}", self.key_prefix()),
+        }
+    }
+
+    /// Describes a built-in kind from k8s-openapi's constants.
+    fn builtin<K>(short_names: &[&str], categories: &[&str]) -> ResourceDef
+    where
+        K: k8s_openapi::Resource,
+        K::Scope: Scope,
+    {
+        ResourceDef {
+            group: K::GROUP.to_owned(),
+            version: K::VERSION.to_owned(),
+            kind: K::KIND.to_owned(),
+            plural: K::URL_PATH_SEGMENT.to_owned(),
+            singular: K::KIND.to_ascii_lowercase(),
+            short_names: short_names.iter().map(|s| (*s).to_owned()).collect(),
+            categories: categories.iter().map(|s| (*s).to_owned()).collect(),
+            namespaced: K::Scope::NAMESPACED,
+            status: false,
+            scale: false,
+        }
+    }
+
+    fn with_status(mut self) -> Self {
+        self.status = true;
+        self
+    }
+
+    fn with_scale(mut self) -> Self {
+        self.scale = true;
+        self
+    }
+}
+
+/// k8s-openapi's scope marker types, as a flag.
+trait Scope {
+    const NAMESPACED: bool;
+}
+
+impl Scope for k8s_openapi::NamespaceResourceScope {
+    const NAMESPACED: bool = true;
+}
+
+impl Scope for k8s_openapi::ClusterResourceScope {
+    const NAMESPACED: bool = false;
+}
+
+/// The built-in kinds served at boot.
+pub fn builtin_resources() -> Vec<ResourceDef> {
+    use ResourceDef as R;
+    vec![
+        R::builtin::<core::v1::Namespace>(&["ns"], &[]).with_status(),
+        R::builtin::<core::v1::Node>(&["no"], &[]).with_status(),
+        R::builtin::<core::v1::Pod>(&["po"], &["all"]).with_status(),
+        R::builtin::<core::v1::Service>(&["svc"], &["all"]).with_status(),
+        R::builtin::<core::v1::Endpoints>(&["ep"], &[]),
+        R::builtin::<core::v1::ConfigMap>(&["cm"], &[]),
+        R::builtin::<core::v1::Secret>(&[], &[]),
+        R::builtin::<core::v1::ServiceAccount>(&["sa"], &[]),
+        R::builtin::<core::v1::Event>(&["ev"], &[]),
+        R::builtin::<events::v1::Event>(&["ev"], &[]),
+        R::builtin::<coordination::v1::Lease>(&[], &[]),
+        R::builtin::<discovery::v1::EndpointSlice>(&[], &[]),
+        R::builtin::<apps::v1::Deployment>(&["deploy"], &["all"])
+            .with_status()
+            .with_scale(),
+        R::builtin::<apps::v1::ReplicaSet>(&["rs"], &["all"])
+            .with_status()
+            .with_scale(),
+        R::builtin::<apps::v1::DaemonSet>(&["ds"], &["all"]).with_status(),
+        R::builtin::<rbac::v1::Role>(&[], &[]),
+        R::builtin::<rbac::v1::ClusterRole>(&[], &[]),
+        R::builtin::<rbac::v1::RoleBinding>(&[], &[]),
+        R::builtin::<rbac::v1::ClusterRoleBinding>(&[], &[]),
+        R::builtin::<apiextensions::CustomResourceDefinition>(&["crd", "crds"], &[]).with_status(),
+    ]
+}
+
+/// Group → version → plural → definition.
+type Table = BTreeMap<String, BTreeMap<String, BTreeMap<String, Arc<ResourceDef>>>>;
+
+/// The resources the server currently serves. Cheap to read; custom resources will be
+/// added and removed at runtime.
+#[derive(Debug, Default)]
+pub struct Registry {
+    table: RwLock<Table>,
+}
+
+impl Registry {
+    /// A registry holding `defs`.
+    pub fn new(defs: impl IntoIterator<Item = ResourceDef>) -> Registry {
+        let registry = Registry::default();
+        for def in defs {
+            registry.add(def);
+        }
+        registry
+    }
+
+    /// Adds (or replaces) a definition.
+    pub fn add(&self, def: ResourceDef) {
+        if let Ok(mut table) = self.table.write() {
+            table
+                .entry(def.group.clone())
+                .or_default()
+                .entry(def.version.clone())
+                .or_default()
+                .insert(def.plural.clone(), Arc::new(def));
+        }
+    }
+
+    /// The definition of `group/version/plural`.
+    pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceDef>> {
+        let table = self.table.read().ok()?;
+        table.get(group)?.get(version)?.get(plural).cloned()
+    }
+
+    /// Every group with its versions, core group (`""`) included.
+    pub fn groups(&self) -> Vec<(String, Vec<String>)> {
+        let Ok(table) = self.table.read() else {
+            return Vec::new();
+        };
+        table
+            .iter()
+            .map(|(group, versions)| (group.clone(), versions.keys().cloned().collect()))
+            .collect()
+    }
+
+    /// The resources of one group version, by plural.
+    pub fn resources(&self, group: &str, version: &str) -> Option<Vec<Arc<ResourceDef>>> {
+        let table = self.table.read().ok()?;
+        Some(table.get(group)?.get(version)?.values().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_are_named_and_scoped_like_kubernetes() {
+        let registry = Registry::new(builtin_resources());
+        let pods = registry.get("", "v1", "pods").unwrap();
+        assert_eq!((pods.kind.as_str(), pods.namespaced), ("Pod", true));
+        assert_eq!(
+            pods.key(Some("default"), "web"),
+            "/registry/core/pods/default/web"
+        );
+        let nodes = registry.get("", "v1", "nodes").unwrap();
+        assert!(!nodes.namespaced);
+        assert_eq!(nodes.key(None, "n1"), "/registry/core/nodes/n1");
+        let deploy = registry.get("apps", "v1", "deployments").unwrap();
+        assert_eq!(deploy.api_version(), "apps/v1");
+        assert!(deploy.scale && deploy.status);
+        let crds = registry
+            .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+            .unwrap();
+        assert!(!crds.namespaced);
+        assert!(registry.get("", "v1", "nope").is_none());
+    }
+}

@@ -1,0 +1,161 @@
+//! Request parsing: which resource a URL names, and the query parameters clients send.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::registry::{Registry, ResourceDef};
+
+/// What a resource URL names.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The resource.
+    pub def: Arc<ResourceDef>,
+    /// The namespace in the path, for namespaced resources.
+    pub namespace: Option<String>,
+    /// The object name, unless the URL names the collection.
+    pub name: Option<String>,
+    /// `status`, `scale`, `binding`, … .
+    pub subresource: Option<String>,
+}
+
+impl Target {
+    /// Parses the part of the path after `/api/v1/` or `/apis/<group>/<version>/`.
+    pub fn parse(
+        registry: &Registry,
+        group: &str,
+        version: &str,
+        rest: &str,
+    ) -> Result<Target, ApiError> {
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let lookup = |plural: &str| registry.get(group, version, plural);
+        // `namespaces/<ns>/<plural>/…` when <plural> is a namespaced resource; otherwise the
+        // path names a cluster-scoped resource (Namespace objects included).
+        if segments.len() >= 3 && segments[0] == "namespaces" {
+            if let Some(def) = lookup(segments[2]).filter(|d| d.namespaced) {
+                return Self::finish(def, Some(segments[1]), &segments[3..]);
+            }
+        }
+        let (plural, rest) = segments.split_first().ok_or(ApiError::NoRoute)?;
+        let def = lookup(plural).ok_or(ApiError::NoRoute)?;
+        Self::finish(def, None, rest)
+    }
+
+    fn finish(
+        def: Arc<ResourceDef>,
+        namespace: Option<&str>,
+        rest: &[&str],
+    ) -> Result<Target, ApiError> {
+        let (name, subresource) = match rest {
+            [] => (None, None),
+            [name] => (Some(*name), None),
+            [name, sub] => (Some(*name), Some(*sub)),
+            _ => return Err(ApiError::NoRoute),
+        };
+        Ok(Target {
+            def,
+            namespace: namespace.map(str::to_owned),
+            name: name.map(str::to_owned),
+            subresource: subresource.map(str::to_owned),
+        })
+    }
+
+    /// The store key of the named object.
+    pub fn key(&self) -> Option<String> {
+        Some(
+            self.def
+                .key(self.namespace.as_deref(), self.name.as_deref()?),
+        )
+    }
+
+    /// The store prefix of the collection: one namespace, or all of them.
+    pub fn prefix(&self) -> String {
+        match &self.namespace {
+            Some(ns) if self.def.namespaced => format!("{}{ns}/", self.def.key_prefix()),
+            _ => self.def.key_prefix(),
+        }
+    }
+}
+
+/// The query parameters the engine understands; unknown ones are ignored, as clients send
+/// `pretty`, `fieldManager`, … freely.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Params {
+    /// `?watch=true|1`.
+    pub watch: Option<String>,
+    /// Label selector.
+    pub label_selector: Option<String>,
+    /// Field selector.
+    pub field_selector: Option<String>,
+    /// Page size.
+    pub limit: Option<String>,
+    /// Continue token of the previous page.
+    #[serde(rename = "continue")]
+    pub continue_token: Option<String>,
+    /// For lists: `0`/empty = latest; for watches: start after it.
+    pub resource_version: Option<String>,
+    /// `Exact` or `NotOlderThan`.
+    pub resource_version_match: Option<String>,
+    /// Watch duration.
+    pub timeout_seconds: Option<String>,
+    /// Send BOOKMARK events.
+    pub allow_watch_bookmarks: Option<String>,
+    /// Streaming list: initial ADDED events, then the `initial-events-end` bookmark.
+    pub send_initial_events: Option<String>,
+    /// `All`: validate and answer, but do not persist.
+    pub dry_run: Option<String>,
+    /// `Ignore`, `Warn` or `Strict`.
+    pub field_validation: Option<String>,
+    /// `Background`, `Foreground` or `Orphan`.
+    pub propagation_policy: Option<String>,
+    /// Graceful deletion period.
+    pub grace_period_seconds: Option<String>,
+}
+
+/// Reads a boolean query parameter the way Kubernetes does (`true`, `1`).
+pub fn flag(value: &Option<String>) -> bool {
+    matches!(value.as_deref(), Some("true" | "1" | "True"))
+}
+
+impl Params {
+    /// `?watch=true`.
+    pub fn is_watch(&self) -> bool {
+        flag(&self.watch)
+    }
+
+    /// `?dryRun=All`.
+    pub fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.dry_run.as_deref() {
+            None | Some("") => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "Invalid dry run value: {other:?} (supported: All)"
+            ))),
+        }
+    }
+
+    /// `?limit=N` (0 or absent: no limit).
+    pub fn limit(&self) -> Result<Option<usize>, ApiError> {
+        match self.limit.as_deref() {
+            None | Some("") => Ok(None),
+            Some(n) => n
+                .parse::<i64>()
+                .map(|n| (n > 0).then_some(n as usize))
+                .map_err(|_| ApiError::BadRequest(format!("invalid limit {n:?}"))),
+        }
+    }
+
+    /// `?resourceVersion=N`, with `""` and `"0"` meaning "any".
+    pub fn resource_version(&self) -> Result<Option<i64>, ApiError> {
+        match self.resource_version.as_deref() {
+            None | Some("") | Some("0") => Ok(None),
+            Some(rv) => rv.parse::<i64>().map(Some).map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "invalid resourceVersion {rv:?}: must be an integer"
+                ))
+            }),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Label and field selectors, as `kubectl -l` and `--field-selector` send them.
+
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// One requirement of a label selector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+/// A parsed label selector: every requirement must hold. Empty matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector(Vec<Requirement>);
+
+/// Splits on commas that are not inside parentheses.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+impl LabelSelector {
+    /// Parses `a=b,c!=d,e in (f,g),h notin (i),j,!k`.
+    pub fn parse(s: &str) -> Result<LabelSelector, ApiError> {
+        let bad =
+            |part: &str| ApiError::BadRequest(format!("unable to parse requirement: {part:?}"));
+        let mut requirements = Vec::new();
+        for part in split_top_level(s) {
+            let part = part.trim();
+            if part.is_empty() {
+                continue;
+            }
+            let set = |rest: &str| -> Option<Vec<String>> {
+                let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+                Some(inner.split(',').map(|v| v.trim().to_owned()).collect())
+            };
+            let requirement = if let Some(key) = part.strip_prefix('!') {
+                Requirement::DoesNotExist(key.trim().to_owned())
+            } else if let Some((key, rest)) = part.split_once(" notin ") {
+                Requirement::NotIn(key.trim().to_owned(), set(rest).ok_or_else(|| bad(part))?)
+            } else if let Some((key, rest)) = part.split_once(" in ") {
+                Requirement::In(key.trim().to_owned(), set(rest).ok_or_else(|| bad(part))?)
+            } else if let Some((key, value)) = part.split_once("!=") {
+                Requirement::NotEquals(key.trim().to_owned(), value.trim().to_owned())
+            } else if let Some((key, value)) = part.split_once("==") {
+                Requirement::Equals(key.trim().to_owned(), value.trim().to_owned())
+            } else if let Some((key, value)) = part.split_once('=') {
+                Requirement::Equals(key.trim().to_owned(), value.trim().to_owned())
+            } else if part.contains(['(', ')', ' ', '<', '>']) {
+                return Err(bad(part));
+            } else {
+                Requirement::Exists(part.to_owned())
+            };
+            requirements.push(requirement);
+        }
+        Ok(LabelSelector(requirements))
+    }
+
+    /// Whether an object's `metadata.labels` satisfy the selector.
+    pub fn matches(&self, object: &Value) -> bool {
+        let labels = object.pointer("/metadata/labels");
+        let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Equals(k, v) => label(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            Requirement::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            Requirement::Exists(k) => label(k).is_some(),
+            Requirement::DoesNotExist(k) => label(k).is_none(),
+        })
+    }
+}
+
+/// A parsed field selector: `path=value` and `path!=value` terms over the object's JSON
+/// (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`,
+/// `involvedObject.name`, …). A field that is absent compares as the empty string, as
+/// kube-apiserver's field sets do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    /// Parses `metadata.name=x,spec.nodeName!=`.
+    pub fn parse(s: &str) -> Result<FieldSelector, ApiError> {
+        let mut terms = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (path, equal, value) = if let Some((p, v)) = part.split_once("!=") {
+                (p, false, v)
+            } else if let Some((p, v)) = part.split_once("==") {
+                (p, true, v)
+            } else if let Some((p, v)) = part.split_once('=') {
+                (p, true, v)
+            } else {
+                return Err(ApiError::BadRequest(format!(
+                    "invalid field selector: {part:?} (expected field=value or field!=value)"
+                )));
+            };
+            terms.push((path.trim().to_owned(), equal, value.trim().to_owned()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    /// The value of `metadata.name=…`, if the selector pins one name.
+    pub fn name(&self) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(path, equal, _)| *equal && path == "metadata.name")
+            .map(|(_, _, v)| v.as_str())
+    }
+
+    /// Whether an object satisfies every term.
+    pub fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(path, equal, value)| {
+            let pointer = format!("/{}", path.replace('.', "/"));
+            let actual = match object.pointer(&pointer) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            (actual == *value) == *equal
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn label_selectors_equality_and_sets() {
+        let obj = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
+        let m = |s: &str| LabelSelector::parse(s).unwrap().matches(&obj);
+        assert!(m(""));
+        assert!(m("app=web"));
+        assert!(m("app==web,tier"));
+        assert!(!m("app!=web"));
+        assert!(m("app in (web, api)"));
+        assert!(!m("app notin (web)"));
+        assert!(m("!missing"));
+        assert!(!m("missing"));
+        assert!(m("tier in (front),app"));
+        assert!(LabelSelector::parse("app in web").is_err());
+    }
+
+    #[test]
+    fn field_selectors() {
+        let obj = json!({"metadata": {"name": "p", "namespace": "ns"}, "spec": {"nodeName": "n1"}});
+        let m = |s: &str| FieldSelector::parse(s).unwrap().matches(&obj);
+        assert!(m("metadata.name=p"));
+        assert!(m("metadata.name=p,spec.nodeName=n1"));
+        assert!(!m("spec.nodeName!=n1"));
+        assert!(m("status.phase="));
+        assert_eq!(
+            FieldSelector::parse("metadata.name=p").unwrap().name(),
+            Some("p")
+        );
+        assert!(FieldSelector::parse("nonsense").is_err());
+    }
+}

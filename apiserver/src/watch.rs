@@ -1,0 +1,126 @@
+//! Watch: newline-delimited JSON events, flushed one by one, as client-go and kube-rs read
+//! them.
+//!
+//! Without a resourceVersion (or with `0`) the watch starts with an `ADDED` for every
+//! existing object, then follows changes; with `resourceVersion=N` it sends every change
+//! after N. A start older than the store keeps is reported *in the stream* as an `ERROR`
+//! event carrying a 410 `Expired` Status (kube-rs only relists on that). Label and field
+//! selectors apply to the object before and after each change, so an object that stops
+//! matching is reported `DELETED` and one that starts matching `ADDED`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use orquestra_store::{EventKind, ListOptions, WatchEvent};
+use serde_json::{Value, json};
+
+use crate::engine::{Engine, decode, set_resource_version};
+use crate::error::ApiError;
+use crate::request::{Params, Target, flag};
+use crate::selector::{FieldSelector, LabelSelector};
+
+/// How long a watch without `timeoutSeconds` stays open.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut bytes =
+        serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// Starts a watch and returns its body stream.
+pub async fn watch(
+    engine: &Engine,
+    target: &Target,
+    params: &Params,
+) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
+    let def = target.def.clone();
+    let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
+    let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+    let bookmarks = flag(&params.allow_watch_bookmarks);
+    let initial_events = flag(&params.send_initial_events);
+    let timeout = match params.timeout_seconds.as_deref() {
+        Some(s) if !s.is_empty() => Duration::from_secs(
+            s.parse()
+                .map_err(|_| ApiError::BadRequest(format!("invalid timeoutSeconds {s:?}")))?,
+        ),
+        _ => DEFAULT_TIMEOUT,
+    };
+    let prefix = target.prefix();
+    let matches = move |object: &Value| labels.matches(object) && fields.matches(object);
+
+    // The starting point, and the objects to announce first.
+    let mut initial = Vec::new();
+    let start = match params.resource_version()? {
+        Some(rv) if !initial_events => rv,
+        _ => {
+            let mut options = ListOptions::default();
+            loop {
+                let page = engine.store.list(&prefix, &options).await?;
+                for kv in &page.kvs {
+                    let object = decode(kv)?;
+                    if matches(&object) {
+                        initial.push(line("ADDED", &object));
+                    }
+                }
+                match page.next(None) {
+                    Some(next) => options = next,
+                    None => break page.revision,
+                }
+            }
+        }
+    };
+    if initial_events {
+        let mut bookmark = json!({
+            "kind": def.kind, "apiVersion": def.api_version(),
+            "metadata": {"resourceVersion": start.to_string(),
+                         "annotations": {"k8s.io/initial-events-end": "true"}}
+        });
+        set_resource_version(&mut bookmark, start);
+        initial.push(line("BOOKMARK", &bookmark));
+    }
+    let changes = engine.store.watch(&prefix, start).await?;
+    let kind = def.kind.clone();
+    let api_version = def.api_version();
+    let events = changes.filter_map(move |item| {
+        let out = match item {
+            Ok(WatchEvent::Change(event)) => {
+                let new = decode(&event.kv).ok();
+                let mut old = event.prev.as_ref().and_then(|p| decode(p).ok());
+                let was = old.as_ref().is_some_and(&matches);
+                match event.kind {
+                    EventKind::Delete => old.as_mut().filter(|_| was).map(|o| {
+                        set_resource_version(o, event.kv.mod_revision);
+                        line("DELETED", o)
+                    }),
+                    EventKind::Create | EventKind::Update => {
+                        new.and_then(|new| match (was, matches(&new)) {
+                            (true, true) => Some(line("MODIFIED", &new)),
+                            (false, true) => Some(line("ADDED", &new)),
+                            (true, false) => Some(line("DELETED", &new)),
+                            (false, false) => None,
+                        })
+                    }
+                }
+            }
+            Ok(WatchEvent::Progress(revision)) => bookmarks.then(|| {
+                line(
+                    "BOOKMARK",
+                    &json!({"kind": kind, "apiVersion": api_version,
+                                "metadata": {"resourceVersion": revision.to_string()}}),
+                )
+            }),
+            Err(error) => Some(line("ERROR", &ApiError::from(error).status())),
+        };
+        futures::future::ready(out)
+    });
+    // The store's stream ends after an error, so an ERROR event is the last one.
+    let body = futures::stream::iter(initial)
+        .chain(events)
+        .take_until(tokio::time::sleep(timeout))
+        .map(Ok);
+    Ok(body)
+}

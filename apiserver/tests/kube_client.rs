@@ -1,0 +1,409 @@
+//! The API server as kube-rs sees it: the in-process server on a free loopback port over a
+//! real SQLite store, driven by kube's typed `Api`, its discovery and its runtime watcher.
+
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{
+    DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use orquestra_apiserver::ApiServer;
+use orquestra_store::Store;
+use orquestra_store::sqlite::{SqliteOptions, SqliteStore};
+use serde_json::json;
+
+/// A running API server and a client for it.
+struct Cluster {
+    client: Client,
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
+    );
+    let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, server.router()).await });
+    let config = kube::Config::new(url.parse().unwrap());
+    Cluster {
+        client: Client::try_from(config).unwrap(),
+        store,
+        _dir: dir,
+    }
+}
+
+fn configmap(name: &str, data: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"app": "demo"}},
+        "data": data,
+    }))
+    .unwrap()
+}
+
+fn reason(error: kube::Error) -> (String, u16) {
+    match error {
+        kube::Error::Api(status) => (status.reason.clone(), status.code),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn configmap_lifecycle_with_kubernetes_semantics() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+
+    let created = api
+        .create(&PostParams::default(), &configmap("cfg", json!({"a": "1"})))
+        .await
+        .unwrap();
+    let meta = &created.metadata;
+    assert!(meta.uid.is_some());
+    assert!(meta.creation_timestamp.is_some());
+    assert_eq!(meta.namespace.as_deref(), Some("default"));
+    let rv1: i64 = created.resource_version().unwrap().parse().unwrap();
+
+    // Duplicate create, missing object, missing namespace.
+    let dup = api
+        .create(&PostParams::default(), &configmap("cfg", json!({})))
+        .await;
+    assert_eq!(reason(dup.unwrap_err()), ("AlreadyExists".into(), 409));
+    assert_eq!(
+        reason(api.get("nope").await.unwrap_err()),
+        ("NotFound".into(), 404)
+    );
+    assert!(api.get_opt("nope").await.unwrap().is_none());
+    let elsewhere: Api<ConfigMap> = Api::namespaced(c.client.clone(), "missing");
+    let err = elsewhere
+        .create(&PostParams::default(), &configmap("x", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(err), ("NotFound".into(), 404));
+
+    // A PUT without changes keeps the resourceVersion; a real change moves it.
+    let same = api
+        .replace("cfg", &PostParams::default(), &created)
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), created.resource_version());
+    let mut changed = created.clone();
+    changed.data = Some([("a".to_owned(), "2".to_owned())].into());
+    let updated = api
+        .replace("cfg", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    let rv2: i64 = updated.resource_version().unwrap().parse().unwrap();
+    assert!(rv2 > rv1);
+    assert_eq!(updated.uid(), created.uid());
+
+    // A PUT with the old resourceVersion is a conflict.
+    let stale = api.replace("cfg", &PostParams::default(), &changed).await;
+    assert_eq!(reason(stale.unwrap_err()), ("Conflict".into(), 409));
+
+    // Merge and JSON patches.
+    let patched = api
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"b": "3"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.data.as_ref().unwrap()["b"], "3");
+    let patched = api
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::<()>::Json(
+                serde_json::from_value(json!([
+                    {"op": "test", "path": "/data/a", "value": "2"},
+                    {"op": "remove", "path": "/data/a"}
+                ]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(!patched.data.as_ref().unwrap().contains_key("a"));
+    let failed = api
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::<()>::Json(
+                serde_json::from_value(json!([
+                    {"op": "test", "path": "/data/b", "value": "wrong"}
+                ]))
+                .unwrap(),
+            ),
+        )
+        .await;
+    assert_eq!(reason(failed.unwrap_err()), ("Invalid".into(), 422));
+
+    // Delete, then it is gone.
+    api.delete("cfg", &DeleteParams::default()).await.unwrap();
+    assert!(api.get_opt("cfg").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn invalid_objects_are_refused_with_causes() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let err = api
+        .create(&PostParams::default(), &configmap("Not_Valid", json!({})))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("expected an API error")
+    };
+    assert_eq!((status.reason.as_str(), status.code), ("Invalid", 422));
+    assert!(
+        status
+            .message
+            .contains("ConfigMap \"Not_Valid\" is invalid"),
+        "{}",
+        status.message
+    );
+    // Nothing was stored.
+    assert!(
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn generate_name_and_boot_namespaces() {
+    let c = cluster().await;
+    let namespaces: Api<Namespace> = Api::all(c.client.clone());
+    let names: Vec<String> = namespaces
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(names.iter().any(|n| n == ns), "{ns} in {names:?}");
+    }
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "kube-system");
+    let mut cm = configmap("", json!({}));
+    cm.metadata.name = None;
+    cm.metadata.generate_name = Some("gen-".into());
+    let created = api.create(&PostParams::default(), &cm).await.unwrap();
+    assert!(created.name_any().starts_with("gen-"));
+    assert_eq!(created.name_any().len(), "gen-".len() + 5);
+}
+
+#[tokio::test]
+async fn lists_paginate_over_one_snapshot_and_filter_by_labels() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    for i in 0..12 {
+        let mut cm = configmap(&format!("cm-{i:02}"), json!({}));
+        if i % 2 == 1 {
+            cm.metadata.labels = Some([("app".to_owned(), "other".to_owned())].into());
+        }
+        api.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let first = api.list(&ListParams::default().limit(5)).await.unwrap();
+    assert_eq!(first.items.len(), 5);
+    let token = first.metadata.continue_.clone().unwrap();
+    // A change after the first page does not show in the next ones.
+    api.delete("cm-11", &DeleteParams::default()).await.unwrap();
+    let second = api
+        .list(&ListParams::default().limit(5).continue_token(&token))
+        .await
+        .unwrap();
+    let third = api
+        .list(
+            &ListParams::default()
+                .limit(5)
+                .continue_token(second.metadata.continue_.as_ref().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.items.len() + third.items.len(), 7);
+    assert!(
+        third
+            .metadata
+            .continue_
+            .as_deref()
+            .is_none_or(str::is_empty)
+    );
+    assert!(
+        third.items.iter().any(|cm| cm.name_any() == "cm-11"),
+        "as of the first page"
+    );
+
+    let demo = api
+        .list(&ListParams::default().labels("app=demo"))
+        .await
+        .unwrap();
+    assert_eq!(demo.items.len(), 6);
+    let others = api
+        .list(&ListParams::default().labels("app in (other)"))
+        .await
+        .unwrap();
+    assert_eq!(others.items.len(), 5);
+    let by_name = api
+        .list(&ListParams::default().fields("metadata.name=cm-03"))
+        .await
+        .unwrap();
+    assert_eq!(by_name.items.len(), 1);
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion_until_removed() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let mut cm = configmap("held", json!({}));
+    cm.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    api.create(&PostParams::default(), &cm).await.unwrap();
+    api.delete("held", &DeleteParams::default()).await.unwrap();
+    let marked = api.get("held").await.unwrap();
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    api.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        api.get_opt("held").await.unwrap().is_none(),
+        "gone with its last finalizer"
+    );
+}
+
+async fn next_event(
+    events: &mut futures::stream::BoxStream<
+        'static,
+        Result<watcher::Event<ConfigMap>, watcher::Error>,
+    >,
+) -> watcher::Event<ConfigMap> {
+    tokio::time::timeout(Duration::from_secs(10), events.try_next())
+        .await
+        .expect("watcher event within 10s")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn runtime_watcher_sees_changes_and_deletions() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    api.create(&PostParams::default(), &configmap("before", json!({})))
+        .await
+        .unwrap();
+    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+    assert!(matches!(
+        next_event(&mut events).await,
+        watcher::Event::Init
+    ));
+    assert!(
+        matches!(next_event(&mut events).await, watcher::Event::InitApply(cm) if cm.name_any() == "before")
+    );
+    assert!(matches!(
+        next_event(&mut events).await,
+        watcher::Event::InitDone
+    ));
+    api.create(&PostParams::default(), &configmap("after", json!({})))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut events).await, watcher::Event::Apply(cm) if cm.name_any() == "after")
+    );
+    api.delete("before", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_event(&mut events).await, watcher::Event::Delete(cm) if cm.name_any() == "before")
+    );
+}
+
+#[tokio::test]
+async fn a_watch_from_a_compacted_revision_gets_an_in_stream_410() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let first = api
+        .create(&PostParams::default(), &configmap("a", json!({})))
+        .await
+        .unwrap();
+    let old = first.resource_version().unwrap();
+    for i in 0..3 {
+        api.create(
+            &PostParams::default(),
+            &configmap(&format!("b{i}"), json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    c.store
+        .compact(c.store.current_revision().await.unwrap())
+        .await
+        .unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default(), &old)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(WatchEvent::Error(status))) => {
+            assert_eq!(status.code, 410);
+            assert_eq!(status.reason, "Expired");
+        }
+        other => panic!("expected an in-stream 410, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn discovery_and_deployment_defaults() {
+    let c = cluster().await;
+    let discovery = kube::Discovery::new(c.client.clone()).run().await.unwrap();
+    let apps = discovery
+        .groups()
+        .find(|g| g.name() == "apps")
+        .expect("apps group");
+    assert!(apps.recommended_kind("Deployment").is_some());
+    let version = c.client.apiserver_version().await.unwrap();
+    assert_eq!(version.major, "1");
+
+    let api: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "web", "image": "nginx"}]}}
+        }
+    }))
+    .unwrap();
+    let created = api
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let spec = created.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let strategy = spec.strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert!(strategy.rolling_update.is_some());
+    assert_eq!(created.metadata.generation, Some(1));
+}
