@@ -19,6 +19,7 @@ pub mod patch;
 pub mod registry;
 pub mod request;
 pub mod selector;
+pub mod smp;
 pub mod watch;
 
 use std::sync::Arc;
@@ -78,6 +79,18 @@ impl ApiServer {
             .route("/apis/{group}/{version}", get(group_resources))
             .route("/api/v1/{*rest}", any(core_resource))
             .route("/apis/{group}/{version}/{*rest}", any(group_resource))
+            // An empty OpenAPI v2 document (a valid, empty protobuf message): kubectl's
+            // client-side validation then defers to the server, which validates every
+            // write itself. Generated schemas replace it when the engine has them.
+            .route(
+                "/openapi/v2",
+                get(|| async {
+                    (
+                        [(header::CONTENT_TYPE, "application/octet-stream")],
+                        Vec::<u8>::new(),
+                    )
+                }),
+            )
             .fallback(|| async { ApiError::NoRoute })
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.engine.clone())
@@ -145,6 +158,27 @@ async fn group_resource(
     .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Refuses bodies that are not JSON (kubectl's typed clients try protobuf first, and fall
+/// back to JSON on a 415).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence == "application/json"
+        || essence.ends_with("+json")
+        || essence == "application/yaml"
+        || essence.is_empty()
+    {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json (got {content_type:?})"
+        )))
+    }
+}
+
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
@@ -173,6 +207,9 @@ async fn serve(
         return Err(ApiError::NoRoute);
     }
     let dry_run = params.dry_run()?;
+    if matches!(method, Method::POST | Method::PUT) && !body.is_empty() {
+        require_json(headers)?;
+    }
     match (method, target.name.is_some()) {
         (Method::GET, false) if params.is_watch() => {
             let stream = watch::watch(engine, &target, &params).await?;
@@ -219,9 +256,20 @@ async fn serve(
                     },
                     other => other,
                 })?,
-                PatchType::Strategic | PatchType::Apply => {
+                PatchType::Strategic => {
+                    // Custom resources have no Go types to take merge keys from: 415, as
+                    // kube-apiserver answers (kubectl then falls back to a merge patch).
+                    let schema = smp::strategies(&target.def.group, &target.def.kind).ok_or_else(|| {
+                        ApiError::UnsupportedMediaType(format!(
+                            "strategic merge patch is not supported for {}; use a JSON or merge patch",
+                            target.def.kind
+                        ))
+                    })?;
+                    object = smp::apply(schema, &object, &patch)?;
+                }
+                PatchType::Apply => {
                     return Err(ApiError::UnsupportedMediaType(format!(
-                        "{content_type} is not supported yet; use a JSON or merge patch"
+                        "{content_type} (server-side apply) is not supported yet"
                     )));
                 }
             }

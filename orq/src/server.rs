@@ -33,6 +33,11 @@ pub struct ServerArgs {
     /// Keep store history written within this many seconds, and compact this often.
     #[arg(long, default_value_t = 300)]
     compaction_interval_seconds: u64,
+    /// Serve the Kubernetes API over plain HTTP, without authentication. Until TLS and
+    /// token authentication land, this is the only way the API is served; without it
+    /// `orq server` runs the store and its health and metrics endpoints only.
+    #[arg(long, env = "ORQ_INSECURE_HTTP")]
+    insecure_http: bool,
 }
 
 /// What the HTTP handlers read.
@@ -80,16 +85,31 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let compactor =
         tokio::spawn(Compactor::new(Arc::clone(&store), policy).run(stopped(stop_rx.clone())));
 
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
+    if args.insecure_http {
+        let api = orquestra_apiserver::ApiServer::new(Arc::clone(&store))
+            .await
+            .context("starting the API server")?;
+        app = app.merge(api.router());
+    } else {
+        tracing::warn!(
+            "the Kubernetes API is not served: it needs --insecure-http until TLS and authentication land"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, "serving /healthz, /readyz, /metrics");
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, "serving /healthz, /readyz, /metrics");
+    if args.insecure_http {
+        let path = write_kubeconfig(&args.data_dir, local)?;
+        tracing::info!(kubeconfig = %path.display(), "Kubernetes API over plain HTTP, unauthenticated");
+    }
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx));
 
     let mut term = signal(SignalKind::terminate())?;
@@ -103,6 +123,52 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = compactor.await;
     drop(store);
     Ok(())
+}
+
+/// Writes the admin kubeconfig into the data dir (atomically, mode 0600) and returns its path.
+fn write_kubeconfig(data_dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let host = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    let server = SocketAddr::new(host, listen.port());
+    let contents = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: orquestra
+  cluster:
+    server: http://{server}
+users:
+- name: admin
+  user: {{}}
+contexts:
+- name: orquestra
+  context:
+    cluster: orquestra
+    user: admin
+    namespace: default
+current-context: orquestra
+"
+    );
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("kubeconfig.yaml");
+    let tmp = data_dir.join(".kubeconfig.yaml.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
