@@ -1,0 +1,221 @@
+//! The real kubectl (1.27, the oldest supported, and 1.33, the newest) against a real
+//! `orq server` process: the commands that work today, each checked by what kubectl prints.
+
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::Server;
+
+const KUBECTL_1_27: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
+const KUBECTL_1_33: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
+
+/// Runs kubectl; returns (success, stdout, stderr).
+fn kubectl(
+    bin: &str,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
+    let mut child = Command::new(bin)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", kubeconfig.parent().unwrap()) // its discovery cache goes here
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(bin: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let (success, stdout, stderr) = kubectl(bin, kubeconfig, args, stdin);
+    assert!(success, "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+const CONFIGMAP: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: demo
+  labels: {app: demo}
+data:
+  a: \"1\"
+";
+
+fn exercise(bin: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    server.wait_ready();
+    let kc = server.kubeconfig();
+    let k = |args: &[&str]| ok(bin, &kc, args, None);
+
+    let version: serde_json::Value = serde_json::from_str(&k(&["version", "-o", "json"])).unwrap();
+    let server_version = version["serverVersion"]["gitVersion"].as_str().unwrap();
+    assert!(server_version.starts_with("v1.33.0+orquestra"), "{version}");
+    let info = k(&["cluster-info"]); // 1.27 colours it
+    assert!(
+        info.contains("is running at") && info.contains("http://127.0.0.1:"),
+        "{info}"
+    );
+    let resources = k(&["api-resources"]);
+    for line in [
+        "deployments",
+        "deploy",
+        "configmaps",
+        "cm",
+        "customresourcedefinitions",
+    ] {
+        assert!(resources.contains(line), "{line} in {resources}");
+    }
+    let namespaces = k(&["get", "ns"]);
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(namespaces.contains(ns), "{namespaces}");
+    }
+
+    // create -f, then apply twice: the second apply changes nothing.
+    assert!(
+        ok(bin, &kc, &["create", "-f", "-"], Some(CONFIGMAP)).contains("configmap/demo created")
+    );
+    let (_, _, stderr) = kubectl(bin, &kc, &["create", "-f", "-"], Some(CONFIGMAP));
+    assert!(
+        stderr.contains("AlreadyExists") || stderr.contains("already exists"),
+        "{stderr}"
+    );
+    let applied = CONFIGMAP.replace("a: \"1\"", "a: \"2\"");
+    assert!(
+        ok(bin, &kc, &["apply", "-f", "-"], Some(&applied)).contains("configmap/demo configured")
+    );
+    assert!(
+        ok(bin, &kc, &["apply", "-f", "-"], Some(&applied)).contains("configmap/demo unchanged")
+    );
+
+    // Output formats.
+    let yaml = k(&["get", "cm", "demo", "-o", "yaml"]);
+    assert!(
+        yaml.contains("a: \"2\"") && yaml.contains("resourceVersion:"),
+        "{yaml}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&k(&["get", "cm", "demo", "-o", "json"])).unwrap();
+    assert_eq!(json["metadata"]["labels"]["app"], "demo");
+    assert_eq!(k(&["get", "cm", "-o", "name"]).trim(), "configmap/demo");
+    assert!(k(&["get", "cm", "-o", "wide"]).contains("demo"));
+
+    // A watch sees a change made while it runs.
+    let mut watch = Command::new(bin)
+        .env("KUBECONFIG", &kc)
+        .env("HOME", dir.path())
+        .args([
+            "get",
+            "cm",
+            "demo",
+            "-w",
+            "-o",
+            "jsonpath={.metadata.labels.tier}{\"\\n\"}",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    // label, annotate, and the three patch types.
+    assert!(k(&["label", "cm", "demo", "tier=web"]).contains("labeled"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("kubectl get -w printed the change");
+        if line.trim() == "web" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no change seen by kubectl get -w"
+        );
+    }
+    let _ = watch.kill(); // by PID: our own child
+    let _ = watch.wait();
+
+    // 1.27 prints "annotate", later versions "annotated".
+    assert!(k(&["annotate", "cm", "demo", "note=hello"]).contains("configmap/demo annotate"));
+    k(&[
+        "patch",
+        "cm",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"b":"2"}}"#,
+    ]);
+    k(&[
+        "patch",
+        "cm",
+        "demo",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/data/c","value":"3"}]"#,
+    ]);
+    k(&["patch", "cm", "demo", "-p", r#"{"data":{"d":"4"}}"#]); // strategic, kubectl's default
+    let data = k(&["get", "cm", "demo", "-o", "jsonpath={.data}"]);
+    let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(
+        data,
+        serde_json::json!({"a": "2", "b": "2", "c": "3", "d": "4"})
+    );
+
+    // An invalid object gets kubectl's usual message, and nothing is stored.
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Not_Valid}\n"),
+    );
+    assert!(!success);
+    assert!(
+        stderr.contains("The ConfigMap \"Not_Valid\" is invalid"),
+        "{stderr}"
+    );
+
+    // delete waits until the object is gone.
+    assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
+    let (success, _, stderr) = kubectl(bin, &kc, &["get", "cm", "demo"], None);
+    assert!(!success && stderr.contains("NotFound"), "{stderr}");
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn kubectl_1_27() {
+    exercise(KUBECTL_1_27);
+}
+
+#[test]
+fn kubectl_1_33() {
+    exercise(KUBECTL_1_33);
+}
