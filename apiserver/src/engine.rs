@@ -27,7 +27,8 @@ pub const BOOT_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", 
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) registry: Arc<Registry>,
+    /// The resources served.
+    pub registry: Arc<Registry>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -182,6 +183,9 @@ impl Engine {
         drop_empty_metadata(&mut object);
         crate::admission::default_on_create(def, &mut object);
         validate_meta(def, &object)?;
+        if crate::crd::is_crd(def) {
+            crate::crd::admit(def, &mut object)?;
+        }
         let name = meta_str(&object, "name").unwrap_or_default().to_owned();
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             self.require_namespace(ns).await?;
@@ -197,6 +201,9 @@ impl Engine {
         match self.store.create(&key, bytes).await {
             Ok(kv) => {
                 set_resource_version(&mut object, kv.mod_revision);
+                if crate::crd::is_crd(def) {
+                    crate::crd::register(self, &object, false);
+                }
                 Ok(object)
             }
             Err(orquestra_store::Error::AlreadyExists { .. }) => {
@@ -290,6 +297,12 @@ impl Engine {
         match result {
             Ok(revision) => {
                 set_resource_version(&mut new, revision);
+                if crate::crd::is_crd(def) {
+                    crate::crd::register(self, &new, finalized);
+                    if finalized {
+                        crate::crd::delete_objects(self, &new).await?;
+                    }
+                }
                 Ok(new)
             }
             Err(orquestra_store::Error::Conflict { .. }) => Err(ApiError::stale(def, name)),
@@ -387,6 +400,10 @@ impl Engine {
             match self.store.delete(&key, Some(current.mod_revision)).await {
                 Ok((revision, _)) => {
                     set_resource_version(&mut object, revision);
+                    if crate::crd::is_crd(def) {
+                        crate::crd::register(self, &object, true);
+                        crate::crd::delete_objects(self, &object).await?;
+                    }
                     return Ok(object);
                 }
                 Err(orquestra_store::Error::Conflict { .. }) => continue,

@@ -11,6 +11,7 @@
 //! authentication (see issue 3 in the tracker and docs/api-server.md).
 
 pub mod admission;
+pub mod crd;
 pub mod discovery;
 pub mod engine;
 pub mod error;
@@ -54,6 +55,7 @@ impl ApiServer {
         let registry = Arc::new(Registry::new(builtin_resources()));
         let engine = Engine::new(store, registry);
         engine.ensure_boot_namespaces().await?;
+        crd::sync(engine.clone()).await?;
         Ok(ApiServer { engine })
     }
 

@@ -140,6 +140,47 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
     ]
 }
 
+/// The resources a CustomResourceDefinition object defines: one per served version.
+pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let list = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let kind = text(&names["kind"]);
+    let plural = text(&names["plural"]);
+    let singular = match names["singular"].as_str() {
+        Some(s) if !s.is_empty() => s.to_owned(),
+        _ => kind.to_ascii_lowercase(),
+    };
+    spec["versions"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| v["served"].as_bool().unwrap_or(true))
+        .map(|v| ResourceDef {
+            group: text(&spec["group"]),
+            version: text(&v["name"]),
+            kind: kind.clone(),
+            plural: plural.clone(),
+            singular: singular.clone(),
+            short_names: list(&names["shortNames"]),
+            categories: list(&names["categories"]),
+            namespaced: spec["scope"].as_str() != Some("Cluster"),
+            status: v.pointer("/subresources/status").is_some(),
+            scale: v.pointer("/subresources/scale").is_some(),
+        })
+        .collect()
+}
+
 /// Group → version → plural → definition.
 type Table = BTreeMap<String, BTreeMap<String, BTreeMap<String, Arc<ResourceDef>>>>;
 
@@ -169,6 +210,19 @@ impl Registry {
                 .entry(def.version.clone())
                 .or_default()
                 .insert(def.plural.clone(), Arc::new(def));
+        }
+    }
+
+    /// Removes every version of `group/plural`.
+    pub fn remove(&self, group: &str, plural: &str) {
+        if let Ok(mut table) = self.table.write() {
+            if let Some(versions) = table.get_mut(group) {
+                for resources in versions.values_mut() {
+                    resources.remove(plural);
+                }
+                versions.retain(|_, resources| !resources.is_empty());
+            }
+            table.retain(|_, versions| !versions.is_empty());
         }
     }
 

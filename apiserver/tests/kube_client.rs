@@ -407,3 +407,87 @@ async fn discovery_and_deployment_defaults() {
     assert!(strategy.rolling_update.is_some());
     assert_eq!(created.metadata.generation, Some(1));
 }
+
+#[tokio::test]
+async fn custom_resources_through_the_same_engine() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+
+    let c = cluster().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))
+    .unwrap();
+    let created = crds.create(&PostParams::default(), &crd).await.unwrap();
+    let conditions = created.status.unwrap().conditions.unwrap();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+
+    // A CRD whose name does not match its names is refused.
+    let mut bad = crd.clone();
+    bad.metadata.name = Some("wrong.example.com".into());
+    let err = crds.create(&PostParams::default(), &bad).await.unwrap_err();
+    assert_eq!(reason(err), ("Invalid".into(), 422));
+
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Widget");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "widgets");
+    let widgets: Api<DynamicObject> = Api::namespaced_with(c.client.clone(), "default", &resource);
+    let widget: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Widget",
+        "metadata": {"name": "w1"}, "spec": {"size": 3}
+    }))
+    .unwrap();
+    widgets
+        .create(&PostParams::default(), &widget)
+        .await
+        .unwrap();
+    assert_eq!(widgets.get("w1").await.unwrap().data["spec"]["size"], 3);
+    let discovery = kube::Discovery::new(c.client.clone()).run().await.unwrap();
+    assert!(discovery.has_group("example.com"));
+
+    // Strategic merge is for built-in kinds only.
+    let smp = widgets
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"size": 4}})),
+        )
+        .await;
+    assert_eq!(
+        reason(smp.unwrap_err()),
+        ("UnsupportedMediaType".into(), 415)
+    );
+
+    // A second API server over the same store (a restart) serves the CRD from the start.
+    let restarted = ApiServer::new(Arc::clone(&c.store)).await.unwrap();
+    assert!(
+        restarted
+            .engine()
+            .registry
+            .get("example.com", "v1", "widgets")
+            .is_some()
+    );
+
+    // Deleting the CRD stops serving it and removes its objects.
+    crds.delete("widgets.example.com", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(reason(widgets.get("w1").await.unwrap_err()).1, 404);
+    let (_, left) = c
+        .store
+        .count("/registry/example.com/widgets/")
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}

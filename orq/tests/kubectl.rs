@@ -63,6 +63,28 @@ data:
   a: \"1\"
 ";
 
+const CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wg]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
+
+const WIDGET: &str = "apiVersion: example.com/v1
+kind: Widget
+metadata: {name: w1}
+spec: {size: big}
+";
+
 fn exercise(bin: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--insecure-http"]);
@@ -202,6 +224,29 @@ fn exercise(bin: &str) {
         stderr.contains("The ConfigMap \"Not_Valid\" is invalid"),
         "{stderr}"
     );
+
+    // A CRD, then its custom resources: created, listed, deleted with it.
+    assert!(ok(bin, &kc, &["apply", "-f", "-"], Some(CRD)).contains("created"));
+    k(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/widgets.example.com",
+        "--timeout=20s",
+    ]);
+    assert!(k(&["api-resources", "--api-group=example.com"]).contains("widgets"));
+    assert!(
+        ok(bin, &kc, &["apply", "-f", "-"], Some(WIDGET)).contains("widget.example.com/w1 created")
+    );
+    let widget = WIDGET.replace("size: big", "size: small");
+    assert!(ok(bin, &kc, &["apply", "-f", "-"], Some(&widget)).contains("configured"));
+    assert!(k(&["get", "wg"]).contains("w1"));
+    assert_eq!(
+        k(&["get", "widget", "w1", "-o", "jsonpath={.spec.size}"]),
+        "small"
+    );
+    assert!(k(&["delete", "crd", "widgets.example.com"]).contains("deleted"));
+    let (success, _, _) = kubectl(bin, &kc, &["get", "widgets.example.com"], None);
+    assert!(!success, "widgets are gone with their CRD");
 
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));

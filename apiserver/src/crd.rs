@@ -1,0 +1,209 @@
+//! CustomResourceDefinitions: users' kinds, served by the same engine as the built-in ones.
+//!
+//! A CRD that is stored registers its resources at once (the creating request sees them),
+//! and a watch on the CRDs keeps the registry in step with the store — so every API server
+//! sharing an etcd serves the same kinds, and a restarted one serves them from the start.
+//! Deleting a CRD removes its resources and every object stored under them.
+
+use serde_json::{Value, json};
+
+use crate::engine::{Engine, decode};
+use crate::error::{ApiError, Cause};
+use crate::registry::{ResourceDef, from_crd};
+
+/// The CRD resource's group.
+pub const GROUP: &str = "apiextensions.k8s.io";
+
+/// Whether `def` is the CustomResourceDefinition resource itself.
+pub fn is_crd(def: &ResourceDef) -> bool {
+    def.group == GROUP && def.plural == "customresourcedefinitions"
+}
+
+/// Checks a CRD and sets the status a CRD gets once its names are accepted: `NamesAccepted`
+/// and `Established` true, `acceptedNames`, `storedVersions`.
+pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
+    let spec = &crd["spec"];
+    let group = spec["group"].as_str().unwrap_or_default();
+    let plural = spec
+        .pointer("/names/plural")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let kind = spec
+        .pointer("/names/kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = crd
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let versions = spec["versions"].as_array().cloned().unwrap_or_default();
+    let mut causes = Vec::new();
+    let mut require = |ok: bool, field: &str, message: String| {
+        if !ok {
+            causes.push(Cause {
+                reason: "FieldValueInvalid".into(),
+                message,
+                field: field.into(),
+            });
+        }
+    };
+    require(!group.is_empty(), "spec.group", "Required value".into());
+    require(
+        !plural.is_empty(),
+        "spec.names.plural",
+        "Required value".into(),
+    );
+    require(!kind.is_empty(), "spec.names.kind", "Required value".into());
+    require(
+        name == format!("{plural}.{group}"),
+        "metadata.name",
+        format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
+    );
+    require(
+        matches!(spec["scope"].as_str(), Some("Namespaced" | "Cluster")),
+        "spec.scope",
+        "Unsupported value: must be \"Namespaced\" or \"Cluster\"".into(),
+    );
+    let storage: Vec<&str> = versions
+        .iter()
+        .filter(|v| v["storage"].as_bool() == Some(true))
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    require(
+        !versions.is_empty(),
+        "spec.versions",
+        "Required value: must have at least one version".into(),
+    );
+    require(
+        storage.len() == 1,
+        "spec.versions",
+        "Invalid value: must have exactly one version marked as storage version".into(),
+    );
+    if !causes.is_empty() {
+        return Err(ApiError::Invalid {
+            kind: def.kind.clone(),
+            name: name.to_owned(),
+            group: def.group.clone(),
+            causes,
+        });
+    }
+    let condition = |kind: &str, reason: &str, message: &str| {
+        json!({"type": kind, "status": "True", "reason": reason, "message": message,
+               "lastTransitionTime": crate::object::now()})
+    };
+    crd["status"] = json!({
+        "conditions": [
+            condition("NamesAccepted", "NoConflicts", "no conflicts found"),
+            condition("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "acceptedNames": spec["names"].clone(),
+        "storedVersions": storage,
+    });
+    Ok(())
+}
+
+/// Serves the resources of a stored CRD (or stops serving them once it is gone).
+pub fn register(engine: &Engine, crd: &Value, gone: bool) {
+    let group = crd
+        .pointer("/spec/group")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let plural = crd
+        .pointer("/spec/names/plural")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    engine.registry.remove(group, plural);
+    if !gone {
+        for def in from_crd(crd) {
+            engine.registry.add(def);
+        }
+    }
+}
+
+/// Deletes every object stored under a deleted CRD's resources.
+pub async fn delete_objects(engine: &Engine, crd: &Value) -> Result<(), ApiError> {
+    let Some(def) = from_crd(crd).into_iter().next() else {
+        return Ok(());
+    };
+    let prefix = def.key_prefix();
+    loop {
+        let page = engine
+            .store
+            .list(
+                &prefix,
+                &orquestra_store::ListOptions {
+                    limit: Some(500),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        for kv in &page.kvs {
+            match engine.store.delete(&kv.key, None).await {
+                Ok(_) | Err(orquestra_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if page.kvs.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Loads the stored CRDs, then follows changes to them for as long as the engine lives.
+pub async fn sync(engine: Engine) -> Result<(), ApiError> {
+    let Some(def) = engine
+        .registry
+        .get(GROUP, "v1", "customresourcedefinitions")
+    else {
+        return Ok(());
+    };
+    let prefix = def.key_prefix();
+    let mut options = orquestra_store::ListOptions::default();
+    let revision = loop {
+        let page = engine.store.list(&prefix, &options).await?;
+        for kv in &page.kvs {
+            register(&engine, &decode(kv)?, false);
+        }
+        match page.next(None) {
+            Some(next) => options = next,
+            None => break page.revision,
+        }
+    };
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut after = revision;
+        loop {
+            let Ok(mut changes) = engine.store.watch(&prefix, after).await else {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            while let Some(item) = changes.next().await {
+                match item {
+                    Ok(orquestra_store::WatchEvent::Change(event)) => {
+                        after = event.revision();
+                        match event.kind {
+                            orquestra_store::EventKind::Delete => {
+                                if let Some(prev) = event.prev.as_ref().and_then(|p| decode(p).ok())
+                                {
+                                    register(&engine, &prev, true);
+                                }
+                            }
+                            _ => {
+                                if let Ok(crd) = decode(&event.kv) {
+                                    register(&engine, &crd, false);
+                                }
+                            }
+                        }
+                    }
+                    Ok(orquestra_store::WatchEvent::Progress(revision)) => after = revision,
+                    Err(orquestra_store::Error::Closed) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "CRD watch ended; resuming");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
