@@ -21,6 +21,7 @@ pub mod registry;
 pub mod request;
 pub mod selector;
 pub mod smp;
+pub mod table;
 pub mod watch;
 
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use orquestra_store::Store;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::engine::Engine;
 use crate::error::ApiError;
@@ -209,12 +210,27 @@ async fn serve(
         return Err(ApiError::NoRoute);
     }
     let dry_run = params.dry_run()?;
+    let as_table = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(table::wanted);
+    let include_object = params.include_object.clone();
+    let tabulate = |objects: &[Value], metadata: Value| {
+        let columns = Some(target.def.printer_columns.as_slice()).filter(|c| !c.is_empty());
+        table::table(
+            &target.def,
+            columns,
+            objects,
+            metadata,
+            include_object.as_deref(),
+        )
+    };
     if matches!(method, Method::POST | Method::PUT) && !body.is_empty() {
         require_json(headers)?;
     }
     match (method, target.name.is_some()) {
         (Method::GET, false) if params.is_watch() => {
-            let stream = watch::watch(engine, &target, &params).await?;
+            let stream = watch::watch(engine, &target, &params, as_table).await?;
             Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -222,8 +238,31 @@ async fn serve(
             )
                 .into_response())
         }
-        (Method::GET, false) => Ok(json(StatusCode::OK, &engine.list(&target, &params).await?)),
-        (Method::GET, true) => Ok(json(StatusCode::OK, &engine.get(&target).await?)),
+        (Method::GET, false) => {
+            let list = engine.list(&target, &params).await?;
+            if as_table {
+                let items = list["items"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                return Ok(json(
+                    StatusCode::OK,
+                    &tabulate(items, list["metadata"].clone()),
+                ));
+            }
+            Ok(json(StatusCode::OK, &list))
+        }
+        (Method::GET, true) => {
+            let object = engine.get(&target).await?;
+            if as_table {
+                let metadata = json!({"resourceVersion": object.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
+                return Ok(json(
+                    StatusCode::OK,
+                    &tabulate(std::slice::from_ref(&object), metadata),
+                ));
+            }
+            Ok(json(StatusCode::OK, &object))
+        }
         (Method::POST, false) => {
             let object = engine
                 .create(

@@ -35,6 +35,8 @@ pub struct ResourceDef {
     pub status: bool,
     /// Has a `/scale` subresource.
     pub scale: bool,
+    /// A custom resource's `additionalPrinterColumns` (server-side table columns).
+    pub printer_columns: Vec<serde_json::Value>,
 }
 
 impl ResourceDef {
@@ -82,6 +84,7 @@ impl ResourceDef {
             namespaced: K::Scope::NAMESPACED,
             status: false,
             scale: false,
+            printer_columns: Vec::new(),
         }
     }
 
@@ -177,6 +180,10 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
             namespaced: spec["scope"].as_str() != Some("Cluster"),
             status: v.pointer("/subresources/status").is_some(),
             scale: v.pointer("/subresources/scale").is_some(),
+            printer_columns: v["additionalPrinterColumns"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
         })
         .collect()
 }

@@ -112,6 +112,8 @@ pub struct Params {
     pub propagation_policy: Option<String>,
     /// Graceful deletion period.
     pub grace_period_seconds: Option<String>,
+    /// For Tables: `None`, `Metadata` (default) or `Object`.
+    pub include_object: Option<String>,
 }
 
 /// Reads a boolean query parameter the way Kubernetes does (`true`, `1`).

@@ -36,6 +36,7 @@ pub async fn watch(
     engine: &Engine,
     target: &Target,
     params: &Params,
+    as_table: bool,
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
     let def = target.def.clone();
     let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
@@ -51,6 +52,30 @@ pub async fn watch(
     };
     let prefix = target.prefix();
     let matches = move |object: &Value| labels.matches(object) && fields.matches(object);
+    // `kubectl get -w` asks for every event's object as a one-row Table.
+    let table_def = def.clone();
+    let include_object = params.include_object.clone();
+    let render = move |object: &Value| -> Value {
+        if !as_table {
+            return object.clone();
+        }
+        let columns = Some(table_def.printer_columns.as_slice()).filter(|c| !c.is_empty());
+        let metadata = json!({"resourceVersion": object.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
+        crate::table::table(
+            &table_def,
+            columns,
+            std::slice::from_ref(object),
+            metadata,
+            include_object.as_deref(),
+        )
+    };
+    let line = move |kind: &str, object: &Value| -> Bytes {
+        if kind == "ADDED" || kind == "MODIFIED" || kind == "DELETED" {
+            line(kind, &render(object))
+        } else {
+            line(kind, object)
+        }
+    };
 
     // The starting point, and the objects to announce first.
     let mut initial = Vec::new();

@@ -77,6 +77,8 @@ spec:
     storage: true
     schema:
       openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+    additionalPrinterColumns:
+    - {name: Size, type: string, jsonPath: .spec.size}
 ";
 
 const WIDGET: &str = "apiVersion: example.com/v1
@@ -111,8 +113,17 @@ fn exercise(bin: &str) {
         assert!(resources.contains(line), "{line} in {resources}");
     }
     let namespaces = k(&["get", "ns"]);
+    assert!(
+        namespaces.starts_with("NAME") && namespaces.contains("STATUS"),
+        "a server-side table: {namespaces}"
+    );
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-        assert!(namespaces.contains(ns), "{namespaces}");
+        assert!(
+            namespaces
+                .lines()
+                .any(|l| l.starts_with(ns) && l.contains("Active")),
+            "{namespaces}"
+        );
     }
 
     // create -f, then apply twice: the second apply changes nothing.
@@ -142,7 +153,8 @@ fn exercise(bin: &str) {
         serde_json::from_str(&k(&["get", "cm", "demo", "-o", "json"])).unwrap();
     assert_eq!(json["metadata"]["labels"]["app"], "demo");
     assert_eq!(k(&["get", "cm", "-o", "name"]).trim(), "configmap/demo");
-    assert!(k(&["get", "cm", "-o", "wide"]).contains("demo"));
+    let wide = k(&["get", "cm", "-o", "wide"]);
+    assert!(wide.contains("DATA") && wide.contains("demo"), "{wide}");
 
     // A watch sees a change made while it runs.
     let mut watch = Command::new(bin)
@@ -239,7 +251,17 @@ fn exercise(bin: &str) {
     );
     let widget = WIDGET.replace("size: big", "size: small");
     assert!(ok(bin, &kc, &["apply", "-f", "-"], Some(&widget)).contains("configured"));
-    assert!(k(&["get", "wg"]).contains("w1"));
+    let table = k(&["get", "wg"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("SIZE"),
+        "printer columns: {table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["w1", "small"]),
+        "{table}"
+    );
     assert_eq!(
         k(&["get", "widget", "w1", "-o", "jsonpath={.spec.size}"]),
         "small"
