@@ -94,7 +94,7 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "verbs": ["get", "patch", "update"],
         }));
     }
-    if def.scale {
+    if def.scale.is_some() {
         entries.push(json!({
             "name": format!("{}/scale", def.plural),
             "singularName": "",

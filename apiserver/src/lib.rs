@@ -21,6 +21,7 @@ pub mod registry;
 pub mod request;
 pub mod selector;
 pub mod smp;
+pub mod subresource;
 pub mod table;
 pub mod watch;
 
@@ -187,6 +188,51 @@ fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
 }
 
+/// `GET|PUT|PATCH <resource>/<name>/scale`.
+async fn serve_scale(
+    engine: &Engine,
+    target: &Target,
+    method: Method,
+    params: &Params,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let paths = target.def.scale.clone().ok_or(ApiError::NoRoute)?;
+    let main = Target {
+        subresource: None,
+        ..target.clone()
+    };
+    let current = subresource::scale_of(&engine.get(&main).await?, &paths);
+    let dry_run = params.dry_run()?;
+    let desired = match method {
+        Method::GET => return Ok(json(StatusCode::OK, &current)),
+        Method::PUT => parse_body(body)?,
+        Method::PATCH => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let patch = parse_body(body)?;
+            let mut scale = current.clone();
+            match PatchType::from_content_type(content_type)? {
+                PatchType::Merge | PatchType::Strategic => patch::merge(&mut scale, &patch),
+                PatchType::Json => patch::json_patch(&mut scale, &patch)?,
+                PatchType::Apply => {
+                    return Err(ApiError::UnsupportedMediaType(
+                        "server-side apply is not supported yet".into(),
+                    ));
+                }
+            }
+            scale
+        }
+        _ => return Err(ApiError::MethodNotAllowed),
+    };
+    Ok(json(
+        StatusCode::OK,
+        &subresource::update_scale(engine, target, &desired, dry_run).await?,
+    ))
+}
+
 /// Dispatches one resource request by verb.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
@@ -202,12 +248,22 @@ async fn serve(
     let target = Target::parse(&engine.registry, group, version, rest)?;
     let params: Params = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
-    if target
-        .subresource
-        .as_deref()
-        .is_some_and(|s| s != "status" || !target.def.status)
-    {
-        return Err(ApiError::NoRoute);
+    match target.subresource.as_deref() {
+        None => {}
+        Some("status") if target.def.status => {}
+        Some("scale") if target.def.scale.is_some() => {
+            return serve_scale(engine, &target, method, &params, headers, &body).await;
+        }
+        Some("binding")
+            if target.def.group.is_empty()
+                && target.def.kind == "Pod"
+                && method == Method::POST =>
+        {
+            let binding = parse_body(&body)?;
+            let status = subresource::bind(engine, &target, &binding).await?;
+            return Ok(json(StatusCode::CREATED, &status));
+        }
+        Some(_) => return Err(ApiError::NoRoute),
     }
     let dry_run = params.dry_run()?;
     let as_table = headers

@@ -12,6 +12,18 @@ use std::sync::{Arc, RwLock};
 use k8s_openapi::api::{apps, coordination, core, discovery, events, rbac};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 
+/// Where a scalable resource keeps what its `/scale` subresource shows: JSON paths in the
+/// CRD style (`.spec.replicas`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScalePaths {
+    /// Desired replicas.
+    pub spec_replicas: String,
+    /// Observed replicas.
+    pub status_replicas: String,
+    /// The label selector (a LabelSelector object or a string).
+    pub label_selector: Option<String>,
+}
+
 /// How one resource is named, scoped and served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResourceDef {
@@ -33,8 +45,8 @@ pub struct ResourceDef {
     pub namespaced: bool,
     /// Has a `/status` subresource.
     pub status: bool,
-    /// Has a `/scale` subresource.
-    pub scale: bool,
+    /// The `/scale` subresource, if any: where replicas and the selector live.
+    pub scale: Option<ScalePaths>,
     /// A custom resource's `additionalPrinterColumns` (server-side table columns).
     pub printer_columns: Vec<serde_json::Value>,
 }
@@ -83,7 +95,7 @@ impl ResourceDef {
             categories: categories.iter().map(|s| (*s).to_owned()).collect(),
             namespaced: K::Scope::NAMESPACED,
             status: false,
-            scale: false,
+            scale: None,
             printer_columns: Vec::new(),
         }
     }
@@ -94,7 +106,11 @@ impl ResourceDef {
     }
 
     fn with_scale(mut self) -> Self {
-        self.scale = true;
+        self.scale = Some(ScalePaths {
+            spec_replicas: ".spec.replicas".into(),
+            status_replicas: ".status.replicas".into(),
+            label_selector: Some(".spec.selector".into()),
+        });
         self
     }
 }
@@ -179,7 +195,11 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
             categories: list(&names["categories"]),
             namespaced: spec["scope"].as_str() != Some("Cluster"),
             status: v.pointer("/subresources/status").is_some(),
-            scale: v.pointer("/subresources/scale").is_some(),
+            scale: v.pointer("/subresources/scale").map(|scale| ScalePaths {
+                spec_replicas: text(&scale["specReplicasPath"]),
+                status_replicas: text(&scale["statusReplicasPath"]),
+                label_selector: scale["labelSelectorPath"].as_str().map(str::to_owned),
+            }),
             printer_columns: v["additionalPrinterColumns"]
                 .as_array()
                 .cloned()
@@ -275,7 +295,7 @@ mod tests {
         assert_eq!(nodes.key(None, "n1"), "/registry/core/nodes/n1");
         let deploy = registry.get("apps", "v1", "deployments").unwrap();
         assert_eq!(deploy.api_version(), "apps/v1");
-        assert!(deploy.scale && deploy.status);
+        assert!(deploy.scale.is_some() && deploy.status);
         let crds = registry
             .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
             .unwrap();

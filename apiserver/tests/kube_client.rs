@@ -491,3 +491,80 @@ async fn custom_resources_through_the_same_engine() {
         .unwrap();
     assert_eq!(left, 0);
 }
+
+#[tokio::test]
+async fn scale_subresource_and_pod_binding() {
+    use k8s_openapi::api::core::v1::Pod;
+
+    let c = cluster().await;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let scale = deployments.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(1));
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some("app=web"));
+    let scaled = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(4));
+    let after = deployments.get("web").await.unwrap();
+    assert_eq!(after.spec.unwrap().replicas, Some(4));
+    assert_eq!(
+        after.metadata.generation,
+        Some(2),
+        "scaling is a spec change"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
+                         "target": {"apiVersion": "v1", "kind": "Node", "name": "node-1"}});
+    let bind = |body: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.create_subresource::<serde_json::Value, serde_json::Value>(
+                "binding",
+                "p",
+                &PostParams::default(),
+                &body,
+            )
+            .await
+        }
+    };
+    bind(binding.clone()).await.unwrap();
+    assert_eq!(
+        pods.get("p")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .node_name
+            .as_deref(),
+        Some("node-1")
+    );
+    let again = bind(binding).await.unwrap_err();
+    assert_eq!(
+        reason(again),
+        ("Conflict".into(), 409),
+        "a bound pod stays bound"
+    );
+}

@@ -87,6 +87,17 @@ metadata: {name: w1}
 spec: {size: big}
 ";
 
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: \"nginx:1.27\"}]
+";
+
 fn exercise(bin: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--insecure-http"]);
@@ -269,6 +280,22 @@ fn exercise(bin: &str) {
     assert!(k(&["delete", "crd", "widgets.example.com"]).contains("deleted"));
     let (success, _, _) = kubectl(bin, &kc, &["get", "widgets.example.com"], None);
     assert!(!success, "widgets are gone with their CRD");
+
+    // A Deployment, scaled through its scale subresource, listed with its wide columns.
+    assert!(
+        ok(bin, &kc, &["apply", "-f", "-"], Some(DEPLOYMENT))
+            .contains("deployment.apps/web created")
+    );
+    assert!(k(&["scale", "deployment", "web", "--replicas=3"]).contains("scaled"));
+    assert_eq!(
+        k(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "3"
+    );
+    let wide = k(&["get", "deploy", "-o", "wide"]);
+    assert!(
+        wide.contains("IMAGES") && wide.contains("nginx:1.27"),
+        "{wide}"
+    );
 
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
