@@ -191,6 +191,9 @@ impl Engine {
             self.require_namespace(ns).await?;
         }
         let key = def.key(ns, &name);
+        if crate::service::is_service(def) && !dry_run {
+            crate::service::admit_create(self, &mut object).await?;
+        }
         let bytes = encode(&object)?;
         if dry_run {
             return match self.store.get(&key, None).await?.1 {
@@ -206,10 +209,17 @@ impl Engine {
                 }
                 Ok(object)
             }
-            Err(orquestra_store::Error::AlreadyExists { .. }) => {
-                Err(ApiError::already_exists(def, &name))
+            Err(error) => {
+                if crate::service::is_service(def) {
+                    crate::service::release(self, &object).await;
+                }
+                match error {
+                    orquestra_store::Error::AlreadyExists { .. } => {
+                        Err(ApiError::already_exists(def, &name))
+                    }
+                    e => Err(e.into()),
+                }
             }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -250,7 +260,10 @@ impl Engine {
                 return Err(ApiError::stale(def, &name));
             }
             let old = decode(&current)?;
-            let new = merge_update(def, &old, &body, status_only)?;
+            let mut new = merge_update(def, &old, &body, status_only)?;
+            if crate::service::is_service(def) {
+                crate::service::keep_allocations(&old, &mut new);
+            }
             validate_meta(def, &new)?;
             match self.write(def, &key, &name, &current, new, dry_run).await {
                 Err(ApiError::Conflict { .. }) if expected.is_none() => continue,
@@ -403,6 +416,9 @@ impl Engine {
                     if crate::crd::is_crd(def) {
                         crate::crd::register(self, &object, true);
                         crate::crd::delete_objects(self, &object).await?;
+                    }
+                    if crate::service::is_service(def) {
+                        crate::service::release(self, &object).await;
                     }
                     return Ok(object);
                 }

@@ -20,6 +20,7 @@ pub mod patch;
 pub mod registry;
 pub mod request;
 pub mod selector;
+pub mod service;
 pub mod smp;
 pub mod subresource;
 pub mod table;

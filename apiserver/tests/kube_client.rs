@@ -568,3 +568,99 @@ async fn scale_subresource_and_pod_binding() {
         "a bound pod stays bound"
     );
 }
+
+#[tokio::test]
+async fn services_get_unique_cluster_ips_and_node_ports() {
+    use k8s_openapi::api::core::v1::Service;
+
+    let c = cluster().await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    let svc = |name: &str, spec: serde_json::Value| -> Service {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let mut ips = std::collections::HashSet::new();
+    for i in 0..20 {
+        let created = services
+            .create(
+                &PostParams::default(),
+                &svc(&format!("s{i}"), json!({"ports": [{"port": 80}]})),
+            )
+            .await
+            .unwrap();
+        let spec = created.spec.unwrap();
+        let ip = spec.cluster_ip.unwrap();
+        assert!(ip.starts_with("10.43."), "{ip}");
+        assert!(ips.insert(ip.clone()), "{ip} handed out twice");
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(port.protocol.as_deref(), Some("TCP"));
+        assert!(port.target_port.is_some());
+    }
+
+    // An explicit IP is reserved; asking for a taken one is Invalid.
+    let fixed = services
+        .create(
+            &PostParams::default(),
+            &svc(
+                "fixed",
+                json!({"clusterIP": "10.43.200.7", "ports": [{"port": 80}]}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fixed.spec.unwrap().cluster_ip.as_deref(),
+        Some("10.43.200.7")
+    );
+    let taken = services
+        .create(
+            &PostParams::default(),
+            &svc(
+                "clash",
+                json!({"clusterIP": "10.43.200.7", "ports": [{"port": 80}]}),
+            ),
+        )
+        .await;
+    assert_eq!(reason(taken.unwrap_err()), ("Invalid".into(), 422));
+
+    // NodePort services get a node port in range; an update that leaves it out keeps it.
+    let np = services
+        .create(
+            &PostParams::default(),
+            &svc("np", json!({"type": "NodePort", "ports": [{"port": 80}]})),
+        )
+        .await
+        .unwrap();
+    let node_port = np.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+        .node_port
+        .unwrap();
+    assert!((30000..=32767).contains(&node_port));
+    let mut again = np.clone();
+    let spec = again.spec.as_mut().unwrap();
+    spec.cluster_ip = None;
+    spec.cluster_ips = None;
+    spec.ports.as_mut().unwrap()[0].node_port = None;
+    let kept = services
+        .replace("np", &PostParams::default(), &again)
+        .await
+        .unwrap();
+    let kept_spec = kept.spec.unwrap();
+    assert_eq!(kept_spec.cluster_ip, np.spec.as_ref().unwrap().cluster_ip);
+    assert_eq!(kept_spec.ports.unwrap()[0].node_port, Some(node_port));
+
+    // Deleting a Service frees its IP.
+    services
+        .delete("fixed", &DeleteParams::default())
+        .await
+        .unwrap();
+    services
+        .create(
+            &PostParams::default(),
+            &svc(
+                "reuse",
+                json!({"clusterIP": "10.43.200.7", "ports": [{"port": 80}]}),
+            ),
+        )
+        .await
+        .unwrap();
+}

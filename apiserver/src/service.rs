@@ -1,0 +1,267 @@
+//! Services: defaults, and the cluster IPs and node ports they are given.
+//!
+//! Each allocated IP and port is a key of its own in the store (`/registry/orquestra/…`),
+//! taken with create-if-absent — so two API servers on one etcd can never hand out the same
+//! one — and released when the Service goes.
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::registry::ResourceDef;
+
+/// The service CIDR (k3s' default), as network address and prefix length.
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 43, 0, 0), 16);
+/// The node port range.
+pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+const IP_PREFIX: &str = "/registry/orquestra/serviceips/";
+const PORT_PREFIX: &str = "/registry/orquestra/nodeports/";
+
+/// Whether `def` is the core Service resource.
+pub fn is_service(def: &ResourceDef) -> bool {
+    def.group.is_empty() && def.kind == "Service"
+}
+
+fn owner(object: &Value) -> bytes::Bytes {
+    let meta = &object["metadata"];
+    bytes::Bytes::from(format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    ))
+}
+
+fn invalid(object: &Value, field: &str, message: String) -> ApiError {
+    ApiError::Invalid {
+        kind: "Service".into(),
+        name: object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .into(),
+        group: String::new(),
+        causes: vec![crate::error::Cause {
+            reason: "FieldValueInvalid".into(),
+            message,
+            field: field.into(),
+        }],
+    }
+}
+
+/// Takes `key` for `object`; false if it is taken.
+async fn take(engine: &Engine, key: &str, object: &Value) -> Result<bool, ApiError> {
+    match engine.store.create(key, owner(object)).await {
+        Ok(_) => Ok(true),
+        Err(orquestra_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Picks a free value: random tries first, then a scan, so a nearly full range still works.
+async fn allocate<T: std::fmt::Display + Copy>(
+    engine: &Engine,
+    object: &Value,
+    prefix: &str,
+    candidates: &[T],
+) -> Result<Option<T>, ApiError> {
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let random = uuid::Uuid::new_v4().as_u128();
+    for i in 0..16u128 {
+        let candidate =
+            candidates[((random >> (i * 7)) as usize).wrapping_add(i as usize) % candidates.len()];
+        if take(engine, &format!("{prefix}{candidate}"), object).await? {
+            return Ok(Some(candidate));
+        }
+    }
+    for candidate in candidates {
+        if take(engine, &format!("{prefix}{candidate}"), object).await? {
+            return Ok(Some(*candidate));
+        }
+    }
+    Ok(None)
+}
+
+/// Defaults a new Service and allocates its cluster IP and node ports.
+pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), ApiError> {
+    if !object["spec"].is_object() {
+        object["spec"] = json!({});
+    }
+    let kind = object["spec"]["type"]
+        .as_str()
+        .unwrap_or("ClusterIP")
+        .to_owned();
+    object["spec"]["type"] = json!(kind);
+    if object["spec"]["sessionAffinity"].is_null() {
+        object["spec"]["sessionAffinity"] = json!("None");
+    }
+    if let Some(ports) = object["spec"]["ports"].as_array_mut() {
+        for port in ports {
+            if port["protocol"].is_null() {
+                port["protocol"] = json!("TCP");
+            }
+            if port["targetPort"].is_null() {
+                port["targetPort"] = port["port"].clone();
+            }
+        }
+    }
+    if kind == "ExternalName" {
+        return Ok(());
+    }
+    let (network, bits) = SERVICE_CIDR;
+    let base = u32::from(network);
+    let size = 1u32 << (32 - bits);
+    match object["spec"]["clusterIP"].as_str() {
+        Some("None") => {}
+        Some(ip) if !ip.is_empty() => {
+            let parsed: Ipv4Addr = ip.parse().map_err(|_| {
+                invalid(
+                    object,
+                    "spec.clusterIP",
+                    format!("Invalid value: {ip:?}: must be a valid IP address"),
+                )
+            })?;
+            let offset = u32::from(parsed).wrapping_sub(base);
+            if offset == 0 || offset >= size - 1 {
+                return Err(invalid(
+                    object,
+                    "spec.clusterIP",
+                    format!(
+                        "Invalid value: {ip:?}: provided IP is not in the valid range. The range of valid IPs is {network}/{bits}"
+                    ),
+                ));
+            }
+            if !take(engine, &format!("{IP_PREFIX}{parsed}"), object).await? {
+                return Err(invalid(
+                    object,
+                    "spec.clusterIP",
+                    format!("Invalid value: {ip:?}: provided IP is already allocated"),
+                ));
+            }
+        }
+        _ => {
+            // .0 is the network and .1 is kept for the `kubernetes` Service.
+            let candidates: Vec<Ipv4Addr> =
+                (2..size - 1).map(|i| Ipv4Addr::from(base + i)).collect();
+            let ip = allocate(engine, object, IP_PREFIX, &candidates)
+                .await?
+                .ok_or_else(|| {
+                    invalid(
+                        object,
+                        "spec.clusterIP",
+                        "Internal error: no free cluster IP".into(),
+                    )
+                })?;
+            object["spec"]["clusterIP"] = json!(ip.to_string());
+        }
+    }
+    let cluster_ip = object["spec"]["clusterIP"].clone();
+    object["spec"]["clusterIPs"] = json!([cluster_ip]);
+    if cluster_ip != "None" {
+        object["spec"]["ipFamilies"] = json!(["IPv4"]);
+        object["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+    }
+    if kind == "NodePort" || kind == "LoadBalancer" {
+        let count = object["spec"]["ports"].as_array().map_or(0, Vec::len);
+        for i in 0..count {
+            match object["spec"]["ports"][i]["nodePort"].as_u64() {
+                Some(port) => {
+                    if !NODE_PORTS.contains(&(port as u16)) || port > u16::MAX as u64 {
+                        return Err(invalid(
+                            object,
+                            &format!("spec.ports[{i}].nodePort"),
+                            format!(
+                                "Invalid value: {port}: provided port is not in the valid range. The range of valid ports is 30000-32767"
+                            ),
+                        ));
+                    }
+                    if !take(engine, &format!("{PORT_PREFIX}{port}"), object).await? {
+                        release(engine, object).await;
+                        return Err(invalid(
+                            object,
+                            &format!("spec.ports[{i}].nodePort"),
+                            format!("Invalid value: {port}: provided port is already allocated"),
+                        ));
+                    }
+                }
+                None => {
+                    let candidates: Vec<u16> = NODE_PORTS.collect();
+                    let port = allocate(engine, object, PORT_PREFIX, &candidates)
+                        .await?
+                        .ok_or_else(|| {
+                            invalid(
+                                object,
+                                "spec.ports",
+                                "Internal error: no free node port".into(),
+                            )
+                        })?;
+                    object["spec"]["ports"][i]["nodePort"] = json!(port);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps what an update may not change (or may leave out): the cluster IPs and node ports.
+pub fn keep_allocations(old: &Value, new: &mut Value) {
+    for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+        if new["spec"][field].is_null() || new["spec"][field] == "" {
+            if let Some(v) = old.pointer(&format!("/spec/{field}")) {
+                new["spec"][field] = v.clone();
+            }
+        }
+    }
+    if let (Some(old_ports), Some(new_ports)) = (
+        old["spec"]["ports"].as_array(),
+        new["spec"]["ports"].as_array_mut(),
+    ) {
+        for port in new_ports {
+            if port["nodePort"].is_null() {
+                if let Some(same) = old_ports
+                    .iter()
+                    .find(|p| p["port"] == port["port"] && p["protocol"] == port["protocol"])
+                {
+                    if !same["nodePort"].is_null() {
+                        port["nodePort"] = same["nodePort"].clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Frees a Service's cluster IP and node ports (best effort: a leftover key only wastes one
+/// address).
+pub async fn release(engine: &Engine, object: &Value) {
+    let mut keys = Vec::new();
+    if let Some(ip) = object
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| *ip != "None" && !ip.is_empty())
+    {
+        keys.push(format!("{IP_PREFIX}{ip}"));
+    }
+    for port in object["spec"]["ports"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if let Some(p) = port["nodePort"].as_u64() {
+            keys.push(format!("{PORT_PREFIX}{p}"));
+        }
+    }
+    let me = owner(object);
+    for key in keys {
+        // Only what this Service holds: never another Service's allocation.
+        if let Ok((_, Some(kv))) = engine.store.get(&key, None).await {
+            if kv.value == me {
+                let _ = engine.store.delete(&key, Some(kv.mod_revision)).await;
+            }
+        }
+    }
+}
