@@ -11,6 +11,32 @@ pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
         ("apps", "Deployment") => deployment_defaults(object),
         _ => {}
     }
+    on_write(def, object);
+}
+
+/// Steps for every write (create and update).
+pub fn on_write(def: &ResourceDef, object: &mut Value) {
+    if def.group.is_empty() && def.kind == "Secret" {
+        secret_string_data(object);
+    }
+}
+
+/// `stringData` is write-only convenience: merged into `data` (base64) and dropped.
+fn secret_string_data(object: &mut Value) {
+    use base64::Engine as _;
+    let Some(string_data) = object.as_object_mut().and_then(|o| o.remove("stringData")) else {
+        return;
+    };
+    let Some(entries) = string_data.as_object() else {
+        return;
+    };
+    if !object["data"].is_object() {
+        object["data"] = json!({});
+    }
+    for (key, value) in entries {
+        let text = value.as_str().unwrap_or_default();
+        object["data"][key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
 }
 
 /// A namespace is `Active` and carries the `kubernetes` finalizer (the namespace

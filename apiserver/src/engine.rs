@@ -261,6 +261,7 @@ impl Engine {
             }
             let old = decode(&current)?;
             let mut new = merge_update(def, &old, &body, status_only)?;
+            crate::admission::on_write(def, &mut new);
             if crate::service::is_service(def) {
                 crate::service::keep_allocations(&old, &mut new);
             }

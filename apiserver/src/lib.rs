@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod object;
 pub mod patch;
+pub mod proto;
 pub mod registry;
 pub mod request;
 pub mod selector;
@@ -163,8 +164,7 @@ async fn group_resource(
     .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Refuses bodies that are not JSON (kubectl's typed clients try protobuf first, and fall
-/// back to JSON on a 415).
+/// Refuses bodies that are neither JSON nor Kubernetes protobuf.
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -173,18 +173,21 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if essence == "application/json"
         || essence.ends_with("+json")
-        || essence == "application/yaml"
+        || essence == proto::CONTENT_TYPE
         || essence.is_empty()
     {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType(format!(
-            "the body of the request was in an unknown format - accepted media types include: application/json (got {content_type:?})"
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (got {content_type:?})"
         )))
     }
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    if body.starts_with(proto::MAGIC) {
+        return proto::decode(body);
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
 }

@@ -168,7 +168,11 @@ pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), Api
     if kind == "NodePort" || kind == "LoadBalancer" {
         let count = object["spec"]["ports"].as_array().map_or(0, Vec::len);
         for i in 0..count {
-            match object["spec"]["ports"][i]["nodePort"].as_u64() {
+            // 0 is how an unset node port arrives in protobuf.
+            match object["spec"]["ports"][i]["nodePort"]
+                .as_u64()
+                .filter(|p| *p != 0)
+            {
                 Some(port) => {
                     if !NODE_PORTS.contains(&(port as u16)) || port > u16::MAX as u64 {
                         return Err(invalid(

@@ -297,6 +297,75 @@ fn exercise(bin: &str) {
         "{wide}"
     );
 
+    // Typed `create` commands (kubectl 1.32+ send these as protobuf) and expose.
+    assert!(k(&["create", "namespace", "team-a"]).contains("namespace/team-a created"));
+    assert!(
+        k(&[
+            "create",
+            "configmap",
+            "typed",
+            "-n",
+            "team-a",
+            "--from-literal=k=v"
+        ])
+        .contains("created")
+    );
+    assert_eq!(
+        k(&[
+            "get",
+            "cm",
+            "typed",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.data.k}"
+        ]),
+        "v"
+    );
+    assert!(
+        k(&[
+            "create",
+            "secret",
+            "generic",
+            "pw",
+            "--from-literal=password=hunter2"
+        ])
+        .contains("created")
+    );
+    assert_eq!(
+        k(&["get", "secret", "pw", "-o", "jsonpath={.data.password}"]),
+        "aHVudGVyMg=="
+    );
+    assert!(
+        k(&[
+            "create",
+            "deployment",
+            "api",
+            "--image=nginx:1.27",
+            "--replicas=2"
+        ])
+        .contains("created")
+    );
+    assert_eq!(
+        k(&["get", "deploy", "api", "-o", "jsonpath={.spec.replicas}"]),
+        "2"
+    );
+    assert!(
+        k(&[
+            "expose",
+            "deployment",
+            "api",
+            "--port=80",
+            "--type=NodePort"
+        ])
+        .contains("exposed")
+    );
+    let svc = k(&["get", "svc", "api"]);
+    assert!(
+        svc.contains("NodePort") && svc.contains("10.43.") && svc.contains("80:3"),
+        "{svc}"
+    );
+
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
     let (success, _, stderr) = kubectl(bin, &kc, &["get", "cm", "demo"], None);

@@ -1,0 +1,97 @@
+//! Helm 3 (the pinned release scripts/install-deps.sh installs) against a real `orq server`:
+//! install a chart with a CRD, a custom resource, a ConfigMap, a Secret and a Service; upgrade
+//! it; list; uninstall.
+
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::Server;
+
+fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", kubeconfig.parent().unwrap())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (is it installed? scripts/install-deps.sh)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn helm_install_upgrade_list_uninstall() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    server.wait_ready();
+    let kc = server.kubeconfig();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-chart");
+    let helm = |args: &[&str]| run("helm", &kc, args);
+    let kubectl = |args: &[&str]| run("kubectl", &kc, args);
+
+    assert!(helm(&["version", "--short"]).starts_with("v3."));
+    let installed = helm(&["install", "demo", chart, "--wait", "--timeout", "60s"]);
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+    assert_eq!(
+        kubectl(&[
+            "get",
+            "cm",
+            "demo-config",
+            "-o",
+            "jsonpath={.data.greeting}"
+        ]),
+        "hello"
+    );
+    // stringData became data.
+    assert_eq!(
+        kubectl(&[
+            "get",
+            "secret",
+            "demo-secret",
+            "-o",
+            "jsonpath={.data.token}"
+        ]),
+        "czNjcjN0"
+    );
+    assert!(
+        kubectl(&["get", "svc", "demo-svc", "-o", "jsonpath={.spec.clusterIP}"])
+            .starts_with("10.43.")
+    );
+    assert!(kubectl(&["get", "gadgets"]).contains("demo-gadget"));
+
+    let upgraded = helm(&["upgrade", "demo", chart, "--set", "greeting=hola", "--wait"]);
+    assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
+    assert_eq!(
+        kubectl(&[
+            "get",
+            "cm",
+            "demo-config",
+            "-o",
+            "jsonpath={.data.greeting}"
+        ]),
+        "hola"
+    );
+    let list = helm(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("demo") && l.contains("deployed") && l.contains('2')),
+        "{list}"
+    );
+
+    assert!(helm(&["uninstall", "demo", "--wait"]).contains("uninstalled"));
+    let left = kubectl(&["get", "cm,svc,secret", "-o", "name"]);
+    assert!(
+        !left.contains("demo-"),
+        "resources left after uninstall: {left}"
+    );
+    assert!(helm(&["list", "-q"]).trim().is_empty());
+    assert!(server.terminate().success());
+}
