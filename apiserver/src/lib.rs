@@ -237,6 +237,78 @@ async fn serve_scale(
     ))
 }
 
+fn unreachable_apply() -> Result<(), ApiError> {
+    Err(ApiError::BadRequest(
+        "internal error: apply patches are handled apart".into(),
+    ))
+}
+
+/// Server-side apply, without field ownership yet: creates the object if it is missing,
+/// otherwise merges the applied configuration into it (by merge keys for built-in kinds, as
+/// a merge patch for custom resources). Conflicts between managers are not detected, and
+/// fields a manager stops applying are not removed; managedFields are left as they are.
+async fn apply(
+    engine: &Engine,
+    target: &Target,
+    params: &Params,
+    applied: Value,
+    dry_run: bool,
+) -> Result<Response, ApiError> {
+    if params.field_manager.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::BadRequest(
+            "PATCH with application/apply-patch+yaml requires the fieldManager parameter".into(),
+        ));
+    }
+    let name = target.name.clone().unwrap_or_default();
+    if applied
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n != name)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the applied object does not match the name on the URL ({name})"
+        )));
+    }
+    loop {
+        let current = match engine.get(target).await {
+            Ok(current) => current,
+            Err(ApiError::NotFound { .. }) if target.subresource.is_none() => {
+                let mut object = applied.clone();
+                object["metadata"]["name"] = json!(name);
+                match engine
+                    .create(&target.def, target.namespace.as_deref(), object, dry_run)
+                    .await
+                {
+                    Ok(created) => return Ok(json(StatusCode::CREATED, &created)),
+                    Err(ApiError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let mut merged = match smp::strategies(&target.def.group, &target.def.kind) {
+            Some(schema) => smp::apply(schema, &current, &applied)?,
+            None => {
+                let mut object = current.clone();
+                patch::merge(&mut object, &applied);
+                object
+            }
+        };
+        // The version read is the precondition, unless the applied object names one.
+        if applied.pointer("/metadata/resourceVersion").is_none() {
+            merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+        }
+        match engine.update(target, merged, dry_run).await {
+            Err(ApiError::Conflict { .. })
+                if applied.pointer("/metadata/resourceVersion").is_none() =>
+            {
+                continue;
+            }
+            other => return Ok(json(StatusCode::OK, &other?)),
+        }
+    }
+}
+
 /// Dispatches one resource request by verb.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
@@ -345,6 +417,9 @@ async fn serve(
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
             let patch = parse_body(&body)?;
+            if patch_type == PatchType::Apply {
+                return apply(engine, &target, &params, patch, dry_run).await;
+            }
             let mut object = engine.get(&target).await?;
             match patch_type {
                 PatchType::Merge => patch::merge(&mut object, &patch),
@@ -368,11 +443,7 @@ async fn serve(
                     })?;
                     object = smp::apply(schema, &object, &patch)?;
                 }
-                PatchType::Apply => {
-                    return Err(ApiError::UnsupportedMediaType(format!(
-                        "{content_type} (server-side apply) is not supported yet"
-                    )));
-                }
+                PatchType::Apply => unreachable_apply()?,
             }
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.

@@ -114,6 +114,8 @@ pub struct Params {
     pub grace_period_seconds: Option<String>,
     /// For Tables: `None`, `Metadata` (default) or `Object`.
     pub include_object: Option<String>,
+    /// Who is writing (required for server-side apply).
+    pub field_manager: Option<String>,
 }
 
 /// Reads a boolean query parameter the way Kubernetes does (`true`, `1`).

@@ -13,35 +13,13 @@ use kube::api::{
     DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use orquestra_apiserver::ApiServer;
-use orquestra_store::Store;
-use orquestra_store::sqlite::{SqliteOptions, SqliteStore};
+
+mod common;
+
+use common::cluster;
 use serde_json::json;
-
-/// A running API server and a client for it.
-struct Cluster {
-    client: Client,
-    store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
-}
-
-async fn cluster() -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
-    );
-    let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, server.router()).await });
-    let config = kube::Config::new(url.parse().unwrap());
-    Cluster {
-        client: Client::try_from(config).unwrap(),
-        store,
-        _dir: dir,
-    }
-}
 
 fn configmap(name: &str, data: serde_json::Value) -> ConfigMap {
     serde_json::from_value(json!({

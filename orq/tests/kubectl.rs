@@ -154,6 +154,24 @@ fn exercise(bin: &str) {
         ok(bin, &kc, &["apply", "-f", "-"], Some(&applied)).contains("configmap/demo unchanged")
     );
 
+    // Server-side apply: creates, then applies again.
+    let ssa = CONFIGMAP.replace("name: demo", "name: ssa");
+    assert!(
+        ok(bin, &kc, &["apply", "--server-side", "-f", "-"], Some(&ssa))
+            .contains("configmap/ssa serverside-applied")
+    );
+    let ssa2 = ssa.replace("a: \"1\"", "a: \"9\"");
+    assert!(
+        ok(
+            bin,
+            &kc,
+            &["apply", "--server-side", "-f", "-"],
+            Some(&ssa2)
+        )
+        .contains("serverside-applied")
+    );
+    assert_eq!(k(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "9");
+
     // Output formats.
     let yaml = k(&["get", "cm", "demo", "-o", "yaml"]);
     assert!(
@@ -163,7 +181,10 @@ fn exercise(bin: &str) {
     let json: serde_json::Value =
         serde_json::from_str(&k(&["get", "cm", "demo", "-o", "json"])).unwrap();
     assert_eq!(json["metadata"]["labels"]["app"], "demo");
-    assert_eq!(k(&["get", "cm", "-o", "name"]).trim(), "configmap/demo");
+    assert_eq!(
+        k(&["get", "cm", "demo", "-o", "name"]).trim(),
+        "configmap/demo"
+    );
     let wide = k(&["get", "cm", "-o", "wide"]);
     assert!(wide.contains("DATA") && wide.contains("demo"), "{wide}");
 

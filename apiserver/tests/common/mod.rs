@@ -1,0 +1,35 @@
+//! Shared by the API server's tests: the in-process server on a free loopback port over a
+//! real SQLite store, and a kube client for it.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use kube::Client;
+use orquestra_apiserver::ApiServer;
+use orquestra_store::Store;
+use orquestra_store::sqlite::{SqliteOptions, SqliteStore};
+
+/// A running API server and a client for it.
+pub struct Cluster {
+    pub client: Client,
+    pub store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
+    );
+    let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, server.router()).await });
+    let config = kube::Config::new(url.parse().unwrap());
+    Cluster {
+        client: Client::try_from(config).unwrap(),
+        store,
+        _dir: dir,
+    }
+}
