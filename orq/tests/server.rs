@@ -76,3 +76,88 @@ fn a_bad_datastore_url_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown scheme"), "{stderr}");
 }
+
+#[test]
+fn acknowledged_objects_survive_sigkill_and_watches_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    server.wait_ready();
+    let manifests: String = (0..40)
+        .map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i:02}}}\ndata: {{i: \"{i}\"}}\n---\n"))
+        .collect();
+    let kubectl = |server: &Server, args: &[&str], stdin: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", server.kubeconfig())
+            .env("HOME", dir.path())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or("").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "kubectl {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let created = kubectl(&server, &["create", "-f", "-"], Some(&manifests));
+    assert_eq!(created.matches(" created").count(), 40, "{created}");
+    let list = kubectl(
+        &server,
+        &["get", "--raw", "/api/v1/namespaces/default/configmaps"],
+        None,
+    );
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let revision = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(revision.parse::<i64>().unwrap() > 0);
+
+    // kill -9, then start again on the same data dir.
+    let mut killed = server;
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    drop(killed);
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    server.wait_ready();
+    let names = kubectl(&server, &["get", "cm", "-o", "name"], None);
+    for i in 0..40 {
+        assert!(
+            names.contains(&format!("configmap/cm-{i:02}")),
+            "cm-{i:02} lost: {names}"
+        );
+    }
+    assert_eq!(
+        kubectl(
+            &server,
+            &["get", "cm", "cm-07", "-o", "jsonpath={.data.i}"],
+            None
+        ),
+        "7"
+    );
+
+    // A watch from the last revision before the crash resumes with what came after.
+    kubectl(&server, &["create", "configmap", "after-restart"], None);
+    let (status, body) = server
+        .get(&format!(
+            "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={revision}&timeoutSeconds=1"
+        ))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"type\":\"ADDED\"") && body.contains("after-restart"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("cm-07"),
+        "nothing from before the resume point {revision}: {}",
+        &body[..body.len().min(300)]
+    );
+    assert!(server.terminate().success());
+}
