@@ -73,6 +73,9 @@ pub enum ApiError {
         /// What is wrong, field by field.
         causes: Vec<Cause>,
     },
+    /// 401: no valid credentials.
+    #[error("Unauthorized")]
+    Unauthorized,
     /// 400: the request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -170,6 +173,7 @@ impl ApiError {
             ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Expired { .. } => StatusCode::GONE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,6 +191,7 @@ impl ApiError {
             ApiError::Conflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Unauthorized => "Unauthorized",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Expired { .. } => "Expired",
             ApiError::TooLarge => "RequestEntityTooLarge",

@@ -15,6 +15,7 @@ pub mod crd;
 pub mod discovery;
 pub mod engine;
 pub mod error;
+pub mod identity;
 pub mod object;
 pub mod patch;
 pub mod proto;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -142,8 +144,12 @@ async fn core_resource(
     Path(rest): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection),
+    };
     serve(&engine, method, "", "v1", &rest, query, &headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
@@ -155,8 +161,12 @@ async fn group_resource(
     Path((group, version, rest)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_error(rejection),
+    };
     serve(
         &engine, method, &group, &version, &rest, query, &headers, body,
     )
@@ -181,6 +191,16 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::UnsupportedMediaType(format!(
             "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (got {content_type:?})"
         )))
+    }
+}
+
+/// A body that could not be read: too large (413) or broken (400), as a Status.
+fn body_error(rejection: BytesRejection) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge.into_response()
+    } else {
+        ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
+            .into_response()
     }
 }
 

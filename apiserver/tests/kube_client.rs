@@ -642,3 +642,15 @@ async fn services_get_unique_cluster_ips_and_node_ports() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_a_413_status() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let big = "x".repeat(orquestra_apiserver::MAX_BODY_BYTES + 1);
+    let err = api
+        .create(&PostParams::default(), &configmap("big", json!({"k": big})))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(err), ("RequestEntityTooLarge".into(), 413));
+}

@@ -10,6 +10,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use orquestra_apiserver::identity::{Identity, authenticate};
 use orquestra_store::{CompactionPolicy, Compactor, Store};
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use tokio::signal::unix::{SignalKind, signal};
@@ -33,11 +34,14 @@ pub struct ServerArgs {
     /// Keep store history written within this many seconds, and compact this often.
     #[arg(long, default_value_t = 300)]
     compaction_interval_seconds: u64,
-    /// Serve the Kubernetes API over plain HTTP, without authentication. Until TLS and
-    /// token authentication land, this is the only way the API is served; without it
-    /// `orq server` runs the store and its health and metrics endpoints only.
+    /// Serve over plain HTTP without authentication (local experiments only). By default
+    /// everything is served over HTTPS with a CA and certificate generated into the data dir,
+    /// and API requests need the admin token (`DATA_DIR/token`, also in the kubeconfig).
     #[arg(long, env = "ORQ_INSECURE_HTTP")]
     insecure_http: bool,
+    /// Extra names or addresses for the serving certificate (repeatable).
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_sans: Vec<String>,
 }
 
 /// What the HTTP handlers read.
@@ -49,6 +53,13 @@ struct AppState {
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    // The data dir holds the store, keys and tokens: private when we create it.
+    if !args.data_dir.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let datastore = args
         .datastore
         .clone()
@@ -85,40 +96,66 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let compactor =
         tokio::spawn(Compactor::new(Arc::clone(&store), policy).run(stopped(stop_rx.clone())));
 
-    let mut app = Router::new()
+    let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    if args.insecure_http {
-        let api = orquestra_apiserver::ApiServer::new(Arc::clone(&store))
-            .await
-            .context("starting the API server")?;
-        app = app.merge(api.router());
-    } else {
-        tracing::warn!(
-            "the Kubernetes API is not served: it needs --insecure-http until TLS and authentication land"
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let api = orquestra_apiserver::ApiServer::new(Arc::clone(&store))
         .await
+        .context("starting the API server")?;
+    let app = health.merge(api.router());
+
+    let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
+    listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, "serving /healthz, /readyz, /metrics");
-    if args.insecure_http {
-        let path = write_kubeconfig(&args.data_dir, local)?;
-        tracing::info!(kubeconfig = %path.display(), "Kubernetes API over plain HTTP, unauthenticated");
-    }
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx));
+    let handle = axum_server::Handle::new();
+    let server = if args.insecure_http {
+        tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
+        let path = write_kubeconfig(&args.data_dir, local, None)?;
+        tracing::info!(kubeconfig = %path.display(), "admin kubeconfig written");
+        let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()))
+    } else {
+        let mut sans = args.tls_sans.clone();
+        if !local.ip().is_unspecified() {
+            sans.push(local.ip().to_string());
+        }
+        if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+            sans.push(host.trim().to_owned());
+        }
+        sans.retain(|s| !s.is_empty());
+        let identity =
+            Identity::load_or_create(&args.data_dir, &sans).context("creating the TLS identity")?;
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+            identity.cert_pem.clone().into_bytes(),
+            identity.key_pem.clone().into_bytes(),
+        )
+        .await
+        .context("loading the serving certificate")?;
+        // HTTP/1.1 only for now: long-running watch streams stalled under load over HTTP/2
+        // (seen with kubectl get -w); every client falls back to HTTP/1.1 via ALPN.
+        let mut config = (*tls.get_inner()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tls.reload_from_config(Arc::new(config));
+        let path = write_kubeconfig(&args.data_dir, local, Some(&identity))?;
+        tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
+        let token = Arc::new(identity.token.clone());
+        let app = app.layer(axum::middleware::from_fn_with_state(token, authenticate));
+        let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()))
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        result = server.into_future() => result.context("HTTP server failed")?,
+        result = server => result.context("HTTP server task failed")?.context("HTTP server failed")?,
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
     let _ = compactor.await;
     drop(store);
@@ -126,25 +163,39 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 /// Writes the admin kubeconfig into the data dir (atomically, mode 0600) and returns its path.
-fn write_kubeconfig(data_dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+fn write_kubeconfig(
+    data_dir: &std::path::Path,
+    listen: SocketAddr,
+    identity: Option<&Identity>,
+) -> anyhow::Result<PathBuf> {
+    use base64::Engine as _;
     let host = if listen.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
         listen.ip()
     };
     let server = SocketAddr::new(host, listen.port());
+    let (cluster, user) = match identity {
+        Some(identity) => (
+            format!(
+                "    server: https://{server}\n    certificate-authority-data: {}",
+                base64::engine::general_purpose::STANDARD.encode(&identity.ca_pem)
+            ),
+            format!("    token: {}", identity.token),
+        ),
+        None => (format!("    server: http://{server}"), "    {}".to_owned()),
+    };
     let contents = format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: orquestra
   cluster:
-    server: http://{server}
+{cluster}
 users:
 - name: admin
-  user: {{}}
+  user:
+{user}
 contexts:
 - name: orquestra
   context:
@@ -157,17 +208,8 @@ current-context: orquestra
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let path = data_dir.join("kubeconfig.yaml");
-    let tmp = data_dir.join(".kubeconfig.yaml.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    orquestra_apiserver::identity::write_private(&path, contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 

@@ -30,7 +30,7 @@ fn run(program: &str, kubeconfig: &Path, args: &[&str]) -> String {
 #[test]
 fn helm_install_upgrade_list_uninstall() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--insecure-http"]);
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready();
     let kc = server.kubeconfig();
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-chart");

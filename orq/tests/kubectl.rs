@@ -100,7 +100,7 @@ spec:
 
 fn exercise(bin: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--insecure-http"]);
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready();
     let kc = server.kubeconfig();
     let k = |args: &[&str]| ok(bin, &kc, args, None);
@@ -110,7 +110,7 @@ fn exercise(bin: &str) {
     assert!(server_version.starts_with("v1.33.0+orquestra"), "{version}");
     let info = k(&["cluster-info"]); // 1.27 colours it
     assert!(
-        info.contains("is running at") && info.contains("http://127.0.0.1:"),
+        info.contains("is running at") && info.contains("https://127.0.0.1:"),
         "{info}"
     );
     let resources = k(&["api-resources"]);
@@ -197,6 +197,7 @@ fn exercise(bin: &str) {
             "cm",
             "demo",
             "-w",
+            "-v=6",
             "-o",
             "jsonpath={.metadata.labels.tier}{\"\\n\"}",
         ])
@@ -212,15 +213,23 @@ fn exercise(bin: &str) {
         }
     });
 
-    // label, annotate, and the three patch types.
-    assert!(k(&["label", "cm", "demo", "tier=web"]).contains("labeled"));
+    // kubectl prints the object (no tier yet), then starts its watch. A change made in
+    // between shows up only as the watch's initial state, which kubectl skips as already
+    // printed — kubectl's own race, not the server's — so keep changing until one arrives.
+    let first = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("kubectl get -w printed the object");
+    assert_eq!(first.trim(), "");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("kubectl get -w printed the change");
-        if line.trim() == "web" {
-            break;
+    let mut attempt = 0;
+    'seen: loop {
+        attempt += 1;
+        let tier = format!("tier=web{attempt}");
+        assert!(k(&["label", "--overwrite", "cm", "demo", &tier]).contains("labeled"));
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            if line.trim().starts_with("web") {
+                break 'seen;
+            }
         }
         assert!(
             std::time::Instant::now() < deadline,

@@ -16,10 +16,14 @@ fn serves_health_and_metrics_on_the_embedded_store_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     server.wait_ready();
-    assert_eq!(server.get("/healthz").unwrap(), (200, "ok".to_owned()));
+    assert!(!server.insecure(), "HTTPS by default");
+    assert_eq!(
+        server.get_as("/healthz", false).unwrap(),
+        (200, "ok".to_owned())
+    );
     let (status, metrics) = server.get("/metrics").unwrap();
     assert_eq!(status, 200);
-    assert!(metrics.contains("orquestra_store_revision 0"), "{metrics}");
+    assert!(metrics.contains("orquestra_store_revision"), "{metrics}");
     assert!(
         metrics.contains("orquestra_store_db_size_bytes"),
         "{metrics}"
@@ -28,6 +32,48 @@ fn serves_health_and_metrics_on_the_embedded_store_and_stops_on_sigterm() {
         dir.path().join("state.db").exists(),
         "default datastore is DATA_DIR/state.db"
     );
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn api_requests_need_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--tls-san", "orq.example"]);
+    server.wait_ready();
+    let (status, body) = server.get_as("/api/v1/namespaces", false).unwrap();
+    assert_eq!(status, 401);
+    let status_object: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status_object["reason"], "Unauthorized");
+    let (status, _) = server.get_as("/version", false).unwrap();
+    assert_eq!(status, 200, "/version is public");
+    let (status, body) = server.get("/api/v1/namespaces").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let sans = std::fs::read_to_string(dir.path().join("tls/server.sans")).unwrap();
+    assert!(sans.lines().any(|l| l == "orq.example"), "{sans}");
+    let key_mode = std::fs::metadata(dir.path().join("tls/ca.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+        0o600
+    );
+    // A restart keeps the CA and the token, so kubeconfigs stay valid.
+    let token = server.token().unwrap();
+    let ca = std::fs::read(dir.path().join("tls/ca.crt")).unwrap();
+    assert!(server.terminate().success());
+    let again = Server::start(dir.path(), &[]);
+    again.wait_ready();
+    assert_eq!(again.token().unwrap(), token);
+    assert_eq!(std::fs::read(dir.path().join("tls/ca.crt")).unwrap(), ca);
+    assert!(again.terminate().success());
+}
+
+#[test]
+fn insecure_mode_is_plain_http_without_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    server.wait_ready();
+    assert!(server.insecure());
+    let (status, _) = server.get_as("/api/v1/namespaces", false).unwrap();
+    assert_eq!(status, 200);
     assert!(server.terminate().success());
 }
 
@@ -54,8 +100,10 @@ fn runs_on_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--datastore", &etcd.datastore_url()]);
     server.wait_ready();
+    let (status, body) = server.get("/api/v1/namespaces/kube-system").unwrap();
+    assert_eq!(status, 200, "{body}");
     let (_, metrics) = server.get("/metrics").unwrap();
-    assert!(metrics.contains("orquestra_store_revision 1"), "{metrics}");
+    assert!(metrics.contains("orquestra_store_revision"), "{metrics}");
     assert!(!dir.path().join("state.db").exists());
     assert!(server.terminate().success());
 }
@@ -80,7 +128,7 @@ fn a_bad_datastore_url_is_a_clear_error() {
 #[test]
 fn acknowledged_objects_survive_sigkill_and_watches_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--insecure-http"]);
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready();
     let manifests: String = (0..40)
         .map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i:02}}}\ndata: {{i: \"{i}\"}}\n---\n"))
@@ -124,7 +172,7 @@ fn acknowledged_objects_survive_sigkill_and_watches_resume() {
     killed.child.kill().unwrap();
     killed.child.wait().unwrap();
     drop(killed);
-    let server = Server::start(dir.path(), &["--insecure-http"]);
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready();
     let names = kubectl(&server, &["get", "cm", "-o", "name"], None);
     for i in 0..40 {

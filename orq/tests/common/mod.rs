@@ -2,8 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,20 +37,41 @@ impl Server {
         }
     }
 
+    /// Whether the server was started with `--insecure-http`.
+    pub fn insecure(&self) -> bool {
+        !self.data_dir.join("tls").join("ca.crt").exists()
+    }
+
+    /// The admin token (TLS mode).
+    pub fn token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("token")).ok()
+    }
+
+    /// GETs `path` with curl: over HTTPS with the server's CA and the admin token, or plain
+    /// HTTP in insecure mode. Returns the status and body.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
+        self.get_as(path, true)
+    }
+
+    /// Like [`Server::get`], with or without the admin token.
+    pub fn get_as(&self, path: &str, authenticated: bool) -> Option<(u16, String)> {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--max-time", "10", "-w", "\n%{http_code}"]);
+        let url = if self.insecure() {
+            format!("http://{}{path}", self.addr)
+        } else {
+            curl.arg("--cacert")
+                .arg(self.data_dir.join("tls").join("ca.crt"));
+            if authenticated {
+                curl.arg("-H")
+                    .arg(format!("Authorization: Bearer {}", self.token()?));
+            }
+            format!("https://{}{path}", self.addr)
+        };
+        let out = curl.arg(url).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        Some((code.trim().parse().ok()?, body.to_owned()))
     }
 
     pub fn wait_ready(&self) {

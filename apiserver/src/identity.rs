@@ -1,0 +1,238 @@
+//! Transport and identity: the cluster CA, the API server's serving certificate, the admin
+//! token, and the authentication every API request passes.
+//!
+//! On first start they are generated into `<data dir>/tls/` and `<data dir>/token` (mode
+//! 0600) and reused afterwards, so kubeconfigs stay valid across restarts. Requests
+//! authenticate with `Authorization: Bearer <token>`; health endpoints and `/version`
+//! stay public, as in Kubernetes (`system:public-info-viewer`).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::error::ApiError;
+
+/// Why the identity could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Reading or writing a file failed.
+    #[error("I/O error on {path:?}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generating a key or certificate failed.
+    #[error("could not generate {what}")]
+    Certificate {
+        /// Which one.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+/// The API server's identity, as PEM text.
+#[derive(Clone)]
+pub struct Identity {
+    /// The cluster CA certificate (clients trust it).
+    pub ca_pem: String,
+    /// The serving certificate, signed by the CA.
+    pub cert_pem: String,
+    /// The serving certificate's private key.
+    pub key_pem: String,
+    /// The admin bearer token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` atomically, readable by the owner only.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(contents).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+impl Identity {
+    /// Loads the identity from `data_dir`, creating what is missing. The serving certificate
+    /// is for `localhost`, `127.0.0.1` and every name or address in `sans`; it is re-issued
+    /// (by the same CA) when `sans` asks for one it does not cover.
+    pub fn load_or_create(data_dir: &Path, sans: &[String]) -> Result<Identity, IdentityError> {
+        let dir = data_dir.join("tls");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let cert = |what| move |source| IdentityError::Certificate { what, source };
+
+        let (ca_key_path, ca_path) = (dir.join("ca.key"), dir.join("ca.crt"));
+        let (ca_key, ca_pem) = match (
+            std::fs::read_to_string(&ca_key_path),
+            std::fs::read_to_string(&ca_path),
+        ) {
+            (Ok(key), Ok(pem)) => (KeyPair::from_pem(&key).map_err(cert("the CA key"))?, pem),
+            _ => {
+                let key = KeyPair::generate().map_err(cert("the CA key"))?;
+                let params = ca_params().map_err(cert("the CA"))?;
+                let ca = params.self_signed(&key).map_err(cert("the CA"))?;
+                write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
+                write_private(&ca_path, ca.pem().as_bytes())?;
+                (key, ca.pem())
+            }
+        };
+
+        let mut names: Vec<String> = vec![
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "kubernetes".into(),
+            "kubernetes.default".into(),
+        ];
+        for san in sans {
+            if !names.contains(san) {
+                names.push(san.clone());
+            }
+        }
+        let (key_path, cert_path, names_path) = (
+            dir.join("server.key"),
+            dir.join("server.crt"),
+            dir.join("server.sans"),
+        );
+        let issued_for = std::fs::read_to_string(&names_path).unwrap_or_default();
+        let covered = names.iter().all(|n| issued_for.lines().any(|l| l == n));
+        let (cert_pem, key_pem) = match (
+            std::fs::read_to_string(&cert_path),
+            std::fs::read_to_string(&key_path),
+        ) {
+            (Ok(pem), Ok(key)) if covered => (pem, key),
+            _ => {
+                // The CA's subject and key are all signing needs: rebuild its parameters
+                // rather than parse its certificate.
+                let issuer = Issuer::new(ca_params().map_err(cert("the CA"))?, &ca_key);
+                let key = KeyPair::generate().map_err(cert("the serving key"))?;
+                let mut params = CertificateParams::new(Vec::<String>::new())
+                    .map_err(cert("the serving certificate"))?;
+                params
+                    .distinguished_name
+                    .push(DnType::CommonName, "orquestra-apiserver");
+                params.subject_alt_names = names
+                    .iter()
+                    .map(|n| match n.parse::<std::net::IpAddr>() {
+                        Ok(ip) => Ok(SanType::IpAddress(ip)),
+                        Err(_) => n.clone().try_into().map(SanType::DnsName),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(cert("the serving certificate's names"))?;
+                params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+                let serving = params
+                    .signed_by(&key, &issuer)
+                    .map_err(cert("the serving certificate"))?;
+                write_private(&key_path, key.serialize_pem().as_bytes())?;
+                write_private(&cert_path, serving.pem().as_bytes())?;
+                write_private(&names_path, names.join("\n").as_bytes())?;
+                (serving.pem(), key.serialize_pem())
+            }
+        };
+
+        let token_path = data_dir.join("token");
+        let token = match std::fs::read_to_string(&token_path) {
+            Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+            _ => {
+                let token = format!(
+                    "{}{}",
+                    uuid::Uuid::new_v4().simple(),
+                    uuid::Uuid::new_v4().simple()
+                );
+                write_private(&token_path, token.as_bytes())?;
+                token
+            }
+        };
+        Ok(Identity {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            token,
+        })
+    }
+}
+
+/// The cluster CA's parameters (the same every time, so the CA can sign again later).
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "orquestra-ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(params)
+}
+
+/// Paths anyone may read, as Kubernetes' `system:public-info-viewer` allows.
+fn public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/livez" | "/readyz" | "/version")
+        || path.starts_with("/healthz/")
+        || path.starts_with("/readyz/")
+        || path.starts_with("/livez/")
+}
+
+/// Middleware: requests other than the public ones need the admin bearer token.
+pub async fn authenticate(
+    State(token): State<std::sync::Arc<String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if public(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Constant-time comparison: the token is a secret.
+    let ok = presented.is_some_and(|p| {
+        p.len() == token.len()
+            && p.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
