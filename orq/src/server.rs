@@ -135,11 +135,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .await
         .context("loading the serving certificate")?;
-        // HTTP/1.1 only for now: long-running watch streams stalled under load over HTTP/2
-        // (seen with kubectl get -w); every client falls back to HTTP/1.1 via ALPN.
-        let mut config = (*tls.get_inner()).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tls.reload_from_config(Arc::new(config));
         let path = write_kubeconfig(&args.data_dir, local, Some(&identity))?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
         let token = Arc::new(identity.token.clone());
