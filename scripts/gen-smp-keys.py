@@ -26,6 +26,8 @@ GROUPS = {
 
 
 def generate() -> str:
+    if not source.exists():
+        sys.exit(f"{source} is missing: shared/ must be checked out beside the repository")
     data = json.loads(source.read_text())
     out = {}
     for qualified, rows in sorted(data["types"].items()):

@@ -264,6 +264,7 @@ impl Engine {
             crate::admission::on_write(def, &mut new);
             if crate::service::is_service(def) {
                 crate::service::keep_allocations(&old, &mut new);
+                crate::service::check_immutable(&old, &new)?;
             }
             validate_meta(def, &new)?;
             match self.write(def, &key, &name, &current, new, dry_run).await {
@@ -316,6 +317,9 @@ impl Engine {
                     if finalized {
                         crate::crd::delete_objects(self, &new).await?;
                     }
+                }
+                if finalized && crate::service::is_service(def) {
+                    crate::service::release(self, &new).await;
                 }
                 Ok(new)
             }

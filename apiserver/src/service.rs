@@ -239,6 +239,21 @@ pub fn keep_allocations(old: &Value, new: &mut Value) {
     }
 }
 
+/// A Service's cluster IP cannot change once allocated (kube-apiserver: "field is
+/// immutable"); only switching to or from ExternalName may drop it.
+pub fn check_immutable(old: &Value, new: &Value) -> Result<(), ApiError> {
+    let (before, after) = (&old["spec"]["clusterIP"], &new["spec"]["clusterIP"]);
+    let external = new["spec"]["type"] == "ExternalName" || old["spec"]["type"] == "ExternalName";
+    if !external && before.is_string() && before != after {
+        return Err(invalid(
+            new,
+            "spec.clusterIPs[0]",
+            format!("Invalid value: {after}: may not change once set"),
+        ));
+    }
+    Ok(())
+}
+
 /// Frees a Service's cluster IP and node ports (best effort: a leftover key only wastes one
 /// address).
 pub async fn release(engine: &Engine, object: &Value) {

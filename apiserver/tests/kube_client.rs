@@ -626,6 +626,16 @@ async fn services_get_unique_cluster_ips_and_node_ports() {
     assert_eq!(kept_spec.cluster_ip, np.spec.as_ref().unwrap().cluster_ip);
     assert_eq!(kept_spec.ports.unwrap()[0].node_port, Some(node_port));
 
+    // The cluster IP is immutable.
+    let mut moved = services.get("np").await.unwrap();
+    moved.spec.as_mut().unwrap().cluster_ip = Some("10.43.99.99".into());
+    moved.spec.as_mut().unwrap().cluster_ips = None;
+    let err = services
+        .replace("np", &PostParams::default(), &moved)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(err), ("Invalid".into(), 422));
+
     // Deleting a Service frees its IP.
     services
         .delete("fixed", &DeleteParams::default())
