@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod object;
 pub mod patch;
 pub mod proto;

@@ -79,7 +79,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     registry.register(Box::new(db_size.clone()))?;
     let state = Arc::new(AppState {
         store: Arc::clone(&store),
-        registry,
+        registry: registry.clone(),
         revision,
         db_size,
     });
@@ -105,7 +105,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let api = orquestra_apiserver::ApiServer::new(Arc::clone(&store))
         .await
         .context("starting the API server")?;
-    let app = health.merge(api.router());
+    let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
+        &registry,
+    )?);
+    let app = health.merge(api.router().layer(axum::middleware::from_fn_with_state(
+        api_metrics,
+        orquestra_apiserver::metrics::record,
+    )));
 
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;

@@ -28,6 +28,18 @@ fn serves_health_and_metrics_on_the_embedded_store_and_stops_on_sigterm() {
         metrics.contains("orquestra_store_db_size_bytes"),
         "{metrics}"
     );
+    let (status, _) = server.get("/api/v1/namespaces/default/configmaps").unwrap();
+    assert_eq!(status, 200);
+    let (_, metrics) = server.get("/metrics").unwrap();
+    assert!(
+        metrics
+            .contains(r#"apiserver_request_total{code="200",resource="configmaps",verb="LIST"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apiserver_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(
         dir.path().join("state.db").exists(),
         "default datastore is DATA_DIR/state.db"
