@@ -19,9 +19,6 @@
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,35 +85,14 @@ fn histogram() -> Histogram<u64> {
 
 /// Small durable writes with `fdatasync`, appending (`append = true`) or overwriting one block.
 fn fsync_limit(dir: &Path, n: usize, append: bool) -> Run {
-    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let block = vec![0x42u8; 512];
-    if !append {
-        file.write_all(&vec![0u8; 4096]).unwrap();
-        file.sync_all().unwrap();
-    }
+    let samples = orquestra_store::testing::fsync_samples(dir, n, append).unwrap();
     let mut h = histogram();
-    let started = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        if append {
-            file.write_all(&block).unwrap();
-        } else {
-            file.write_all_at(&block, 0).unwrap();
-        }
-        file.sync_data().unwrap();
-        h.record(t.elapsed().as_micros() as u64).unwrap();
+    for sample in &samples {
+        h.record(sample.as_micros() as u64).unwrap();
     }
-    let elapsed = started.elapsed();
-    std::fs::remove_file(&path).unwrap();
+    let total: Duration = samples.iter().sum();
     Run {
-        per_second: n as f64 / elapsed.as_secs_f64(),
+        per_second: n as f64 / total.as_secs_f64(),
         p50_ms: ms(&h, 0.5),
         p99_ms: ms(&h, 0.99),
     }

@@ -154,3 +154,35 @@ impl Drop for EtcdProcess {
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Times `n` small durable writes (512 bytes, then `fdatasync`) to a scratch file in `dir`,
+/// appending or overwriting one block: the disk's fsync limit, the anchor of the benchmarks.
+pub fn fsync_samples(dir: &Path, n: usize, append: bool) -> std::io::Result<Vec<Duration>> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = [0x42u8; 512];
+    if !append {
+        file.write_all(&[0u8; 4096])?;
+        file.sync_all()?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        if append {
+            file.write_all(&block)?;
+        } else {
+            file.write_all_at(&block, 0)?;
+        }
+        file.sync_data()?;
+        samples.push(started.elapsed());
+    }
+    std::fs::remove_file(&path)?;
+    Ok(samples)
+}
