@@ -118,8 +118,30 @@ impl Engine {
         }
     }
 
-    /// Creates an object in the collection `def` (in namespace `ns`).
+    /// Creates an object in the collection `def` (in namespace `ns`). A name made from
+    /// `generateName` that is taken is made again, up to 8 times (as kube-apiserver does).
     pub async fn create(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        object: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let generated = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.create_once(def, ns, object.clone(), dry_run).await {
+                Err(ApiError::AlreadyExists { .. }) if generated && attempts < 8 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_once(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
