@@ -535,6 +535,18 @@ impl Engine {
     }
 }
 
+/// Sets `to.status` to `from.status`, or removes it when `from` has none.
+fn copy_status(to: &mut Value, from: &Value) {
+    match from.get("status") {
+        Some(status) => to["status"] = status.clone(),
+        None => {
+            if let Some(map) = to.as_object_mut() {
+                map.remove("status");
+            }
+        }
+    }
+}
+
 /// The object a PUT stores: the client's object with server-owned metadata kept from the
 /// current one, `status` kept unless this is the status subresource (which changes only
 /// `status`), and `generation` bumped when anything outside metadata and status changed.
@@ -544,28 +556,16 @@ fn merge_update(
     body: &Value,
     status_only: bool,
 ) -> Result<Value, ApiError> {
+    // The status subresource takes only `status` from the body; the main resource keeps
+    // the stored status when the kind has a status subresource.
     let mut new = if status_only {
         let mut new = old.clone();
-        match body.get("status") {
-            Some(status) => new["status"] = status.clone(),
-            None => {
-                if let Some(map) = new.as_object_mut() {
-                    map.remove("status");
-                }
-            }
-        }
+        copy_status(&mut new, body);
         new
     } else {
         let mut new = body.clone();
         if def.status {
-            match old.get("status") {
-                Some(status) => new["status"] = status.clone(),
-                None => {
-                    if let Some(map) = new.as_object_mut() {
-                        map.remove("status");
-                    }
-                }
-            }
+            copy_status(&mut new, old);
         }
         new
     };
