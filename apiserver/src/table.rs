@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::registry::ResourceDef;
 
 /// One column: header, type, priority, and how to fill it from an object.
+#[derive(Clone, Copy)]
 struct Column {
     name: &'static str,
     kind: &'static str,
@@ -226,7 +227,32 @@ fn service_ports(o: &Value) -> Value {
     or_none(ports.join(","))
 }
 
+/// The `-o wide` columns every workload kind shares.
+fn workload_wide() -> [Column; 3] {
+    [
+        Column {
+            name: "Containers",
+            kind: "string",
+            priority: 1,
+            cell: |o| join_containers(o, "/spec/template/spec/containers", "name"),
+        },
+        Column {
+            name: "Images",
+            kind: "string",
+            priority: 1,
+            cell: |o| join_containers(o, "/spec/template/spec/containers", "image"),
+        },
+        Column {
+            name: "Selector",
+            kind: "string",
+            priority: 1,
+            cell: selector,
+        },
+    ]
+}
+
 fn columns(def: &ResourceDef) -> Vec<Column> {
+    let wide = workload_wide();
     macro_rules! col {
         ($name:expr, $kind:expr, $priority:expr, $cell:expr) => {
             Column {
@@ -359,17 +385,9 @@ fn columns(def: &ResourceDef) -> Vec<Column> {
                 o.pointer("/status/availableReplicas")
             ))),
             age_col,
-            col!("Containers", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "name"
-            )),
-            col!("Images", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "image"
-            )),
-            col!("Selector", "string", 1, selector),
+            wide[0],
+            wide[1],
+            wide[2],
         ],
         ("apps", "ReplicaSet") => vec![
             name_col,
@@ -383,17 +401,9 @@ fn columns(def: &ResourceDef) -> Vec<Column> {
                 o.pointer("/status/readyReplicas")
             ))),
             age_col,
-            col!("Containers", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "name"
-            )),
-            col!("Images", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "image"
-            )),
-            col!("Selector", "string", 1, selector),
+            wide[0],
+            wide[1],
+            wide[2],
         ],
         ("apps", "DaemonSet") => vec![
             name_col,
@@ -425,17 +435,9 @@ fn columns(def: &ResourceDef) -> Vec<Column> {
                 or_none(m.join(","))
             }),
             age_col,
-            col!("Containers", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "name"
-            )),
-            col!("Images", "string", 1, |o| join_containers(
-                o,
-                "/spec/template/spec/containers",
-                "image"
-            )),
-            col!("Selector", "string", 1, selector),
+            wide[0],
+            wide[1],
+            wide[2],
         ],
         ("coordination.k8s.io", "Lease") => vec![
             name_col,
