@@ -95,10 +95,16 @@ impl Engine {
     /// Reads one object.
     pub async fn get(&self, target: &Target) -> Result<Value, ApiError> {
         let (key, name) = self.named(target)?;
-        match self.store.get(&key, None).await?.1 {
-            Some(kv) => decode(&kv),
-            None => Err(ApiError::not_found(&target.def, &name)),
-        }
+        decode(&self.stored(&target.def, &key, &name).await?)
+    }
+
+    /// The stored key-value of an object, or NotFound.
+    async fn stored(&self, def: &ResourceDef, key: &str, name: &str) -> Result<KeyValue, ApiError> {
+        self.store
+            .get(key, None)
+            .await?
+            .1
+            .ok_or_else(|| ApiError::not_found(def, name))
     }
 
     fn named(&self, target: &Target) -> Result<(String, String), ApiError> {
@@ -272,12 +278,7 @@ impl Engine {
         };
         let status_only = target.subresource.as_deref() == Some("status");
         loop {
-            let current = self
-                .store
-                .get(&key, None)
-                .await?
-                .1
-                .ok_or_else(|| ApiError::not_found(def, &name))?;
+            let current = self.stored(def, &key, &name).await?;
             if expected.is_some_and(|rv| rv != current.mod_revision) {
                 return Err(ApiError::stale(def, &name));
             }
@@ -363,12 +364,7 @@ impl Engine {
         let (key, name) = self.named(target)?;
         let dry_run = params.dry_run()?;
         loop {
-            let current = self
-                .store
-                .get(&key, None)
-                .await?
-                .1
-                .ok_or_else(|| ApiError::not_found(def, &name))?;
+            let current = self.stored(def, &key, &name).await?;
             let mut object = decode(&current)?;
             if let Some(pre) = options.get("preconditions") {
                 if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
