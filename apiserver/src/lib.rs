@@ -147,10 +147,6 @@ async fn core_resource(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return body_error(rejection),
-    };
     serve(&engine, method, "", "v1", &rest, query, &headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
@@ -164,10 +160,6 @@ async fn group_resource(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return body_error(rejection),
-    };
     serve(
         &engine, method, &group, &version, &rest, query, &headers, body,
     )
@@ -195,13 +187,12 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// A body that could not be read: too large (413) or broken (400), as a Status.
-fn body_error(rejection: BytesRejection) -> Response {
+/// A body that could not be read: too large (413) or broken (400).
+fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::TooLarge.into_response()
+        ApiError::TooLarge
     } else {
         ApiError::BadRequest(format!("the request body could not be read: {rejection}"))
-            .into_response()
     }
 }
 
@@ -255,12 +246,6 @@ async fn serve_scale(
     Ok(json(
         StatusCode::OK,
         &subresource::update_scale(engine, target, &desired, dry_run).await?,
-    ))
-}
-
-fn unreachable_apply() -> Result<(), ApiError> {
-    Err(ApiError::BadRequest(
-        "internal error: apply patches are handled apart".into(),
     ))
 }
 
@@ -340,8 +325,9 @@ async fn serve(
     rest: &str,
     query: Option<String>,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
     let target = Target::parse(&engine.registry, group, version, rest)?;
     let params: Params = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
@@ -438,21 +424,27 @@ async fn serve(
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
             let patch = parse_body(&body)?;
-            if patch_type == PatchType::Apply {
-                return apply(engine, &target, &params, patch, dry_run).await;
-            }
-            let mut object = engine.get(&target).await?;
-            match patch_type {
-                PatchType::Merge => patch::merge(&mut object, &patch),
-                PatchType::Json => patch::json_patch(&mut object, &patch).map_err(|e| match e {
-                    ApiError::Invalid { causes, .. } => ApiError::Invalid {
-                        kind: target.def.kind.clone(),
-                        name: target.name.clone().unwrap_or_default(),
-                        group: target.def.group.clone(),
-                        causes,
-                    },
-                    other => other,
-                })?,
+            let object = match patch_type {
+                // Apply creates missing objects, so it does not start from a read.
+                PatchType::Apply => return apply(engine, &target, &params, patch, dry_run).await,
+                PatchType::Merge => {
+                    let mut object = engine.get(&target).await?;
+                    patch::merge(&mut object, &patch);
+                    object
+                }
+                PatchType::Json => {
+                    let mut object = engine.get(&target).await?;
+                    patch::json_patch(&mut object, &patch).map_err(|e| match e {
+                        ApiError::Invalid { causes, .. } => ApiError::Invalid {
+                            kind: target.def.kind.clone(),
+                            name: target.name.clone().unwrap_or_default(),
+                            group: target.def.group.clone(),
+                            causes,
+                        },
+                        other => other,
+                    })?;
+                    object
+                }
                 PatchType::Strategic => {
                     // Custom resources have no Go types to take merge keys from: 415, as
                     // kube-apiserver answers (kubectl then falls back to a merge patch).
@@ -462,10 +454,9 @@ async fn serve(
                             target.def.kind
                         ))
                     })?;
-                    object = smp::apply(schema, &object, &patch)?;
+                    smp::apply(schema, &engine.get(&target).await?, &patch)?
                 }
-                PatchType::Apply => unreachable_apply()?,
-            }
+            };
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.
             Ok(json(
@@ -486,4 +477,18 @@ async fn serve(
         }
         _ => Err(ApiError::MethodNotAllowed),
     }
+}
+
+/// Test support: checks that a file generated by a script under `scripts/` is current.
+#[cfg(test)]
+pub(crate) fn assert_generated_current(script: &str, generated: &str) {
+    let path = format!("{}/../scripts/{script}", env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new("python3")
+        .args([path.as_str(), "--check"])
+        .status()
+        .expect("python3 runs the generator");
+    assert!(
+        status.success(),
+        "{generated} is stale: run scripts/{script}"
+    );
 }

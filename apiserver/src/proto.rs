@@ -363,22 +363,10 @@ fn message_value(name: &str, data: &[u8]) -> Result<Value, ApiError> {
     Ok(Value::Object(object))
 }
 
-/// Whether the schema's generated file is stale; used by its test.
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_schema_is_current() {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/gen-proto-schema.py"
-        );
-        let status = std::process::Command::new("python3")
-            .args([script, "--check"])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "apiserver/src/proto_schema.json is stale: run scripts/gen-proto-schema.py"
-        );
+        crate::assert_generated_current("gen-proto-schema.py", "apiserver/src/proto_schema.json");
     }
 }

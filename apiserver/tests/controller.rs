@@ -266,10 +266,7 @@ async fn a_watcher_relists_after_its_resume_point_is_compacted() {
             .await
             .unwrap();
     }
-    c.store
-        .compact(c.store.current_revision().await.unwrap())
-        .await
-        .unwrap();
+    c.compact_everything().await;
 
     // The resumed watch gets the in-stream 410; the watcher relists and carries on.
     let mut saw_expired = false;

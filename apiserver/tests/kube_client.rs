@@ -330,10 +330,7 @@ async fn a_watch_from_a_compacted_revision_gets_an_in_stream_410() {
         .await
         .unwrap();
     }
-    c.store
-        .compact(c.store.current_revision().await.unwrap())
-        .await
-        .unwrap();
+    c.compact_everything().await;
     let mut stream = api
         .watch(&WatchParams::default(), &old)
         .await

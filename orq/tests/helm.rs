@@ -36,49 +36,22 @@ fn helm_install_upgrade_list_uninstall() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-chart");
     let helm = |args: &[&str]| run("helm", &kc, args);
     let kubectl = |args: &[&str]| run("kubectl", &kc, args);
+    let field = |kind: &str, name: &str, path: &str| {
+        kubectl(&["get", kind, name, "-o", &format!("jsonpath={{{path}}}")])
+    };
 
     assert!(helm(&["version", "--short"]).starts_with("v3."));
     let installed = helm(&["install", "demo", chart, "--wait", "--timeout", "60s"]);
     assert!(installed.contains("STATUS: deployed"), "{installed}");
-    assert_eq!(
-        kubectl(&[
-            "get",
-            "cm",
-            "demo-config",
-            "-o",
-            "jsonpath={.data.greeting}"
-        ]),
-        "hello"
-    );
+    assert_eq!(field("cm", "demo-config", ".data.greeting"), "hello");
     // stringData became data.
-    assert_eq!(
-        kubectl(&[
-            "get",
-            "secret",
-            "demo-secret",
-            "-o",
-            "jsonpath={.data.token}"
-        ]),
-        "czNjcjN0"
-    );
-    assert!(
-        kubectl(&["get", "svc", "demo-svc", "-o", "jsonpath={.spec.clusterIP}"])
-            .starts_with("10.43.")
-    );
+    assert_eq!(field("secret", "demo-secret", ".data.token"), "czNjcjN0");
+    assert!(field("svc", "demo-svc", ".spec.clusterIP").starts_with("10.43."));
     assert!(kubectl(&["get", "gadgets"]).contains("demo-gadget"));
 
     let upgraded = helm(&["upgrade", "demo", chart, "--set", "greeting=hola", "--wait"]);
     assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
-    assert_eq!(
-        kubectl(&[
-            "get",
-            "cm",
-            "demo-config",
-            "-o",
-            "jsonpath={.data.greeting}"
-        ]),
-        "hola"
-    );
+    assert_eq!(field("cm", "demo-config", ".data.greeting"), "hola");
     let list = helm(&["list"]);
     assert!(
         list.lines()

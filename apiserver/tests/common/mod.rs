@@ -33,3 +33,11 @@ pub async fn cluster() -> Cluster {
         _dir: dir,
     }
 }
+
+impl Cluster {
+    /// Compacts the store's whole history up to now.
+    pub async fn compact_everything(&self) {
+        let now = self.store.current_revision().await.unwrap();
+        self.store.compact(now).await.unwrap();
+    }
+}
