@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::object::{
-    check_type, drop_empty_metadata, meta_str, metadata_mut, now, random_suffix, spec_of,
+    check_type, conform, drop_empty_metadata, meta_str, metadata_mut, now, random_suffix, spec_of,
     strip_nulls, validate_meta,
 };
 use crate::registry::{Registry, ResourceDef};
@@ -211,6 +211,7 @@ impl Engine {
         drop_empty_metadata(&mut object);
         crate::admission::default_on_create(def, &mut object);
         validate_meta(def, &object)?;
+        conform(def, &mut object)?;
         if crate::crd::is_crd(def) {
             crate::crd::admit(def, &mut object)?;
         }
@@ -290,6 +291,7 @@ impl Engine {
                 crate::service::check_immutable(&old, &new)?;
             }
             validate_meta(def, &new)?;
+            conform(def, &mut new)?;
             match self.write(def, &key, &name, &current, new, dry_run).await {
                 Err(ApiError::Conflict { .. }) if expected.is_none() => continue,
                 other => return other,

@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod crd;
+pub mod crdgen;
 pub mod discovery;
 pub mod engine;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod patch;
 pub mod proto;
 pub mod registry;
 pub mod request;
+pub mod schema;
 pub mod selector;
 pub mod service;
 pub mod smp;
@@ -43,6 +45,7 @@ use serde_json::{Value, json};
 
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::object::unknown_field_warnings;
 use crate::patch::PatchType;
 use crate::registry::{Registry, builtin_resources};
 use crate::request::{Params, Target};
@@ -185,6 +188,17 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
             "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (got {content_type:?})"
         )))
     }
+}
+
+/// Adds one `Warning: 299 - "…"` header per warning (kubectl prints them as `Warning: …`).
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    for warning in warnings {
+        let quoted = warning.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(value) = header::HeaderValue::from_str(&format!("299 - \"{quoted}\"")) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 /// A body that could not be read: too large (413) or broken (400).
@@ -349,6 +363,7 @@ async fn serve(
         Some(_) => return Err(ApiError::NoRoute),
     }
     let dry_run = params.dry_run()?;
+    let field_validation = params.field_validation()?;
     let as_table = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -403,20 +418,19 @@ async fn serve(
             Ok(json(StatusCode::OK, &object))
         }
         (Method::POST, false) => {
+            let object = parse_body(&body)?;
+            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
             let object = engine
-                .create(
-                    &target.def,
-                    target.namespace.as_deref(),
-                    parse_body(&body)?,
-                    dry_run,
-                )
+                .create(&target.def, target.namespace.as_deref(), object, dry_run)
                 .await?;
-            Ok(json(StatusCode::CREATED, &object))
+            Ok(with_warnings(json(StatusCode::CREATED, &object), &warnings))
         }
-        (Method::PUT, true) => Ok(json(
-            StatusCode::OK,
-            &engine.update(&target, parse_body(&body)?, dry_run).await?,
-        )),
+        (Method::PUT, true) => {
+            let object = parse_body(&body)?;
+            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            let object = engine.update(&target, object, dry_run).await?;
+            Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
+        }
         (Method::PATCH, true) => {
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -426,7 +440,11 @@ async fn serve(
             let patch = parse_body(&body)?;
             let object = match patch_type {
                 // Apply creates missing objects, so it does not start from a read.
-                PatchType::Apply => return apply(engine, &target, &params, patch, dry_run).await,
+                PatchType::Apply => {
+                    let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
+                    let response = apply(engine, &target, &params, patch, dry_run).await?;
+                    return Ok(with_warnings(response, &warnings));
+                }
                 PatchType::Merge => {
                     let mut object = engine.get(&target).await?;
                     patch::merge(&mut object, &patch);
@@ -459,10 +477,9 @@ async fn serve(
             };
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.
-            Ok(json(
-                StatusCode::OK,
-                &engine.update(&target, object, dry_run).await?,
-            ))
+            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            let object = engine.update(&target, object, dry_run).await?;
+            Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
         (Method::DELETE, true) => {
             let options = if body.is_empty() {

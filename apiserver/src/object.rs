@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ApiError, Cause};
 use crate::registry::ResourceDef;
+use crate::request::FieldValidation;
 
 /// `metadata.<field>` as a string.
 pub fn meta_str<'v>(object: &'v Value, field: &str) -> Option<&'v str> {
@@ -128,6 +129,56 @@ pub fn validate_meta(def: &ResourceDef, object: &Value) -> Result<(), ApiError> 
             causes,
         })
     }
+}
+
+/// Brings `object` in line with its kind's structural schema: unknown fields pruned, schema
+/// defaults filled in, then validated (every violation a cause of one `Invalid`).
+pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
+    let Some(schema) = def.schema.as_deref() else {
+        return Ok(());
+    };
+    crate::schema::prune_and_default(schema, object);
+    let causes = crate::schema::validate(schema, object);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid {
+            kind: def.kind.clone(),
+            name: meta_str(object, "name").unwrap_or_default().to_owned(),
+            group: def.group.clone(),
+            causes,
+        })
+    }
+}
+
+/// The unknown fields of an object about to be written, handled as `?fieldValidation=`
+/// says: refused under Strict, returned as warnings under Warn, ignored under Ignore (the
+/// engine prunes them either way).
+pub fn unknown_field_warnings(
+    def: &ResourceDef,
+    object: &Value,
+    mode: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = def.schema.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if mode == FieldValidation::Ignore {
+        return Ok(Vec::new());
+    }
+    let unknown: Vec<String> = crate::schema::unknown_fields(schema, object)
+        .into_iter()
+        .map(|path| format!("unknown field \"{path}\""))
+        .collect();
+    if mode == FieldValidation::Strict && !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+            def.kind,
+            def.version,
+            def.kind,
+            unknown.join(", ")
+        )));
+    }
+    Ok(unknown)
 }
 
 /// A random suffix for `generateName`, from kube-apiserver's alphabet (no vowels, no

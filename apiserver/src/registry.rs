@@ -1,16 +1,16 @@
 //! What the engine serves: one [`ResourceDef`] per resource, CRD-style, and the
 //! [`Registry`] that finds them by group/version/plural, kind or short name.
 //!
-//! Every resource goes through the same code path; a definition only says how it is named,
-//! scoped and shown. The built-in kinds are described from `k8s-openapi`'s own constants
-//! (group, version, kind, plural, scope), plus the discovery details k8s-openapi does not
-//! carry (short names, categories, subresources).
+//! Every resource goes through the same code path; a definition says how it is named, scoped
+//! and shown, and carries its compiled structural schema. Built-in kinds and users' custom
+//! resources come from the same place, a CustomResourceDefinition: the built-in ones are the
+//! manifests under the repository's `crds/` (written by `orq crdgen`, see [`crate::crdgen`]),
+//! embedded in the binary and read once per process.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
-use k8s_openapi::api::{apps, coordination, core, discovery, events, rbac};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+use crate::schema::Structural;
 
 /// Where a scalable resource keeps what its `/scale` subresource shows: JSON paths in the
 /// CRD style (`.spec.replicas`).
@@ -25,7 +25,7 @@ pub struct ScalePaths {
 }
 
 /// How one resource is named, scoped and served.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ResourceDef {
     /// API group; empty for the core group.
     pub group: String,
@@ -49,6 +49,9 @@ pub struct ResourceDef {
     pub scale: Option<ScalePaths>,
     /// A custom resource's `additionalPrinterColumns` (server-side table columns).
     pub printer_columns: Vec<serde_json::Value>,
+    /// The compiled `openAPIV3Schema`: pruning, defaults, validation. None only for a CRD
+    /// version without a schema (`apiextensions.k8s.io/v1` requires one).
+    pub schema: Option<Arc<Structural>>,
 }
 
 impl ResourceDef {
@@ -78,85 +81,55 @@ impl ResourceDef {
             _ => format!("{}{name}", self.key_prefix()),
         }
     }
-
-    /// Describes a built-in kind from k8s-openapi's constants.
-    fn builtin<K>(short_names: &[&str], categories: &[&str]) -> ResourceDef
-    where
-        K: k8s_openapi::Resource,
-        K::Scope: Scope,
-    {
-        ResourceDef {
-            group: K::GROUP.to_owned(),
-            version: K::VERSION.to_owned(),
-            kind: K::KIND.to_owned(),
-            plural: K::URL_PATH_SEGMENT.to_owned(),
-            singular: K::KIND.to_ascii_lowercase(),
-            short_names: short_names.iter().map(|s| (*s).to_owned()).collect(),
-            categories: categories.iter().map(|s| (*s).to_owned()).collect(),
-            namespaced: K::Scope::NAMESPACED,
-            status: false,
-            scale: None,
-            printer_columns: Vec::new(),
-        }
-    }
-
-    fn with_status(mut self) -> Self {
-        self.status = true;
-        self
-    }
-
-    fn with_scale(mut self) -> Self {
-        self.scale = Some(ScalePaths {
-            spec_replicas: ".spec.replicas".into(),
-            status_replicas: ".status.replicas".into(),
-            label_selector: Some(".spec.selector".into()),
-        });
-        self
-    }
 }
 
-/// k8s-openapi's scope marker types, as a flag.
-trait Scope {
-    const NAMESPACED: bool;
+/// `(file, text)` of one manifest under `crds/`.
+macro_rules! builtin {
+    ($file:literal) => {
+        ($file, include_str!(concat!("../../crds/", $file)))
+    };
 }
 
-impl Scope for k8s_openapi::NamespaceResourceScope {
-    const NAMESPACED: bool = true;
-}
+/// The built-in kinds' manifests (`crds/`, written by `orq crdgen`): file name and text.
+pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
+    builtin!("apiextensions.k8s.io_customresourcedefinitions.yaml"),
+    builtin!("apps_daemonsets.yaml"),
+    builtin!("apps_deployments.yaml"),
+    builtin!("apps_replicasets.yaml"),
+    builtin!("coordination.k8s.io_leases.yaml"),
+    builtin!("core_configmaps.yaml"),
+    builtin!("core_endpoints.yaml"),
+    builtin!("core_events.yaml"),
+    builtin!("core_namespaces.yaml"),
+    builtin!("core_nodes.yaml"),
+    builtin!("core_pods.yaml"),
+    builtin!("core_secrets.yaml"),
+    builtin!("core_serviceaccounts.yaml"),
+    builtin!("core_services.yaml"),
+    builtin!("discovery.k8s.io_endpointslices.yaml"),
+    builtin!("events.k8s.io_events.yaml"),
+    builtin!("rbac.authorization.k8s.io_clusterrolebindings.yaml"),
+    builtin!("rbac.authorization.k8s.io_clusterroles.yaml"),
+    builtin!("rbac.authorization.k8s.io_rolebindings.yaml"),
+    builtin!("rbac.authorization.k8s.io_roles.yaml"),
+];
 
-impl Scope for k8s_openapi::ClusterResourceScope {
-    const NAMESPACED: bool = false;
-}
-
-/// The built-in kinds served at boot.
+/// The built-in kinds served at boot, parsed once per process from [`BUILTIN_MANIFESTS`].
 pub fn builtin_resources() -> Vec<ResourceDef> {
-    use ResourceDef as R;
-    vec![
-        R::builtin::<core::v1::Namespace>(&["ns"], &[]).with_status(),
-        R::builtin::<core::v1::Node>(&["no"], &[]).with_status(),
-        R::builtin::<core::v1::Pod>(&["po"], &["all"]).with_status(),
-        R::builtin::<core::v1::Service>(&["svc"], &["all"]).with_status(),
-        R::builtin::<core::v1::Endpoints>(&["ep"], &[]),
-        R::builtin::<core::v1::ConfigMap>(&["cm"], &[]),
-        R::builtin::<core::v1::Secret>(&[], &[]),
-        R::builtin::<core::v1::ServiceAccount>(&["sa"], &[]),
-        R::builtin::<core::v1::Event>(&["ev"], &[]),
-        R::builtin::<events::v1::Event>(&["ev"], &[]),
-        R::builtin::<coordination::v1::Lease>(&[], &[]),
-        R::builtin::<discovery::v1::EndpointSlice>(&[], &[]),
-        R::builtin::<apps::v1::Deployment>(&["deploy"], &["all"])
-            .with_status()
-            .with_scale(),
-        R::builtin::<apps::v1::ReplicaSet>(&["rs"], &["all"])
-            .with_status()
-            .with_scale(),
-        R::builtin::<apps::v1::DaemonSet>(&["ds"], &["all"]).with_status(),
-        R::builtin::<rbac::v1::Role>(&[], &[]),
-        R::builtin::<rbac::v1::ClusterRole>(&[], &[]),
-        R::builtin::<rbac::v1::RoleBinding>(&[], &[]),
-        R::builtin::<rbac::v1::ClusterRoleBinding>(&[], &[]),
-        R::builtin::<apiextensions::CustomResourceDefinition>(&["crd", "crds"], &[]).with_status(),
-    ]
+    static PARSED: LazyLock<Vec<ResourceDef>> = LazyLock::new(|| {
+        BUILTIN_MANIFESTS
+            .iter()
+            .flat_map(|(file, text)| {
+                // A parse failure is a build defect, caught by the crdgen staleness test.
+                let crd: serde_json::Value = serde_yaml::from_str(text).unwrap_or_else(|error| {
+                    tracing::error!(file, %error, "embedded CRD manifest does not parse");
+                    serde_json::Value::Null
+                });
+                from_crd(&crd)
+            })
+            .collect()
+    });
+    PARSED.clone()
 }
 
 /// The resources a CustomResourceDefinition object defines: one per served version.
@@ -204,6 +177,9 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
+            schema: v
+                .pointer("/schema/openAPIV3Schema")
+                .map(|schema| Arc::new(Structural::compile(schema))),
         })
         .collect()
 }

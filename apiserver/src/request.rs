@@ -118,6 +118,18 @@ pub struct Params {
     pub field_manager: Option<String>,
 }
 
+/// `?fieldValidation=`: unknown fields are dropped silently, dropped with a warning, or
+/// refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Drop them.
+    Ignore,
+    /// Drop them and say so in `Warning` headers.
+    Warn,
+    /// Refuse the request (400).
+    Strict,
+}
+
 /// Reads a boolean query parameter the way Kubernetes does (`true`, `1`).
 pub fn flag(value: &Option<String>) -> bool {
     matches!(value.as_deref(), Some("true" | "1" | "True"))
@@ -136,6 +148,19 @@ impl Params {
             Some("All") => Ok(true),
             Some(other) => Err(ApiError::BadRequest(format!(
                 "Invalid dry run value: {other:?} (supported: All)"
+            ))),
+        }
+    }
+
+    /// `?fieldValidation=`: what to do about fields the schema does not know. Unset means
+    /// `Warn`, kube-apiserver's default.
+    pub fn field_validation(&self) -> Result<FieldValidation, ApiError> {
+        match self.field_validation.as_deref() {
+            None | Some("") | Some("Warn") => Ok(FieldValidation::Warn),
+            Some("Ignore") => Ok(FieldValidation::Ignore),
+            Some("Strict") => Ok(FieldValidation::Strict),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "fieldValidation must be one of Ignore, Warn or Strict, got {other:?}"
             ))),
         }
     }

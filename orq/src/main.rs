@@ -21,6 +21,13 @@ enum Command {
     /// and serves /healthz, /readyz and /metrics. The Kubernetes API, the controllers and the
     /// local node agent join it as they land.
     Server(server::ServerArgs),
+    /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
+    /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
+    Crdgen {
+        /// Where to write the manifests.
+        #[arg(long, default_value = "crds")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -32,5 +39,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Server(args) => server::run(args).await,
+        Command::Crdgen { out } => crdgen(&out),
     }
+}
+
+/// `orq crdgen`: (re)writes every built-in kind's manifest into `out`.
+fn crdgen(out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for manifest in orquestra_apiserver::crdgen::manifests()? {
+        let path = out.join(&manifest.file_name);
+        std::fs::write(&path, &manifest.yaml)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }

@@ -1,0 +1,315 @@
+//! Schema-driven validation through the API, for built-in kinds (schemas generated from
+//! k8s-openapi into `crds/`) and custom resources (the CRD's own schema): type and required
+//! checks as 422 Invalid with causes, `fieldValidation` Strict/Warn/Ignore, pruning and
+//! schema defaults.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::cluster;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::{
+    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use serde_json::{Value, json};
+
+fn deployment(name: &str, spec_extra: Value) -> Value {
+    let mut object = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}, "creationTimestamp": null},
+                "spec": {"containers": [{"name": "web", "image": "nginx",
+                                         "ports": [{"containerPort": 80}]}]}
+            }
+        }
+    });
+    if let (Some(spec), Value::Object(extra)) = (object["spec"].as_object_mut(), spec_extra) {
+        spec.extend(extra);
+    }
+    object
+}
+
+/// POSTs `body` to `path` with the query `query`; the status code, the `Warning` headers and
+/// the JSON body.
+async fn post(
+    c: &common::Cluster,
+    path: &str,
+    query: &str,
+    body: &Value,
+) -> (u16, Vec<String>, Value) {
+    let request = http::Request::post(format!("{path}?{query}"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap().into())
+        .unwrap();
+    let response = c.client.send(request).await.unwrap();
+    let status = response.status().as_u16();
+    let warnings = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let bytes = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
+    (status, warnings, serde_json::from_slice(&bytes).unwrap())
+}
+
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/default/deployments";
+
+#[tokio::test]
+async fn built_in_kinds_are_validated_against_their_generated_schema() {
+    let c = cluster().await;
+    let bad = deployment("typed", json!({"replicas": "three", "paused": "no"}));
+    let (code, _, status) = post(&c, DEPLOYMENTS, "", &bad).await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (422, Some("Invalid")),
+        "{status}"
+    );
+    let causes = status["details"]["causes"].as_array().unwrap();
+    let fields: Vec<&str> = causes
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["spec.paused", "spec.replicas"], "{status}");
+    assert!(
+        causes[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.replicas in body must be of type integer"),
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Deployment \"typed\" is invalid"),
+        "{status}"
+    );
+
+    // A required field missing deep inside: a container without an image is fine for the
+    // schema (image is optional in the API), a container without a name is not.
+    let mut nameless = deployment("nameless", json!({}));
+    nameless["spec"]["template"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("name");
+    let (code, _, status) = post(&c, DEPLOYMENTS, "", &nameless).await;
+    assert_eq!(code, 422, "{status}");
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "spec.template.spec.containers[0].name"
+    );
+
+    // A quantity must look like one.
+    let mut greedy = deployment("greedy", json!({}));
+    greedy["spec"]["template"]["spec"]["containers"][0]["resources"] =
+        json!({"limits": {"cpu": "lots"}});
+    let (code, _, status) = post(&c, DEPLOYMENTS, "", &greedy).await;
+    assert_eq!(code, 422, "{status}");
+
+    // None of it was stored.
+    let api: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    assert!(
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // A valid one (with the nulls clients send) is stored.
+    let (code, warnings, created) = post(&c, DEPLOYMENTS, "", &deployment("good", json!({}))).await;
+    assert_eq!(code, 201, "{created}");
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+#[tokio::test]
+async fn field_validation_strict_warn_and_ignore() {
+    let c = cluster().await;
+    let extra = json!({"replica": 3, "template": {
+        "metadata": {"labels": {"app": "x"}},
+        "spec": {"containers": [{"name": "web", "image": "nginx", "imagePullPolicyy": "Always"}]}
+    }});
+
+    let (code, _, status) = post(
+        &c,
+        DEPLOYMENTS,
+        "fieldValidation=Strict",
+        &deployment("x", extra.clone()),
+    )
+    .await;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "{status}"
+    );
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.contains("strict decoding error: unknown field \"spec.replica\", unknown field \"spec.template.spec.containers[0].imagePullPolicyy\""),
+        "{message}"
+    );
+    let api: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    assert!(api.get_opt("x").await.unwrap().is_none(), "nothing stored");
+
+    // Warn (the default): stored without the unknown fields, and told so.
+    let (code, warnings, created) =
+        post(&c, DEPLOYMENTS, "", &deployment("x", extra.clone())).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        warnings,
+        [
+            "299 - \"unknown field \\\"spec.replica\\\"\"",
+            "299 - \"unknown field \\\"spec.template.spec.containers[0].imagePullPolicyy\\\"\"",
+        ]
+    );
+    assert!(created["spec"].get("replica").is_none(), "{created}");
+    let stored = serde_json::to_value(api.get("x").await.unwrap()).unwrap();
+    assert!(stored["spec"].get("replica").is_none());
+
+    // Ignore: stored, pruned, silent.
+    let (code, warnings, _) = post(
+        &c,
+        DEPLOYMENTS,
+        "fieldValidation=Ignore",
+        &deployment("y", extra),
+    )
+    .await;
+    assert_eq!((code, warnings.len()), (201, 0));
+
+    // Patches are checked on their result.
+    let err = api
+        .patch(
+            "x",
+            &PatchParams::default().validation_strict(),
+            &Patch::Merge(json!({"spec": {"minReadySecondz": 5}})),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("an API error")
+    };
+    assert_eq!(status.code, 400, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("unknown field \"spec.minReadySecondz\"")
+    );
+
+    // An unknown directive is refused.
+    let (code, _, _) = post(
+        &c,
+        DEPLOYMENTS,
+        "fieldValidation=Sometimes",
+        &deployment("z", json!({})),
+    )
+    .await;
+    assert_eq!(code, 400);
+
+    // Maps and opaque fields are not "unknown".
+    let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "free", "labels": {"any-label": "x"}},
+        "data": {"any-key": "v"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+}
+
+#[tokio::test]
+async fn custom_resources_are_pruned_defaulted_and_validated_by_their_crd_schema() {
+    let c = cluster().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gadgets.example.com"},
+        "spec": {
+            "group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "required": ["size"], "properties": {
+                        "size": {"type": "integer", "minimum": 1, "maximum": 10},
+                        "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
+                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    }},
+                    "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+                }}}}]
+        }
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Gadget");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "gadgets");
+    let gadgets: Api<DynamicObject> = Api::namespaced_with(c.client.clone(), "default", &resource);
+    let path = "/apis/example.com/v1/namespaces/default/gadgets";
+
+    let gadget = |name: &str, spec: Value| {
+        json!({"apiVersion": "example.com/v1", "kind": "Gadget",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    // Pruned and defaulted.
+    let (code, warnings, created) = post(
+        &c,
+        path,
+        "",
+        &gadget(
+            "g1",
+            json!({"size": 3, "shape": "round", "extra": {"kept": {"deep": true}}}),
+        ),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(warnings, ["299 - \"unknown field \\\"spec.shape\\\"\""]);
+    let stored = gadgets.get("g1").await.unwrap();
+    assert_eq!(
+        stored.data["spec"],
+        json!({"size": 3, "color": "red", "extra": {"kept": {"deep": true}}})
+    );
+
+    // Invalid: every problem is a cause.
+    let (code, _, status) = post(
+        &c,
+        path,
+        "",
+        &gadget("g2", json!({"size": 11, "color": "green"})),
+    )
+    .await;
+    assert_eq!(code, 422, "{status}");
+    let fields: Vec<&str> = status["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["spec.color", "spec.size"], "{status}");
+    let (code, _, status) = post(&c, path, "", &gadget("g3", json!({"color": "blue"}))).await;
+    assert_eq!(
+        (code, status["details"]["causes"][0]["field"].as_str()),
+        (422, Some("spec.size"))
+    );
+
+    // Updates are held to the same schema.
+    let err = gadgets
+        .patch(
+            "g1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 0}})),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("an API error")
+    };
+    assert_eq!((status.reason.as_str(), status.code), ("Invalid", 422));
+    assert_eq!(gadgets.get("g1").await.unwrap().data["spec"]["size"], 3);
+}
