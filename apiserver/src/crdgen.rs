@@ -125,11 +125,13 @@ where
     K: k8s_openapi::Resource + k8s_openapi::ListableResource + JsonSchema,
     K::Scope: Scope,
 {
+    let mut schema = schema_of::<K>();
+    annotate_patch_strategies(K::GROUP, K::KIND, &mut schema);
     let mut version = json!({
         "name": K::VERSION,
         "served": true,
         "storage": true,
-        "schema": { "openAPIV3Schema": schema_of::<K>() },
+        "schema": { "openAPIV3Schema": schema },
     });
     if how.status || how.scale {
         let mut subresources = json!({});
@@ -175,8 +177,25 @@ where
     })
 }
 
-/// The structural OpenAPI v3 schema of `K`.
+/// The structural OpenAPI v3 schema of a kind `K`.
 fn schema_of<K: JsonSchema>() -> Value {
+    let mut schema = plain_schema_of::<K>();
+    // A structural schema may not describe the root metadata beyond name/generateName.
+    if let Some(metadata) = schema.pointer_mut("/properties/metadata") {
+        *metadata = json!({ "type": "object" });
+    }
+    // Clients may leave metadata out (generateName needs it, but that is admission's call).
+    if let Some(required) = schema.get_mut("required").and_then(Value::as_array_mut) {
+        required.retain(|field| field != "metadata");
+        if required.is_empty() {
+            schema.as_object_mut().map(|root| root.remove("required"));
+        }
+    }
+    schema
+}
+
+/// The OpenAPI v3 schema of any k8s-openapi type, through the same pipeline.
+pub(crate) fn plain_schema_of<K: JsonSchema>() -> Value {
     let generator = SchemaSettings::openapi3()
         .with(|s| {
             s.inline_subschemas = true;
@@ -192,19 +211,39 @@ fn schema_of<K: JsonSchema>() -> Value {
         root.remove("title");
         root.remove("$schema");
     }
-    // A structural schema may not describe the root metadata beyond name/generateName.
-    if let Some(metadata) = schema.pointer_mut("/properties/metadata") {
-        *metadata = json!({ "type": "object" });
-    }
-    // Clients may leave metadata out (generateName needs it, but that is admission's call).
-    if let Some(required) = schema.get_mut("required").and_then(Value::as_array_mut) {
-        required.retain(|field| field != "metadata");
-        if required.is_empty() {
-            schema.as_object_mut().map(|root| root.remove("required"));
-        }
-    }
     fix_up(&mut schema);
     schema
+}
+
+/// Adds `x-kubernetes-patch-strategy` and `x-kubernetes-patch-merge-key` (which k8s-openapi
+/// does not carry) from the strategic-merge table the server itself uses, so that clients
+/// reading the OpenAPI documents (kubectl's 3-way apply) merge lists as upstream does.
+fn annotate_patch_strategies(group: &str, kind: &str, schema: &mut Value) {
+    let Some(strategies) = crate::smp::strategies(group, kind) else {
+        return;
+    };
+    for (path, strategy, key) in strategies.entries() {
+        let mut node = Some(&mut *schema);
+        for segment in path.split('.') {
+            let (name, item) = match segment.strip_suffix("[]") {
+                Some(name) => (name, true),
+                None => (segment, false),
+            };
+            node = node
+                .and_then(|n| n.get_mut("properties"))
+                .and_then(|p| p.get_mut(name));
+            if item {
+                node = node.and_then(|n| n.get_mut("items"));
+            }
+        }
+        // Paths under the root metadata have no schema here (it is only `type: object`).
+        if let Some(Value::Object(field)) = node {
+            field.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+            if let Some(key) = key {
+                field.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+            }
+        }
+    }
 }
 
 /// The post-processing every subschema needs (see the module docs).
@@ -295,6 +334,9 @@ mod tests {
             .expect("overhead is a map of quantities");
         assert_eq!(cpu["pattern"], QUANTITY_PATTERN);
         assert_eq!(cpu["anyOf"][0]["type"], "integer");
+        let containers = &schema["properties"]["spec"]["properties"]["containers"];
+        assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
+        assert_eq!(containers["x-kubernetes-patch-strategy"], "merge");
         assert!(
             !serde_json::to_string(schema)
                 .expect("json")

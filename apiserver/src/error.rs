@@ -96,6 +96,12 @@ pub enum ApiError {
     /// 415: unsupported content type (e.g. strategic merge patch on a custom resource).
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 500: a failure inside the server that is not the store's.
+    #[error("{0}")]
+    Internal(String),
+    /// 504: the request did not finish in time.
+    #[error("{0}")]
+    Timeout(String),
     /// 500: the store failed.
     #[error("storage error: {0}")]
     Storage(#[source] orquestra_store::Error),
@@ -178,7 +184,8 @@ impl ApiError {
             ApiError::Expired { .. } => StatusCode::GONE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -196,7 +203,8 @@ impl ApiError {
             ApiError::Expired { .. } => "Expired",
             ApiError::TooLarge => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
-            ApiError::Storage(_) => "InternalError",
+            ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",
+            ApiError::Timeout(_) => "Timeout",
             ApiError::Unavailable(_) => "ServiceUnavailable",
         }
     }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod object;
+pub mod openapi;
 pub mod patch;
 pub mod proto;
 pub mod registry;
@@ -91,18 +92,14 @@ impl ApiServer {
             .route("/apis/{group}/{version}", get(group_resources))
             .route("/api/v1/{*rest}", any(core_resource))
             .route("/apis/{group}/{version}/{*rest}", any(group_resource))
-            // An empty OpenAPI v2 document (a valid, empty protobuf message): kubectl's
-            // client-side validation then defers to the server, which validates every
-            // write itself. Generated schemas replace it when the engine has them.
+            .route("/openapi/v2", get(openapi_v2))
             .route(
-                "/openapi/v2",
-                get(|| async {
-                    (
-                        [(header::CONTENT_TYPE, "application/octet-stream")],
-                        Vec::<u8>::new(),
-                    )
+                "/openapi/v3",
+                get(|State(engine): State<Engine>| async move {
+                    json(StatusCode::OK, &openapi::v3_index(&engine.registry))
                 }),
             )
+            .route("/openapi/v3/{*path}", get(openapi_v3))
             .fallback(|| async { ApiError::NoRoute })
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.engine.clone())
@@ -112,6 +109,49 @@ impl ApiServer {
 fn json(code: StatusCode, value: &Value) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `/openapi/v2`: JSON when JSON is acceptable. kubectl ≤ 1.28 asks only for the gnostic
+/// protobuf encoding, which is not implemented: it gets an empty (valid) protobuf document,
+/// so its client-side validation passes everything to the server, which validates itself.
+async fn openapi_v2(State(engine): State<Engine>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("protobuf") && !accept.contains("json") {
+        return (
+            // Go's mime parser refuses the gnostic media type's `@`; kube-apiserver sends
+            // this for it too.
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Vec::<u8>::new(),
+        )
+            .into_response();
+    }
+    let document = tokio::task::spawn_blocking(move || openapi::v2(&engine.registry)).await;
+    match document {
+        Ok(document) => json(StatusCode::OK, &document),
+        Err(e) => ApiError::Internal(format!("building the OpenAPI document: {e}")).into_response(),
+    }
+}
+
+/// `/openapi/v3/api/v1`, `/openapi/v3/apis/<group>/<version>` (a `?hash=` is ignored).
+async fn openapi_v3(State(engine): State<Engine>, Path(path): Path<String>) -> Response {
+    let parts: Vec<&str> = path.split('/').collect();
+    let (group, version) = match parts.as_slice() {
+        ["api", version] => (String::new(), (*version).to_owned()),
+        ["apis", group, version] => ((*group).to_owned(), (*version).to_owned()),
+        _ => return ApiError::NoRoute.into_response(),
+    };
+    let document = tokio::task::spawn_blocking(move || {
+        openapi::v3_group_version(&engine.registry, &group, &version)
+    })
+    .await;
+    match document {
+        Ok(Some(document)) => json(StatusCode::OK, &document),
+        Ok(None) => ApiError::NoRoute.into_response(),
+        Err(e) => ApiError::Internal(format!("building the OpenAPI document: {e}")).into_response(),
+    }
 }
 
 async fn core_resources(State(engine): State<Engine>) -> Response {

@@ -52,6 +52,39 @@ pub struct ResourceDef {
     /// The compiled `openAPIV3Schema`: pruning, defaults, validation. None only for a CRD
     /// version without a schema (`apiextensions.k8s.io/v1` requires one).
     pub schema: Option<Arc<Structural>>,
+    /// Where the schema as written (with its descriptions) is found, for the OpenAPI
+    /// documents; kept out of memory for the large built-in schemas.
+    pub openapi: SchemaSource,
+}
+
+/// Where a resource's schema as written lives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SchemaSource {
+    /// No schema.
+    None,
+    /// The embedded manifest text of a built-in kind (parsed when a document is asked for).
+    Builtin(&'static str),
+    /// A custom resource's `openAPIV3Schema`.
+    Custom(Arc<serde_json::Value>),
+}
+
+impl SchemaSource {
+    /// The `openAPIV3Schema` of `version`, as written.
+    pub fn load(&self, version: &str) -> Option<serde_json::Value> {
+        match self {
+            SchemaSource::None => None,
+            SchemaSource::Custom(schema) => Some(schema.as_ref().clone()),
+            SchemaSource::Builtin(text) => {
+                let crd: serde_json::Value = serde_yaml::from_str(text).ok()?;
+                crd["spec"]["versions"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["name"] == version)?
+                    .pointer("/schema/openAPIV3Schema")
+                    .cloned()
+            }
+        }
+    }
 }
 
 impl ResourceDef {
@@ -125,7 +158,10 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                     tracing::error!(file, %error, "embedded CRD manifest does not parse");
                     serde_json::Value::Null
                 });
-                from_crd(&crd)
+                from_crd(&crd).into_iter().map(|def| ResourceDef {
+                    openapi: SchemaSource::Builtin(text),
+                    ..def
+                })
             })
             .collect()
     });
@@ -180,6 +216,10 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
             schema: v
                 .pointer("/schema/openAPIV3Schema")
                 .map(|schema| Arc::new(Structural::compile(schema))),
+            openapi: match v.pointer("/schema/openAPIV3Schema") {
+                Some(schema) => SchemaSource::Custom(Arc::new(schema.clone())),
+                None => SchemaSource::None,
+            },
         })
         .collect()
 }

@@ -46,6 +46,16 @@ impl Schema {
     fn at(&self, path: &str) -> Option<&'static Strategy> {
         self.fields.get(path)
     }
+
+    /// Every field with a strategy: its path (`spec.containers[].env`, `[]` for list items),
+    /// the strategy (`merge`, `retainKeys`, `merge,retainKeys`) and the merge key, if any.
+    pub fn entries(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, &'static str, Option<&'static str>)> {
+        self.fields
+            .iter()
+            .map(|(path, s)| (path.as_str(), s.strategy.as_str(), s.key.as_deref()))
+    }
 }
 
 fn join(path: &str, key: &str) -> String {

@@ -278,6 +278,63 @@ fn exercise(bin: &str) {
         "{stderr}"
     );
 
+    // A schema violation too, with every cause listed.
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["apply", "-f", "-"],
+        Some(
+            &DEPLOYMENT
+                .replace("metadata: {name: web}", "metadata: {name: typo}")
+                .replace("  selector:", "  replicas: many\n  selector:"),
+        ),
+    );
+    assert!(!success);
+    assert!(
+        stderr.contains("The Deployment \"typo\" is invalid")
+            && stderr.contains("spec.replicas in body must be of type integer"),
+        "{stderr}"
+    );
+    // Unknown fields: kubectl's default --validate=strict sends fieldValidation=Strict.
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["create", "-f", "-"],
+        Some(
+            &DEPLOYMENT
+                .replace("metadata: {name: web}", "metadata: {name: typo}")
+                .replace("  selector:", "  replica: 3\n  selector:"),
+        ),
+    );
+    assert!(!success);
+    assert!(
+        stderr.contains("strict decoding error: unknown field \"spec.replica\""),
+        "{stderr}"
+    );
+    // With --validate=warn the object is stored without the field, and kubectl says so.
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["create", "--validate=warn", "-f", "-"],
+        Some(
+            &DEPLOYMENT
+                .replace("metadata: {name: web}", "metadata: {name: typo}")
+                .replace("  selector:", "  replica: 3\n  selector:"),
+        ),
+    );
+    assert!(success, "{stderr}");
+    assert!(
+        stderr.contains("unknown field \"spec.replica\""),
+        "{stderr}"
+    );
+    k(&["delete", "deployment", "typo"]);
+    // explain reads the schemas generated from k8s-openapi, descriptions included.
+    let explained = k(&["explain", "deployment.spec.replicas"]);
+    assert!(
+        explained.contains("replicas <integer>") && explained.contains("Number of desired pods"),
+        "{explained}"
+    );
+
     // A CRD, then its custom resources: created, listed, deleted with it.
     assert!(ok(bin, &kc, &["apply", "-f", "-"], Some(CRD)).contains("created"));
     k(&[

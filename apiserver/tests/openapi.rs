@@ -1,0 +1,157 @@
+//! The OpenAPI documents generated from the kinds' schemas: the v3 index and group-version
+//! documents kubectl reads (explain, and whether the server validates fields), and v2.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::cluster;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::{Value, json};
+
+async fn get(c: &common::Cluster, path: &str, accept: &str) -> (u16, Vec<u8>) {
+    let request = http::Request::get(path)
+        .header("accept", accept)
+        .body(Vec::new().into())
+        .unwrap();
+    let response = c.client.send(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
+    (status, bytes.to_vec())
+}
+
+async fn get_json(c: &common::Cluster, path: &str) -> Value {
+    let (status, body) = get(c, path, "application/json").await;
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The PATCH operation kubectl looks for: tagged with the kind, listing fieldValidation.
+fn patch_validates_fields(doc: &Value, path: &str, kind: &str) -> bool {
+    let patch = &doc["paths"][path]["patch"];
+    patch["x-kubernetes-group-version-kind"]["kind"] == kind
+        && patch["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "fieldValidation" && p["in"] == "query")
+}
+
+#[tokio::test]
+async fn v3_documents_describe_built_in_and_custom_kinds() {
+    let c = cluster().await;
+    let index = get_json(&c, "/openapi/v3").await;
+    let apps = index["paths"]["apis/apps/v1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        apps.starts_with("/openapi/v3/apis/apps/v1?hash="),
+        "{index}"
+    );
+    assert!(index["paths"]["api/v1"].is_object());
+
+    let doc = get_json(&c, &apps).await;
+    assert_eq!(doc["openapi"], "3.0.0");
+    let deployment = &doc["components"]["schemas"]["io.k8s.api.apps.v1.Deployment"];
+    assert_eq!(
+        deployment["x-kubernetes-group-version-kind"],
+        json!([{"group": "apps", "version": "v1", "kind": "Deployment"}])
+    );
+    let replicas = &deployment["properties"]["spec"]["properties"]["replicas"];
+    assert_eq!(replicas["type"], "integer");
+    assert!(
+        replicas["description"]
+            .as_str()
+            .unwrap()
+            .contains("desired pods")
+    );
+    let meta_ref = &deployment["properties"]["metadata"]["allOf"][0]["$ref"];
+    let meta_name = meta_ref
+        .as_str()
+        .unwrap()
+        .trim_start_matches("#/components/schemas/");
+    assert!(doc["components"]["schemas"][meta_name]["properties"]["labels"].is_object());
+    assert!(patch_validates_fields(
+        &doc,
+        "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+        "Deployment"
+    ));
+    // Merge keys, for kubectl's three-way apply.
+    let containers = &deployment["properties"]["spec"]["properties"]["template"]["properties"]["spec"]
+        ["properties"]["containers"];
+    assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
+
+    // A CRD's schema shows up in its own group's document, and the hash changes with it.
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com", "scope": "Cluster",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "description": "What a widget wants.",
+                             "properties": {"size": {"type": "integer"}}}}}}}]
+        }
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let index = get_json(&c, "/openapi/v3").await;
+    let url = index["paths"]["apis/example.com/v1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = get_json(&c, &url).await;
+    let widget = &doc["components"]["schemas"]["com.example.v1.Widget"];
+    assert_eq!(
+        widget["properties"]["spec"]["description"],
+        "What a widget wants."
+    );
+    assert!(patch_validates_fields(
+        &doc,
+        "/apis/example.com/v1/widgets/{name}",
+        "Widget"
+    ));
+
+    let (status, _) = get(
+        &c,
+        "/openapi/v3/apis/nope.example.com/v1",
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn v2_is_one_swagger_document() {
+    let c = cluster().await;
+    let doc = get_json(&c, "/openapi/v2").await;
+    assert_eq!(doc["swagger"], "2.0");
+    let service = &doc["definitions"]["io.k8s.api.core.v1.Service"];
+    assert_eq!(
+        service["x-kubernetes-group-version-kind"][0]["kind"],
+        "Service"
+    );
+    // Swagger 2 spells int-or-string as a string format.
+    let target_port =
+        &service["properties"]["spec"]["properties"]["ports"]["items"]["properties"]["targetPort"];
+    assert_eq!(
+        (target_port["type"].as_str(), target_port["format"].as_str()),
+        (Some("string"), Some("int-or-string"))
+    );
+    assert!(doc["paths"]["/api/v1/namespaces/{namespace}/services/{name}"]["patch"].is_object());
+    // kubectl ≤ 1.28 asks for protobuf only: an empty document, which it accepts.
+    let (status, body) = get(
+        &c,
+        "/openapi/v2",
+        "application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
+    )
+    .await;
+    assert_eq!((status, body.len()), (200, 0));
+}
