@@ -11,6 +11,7 @@ use bytes::Bytes;
 use orquestra_store::{KeyValue, ListOptions, Store};
 use serde_json::{Value, json};
 
+use crate::cache::WatchCache;
 use crate::error::ApiError;
 use crate::object::{
     check_type, conform, drop_empty_metadata, meta_str, metadata_mut, now, random_suffix, spec_of,
@@ -29,6 +30,8 @@ pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     /// The resources served.
     pub registry: Arc<Registry>,
+    /// The in-memory mirror LISTs are served from.
+    cache: WatchCache,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -69,10 +72,42 @@ struct Continue {
     start: String,
 }
 
+impl Continue {
+    fn parse(token: &str) -> Result<Continue, ApiError> {
+        base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Continue>(&b).ok())
+            .ok_or_else(|| ApiError::BadRequest(format!("invalid continue token {token:?}")))
+    }
+
+    fn encode(&self) -> String {
+        base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// A list answered from the watch cache: its metadata and the objects' JSON.
+struct CachedList {
+    metadata: Value,
+    items: Vec<Bytes>,
+}
+
 impl Engine {
     /// An engine over `store` serving `registry`.
+    /// Starts its watch cache, so it must be called inside a Tokio runtime.
     pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>) -> Engine {
-        Engine { store, registry }
+        let cache = WatchCache::start(Arc::clone(&store));
+        Engine {
+            store,
+            registry,
+            cache,
+        }
+    }
+
+    /// The watch cache LISTs are served from.
+    pub fn cache(&self) -> &WatchCache {
+        &self.cache
     }
 
     /// Creates the namespaces every cluster has, if they are missing.
@@ -458,6 +493,127 @@ impl Engine {
 
     /// Lists a collection, filtered by selectors, one page at a time.
     pub async fn list(&self, target: &Target, params: &Params) -> Result<Value, ApiError> {
+        if let Some(list) = self.list_cached(target, params).await? {
+            let mut items = Vec::with_capacity(list.items.len());
+            for item in &list.items {
+                items.push(
+                    serde_json::from_slice::<Value>(item).map_err(|e| {
+                        ApiError::Internal(format!("cached object is not JSON: {e}"))
+                    })?,
+                );
+            }
+            return Ok(json!({
+                "kind": format!("{}List", target.def.kind),
+                "apiVersion": target.def.api_version(),
+                "metadata": list.metadata,
+                "items": items,
+            }));
+        }
+        self.list_from_store(target, params).await
+    }
+
+    /// A LIST as the JSON bytes of its response: from the watch cache without decoding a
+    /// single object when it can, else from the store.
+    pub async fn list_json(&self, target: &Target, params: &Params) -> Result<Vec<u8>, ApiError> {
+        let Some(list) = self.list_cached(target, params).await? else {
+            let list = self.list_from_store(target, params).await?;
+            return serde_json::to_vec(&list).map_err(|e| ApiError::Internal(e.to_string()));
+        };
+        let size: usize = list.items.iter().map(|i| i.len() + 1).sum();
+        let mut out = Vec::with_capacity(size + 256);
+        out.extend_from_slice(b"{\"kind\":");
+        serde_json::to_writer(&mut out, &format!("{}List", target.def.kind))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        out.extend_from_slice(b",\"apiVersion\":");
+        serde_json::to_writer(&mut out, &target.def.api_version())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        out.extend_from_slice(b",\"metadata\":");
+        serde_json::to_writer(&mut out, &list.metadata)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        out.extend_from_slice(b",\"items\":[");
+        for (i, item) in list.items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(item);
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+
+    /// Answers a LIST from the watch cache, or `None` when only the store can: an exact
+    /// revision, a continue token of a snapshot the cache has moved past, or a cache that
+    /// does not catch up in time.
+    async fn list_cached(
+        &self,
+        target: &Target,
+        params: &Params,
+    ) -> Result<Option<CachedList>, ApiError> {
+        let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+        let limit = params.limit()?;
+        let (at_least, start_after, pinned) = match params.continue_token.as_deref() {
+            Some(token) if !token.is_empty() => {
+                let token = Continue::parse(token)?;
+                // Later pages come from the same snapshot: the cache serves them only while
+                // nothing has changed since.
+                if self.cache.revision() != token.rv {
+                    return Ok(None);
+                }
+                (token.rv, Some(token.start), Some(token.rv))
+            }
+            _ => {
+                if params.resource_version_match.as_deref() == Some("Exact") {
+                    return Ok(None);
+                }
+                match params.resource_version()? {
+                    // "Any": whatever the cache has.
+                    Some(0) => (0, None, None),
+                    Some(rv) => (rv, None, None),
+                    // The latest: what the store has now.
+                    None => (self.cache.latest().await?, None, None),
+                }
+            }
+        };
+        let keep = |entry: &crate::cache::Entry| {
+            (labels.is_empty() || entry.labels_match(&labels))
+                && (fields.is_empty() || entry.decode().is_some_and(|o| fields.matches(&o)))
+        };
+        let Some(snapshot) = self
+            .cache
+            .list(
+                &target.prefix(),
+                at_least,
+                start_after.as_deref(),
+                limit,
+                keep,
+            )
+            .await
+        else {
+            return Ok(None);
+        };
+        if pinned.is_some_and(|rv| rv != snapshot.revision) {
+            return Ok(None);
+        }
+        let mut metadata = json!({"resourceVersion": snapshot.revision.to_string()});
+        if snapshot.more {
+            if let Some((last, _)) = snapshot.entries.last() {
+                metadata["continue"] = json!(
+                    Continue {
+                        rv: snapshot.revision,
+                        start: last.clone(),
+                    }
+                    .encode()
+                );
+            }
+        }
+        Ok(Some(CachedList {
+            metadata,
+            items: snapshot.entries.into_iter().map(|(_, e)| e.json).collect(),
+        }))
+    }
+
+    async fn list_from_store(&self, target: &Target, params: &Params) -> Result<Value, ApiError> {
         let def = &target.def;
         let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
         let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
@@ -465,13 +621,7 @@ impl Engine {
         let prefix = target.prefix();
         let (mut revision, mut start_after) = match params.continue_token.as_deref() {
             Some(token) if !token.is_empty() => {
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(token)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Continue>(&b).ok())
-                    .ok_or_else(|| {
-                        ApiError::BadRequest(format!("invalid continue token {token:?}"))
-                    })?;
+                let raw = Continue::parse(token)?;
                 (Some(raw.rv), Some(raw.start))
             }
             _ => {
@@ -516,13 +666,13 @@ impl Engine {
         let revision = revision.unwrap_or_default();
         let mut metadata = json!({"resourceVersion": revision.to_string()});
         if let Some(start) = next {
-            let token = serde_json::to_vec(&Continue {
-                rv: revision,
-                start,
-            })
-            .unwrap_or_default();
-            metadata["continue"] =
-                Value::String(base64::engine::general_purpose::STANDARD.encode(token));
+            metadata["continue"] = json!(
+                Continue {
+                    rv: revision,
+                    start
+                }
+                .encode()
+            );
         }
         Ok(json!({
             "kind": format!("{}List", def.kind),

@@ -11,6 +11,7 @@
 //! authentication (see issue 3 in the tracker and docs/api-server.md).
 
 pub mod admission;
+pub mod cache;
 pub mod crd;
 pub mod crdgen;
 pub mod discovery;
@@ -433,6 +434,15 @@ async fn serve(
                 .into_response())
         }
         (Method::GET, false) => {
+            if !as_table {
+                let body = engine.list_json(&target, &params).await?;
+                return Ok((
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response());
+            }
             let list = engine.list(&target, &params).await?;
             if as_table {
                 let items = list["items"]

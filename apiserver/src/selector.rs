@@ -75,6 +75,11 @@ impl LabelSelector {
         Ok(LabelSelector(requirements))
     }
 
+    /// Selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether an object's `metadata.labels` satisfy the selector.
     pub fn matches(&self, object: &Value) -> bool {
         let labels = object.pointer("/metadata/labels");
@@ -124,6 +129,11 @@ impl FieldSelector {
             .iter()
             .find(|(path, equal, _)| *equal && path == "metadata.name")
             .map(|(_, _, v)| v.as_str())
+    }
+
+    /// Selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Whether an object satisfies every term.

@@ -661,3 +661,78 @@ async fn an_oversized_body_is_a_413_status() {
         .unwrap_err();
     assert_eq!(reason(err), ("RequestEntityTooLarge".into(), 413));
 }
+
+#[tokio::test]
+async fn lists_are_served_from_the_watch_cache_and_agree_with_the_store() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    for i in 0..30 {
+        let mut cm = configmap(&format!("c-{i:02}"), json!({"i": i.to_string()}));
+        if i % 3 == 0 {
+            cm.metadata.labels = Some([("three".to_owned(), "yes".to_owned())].into());
+        }
+        api.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let before = c.engine.cache().served();
+    // Read-your-writes: a LIST right after a write sees it.
+    let list = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 30);
+    let rv = list.metadata.resource_version.clone().unwrap();
+    let labelled = api
+        .list(&ListParams::default().labels("three=yes"))
+        .await
+        .unwrap();
+    assert_eq!(labelled.items.len(), 10);
+    let named = api
+        .list(&ListParams::default().fields("metadata.name=c-07"))
+        .await
+        .unwrap();
+    assert_eq!(named.items.len(), 1);
+    assert_eq!(
+        c.engine.cache().served() - before,
+        3,
+        "answered from the cache"
+    );
+
+    // The same snapshot read from the store (an exact revision) is identical.
+    let exact = api
+        .list(
+            &ListParams::default()
+                .at(&rv)
+                .matching(kube::api::VersionMatch::Exact),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&exact.items).unwrap(),
+        serde_json::to_value(&list.items).unwrap()
+    );
+
+    // Pages come from the cache while nothing changes, and from the store's snapshot once
+    // something has: either way one consistent snapshot.
+    let first = api.list(&ListParams::default().limit(10)).await.unwrap();
+    let token = first.metadata.continue_.clone().unwrap();
+    let second = api
+        .list(&ListParams::default().limit(10).continue_token(&token))
+        .await
+        .unwrap();
+    api.delete("c-25", &DeleteParams::default()).await.unwrap();
+    let token = second.metadata.continue_.clone().unwrap();
+    let third = api
+        .list(&ListParams::default().limit(10).continue_token(&token))
+        .await
+        .unwrap();
+    let names: Vec<String> = [first, second, third]
+        .iter()
+        .flat_map(|page| page.items.iter().map(|cm| cm.name_any()))
+        .collect();
+    let expected: Vec<String> = (0..30).map(|i| format!("c-{i:02}")).collect();
+    assert_eq!(
+        names, expected,
+        "c-25 is still in the snapshot the pages were read from"
+    );
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        29
+    );
+}

@@ -14,6 +14,7 @@ use orquestra_store::sqlite::{SqliteOptions, SqliteStore};
 pub struct Cluster {
     pub client: Client,
     pub store: Arc<dyn Store>,
+    pub engine: orquestra_apiserver::engine::Engine,
     _dir: tempfile::TempDir,
 }
 
@@ -23,6 +24,7 @@ pub async fn cluster() -> Cluster {
         SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
     );
     let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
+    let engine = server.engine().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, server.router()).await });
@@ -30,6 +32,7 @@ pub async fn cluster() -> Cluster {
     Cluster {
         client: Client::try_from(config).unwrap(),
         store,
+        engine,
         _dir: dir,
     }
 }
