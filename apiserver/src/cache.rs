@@ -82,8 +82,10 @@ pub struct WatchCache {
 pub struct Snapshot {
     /// The revision it reflects.
     pub revision: Revision,
-    /// Key and object, in key order.
-    pub entries: Vec<(String, Entry)>,
+    /// The objects, in key order.
+    pub entries: Vec<Entry>,
+    /// The key of the last one (where a next page starts).
+    pub last_key: Option<String>,
     /// Entries remain after the last one (only with a limit).
     pub more: bool,
 }
@@ -134,6 +136,7 @@ impl WatchCache {
             None => Bound::Included(prefix.to_owned()),
         };
         let mut entries = Vec::new();
+        let mut last_key = None;
         let mut more = false;
         for (key, entry) in state.objects.range((start, Bound::Unbounded)) {
             if !key.starts_with(prefix) {
@@ -146,12 +149,16 @@ impl WatchCache {
                 more = true;
                 break;
             }
-            entries.push((key.clone(), entry.clone()));
+            entries.push(entry.clone());
+            last_key = Some(key);
         }
+        let last_key = last_key.cloned();
+        drop(state);
         self.served.fetch_add(1, Ordering::Relaxed);
         Some(Snapshot {
             revision,
             entries,
+            last_key,
             more,
         })
     }

@@ -32,6 +32,8 @@ pub struct Engine {
     pub registry: Arc<Registry>,
     /// The in-memory mirror LISTs are served from.
     cache: WatchCache,
+    /// How long the HTTP layer lets a non-watch request run.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -102,6 +104,7 @@ impl Engine {
             store,
             registry,
             cache,
+            request_timeout: crate::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -596,20 +599,18 @@ impl Engine {
             return Ok(None);
         }
         let mut metadata = json!({"resourceVersion": snapshot.revision.to_string()});
-        if snapshot.more {
-            if let Some((last, _)) = snapshot.entries.last() {
-                metadata["continue"] = json!(
-                    Continue {
-                        rv: snapshot.revision,
-                        start: last.clone(),
-                    }
-                    .encode()
-                );
-            }
+        if let (true, Some(last)) = (snapshot.more, snapshot.last_key) {
+            metadata["continue"] = json!(
+                Continue {
+                    rv: snapshot.revision,
+                    start: last,
+                }
+                .encode()
+            );
         }
         Ok(Some(CachedList {
             metadata,
-            items: snapshot.entries.into_iter().map(|(_, e)| e.json).collect(),
+            items: snapshot.entries.into_iter().map(|e| e.json).collect(),
         }))
     }
 

@@ -55,6 +55,10 @@ use crate::request::{Params, Target};
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
+/// How long a non-watch request may take unless configured otherwise (kube-apiserver's
+/// `--request-timeout` default).
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The API server: an engine and its HTTP routes.
 #[derive(Debug, Clone)]
 pub struct ApiServer {
@@ -64,8 +68,17 @@ pub struct ApiServer {
 impl ApiServer {
     /// An API server over `store`, serving the built-in kinds. Creates the boot namespaces.
     pub async fn new(store: Arc<dyn Store>) -> Result<ApiServer, ApiError> {
+        ApiServer::with_request_timeout(store, DEFAULT_REQUEST_TIMEOUT).await
+    }
+
+    /// An API server whose non-watch requests end with a 504 `Timeout` after `timeout`.
+    pub async fn with_request_timeout(
+        store: Arc<dyn Store>,
+        timeout: std::time::Duration,
+    ) -> Result<ApiServer, ApiError> {
         let registry = Arc::new(Registry::new(builtin_resources()));
-        let engine = Engine::new(store, registry);
+        let mut engine = Engine::new(store, registry);
+        engine.request_timeout = timeout;
         engine.ensure_boot_namespaces().await?;
         crd::sync(engine.clone()).await?;
         Ok(ApiServer { engine })
@@ -386,6 +399,37 @@ async fn serve(
     let target = Target::parse(&engine.registry, group, version, rest)?;
     let params: Params = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
+    // Watches are long-running (their own timeoutSeconds ends them); everything else gets
+    // the server's request timeout, or the shorter `?timeout=` the client asks for.
+    if method == Method::GET && params.is_watch() {
+        return dispatch(engine, method, target, params, headers, body).await;
+    }
+    let limit = match params.timeout()? {
+        Some(asked) => asked.min(engine.request_timeout),
+        None => engine.request_timeout,
+    };
+    match tokio::time::timeout(
+        limit,
+        dispatch(engine, method, target, params, headers, body),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::Timeout(format!(
+            "Timeout: request did not complete within the allotted timeout of {limit:?}"
+        ))),
+    }
+}
+
+/// Serves one resource request by verb, once parsed.
+async fn dispatch(
+    engine: &Engine,
+    method: Method,
+    target: Target,
+    params: Params,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     match target.subresource.as_deref() {
         None => {}
         Some("status") if target.def.status => {}

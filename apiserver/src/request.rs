@@ -100,6 +100,8 @@ pub struct Params {
     pub resource_version_match: Option<String>,
     /// Watch duration.
     pub timeout_seconds: Option<String>,
+    /// A shorter request timeout, as a Go duration (`30s`, `1m0s`).
+    pub timeout: Option<String>,
     /// Send BOOKMARK events.
     pub allow_watch_bookmarks: Option<String>,
     /// Streaming list: initial ADDED events, then the `initial-events-end` bookmark.
@@ -128,6 +130,37 @@ pub enum FieldValidation {
     Warn,
     /// Refuse the request (400).
     Strict,
+}
+
+/// Parses a Go duration (`1h2m3.5s`, `500ms`, `30s`): what kubectl and client-go send.
+pub fn go_duration(text: &str) -> Option<std::time::Duration> {
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    std::time::Duration::try_from_secs_f64(total).ok()
 }
 
 /// Reads a boolean query parameter the way Kubernetes does (`true`, `1`).
@@ -165,6 +198,18 @@ impl Params {
         }
     }
 
+    /// `?timeout=`: the client's request timeout, if it gives one.
+    pub fn timeout(&self) -> Result<Option<std::time::Duration>, ApiError> {
+        match self.timeout.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => go_duration(text).map(Some).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid timeout {text:?}: expected a duration like 30s"
+                ))
+            }),
+        }
+    }
+
     /// `?limit=N` (0 or absent: no limit).
     pub fn limit(&self) -> Result<Option<usize>, ApiError> {
         match self.limit.as_deref() {
@@ -185,6 +230,26 @@ impl Params {
                     "invalid resourceVersion {rv:?}: must be an integer"
                 ))
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(go_duration("1m0s"), Some(Duration::from_secs(60)));
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(go_duration("500ms"), Some(Duration::from_millis(500)));
+        for bad in ["", "30", "s", "1x", "-1s", "1s2"] {
+            assert_eq!(go_duration(bad), None, "{bad}");
         }
     }
 }

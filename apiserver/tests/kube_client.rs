@@ -736,3 +736,26 @@ async fn lists_are_served_from_the_watch_cache_and_agree_with_the_store() {
         29
     );
 }
+
+#[tokio::test]
+async fn requests_time_out_with_a_timeout_status() {
+    let c = cluster().await;
+    // A LIST that must wait for a revision the store will not reach soon (the cache waits
+    // 3 s for it): the client's 1 s timeout ends it first, with a 504 Timeout Status.
+    let started = std::time::Instant::now();
+    let (code, body) = c
+        .raw_get("/api/v1/namespaces/default/configmaps?resourceVersion=999999999&timeout=1s")
+        .await;
+    assert_eq!(code, 504, "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "Timeout", "{status}");
+    assert_eq!(status["kind"], "Status");
+    // A malformed timeout is a 400, and the server carries on.
+    let (code, _) = c
+        .raw_get("/api/v1/namespaces/default/configmaps?timeout=soon")
+        .await;
+    assert_eq!(code, 400);
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    api.list(&ListParams::default()).await.unwrap();
+}

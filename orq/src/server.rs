@@ -42,6 +42,16 @@ pub struct ServerArgs {
     /// Extra names or addresses for the serving certificate (repeatable).
     #[arg(long = "tls-san", value_name = "NAME")]
     tls_sans: Vec<String>,
+    /// How long a non-watch API request may run before it gets a 504 `Timeout` (a Go
+    /// duration, as kube-apiserver's flag: `60s`, `1m30s`). Clients may ask for less.
+    #[arg(long, default_value = "60s", value_parser = request_timeout)]
+    request_timeout: Duration,
+}
+
+fn request_timeout(text: &str) -> Result<Duration, String> {
+    orquestra_apiserver::request::go_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration like 60s or 1m30s"))
 }
 
 /// What the HTTP handlers read.
@@ -102,9 +112,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    let api = orquestra_apiserver::ApiServer::new(Arc::clone(&store))
-        .await
-        .context("starting the API server")?;
+    let api = orquestra_apiserver::ApiServer::with_request_timeout(
+        Arc::clone(&store),
+        args.request_timeout,
+    )
+    .await
+    .context("starting the API server")?;
     let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
         &registry,
     )?);

@@ -15,6 +15,8 @@ pub struct Cluster {
     pub client: Client,
     pub store: Arc<dyn Store>,
     pub engine: orquestra_apiserver::engine::Engine,
+    /// `host:port` of the server (plain HTTP).
+    pub addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -26,13 +28,15 @@ pub async fn cluster() -> Cluster {
     let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
     let engine = server.engine().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
     tokio::spawn(async move { axum::serve(listener, server.router()).await });
     let config = kube::Config::new(url.parse().unwrap());
     Cluster {
         client: Client::try_from(config).unwrap(),
         store,
         engine,
+        addr,
         _dir: dir,
     }
 }
@@ -42,5 +46,24 @@ impl Cluster {
     pub async fn compact_everything(&self) {
         let now = self.store.current_revision().await.unwrap();
         self.store.compact(now).await.unwrap();
+    }
+}
+
+impl Cluster {
+    /// One plain HTTP/1.1 GET on its own connection, without kube-rs (which retries 5xx
+    /// answers such as 504): the status code and the body.
+    pub async fn raw_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
     }
 }
