@@ -61,6 +61,20 @@ pub enum ApiError {
         /// The full message.
         message: String,
     },
+    /// 409: server-side apply would take fields another manager owns (without `force`).
+    #[error("{message}")]
+    FieldConflict {
+        /// Plural.
+        resource: String,
+        /// Name.
+        name: String,
+        /// Group.
+        group: String,
+        /// kube-apiserver's summary: `Apply failed with N conflicts: …`.
+        message: String,
+        /// One per conflicting field (`FieldManagerConflict`).
+        causes: Vec<Cause>,
+    },
     /// 422: the object is not valid.
     #[error("{kind} \"{name}\" is invalid: {}", causes_summary(.causes))]
     Invalid {
@@ -176,7 +190,9 @@ impl ApiError {
     pub fn code(&self) -> StatusCode {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => StatusCode::NOT_FOUND,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::AlreadyExists { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::FieldConflict { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -195,7 +211,7 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
-            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Conflict { .. } | ApiError::FieldConflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Unauthorized => "Unauthorized",
@@ -226,6 +242,20 @@ impl ApiError {
                 resource,
                 ..
             } => Some(json!({"name": name, "group": group, "kind": resource})),
+            ApiError::FieldConflict {
+                resource,
+                name,
+                group,
+                causes,
+                ..
+            } => Some(json!({
+                "name": name,
+                "group": group,
+                "kind": resource,
+                "causes": causes.iter().map(|c| json!({
+                    "reason": c.reason, "message": c.message, "field": c.field
+                })).collect::<Vec<_>>(),
+            })),
             ApiError::Invalid {
                 kind,
                 name,

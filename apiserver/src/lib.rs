@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod identity;
+pub mod managed;
 pub mod metrics;
 pub mod object;
 pub mod openapi;
@@ -317,10 +318,10 @@ async fn serve_scale(
     ))
 }
 
-/// Server-side apply, without field ownership yet: creates the object if it is missing,
-/// otherwise merges the applied configuration into it (by merge keys for built-in kinds, as
-/// a merge patch for custom resources). Conflicts between managers are not detected, and
-/// fields a manager stops applying are not removed; managedFields are left as they are.
+/// Server-side apply: creates the object if it is missing, otherwise merges the applied
+/// configuration into it (by merge keys for built-in kinds, as a merge patch for custom
+/// resources), with field ownership from [`managed`]: conflicts with other managers are a
+/// 409 unless `force`, and fields the manager no longer applies are removed.
 async fn apply(
     engine: &Engine,
     target: &Target,
@@ -328,11 +329,16 @@ async fn apply(
     applied: Value,
     dry_run: bool,
 ) -> Result<Response, ApiError> {
-    if params.field_manager.as_deref().is_none_or(str::is_empty) {
-        return Err(ApiError::BadRequest(
-            "PATCH with application/apply-patch+yaml requires the fieldManager parameter".into(),
-        ));
-    }
+    let manager = match params.field_manager.as_deref() {
+        Some(manager) if !manager.is_empty() => manager,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "PATCH with application/apply-patch+yaml requires the fieldManager parameter"
+                    .into(),
+            ));
+        }
+    };
+    let force = request::flag(&params.force);
     let name = target.name.clone().unwrap_or_default();
     if applied
         .pointer("/metadata/name")
@@ -349,6 +355,7 @@ async fn apply(
             Err(ApiError::NotFound { .. }) if target.subresource.is_none() => {
                 let mut object = applied.clone();
                 object["metadata"]["name"] = json!(name);
+                managed::apply(&target.def, None, &applied, &mut object, manager, force)?;
                 match engine
                     .create(&target.def, target.namespace.as_deref(), object, dry_run)
                     .await
@@ -368,6 +375,16 @@ async fn apply(
                 object
             }
         };
+        if target.subresource.is_none() {
+            managed::apply(
+                &target.def,
+                Some(&current),
+                &applied,
+                &mut merged,
+                manager,
+                force,
+            )?;
+        }
         // The version read is the precondition, unless the applied object names one.
         if applied.pointer("/metadata/resourceVersion").is_none() {
             merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
@@ -449,6 +466,12 @@ async fn dispatch(
     }
     let dry_run = params.dry_run()?;
     let field_validation = params.field_validation()?;
+    let manager = || {
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok());
+        managed::manager_of(params.field_manager.as_deref(), user_agent)
+    };
     let as_table = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -512,16 +535,21 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &object))
         }
         (Method::POST, false) => {
-            let object = parse_body(&body)?;
+            let mut object = parse_body(&body)?;
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            managed::record_update(&target.def, None, &mut object, &manager());
             let object = engine
                 .create(&target.def, target.namespace.as_deref(), object, dry_run)
                 .await?;
             Ok(with_warnings(json(StatusCode::CREATED, &object), &warnings))
         }
         (Method::PUT, true) => {
-            let object = parse_body(&body)?;
+            let mut object = parse_body(&body)?;
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            if target.subresource.is_none() {
+                let old = engine.get(&target).await.ok();
+                managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
+            }
             let object = engine.update(&target, object, dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
@@ -532,7 +560,7 @@ async fn dispatch(
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
             let patch = parse_body(&body)?;
-            let object = match patch_type {
+            let mut object = match patch_type {
                 // Apply creates missing objects, so it does not start from a read.
                 PatchType::Apply => {
                     let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
@@ -572,6 +600,10 @@ async fn dispatch(
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            if target.subresource.is_none() {
+                let old = engine.get(&target).await.ok();
+                managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
+            }
             let object = engine.update(&target, object, dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }

@@ -118,6 +118,8 @@ pub struct Params {
     pub include_object: Option<String>,
     /// Who is writing (required for server-side apply).
     pub field_manager: Option<String>,
+    /// Server-side apply: take fields other managers own instead of failing.
+    pub force: Option<String>,
 }
 
 /// `?fieldValidation=`: unknown fields are dropped silently, dropped with a warning, or

@@ -47,6 +47,13 @@ impl Schema {
         self.fields.get(path)
     }
 
+    /// The strategy and merge key of the list at `path` (`spec.containers[].env`), if the
+    /// table has one.
+    pub fn list(&self, path: &str) -> Option<(&'static str, Option<&'static str>)> {
+        self.at(path)
+            .map(|s| (s.strategy.as_str(), s.key.as_deref()))
+    }
+
     /// Every field with a strategy: its path (`spec.containers[].env`, `[]` for list items),
     /// the strategy (`merge`, `retainKeys`, `merge,retainKeys`) and the merge key, if any.
     pub fn entries(

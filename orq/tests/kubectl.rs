@@ -171,6 +171,36 @@ fn exercise(bin: &str) {
         .contains("serverside-applied")
     );
     assert_eq!(k(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "9");
+    // Another manager changes the field; applying over it is a conflict kubectl explains,
+    // and --force-conflicts takes it over.
+    k(&[
+        "patch",
+        "cm",
+        "ssa",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"a":"5"}}"#,
+    ]);
+    let ssa3 = ssa.replace("a: \"1\"", "a: \"7\"");
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["apply", "--server-side", "-f", "-"],
+        Some(&ssa3),
+    );
+    assert!(!success);
+    assert!(
+        stderr.contains("conflict") && stderr.contains(".data.a"),
+        "{stderr}"
+    );
+    assert_eq!(k(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "5");
+    ok(
+        bin,
+        &kc,
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&ssa3),
+    );
+    assert_eq!(k(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "7");
 
     // Output formats.
     let yaml = k(&["get", "cm", "demo", "-o", "yaml"]);
