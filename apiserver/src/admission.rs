@@ -1,23 +1,304 @@
-//! Kind-specific steps, kept small and named so the engine stays generic.
+//! Kind-specific steps, kept small and named so the engine stays generic: the defaults and
+//! semantic checks that k8s-openapi's schemas cannot carry (the schema itself is applied by
+//! [`crate::schema`]).
+
+use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
+use crate::error::Cause;
+use crate::object::dns1123_problem;
 use crate::registry::ResourceDef;
 
 /// Defaults applied to a new object before validation.
 pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Namespace") => namespace_defaults(object),
-        ("apps", "Deployment") => deployment_defaults(object),
+        ("", "Pod") => {
+            if object.pointer("/status/phase").is_none() {
+                object["status"] = json!({"phase": "Pending"});
+            }
+        }
         _ => {}
     }
     on_write(def, object);
 }
 
-/// Steps for every write (create and update).
+/// Steps for every write (create and update). Defaulting is idempotent, so an update that
+/// leaves a defaulted field out does not read as a change.
 pub fn on_write(def: &ResourceDef, object: &mut Value) {
-    if def.group.is_empty() && def.kind == "Secret" {
-        secret_string_data(object);
+    match (def.group.as_str(), def.kind.as_str()) {
+        ("", "Secret") => secret_string_data(object),
+        ("", "Pod") => {
+            if let Some(spec) = object.get_mut("spec") {
+                pod_spec_defaults(spec);
+            }
+        }
+        ("apps", "Deployment") => {
+            deployment_defaults(object);
+            template_defaults(object);
+        }
+        ("apps", "ReplicaSet") => {
+            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.entry("replicas").or_insert(json!(1));
+            }
+            template_defaults(object);
+        }
+        ("apps", "DaemonSet") => {
+            daemonset_defaults(object);
+            template_defaults(object);
+        }
+        _ => {}
+    }
+}
+
+/// The semantic checks of a kind, after its schema has been applied: every problem found.
+pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    match (def.group.as_str(), def.kind.as_str()) {
+        ("", "Pod") => validate_pod_spec(&object["spec"], "spec", &mut causes),
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => {
+            validate_workload(object, &mut causes);
+        }
+        _ => {}
+    }
+    causes
+}
+
+fn cause(reason: &str, field: String, message: String) -> Cause {
+    Cause {
+        reason: reason.into(),
+        message,
+        field,
+    }
+}
+
+/// A Pod's (or template's) spec: containers present, named uniquely as DNS labels, with an
+/// image, ports in range; the enumerated policies.
+fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let containers = spec["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if containers.is_empty() {
+        causes.push(cause(
+            "FieldValueRequired",
+            format!("{path}.containers"),
+            "Required value".into(),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let init = spec["initContainers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (list, items) in [("containers", containers), ("initContainers", init)] {
+        for (i, container) in items.iter().enumerate() {
+            let at = format!("{path}.{list}[{i}]");
+            let name = container["name"].as_str().unwrap_or_default();
+            if let Some(problem) = dns1123_problem(name, true) {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    format!("{at}.name"),
+                    format!("Invalid value: {name:?}: {problem}"),
+                ));
+            } else if !names.insert(name.to_owned()) {
+                causes.push(cause(
+                    "FieldValueDuplicate",
+                    format!("{at}.name"),
+                    format!("Duplicate value: {name:?}"),
+                ));
+            }
+            if container["image"].as_str().is_none_or(str::is_empty) {
+                causes.push(cause(
+                    "FieldValueRequired",
+                    format!("{at}.image"),
+                    "Required value".into(),
+                ));
+            }
+            let ports = container["ports"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for (j, port) in ports.iter().enumerate() {
+                let number = port["containerPort"].as_i64().unwrap_or_default();
+                if !(1..=65535).contains(&number) {
+                    causes.push(cause(
+                        "FieldValueInvalid",
+                        format!("{at}.ports[{j}].containerPort"),
+                        format!("Invalid value: {number}: must be between 1 and 65535, inclusive"),
+                    ));
+                }
+                one_of(
+                    &port["protocol"],
+                    &["TCP", "UDP", "SCTP"],
+                    &format!("{at}.ports[{j}].protocol"),
+                    causes,
+                );
+            }
+            one_of(
+                &container["imagePullPolicy"],
+                &["Always", "IfNotPresent", "Never"],
+                &format!("{at}.imagePullPolicy"),
+                causes,
+            );
+        }
+    }
+    one_of(
+        &spec["restartPolicy"],
+        &["Always", "OnFailure", "Never"],
+        &format!("{path}.restartPolicy"),
+        causes,
+    );
+    one_of(
+        &spec["dnsPolicy"],
+        &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"],
+        &format!("{path}.dnsPolicy"),
+        causes,
+    );
+}
+
+fn one_of(value: &Value, allowed: &[&str], field: &str, causes: &mut Vec<Cause>) {
+    if let Some(text) = value.as_str() {
+        if !allowed.contains(&text) {
+            let supported: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+            causes.push(cause(
+                "FieldValueNotSupported",
+                field.to_owned(),
+                format!(
+                    "Unsupported value: {text:?}: supported values: {}",
+                    supported.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+/// A workload: a non-empty selector that selects its own template, and a valid template.
+fn validate_workload(object: &Value, causes: &mut Vec<Cause>) {
+    let spec = &object["spec"];
+    let selector = &spec["selector"];
+    let match_labels = selector["matchLabels"].as_object();
+    let expressions = selector["matchExpressions"].as_array();
+    if match_labels.is_none_or(|m| m.is_empty()) && expressions.is_none_or(|e| e.is_empty()) {
+        causes.push(cause(
+            "FieldValueRequired",
+            "spec.selector".into(),
+            "Required value".into(),
+        ));
+    } else {
+        let labels = &spec["template"]["metadata"]["labels"];
+        let matches = match_labels
+            .into_iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && expressions.into_iter().flatten().all(|e| {
+                let key = e["key"].as_str().unwrap_or_default();
+                let value = labels.get(key).and_then(Value::as_str);
+                let values: Vec<&str> = e["values"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                match e["operator"].as_str() {
+                    Some("In") => value.is_some_and(|v| values.contains(&v)),
+                    Some("NotIn") => !value.is_some_and(|v| values.contains(&v)),
+                    Some("Exists") => value.is_some(),
+                    Some("DoesNotExist") => value.is_none(),
+                    _ => false,
+                }
+            });
+        if !matches {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "spec.template.metadata.labels".into(),
+                format!(
+                    "Invalid value: {}: `selector` does not match template `labels`",
+                    labels
+                ),
+            ));
+        }
+    }
+    if spec["replicas"].as_i64().is_some_and(|r| r < 0) {
+        causes.push(cause(
+            "FieldValueInvalid",
+            "spec.replicas".into(),
+            format!(
+                "Invalid value: {}: must be greater than or equal to 0",
+                spec["replicas"]
+            ),
+        ));
+    }
+    validate_pod_spec(&spec["template"]["spec"], "spec.template.spec", causes);
+}
+
+/// The PodSpec defaults kube-apiserver fills in (pods and workload templates alike).
+fn pod_spec_defaults(spec: &mut Value) {
+    let Some(map) = spec.as_object_mut() else {
+        return;
+    };
+    map.entry("restartPolicy").or_insert(json!("Always"));
+    map.entry("terminationGracePeriodSeconds")
+        .or_insert(json!(30));
+    map.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+    map.entry("schedulerName")
+        .or_insert(json!("default-scheduler"));
+    map.entry("securityContext").or_insert(json!({}));
+    for list in ["containers", "initContainers"] {
+        let Some(containers) = map.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for container in containers.iter_mut().filter_map(Value::as_object_mut) {
+            container
+                .entry("terminationMessagePath")
+                .or_insert(json!("/dev/termination-log"));
+            container
+                .entry("terminationMessagePolicy")
+                .or_insert(json!("File"));
+            container.entry("resources").or_insert(json!({}));
+            if !container.contains_key("imagePullPolicy") {
+                let image = container.get("image").and_then(Value::as_str).unwrap_or("");
+                // `:latest`, or no tag (and no digest), means Always, as upstream.
+                let last = image.rsplit('/').next().unwrap_or(image);
+                let latest = !image.contains('@')
+                    && last.split_once(':').is_none_or(|(_, tag)| tag == "latest");
+                container.insert(
+                    "imagePullPolicy".into(),
+                    json!(if latest { "Always" } else { "IfNotPresent" }),
+                );
+            }
+            if let Some(ports) = container.get_mut("ports").and_then(Value::as_array_mut) {
+                for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+                    port.entry("protocol").or_insert(json!("TCP"));
+                }
+            }
+        }
+    }
+}
+
+/// Defaults of a workload's pod template.
+fn template_defaults(object: &mut Value) {
+    if let Some(spec) = object.pointer_mut("/spec/template/spec") {
+        pod_spec_defaults(spec);
+    }
+}
+
+/// A DaemonSet rolls one node at a time by default.
+fn daemonset_defaults(object: &mut Value) {
+    let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    spec.entry("revisionHistoryLimit").or_insert(json!(10));
+    let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
+    if let Some(strategy) = strategy.as_object_mut() {
+        let kind = strategy
+            .entry("type")
+            .or_insert(json!("RollingUpdate"))
+            .clone();
+        if kind == "RollingUpdate" {
+            strategy
+                .entry("rollingUpdate")
+                .or_insert_with(|| json!({"maxUnavailable": 1, "maxSurge": 0}));
+        }
     }
 }
 

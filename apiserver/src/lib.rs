@@ -537,6 +537,7 @@ async fn dispatch(
         (Method::POST, false) => {
             let mut object = parse_body(&body)?;
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            object::normalize(&target.def, &mut object);
             managed::record_update(&target.def, None, &mut object, &manager());
             let object = engine
                 .create(&target.def, target.namespace.as_deref(), object, dry_run)
@@ -548,6 +549,7 @@ async fn dispatch(
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
             if target.subresource.is_none() {
                 let old = engine.get(&target).await.ok();
+                object::normalize(&target.def, &mut object);
                 managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
             }
             let object = engine.update(&target, object, dry_run).await?;
@@ -602,6 +604,7 @@ async fn dispatch(
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
             if target.subresource.is_none() {
                 let old = engine.get(&target).await.ok();
+                object::normalize(&target.def, &mut object);
                 managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
             }
             let object = engine.update(&target, object, dry_run).await?;

@@ -145,6 +145,16 @@ fn value_at<'v>(object: &'v Value, path: &[String]) -> Option<&'v Value> {
     Some(node)
 }
 
+/// Whether two objects disagree at a leaf path. A keyed item itself (`.`) is only a marker
+/// of existence: its fields are compared leaf by leaf.
+fn differs(a: &Value, b: &Value, path: &[String]) -> bool {
+    if path.last().is_some_and(|last| last == ".") {
+        value_at(a, path).is_some() != value_at(b, path).is_some()
+    } else {
+        value_at(a, path) != value_at(b, path)
+    }
+}
+
 /// Removes what a leaf path points at.
 fn remove_at(object: &mut Value, path: &[String]) {
     let Some((last, parents)) = path.split_last() else {
@@ -352,10 +362,7 @@ pub fn record_update(def: &ResourceDef, old: Option<&Value>, new: &mut Value, ma
     let old_set = old.map(|o| fields_of(def, o)).unwrap_or_default();
     let changed: FieldSet = now_set
         .iter()
-        .filter(|path| {
-            old.is_none_or(|old| value_at(old, path) != value_at(new, path))
-                || !old_set.contains(*path)
-        })
+        .filter(|path| old.is_none_or(|old| differs(old, new, path)) || !old_set.contains(*path))
         .cloned()
         .collect();
     let gone: FieldSet = old_set.difference(&now_set).cloned().collect();
@@ -402,7 +409,7 @@ pub fn apply(
         let mut conflicts: Vec<Cause> = Vec::new();
         for entry in all.iter().filter(|e| !e.is_apply_by(manager)) {
             for path in applying.intersection(&entry.fields) {
-                if value_at(live, path) != value_at(applied, path) {
+                if differs(live, applied, path) {
                     conflicts.push(Cause {
                         reason: "FieldManagerConflict".into(),
                         message: format!(
@@ -442,9 +449,9 @@ pub fn apply(
         // Forced (or agreeing): the fields are this manager's alone now... unless they agree,
         // in which case both keep them, as upstream shares ownership of equal values.
         for entry in all.iter_mut().filter(|e| !e.is_apply_by(manager)) {
-            entry.fields.retain(|path| {
-                !applying.contains(path) || value_at(live, path) == value_at(applied, path)
-            });
+            entry
+                .fields
+                .retain(|path| !applying.contains(path) || !differs(live, applied, path));
         }
         let before = all
             .iter()

@@ -138,7 +138,10 @@ pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
         return Ok(());
     };
     crate::schema::prune_and_default(schema, object);
-    let causes = crate::schema::validate(schema, object);
+    let mut causes = crate::schema::validate(schema, object);
+    if causes.is_empty() {
+        causes = crate::admission::validate(def, object);
+    }
     if causes.is_empty() {
         Ok(())
     } else {
@@ -148,6 +151,18 @@ pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
             group: def.group.clone(),
             causes,
         })
+    }
+}
+
+/// What the engine will make of `object` before storing it, as far as its fields go: nulls
+/// dropped, kind defaults and schema defaults filled in, unknown fields pruned. Field
+/// management looks at this form, so a write that only leaves defaults out changes nothing.
+/// (The engine does it again; every step is idempotent.)
+pub fn normalize(def: &ResourceDef, object: &mut Value) {
+    strip_nulls(object);
+    crate::admission::on_write(def, object);
+    if let Some(schema) = def.schema.as_deref() {
+        crate::schema::prune_and_default(schema, object);
     }
 }
 

@@ -176,14 +176,10 @@ async fn field_validation_strict_warn_and_ignore() {
     let stored = serde_json::to_value(api.get("x").await.unwrap()).unwrap();
     assert!(stored["spec"].get("replica").is_none());
 
+    let mut y = deployment("y", extra);
+    y["spec"]["template"]["metadata"]["labels"]["app"] = json!("y");
     // Ignore: stored, pruned, silent.
-    let (code, warnings, _) = post(
-        &c,
-        DEPLOYMENTS,
-        "fieldValidation=Ignore",
-        &deployment("y", extra),
-    )
-    .await;
+    let (code, warnings, _) = post(&c, DEPLOYMENTS, "fieldValidation=Ignore", &y).await;
     assert_eq!((code, warnings.len()), (201, 0));
 
     // Patches are checked on their result.
@@ -312,4 +308,115 @@ async fn custom_resources_are_pruned_defaulted_and_validated_by_their_crd_schema
     };
     assert_eq!((status.reason.as_str(), status.code), ("Invalid", 422));
     assert_eq!(gadgets.get("g1").await.unwrap().data["spec"]["size"], 3);
+}
+
+#[tokio::test]
+async fn pods_and_workloads_get_kubernetes_defaults_and_semantic_checks() {
+    let c = cluster().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod = |name: &str, containers: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+               "spec": {"containers": containers}})
+    };
+    let (code, _, created) = post(
+        &c,
+        pods,
+        "",
+        &pod(
+            "p",
+            json!([{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]},
+                         {"name": "side", "image": "busybox:1.36"}]),
+        ),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let spec = &created["spec"];
+    assert_eq!(spec["restartPolicy"], "Always");
+    assert_eq!(spec["dnsPolicy"], "ClusterFirst");
+    assert_eq!(spec["terminationGracePeriodSeconds"], 30);
+    assert_eq!(spec["schedulerName"], "default-scheduler");
+    assert_eq!(
+        spec["containers"][0]["imagePullPolicy"], "Always",
+        "untagged means latest"
+    );
+    assert_eq!(spec["containers"][1]["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(spec["containers"][0]["ports"][0]["protocol"], "TCP");
+    assert_eq!(
+        spec["containers"][0]["terminationMessagePath"],
+        "/dev/termination-log"
+    );
+    assert_eq!(created["status"]["phase"], "Pending");
+
+    // Every semantic problem at once.
+    let (code, _, status) = post(
+        &c,
+        pods,
+        "",
+        &pod(
+            "bad",
+            json!([{"name": "Web_1", "image": "x", "ports": [{"containerPort": 70000}]},
+                           {"name": "dup", "image": "x"}, {"name": "dup"}]),
+        ),
+    )
+    .await;
+    assert_eq!(code, 422, "{status}");
+    let mut fields: Vec<&str> = status["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "spec.containers[0].name",
+            "spec.containers[0].ports[0].containerPort",
+            "spec.containers[2].image",
+            "spec.containers[2].name",
+        ],
+        "{status}"
+    );
+    let (code, _, status) = post(&c, pods, "", &pod("empty", json!([]))).await;
+    assert_eq!(
+        (code, status["details"]["causes"][0]["field"].as_str()),
+        (422, Some("spec.containers"))
+    );
+
+    // A workload whose selector does not select its own template.
+    let mut stray = deployment("stray", json!({}));
+    stray["spec"]["selector"] = json!({"matchLabels": {"app": "other"}});
+    let (code, _, status) = post(&c, DEPLOYMENTS, "", &stray).await;
+    assert_eq!(code, 422, "{status}");
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "spec.template.metadata.labels"
+    );
+    assert!(
+        status["details"]["causes"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`selector` does not match template `labels`")
+    );
+    // Templates are defaulted like pods, and defaulting again on update is not a change.
+    let (code, _, created) = post(&c, DEPLOYMENTS, "", &deployment("tmpl", json!({}))).await;
+    assert_eq!(code, 201);
+    assert_eq!(
+        created["spec"]["template"]["spec"]["restartPolicy"],
+        "Always"
+    );
+    let api: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let replaced = api
+        .replace(
+            "tmpl",
+            &PostParams::default(),
+            &serde_json::from_value(deployment("tmpl", json!({}))).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.metadata.resource_version.as_deref(),
+        created["metadata"]["resourceVersion"].as_str(),
+        "a PUT of the same object without its defaults is a no-op"
+    );
 }
