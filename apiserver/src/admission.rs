@@ -14,10 +14,8 @@ use crate::registry::ResourceDef;
 pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Namespace") => namespace_defaults(object),
-        ("", "Pod") => {
-            if object.pointer("/status/phase").is_none() {
-                object["status"] = json!({"phase": "Pending"});
-            }
+        ("", "Pod") if object.pointer("/status/phase").is_none() => {
+            object["status"] = json!({"phase": "Pending"});
         }
         _ => {}
     }
