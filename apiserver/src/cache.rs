@@ -168,6 +168,13 @@ impl WatchCache {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// Whether the cache holds `key` now.
+    pub fn contains(&self, key: &str) -> bool {
+        self.state
+            .read()
+            .is_ok_and(|state| state.objects.contains_key(key))
+    }
+
     /// The revision the cache reflects now.
     pub fn revision(&self) -> Revision {
         *self.revision.borrow()

@@ -156,7 +156,13 @@ impl Engine {
         let Some(def) = self.registry.get("", "v1", "namespaces") else {
             return Ok(());
         };
-        match self.store.get(&def.key(None, ns), None).await?.1 {
+        let key = def.key(None, ns);
+        // Namespaces are long-lived: the cache answers yes; a no is checked with the store
+        // (the namespace may have been created a moment ago).
+        if self.cache.contains(&key) {
+            return Ok(());
+        }
+        match self.store.get(&key, None).await?.1 {
             Some(_) => Ok(()),
             None => Err(ApiError::not_found(&def, ns)),
         }
