@@ -9,7 +9,7 @@
 //! revision, a continue token from an older snapshot, a cache that does not catch up — goes
 //! to the store as before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orquestra_store::{EventKind, KeyValue, ListOptions, Revision, Store, WatchEvent};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// The store prefix the cache mirrors.
 const PREFIX: &str = "/registry/";
@@ -61,9 +61,53 @@ impl Entry {
     }
 }
 
+/// How many recent changes the cache keeps for watches resuming from the past.
+const WINDOW: usize = 8192;
+
 #[derive(Debug, Default)]
 struct State {
     objects: BTreeMap<String, Entry>,
+    /// The latest changes, oldest first: every change after `window_start`.
+    window: VecDeque<Arc<Change>>,
+    window_start: Revision,
+    /// The revision `objects` reflect (ahead of the published one for a moment).
+    revision: Revision,
+}
+
+/// One change, as every watcher of the cache shares it.
+#[derive(Debug)]
+pub struct Change {
+    /// Its revision.
+    pub revision: Revision,
+    /// The store key.
+    pub key: String,
+    /// The object after the change; `None` for a delete.
+    pub new: Option<Entry>,
+    /// The object before it; `None` for a create.
+    pub prev: Option<Entry>,
+}
+
+/// What a cache watcher receives.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A change.
+    Change(Arc<Change>),
+    /// Everything up to this revision has been sent.
+    Progress(Revision),
+}
+
+/// A watch on the cache: the changes to replay, then the live feed.
+#[derive(Debug)]
+pub struct CacheWatch {
+    /// Objects under the prefix at `revision` (only when asked for).
+    pub initial: Vec<Entry>,
+    /// The revision the watch starts after.
+    pub revision: Revision,
+    /// Buffered changes after the start, oldest first (any prefix: filter them).
+    pub replay: Vec<Arc<Change>>,
+    /// Later changes and progress (any prefix). Lagging too far ends the watch: the client
+    /// resumes from the last revision it saw.
+    pub live: broadcast::Receiver<Notice>,
 }
 
 /// The cache. Cheap to clone.
@@ -75,6 +119,10 @@ pub struct WatchCache {
     store: Arc<dyn Store>,
     /// LISTs answered from the cache.
     served: Arc<AtomicU64>,
+    /// Watches started on the cache.
+    watches: Arc<AtomicU64>,
+    /// The live feed of changes, sent under the state's write lock.
+    feed: broadcast::Sender<Notice>,
 }
 
 /// A snapshot of the cached objects under one prefix.
@@ -94,17 +142,20 @@ impl WatchCache {
     /// Starts mirroring `store`; the returned cache fills in the background.
     pub fn start(store: Arc<dyn Store>) -> WatchCache {
         let (tx, rx) = watch::channel(0);
+        let (feed, _) = broadcast::channel(4096);
         let cache = WatchCache {
             state: Arc::default(),
             revision: rx,
             store: Arc::clone(&store),
             served: Arc::default(),
+            watches: Arc::default(),
+            feed: feed.clone(),
         };
         let state = Arc::clone(&cache.state);
         tokio::spawn(async move {
-            // Until the store is dropped (no more senders' receivers: the server is gone).
+            // Until the server is gone (no receivers of the revision left).
             while !tx.is_closed() {
-                if let Err(error) = mirror(&store, &state, &tx).await {
+                if let Err(error) = mirror(&store, &state, &tx, &feed).await {
                     tracing::warn!(%error, "watch cache lost its watch; refilling");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -130,7 +181,7 @@ impl WatchCache {
             return None;
         }
         let state = self.state.read().ok()?;
-        let revision = *self.revision.borrow();
+        let revision = state.revision;
         let start = match start_after {
             Some(key) => Bound::Excluded(key.to_owned()),
             None => Bound::Included(prefix.to_owned()),
@@ -163,9 +214,72 @@ impl WatchCache {
         })
     }
 
+    /// How many watches the cache has started.
+    pub fn watches(&self) -> u64 {
+        self.watches.load(Ordering::Relaxed)
+    }
+
     /// How many LISTs the cache has answered.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Starts a watch of `prefix`: from `after` (replaying the changes since, if the cache
+    /// still has them all and the store has not compacted them away), or — with
+    /// `after = None` — from the latest state, whose objects come first. `None` when only the
+    /// store can serve it.
+    pub async fn watch(&self, prefix: &str, after: Option<Revision>) -> Option<CacheWatch> {
+        let at_least = match after {
+            Some(rv) => rv,
+            None => self.latest().await.ok()?,
+        };
+        let mut revision = self.revision.clone();
+        let reached = matches!(
+            tokio::time::timeout(CATCH_UP, revision.wait_for(|r| *r >= at_least.max(1))).await,
+            Ok(Ok(_))
+        );
+        if !reached {
+            return None;
+        }
+        if let Some(rv) = after.filter(|rv| *rv < self.revision()) {
+            // The store decides what is too old (a compaction shows as an error here, and
+            // the store's own watch then reports the 410).
+            self.store.get(PREFIX, Some(rv.max(1))).await.ok()?;
+        }
+        let state = self.state.read().ok()?;
+        let revision = state.revision;
+        let (initial, replay) = match after {
+            None => {
+                let initial = state
+                    .objects
+                    .range(prefix.to_owned()..)
+                    .take_while(|(key, _)| key.starts_with(prefix))
+                    .map(|(_, entry)| entry.clone())
+                    .collect();
+                (initial, Vec::new())
+            }
+            Some(rv) if rv >= state.window_start => {
+                let replay = state
+                    .window
+                    .iter()
+                    .filter(|change| change.revision > rv)
+                    .cloned()
+                    .collect();
+                (Vec::new(), replay)
+            }
+            Some(_) => return None,
+        };
+        // Subscribing under the read lock: the writer sends under its write lock, so nothing
+        // falls between the replay and the feed.
+        let live = self.feed.subscribe();
+        drop(state);
+        self.watches.fetch_add(1, Ordering::Relaxed);
+        Some(CacheWatch {
+            initial,
+            revision: after.unwrap_or(revision),
+            replay,
+            live,
+        })
     }
 
     /// Whether the cache holds `key` now.
@@ -192,6 +306,7 @@ async fn mirror(
     store: &Arc<dyn Store>,
     state: &RwLock<State>,
     tx: &watch::Sender<Revision>,
+    feed: &broadcast::Sender<Notice>,
 ) -> Result<(), orquestra_store::Error> {
     let mut objects = BTreeMap::new();
     let mut options = ListOptions {
@@ -213,21 +328,48 @@ async fn mirror(
     let mut stream = store.watch(PREFIX, revision).await?;
     if let Ok(mut state) = state.write() {
         state.objects = objects;
+        // Changes before the refill are gone: watches from then go to the store.
+        state.window.clear();
+        state.window_start = revision;
+        state.revision = revision;
     }
     tx.send_replace(revision);
     while let Some(item) = stream.next().await {
         let item = item?;
         let revision = item.revision();
-        if let WatchEvent::Change(event) = item {
-            let entry = match event.kind {
-                EventKind::Delete => None,
-                EventKind::Create | EventKind::Update => Entry::from_kv(&event.kv),
-            };
-            if let Ok(mut state) = state.write() {
-                match entry {
-                    Some(entry) => state.objects.insert(event.kv.key, entry),
-                    None => state.objects.remove(&event.kv.key),
+        match item {
+            WatchEvent::Change(event) => {
+                let new = match event.kind {
+                    EventKind::Delete => None,
+                    EventKind::Create | EventKind::Update => Entry::from_kv(&event.kv),
                 };
+                if let Ok(mut state) = state.write() {
+                    let prev = match &new {
+                        Some(entry) => state.objects.insert(event.kv.key.clone(), entry.clone()),
+                        None => state.objects.remove(&event.kv.key),
+                    };
+                    let change = Arc::new(Change {
+                        revision,
+                        key: event.kv.key,
+                        new,
+                        prev,
+                    });
+                    if state.window.len() >= WINDOW {
+                        if let Some(oldest) = state.window.pop_front() {
+                            state.window_start = oldest.revision;
+                        }
+                    }
+                    state.window.push_back(Arc::clone(&change));
+                    state.revision = revision;
+                    // No receivers is fine: nobody is watching.
+                    let _ = feed.send(Notice::Change(change));
+                }
+            }
+            WatchEvent::Progress(revision) => {
+                if let Ok(mut state) = state.write() {
+                    state.revision = state.revision.max(revision);
+                    let _ = feed.send(Notice::Progress(revision));
+                }
             }
         }
         if tx.is_closed() {

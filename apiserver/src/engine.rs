@@ -576,10 +576,10 @@ impl Engine {
                     return Ok(None);
                 }
                 match params.resource_version()? {
-                    // "Any": whatever the cache has.
-                    Some(0) => (0, None, None),
                     Some(rv) => (rv, None, None),
-                    // The latest: what the store has now.
+                    // `0` means any: whatever the cache has.
+                    None if params.resource_version.as_deref() == Some("0") => (0, None, None),
+                    // Unset means the latest: what the store has now.
                     None => (self.cache.latest().await?, None, None),
                 }
             }

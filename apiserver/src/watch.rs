@@ -12,10 +12,12 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use orquestra_store::{EventKind, ListOptions, WatchEvent};
 use serde_json::{Value, json};
 
+use crate::cache::{CacheWatch, Entry, Notice};
 use crate::engine::{Engine, decode, set_resource_version};
 use crate::error::ApiError;
 use crate::request::{Params, Target, flag};
@@ -37,7 +39,7 @@ pub async fn watch(
     target: &Target,
     params: &Params,
     as_table: bool,
-) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, ApiError> {
+) -> Result<BoxStream<'static, Result<Bytes, Infallible>>, ApiError> {
     let def = target.def.clone();
     let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
     let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
@@ -51,6 +53,22 @@ pub async fn watch(
         _ => DEFAULT_TIMEOUT,
     };
     let prefix = target.prefix();
+    let after = match params.resource_version()? {
+        Some(rv) if !initial_events => Some(rv),
+        _ => None,
+    };
+    if let Some(cached) = engine.cache().watch(&prefix, after).await {
+        let from_cache = CachedWatch {
+            def: def.clone(),
+            prefix,
+            labels,
+            fields,
+            as_table,
+            include_object: params.include_object.clone(),
+            bookmarks,
+        };
+        return Ok(from_cache.stream(cached, initial_events, timeout));
+    }
     let matches = move |object: &Value| labels.matches(object) && fields.matches(object);
     // `kubectl get -w` asks for every event's object as a one-row Table.
     let table_def = def.clone();
@@ -147,5 +165,126 @@ pub async fn watch(
         .chain(events)
         .take_until(tokio::time::sleep(timeout))
         .map(Ok);
-    Ok(body)
+    Ok(body.boxed())
+}
+
+/// A watch served by the watch cache: every watcher shares the cached JSON of each object,
+/// so an event costs a prefix check, a selector check and a copy into the line.
+struct CachedWatch {
+    def: std::sync::Arc<crate::registry::ResourceDef>,
+    prefix: String,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    as_table: bool,
+    include_object: Option<String>,
+    bookmarks: bool,
+}
+
+impl CachedWatch {
+    fn stream(
+        self,
+        cached: CacheWatch,
+        initial_events: bool,
+        timeout: Duration,
+    ) -> BoxStream<'static, Result<Bytes, Infallible>> {
+        let mut first = Vec::new();
+        for entry in &cached.initial {
+            if self.matches(entry) {
+                first.push(self.event("ADDED", entry, None));
+            }
+        }
+        if initial_events {
+            let bookmark = json!({
+                "kind": self.def.kind, "apiVersion": self.def.api_version(),
+                "metadata": {"resourceVersion": cached.revision.to_string(),
+                             "annotations": {"k8s.io/initial-events-end": "true"}}
+            });
+            first.push(line("BOOKMARK", &bookmark));
+        }
+        for change in &cached.replay {
+            first.extend(self.change(change));
+        }
+        let this = std::sync::Arc::new(self);
+        let live = futures::stream::unfold(cached.live, |mut live| async move {
+            // A watcher that falls too far behind is ended; it resumes from what it saw.
+            let notice = live.recv().await.ok()?;
+            Some((notice, live))
+        })
+        .filter_map(move |notice| {
+            let this = std::sync::Arc::clone(&this);
+            async move {
+                match notice {
+                    Notice::Change(change) => this.change(&change),
+                    Notice::Progress(revision) => this.bookmarks.then(|| {
+                        line(
+                            "BOOKMARK",
+                            &json!({"kind": this.def.kind, "apiVersion": this.def.api_version(),
+                                    "metadata": {"resourceVersion": revision.to_string()}}),
+                        )
+                    }),
+                }
+            }
+        });
+        futures::stream::iter(first)
+            .chain(live)
+            .take_until(tokio::time::sleep(timeout))
+            .map(Ok)
+            .boxed()
+    }
+
+    fn matches(&self, entry: &Entry) -> bool {
+        (self.labels.is_empty() || entry.labels_match(&self.labels))
+            && (self.fields.is_empty() || entry.decode().is_some_and(|o| self.fields.matches(&o)))
+    }
+
+    /// The event line of one change, if this watcher sees it.
+    fn change(&self, change: &crate::cache::Change) -> Option<Bytes> {
+        if !change.key.starts_with(&self.prefix) {
+            return None;
+        }
+        let was = change.prev.as_ref().is_some_and(|p| self.matches(p));
+        match &change.new {
+            None => change
+                .prev
+                .as_ref()
+                .filter(|_| was)
+                .map(|prev| self.event("DELETED", prev, Some(change.revision))),
+            Some(new) => match (was, self.matches(new)) {
+                (true, true) => Some(self.event("MODIFIED", new, None)),
+                (false, true) => Some(self.event("ADDED", new, None)),
+                (true, false) => Some(self.event("DELETED", new, None)),
+                (false, false) => None,
+            },
+        }
+    }
+
+    /// `{"type":…,"object":…}` from the cached JSON, re-encoded only for a deletion's
+    /// resourceVersion or a Table.
+    fn event(&self, kind: &str, entry: &Entry, revision: Option<i64>) -> Bytes {
+        if !self.as_table && revision.is_none() {
+            let mut out = Vec::with_capacity(entry.json.len() + 32);
+            out.extend_from_slice(b"{\"type\":\"");
+            out.extend_from_slice(kind.as_bytes());
+            out.extend_from_slice(b"\",\"object\":");
+            out.extend_from_slice(&entry.json);
+            out.extend_from_slice(b"}\n");
+            return Bytes::from(out);
+        }
+        let mut object = entry.decode().unwrap_or_default();
+        if let Some(revision) = revision {
+            set_resource_version(&mut object, revision);
+        }
+        if self.as_table {
+            let columns = Some(self.def.printer_columns.as_slice()).filter(|c| !c.is_empty());
+            let metadata = json!({"resourceVersion": object.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
+            object = crate::table::table(
+                &self.def,
+                columns,
+                std::slice::from_ref(&object),
+                metadata,
+                self.include_object.as_deref(),
+            );
+        }
+        line(kind, &object)
+    }
 }

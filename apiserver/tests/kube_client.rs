@@ -759,3 +759,117 @@ async fn requests_time_out_with_a_timeout_status() {
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
     api.list(&ListParams::default()).await.unwrap();
 }
+
+#[tokio::test]
+async fn watches_are_served_from_the_watch_cache() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let first = api
+        .create(&PostParams::default(), &configmap("w-1", json!({"v": "1"})))
+        .await
+        .unwrap();
+    let from = first.metadata.resource_version.clone().unwrap();
+    for i in 2..=4 {
+        api.create(
+            &PostParams::default(),
+            &configmap(&format!("w-{i}"), json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    api.delete("w-2", &DeleteParams::default()).await.unwrap();
+    let before = c.engine.cache().watches();
+
+    // Resuming from a past revision replays exactly the later changes, from memory, and
+    // a deletion carries its own revision.
+    let events: Vec<_> = api
+        .watch(&WatchParams::default().timeout(2), &from)
+        .await
+        .unwrap()
+        .take(4)
+        .try_collect()
+        .await
+        .unwrap();
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Added(cm) => ("ADDED".into(), cm.name_any()),
+            WatchEvent::Deleted(cm) => ("DELETED".into(), cm.name_any()),
+            other => (format!("{other:?}"), String::new()),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("ADDED".to_owned(), "w-2".to_owned()),
+            ("ADDED".into(), "w-3".into()),
+            ("ADDED".into(), "w-4".into()),
+            ("DELETED".into(), "w-2".into()),
+        ]
+    );
+    let WatchEvent::Deleted(gone) = &events[3] else {
+        panic!("a deletion")
+    };
+    let deleted_rv: i64 = gone
+        .metadata
+        .resource_version
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let added_rv: i64 = match &events[0] {
+        WatchEvent::Added(cm) => cm
+            .metadata
+            .resource_version
+            .as_ref()
+            .unwrap()
+            .parse()
+            .unwrap(),
+        _ => unreachable!(),
+    };
+    assert!(deleted_rv > added_rv);
+
+    // Two watchers with different selectors see the same live change their own way: one
+    // sees the object stop matching (DELETED), the other sees it start (ADDED).
+    let mut labelled = api.get("w-1").await.unwrap();
+    labelled.metadata.labels = Some([("v".to_owned(), "1".to_owned())].into());
+    api.replace("w-1", &PostParams::default(), &labelled)
+        .await
+        .unwrap();
+    let now = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let v1 = api
+        .watch(&WatchParams::default().labels("v=1").timeout(2), &now)
+        .await
+        .unwrap()
+        .boxed();
+    let v2 = api
+        .watch(&WatchParams::default().labels("v=2").timeout(2), &now)
+        .await
+        .unwrap()
+        .boxed();
+    let mut relabelled = api.get("w-1").await.unwrap();
+    relabelled.metadata.labels = Some([("v".to_owned(), "2".to_owned())].into());
+    api.replace("w-1", &PostParams::default(), &relabelled)
+        .await
+        .unwrap();
+    let (a, b) = futures::join!(
+        v1.take(1).try_collect::<Vec<_>>(),
+        v2.take(1).try_collect::<Vec<_>>()
+    );
+    assert!(matches!(a.unwrap()[0], WatchEvent::Deleted(_)));
+    assert!(matches!(b.unwrap()[0], WatchEvent::Added(_)));
+    assert_eq!(
+        c.engine.cache().watches() - before,
+        3,
+        "all three from the cache"
+    );
+}
