@@ -51,7 +51,7 @@ use crate::error::ApiError;
 use crate::object::unknown_field_warnings;
 use crate::patch::PatchType;
 use crate::registry::{Registry, builtin_resources};
-use crate::request::{Params, Target};
+use crate::request::{Params, Representation, Target};
 
 /// Largest request body accepted (kube-apiserver's limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -472,10 +472,13 @@ async fn dispatch(
             .and_then(|v| v.to_str().ok());
         managed::manager_of(params.field_manager.as_deref(), user_agent)
     };
-    let as_table = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(table::wanted);
+    let form = Representation::from_accept(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
+    let as_table = form == Representation::Table;
     let include_object = params.include_object.clone();
     let tabulate = |objects: &[Value], metadata: Value| {
         let columns = Some(target.def.printer_columns.as_slice()).filter(|c| !c.is_empty());
@@ -492,7 +495,7 @@ async fn dispatch(
     }
     match (method, target.name.is_some()) {
         (Method::GET, false) if params.is_watch() => {
-            let stream = watch::watch(engine, &target, &params, as_table).await?;
+            let stream = watch::watch(engine, &target, &params, form).await?;
             Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -501,7 +504,7 @@ async fn dispatch(
                 .into_response())
         }
         (Method::GET, false) => {
-            if !as_table {
+            if form == Representation::Full {
                 let body = engine.list_json(&target, &params).await?;
                 return Ok((
                     StatusCode::OK,
@@ -521,7 +524,22 @@ async fn dispatch(
                     &tabulate(items, list["metadata"].clone()),
                 ));
             }
-            Ok(json(StatusCode::OK, &list))
+            let items: Vec<Value> = list["items"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(object::partial_metadata)
+                .collect();
+            Ok(json(
+                StatusCode::OK,
+                &json!({
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": list["metadata"],
+                    "items": items,
+                }),
+            ))
         }
         (Method::GET, true) => {
             let object = engine.get(&target).await?;
@@ -531,6 +549,9 @@ async fn dispatch(
                     StatusCode::OK,
                     &tabulate(std::slice::from_ref(&object), metadata),
                 ));
+            }
+            if form == Representation::Metadata {
+                return Ok(json(StatusCode::OK, &object::partial_metadata(&object)));
             }
             Ok(json(StatusCode::OK, &object))
         }

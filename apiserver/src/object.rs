@@ -131,6 +131,15 @@ pub fn validate_meta(def: &ResourceDef, object: &Value) -> Result<(), ApiError> 
     }
 }
 
+/// An object as `PartialObjectMetadata`: its metadata only.
+pub fn partial_metadata(object: &Value) -> Value {
+    serde_json::json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object.get("metadata").cloned().unwrap_or_default(),
+    })
+}
+
 /// Brings `object` in line with its kind's structural schema: unknown fields pruned, schema
 /// defaults filled in, then validated (every violation a cause of one `Invalid`).
 pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {

@@ -122,6 +122,39 @@ pub struct Params {
     pub force: Option<String>,
 }
 
+/// What a read answers with, from its Accept header (alternatives in the client's order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Representation {
+    /// The objects themselves.
+    Full,
+    /// A `meta.k8s.io/v1` Table (kubectl get).
+    Table,
+    /// `PartialObjectMetadata` (and `…List`): metadata only (kube-rs `*_metadata`, client-go
+    /// metadata informers).
+    Metadata,
+}
+
+impl Representation {
+    /// Reads an Accept header.
+    pub fn from_accept(accept: &str) -> Representation {
+        for part in accept.split(',') {
+            if !part.contains("g=meta.k8s.io") {
+                if part.contains("json") || part.contains("*/*") {
+                    return Representation::Full;
+                }
+                continue;
+            }
+            if part.contains("as=Table") {
+                return Representation::Table;
+            }
+            if part.contains("as=PartialObjectMetadata") {
+                return Representation::Metadata;
+            }
+        }
+        Representation::Full
+    }
+}
+
 /// `?fieldValidation=`: unknown fields are dropped silently, dropped with a warning, or
 /// refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +273,21 @@ impl Params {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn representations() {
+        use Representation as R;
+        let table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
+        assert_eq!(R::from_accept(table), R::Table);
+        let meta = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
+        assert_eq!(R::from_accept(meta), R::Metadata);
+        assert_eq!(R::from_accept("application/json"), R::Full);
+        assert_eq!(R::from_accept(""), R::Full);
+        assert_eq!(
+            R::from_accept("application/json, application/json;as=Table;v=v1;g=meta.k8s.io"),
+            R::Full
+        );
+    }
 
     #[test]
     fn go_durations() {

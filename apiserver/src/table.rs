@@ -16,13 +16,6 @@ struct Column {
     cell: fn(&Value) -> Value,
 }
 
-/// Whether the Accept header asks for a Table.
-pub fn wanted(accept: &str) -> bool {
-    accept
-        .split(',')
-        .any(|part| part.contains("as=Table") && part.contains("g=meta.k8s.io"))
-}
-
 fn s(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
@@ -606,13 +599,5 @@ mod tests {
         assert_eq!(json_path(&o, ".spec.items[1].n"), vec![json!(2)]);
         assert_eq!(json_path(&o, ".spec.items[*].n"), vec![json!(1), json!(2)]);
         assert!(json_path(&o, ".missing.x").is_empty());
-    }
-
-    #[test]
-    fn accept_header() {
-        assert!(wanted(
-            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
-        ));
-        assert!(!wanted("application/json"));
     }
 }

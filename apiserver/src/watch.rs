@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::cache::{CacheWatch, Entry, Notice};
 use crate::engine::{Engine, decode, set_resource_version};
 use crate::error::ApiError;
-use crate::request::{Params, Target, flag};
+use crate::request::{Params, Representation, Target, flag};
 use crate::selector::{FieldSelector, LabelSelector};
 
 /// How long a watch without `timeoutSeconds` stays open.
@@ -38,7 +38,7 @@ pub async fn watch(
     engine: &Engine,
     target: &Target,
     params: &Params,
-    as_table: bool,
+    form: Representation,
 ) -> Result<BoxStream<'static, Result<Bytes, Infallible>>, ApiError> {
     let def = target.def.clone();
     let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
@@ -63,7 +63,7 @@ pub async fn watch(
             prefix,
             labels,
             fields,
-            as_table,
+            form,
             include_object: params.include_object.clone(),
             bookmarks,
         };
@@ -74,8 +74,10 @@ pub async fn watch(
     let table_def = def.clone();
     let include_object = params.include_object.clone();
     let render = move |object: &Value| -> Value {
-        if !as_table {
-            return object.clone();
+        match form {
+            Representation::Full => return object.clone(),
+            Representation::Metadata => return crate::object::partial_metadata(object),
+            Representation::Table => {}
         }
         let columns = Some(table_def.printer_columns.as_slice()).filter(|c| !c.is_empty());
         let metadata = json!({"resourceVersion": object.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
@@ -175,7 +177,7 @@ struct CachedWatch {
     prefix: String,
     labels: LabelSelector,
     fields: FieldSelector,
-    as_table: bool,
+    form: Representation,
     include_object: Option<String>,
     bookmarks: bool,
 }
@@ -261,7 +263,7 @@ impl CachedWatch {
     /// `{"type":…,"object":…}` from the cached JSON, re-encoded only for a deletion's
     /// resourceVersion or a Table.
     fn event(&self, kind: &str, entry: &Entry, revision: Option<i64>) -> Bytes {
-        if !self.as_table && revision.is_none() {
+        if self.form == Representation::Full && revision.is_none() {
             let mut out = Vec::with_capacity(entry.json.len() + 32);
             out.extend_from_slice(b"{\"type\":\"");
             out.extend_from_slice(kind.as_bytes());
@@ -274,7 +276,9 @@ impl CachedWatch {
         if let Some(revision) = revision {
             set_resource_version(&mut object, revision);
         }
-        if self.as_table {
+        if self.form == Representation::Metadata {
+            object = crate::object::partial_metadata(&object);
+        } else if self.form == Representation::Table {
             let columns = Some(self.def.printer_columns.as_slice()).filter(|c| !c.is_empty());
             let metadata = json!({"resourceVersion": object.pointer("/metadata/resourceVersion").cloned().unwrap_or_default()});
             object = crate::table::table(

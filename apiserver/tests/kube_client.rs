@@ -873,3 +873,61 @@ async fn watches_are_served_from_the_watch_cache() {
         "all three from the cache"
     );
 }
+
+#[tokio::test]
+async fn metadata_only_reads_lists_and_watches() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    api.create(
+        &PostParams::default(),
+        &configmap("m-1", json!({"big": "x".repeat(1000)})),
+    )
+    .await
+    .unwrap();
+    let one = api.get_metadata("m-1").await.unwrap();
+    assert_eq!(one.metadata.name.as_deref(), Some("m-1"));
+    assert_eq!(one.types.as_ref().unwrap().kind, "PartialObjectMetadata");
+    let list = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(
+        list.items[0]
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get("app")
+            .map(String::as_str),
+        Some("demo")
+    );
+    let rv = list.metadata.resource_version.clone().unwrap();
+    let mut events = api
+        .watch_metadata(&WatchParams::default().timeout(2), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    api.create(&PostParams::default(), &configmap("m-2", json!({})))
+        .await
+        .unwrap();
+    match events.try_next().await.unwrap() {
+        Some(WatchEvent::Added(meta)) => {
+            assert_eq!(meta.metadata.name.as_deref(), Some("m-2"));
+            assert_eq!(meta.types.as_ref().unwrap().api_version, "meta.k8s.io/v1");
+        }
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    // The raw list really is metadata only.
+    let (code, body) = c
+        .raw_get_accept(
+            "/api/v1/namespaces/default/configmaps",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
+        .await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("PartialObjectMetadataList") && !body.contains("xxxx"),
+        "{body}"
+    );
+}

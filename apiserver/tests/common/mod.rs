@@ -53,9 +53,16 @@ impl Cluster {
     /// One plain HTTP/1.1 GET on its own connection, without kube-rs (which retries 5xx
     /// answers such as 504): the status code and the body.
     pub async fn raw_get(&self, path: &str) -> (u16, String) {
+        self.raw_get_accept(path, "application/json").await
+    }
+
+    /// [`Cluster::raw_get`] with an Accept header.
+    pub async fn raw_get_accept(&self, path: &str, accept: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
