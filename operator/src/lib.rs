@@ -1,4 +1,19 @@
-//! Orquestra's controller framework and built-in control loops.
+//! Orquestra's controller framework, on kube-rs's `kube-runtime`.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout. It will talk to
-//! the API only through a kube `Client` (issues 4 and 6).
+//! Built-in Orquestra controllers and users' controllers are written the same way: a
+//! level-based `reconcile(object, context) -> Result<Action, Error>` handed to a [`Runner`],
+//! which records controller-runtime's metrics around every reconcile, contains panics, backs
+//! off per object on errors and limits concurrency. [`testing`] (feature `testing`) runs the
+//! real API server in-process for tests.
+//!
+//! The framework talks to the cluster only through a kube `Client`.
+
+#![deny(missing_docs)]
+
+pub mod controller;
+pub mod metrics;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use controller::{Backoff, ReconcileError, Runner};
+pub use metrics::ControllerMetrics;

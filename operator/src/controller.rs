@@ -1,0 +1,263 @@
+//! Running a kube-runtime [`Controller`] the way every Orquestra controller runs: metrics
+//! recorded around each reconcile, a panicking reconciler turned into an error (the manager
+//! and the other controllers carry on), per-object exponential backoff on errors, and a
+//! concurrency limit.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use kube::Resource;
+use kube::runtime::Controller;
+use kube::runtime::controller::{Action, Config};
+use kube::runtime::reflector::ObjectRef;
+use serde::de::DeserializeOwned;
+
+use crate::metrics::ControllerMetrics;
+
+/// Per-object exponential backoff after errors: `base`, doubling per consecutive failure, up
+/// to `max` (controller-runtime's defaults: 5 ms to 1,000 s). A success resets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(5),
+            max: Duration::from_secs(1000),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after `failures` consecutive failures (1 or more).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(31));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError<E: std::error::Error + 'static> {
+    /// The reconciler returned an error.
+    #[error(transparent)]
+    Failed(E),
+    /// The reconciler panicked; the panic was contained.
+    #[error("reconciler panicked: {0}")]
+    Panicked(String),
+}
+
+/// A controller ready to run: a kube-runtime [`Controller`] plus how to run it.
+pub struct Runner<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Debug + Unpin + Default,
+{
+    name: String,
+    controller: Controller<K>,
+    concurrency: u16,
+    backoff: Backoff,
+}
+
+impl<K> Debug for Runner<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Debug + Unpin + Default,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the wrapped reconciler shares between reconciles.
+struct Shared<K: Resource, Ctx, F> {
+    name: String,
+    context: Arc<Ctx>,
+    reconcile: F,
+    metrics: ControllerMetrics,
+    backoff: Backoff,
+    failures: Mutex<HashMap<ObjectRef<K>, u32>>,
+}
+
+impl<K> Runner<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Debug + Unpin + Default,
+{
+    /// Names a controller (its metrics label) built with kube-runtime's [`Controller`]
+    /// (`owns`, `watches`, shared streams and all).
+    pub fn new(name: impl Into<String>, controller: Controller<K>) -> Self {
+        Runner {
+            name: name.into(),
+            controller,
+            concurrency: 0,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// At most `n` reconciles at once (0: unlimited). The same object is never reconciled
+    /// twice at once either way.
+    pub fn concurrency(mut self, n: u16) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// The backoff after errors.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Runs until the controller's streams end (its shutdown signal, if it has one).
+    /// `reconcile` is level-based: given the object's latest state, make the world match
+    /// it, and say when to look again.
+    pub async fn run<Ctx, E, F, Fut>(
+        self,
+        reconcile: F,
+        context: Arc<Ctx>,
+        metrics: ControllerMetrics,
+    ) where
+        Ctx: Send + Sync + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+        F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Action, E>> + Send + 'static,
+    {
+        metrics.init(&self.name, self.concurrency);
+        let shared = Arc::new(Shared {
+            name: self.name.clone(),
+            context,
+            reconcile,
+            metrics,
+            backoff: self.backoff,
+            failures: Mutex::new(HashMap::new()),
+        });
+        let name = self.name;
+        self.controller
+            .with_config(Config::default().concurrency(self.concurrency))
+            .run(reconcile_instrumented, error_policy, shared)
+            .for_each(|result| {
+                if let Err(error) = result {
+                    tracing::debug!(controller = %name, %error, "reconcile failed");
+                }
+                futures::future::ready(())
+            })
+            .await;
+    }
+}
+
+fn reconcile_instrumented<K, Ctx, E, F, Fut>(
+    object: Arc<K>,
+    shared: Arc<Shared<K, Ctx, F>>,
+) -> futures::future::BoxFuture<'static, Result<Action, ReconcileError<E>>>
+where
+    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Debug + Unpin + Default,
+    Ctx: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, E>> + Send + 'static,
+{
+    async move {
+        let name = shared.name.as_str();
+        let m = &shared.metrics;
+        let workers = m.active_workers.with_label_values(&[name]);
+        workers.inc();
+        let started = Instant::now();
+        let outcome = AssertUnwindSafe((shared.reconcile)(
+            Arc::clone(&object),
+            Arc::clone(&shared.context),
+        ))
+        .catch_unwind()
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        workers.dec();
+        m.reconcile_time.with_label_values(&[name]).observe(seconds);
+        m.work_duration.with_label_values(&[name]).observe(seconds);
+        let result = match outcome {
+            Ok(Ok(action)) => {
+                if let Ok(mut failures) = shared.failures.lock() {
+                    failures.remove(&ObjectRef::from_obj(&object));
+                }
+                let label = if action == Action::await_change() {
+                    "success"
+                } else {
+                    "requeue_after"
+                };
+                m.reconcile_total.with_label_values(&[name, label]).inc();
+                return Ok(action);
+            }
+            Ok(Err(error)) => ReconcileError::Failed(error),
+            Err(panic) => {
+                m.reconcile_panics.with_label_values(&[name]).inc();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic payload".into());
+                tracing::error!(controller = name, %message, "reconciler panicked");
+                ReconcileError::Panicked(message)
+            }
+        };
+        m.reconcile_errors.with_label_values(&[name]).inc();
+        m.reconcile_total.with_label_values(&[name, "error"]).inc();
+        Err(result)
+    }
+    .boxed()
+}
+
+fn error_policy<K, Ctx, E, F>(
+    object: Arc<K>,
+    error: &ReconcileError<E>,
+    shared: Arc<Shared<K, Ctx, F>>,
+) -> Action
+where
+    K: Resource,
+    K::DynamicType: Eq + Hash + Clone + Default,
+    E: std::error::Error + 'static,
+{
+    let failures = shared
+        .failures
+        .lock()
+        .map(|mut failures| {
+            let count = failures.entry(ObjectRef::from_obj(&object)).or_insert(0);
+            *count = count.saturating_add(1);
+            *count
+        })
+        .unwrap_or(1);
+    shared
+        .metrics
+        .retries
+        .with_label_values(&[shared.name.as_str()])
+        .inc();
+    tracing::debug!(controller = %shared.name, %error, failures, "retrying after backoff");
+    Action::requeue(shared.backoff.delay(failures))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(1), Duration::from_millis(5));
+        assert_eq!(b.delay(2), Duration::from_millis(10));
+        assert_eq!(b.delay(4), Duration::from_millis(40));
+        assert_eq!(b.delay(40), Duration::from_secs(1000));
+    }
+}
