@@ -117,6 +117,12 @@ where
         self
     }
 
+    /// Stops taking new work when `signal` resolves; reconciles in flight finish first.
+    pub fn shutdown_on(mut self, signal: impl Future<Output = ()> + Send + Sync + 'static) -> Self {
+        self.controller = self.controller.graceful_shutdown_on(signal);
+        self
+    }
+
     /// The backoff after errors.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;

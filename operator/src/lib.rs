@@ -11,9 +11,12 @@
 #![deny(missing_docs)]
 
 pub mod controller;
+mod endpoint;
+pub mod manager;
 pub mod metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use controller::{Backoff, ReconcileError, Runner};
+pub use manager::{Cache, Manager};
 pub use metrics::ControllerMetrics;

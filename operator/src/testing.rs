@@ -52,6 +52,7 @@ pub enum TestError {
 
 /// A running in-process API server with a client for it.
 pub struct TestApi {
+    server: orquestra_apiserver::ApiServer,
     client: Client,
     addr: SocketAddr,
     store: Arc<dyn Store>,
@@ -78,6 +79,7 @@ impl TestApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = server.router();
+        let server_handle = server.clone();
         tokio::spawn(async move { axum::serve(listener, router).await });
         let url = format!("http://{addr}")
             .parse()
@@ -85,6 +87,7 @@ impl TestApi {
         let client = Client::try_from(kube::Config::new(url))
             .map_err(|e| TestError::Config(e.to_string()))?;
         Ok(TestApi {
+            server: server_handle,
             client,
             addr,
             store,
@@ -100,6 +103,11 @@ impl TestApi {
     /// Where the server listens (plain HTTP, no authentication).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The API server itself (its engine, its watch cache's counters).
+    pub fn server(&self) -> &orquestra_apiserver::ApiServer {
+        &self.server
     }
 
     /// The store under the server, for tests that look beneath the API.

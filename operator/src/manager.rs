@@ -1,0 +1,358 @@
+//! The manager: one kube `Client`, shared caches (one watch per kind, however many
+//! controllers read it), the controllers, an HTTP endpoint for `/metrics`, `/healthz` and
+//! `/readyz`, and a graceful shutdown that lets in-flight reconciles finish.
+//!
+//! ```no_run
+//! # async fn demo(client: kube::Client) -> Result<(), orquestra_operator::manager::ManagerError> {
+//! use std::sync::Arc;
+//! use k8s_openapi::api::core::v1::ConfigMap;
+//! use kube::runtime::{Controller, controller::Action, watcher};
+//! use orquestra_operator::{Manager, Runner};
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("never")]
+//! struct Never;
+//!
+//! async fn reconcile(_cm: Arc<ConfigMap>, _ctx: Arc<()>) -> Result<Action, Never> {
+//!     Ok(Action::await_change())
+//! }
+//!
+//! let mut manager = Manager::new(client);
+//! let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
+//! let controller = Controller::for_shared_stream(
+//!     configmaps.subscribe().expect("subscribed before run"),
+//!     configmaps.store(),
+//! );
+//! manager.add(Runner::new("configmaps", controller), reconcile, Arc::new(()));
+//! manager.run("127.0.0.1:8080".parse().unwrap(), std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use prometheus::Registry;
+use serde::de::DeserializeOwned;
+
+use crate::controller::Runner;
+use crate::metrics::ControllerMetrics;
+
+/// How many changes a shared cache buffers for its slowest subscriber.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// Why the manager stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The metrics/health endpoint could not listen.
+    #[error("serving /metrics on {addr}: {source}")]
+    Listen {
+        /// Where it tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A cache of one kind, shared by every controller of the manager: one watch feeds the
+/// store that reconcilers read and the streams that trigger them.
+pub struct Cache<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store: Store<K>,
+    writer: Arc<Mutex<Option<Writer<K>>>>,
+}
+
+impl<K: Resource + Clone + 'static> Clone for Cache<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn clone(&self) -> Self {
+        Cache {
+            store: self.store.clone(),
+            writer: Arc::clone(&self.writer),
+        }
+    }
+}
+
+impl<K: Resource + Clone + 'static> Debug for Cache<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("objects", &self.store.state().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Resource + Clone + 'static> Cache<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    /// The read side: what reconcilers look objects up in.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// A stream of the changed objects, for a controller's trigger (`for_shared_stream`,
+    /// `owns_shared_stream`, `watches_shared_stream`). Only before [`Manager::run`]: every
+    /// subscriber must be known when the watch starts, or it could miss changes. `None`
+    /// afterwards.
+    pub fn subscribe(&self) -> Option<ReflectHandle<K>> {
+        self.writer.lock().ok()?.as_ref()?.subscribe()
+    }
+}
+
+type Task = Box<dyn FnOnce(Shutdown) -> BoxFuture<'static, ()> + Send>;
+
+/// Resolves when the manager shuts down.
+pub type Shutdown = futures::future::Shared<BoxFuture<'static, ()>>;
+
+/// The manager. Build it, add caches and controllers, then [`Manager::run`] it.
+pub struct Manager {
+    client: Client,
+    registry: Registry,
+    metrics: Option<ControllerMetrics>,
+    caches: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    drivers: Vec<Task>,
+    controllers: Vec<Task>,
+    /// Per cache: synced and its watch currently healthy.
+    health: Vec<Arc<CacheHealth>>,
+}
+
+impl Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("caches", &self.caches.len())
+            .field("controllers", &self.controllers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state `/readyz` reports for one cache.
+#[derive(Debug, Default)]
+pub(crate) struct CacheHealth {
+    kind: String,
+    synced: AtomicBool,
+    failing: AtomicBool,
+}
+
+impl Manager {
+    /// A manager over `client`, with its own metrics registry.
+    pub fn new(client: Client) -> Manager {
+        let registry = Registry::new();
+        let metrics = ControllerMetrics::register(&registry).ok();
+        Manager {
+            client,
+            registry,
+            metrics,
+            caches: HashMap::new(),
+            drivers: Vec::new(),
+            controllers: Vec::new(),
+            health: Vec::new(),
+        }
+    }
+
+    /// The client.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The registry `/metrics` serves; register your own metrics here too.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The shared cache of kind `K` (all namespaces), created on first use with `config`;
+    /// later calls return the same cache (and ignore `config`).
+    pub fn cache<K>(&mut self, config: watcher::Config) -> Cache<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+    {
+        if let Some(cache) = self
+            .caches
+            .get(&TypeId::of::<K>())
+            .and_then(|c| c.downcast_ref::<Cache<K>>())
+        {
+            return cache.clone();
+        }
+        let (store, writer) = reflector::store_shared::<K>(SUBSCRIBER_BUFFER);
+        let cache = Cache {
+            store,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        };
+        let health = Arc::new(CacheHealth {
+            kind: K::kind(&Default::default()).into_owned(),
+            ..CacheHealth::default()
+        });
+        self.health.push(Arc::clone(&health));
+        let api: Api<K> = Api::all(self.client.clone());
+        let driver_cache = cache.clone();
+        self.drivers.push(Box::new(move |shutdown: Shutdown| {
+            async move {
+                let Some(writer) = driver_cache.writer.lock().ok().and_then(|mut w| w.take())
+                else {
+                    return;
+                };
+                let events = watcher(api, config)
+                    .default_backoff()
+                    .reflect_shared(writer)
+                    .for_each(|event| {
+                        match event {
+                            // Synced from the first complete list on. (Not through
+                            // `Store::wait_until_ready`: kube-runtime 5's ready signal wakes
+                            // only its latest waiter, and the controllers wait on it too.)
+                            Ok(watcher::Event::InitDone) => {
+                                health.synced.store(true, Ordering::Relaxed);
+                                health.failing.store(false, Ordering::Relaxed);
+                            }
+                            Ok(_) => health.failing.store(false, Ordering::Relaxed),
+                            Err(error) => {
+                                if !health.failing.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(kind = %health.kind, %error, "watch failing; retrying with backoff");
+                                }
+                            }
+                        }
+                        futures::future::ready(())
+                    });
+                tokio::select! {
+                    () = events => {}
+                    () = shutdown => {}
+                }
+            }
+            .boxed()
+        }));
+        self.caches
+            .insert(TypeId::of::<K>(), Box::new(cache.clone()));
+        cache
+    }
+
+    /// Adds a controller: `reconcile` runs under `runner`'s metrics, backoff and
+    /// concurrency, with `context`, until the manager shuts down.
+    pub fn add<K, Ctx, E, F, Fut>(&mut self, runner: Runner<K>, reconcile: F, context: Arc<Ctx>)
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Debug + Unpin + Default,
+        Ctx: Send + Sync + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+        F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Action, E>> + Send + 'static,
+    {
+        let Some(metrics) = self.metrics.clone() else {
+            tracing::error!("controller metrics failed to register; controller not added");
+            return;
+        };
+        self.controllers.push(Box::new(move |shutdown: Shutdown| {
+            runner
+                .shutdown_on(shutdown)
+                .run(reconcile, context, metrics)
+                .boxed()
+        }));
+    }
+
+    /// Runs everything until `shutdown` resolves (or SIGTERM/SIGINT arrives): the caches'
+    /// watches, the controllers, and `/metrics`, `/healthz`, `/readyz` on `addr`. On
+    /// shutdown, controllers stop taking new work and finish the reconciles in flight.
+    pub async fn run(
+        self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ManagerError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ManagerError::Listen { addr, source })?;
+        self.run_on(listener, shutdown).await
+    }
+
+    /// [`Manager::run`] on a listener the caller bound (port 0 in tests).
+    pub async fn run_on(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ManagerError> {
+        let signal: Shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = terminate_signal() => {}
+            }
+        }
+        .boxed()
+        .shared();
+        let health = Arc::new(self.health);
+        let app = crate::endpoint::router(self.registry.clone(), Arc::clone(&health));
+        let server_signal = signal.clone();
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(server_signal)
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "metrics endpoint failed");
+            }
+        });
+        let mut tasks = Vec::new();
+        for driver in self.drivers {
+            tasks.push(tokio::spawn(driver(signal.clone())));
+        }
+        for controller in self.controllers {
+            tasks.push(tokio::spawn(controller(signal.clone())));
+        }
+        signal.clone().await;
+        tracing::info!("shutting down: finishing in-flight reconciles");
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = server.await;
+        Ok(())
+    }
+}
+
+/// Whether every cache has synced and no watch is failing (what `/readyz` answers).
+pub(crate) fn ready(health: &[Arc<CacheHealth>]) -> Result<(), String> {
+    for cache in health {
+        if !cache.synced.load(Ordering::Relaxed) {
+            return Err(format!("cache of {} not synced", cache.kind));
+        }
+        if cache.failing.load(Ordering::Relaxed) {
+            return Err(format!("watch of {} failing", cache.kind));
+        }
+    }
+    Ok(())
+}
+
+async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
+}

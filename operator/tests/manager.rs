@@ -1,0 +1,150 @@
+//! The manager against the in-process API server: one watch per kind however many
+//! controllers read it, /metrics with controller-runtime's series, /healthz and /readyz, and
+//! a graceful shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Api;
+use kube::api::PostParams;
+use kube::runtime::controller::Action;
+use kube::runtime::{Controller, watcher};
+use orquestra_operator::testing::TestApi;
+use orquestra_operator::{Manager, Runner};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+#[derive(Default)]
+struct Counts {
+    first: AtomicUsize,
+    second: AtomicUsize,
+    secrets: AtomicUsize,
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let code = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test]
+async fn shared_caches_metrics_health_and_graceful_shutdown() {
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for i in 0..5 {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("c{i}")}})).unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let counts = Arc::new(Counts::default());
+
+    let mut manager = Manager::new(client.clone());
+    let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
+    let again = manager.cache::<ConfigMap>(watcher::Config::default());
+    let secrets = manager.cache::<Secret>(watcher::Config::default());
+    let first = Controller::for_shared_stream(configmaps.subscribe().unwrap(), configmaps.store());
+    let second = Controller::for_shared_stream(again.subscribe().unwrap(), again.store());
+    let third = Controller::for_shared_stream(secrets.subscribe().unwrap(), secrets.store());
+    manager.add(
+        Runner::new("first", first),
+        |_: Arc<ConfigMap>, c: Arc<Counts>| async move {
+            c.first.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Never>(Action::await_change())
+        },
+        Arc::clone(&counts),
+    );
+    manager.add(
+        Runner::new("second", second),
+        |_: Arc<ConfigMap>, c: Arc<Counts>| async move {
+            c.second.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Never>(Action::await_change())
+        },
+        Arc::clone(&counts),
+    );
+    manager.add(
+        Runner::new("secrets", third),
+        |_: Arc<Secret>, c: Arc<Counts>| async move {
+            c.secrets.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Never>(Action::await_change())
+        },
+        Arc::clone(&counts),
+    );
+
+    let watches_before = api.server().engine().cache().watches();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(manager.run_on(listener, async move {
+        let _ = stopped.await;
+    }));
+
+    // Both ConfigMap controllers see every ConfigMap, through one cache.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counts.first.load(Ordering::Relaxed) < 5 || counts.second.load(Ordering::Relaxed) < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "controllers reconcile"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(configmaps.store().state().len(), 5);
+    assert_eq!(
+        api.server().engine().cache().watches() - watches_before,
+        2,
+        "one watch per kind (ConfigMaps, Secrets), not one per controller"
+    );
+    assert!(
+        configmaps.subscribe().is_none(),
+        "subscribing after run is refused"
+    );
+
+    // Health and metrics.
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, why) = get(addr, "/readyz").await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ready once caches sync: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, metrics) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        "controller_runtime_reconcile_total{controller=\"first\",result=\"success\"} 5",
+        "controller_runtime_reconcile_total{controller=\"second\",result=\"success\"} 5",
+        "controller_runtime_active_workers{controller=\"secrets\"} 0",
+        "controller_runtime_reconcile_time_seconds_count{controller=\"first\"} 5",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+
+    // Graceful shutdown: run returns.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the manager stops")
+        .unwrap()
+        .unwrap();
+}
