@@ -12,11 +12,13 @@
 
 pub mod controller;
 mod endpoint;
+pub mod leader;
 pub mod manager;
 pub mod metrics;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use controller::{Backoff, ReconcileError, Runner};
+pub use leader::LeaderElection;
 pub use manager::{Cache, Manager};
 pub use metrics::ControllerMetrics;

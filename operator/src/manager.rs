@@ -47,6 +47,7 @@ use prometheus::Registry;
 use serde::de::DeserializeOwned;
 
 use crate::controller::Runner;
+use crate::leader::{Attempt, Elector, LeaderElection};
 use crate::metrics::ControllerMetrics;
 
 /// How many changes a shared cache buffers for its slowest subscriber.
@@ -66,6 +67,18 @@ pub enum ManagerError {
     /// The metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// Another replica holds the Lease now; this manager stopped its controllers.
+    #[error("leadership of Lease {lease} lost")]
+    LeadershipLost {
+        /// `namespace/name`.
+        lease: String,
+    },
+}
+
+/// Leader election as the manager runs it.
+struct Leader {
+    elector: Elector,
+    gauge: prometheus::IntGauge,
 }
 
 /// A cache of one kind, shared by every controller of the manager: one watch feeds the
@@ -134,6 +147,7 @@ pub struct Manager {
     controllers: Vec<Task>,
     /// Per cache: synced and its watch currently healthy.
     health: Vec<Arc<CacheHealth>>,
+    leader: Option<Leader>,
 }
 
 impl Debug for Manager {
@@ -166,7 +180,29 @@ impl Manager {
             drivers: Vec::new(),
             controllers: Vec::new(),
             health: Vec::new(),
+            leader: None,
         }
+    }
+
+    /// Competes for leadership on a Lease: caches fill and `/metrics` serves on every
+    /// replica, controllers run only on the leader. Sets client-go's
+    /// `leader_election_master_status{name}` gauge.
+    pub fn leader_election(&mut self, config: LeaderElection) -> Result<(), ManagerError> {
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "leader_election_master_status",
+                "1 while this replica leads (holds the Lease), 0 otherwise.",
+            ),
+            &["name"],
+        )?;
+        self.registry.register(Box::new(gauge.clone()))?;
+        let gauge = gauge.with_label_values(&[config.name.as_str()]);
+        gauge.set(0);
+        self.leader = Some(Leader {
+            elector: Elector::new(self.client.clone(), config),
+            gauge,
+        });
+        Ok(())
     }
 
     /// The client.
@@ -306,21 +342,114 @@ impl Manager {
                 tracing::error!(%error, "metrics endpoint failed");
             }
         });
-        let mut tasks = Vec::new();
+        let mut drivers = Vec::new();
         for driver in self.drivers {
-            tasks.push(tokio::spawn(driver(signal.clone())));
+            drivers.push(tokio::spawn(driver(signal.clone())));
         }
-        for controller in self.controllers {
-            tasks.push(tokio::spawn(controller(signal.clone())));
+        let outcome = match self.leader {
+            None => {
+                let controllers = start(self.controllers, &signal);
+                signal.clone().await;
+                tracing::info!("shutting down: finishing in-flight reconciles");
+                finish(controllers).await;
+                Ok(())
+            }
+            Some(leader) => lead(leader, self.controllers, &signal).await,
+        };
+        if outcome.is_err() {
+            // Leadership lost: nothing of this manager may act any more.
+            drivers.iter().for_each(tokio::task::JoinHandle::abort);
+            server.abort();
+            return outcome;
         }
-        signal.clone().await;
-        tracing::info!("shutting down: finishing in-flight reconciles");
-        for task in tasks {
-            let _ = task.await;
-        }
+        finish(drivers).await;
         let _ = server.await;
         Ok(())
     }
+}
+
+fn start(controllers: Vec<Task>, signal: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
+    controllers
+        .into_iter()
+        .map(|controller| tokio::spawn(controller(signal.clone())))
+        .collect()
+}
+
+async fn finish(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Leader-elected running: wait for the Lease, run the controllers while renewing it, and
+/// stop them at once if it is lost (an error: the caller should exit or start over), or
+/// gracefully on shutdown (then the Lease is released for a standby).
+async fn lead(
+    leader: Leader,
+    controllers: Vec<Task>,
+    signal: &Shutdown,
+) -> Result<(), ManagerError> {
+    let config = leader.elector.config().clone();
+    let gauge = leader.gauge;
+    gauge.set(0);
+    // Candidate until the Lease is ours.
+    loop {
+        if attempt(&leader.elector, config.renew_deadline).await == Some(Attempt::Leading) {
+            break;
+        }
+        tokio::select! {
+            () = signal.clone() => return Ok(()),
+            () = tokio::time::sleep(config.retry_period) => {}
+        }
+    }
+    tracing::info!(identity = %config.identity, lease = %config.name, "became the leader");
+    gauge.set(1);
+    let running = start(controllers, signal);
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = signal.clone() => break,
+            () = tokio::time::sleep(config.retry_period) => {}
+        }
+        match attempt(&leader.elector, config.renew_deadline).await {
+            Some(Attempt::Leading) => renewed = tokio::time::Instant::now(),
+            Some(Attempt::Following) => return lost(&gauge, running, &config),
+            None if renewed.elapsed() > config.renew_deadline => {
+                return lost(&gauge, running, &config);
+            }
+            None => {}
+        }
+    }
+    tracing::info!("shutting down: finishing in-flight reconciles, then releasing the Lease");
+    finish(running).await;
+    leader.elector.release().await;
+    gauge.set(0);
+    Ok(())
+}
+
+/// One try at the Lease, bounded by `deadline`; `None` if it failed or hung.
+async fn attempt(elector: &Elector, deadline: std::time::Duration) -> Option<Attempt> {
+    match tokio::time::timeout(deadline, elector.try_acquire_or_renew()).await {
+        Ok(Ok(attempt)) => Some(attempt),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "leader election attempt failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn lost(
+    gauge: &prometheus::IntGauge,
+    running: Vec<tokio::task::JoinHandle<()>>,
+    config: &LeaderElection,
+) -> Result<(), ManagerError> {
+    gauge.set(0);
+    running.iter().for_each(tokio::task::JoinHandle::abort);
+    tracing::error!(identity = %config.identity, lease = %config.name, "leadership lost; stopped reconciling");
+    Err(ManagerError::LeadershipLost {
+        lease: format!("{}/{}", config.namespace, config.name),
+    })
 }
 
 /// Whether every cache has synced and no watch is failing (what `/readyz` answers).
