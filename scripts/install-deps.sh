@@ -3,8 +3,9 @@
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 
-# Debian packages: protoc (etcd-client's build), etcd (the scale-out store and its tests).
-packages=(protobuf-compiler etcd-server etcd-client)
+# Debian packages: protoc (etcd-client's build), etcd (the scale-out store and its tests),
+# Prometheus and promtool (the controller framework's metrics tests).
+packages=(protobuf-compiler etcd-server etcd-client prometheus)
 
 missing=()
 for p in "${packages[@]}"; do
