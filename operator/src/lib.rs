@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+pub mod conditions;
 pub mod controller;
 mod endpoint;
 pub mod leader;

@@ -47,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
 fn crdgen(out: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for manifest in orquestra_apiserver::crdgen::manifests()? {
+    let mut manifests = orquestra_apiserver::crdgen::manifests()?;
+    // Custom resources written with the controller framework.
+    manifests.push(orquestra_apiserver::crdgen::manifest(&static_site::crd())?);
+    for manifest in manifests {
         let path = out.join(&manifest.file_name);
         std::fs::write(&path, &manifest.yaml)
             .with_context(|| format!("writing {}", path.display()))?;
