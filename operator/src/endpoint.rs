@@ -1,5 +1,5 @@
 //! The manager's HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process
-//! is up) and `/readyz` (every cache synced and no watch failing).
+//! is up) and `/readyz` (every cache synced, and the API server answering).
 
 use std::sync::Arc;
 
@@ -9,9 +9,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use crate::manager::{CacheHealth as Health, ready};
+use crate::manager::Readiness;
 
-pub(crate) fn router(registry: Registry, health: Arc<Vec<Arc<Health>>>) -> Router {
+pub(crate) fn router(registry: Registry, readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -37,9 +37,9 @@ pub(crate) fn router(registry: Registry, health: Arc<Vec<Arc<Health>>>) -> Route
         .route(
             "/readyz",
             get(move || {
-                let health = Arc::clone(&health);
+                let readiness = Arc::clone(&readiness);
                 async move {
-                    match ready(&health) {
+                    match readiness.check() {
                         Ok(()) => (StatusCode::OK, "ok".to_owned()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }

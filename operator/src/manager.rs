@@ -331,8 +331,12 @@ impl Manager {
         }
         .boxed()
         .shared();
-        let health = Arc::new(self.health);
-        let app = crate::endpoint::router(self.registry.clone(), Arc::clone(&health));
+        let readiness = Arc::new(Readiness {
+            caches: self.health,
+            api_reachable: AtomicBool::new(false),
+        });
+        let app = crate::endpoint::router(self.registry.clone(), Arc::clone(&readiness));
+        tokio::spawn(probe(self.client.clone(), readiness, signal.clone()));
         let server_signal = signal.clone();
         let server = tokio::spawn(async move {
             let result = axum::serve(listener, app)
@@ -452,17 +456,55 @@ fn lost(
     })
 }
 
-/// Whether every cache has synced and no watch is failing (what `/readyz` answers).
-pub(crate) fn ready(health: &[Arc<CacheHealth>]) -> Result<(), String> {
-    for cache in health {
-        if !cache.synced.load(Ordering::Relaxed) {
-            return Err(format!("cache of {} not synced", cache.kind));
+/// What `/readyz` answers from.
+#[derive(Debug, Default)]
+pub(crate) struct Readiness {
+    caches: Vec<Arc<CacheHealth>>,
+    /// The API server answered the last probe.
+    api_reachable: AtomicBool,
+}
+
+impl Readiness {
+    /// Ready once every cache has listed, while the API server answers.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if !self.api_reachable.load(Ordering::Relaxed) {
+            return Err("API server unreachable".into());
         }
-        if cache.failing.load(Ordering::Relaxed) {
-            return Err(format!("watch of {} failing", cache.kind));
+        for cache in &self.caches {
+            if !cache.synced.load(Ordering::Relaxed) {
+                return Err(format!("cache of {} not synced", cache.kind));
+            }
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// How often the manager checks that the API server answers.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `readiness.api_reachable` current until shutdown. (A watch that resumes after an
+/// outage reports nothing until something changes, so the watches alone cannot say when the
+/// API server is back.)
+async fn probe(client: Client, readiness: Arc<Readiness>, shutdown: Shutdown) {
+    let probing = async {
+        loop {
+            let answered = tokio::time::timeout(PROBE_INTERVAL * 2, client.apiserver_version())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if readiness.api_reachable.swap(answered, Ordering::Relaxed) != answered {
+                if answered {
+                    tracing::info!("API server reachable");
+                } else {
+                    tracing::warn!("API server unreachable; watches retry with backoff");
+                }
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    };
+    tokio::select! {
+        () = probing => {}
+        () = shutdown => {}
+    }
 }
 
 async fn terminate_signal() {

@@ -20,6 +20,11 @@ impl Server {
             .unwrap()
             .local_addr()
             .unwrap();
+        Server::start_at(data_dir, addr, extra)
+    }
+
+    /// Starts on a given address (a restart where the last one listened).
+    pub fn start_at(data_dir: &Path, addr: SocketAddr, extra: &[&str]) -> Server {
         let child = Command::new(env!("CARGO_BIN_EXE_orq"))
             .arg("server")
             .arg("--data-dir")

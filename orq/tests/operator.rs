@@ -1,0 +1,111 @@
+//! A controller manager against a real `orq server` process that goes away: the manager
+//! retries with backoff, reports not-ready on /readyz while the API server is gone, and
+//! recovers — ready again, reconciling new objects — when it returns on the same data dir.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::{Controller, watcher};
+use kube::{Client, ResourceExt};
+use orquestra_operator::{Manager, Runner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+async fn readyz(addr: std::net::SocketAddr) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.get(9..12)?.parse().ok()
+}
+
+async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_is_not_ready_while_the_api_server_is_gone_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--insecure-http"]);
+    let addr = server.addr;
+    tokio::task::block_in_place(|| server.wait_ready());
+    let client =
+        Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut manager = Manager::new(client.clone());
+    let cache = manager.cache::<ConfigMap>(watcher::Config::default());
+    let controller = Controller::for_shared_stream(cache.subscribe().unwrap(), cache.store());
+    manager.add(
+        Runner::new("survivor", controller),
+        |cm: Arc<ConfigMap>, seen: Arc<Mutex<Vec<String>>>| async move {
+            seen.lock().unwrap().push(cm.name_any());
+            Ok::<_, Never>(Action::await_change())
+        },
+        Arc::clone(&seen),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health = listener.local_addr().unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+    until("ready", Duration::from_secs(20), async || {
+        readyz(health).await == Some(200)
+    })
+    .await;
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm = |name: &str| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    };
+    cms.create(&PostParams::default(), &cm("before"))
+        .await
+        .unwrap();
+    until("reconciled", Duration::from_secs(10), async || {
+        seen.lock().unwrap().iter().any(|n| n == "before")
+    })
+    .await;
+
+    // The API server dies (SIGKILL): the manager notices and says so.
+    drop(server);
+    until("not ready", Duration::from_secs(20), async || {
+        readyz(health).await == Some(503)
+    })
+    .await;
+    assert!(
+        tokio::net::TcpStream::connect(health).await.is_ok(),
+        "the manager itself is still up"
+    );
+
+    // It comes back on the same data dir and address: the manager recovers on its own.
+    let server = Server::start_at(dir.path(), addr, &["--insecure-http"]);
+    tokio::task::block_in_place(|| server.wait_ready());
+    until("ready again", Duration::from_secs(45), async || {
+        readyz(health).await == Some(200)
+    })
+    .await;
+    cms.create(&PostParams::default(), &cm("after"))
+        .await
+        .unwrap();
+    until("reconciling again", Duration::from_secs(10), async || {
+        seen.lock().unwrap().iter().any(|n| n == "after")
+    })
+    .await;
+    drop(server);
+}
