@@ -68,6 +68,52 @@ where
     controller: Controller<K>,
     concurrency: u16,
     backoff: Backoff,
+    /// The queue seen from outside kube-runtime's scheduler, when the runner built its
+    /// controller from caches (and so sees every trigger).
+    queue: Option<Arc<Queue<K>>>,
+}
+
+/// The workqueue as controller-runtime's metrics describe it: an object is added when a
+/// watch event triggers it (deduplicated while it waits, as client-go's dirty set does) and
+/// leaves when its reconcile starts.
+struct Queue<K: Resource> {
+    pending: Mutex<HashMap<ObjectRef<K>, Instant>>,
+    meters: std::sync::OnceLock<QueueMeters>,
+}
+
+struct QueueMeters {
+    depth: prometheus::IntGauge,
+    adds: prometheus::IntCounter,
+    wait: prometheus::Histogram,
+}
+
+impl<K: Resource> Queue<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn add(&self, item: ObjectRef<K>) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        pending.entry(item).or_insert_with(Instant::now);
+        if let Some(m) = self.meters.get() {
+            m.adds.inc();
+            m.depth.set(pending.len() as i64);
+        }
+    }
+
+    fn started(&self, item: &ObjectRef<K>) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        let added = pending.remove(item);
+        if let Some(m) = self.meters.get() {
+            if let Some(added) = added {
+                m.wait.observe(added.elapsed().as_secs_f64());
+            }
+            m.depth.set(pending.len() as i64);
+        }
+    }
 }
 
 impl<K> Debug for Runner<K>
@@ -92,6 +138,7 @@ struct Shared<K: Resource, Ctx, F> {
     metrics: ControllerMetrics,
     backoff: Backoff,
     failures: Mutex<HashMap<ObjectRef<K>, u32>>,
+    queue: Option<Arc<Queue<K>>>,
 }
 
 impl<K> Runner<K>
@@ -101,13 +148,66 @@ where
 {
     /// Names a controller (its metrics label) built with kube-runtime's [`Controller`]
     /// (`owns`, `watches`, shared streams and all).
+    ///
+    /// Built this way the runner cannot see kube-runtime's queue: the `workqueue_depth`,
+    /// `workqueue_adds_total` and `workqueue_queue_duration_seconds` series stay at zero. Use
+    /// [`Runner::for_cache`] to get them.
     pub fn new(name: impl Into<String>, controller: Controller<K>) -> Self {
         Runner {
             name: name.into(),
             controller,
             concurrency: 0,
             backoff: Backoff::default(),
+            queue: None,
         }
+    }
+
+    /// A controller of the objects in a manager's shared `cache`, built by the runner so that
+    /// it sees every trigger (and records the workqueue metrics). `None` once the manager
+    /// runs (caches are subscribed before).
+    pub fn for_cache(name: impl Into<String>, cache: &crate::Cache<K>) -> Option<Self> {
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(HashMap::new()),
+            meters: std::sync::OnceLock::new(),
+        });
+        let meter = Arc::clone(&queue);
+        let triggers = cache.subscribe()?.map(move |object: Arc<K>| {
+            meter.add(ObjectRef::from_obj(&*object));
+            object
+        });
+        let controller = Controller::for_shared_stream(triggers, cache.store());
+        Some(Runner {
+            queue: Some(queue),
+            ..Runner::new(name, controller)
+        })
+    }
+
+    /// Also reconciles an object when one of the children it controls (by a controller
+    /// owner reference) changes: the children of the manager's shared `cache`.
+    pub fn owns<C>(mut self, cache: &crate::Cache<C>) -> Option<Self>
+    where
+        C: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let queue = self.queue.clone();
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let api_version = K::api_version(&K::DynamicType::default()).into_owned();
+        let children = cache.subscribe()?.map(move |child: Arc<C>| {
+            if let Some(queue) = &queue {
+                let owner = child.meta().owner_references.iter().flatten().find(|o| {
+                    o.controller == Some(true) && o.kind == kind && o.api_version == api_version
+                });
+                if let Some(owner) = owner {
+                    let mut item = ObjectRef::<K>::new(&owner.name);
+                    if let Some(ns) = child.meta().namespace.as_deref() {
+                        item = item.within(ns);
+                    }
+                    queue.add(item);
+                }
+            }
+            child
+        });
+        self.controller = self.controller.owns_shared_stream(children);
+        Some(self)
     }
 
     /// At most `n` reconciles at once (0: unlimited). The same object is never reconciled
@@ -144,7 +244,17 @@ where
         Fut: Future<Output = Result<Action, E>> + Send + 'static,
     {
         metrics.init(&self.name, self.concurrency);
+        if let Some(queue) = &self.queue {
+            let _ = queue.meters.set(QueueMeters {
+                depth: metrics.depth.with_label_values(&[self.name.as_str()]),
+                adds: metrics.adds.with_label_values(&[self.name.as_str()]),
+                wait: metrics
+                    .queue_duration
+                    .with_label_values(&[self.name.as_str()]),
+            });
+        }
         let shared = Arc::new(Shared {
+            queue: self.queue.clone(),
             name: self.name.clone(),
             context,
             reconcile,
@@ -181,6 +291,9 @@ where
     async move {
         let name = shared.name.as_str();
         let m = &shared.metrics;
+        if let Some(queue) = &shared.queue {
+            queue.started(&ObjectRef::from_obj(&*object));
+        }
         let workers = m.active_workers.with_label_values(&[name]);
         workers.inc();
         let started = Instant::now();

@@ -15,6 +15,9 @@ pub struct ControllerMetrics {
     pub(crate) max_concurrent: IntGaugeVec,
     pub(crate) work_duration: HistogramVec,
     pub(crate) retries: IntCounterVec,
+    pub(crate) depth: IntGaugeVec,
+    pub(crate) adds: IntCounterVec,
+    pub(crate) queue_duration: HistogramVec,
 }
 
 /// controller-runtime's reconcile-time buckets (seconds).
@@ -81,6 +84,23 @@ impl ControllerMetrics {
                 "Total number of retries handled by workqueue.",
                 &["name"],
             )?,
+            depth: IntGaugeVec::new(
+                Opts::new("workqueue_depth", "Current depth of workqueue."),
+                &["name"],
+            )?,
+            adds: counter(
+                "workqueue_adds_total",
+                "Total number of adds handled by workqueue.",
+                &["name"],
+            )?,
+            queue_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "workqueue_queue_duration_seconds",
+                    "How long in seconds an item stays in workqueue before being requested.",
+                )
+                .buckets(prometheus::exponential_buckets(1e-8, 10.0, 10)?),
+                &["name"],
+            )?,
         };
         registry.register(Box::new(metrics.reconcile_total.clone()))?;
         registry.register(Box::new(metrics.reconcile_errors.clone()))?;
@@ -90,6 +110,9 @@ impl ControllerMetrics {
         registry.register(Box::new(metrics.max_concurrent.clone()))?;
         registry.register(Box::new(metrics.work_duration.clone()))?;
         registry.register(Box::new(metrics.retries.clone()))?;
+        registry.register(Box::new(metrics.depth.clone()))?;
+        registry.register(Box::new(metrics.adds.clone()))?;
+        registry.register(Box::new(metrics.queue_duration.clone()))?;
         Ok(metrics)
     }
 
@@ -107,5 +130,7 @@ impl ControllerMetrics {
             .with_label_values(&[controller])
             .set(i64::from(concurrency));
         self.retries.with_label_values(&[controller]);
+        self.depth.with_label_values(&[controller]).set(0);
+        self.adds.with_label_values(&[controller]);
     }
 }

@@ -59,11 +59,11 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
     let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
     let again = manager.cache::<ConfigMap>(watcher::Config::default());
     let secrets = manager.cache::<Secret>(watcher::Config::default());
-    let first = Controller::for_shared_stream(configmaps.subscribe().unwrap(), configmaps.store());
+
     let second = Controller::for_shared_stream(again.subscribe().unwrap(), again.store());
     let third = Controller::for_shared_stream(secrets.subscribe().unwrap(), secrets.store());
     manager.add(
-        Runner::new("first", first),
+        Runner::for_cache("first", &configmaps).unwrap(),
         |_: Arc<ConfigMap>, c: Arc<Counts>| async move {
             c.first.fetch_add(1, Ordering::Relaxed);
             Ok::<_, Never>(Action::await_change())
@@ -136,6 +136,10 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
         "controller_runtime_reconcile_total{controller=\"second\",result=\"success\"} 5",
         "controller_runtime_active_workers{controller=\"secrets\"} 0",
         "controller_runtime_reconcile_time_seconds_count{controller=\"first\"} 5",
+        // The runner built from the cache sees its queue.
+        "workqueue_adds_total{name=\"first\"} 5",
+        "workqueue_depth{name=\"first\"} 0",
+        "workqueue_queue_duration_seconds_count{name=\"first\"} 5",
     ] {
         assert!(metrics.contains(series), "{series} in\n{metrics}");
     }

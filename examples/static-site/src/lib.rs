@@ -303,16 +303,12 @@ pub fn crd()
 /// already running (caches can only be subscribed before).
 pub fn controller(manager: &mut orquestra_operator::Manager) -> Option<()> {
     use k8s_openapi::api::apps::v1::Deployment as D;
-    use kube::runtime::{Controller, watcher};
+    use kube::runtime::watcher;
     let sites = manager.cache::<StaticSite>(watcher::Config::default());
     let deployments = manager.cache::<D>(watcher::Config::default());
-    let controller = Controller::for_shared_stream(sites.subscribe()?, sites.store())
-        .owns_shared_stream(deployments.subscribe()?);
+    let runner =
+        orquestra_operator::Runner::for_cache("static-site", &sites)?.owns(&deployments)?;
     let context = Arc::new(Context::new(manager.client()));
-    manager.add(
-        orquestra_operator::Runner::new("static-site", controller),
-        reconcile,
-        context,
-    );
+    manager.add(runner, reconcile, context);
     Some(())
 }
