@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
+use kube::ResourceExt;
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use orquestra_operator::testing::TestApi;
 use orquestra_operator::{Manager, Runner};
@@ -61,7 +63,17 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
     let secrets = manager.cache::<Secret>(watcher::Config::default());
 
     let second = Controller::for_shared_stream(again.subscribe().unwrap(), again.store());
-    let third = Controller::for_shared_stream(secrets.subscribe().unwrap(), secrets.store());
+    // Secrets are also reconciled when the ConfigMap of the same name changes.
+    let third = Runner::for_cache("secrets", &secrets)
+        .unwrap()
+        .watches(&again, |cm: Arc<ConfigMap>| {
+            let mut secret = ObjectRef::<Secret>::new(&cm.name_any());
+            if let Some(ns) = cm.namespace() {
+                secret = secret.within(&ns);
+            }
+            Some(secret)
+        })
+        .unwrap();
     manager.add(
         Runner::for_cache("first", &configmaps).unwrap(),
         |_: Arc<ConfigMap>, c: Arc<Counts>| async move {
@@ -79,7 +91,7 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
         Arc::clone(&counts),
     );
     manager.add(
-        Runner::new("secrets", third),
+        third,
         |_: Arc<Secret>, c: Arc<Counts>| async move {
             c.secrets.fetch_add(1, Ordering::Relaxed);
             Ok::<_, Never>(Action::await_change())
@@ -142,6 +154,39 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
         "workqueue_queue_duration_seconds_count{name=\"first\"} 5",
     ] {
         assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+
+    // A ConfigMap change reconciles the Secret of that name (watches), and only once the
+    // Secret exists (a reconcile is for an object that is there).
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "c1"}})).unwrap();
+    secrets_api
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counts.secrets.load(Ordering::Relaxed) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the secret is reconciled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = counts.secrets.load(Ordering::Relaxed);
+    cms.patch(
+        "c1",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"data": {"k": "v"}})),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counts.secrets.load(Ordering::Relaxed) <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watches triggers the secret"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // Graceful shutdown: run returns.
