@@ -1,6 +1,7 @@
 //! `orq`: the one Orquestra binary. Thin on purpose: it parses flags, sets up logging, wires
 //! the library crates together and handles signals.
 
+mod agent;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,9 @@ enum Command {
     /// and serves /healthz, /readyz and /metrics. The Kubernetes API, the controllers and the
     /// local node agent join it as they land.
     Server(server::ServerArgs),
+    /// Join a cluster as a node: register it and keep its Lease and status fresh (pods
+    /// follow with the rest of the node agent).
+    Agent(agent::AgentArgs),
     /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
     /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
     Crdgen {
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Server(args) => server::run(args).await,
+        Command::Agent(args) => agent::run(args).await,
         Command::Crdgen { out } => crdgen(&out),
     }
 }

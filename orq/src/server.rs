@@ -46,6 +46,12 @@ pub struct ServerArgs {
     /// duration, as kube-apiserver's flag: `60s`, `1m30s`). Clients may ask for less.
     #[arg(long, default_value = "60s", value_parser = request_timeout)]
     request_timeout: Duration,
+    /// Do not run the local node agent (by default this host registers as a node).
+    #[arg(long)]
+    no_agent: bool,
+    /// The local node's name (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn request_timeout(text: &str) -> Result<Duration, String> {
@@ -162,6 +168,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tokio::spawn(server.serve(app.into_make_service()))
     };
 
+    // The local node: its heartbeat talks to this server like any agent would.
+    let agent = if args.no_agent {
+        None
+    } else {
+        let kubeconfig = args.data_dir.join("kubeconfig.yaml");
+        let client = crate::agent::client(&kubeconfig).await?;
+        let heartbeat = crate::agent::heartbeat(client, args.node_name.clone(), "127.0.0.1");
+        Some(tokio::spawn(heartbeat.run(stopped(stop_rx.clone()))))
+    };
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -171,6 +187,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
+    if let Some(agent) = agent {
+        let _ = agent.await;
+    }
     let _ = compactor.await;
     drop(store);
     Ok(())

@@ -137,6 +137,20 @@ fn exercise(bin: &str) {
         );
     }
 
+    // The server's local node agent registers this host as a Ready node.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let nodes = k(&["get", "nodes"]);
+        if nodes.starts_with("NAME") && nodes.lines().skip(1).any(|l| l.contains(" Ready ")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a Ready node: {nodes}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // create -f, then apply twice: the second apply changes nothing.
     assert!(
         ok(bin, &kc, &["create", "-f", "-"], Some(CONFIGMAP)).contains("configmap/demo created")
