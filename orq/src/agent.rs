@@ -21,6 +21,23 @@ pub struct AgentArgs {
     /// The address the node reports as its InternalIP.
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
+    /// `libcontainer`: this host is the node (running pods is still to come: it registers
+    /// and heartbeats). `simulated`: `--nodes` fake nodes whose pods run instantly, for
+    /// control-plane tests and scale benchmarks.
+    #[arg(long, value_enum, default_value_t = Runtime::Libcontainer)]
+    runtime: Runtime,
+    /// How many simulated nodes (`--runtime simulated`), named `<node-name>-<i>`.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+}
+
+/// Which runtime the agent runs pods with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Runtime {
+    /// Real containers through youki's libcontainer.
+    Libcontainer,
+    /// Fake nodes, pods Running at once (like kwok).
+    Simulated,
 }
 
 /// A client from a kubeconfig file.
@@ -46,16 +63,24 @@ pub fn heartbeat(client: kube::Client, name: Option<String>, ip: &str) -> Heartb
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let client = client(&args.kubeconfig).await?;
-    let heartbeat = heartbeat(client, args.node_name, &args.node_ip);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    heartbeat
-        .run(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        })
-        .await;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    };
+    match args.runtime {
+        Runtime::Libcontainer => {
+            heartbeat(client, args.node_name, &args.node_ip)
+                .run(stop)
+                .await;
+        }
+        Runtime::Simulated => {
+            let prefix = args.node_name.unwrap_or_else(|| "simulated".into());
+            orquestra_node_agent::simulated::run(client, &prefix, args.nodes, stop).await;
+        }
+    }
     Ok(())
 }

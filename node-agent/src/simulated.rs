@@ -1,0 +1,157 @@
+//! The simulated runtime (like kwok): many fake nodes in one process whose pods become
+//! Running at once — for control-plane tests and scale benchmarks, behind the same node
+//! registration as the real agent.
+//!
+//! Each node registers and heartbeats like a real one. One watch over all Pods picks the
+//! ones bound to these nodes; a pod not yet Running gets a Running status (every container
+//! running and ready, a pod IP, the usual conditions); a pod being deleted gets the final
+//! delete a kubelet sends once its containers are gone.
+
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::node::{Heartbeat, HostInfo, NodeConfig};
+
+/// The field manager of the simulated kubelets.
+pub const MANAGER: &str = "orq-agent-simulated";
+
+/// Names of `count` simulated nodes: `<prefix>-0` … `<prefix>-<count-1>`.
+pub fn node_names(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Runs `count` simulated nodes until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    prefix: &str,
+    count: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let names = node_names(prefix, count);
+    let host = HostInfo::read();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for name in &names {
+        let heartbeat = Heartbeat::new(
+            client.clone(),
+            NodeConfig::new(name.clone(), "127.0.0.1"),
+            host.clone(),
+        );
+        let mut stopped = stopped.clone();
+        tasks.push(tokio::spawn(heartbeat.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+    }
+    let nodes: Arc<BTreeSet<String>> = Arc::new(names.into_iter().collect());
+    let pods: Api<Pod> = Api::all(client.clone());
+    let sync = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .for_each_concurrent(16, |pod| {
+            let client = client.clone();
+            let nodes = Arc::clone(&nodes);
+            async move {
+                match pod {
+                    Ok(pod) => {
+                        if let Err(error) = sync_pod(&client, &nodes, &pod).await {
+                            tracing::debug!(pod = %pod.name_any(), %error, "simulated pod sync failed");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "pod watch failing; retrying"),
+                }
+            }
+        });
+    tokio::select! {
+        () = sync => {}
+        () = shutdown => {}
+    }
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Brings one pod to where a kubelet with instant containers would have it.
+async fn sync_pod(client: &Client, nodes: &BTreeSet<String>, pod: &Pod) -> Result<(), kube::Error> {
+    let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+        return Ok(());
+    };
+    if !nodes.contains(node) {
+        return Ok(());
+    }
+    let ns = pod.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    if pod.metadata.deletion_timestamp.is_some() {
+        api.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+            .await
+            .map(|_| ())
+            .or_else(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => Ok(()),
+                e => Err(e),
+            })?;
+        return Ok(());
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase == Some("Running") {
+        return Ok(());
+    }
+    let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let uid = pod.uid().unwrap_or_default();
+    let containers: Vec<serde_json::Value> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
+                "containerID": format!("simulated://{uid}-{}", c.name),
+                "ready": true, "started": true, "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            })
+        })
+        .collect();
+    let condition = |type_: &str| json!({"type": type_, "status": "True", "lastTransitionTime": now, "lastProbeTime": null});
+    let status = json!({
+        "status": {
+            "phase": "Running",
+            "conditions": [condition("PodScheduled"), condition("Initialized"),
+                           condition("ContainersReady"), condition("Ready")],
+            "containerStatuses": containers,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": pod_ip(&uid),
+            "podIPs": [{"ip": pod_ip(&uid)}],
+            "startTime": now,
+            "qosClass": "BestEffort",
+        }
+    });
+    api.patch_status(
+        &pod.name_any(),
+        &PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(status),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A stable fake pod IP in 10.244.0.0/16 from the pod's uid.
+fn pod_ip(uid: &str) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    uid.hash(&mut hasher);
+    let n = hasher.finish();
+    format!("10.244.{}.{}", (n >> 8) & 0xff, (n & 0xfe).max(2))
+}
