@@ -243,20 +243,13 @@ impl ApiError {
                 ..
             } => Some(json!({"name": name, "group": group, "kind": resource})),
             ApiError::FieldConflict {
-                resource,
+                resource: kind,
                 name,
                 group,
                 causes,
                 ..
-            } => Some(json!({
-                "name": name,
-                "group": group,
-                "kind": resource,
-                "causes": causes.iter().map(|c| json!({
-                    "reason": c.reason, "message": c.message, "field": c.field
-                })).collect::<Vec<_>>(),
-            })),
-            ApiError::Invalid {
+            }
+            | ApiError::Invalid {
                 kind,
                 name,
                 group,

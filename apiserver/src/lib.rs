@@ -245,6 +245,23 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// An update (PUT, or PATCH once applied) by `manager`: the fields it changes are recorded
+/// as that manager's in managedFields (main resource only), then the engine writes it.
+async fn update_recorded(
+    engine: &Engine,
+    target: &Target,
+    mut object: Value,
+    manager: &str,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    if target.subresource.is_none() {
+        let old = engine.get(target).await.ok();
+        object::normalize(&target.def, &mut object);
+        managed::record_update(&target.def, old.as_ref(), &mut object, manager);
+    }
+    engine.update(target, object, dry_run).await
+}
+
 /// Adds one `Warning: 299 - "…"` header per warning (kubectl prints them as `Warning: …`).
 fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
     for warning in warnings {
@@ -566,14 +583,9 @@ async fn dispatch(
             Ok(with_warnings(json(StatusCode::CREATED, &object), &warnings))
         }
         (Method::PUT, true) => {
-            let mut object = parse_body(&body)?;
+            let object = parse_body(&body)?;
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
-            if target.subresource.is_none() {
-                let old = engine.get(&target).await.ok();
-                object::normalize(&target.def, &mut object);
-                managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
-            }
-            let object = engine.update(&target, object, dry_run).await?;
+            let object = update_recorded(engine, &target, object, &manager(), dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
         (Method::PATCH, true) => {
@@ -583,7 +595,7 @@ async fn dispatch(
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
             let patch = parse_body(&body)?;
-            let mut object = match patch_type {
+            let object = match patch_type {
                 // Apply creates missing objects, so it does not start from a read.
                 PatchType::Apply => {
                     let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
@@ -623,12 +635,7 @@ async fn dispatch(
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
-            if target.subresource.is_none() {
-                let old = engine.get(&target).await.ok();
-                object::normalize(&target.def, &mut object);
-                managed::record_update(&target.def, old.as_ref(), &mut object, &manager());
-            }
-            let object = engine.update(&target, object, dry_run).await?;
+            let object = update_recorded(engine, &target, object, &manager(), dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
         (Method::DELETE, true) => {
