@@ -18,9 +18,10 @@ struct Cli {
 enum Command {
     /// Run the all-in-one control plane in the foreground until SIGTERM.
     ///
-    /// Today this opens the versioned store (embedded SQLite or etcd), runs its compaction,
-    /// and serves /healthz, /readyz and /metrics. The Kubernetes API, the controllers and the
-    /// local node agent join it as they land.
+    /// Opens the versioned store (embedded SQLite or etcd) with its compaction, serves the
+    /// Kubernetes API over HTTPS (writing an admin kubeconfig into the data dir) with
+    /// /healthz, /readyz and /metrics, and runs the local node agent. The built-in
+    /// controllers join it as they land.
     Server(server::ServerArgs),
     /// Join a cluster as a node: register it and keep its Lease and status fresh (pods
     /// follow with the rest of the node agent).

@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 /// Flags of `orq server`.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    /// Where state lives (the SQLite store, and later the admin kubeconfig).
+    /// Where state lives: the SQLite store, the TLS identity and token, the admin kubeconfig.
     #[arg(long, env = "ORQ_DATA_DIR", default_value = "/var/lib/orquestra")]
     data_dir: PathBuf,
     /// Address to serve on.
