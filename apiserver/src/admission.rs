@@ -286,18 +286,11 @@ fn daemonset_defaults(object: &mut Value) {
         return;
     };
     spec.entry("revisionHistoryLimit").or_insert(json!(10));
-    let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
-    if let Some(strategy) = strategy.as_object_mut() {
-        let kind = strategy
-            .entry("type")
-            .or_insert(json!("RollingUpdate"))
-            .clone();
-        if kind == "RollingUpdate" {
-            strategy
-                .entry("rollingUpdate")
-                .or_insert_with(|| json!({"maxUnavailable": 1, "maxSurge": 0}));
-        }
-    }
+    rolling_update_defaults(
+        spec,
+        "updateStrategy",
+        json!({"maxUnavailable": 1, "maxSurge": 0}),
+    );
 }
 
 /// `stringData` is write-only convenience: merged into `data` (base64) and dropped.
@@ -336,16 +329,24 @@ fn deployment_defaults(object: &mut Value) {
     spec.entry("replicas").or_insert(json!(1));
     spec.entry("revisionHistoryLimit").or_insert(json!(10));
     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
-    let strategy = spec.entry("strategy").or_insert_with(|| json!({}));
+    rolling_update_defaults(
+        spec,
+        "strategy",
+        json!({"maxUnavailable": "25%", "maxSurge": "25%"}),
+    );
+}
+
+/// A strategy field (`strategy`, `updateStrategy`) defaults to `RollingUpdate`, whose
+/// parameters default to `rolling`.
+fn rolling_update_defaults(spec: &mut serde_json::Map<String, Value>, field: &str, rolling: Value) {
+    let strategy = spec.entry(field).or_insert_with(|| json!({}));
     if let Some(strategy) = strategy.as_object_mut() {
         let kind = strategy
             .entry("type")
             .or_insert(json!("RollingUpdate"))
             .clone();
         if kind == "RollingUpdate" {
-            strategy
-                .entry("rollingUpdate")
-                .or_insert_with(|| json!({"maxUnavailable": "25%", "maxSurge": "25%"}));
+            strategy.entry("rollingUpdate").or_insert(rolling);
         }
     }
 }

@@ -245,17 +245,22 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// An update (PUT, or PATCH once applied) by `manager`: the fields it changes are recorded
-/// as that manager's in managedFields (main resource only), then the engine writes it.
+/// An update (PUT, or PATCH once applied) by `manager`: the fields it changes from
+/// `current` (the object as read, if the caller already has it) are recorded as that
+/// manager's in managedFields (main resource only), then the engine writes it.
 async fn update_recorded(
     engine: &Engine,
     target: &Target,
     mut object: Value,
+    current: Option<Value>,
     manager: &str,
     dry_run: bool,
 ) -> Result<Value, ApiError> {
     if target.subresource.is_none() {
-        let old = engine.get(target).await.ok();
+        let old = match current {
+            Some(current) => Some(current),
+            None => engine.get(target).await.ok(),
+        };
         object::normalize(&target.def, &mut object);
         managed::record_update(&target.def, old.as_ref(), &mut object, manager);
     }
@@ -585,7 +590,8 @@ async fn dispatch(
         (Method::PUT, true) => {
             let object = parse_body(&body)?;
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
-            let object = update_recorded(engine, &target, object, &manager(), dry_run).await?;
+            let object =
+                update_recorded(engine, &target, object, None, &manager(), dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
         (Method::PATCH, true) => {
@@ -595,20 +601,30 @@ async fn dispatch(
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
             let patch = parse_body(&body)?;
-            let object = match patch_type {
-                // Apply creates missing objects, so it does not start from a read.
-                PatchType::Apply => {
-                    let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
-                    let response = apply(engine, &target, &params, patch, dry_run).await?;
-                    return Ok(with_warnings(response, &warnings));
-                }
-                PatchType::Merge => {
-                    let mut object = engine.get(&target).await?;
-                    patch::merge(&mut object, &patch);
-                    object
-                }
-                PatchType::Json => {
-                    let mut object = engine.get(&target).await?;
+            // Apply creates missing objects, so it does not start from a read.
+            if patch_type == PatchType::Apply {
+                let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
+                let response = apply(engine, &target, &params, patch, dry_run).await?;
+                return Ok(with_warnings(response, &warnings));
+            }
+            // Custom resources have no Go types to take merge keys from: 415, as
+            // kube-apiserver answers (kubectl then falls back to a merge patch).
+            let strategies = match patch_type {
+                PatchType::Strategic => Some(
+                    smp::strategies(&target.def.group, &target.def.kind).ok_or_else(|| {
+                        ApiError::UnsupportedMediaType(format!(
+                            "strategic merge patch is not supported for {}; use a JSON or merge patch",
+                            target.def.kind
+                        ))
+                    })?,
+                ),
+                _ => None,
+            };
+            let current = engine.get(&target).await?;
+            let object = match strategies {
+                Some(schema) => smp::apply(schema, &current, &patch)?,
+                None if patch_type == PatchType::Json => {
+                    let mut object = current.clone();
                     patch::json_patch(&mut object, &patch).map_err(|e| match e {
                         ApiError::Invalid { causes, .. } => ApiError::Invalid {
                             kind: target.def.kind.clone(),
@@ -620,22 +636,18 @@ async fn dispatch(
                     })?;
                     object
                 }
-                PatchType::Strategic => {
-                    // Custom resources have no Go types to take merge keys from: 415, as
-                    // kube-apiserver answers (kubectl then falls back to a merge patch).
-                    let schema = smp::strategies(&target.def.group, &target.def.kind).ok_or_else(|| {
-                        ApiError::UnsupportedMediaType(format!(
-                            "strategic merge patch is not supported for {}; use a JSON or merge patch",
-                            target.def.kind
-                        ))
-                    })?;
-                    smp::apply(schema, &engine.get(&target).await?, &patch)?
+                None => {
+                    let mut object = current.clone();
+                    patch::merge(&mut object, &patch);
+                    object
                 }
             };
             // The patch applies to the version just read: a concurrent change is a
             // conflict to retry, never a lost update.
             let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
-            let object = update_recorded(engine, &target, object, &manager(), dry_run).await?;
+            let object =
+                update_recorded(engine, &target, object, Some(current), &manager(), dry_run)
+                    .await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
         }
         (Method::DELETE, true) => {

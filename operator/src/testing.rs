@@ -138,6 +138,21 @@ impl TestApi {
     }
 }
 
+/// One plain HTTP/1.1 GET of `path` on its own connection (a manager's `/metrics`,
+/// `/readyz`, a Prometheus query): the status code and the body, or `None` if nothing
+/// answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
 /// Polls `name` until `condition` holds (returning the object) or `timeout` passes.
 pub async fn wait_for<K>(
     api: &Api<K>,

@@ -11,8 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::PostParams;
-use orquestra_operator::testing::{TestApi, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use orquestra_operator::testing::{TestApi, http_get, wait_for};
 
 const GAUGE: &str = "leader_election_master_status{name=\"demo-manager\"}";
 
@@ -59,14 +58,8 @@ fn replica(api: &TestApi, identity: &str) -> Replica {
 
 /// The leader gauge a replica reports, if it answers.
 async fn gauge(replica: &Replica) -> Option<u8> {
-    let mut stream = tokio::net::TcpStream::connect(replica.metrics).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let line = response.lines().find(|l| l.starts_with(GAUGE))?;
+    let (_, body) = http_get(replica.metrics, "/metrics").await?;
+    let line = body.lines().find(|l| l.starts_with(GAUGE))?;
     line.rsplit(' ').next()?.parse().ok()
 }
 

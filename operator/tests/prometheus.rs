@@ -14,9 +14,8 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
-use orquestra_operator::testing::TestApi;
+use orquestra_operator::testing::{TestApi, http_get};
 use orquestra_operator::{Manager, Runner};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
 #[error("never")]
@@ -30,17 +29,6 @@ impl Drop for Prometheus {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let code = response.get(9..12)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((code, body))
 }
 
 fn free_addr() -> std::net::SocketAddr {

@@ -16,21 +16,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
 #[error("never")]
 struct Never;
 
 async fn readyz(addr: std::net::SocketAddr) -> Option<u16> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    orquestra_operator::testing::http_get(addr, "/readyz")
         .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.get(9..12)?.parse().ok()
+        .map(|(code, _)| code)
 }
 
 async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
