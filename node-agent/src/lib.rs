@@ -1,14 +1,26 @@
-//! Orquestra's node agent (the kubelet). Today: registering the host as a `Node` and keeping
-//! it alive — its status (capacity, allocatable, conditions, addresses, nodeInfo) and a Lease
-//! in `kube-node-lease` renewed every 10 s, as the kubelet does — and a [`simulated`] runtime
-//! of many fake nodes whose pods run instantly. Pod sync through libcontainer comes next
-//! (issue 5).
+//! Orquestra's node agent (the kubelet): it registers its host as a `Node` and keeps it alive
+//! ([`node`]), watches the pods bound to it ([`agent`]) and converges each one with a
+//! level-based worker ([`pod`]) — images pulled into a content-addressed store ([`image`]),
+//! a network namespace per pod ([`network`]), containers run through youki's libcontainer in
+//! a single-threaded shim process per container ([`shim`], [`container`]) — and reports
+//! their status. A [`simulated`] runtime runs many fake nodes whose pods start instantly.
 //!
 //! The agent talks to the cluster only through a kube `Client`.
 
 #![deny(missing_docs)]
 
+pub mod agent;
+pub mod auth;
+pub mod container;
+pub mod image;
+pub mod metrics;
+pub mod network;
 pub mod node;
+pub mod pod;
+pub mod quantity;
+pub mod resolve;
+pub mod shim;
 pub mod simulated;
 
+pub use agent::{AgentConfig, run};
 pub use node::{Heartbeat, HostInfo, NodeConfig};

@@ -1,12 +1,14 @@
-//! `orq agent`: the node agent joining a cluster. Today it registers the node and keeps its
-//! Lease and status fresh; running pods comes with the rest of issue 5. `orq server` runs the
-//! same heartbeat for its local node.
+//! `orq agent`: the node agent joining a cluster — it registers the node, keeps its Lease and
+//! status fresh, and runs the pods bound to it through libcontainer (or, with `--runtime
+//! simulated`, many fake nodes whose pods run instantly). `orq server` runs the same agent
+//! for its local node.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use orquestra_node_agent::{Heartbeat, HostInfo, NodeConfig};
+use orquestra_node_agent::network::{Cidr, Network};
+use orquestra_node_agent::{AgentConfig, HostInfo};
 
 /// Flags of `orq agent`.
 #[derive(Debug, Args)]
@@ -14,21 +16,42 @@ pub struct AgentArgs {
     /// The kubeconfig to reach the API server with (`orq server` writes an admin one to
     /// DATA_DIR/kubeconfig.yaml).
     #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// The Node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
     /// The address the node reports as its InternalIP.
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
-    /// `libcontainer`: this host is the node (running pods is still to come: it registers
-    /// and heartbeats). `simulated`: `--nodes` fake nodes whose pods run instantly, for
-    /// control-plane tests and scale benchmarks.
+    /// `libcontainer`: this host is the node and runs its pods' containers.
+    /// `simulated`: `--nodes` fake nodes whose pods run instantly, for control-plane tests
+    /// and scale benchmarks.
     #[arg(long, value_enum, default_value_t = Runtime::Libcontainer)]
     runtime: Runtime,
     /// How many simulated nodes (`--runtime simulated`), named `<node-name>-<i>`.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Stop every container this agent started (SIGKILL), remove the pods' state and the
+    /// node's pod network, then exit: for taking a node out of service.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// Flags shared by `orq agent` and `orq server`'s local agent.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Where the agent keeps images, pods, logs and runtime state.
+    #[arg(long = "agent-data-dir", env = "ORQ_AGENT_DATA_DIR")]
+    agent_data_dir: Option<PathBuf>,
+    /// The pods' address range on this node (default: the Node's spec.podCIDR, else
+    /// 10.88.0.0/16).
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// The node bridge pods are attached to.
+    #[arg(long, default_value = "orq0")]
+    bridge: String,
 }
 
 /// Which runtime the agent runs pods with.
@@ -50,19 +73,53 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the API client")
 }
 
-/// The heartbeat of this host's node.
-pub fn heartbeat(client: kube::Client, name: Option<String>, ip: &str) -> Heartbeat {
-    let host = HostInfo::read();
+/// The agent's configuration: node `name` (default: the hostname) at `ip`, state under
+/// `node.agent_data_dir` (default `default_dir`), containers run through this binary's shim.
+pub fn config(
+    name: Option<String>,
+    ip: &str,
+    node: &NodeArgs,
+    default_dir: PathBuf,
+) -> anyhow::Result<AgentConfig> {
     let name = name
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| host.hostname.to_lowercase());
-    Heartbeat::new(client, NodeConfig::new(name, ip), host)
+        .unwrap_or_else(|| HostInfo::read().hostname.to_lowercase());
+    let exe = std::env::current_exe().context("finding the orq binary for the shim")?;
+    let mut config = AgentConfig::new(
+        name,
+        ip,
+        node.agent_data_dir.clone().unwrap_or(default_dir),
+        vec![exe.into(), "shim".into()],
+    );
+    config.pod_cidr = node.pod_cidr.clone();
+    config.bridge = node.bridge.clone();
+    Ok(config)
 }
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let client = client(&args.kubeconfig).await?;
+    let default_dir = PathBuf::from("/var/lib/orquestra/agent");
+    if args.cleanup {
+        let config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+        let cidr = config
+            .pod_cidr
+            .clone()
+            .unwrap_or_else(|| orquestra_node_agent::agent::DEFAULT_POD_CIDR.into());
+        let network = Network::new(
+            &config.bridge,
+            Cidr::parse(&cidr)?,
+            config.data_dir.join("network/ips"),
+        );
+        orquestra_node_agent::agent::cleanup(&config.data_dir, Some(&network))
+            .await
+            .with_context(|| format!("cleaning up {}", config.data_dir.display()))?;
+        return Ok(());
+    }
+    let kubeconfig = args
+        .kubeconfig
+        .context("--kubeconfig (or KUBECONFIG) is required")?;
+    let client = client(&kubeconfig).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let stop = async move {
@@ -73,9 +130,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     match args.runtime {
         Runtime::Libcontainer => {
-            heartbeat(client, args.node_name, &args.node_ip)
-                .run(stop)
-                .await;
+            let config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+            let registry = prometheus::Registry::new();
+            orquestra_node_agent::run(client, config, &registry, stop).await?;
         }
         Runtime::Simulated => {
             let prefix = args.node_name.unwrap_or_else(|| "simulated".into());

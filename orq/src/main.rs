@@ -28,6 +28,13 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
     /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
+    /// The per-container helper the node agent runs containers through (internal: started
+    /// by the agent, single-threaded because libcontainer must not run in a threaded process).
+    #[command(hide = true)]
+    Shim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     Crdgen {
         /// Where to write the manifests.
         #[arg(long, default_value = "crds")]
@@ -35,18 +42,42 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Server(args) => server::run(args).await,
-        Command::Agent(args) => agent::run(args).await,
-        Command::Crdgen { out } => crdgen(&out),
+fn main() -> anyhow::Result<()> {
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let command = Cli::parse().command;
+    // The shim must stay single-threaded: it runs before any runtime (and its threads) exist.
+    // Its logs (libcontainer's included, also from the container's init before it execs,
+    // whose stdio is the container's) go to a file in the bundle, never to stdio.
+    if let Command::Shim { args } = command {
+        let args = orquestra_node_agent::shim::ShimArgs::parse(args).map_err(anyhow::Error::msg)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(args.bundle.join(orquestra_node_agent::shim::SHIM_LOG))?;
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log))
+            .init();
+        std::process::exit(orquestra_node_agent::shim::main(args));
     }
+    tracing_subscriber::fmt().with_env_filter(filter()).init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            match command {
+                Command::Server(args) => server::run(args).await,
+                Command::Agent(args) => agent::run(args).await,
+                Command::Crdgen { out } => crdgen(&out),
+                // Ran (and exited) above.
+                Command::Shim { .. } => Ok(()),
+            }
+        })
 }
 
 /// `orq crdgen`: (re)writes every built-in kind's manifest into `out`.

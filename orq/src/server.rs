@@ -52,6 +52,8 @@ pub struct ServerArgs {
     /// The local node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
+    #[command(flatten)]
+    node: crate::agent::NodeArgs,
 }
 
 fn request_timeout(text: &str) -> Result<Duration, String> {
@@ -174,8 +176,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
-        let heartbeat = crate::agent::heartbeat(client, args.node_name.clone(), "127.0.0.1");
-        Some(tokio::spawn(heartbeat.run(stopped(stop_rx.clone()))))
+        let config = crate::agent::config(
+            args.node_name.clone(),
+            "127.0.0.1",
+            &args.node,
+            args.data_dir.join("agent"),
+        )?;
+        let registry = registry.clone();
+        let stop = stopped(stop_rx.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = orquestra_node_agent::run(client, config, &registry, stop).await {
+                tracing::error!(error = %e, "the local node agent failed");
+            }
+        }))
     };
 
     let mut term = signal(SignalKind::terminate())?;

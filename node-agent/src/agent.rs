@@ -1,0 +1,417 @@
+//! The agent: registers the node, watches the pods bound to it, and runs one
+//! [`PodWorker`](crate::pod::PodWorker) per pod.
+//!
+//! Only pods with `spec.nodeName` = this node are watched (a field selector, as the kubelet
+//! does). Each pod's worker gets the latest version of its pod through a `watch` channel —
+//! intermediate versions are skipped, which is fine because syncs are level-based — and
+//! `None` once the pod is gone. After the initial list, pod directories on disk that no
+//! listed pod owns are orphans (their pods were deleted while the agent was down): they get
+//! a worker that stops and removes them.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::container::Runtime;
+use crate::image::ImageStore;
+use crate::metrics::Metrics;
+use crate::network::{Cidr, Network, NetworkError};
+use crate::node::{Heartbeat, HostInfo, NodeConfig};
+use crate::pod::{Next, PodWorker};
+
+/// The pod CIDR used when neither the flag nor the Node's `spec.podCIDR` gives one.
+pub const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The Node's name.
+    pub node_name: String,
+    /// The node's address (`InternalIP`, pods' `hostIP`).
+    pub node_ip: String,
+    /// Images, pods, logs and runtime state live here.
+    pub data_dir: PathBuf,
+    /// The shim command: program and the arguments selecting shim mode.
+    pub shim: Vec<OsString>,
+    /// The pod CIDR; `None` takes the Node's `spec.podCIDR`, else [`DEFAULT_POD_CIDR`].
+    pub pod_cidr: Option<String>,
+    /// The node bridge's name.
+    pub bridge: String,
+    /// How often a pod with running containers is re-checked.
+    pub sync_period: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for node `node_name` at `node_ip` keeping its state in `data_dir`, running
+    /// containers through `shim`.
+    pub fn new(
+        node_name: impl Into<String>,
+        node_ip: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        shim: Vec<OsString>,
+    ) -> Self {
+        AgentConfig {
+            node_name: node_name.into(),
+            node_ip: node_ip.into(),
+            data_dir: data_dir.into(),
+            shim,
+            pod_cidr: None,
+            bridge: "orq0".into(),
+            sync_period: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The data dir or image store could not be opened.
+    #[error("agent state in {path}: {source}")]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The image store could not be opened.
+    #[error(transparent)]
+    Images(#[from] crate::image::ImageError),
+    /// The node network could not be set up.
+    #[error("setting up the node network: {0}")]
+    Network(#[from] NetworkError),
+    /// The metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// What every pod worker shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// The configuration.
+    pub config: AgentConfig,
+    /// Images.
+    pub images: ImageStore,
+    /// Runs containers through the shim.
+    pub runtime: Runtime,
+    /// The pod network.
+    pub network: Network,
+    /// Publishes the pods' events.
+    pub recorder: Recorder,
+    /// The agent's metrics.
+    pub metrics: Metrics,
+    /// Set once the node side of the pod network (bridge, NAT) is in place: done on the
+    /// first pod that needs it, so a node without pods leaves the host's network alone.
+    node_network: tokio::sync::OnceCell<()>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// `DATA/pods`: one directory per pod UID.
+    pub fn pods_dir(&self) -> PathBuf {
+        self.config.data_dir.join("pods")
+    }
+
+    /// Sets up the node side of the pod network once.
+    pub async fn ensure_node_network(&self) -> Result<(), NetworkError> {
+        self.node_network
+            .get_or_try_init(|| self.network.ensure_node())
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. Containers keep running after it returns, as
+/// they do when a kubelet stops; the next agent re-adopts them.
+pub async fn run(
+    client: Client,
+    config: AgentConfig,
+    registry: &prometheus::Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let state = |path: PathBuf| {
+        move |source| AgentError::State {
+            path: path.clone(),
+            source,
+        }
+    };
+    let pods_dir = config.data_dir.join("pods");
+    fs::create_dir_all(&pods_dir).map_err(state(pods_dir.clone()))?;
+    let images = ImageStore::open(config.data_dir.join("images"))?;
+    let runtime = Runtime {
+        shim: config.shim.clone(),
+        state_root: config.data_dir.join("run/libcontainer"),
+    };
+    // The heartbeat registers the Node first: its spec.podCIDR may choose the pod network.
+    let host = HostInfo::read();
+    let heartbeat = Heartbeat::new(
+        client.clone(),
+        NodeConfig::new(config.node_name.clone(), config.node_ip.clone()),
+        host,
+    );
+    let (stop, stopped) = watch::channel(false);
+    let mut stop_heartbeat = stopped.clone();
+    let heartbeat = tokio::spawn(heartbeat.run(async move {
+        let _ = stop_heartbeat.wait_for(|s| *s).await;
+    }));
+    let cidr = match &config.pod_cidr {
+        Some(cidr) => cidr.clone(),
+        None => node_pod_cidr(&client, &config.node_name)
+            .await
+            .unwrap_or_else(|| DEFAULT_POD_CIDR.into()),
+    };
+    let network = Network::new(
+        &config.bridge,
+        Cidr::parse(&cidr)?,
+        config.data_dir.join("network/ips"),
+    );
+    let reporter = Reporter {
+        controller: "kubelet".into(),
+        instance: Some(config.node_name.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: Metrics::register(registry)?,
+        client: client.clone(),
+        config,
+        images,
+        runtime,
+        network,
+        node_network: tokio::sync::OnceCell::new(),
+    });
+    tracing::info!(node = %ctx.config.node_name, pod_cidr = %cidr, "node agent running");
+    tokio::select! {
+        () = dispatch(Arc::clone(&ctx)) => {}
+        () = shutdown => {}
+    }
+    let _ = stop.send(true);
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+/// The Node's `spec.podCIDR`, if node IPAM gave it one.
+async fn node_pod_cidr(client: &Client, name: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for _ in 0..20 {
+        match nodes.get_opt(name).await {
+            Ok(Some(node)) => return node.spec.and_then(|s| s.pod_cidr),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
+}
+
+struct WorkerHandle {
+    tx: watch::Sender<Option<Arc<Pod>>>,
+}
+
+/// Watches this node's pods and feeds their workers.
+async fn dispatch(ctx: Arc<Context>) {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let selector = format!("spec.nodeName={}", ctx.config.node_name);
+    let mut events = watcher(pods, watcher::Config::default().fields(&selector)).boxed();
+    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let mut listing: Option<HashSet<String>> = None;
+    let mut gauges = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            Some(uid) = done_rx.recv() => {
+                workers.remove(&uid);
+            }
+            _ = gauges.tick() => update_gauges(&ctx),
+            event = events.next() => {
+                let Some(event) = event else { return };
+                match event {
+                    Ok(watcher::Event::Init) => listing = Some(HashSet::new()),
+                    Ok(watcher::Event::InitApply(pod)) => {
+                        if let (Some(seen), Some(uid)) = (listing.as_mut(), pod.uid()) {
+                            seen.insert(uid);
+                        }
+                        feed(&ctx, &mut workers, &done_tx, pod);
+                    }
+                    Ok(watcher::Event::Apply(pod)) => feed(&ctx, &mut workers, &done_tx, pod),
+                    Ok(watcher::Event::Delete(pod)) => {
+                        if let Some(w) = pod.uid().and_then(|uid| workers.get(&uid)) {
+                            let _ = w.tx.send(None);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let seen = listing.take().unwrap_or_default();
+                        // Pods deleted while the watch was down.
+                        for (uid, w) in &workers {
+                            if !seen.contains(uid) {
+                                let _ = w.tx.send(None);
+                            }
+                        }
+                        // Orphans on disk: pods deleted while the agent was down.
+                        for uid in pod_dirs(&ctx) {
+                            if !seen.contains(&uid) && !workers.contains_key(&uid) {
+                                tracing::info!(%uid, "cleaning up an orphaned pod");
+                                spawn(&ctx, &mut workers, &done_tx, uid, None);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pod watch failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn feed(
+    ctx: &Arc<Context>,
+    workers: &mut HashMap<String, WorkerHandle>,
+    done: &mpsc::UnboundedSender<String>,
+    pod: Pod,
+) {
+    let Some(uid) = pod.uid() else { return };
+    let pod = Arc::new(pod);
+    match workers.get(&uid) {
+        Some(w) => {
+            let _ = w.tx.send(Some(pod));
+        }
+        None => spawn(ctx, workers, done, uid, Some(pod)),
+    }
+}
+
+fn spawn(
+    ctx: &Arc<Context>,
+    workers: &mut HashMap<String, WorkerHandle>,
+    done: &mpsc::UnboundedSender<String>,
+    uid: String,
+    pod: Option<Arc<Pod>>,
+) {
+    let (tx, mut rx) = watch::channel(pod);
+    workers.insert(uid.clone(), WorkerHandle { tx });
+    let (ctx, done) = (Arc::clone(ctx), done.clone());
+    tokio::spawn(async move {
+        let mut worker = PodWorker::new(Arc::clone(&ctx), &uid);
+        loop {
+            let pod = rx.borrow_and_update().clone();
+            let begun = Instant::now();
+            let next = worker.sync(pod.as_deref()).await;
+            ctx.metrics.pod_worker(begun.elapsed());
+            match next {
+                Next::Done => break,
+                Next::After(delay) => {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { break },
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        let _ = done.send(uid);
+    });
+}
+
+/// UIDs of the pods with a directory on disk.
+fn pod_dirs(ctx: &Context) -> Vec<String> {
+    fs::read_dir(ctx.pods_dir())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Counts running containers and the pods that have any, from disk.
+fn update_gauges(ctx: &Context) {
+    let (mut pods, mut containers) = (0, 0);
+    for uid in pod_dirs(ctx) {
+        let dir = ctx.pods_dir().join(&uid).join("containers");
+        let mut running = 0;
+        for name in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for attempt in fs::read_dir(name.path()).into_iter().flatten().flatten() {
+                if attempt.path().join(crate::shim::STARTED).exists()
+                    && !attempt.path().join(crate::shim::EXITED).exists()
+                {
+                    running += 1;
+                }
+            }
+        }
+        containers += running;
+        if running > 0
+            || ctx
+                .network
+                .allocated()
+                .is_ok_and(|a| a.iter().any(|(_, u)| *u == uid))
+        {
+            pods += 1;
+        }
+    }
+    ctx.metrics.running_pods.set(pods);
+    ctx.metrics.running_containers.set(containers);
+}
+
+/// Stops every container under `data_dir` (SIGKILL), unmounts and removes the pods' state
+/// and network — `orq agent cleanup`, for tests and for taking a node out of service.
+pub async fn cleanup(data_dir: &std::path::Path, network: Option<&Network>) -> std::io::Result<()> {
+    let pods = data_dir.join("pods");
+    for entry in fs::read_dir(&pods).into_iter().flatten().flatten() {
+        let uid = entry.file_name().to_string_lossy().into_owned();
+        for name in fs::read_dir(entry.path().join("containers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for attempt in fs::read_dir(name.path()).into_iter().flatten().flatten() {
+                let _ =
+                    crate::container::signal(&attempt.path(), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        // Give the shims a moment to reap and record.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && fs::read_dir(entry.path().join("containers"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|name| {
+                    fs::read_dir(name.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|a| {
+                            matches!(
+                                crate::container::state(&a.path()),
+                                crate::container::ContainerState::Running(_)
+                            )
+                        })
+                })
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(network) = network {
+            let _ = network.teardown_pod(&uid).await;
+        }
+        crate::pod::remove_pod_cgroups(&uid);
+        crate::pod::remove_pod_dir(&entry.path())?;
+    }
+    if let Some(network) = network {
+        let _ = network.remove_node().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,611 @@
+//! The image store: pulls images from OCI/Docker registries (registry v2 API, through the
+//! `oci-client` crate), verifies every blob, and keeps them content-addressed under the data
+//! dir, each layer unpacked once (whiteouts converted to overlayfs's form) so that a
+//! container's root filesystem is an overlay mount of its image's layers.
+//!
+//! Layout under the store's root:
+//! - `layers/<hex>/` — a layer's unpacked tree, named by its diff ID (the digest of the
+//!   uncompressed tar, checked while unpacking); a layer directory exists only when complete
+//!   (unpacked beside it, then renamed);
+//! - `images/<hex>.json` — one [`Image`] record per reference, named by the reference's digest;
+//! - `tmp/` — downloads in flight.
+//!
+//! Registries on loopback addresses are spoken to over plain HTTP, as Docker does for
+//! 127.0.0.0/8; everything else over HTTPS.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What can go wrong with an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The reference does not parse (`InvalidImageName` in a pod's status).
+    #[error("invalid image reference {reference:?}: {message}")]
+    InvalidName {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        message: String,
+    },
+    /// The registry refused or failed, or a blob did not match its digest.
+    #[error("pulling {reference}: {message}")]
+    Pull {
+        /// The reference being pulled.
+        reference: String,
+        /// The registry's or the verifier's message.
+        message: String,
+    },
+    /// A layer could not be unpacked.
+    #[error("unpacking layer {digest}: {source}")]
+    Unpack {
+        /// The layer's digest.
+        digest: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The image is not in the store (and the policy forbids pulling it).
+    #[error("image {0} is not present")]
+    NotPresent(String),
+    /// Reading or writing the store failed.
+    #[error("image store: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The parts of an image's configuration a container is built from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `KEY=value` pairs.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The entrypoint (Kubernetes' `command` replaces it).
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    /// The default arguments (Kubernetes' `args` replaces them).
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// The working directory.
+    #[serde(default)]
+    pub working_dir: String,
+    /// `uid[:gid]` or a name.
+    #[serde(default)]
+    pub user: String,
+}
+
+/// An image in the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    /// The normalized reference it was pulled as (`registry/repository:tag`).
+    pub reference: String,
+    /// The manifest's digest: what a pod's `imageID` reports.
+    pub digest: String,
+    /// The layers' diff IDs, bottom first.
+    pub layers: Vec<String>,
+    /// The configuration a container starts from.
+    pub config: ImageConfig,
+    /// Total size of the compressed layers, in bytes.
+    pub size: u64,
+}
+
+impl Image {
+    /// The `imageID` a container status reports: `repository@digest`.
+    pub fn image_id(&self) -> String {
+        let repo = self
+            .reference
+            .rsplit_once('@')
+            .map(|(r, _)| r)
+            .unwrap_or(&self.reference);
+        let repo = match repo.rsplit_once(':') {
+            Some((r, tag)) if !tag.contains('/') => r,
+            _ => repo,
+        };
+        format!("{repo}@{}", self.digest)
+    }
+}
+
+/// Pull progress, reported as layers arrive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The manifest is resolved: this many layers, this many bytes to fetch at most.
+    Resolved {
+        /// The manifest's digest.
+        digest: String,
+        /// Number of layers.
+        layers: usize,
+        /// Their total compressed size.
+        bytes: u64,
+    },
+    /// One layer is in the store (fetched, verified and unpacked, or already there).
+    Layer {
+        /// The layer's digest.
+        digest: String,
+        /// Its compressed size.
+        bytes: u64,
+        /// Whether it was already present.
+        cached: bool,
+    },
+}
+
+/// The content-addressed image store.
+pub struct ImageStore {
+    root: PathBuf,
+    /// One registry client per registry host: their token caches are per client.
+    clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// One pull at a time per reference; concurrent pullers wait and then find it present.
+    pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ImageStore {
+    /// Opens (creating) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        let root = root.into();
+        for dir in ["layers", "images", "tmp"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        // Downloads and unpackings cut short by a crash are garbage.
+        for entry in fs::read_dir(root.join("tmp"))? {
+            let path = entry?.path();
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+        Ok(ImageStore {
+            root,
+            clients: Mutex::default(),
+            pulls: Mutex::default(),
+        })
+    }
+
+    /// Normalizes a reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
+    pub fn normalize(reference: &str) -> Result<String, ImageError> {
+        parse(reference).map(|r| r.whole())
+    }
+
+    /// The image stored for `reference`, if any.
+    pub fn get(&self, reference: &str) -> Result<Option<Image>, ImageError> {
+        let reference = Self::normalize(reference)?;
+        match fs::read(self.record_path(&reference)) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every image in the store.
+    pub fn list(&self) -> Result<Vec<Image>, ImageError> {
+        let mut images = Vec::new();
+        for entry in fs::read_dir(self.root.join("images"))? {
+            let bytes = fs::read(entry?.path())?;
+            if let Ok(image) = serde_json::from_slice::<Image>(&bytes) {
+                images.push(image);
+            }
+        }
+        images.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(images)
+    }
+
+    /// Forgets `reference` and deletes the layers no other image uses. Layers of running
+    /// containers stay mounted (the overlay holds them) until the containers go.
+    pub fn remove(&self, reference: &str) -> Result<bool, ImageError> {
+        let reference = Self::normalize(reference)?;
+        match fs::remove_file(self.record_path(&reference)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        let used: std::collections::HashSet<String> = self
+            .list()?
+            .into_iter()
+            .flat_map(|i| i.layers.into_iter().map(|l| hex_of(&l).to_owned()))
+            .collect();
+        for entry in fs::read_dir(self.root.join("layers"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !used.contains(&name) {
+                fs::remove_dir_all(entry.path())?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The directories of an image's layers, bottom first.
+    pub fn layer_dirs(&self, image: &Image) -> Vec<PathBuf> {
+        image
+            .layers
+            .iter()
+            .map(|l| self.root.join("layers").join(hex_of(l)))
+            .collect()
+    }
+
+    /// Pulls `reference` (unless a concurrent pull just did) and returns it.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        auth: &RegistryAuth,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<Image, ImageError> {
+        let parsed = parse(reference)?;
+        let name = parsed.whole();
+        let lock = {
+            let mut pulls = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(pulls.entry(name.clone()).or_default())
+        };
+        let _guard = lock.lock().await;
+        let failed = |message: String| ImageError::Pull {
+            reference: name.clone(),
+            message,
+        };
+        let client = self.client(parsed.resolve_registry());
+        let (manifest, digest) = client
+            .pull_image_manifest(&parsed, auth)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if let Some(image) = self.get(&name)?
+            && image.digest == digest
+        {
+            return Ok(image);
+        }
+        let bytes = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        progress(Progress::Resolved {
+            digest: digest.clone(),
+            layers: manifest.layers.len(),
+            bytes,
+        });
+        let mut config = Vec::new();
+        client
+            .pull_blob(&parsed, &manifest.config, &mut config)
+            .await
+            .map_err(|e| failed(format!("config {}: {e}", manifest.config.digest)))?;
+        let config: ConfigFile = serde_json::from_slice(&config)
+            .map_err(|e| failed(format!("config {}: {e}", manifest.config.digest)))?;
+        let diff_ids = config.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(failed(format!(
+                "the manifest has {} layers, its config {} diff IDs",
+                manifest.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+            let dir = self.root.join("layers").join(hex_of(diff_id));
+            let size = layer.size.max(0) as u64;
+            if dir.is_dir() {
+                progress(Progress::Layer {
+                    digest: layer.digest.clone(),
+                    bytes: size,
+                    cached: true,
+                });
+                continue;
+            }
+            let download = self.root.join("tmp").join(hex_of(&layer.digest));
+            let mut file = tokio::fs::File::create(&download).await?;
+            let pulled = client.pull_blob(&parsed, layer, &mut file).await;
+            drop(file);
+            if let Err(e) = pulled {
+                let _ = fs::remove_file(&download);
+                return Err(failed(format!("layer {}: {e}", layer.digest)));
+            }
+            let (root, digest, media_type, diff) = (
+                self.root.clone(),
+                layer.digest.clone(),
+                layer.media_type.clone(),
+                diff_id.clone(),
+            );
+            let unpacked = tokio::task::spawn_blocking(move || {
+                let result = unpack_layer(&root, &download, &media_type, &diff);
+                let _ = fs::remove_file(&download);
+                result
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+            unpacked.map_err(|source| ImageError::Unpack {
+                digest: digest.clone(),
+                source,
+            })?;
+            progress(Progress::Layer {
+                digest,
+                bytes: size,
+                cached: false,
+            });
+        }
+        let exec = config.config.unwrap_or_default();
+        let image = Image {
+            reference: name.clone(),
+            digest,
+            layers: diff_ids,
+            config: ImageConfig {
+                env: exec.env.unwrap_or_default(),
+                entrypoint: exec.entrypoint.unwrap_or_default(),
+                cmd: exec.cmd.unwrap_or_default(),
+                working_dir: exec.working_dir.unwrap_or_default(),
+                user: exec.user.unwrap_or_default(),
+            },
+            size: bytes,
+        };
+        write_atomically(
+            &self.record_path(&name),
+            &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
+        )?;
+        Ok(image)
+    }
+
+    fn client(&self, registry: &str) -> Arc<Client> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(clients.entry(registry.to_owned()).or_insert_with(|| {
+            let protocol = if is_loopback(registry) {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            };
+            Arc::new(Client::new(ClientConfig {
+                protocol,
+                connect_timeout: Some(std::time::Duration::from_secs(10)),
+                read_timeout: Some(std::time::Duration::from_secs(30)),
+                ..ClientConfig::default()
+            }))
+        }))
+    }
+
+    fn record_path(&self, reference: &str) -> PathBuf {
+        let hash = hex::encode(Sha256::digest(reference.as_bytes()));
+        self.root.join("images").join(format!("{hash}.json"))
+    }
+}
+
+fn parse(reference: &str) -> Result<Reference, ImageError> {
+    reference
+        .parse::<Reference>()
+        .map_err(|e| ImageError::InvalidName {
+            reference: reference.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// Whether a registry host (with optional port) is a loopback address.
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => registry.split(':').next().unwrap_or(registry),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `sha256:abc…` → `abc…`.
+fn hex_of(digest: &str) -> &str {
+    digest.split_once(':').map_or(digest, |(_, hex)| hex)
+}
+
+#[derive(Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    config: Option<ExecConfig>,
+    rootfs: RootFs,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ExecConfig {
+    env: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    working_dir: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+/// Unpacks a downloaded layer into `layers/<diff hex>`, checking the uncompressed stream
+/// against its diff ID.
+fn unpack_layer(root: &Path, blob: &Path, media_type: &str, diff_id: &str) -> io::Result<()> {
+    let mut file = fs::File::open(blob)?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic)?;
+    drop(file);
+    let file = io::BufReader::new(fs::File::open(blob)?);
+    let reader: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else if media_type.ends_with("zstd") || (n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "zstd-compressed layers are not supported yet",
+        ));
+    } else {
+        Box::new(file)
+    };
+    let staging = tempfile::Builder::new()
+        .prefix("layer-")
+        .tempdir_in(root.join("tmp"))?;
+    let mut hashing = HashingReader {
+        inner: reader,
+        hasher: Sha256::new(),
+    };
+    extract(&mut hashing, staging.path())?;
+    io::copy(&mut hashing, &mut io::sink())?;
+    let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+    if actual != diff_id {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("uncompressed digest {actual} does not match diff ID {diff_id}"),
+        ));
+    }
+    let target = root.join("layers").join(hex_of(diff_id));
+    let staged = staging.keep();
+    match fs::rename(&staged, &target) {
+        Ok(()) => Ok(()),
+        // Another pull of an image sharing this layer finished first.
+        Err(_) if target.is_dir() => fs::remove_dir_all(&staged),
+        Err(e) => Err(e),
+    }
+}
+
+/// Extracts a layer tar into `dest`, turning OCI whiteouts into overlayfs ones: `.wh.NAME`
+/// becomes a 0/0 character device `NAME`, `.wh..wh..opq` the `trusted.overlay.opaque`
+/// attribute on its directory.
+pub fn extract(reader: &mut dyn Read, dest: &Path) -> io::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let file_name = path.file_name().map(|n| n.as_bytes().to_vec());
+        let parent = dest.join(path.parent().unwrap_or(Path::new("")));
+        if !parent.starts_with(dest) || path.components().any(|c| c.as_os_str() == "..") {
+            continue;
+        }
+        match file_name.as_deref() {
+            Some(b".wh..wh..opq") => {
+                fs::create_dir_all(&parent)?;
+                set_xattr(&parent, "trusted.overlay.opaque", b"y")?;
+            }
+            Some(name) if name.starts_with(b".wh.") => {
+                fs::create_dir_all(&parent)?;
+                let target = parent.join(std::ffi::OsStr::from_bytes(&name[4..]));
+                let _ = fs::remove_dir_all(&target).or_else(|_| fs::remove_file(&target));
+                nix::sys::stat::mknod(
+                    &target,
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::empty(),
+                    0,
+                )
+                .map_err(io::Error::from)?;
+            }
+            _ => {
+                entry.unpack_in(dest)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; value's pointer and
+    // length describe one live slice.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old content or the new, never a part.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("[::1]:5000"));
+        assert!(!is_loopback("docker.io"));
+        assert!(!is_loopback("10.0.0.1:5000"));
+    }
+
+    #[test]
+    fn normalizes_like_docker() {
+        assert_eq!(
+            ImageStore::normalize("busybox").unwrap(),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            ImageStore::normalize("127.0.0.1:5000/web:v1").unwrap(),
+            "127.0.0.1:5000/web:v1"
+        );
+        assert!(matches!(
+            ImageStore::normalize("UPPER/case"),
+            Err(ImageError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn image_id_is_repository_at_digest() {
+        let image = Image {
+            reference: "127.0.0.1:5000/web:v1".into(),
+            digest: "sha256:ab".into(),
+            layers: vec![],
+            config: ImageConfig::default(),
+            size: 0,
+        };
+        assert_eq!(image.image_id(), "127.0.0.1:5000/web@sha256:ab");
+    }
+
+    #[test]
+    fn whiteouts_become_overlay_whiteouts() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, path, data).unwrap();
+        };
+        add("etc/motd", b"hello");
+        add("etc/.wh.passwd", b"");
+        add("var/.wh..wh..opq", b"");
+        let bytes = tar.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        extract(&mut bytes.as_slice(), dir.path()).unwrap();
+        assert_eq!(fs::read(dir.path().join("etc/motd")).unwrap(), b"hello");
+        use std::os::unix::fs::FileTypeExt;
+        let meta = fs::metadata(dir.path().join("etc/passwd")).unwrap();
+        assert!(meta.file_type().is_char_device());
+        assert!(dir.path().join("var").is_dir());
+    }
+}

@@ -1,0 +1,1172 @@
+//! One pod on this node: a level-based worker that converges the pod's containers to its
+//! spec and reports what it sees.
+//!
+//! Each sync reads the truth from disk (every container attempt is a bundle directory the
+//! shim records into), decides the next step, takes it, and patches the pod's status if it
+//! changed. Nothing is remembered that the disk does not say, except back-off timers and the
+//! last status sent — so an agent restarted at any point re-adopts running containers and
+//! carries on.
+//!
+//! The pod's lifecycle on the node is an explicit state machine ([`Lifecycle`]):
+//!
+//! ```text
+//! Preparing ──sandbox+volumes──▶ Initializing ──init containers done──▶ Running
+//!     │                              │                                     │
+//!     └──────────────── deletion requested / pod gone ─────────────────────┴──▶ Terminating
+//! Running ──all containers done, none to restart──▶ Finished(Succeeded|Failed)
+//! Terminating ──containers stopped, sandbox released──▶ (worker ends)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use crate::agent::Context;
+use crate::container::{self, ContainerConfig, ContainerState};
+use crate::image::{Image, ImageError};
+use crate::network::PodNetwork;
+use crate::resolve::{self, ConfigError, Sources};
+use crate::shim::{Exited, Started, now_rfc3339};
+
+/// The first restart delay of a crashing container; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
+/// The longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A container that ran this long resets its back-off (the kubelet's 2 × max).
+pub const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// Where a pod is in its life on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Getting its network namespace, address and volumes.
+    Preparing,
+    /// Running its init containers, one at a time, in order.
+    Initializing,
+    /// Its containers run (and restart as the policy says).
+    Running,
+    /// Every container is done and none will restart.
+    Finished {
+        /// `Succeeded` or `Failed`.
+        phase: &'static str,
+    },
+    /// Being stopped: SIGTERM sent; SIGKILL at the deadline.
+    Terminating {
+        /// When SIGKILL goes out.
+        deadline: Instant,
+    },
+}
+
+/// What the worker wants after a sync.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Sync again after this long (or sooner, when the pod changes).
+    After(Duration),
+    /// The pod is gone from this node: stop the worker.
+    Done,
+}
+
+/// Restart back-off of one container (or image pull).
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    delay: Duration,
+    last: Instant,
+}
+
+/// The worker of one pod.
+pub struct PodWorker {
+    ctx: Arc<Context>,
+    uid: String,
+    dir: PathBuf,
+    lifecycle: Lifecycle,
+    network: Option<PodNetwork>,
+    volumes: Option<BTreeMap<String, PathBuf>>,
+    /// Why a container is not running, when the worker knows better than the disk.
+    waiting: HashMap<String, (String, String)>,
+    restart_backoff: HashMap<String, Backoff>,
+    pull_backoff: HashMap<String, Backoff>,
+    last_status: Option<Value>,
+    start_time: Option<String>,
+    created: Instant,
+    reported_running: bool,
+}
+
+impl std::fmt::Debug for PodWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodWorker")
+            .field("uid", &self.uid)
+            .field("lifecycle", &self.lifecycle)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A container's attempts on disk: `containers/<name>/<attempt>/`.
+#[derive(Clone, Debug)]
+struct Attempt {
+    number: u32,
+    dir: PathBuf,
+    state: ContainerState,
+}
+
+impl PodWorker {
+    /// A worker for the pod with `uid`; its state comes from `ctx`'s data dir.
+    pub fn new(ctx: Arc<Context>, uid: &str) -> Self {
+        let dir = ctx.pods_dir().join(uid);
+        PodWorker {
+            ctx,
+            uid: uid.to_owned(),
+            dir,
+            lifecycle: Lifecycle::Preparing,
+            network: None,
+            volumes: None,
+            waiting: HashMap::new(),
+            restart_backoff: HashMap::new(),
+            pull_backoff: HashMap::new(),
+            last_status: None,
+            start_time: None,
+            created: Instant::now(),
+            reported_running: false,
+        }
+    }
+
+    /// The lifecycle state.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// One sync: `pod` is the latest from the API, `None` once it is gone from it.
+    pub async fn sync(&mut self, pod: Option<&Pod>) -> Next {
+        let Some(pod) = pod else {
+            // Deleted from the API without us (force delete) or an orphan: stop at once.
+            return self.terminate(None, Duration::ZERO).await;
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            let grace = pod
+                .metadata
+                .deletion_grace_period_seconds
+                .or(pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds))
+                .unwrap_or(30)
+                .max(0) as u64;
+            return self.terminate(Some(pod), Duration::from_secs(grace)).await;
+        }
+        if self.start_time.is_none() {
+            self.start_time = Some(
+                pod.status
+                    .as_ref()
+                    .and_then(|s| s.start_time.as_ref())
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_else(now_rfc3339),
+            );
+        }
+        let next = match self.lifecycle {
+            Lifecycle::Finished { .. } => Next::After(Duration::from_secs(10)),
+            _ => self.converge(pod).await,
+        };
+        self.report(pod).await;
+        next
+    }
+
+    /// Preparing → Initializing → Running → Finished.
+    async fn converge(&mut self, pod: &Pod) -> Next {
+        let spec = pod.spec.clone().unwrap_or_default();
+        if self.lifecycle == Lifecycle::Preparing {
+            if let Err(message) = self.prepare(pod).await {
+                self.event(pod, EventType::Warning, "FailedCreatePodSandBox", &message)
+                    .await;
+                for c in spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        ("ContainerCreating".into(), message.clone()),
+                    );
+                }
+                return Next::After(Duration::from_secs(2));
+            }
+            self.lifecycle = Lifecycle::Initializing;
+        }
+        let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+        if self.lifecycle == Lifecycle::Initializing {
+            for init in spec.init_containers.iter().flatten() {
+                let latest = self.latest(&init.name);
+                match latest.as_ref().map(|a| &a.state) {
+                    Some(ContainerState::Exited(_, exited)) if exited.exit_code == 0 => continue,
+                    Some(ContainerState::Running(_) | ContainerState::Created) => {
+                        return Next::After(self.ctx.config.sync_period);
+                    }
+                    Some(ContainerState::Exited(..) | ContainerState::Lost(_)) => {
+                        if policy == "Never" {
+                            self.lifecycle = Lifecycle::Finished { phase: "Failed" };
+                            self.release_sandbox().await;
+                            return Next::After(Duration::from_secs(10));
+                        }
+                        return self.restart(pod, init, latest).await;
+                    }
+                    None => return self.start(pod, init, 0).await,
+                }
+            }
+            self.lifecycle = Lifecycle::Running;
+        }
+        // Running: start what never ran, restart what exited as the policy says.
+        let mut wake = self.ctx.config.sync_period;
+        let mut done = Vec::new();
+        for c in &spec.containers {
+            let latest = self.latest(&c.name);
+            match latest.as_ref().map(|a| &a.state) {
+                None => {
+                    if let Next::After(d) = self.start(pod, c, 0).await {
+                        wake = wake.min(d);
+                    }
+                }
+                Some(ContainerState::Running(_) | ContainerState::Created) => {}
+                Some(ContainerState::Exited(_, exited)) => {
+                    let code = exited.exit_code;
+                    if policy == "Always" || (policy == "OnFailure" && code != 0) {
+                        if let Next::After(d) = self.restart(pod, c, latest).await {
+                            wake = wake.min(d);
+                        }
+                    } else {
+                        done.push(code);
+                    }
+                }
+                Some(ContainerState::Lost(_)) => {
+                    if policy == "Never" {
+                        done.push(255);
+                    } else if let Next::After(d) = self.restart(pod, c, latest).await {
+                        wake = wake.min(d);
+                    }
+                }
+            }
+        }
+        if !spec.containers.is_empty() && done.len() == spec.containers.len() {
+            let phase = if done.iter().all(|c| *c == 0) {
+                "Succeeded"
+            } else {
+                "Failed"
+            };
+            self.lifecycle = Lifecycle::Finished { phase };
+            self.release_sandbox().await;
+        }
+        Next::After(wake)
+    }
+
+    /// The sandbox: network namespace and address (unless `hostNetwork`), `/etc` files,
+    /// volumes.
+    async fn prepare(&mut self, pod: &Pod) -> Result<(), String> {
+        fs::create_dir_all(self.dir.join("etc")).map_err(|e| e.to_string())?;
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if !host_network && self.network.is_none() {
+            self.ctx
+                .ensure_node_network()
+                .await
+                .map_err(|e| format!("setting up the node network: {e}"))?;
+            let network = self
+                .ctx
+                .network
+                .setup_pod(&self.uid)
+                .await
+                .map_err(|e| format!("setting up the pod network: {e}"))?;
+            self.network = Some(network);
+        }
+        let hostname = pod.name_any();
+        let ip = self.pod_ip();
+        let hosts = format!(
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{hostname}\n"
+        );
+        fs::write(self.dir.join("etc/hosts"), hosts).map_err(|e| e.to_string())?;
+        fs::write(self.dir.join("etc/hostname"), format!("{hostname}\n"))
+            .map_err(|e| e.to_string())?;
+        let resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        fs::write(self.dir.join("etc/resolv.conf"), resolv).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn pod_ip(&self) -> String {
+        match &self.network {
+            Some(n) => n.ip.to_string(),
+            None => self.ctx.config.node_ip.clone(),
+        }
+    }
+
+    /// Restarts an exited container unless it is backing off.
+    async fn restart(&mut self, pod: &Pod, c: &Container, latest: Option<Attempt>) -> Next {
+        let now = Instant::now();
+        let ran = latest.as_ref().and_then(|a| match &a.state {
+            ContainerState::Exited(started, exited) => run_time(started, exited),
+            _ => None,
+        });
+        if ran.is_some_and(|r| r >= BACKOFF_RESET) {
+            self.restart_backoff.remove(&c.name);
+        }
+        match self.restart_backoff.get(&c.name).copied() {
+            Some(b) if now < b.last + b.delay => {
+                let message = format!(
+                    "back-off {}s restarting failed container={} pod={}_{}({})",
+                    b.delay.as_secs(),
+                    c.name,
+                    pod.name_any(),
+                    pod.namespace().unwrap_or_default(),
+                    self.uid
+                );
+                if self.waiting.get(&c.name).map(|w| w.0.as_str()) != Some("CrashLoopBackOff") {
+                    self.event(pod, EventType::Warning, "BackOff", &message)
+                        .await;
+                }
+                self.waiting
+                    .insert(c.name.clone(), ("CrashLoopBackOff".into(), message));
+                Next::After(b.last + b.delay - now)
+            }
+            previous => {
+                let delay = previous.map_or(BACKOFF_BASE, |b| (b.delay * 2).min(BACKOFF_MAX));
+                self.restart_backoff
+                    .insert(c.name.clone(), Backoff { delay, last: now });
+                let attempt = latest.map_or(0, |a| a.number + 1);
+                self.start(pod, c, attempt).await
+            }
+        }
+    }
+
+    /// Pulls the image if needed, resolves the container's configuration, and starts
+    /// attempt number `attempt`.
+    async fn start(&mut self, pod: &Pod, c: &Container, attempt: u32) -> Next {
+        let image = match self.ensure_image(pod, c).await {
+            Ok(image) => image,
+            Err(next) => return next,
+        };
+        let attempt_dir = self
+            .dir
+            .join("containers")
+            .join(&c.name)
+            .join(attempt.to_string());
+        let id = container_id(&self.uid, &c.name, attempt);
+        let config = match self.container_config(pod, c, &image, &attempt_dir).await {
+            Ok(config) => config,
+            Err(e) => {
+                let _ = container::remove_container_dir(&attempt_dir);
+                self.event(pod, EventType::Warning, "Failed", &format!("Error: {e}"))
+                    .await;
+                self.waiting
+                    .insert(c.name.clone(), ("CreateContainerConfigError".into(), e.0));
+                return Next::After(Duration::from_secs(2));
+            }
+        };
+        let spec = config.oci_spec(&attempt_dir.join("rootfs"));
+        let log = self.log_path(&c.name, attempt);
+        let ctx = Arc::clone(&self.ctx);
+        let op = Instant::now();
+        let started = ctx.runtime.start(&id, &attempt_dir, &spec, &log).await;
+        ctx.metrics
+            .runtime_operation("start_container", op.elapsed(), started.is_err());
+        match started {
+            Ok(_) => {
+                self.waiting.remove(&c.name);
+                self.event(
+                    pod,
+                    EventType::Normal,
+                    "Started",
+                    &format!("Started container {}", c.name),
+                )
+                .await;
+                self.prune_attempts(&c.name, attempt);
+                Next::After(self.ctx.config.sync_period)
+            }
+            Err(message) => {
+                let _ = container::remove_container_dir(&attempt_dir);
+                self.event(
+                    pod,
+                    EventType::Warning,
+                    "Failed",
+                    &format!("Error: {message}"),
+                )
+                .await;
+                self.waiting
+                    .insert(c.name.clone(), ("CreateContainerError".into(), message));
+                Next::After(Duration::from_secs(2))
+            }
+        }
+    }
+
+    /// The image for `c` as its pull policy says, or the back-off to wait.
+    async fn ensure_image(&mut self, pod: &Pod, c: &Container) -> Result<Image, Next> {
+        let reference = c.image.clone().unwrap_or_default();
+        let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
+            let tag_latest = !reference.contains(':') || reference.ends_with(":latest");
+            if tag_latest && !reference.contains('@') {
+                "Always".into()
+            } else {
+                "IfNotPresent".into()
+            }
+        });
+        let present = match self.ctx.images.get(&reference) {
+            Ok(present) => present,
+            Err(e) => {
+                let reason = match e {
+                    ImageError::InvalidName { .. } => "InvalidImageName",
+                    _ => "ErrImagePull",
+                };
+                self.waiting
+                    .insert(c.name.clone(), (reason.into(), e.to_string()));
+                return Err(Next::After(Duration::from_secs(10)));
+            }
+        };
+        match (policy.as_str(), present) {
+            ("Never", Some(image)) | ("IfNotPresent", Some(image)) => return Ok(image),
+            ("Never", None) => {
+                let message = format!(
+                    "Container image \"{reference}\" is not present with pull policy of Never"
+                );
+                self.waiting
+                    .insert(c.name.clone(), ("ErrImageNeverPull".into(), message));
+                return Err(Next::After(Duration::from_secs(10)));
+            }
+            _ => {}
+        }
+        let now = Instant::now();
+        if let Some(b) = self.pull_backoff.get(&c.name).copied()
+            && now < b.last + b.delay
+        {
+            let message = format!("Back-off pulling image \"{reference}\"");
+            if self.waiting.get(&c.name).map(|w| w.0.as_str()) != Some("ImagePullBackOff") {
+                self.event(pod, EventType::Normal, "BackOff", &message)
+                    .await;
+            }
+            self.waiting
+                .insert(c.name.clone(), ("ImagePullBackOff".into(), message));
+            return Err(Next::After(b.last + b.delay - now));
+        }
+        self.event(
+            pod,
+            EventType::Normal,
+            "Pulling",
+            &format!("Pulling image \"{reference}\""),
+        )
+        .await;
+        let auth = self.registry_auth(pod, &reference).await;
+        let begun = Instant::now();
+        let name = reference.clone();
+        let pulled = self
+            .ctx
+            .images
+            .pull(&reference, &auth, &move |p| {
+                tracing::debug!(image = %name, progress = ?p, "pulling");
+            })
+            .await;
+        self.ctx
+            .metrics
+            .image_pull(begun.elapsed(), pulled.is_err());
+        match pulled {
+            Ok(image) => {
+                self.pull_backoff.remove(&c.name);
+                self.event(
+                    pod,
+                    EventType::Normal,
+                    "Pulled",
+                    &format!(
+                        "Successfully pulled image \"{reference}\" in {:.3}s",
+                        begun.elapsed().as_secs_f64()
+                    ),
+                )
+                .await;
+                Ok(image)
+            }
+            Err(e) => {
+                let delay = self
+                    .pull_backoff
+                    .get(&c.name)
+                    .map_or(BACKOFF_BASE, |b| (b.delay * 2).min(BACKOFF_MAX));
+                self.pull_backoff
+                    .insert(c.name.clone(), Backoff { delay, last: now });
+                let message = format!("Failed to pull image \"{reference}\": {e}");
+                self.event(pod, EventType::Warning, "Failed", &message)
+                    .await;
+                let reason = match e {
+                    ImageError::InvalidName { .. } => "InvalidImageName",
+                    _ => "ErrImagePull",
+                };
+                self.waiting
+                    .insert(c.name.clone(), (reason.into(), message));
+                Err(Next::After(delay))
+            }
+        }
+    }
+
+    /// Credentials for `reference` from the pod's `imagePullSecrets`
+    /// (`kubernetes.io/dockerconfigjson` or `dockercfg`).
+    async fn registry_auth(&self, pod: &Pod, reference: &str) -> oci_client::secrets::RegistryAuth {
+        use oci_client::secrets::RegistryAuth;
+        let registry = crate::image::ImageStore::normalize(reference)
+            .ok()
+            .and_then(|r| r.split('/').next().map(str::to_owned))
+            .unwrap_or_default();
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
+            self.ctx.client.clone(),
+            &pod.namespace().unwrap_or_default(),
+        );
+        for s in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let Ok(Some(secret)) = secrets.get_opt(&s.name).await else {
+                continue;
+            };
+            let data = secret.data.unwrap_or_default();
+            let Some(json) = data
+                .get(".dockerconfigjson")
+                .or_else(|| data.get(".dockercfg"))
+            else {
+                continue;
+            };
+            if let Some((user, pass)) = crate::auth::credentials(&json.0, &registry) {
+                return RegistryAuth::Basic(user, pass);
+            }
+        }
+        RegistryAuth::Anonymous
+    }
+
+    /// Resolves the container's configuration and mounts its root filesystem.
+    async fn container_config(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        image: &Image,
+        attempt_dir: &Path,
+    ) -> Result<ContainerConfig, ConfigError> {
+        let sources = Sources::new(
+            self.ctx.client.clone(),
+            &pod.namespace().unwrap_or_default(),
+        );
+        let (pod_ip, host_ip) = (self.pod_ip(), self.ctx.config.node_ip.clone());
+        if self.volumes.is_none() {
+            self.volumes =
+                Some(resolve::volumes(&sources, pod, &self.dir, &pod_ip, &host_ip).await?);
+        }
+        let volumes = self.volumes.clone().unwrap_or_default();
+        resolve::check_seccomp(pod, c)?;
+        let env = resolve::env(&sources, pod, c, &image.config, &pod_ip, &host_ip).await?;
+        let args = resolve::process_args(c, &image.config, &env)?;
+        let mut mounts = resolve::mounts(c, &volumes)?;
+        let _ = container::remove_container_dir(attempt_dir);
+        let layers = self.ctx.images.layer_dirs(image);
+        let rootfs = container::mount_rootfs(&layers, attempt_dir)
+            .map_err(|e| ConfigError(format!("mounting the root filesystem: {e}")))?;
+        let (uid, gid, groups) = resolve::user(pod, c, &image.config, &rootfs)?;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let host_network = spec.host_network.unwrap_or(false);
+        for (file, dest) in [("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")] {
+            if !mounts.iter().any(|m| m.destination == dest) {
+                mounts.push(container::BindMount {
+                    source: self.dir.join("etc").join(file),
+                    destination: dest.into(),
+                    read_only: false,
+                });
+            }
+        }
+        if !host_network {
+            mounts.push(container::BindMount {
+                source: self.dir.join("etc/hostname"),
+                destination: "/etc/hostname".into(),
+                read_only: false,
+            });
+        }
+        let sc = c.security_context.as_ref();
+        let caps = sc.and_then(|s| s.capabilities.as_ref());
+        Ok(ContainerConfig {
+            args,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: c
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(|| image.config.working_dir.clone()),
+            uid,
+            gid,
+            additional_gids: groups,
+            hostname: pod.name_any(),
+            netns: self.network.as_ref().map(|n| n.netns.clone()),
+            mounts,
+            cgroups_path: format!(
+                "/orquestra/pod{}/{}",
+                self.uid,
+                container_id(&self.uid, &c.name, attempt_number(attempt_dir))
+            ),
+            resources: resolve::resources(c),
+            privileged: sc.and_then(|s| s.privileged).unwrap_or(false),
+            cap_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
+            cap_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+            read_only_rootfs: sc
+                .and_then(|s| s.read_only_root_filesystem)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Stops every container (SIGTERM, SIGKILL after `grace`), releases the sandbox and
+    /// the pod's directory, and sends the final delete (grace 0) if the pod still exists.
+    async fn terminate(&mut self, pod: Option<&Pod>, grace: Duration) -> Next {
+        let deadline = match self.lifecycle {
+            Lifecycle::Terminating { deadline } => deadline,
+            _ => {
+                let deadline = Instant::now() + grace;
+                self.lifecycle = Lifecycle::Terminating { deadline };
+                for (name, attempt) in self.all_latest() {
+                    if let ContainerState::Running(_) = attempt.state {
+                        if let Some(pod) = pod {
+                            self.event(
+                                pod,
+                                EventType::Normal,
+                                "Killing",
+                                &format!("Stopping container {name}"),
+                            )
+                            .await;
+                        }
+                        let _ = container::signal(&attempt.dir, Signal::SIGTERM);
+                    }
+                }
+                deadline
+            }
+        };
+        let running: Vec<Attempt> = self
+            .all_latest()
+            .into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| matches!(a.state, ContainerState::Running(_)))
+            .collect();
+        if !running.is_empty() {
+            if Instant::now() >= deadline {
+                for attempt in &running {
+                    let _ = container::signal(&attempt.dir, Signal::SIGKILL);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            return Next::After(left.clamp(Duration::from_millis(50), Duration::from_millis(200)));
+        }
+        self.release_sandbox().await;
+        self.ctx.network.teardown_pod(&self.uid).await.ok();
+        remove_pod_cgroups(&self.uid);
+        if let Err(e) = remove_pod_dir(&self.dir) {
+            tracing::warn!(uid = %self.uid, error = %e, "removing the pod's directory");
+        }
+        if let Some(pod) = pod {
+            let api: Api<Pod> = Api::namespaced(
+                self.ctx.client.clone(),
+                &pod.namespace().unwrap_or_default(),
+            );
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(self.uid.clone()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&pod.name_any(), &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name_any(), error = %e, "final delete failed; retrying");
+                    return Next::After(Duration::from_secs(1));
+                }
+            }
+        }
+        Next::Done
+    }
+
+    /// Unmounts the containers' root filesystems and frees the network once nothing runs.
+    async fn release_sandbox(&mut self) {
+        for (_, attempt) in self.all_attempts() {
+            let _ = nix::mount::umount2(
+                &attempt.dir.join("rootfs"),
+                nix::mount::MntFlags::MNT_DETACH,
+            );
+        }
+        if self.network.take().is_some() || self.dir.exists() {
+            if let Err(e) = self.ctx.network.teardown_pod(&self.uid).await {
+                tracing::warn!(uid = %self.uid, error = %e, "tearing down the pod network");
+            }
+        }
+    }
+
+    /// Patches the pod's status when it differs from the last one sent.
+    async fn report(&mut self, pod: &Pod) {
+        let status = self.status(pod);
+        if self.last_status.as_ref() == Some(&status) {
+            return;
+        }
+        // Skip a patch that would change nothing on the server either (after a restart).
+        let current = pod
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null);
+        if self.last_status.is_none() && same_status(&current, &status) {
+            self.last_status = Some(status);
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.ctx.client.clone(),
+            &pod.namespace().unwrap_or_default(),
+        );
+        let params = PatchParams {
+            field_manager: Some(crate::node::MANAGER.into()),
+            ..PatchParams::default()
+        };
+        match api
+            .patch_status(
+                &pod.name_any(),
+                &params,
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            Ok(_) => {
+                if status["phase"] == "Running" && !self.reported_running {
+                    self.reported_running = true;
+                    self.ctx.metrics.pod_started(self.created.elapsed());
+                }
+                self.last_status = Some(status);
+            }
+            Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "status patch failed"),
+        }
+    }
+
+    /// The status this node reports for the pod.
+    fn status(&self, pod: &Pod) -> Value {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let transition = |type_: &str, ok: bool| {
+            let previous = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == type_));
+            let status = if ok { "True" } else { "False" };
+            let time = match previous {
+                Some(p) if p.status == status => p
+                    .last_transition_time
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_else(now_rfc3339),
+                _ => now_rfc3339(),
+            };
+            json!({"type": type_, "status": status, "lastProbeTime": null, "lastTransitionTime": time})
+        };
+        let init_statuses: Vec<Value> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| self.container_status(c, "PodInitializing", true))
+            .collect();
+        let initializing = matches!(
+            self.lifecycle,
+            Lifecycle::Preparing | Lifecycle::Initializing
+        );
+        let statuses: Vec<Value> = spec
+            .containers
+            .iter()
+            .map(|c| {
+                let reason = if initializing && !init_statuses.is_empty() {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                };
+                self.container_status(c, reason, false)
+            })
+            .collect();
+        let all_ready = statuses.iter().all(|s| s["ready"] == true);
+        let initialized = !initializing;
+        let phase = match &self.lifecycle {
+            Lifecycle::Finished { phase } => *phase,
+            Lifecycle::Preparing | Lifecycle::Initializing => "Pending",
+            // Running once every container has been started at least once.
+            _ if spec.containers.iter().all(|c| {
+                self.latest(&c.name)
+                    .is_some_and(|a| !matches!(a.state, ContainerState::Created))
+            }) =>
+            {
+                "Running"
+            }
+            _ => "Pending",
+        };
+        let conditions = vec![
+            transition(
+                "PodReadyToStartContainers",
+                self.network.is_some() || spec.host_network == Some(true),
+            ),
+            transition("Initialized", initialized),
+            transition("Ready", all_ready && phase == "Running"),
+            transition("ContainersReady", all_ready && phase == "Running"),
+            transition("PodScheduled", true),
+        ];
+        let ip = self.pod_ip();
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": self.ctx.config.node_ip,
+            "hostIPs": [{"ip": self.ctx.config.node_ip}],
+            "startTime": self.start_time,
+            "containerStatuses": statuses,
+            "qosClass": qos_class(&spec.containers),
+        });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = Value::Array(init_statuses);
+        }
+        if self.network.is_some() || spec.host_network == Some(true) {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        status
+    }
+
+    fn container_status(&self, c: &Container, default_reason: &str, init: bool) -> Value {
+        let latest = self.latest(&c.name);
+        let previous = latest
+            .as_ref()
+            .filter(|a| a.number > 0)
+            .and_then(|a| self.attempt(&c.name, a.number - 1));
+        let image = c.image.clone().unwrap_or_default();
+        let image_id = self
+            .ctx
+            .images
+            .get(&image)
+            .ok()
+            .flatten()
+            .map(|i| i.image_id())
+            .unwrap_or_default();
+        let terminated = |a: &Attempt| match &a.state {
+            ContainerState::Exited(started, exited) => Some(terminated_json(
+                started,
+                exited,
+                &container_id(&self.uid, &c.name, a.number),
+            )),
+            ContainerState::Lost(started) => Some(json!({
+                "exitCode": 137, "reason": "ContainerStatusUnknown",
+                "message": "The container could not be located when the pod was terminated",
+                "startedAt": started.started_at,
+                "containerID": format!("libcontainer://{}", container_id(&self.uid, &c.name, a.number)),
+            })),
+            _ => None,
+        };
+        let waiting = self.waiting.get(&c.name);
+        let (state, last, ready, started) = match latest.as_ref().map(|a| (&a.state, a)) {
+            Some((ContainerState::Running(s), _)) => (
+                json!({"running": {"startedAt": s.started_at}}),
+                previous.as_ref().and_then(terminated),
+                !init,
+                true,
+            ),
+            Some((_, a)) if waiting.is_some() => {
+                let (reason, message) = waiting.cloned().unwrap_or_default();
+                (
+                    json!({"waiting": {"reason": reason, "message": message}}),
+                    terminated(a),
+                    false,
+                    false,
+                )
+            }
+            Some((ContainerState::Exited(..) | ContainerState::Lost(_), a)) => (
+                json!({"terminated": terminated(a)}),
+                previous.as_ref().and_then(terminated),
+                false,
+                false,
+            ),
+            _ => {
+                let (reason, message) = waiting
+                    .cloned()
+                    .unwrap_or_else(|| (default_reason.to_owned(), String::new()));
+                let mut w = json!({"reason": reason});
+                if !message.is_empty() {
+                    w["message"] = json!(message);
+                }
+                (json!({"waiting": w}), None, false, false)
+            }
+        };
+        let mut status = json!({
+            "name": c.name,
+            "image": image,
+            "imageID": image_id,
+            "ready": ready,
+            "started": started,
+            "restartCount": latest.as_ref().map_or(0, |a| a.number),
+            "state": state,
+            "lastState": last.map(|t| json!({"terminated": t})).unwrap_or(json!({})),
+        });
+        if let Some(a) = latest {
+            if !matches!(a.state, ContainerState::Created) {
+                status["containerID"] = json!(format!(
+                    "libcontainer://{}",
+                    container_id(&self.uid, &c.name, a.number)
+                ));
+            }
+        }
+        status
+    }
+
+    fn attempt(&self, name: &str, number: u32) -> Option<Attempt> {
+        let dir = self
+            .dir
+            .join("containers")
+            .join(name)
+            .join(number.to_string());
+        dir.is_dir().then(|| Attempt {
+            number,
+            state: container::state(&dir),
+            dir,
+        })
+    }
+
+    /// The latest attempt of container `name`.
+    fn latest(&self, name: &str) -> Option<Attempt> {
+        let number = attempt_numbers(&self.dir.join("containers").join(name))
+            .into_iter()
+            .max()?;
+        self.attempt(name, number)
+    }
+
+    fn all_latest(&self) -> Vec<(String, Attempt)> {
+        container_names(&self.dir)
+            .into_iter()
+            .filter_map(|name| self.latest(&name).map(|a| (name, a)))
+            .collect()
+    }
+
+    fn all_attempts(&self) -> Vec<(String, Attempt)> {
+        let mut out = Vec::new();
+        for name in container_names(&self.dir) {
+            for n in attempt_numbers(&self.dir.join("containers").join(&name)) {
+                if let Some(a) = self.attempt(&name, n) {
+                    out.push((name.clone(), a));
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the latest attempt and the one before (for `lastState` and `logs --previous`).
+    fn prune_attempts(&self, name: &str, latest: u32) {
+        let dir = self.dir.join("containers").join(name);
+        for n in attempt_numbers(&dir) {
+            if n + 1 < latest {
+                let _ = container::remove_container_dir(&dir.join(n.to_string()));
+                let _ = fs::remove_file(self.log_path(name, n));
+            }
+        }
+    }
+
+    /// Where attempt `attempt` of container `name` logs.
+    pub fn log_path(&self, name: &str, attempt: u32) -> PathBuf {
+        self.dir
+            .join("logs")
+            .join(name)
+            .join(format!("{attempt}.log"))
+    }
+
+    async fn event(&self, pod: &Pod, type_: EventType, reason: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &pod.object_ref(&()))
+            .await
+        {
+            tracing::debug!(error = %e, "publishing an event failed");
+        }
+    }
+}
+
+/// The stable container ID of attempt `attempt` of container `name` in pod `uid`: 64 hex
+/// digits, as container runtimes' IDs look.
+pub fn container_id(uid: &str, name: &str, attempt: u32) -> String {
+    hex::encode(sha2::Sha256::digest(
+        format!("{uid}/{name}/{attempt}").as_bytes(),
+    ))
+}
+
+fn attempt_number(dir: &Path) -> u32 {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn attempt_numbers(dir: &Path) -> Vec<u32> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn container_names(pod_dir: &Path) -> Vec<String> {
+    fs::read_dir(pod_dir.join("containers"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn run_time(started: &Started, exited: &Exited) -> Option<Duration> {
+    let a: jiff::Timestamp = started.started_at.parse().ok()?;
+    let b: jiff::Timestamp = exited.finished_at.parse().ok()?;
+    let secs = b.as_second() - a.as_second();
+    (secs >= 0).then(|| Duration::from_secs(secs as u64))
+}
+
+fn terminated_json(started: &Started, exited: &Exited, id: &str) -> Value {
+    let reason = if exited.oom_killed {
+        "OOMKilled"
+    } else if exited.exit_code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    };
+    let mut t = json!({
+        "exitCode": exited.exit_code,
+        "reason": reason,
+        "startedAt": started.started_at,
+        "finishedAt": exited.finished_at,
+        "containerID": format!("libcontainer://{id}"),
+    });
+    if let Some(signal) = exited.signal {
+        t["signal"] = json!(signal);
+    }
+    t
+}
+
+/// The pod's QoS class from its containers' requests and limits.
+pub fn qos_class(containers: &[Container]) -> &'static str {
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in containers {
+        let res = c.resources.as_ref();
+        let limits = res.and_then(|r| r.limits.clone()).unwrap_or_default();
+        let requests = res.and_then(|r| r.requests.clone()).unwrap_or_default();
+        any |= !limits.is_empty() || !requests.is_empty();
+        for name in ["cpu", "memory"] {
+            match (limits.get(name), requests.get(name)) {
+                (Some(l), Some(r)) if l != r => guaranteed = false,
+                (Some(_), _) => {}
+                _ => guaranteed = false,
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
+/// Whether two statuses agree on everything the agent reports (ignoring what others set).
+fn same_status(current: &Value, ours: &Value) -> bool {
+    ours.as_object().is_some_and(|o| {
+        o.iter()
+            .all(|(k, v)| k == "conditions" || current.get(k) == Some(v))
+    })
+}
+
+/// Removes the pod's (empty) parent cgroups left behind by its containers.
+pub(crate) fn remove_pod_cgroups(uid: &str) {
+    let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for controller in controllers.flatten() {
+        let dir = controller
+            .path()
+            .join("orquestra")
+            .join(format!("pod{uid}"));
+        if dir.is_dir() {
+            if let Ok(children) = fs::read_dir(&dir) {
+                for child in children.flatten() {
+                    if child.path().is_dir() {
+                        let _ = fs::remove_dir(child.path());
+                    }
+                }
+            }
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// Unmounts whatever is mounted under the pod's directory and deletes it.
+pub fn remove_pod_dir(dir: &Path) -> std::io::Result<()> {
+    let prefix = format!("{}/", dir.display());
+    if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
+        let mut targets: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|t| t.starts_with(&prefix))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_are_stable_and_distinct() {
+        assert_eq!(container_id("u", "c", 0), container_id("u", "c", 0));
+        assert_ne!(container_id("u", "c", 0), container_id("u", "c", 1));
+        assert_eq!(container_id("u", "c", 0).len(), 64);
+    }
+
+    #[test]
+    fn qos_classes() {
+        let c = |limits: serde_json::Value, requests: serde_json::Value| -> Container {
+            serde_json::from_value(
+                json!({"name": "c", "resources": {"limits": limits, "requests": requests}}),
+            )
+            .unwrap()
+        };
+        assert_eq!(qos_class(&[Container::default()]), "BestEffort");
+        assert_eq!(
+            qos_class(&[c(
+                json!({"cpu": "1", "memory": "1Gi"}),
+                json!({"cpu": "1", "memory": "1Gi"})
+            )]),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&[c(json!({"memory": "1Gi"}), json!({}))]),
+            "Burstable"
+        );
+    }
+}

@@ -1,0 +1,698 @@
+//! From a pod's container spec and its image to what the runtime runs: the process (image
+//! entrypoint/cmd vs `command`/`args`, `$(VAR)` references), the environment (incl.
+//! `valueFrom` and `envFrom` from ConfigMaps, Secrets and the pod's own fields), the user,
+//! the volumes materialized on the node and where they are mounted, and the limits.
+//!
+//! A problem here is the user's (a missing ConfigMap key, a mount of an undeclared volume)
+//! and ends up as `CreateContainerConfigError` in the pod's status, with this module's
+//! message.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use kube::{Api, Client, ResourceExt};
+
+use crate::container::{BindMount, Resources};
+use crate::image::ImageConfig;
+use crate::quantity;
+
+/// A configuration problem: the pod's fault, not the node's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// Reads ConfigMaps and Secrets from the pod's namespace.
+#[derive(Clone)]
+pub struct Sources {
+    config_maps: Api<ConfigMap>,
+    secrets: Api<Secret>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
+}
+
+impl Sources {
+    /// Sources for `namespace`.
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Sources {
+            config_maps: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
+        }
+    }
+
+    async fn config_map(
+        &self,
+        name: &str,
+        optional: bool,
+    ) -> Result<BTreeMap<String, Vec<u8>>, ConfigError> {
+        match self.config_maps.get_opt(name).await {
+            Ok(Some(cm)) => {
+                let mut data: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                for (k, v) in cm.binary_data.unwrap_or_default() {
+                    data.insert(k, v.0);
+                }
+                Ok(data)
+            }
+            Ok(None) if optional => Ok(BTreeMap::new()),
+            Ok(None) => Err(err(format!("configmap \"{name}\" not found"))),
+            Err(e) => Err(err(format!("reading configmap \"{name}\": {e}"))),
+        }
+    }
+
+    async fn secret(
+        &self,
+        name: &str,
+        optional: bool,
+    ) -> Result<BTreeMap<String, Vec<u8>>, ConfigError> {
+        match self.secrets.get_opt(name).await {
+            Ok(Some(secret)) => {
+                let mut data: BTreeMap<String, Vec<u8>> = secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                for (k, v) in secret.string_data.unwrap_or_default() {
+                    data.insert(k, v.into_bytes());
+                }
+                Ok(data)
+            }
+            Ok(None) if optional => Ok(BTreeMap::new()),
+            Ok(None) => Err(err(format!("secret \"{name}\" not found"))),
+            Err(e) => Err(err(format!("reading secret \"{name}\": {e}"))),
+        }
+    }
+}
+
+/// The pod's own fields a `fieldRef` can name.
+pub fn field_ref(
+    pod: &Pod,
+    path: &str,
+    pod_ip: &str,
+    host_ip: &str,
+) -> Result<String, ConfigError> {
+    let spec = pod.spec.as_ref();
+    let meta_map = |map: Option<&BTreeMap<String, String>>, key: &str| {
+        map.and_then(|m| m.get(key)).cloned().unwrap_or_default()
+    };
+    let bracket = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix("']"))
+            .map(str::to_owned)
+    };
+    Ok(match path {
+        "metadata.name" => pod.name_any(),
+        "metadata.namespace" => pod.namespace().unwrap_or_default(),
+        "metadata.uid" => pod.uid().unwrap_or_default(),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+        "status.podIP" => pod_ip.to_owned(),
+        "status.podIPs" => pod_ip.to_owned(),
+        "status.hostIP" | "status.hostIPs" => host_ip.to_owned(),
+        _ => {
+            if let Some(key) = bracket("metadata.labels['") {
+                meta_map(pod.metadata.labels.as_ref(), &key)
+            } else if let Some(key) = bracket("metadata.annotations['") {
+                meta_map(pod.metadata.annotations.as_ref(), &key)
+            } else {
+                return Err(err(format!("unsupported fieldRef {path:?}")));
+            }
+        }
+    })
+}
+
+/// The container's environment: the image's, then `envFrom`, then `env` (later wins), with
+/// `$(VAR)` references in `env` values expanded against what precedes them.
+pub async fn env(
+    sources: &Sources,
+    pod: &Pod,
+    container: &Container,
+    image: &ImageConfig,
+    pod_ip: &str,
+    host_ip: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars: Vec<(String, String)> = Vec::new();
+    let set = |vars: &mut Vec<(String, String)>, k: String, v: String| match vars
+        .iter_mut()
+        .find(|(name, _)| *name == k)
+    {
+        Some(slot) => slot.1 = v,
+        None => vars.push((k, v)),
+    };
+    for kv in &image.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        set(&mut vars, k.to_owned(), v.to_owned());
+    }
+    if !vars.iter().any(|(k, _)| k == "PATH") {
+        set(
+            &mut vars,
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+    }
+    set(&mut vars, "HOSTNAME".into(), pod.name_any());
+    for from in container.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let data = if let Some(cm) = &from.config_map_ref {
+            sources
+                .config_map(&cm.name, cm.optional.unwrap_or(false))
+                .await?
+        } else if let Some(secret) = &from.secret_ref {
+            sources
+                .secret(&secret.name, secret.optional.unwrap_or(false))
+                .await?
+        } else {
+            continue;
+        };
+        for (k, v) in data {
+            set(
+                &mut vars,
+                format!("{prefix}{k}"),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+    }
+    for var in container.env.iter().flatten() {
+        let value = match &var.value_from {
+            None => {
+                let map: BTreeMap<String, String> = vars.iter().cloned().collect();
+                expand(var.value.as_deref().unwrap_or(""), &map)
+            }
+            Some(from) => {
+                if let Some(f) = &from.field_ref {
+                    field_ref(pod, &f.field_path, pod_ip, host_ip)?
+                } else if let Some(key) = &from.config_map_key_ref {
+                    let optional = key.optional.unwrap_or(false);
+                    let data = sources.config_map(&key.name, optional).await?;
+                    match data.get(&key.key) {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None if optional => continue,
+                        None => {
+                            return Err(err(format!(
+                                "couldn't find key {} in ConfigMap {}/{}",
+                                key.key,
+                                pod.namespace().unwrap_or_default(),
+                                key.name
+                            )));
+                        }
+                    }
+                } else if let Some(key) = &from.secret_key_ref {
+                    let optional = key.optional.unwrap_or(false);
+                    let data = sources.secret(&key.name, optional).await?;
+                    match data.get(&key.key) {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None if optional => continue,
+                        None => {
+                            return Err(err(format!(
+                                "couldn't find key {} in Secret {}/{}",
+                                key.key,
+                                pod.namespace().unwrap_or_default(),
+                                key.name
+                            )));
+                        }
+                    }
+                } else if let Some(r) = &from.resource_field_ref {
+                    resource_field(container, &r.resource)?
+                } else {
+                    return Err(err(format!("env {}: empty valueFrom", var.name)));
+                }
+            }
+        };
+        set(&mut vars, var.name.clone(), value);
+    }
+    Ok(vars)
+}
+
+fn resource_field(container: &Container, resource: &str) -> Result<String, ConfigError> {
+    let res = container.resources.as_ref();
+    let (kind, name) = resource
+        .split_once('.')
+        .ok_or_else(|| err(format!("unsupported resourceFieldRef {resource:?}")))?;
+    let map = match kind {
+        "limits" => res.and_then(|r| r.limits.as_ref()),
+        "requests" => res.and_then(|r| r.requests.as_ref()),
+        _ => return Err(err(format!("unsupported resourceFieldRef {resource:?}"))),
+    };
+    let q = map.and_then(|m| m.get(name)).map(|q| q.0.clone());
+    Ok(match (name, q) {
+        ("cpu", Some(q)) => {
+            let milli = quantity::millicores(&q).unwrap_or(0);
+            ((milli + 999) / 1000).max(1).to_string()
+        }
+        (_, Some(q)) => quantity::bytes(&q).unwrap_or(0).to_string(),
+        ("cpu", None) => num_cpus().to_string(),
+        (_, None) => "0".into(),
+    })
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Kubernetes' `$(VAR)` expansion: defined names are replaced, `$$` escapes, anything else
+/// stays as written.
+pub fn expand(input: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The process: `command` replaces the entrypoint (and drops the image's cmd), `args`
+/// replace the cmd; `$(VAR)` references expand against the environment.
+pub fn process_args(
+    container: &Container,
+    image: &ImageConfig,
+    env: &[(String, String)],
+) -> Result<Vec<String>, ConfigError> {
+    let vars: BTreeMap<String, String> = env.iter().cloned().collect();
+    let expand_all = |v: &Vec<String>| v.iter().map(|a| expand(a, &vars)).collect::<Vec<_>>();
+    let args = match (&container.command, &container.args) {
+        (Some(command), args) if !command.is_empty() => {
+            let mut all = expand_all(command);
+            all.extend(args.as_ref().map(expand_all).unwrap_or_default());
+            all
+        }
+        (_, Some(args)) if !args.is_empty() => {
+            let mut all = image.entrypoint.clone();
+            all.extend(expand_all(args));
+            all
+        }
+        _ => {
+            let mut all = image.entrypoint.clone();
+            all.extend(image.cmd.iter().cloned());
+            all
+        }
+    };
+    if args.is_empty() {
+        return Err(err(
+            "no command specified: the image has no entrypoint or cmd and the container no command",
+        ));
+    }
+    Ok(args)
+}
+
+/// The user and groups: `securityContext.runAsUser/runAsGroup` (container, then pod) over
+/// the image's `User`, names resolved against the image's `/etc/passwd` and `/etc/group`.
+pub fn user(
+    pod: &Pod,
+    container: &Container,
+    image: &ImageConfig,
+    rootfs: &Path,
+) -> Result<(u32, u32, Vec<u32>), ConfigError> {
+    let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let csc = container.security_context.as_ref();
+    let (image_user, image_group) = match image.user.split_once(':') {
+        Some((u, g)) => (u.to_owned(), Some(g.to_owned())),
+        None => (image.user.clone(), None),
+    };
+    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let group = fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let lookup = |db: &str, name: &str| -> Option<(u32, u32)> {
+        db.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| {
+                (
+                    f.get(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+                    f.get(3).and_then(|v| v.parse().ok()).unwrap_or(0),
+                )
+            })
+        })
+    };
+    let (mut uid, mut gid) = if image_user.is_empty() {
+        (0, 0)
+    } else if let Ok(uid) = image_user.parse::<u32>() {
+        (uid, lookup_by_uid(&passwd, uid).unwrap_or(0))
+    } else {
+        lookup(&passwd, &image_user).ok_or_else(|| {
+            err(format!(
+                "user {image_user:?} not found in the image's /etc/passwd"
+            ))
+        })?
+    };
+    if let Some(g) = image_group.filter(|g| !g.is_empty()) {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup(&group, &g)
+                .map(|(gid, _)| gid)
+                .ok_or_else(|| err(format!("group {g:?} not found in the image's /etc/group")))?,
+        };
+    }
+    if let Some(u) = csc
+        .and_then(|c| c.run_as_user)
+        .or(psc.and_then(|p| p.run_as_user))
+    {
+        uid = u as u32;
+        gid = lookup_by_uid(&passwd, uid).unwrap_or(0);
+    }
+    if let Some(g) = csc
+        .and_then(|c| c.run_as_group)
+        .or(psc.and_then(|p| p.run_as_group))
+    {
+        gid = g as u32;
+    }
+    if csc
+        .and_then(|c| c.run_as_non_root)
+        .or(psc.and_then(|p| p.run_as_non_root))
+        == Some(true)
+        && uid == 0
+    {
+        return Err(err("container has runAsNonRoot and image will run as root"));
+    }
+    let mut groups: Vec<u32> = psc
+        .and_then(|p| p.supplemental_groups.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g as u32)
+        .collect();
+    if let Some(fs_group) = psc.and_then(|p| p.fs_group) {
+        groups.push(fs_group as u32);
+    }
+    Ok((uid, gid, groups))
+}
+
+fn lookup_by_uid(passwd: &str, uid: u32) -> Option<u32> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.get(2).and_then(|v| v.parse::<u32>().ok()) == Some(uid))
+            .then(|| f.get(3).and_then(|v| v.parse().ok()).unwrap_or(0))
+    })
+}
+
+/// Refuses seccomp profiles: this build of libcontainer has no libseccomp, and running a
+/// container that asked for a profile without one would be a silent downgrade.
+pub fn check_seccomp(pod: &Pod, container: &Container) -> Result<(), ConfigError> {
+    let profile = container
+        .security_context
+        .as_ref()
+        .and_then(|c| c.seccomp_profile.as_ref())
+        .or(pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.seccomp_profile.as_ref()));
+    match profile.map(|p| p.type_.as_str()) {
+        None | Some("Unconfined") => Ok(()),
+        Some(other) => Err(err(format!(
+            "seccompProfile {other} is not supported on this node (its runtime is built without \
+             libseccomp); use Unconfined or run the pod elsewhere"
+        ))),
+    }
+}
+
+/// The cgroup limits from `resources`.
+pub fn resources(container: &Container) -> Resources {
+    let res = container.resources.as_ref();
+    let get = |kind: Option<
+        &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               name: &str| kind.and_then(|m| m.get(name)).map(|q| q.0.clone());
+    let limits = res.and_then(|r| r.limits.as_ref());
+    let requests = res.and_then(|r| r.requests.as_ref());
+    let cpu_limit = get(limits, "cpu").and_then(|q| quantity::millicores(&q));
+    let cpu_request = get(requests, "cpu")
+        .and_then(|q| quantity::millicores(&q))
+        .or(cpu_limit);
+    Resources {
+        memory_limit: get(limits, "memory").and_then(|q| quantity::bytes(&q)),
+        // 100 ms periods, as the kubelet: 1 CPU = 100,000 µs, at least 1 ms.
+        cpu_quota: cpu_limit.map(|m| (m * 100).max(1000)),
+        // The kubelet's milliCPU → shares: 1024 per CPU, at least 2.
+        cpu_shares: Some(cpu_request.map_or(2, |m| ((m * 1024) / 1000).max(2) as u64)),
+        pids_limit: None,
+    }
+}
+
+/// Materializes the pod's volumes under `pod_dir/volumes` and returns each one's host path.
+pub async fn volumes(
+    sources: &Sources,
+    pod: &Pod,
+    pod_dir: &Path,
+    pod_ip: &str,
+    host_ip: &str,
+) -> Result<BTreeMap<String, PathBuf>, ConfigError> {
+    let mut out = BTreeMap::new();
+    let io = |what: &str, e: std::io::Error| err(format!("{what}: {e}"));
+    for volume in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let dir = pod_dir.join("volumes").join(&volume.name);
+        let path = if volume.empty_dir.is_some() {
+            fs::create_dir_all(&dir).map_err(|e| io("emptyDir", e))?;
+            dir
+        } else if let Some(host) = &volume.host_path {
+            let path = PathBuf::from(&host.path);
+            match host.type_.as_deref().unwrap_or("") {
+                "DirectoryOrCreate" => fs::create_dir_all(&path).map_err(|e| io("hostPath", e))?,
+                "FileOrCreate" if !path.exists() => {
+                    fs::write(&path, b"").map_err(|e| io("hostPath", e))?;
+                }
+                "Directory" if !path.is_dir() => {
+                    return Err(err(format!(
+                        "hostPath type check failed: {} is not a directory",
+                        host.path
+                    )));
+                }
+                "File" if !path.is_file() => {
+                    return Err(err(format!(
+                        "hostPath type check failed: {} is not a file",
+                        host.path
+                    )));
+                }
+                _ => {}
+            }
+            path
+        } else if let Some(cm) = &volume.config_map {
+            let data = sources
+                .config_map(&cm.name, cm.optional.unwrap_or(false))
+                .await?;
+            let items = cm.items.as_ref().map(|items| {
+                items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone(), i.mode))
+                    .collect::<Vec<_>>()
+            });
+            write_files(&dir, &data, items, cm.default_mode.unwrap_or(0o644))?;
+            dir
+        } else if let Some(secret) = &volume.secret {
+            let name = secret.secret_name.clone().unwrap_or_default();
+            let data = sources
+                .secret(&name, secret.optional.unwrap_or(false))
+                .await?;
+            let items = secret.items.as_ref().map(|items| {
+                items
+                    .iter()
+                    .map(|i| (i.key.clone(), i.path.clone(), i.mode))
+                    .collect::<Vec<_>>()
+            });
+            write_files(&dir, &data, items, secret.default_mode.unwrap_or(0o644))?;
+            dir
+        } else if let Some(downward) = &volume.downward_api {
+            let mut data = BTreeMap::new();
+            let mut items = Vec::new();
+            for item in downward.items.iter().flatten() {
+                let value = if let Some(f) = &item.field_ref {
+                    if f.field_path == "metadata.labels" || f.field_path == "metadata.annotations" {
+                        let map = if f.field_path == "metadata.labels" {
+                            pod.metadata.labels.clone()
+                        } else {
+                            pod.metadata.annotations.clone()
+                        };
+                        map.unwrap_or_default()
+                            .iter()
+                            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+                            .collect()
+                    } else {
+                        field_ref(pod, &f.field_path, pod_ip, host_ip)?
+                    }
+                } else {
+                    String::new()
+                };
+                data.insert(item.path.clone(), value.into_bytes());
+                items.push((item.path.clone(), item.path.clone(), item.mode));
+            }
+            write_files(
+                &dir,
+                &data,
+                Some(items),
+                downward.default_mode.unwrap_or(0o644),
+            )?;
+            dir
+        } else if volume.projected.is_some() {
+            // Service account tokens (the usual projected volume) need the token API, which
+            // the API server does not serve yet: an empty directory keeps such pods running.
+            fs::create_dir_all(&dir).map_err(|e| io("projected", e))?;
+            dir
+        } else {
+            return Err(err(format!(
+                "volume {:?}: unsupported volume type (supported: emptyDir, hostPath, configMap, secret, downwardAPI)",
+                volume.name
+            )));
+        };
+        out.insert(volume.name.clone(), path);
+    }
+    Ok(out)
+}
+
+/// Writes `data` (all keys, or the listed `(key, path, mode)` items) into `dir`, replacing
+/// what was there.
+fn write_files(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<Vec<(String, String, Option<i32>)>>,
+    default_mode: i32,
+) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| err(format!("writing volume files into {}: {e}", dir.display()));
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).map_err(io)?;
+    let items =
+        items.unwrap_or_else(|| data.keys().map(|k| (k.clone(), k.clone(), None)).collect());
+    for (key, path, mode) in items {
+        let Some(value) = data.get(&key) else {
+            return Err(err(format!("configmap or secret key {key:?} not found")));
+        };
+        if path.split('/').any(|p| p == ".." || p.is_empty()) {
+            return Err(err(format!("invalid item path {path:?}")));
+        }
+        let file = dir.join(&path);
+        if let Some(parent) = file.parent() {
+            fs::create_dir_all(parent).map_err(io)?;
+        }
+        fs::write(&file, value).map_err(io)?;
+        fs::set_permissions(
+            &file,
+            fs::Permissions::from_mode(mode.unwrap_or(default_mode) as u32),
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The container's bind mounts for its `volumeMounts`.
+pub fn mounts(
+    container: &Container,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<BindMount>, ConfigError> {
+    let mut out = Vec::new();
+    for m in container.volume_mounts.iter().flatten() {
+        let source = volumes.get(&m.name).ok_or_else(|| {
+            err(format!(
+                "volumeMount {:?} refers to a volume the pod does not declare",
+                m.name
+            ))
+        })?;
+        let source = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            Some(sub) => {
+                if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
+                    return Err(err(format!("invalid subPath {sub:?}")));
+                }
+                let path = source.join(sub);
+                if !path.exists() {
+                    fs::create_dir_all(&path).map_err(|e| err(format!("subPath {sub:?}: {e}")))?;
+                }
+                path
+            }
+            None => source.clone(),
+        };
+        out.push(BindMount {
+            source,
+            destination: m.mount_path.clone(),
+            read_only: m.read_only.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_expansion() {
+        let vars: BTreeMap<String, String> = [("A".to_owned(), "1".to_owned())].into();
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &vars), "1-$(B)-$(A)-$");
+    }
+
+    #[test]
+    fn command_and_args_against_the_image() {
+        let image = ImageConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            ..ImageConfig::default()
+        };
+        let c = |command: Option<Vec<&str>>, args: Option<Vec<&str>>| Container {
+            command: command.map(|v| v.into_iter().map(String::from).collect()),
+            args: args.map(|v| v.into_iter().map(String::from).collect()),
+            ..Container::default()
+        };
+        let env = [("X".to_owned(), "x".to_owned())];
+        assert_eq!(
+            process_args(&c(None, None), &image, &env).unwrap(),
+            ["/entry", "default"]
+        );
+        assert_eq!(
+            process_args(&c(None, Some(vec!["$(X)"])), &image, &env).unwrap(),
+            ["/entry", "x"]
+        );
+        assert_eq!(
+            process_args(&c(Some(vec!["/bin/sh"]), None), &image, &env).unwrap(),
+            ["/bin/sh"]
+        );
+        assert!(process_args(&c(None, None), &ImageConfig::default(), &env).is_err());
+    }
+
+    #[test]
+    fn mounts_of_undeclared_volumes_are_config_errors() {
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "c", "volumeMounts": [{"name": "missing", "mountPath": "/data"}]
+        }))
+        .unwrap();
+        let e = mounts(&container, &BTreeMap::new()).unwrap_err();
+        assert!(e.0.contains("missing"), "{e}");
+    }
+}

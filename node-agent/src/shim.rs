@@ -1,0 +1,538 @@
+//! The container shim: one single-threaded helper process per container (`orq shim …`).
+//!
+//! libcontainer is not safe inside a multi-threaded process (it clones with raw `clone3` and
+//! changes the working directory and the caller's dumpable flag and OOM score), so the agent
+//! never calls it for creating a container: it runs this shim, which
+//!
+//! 1. forks; the parent waits only until the container has started (or failed to), prints
+//!    `ok <pid>` or the error, and exits — so the agent learns the outcome synchronously and
+//!    reaps its direct child at once;
+//! 2. the child starts a new session (it outlives the agent, its restarts and SIGKILLs),
+//!    creates and starts the container with libcontainer, its stdout and stderr on pipes;
+//! 3. copies both streams into the container's log in the CRI format, rotating it by size;
+//! 4. reaps the container's init (it is the shim's child), tells an OOM kill from the
+//!    container's cgroup, writes the exit record next to the bundle, and deletes the
+//!    container's runtime state and cgroup.
+//!
+//! Everything the agent needs to re-adopt the container lives in the bundle directory:
+//! [`STARTED`] once it runs, [`EXITED`] once it is gone.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+/// The file in the bundle that says the container started: a [`Started`].
+pub const STARTED: &str = "started.json";
+/// The file in the bundle that says the container is gone: an [`Exited`].
+pub const EXITED: &str = "exited.json";
+/// The shim's own diagnostics.
+pub const SHIM_LOG: &str = "shim.log";
+
+/// Written once the container's init runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// The init process (in the agent's PID namespace).
+    pub pid: i32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22): a PID alone
+    /// could have been reused by the time someone reads this.
+    pub start_ticks: u64,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// Written once the container's init has exited and been reaped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exited {
+    /// The exit code, or 128 + the signal that killed it (as Kubernetes reports).
+    pub exit_code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Whether the kernel's OOM killer killed it (the cgroup counted an OOM kill).
+    pub oom_killed: bool,
+    /// RFC 3339.
+    pub finished_at: String,
+}
+
+/// What the shim is told.
+#[derive(Clone, Debug)]
+pub struct ShimArgs {
+    /// The container's ID (libcontainer's state lives in `root/<id>`).
+    pub id: String,
+    /// The bundle: `config.json` and where [`STARTED`]/[`EXITED`] go.
+    pub bundle: PathBuf,
+    /// libcontainer's state root.
+    pub root: PathBuf,
+    /// The container's log file (CRI format).
+    pub log: PathBuf,
+    /// Rotate the log when it grows past this many bytes.
+    pub log_max_bytes: u64,
+}
+
+impl ShimArgs {
+    /// The command-line form, after the shim's subcommand.
+    pub fn to_args(&self) -> Vec<OsString> {
+        vec![
+            "--id".into(),
+            self.id.clone().into(),
+            "--bundle".into(),
+            self.bundle.clone().into(),
+            "--root".into(),
+            self.root.clone().into(),
+            "--log".into(),
+            self.log.clone().into(),
+            "--log-max-bytes".into(),
+            self.log_max_bytes.to_string().into(),
+        ]
+    }
+
+    /// Parses [`ShimArgs::to_args`]'s output.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, String> {
+        let mut args = args.into_iter();
+        let (mut id, mut bundle, mut root, mut log, mut max) = (None, None, None, None, None);
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .ok_or_else(|| format!("{flag:?} needs a value"))?;
+            match flag.to_str() {
+                Some("--id") => id = value.into_string().ok(),
+                Some("--bundle") => bundle = Some(PathBuf::from(value)),
+                Some("--root") => root = Some(PathBuf::from(value)),
+                Some("--log") => log = Some(PathBuf::from(value)),
+                Some("--log-max-bytes") => {
+                    max = value.to_str().and_then(|v| v.parse().ok());
+                }
+                _ => return Err(format!("unknown flag {flag:?}")),
+            }
+        }
+        Ok(ShimArgs {
+            id: id.ok_or("--id is required")?,
+            bundle: bundle.ok_or("--bundle is required")?,
+            root: root.ok_or("--root is required")?,
+            log: log.ok_or("--log is required")?,
+            log_max_bytes: max.unwrap_or(10 << 20),
+        })
+    }
+}
+
+/// Runs the shim; returns the exit code of the process that called it. Must be called
+/// before any thread exists in this process.
+pub fn main(args: ShimArgs) -> i32 {
+    let (report_r, report_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("shim: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the process is single-threaded here (the caller's contract), so the child
+    // may run arbitrary code after the fork.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("shim: fork: {e}");
+            1
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(report_w);
+            let mut report = String::new();
+            let _ = fs::File::from(report_r).read_to_string(&mut report);
+            match report.strip_prefix("ok ") {
+                Some(pid) => {
+                    println!("{}", pid.trim());
+                    0
+                }
+                None if report.is_empty() => {
+                    eprintln!(
+                        "the shim exited before the container started (see {})",
+                        args.bundle.join(SHIM_LOG).display()
+                    );
+                    1
+                }
+                None => {
+                    eprintln!("{}", report.strip_prefix("err ").unwrap_or(&report));
+                    1
+                }
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(report_r);
+            let code = match child(&args, report_w) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("shim: {e}");
+                    1
+                }
+            };
+            // Skip the parent's atexit handlers and buffered state: this is a fork.
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// The long-lived half: start, report, copy logs, reap, record.
+fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
+    nix::unistd::setsid().map_err(io::Error::from)?;
+    // Detach from the agent's stdio: its pipes go away when it does.
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.bundle.join(SHIM_LOG))?;
+    let null = fs::File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 0).map_err(io::Error::from)?;
+    nix::unistd::dup2(log.as_raw_fd(), 1).map_err(io::Error::from)?;
+    nix::unistd::dup2(log.as_raw_fd(), 2).map_err(io::Error::from)?;
+    // SIGTERM for the container goes to its init, never to the shim; ignore stray ones.
+    // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGHUP,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+    }
+    let mut report = fs::File::from(report);
+    let (out_r, out_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let (err_r, err_w) = nix::unistd::pipe().map_err(io::Error::from)?;
+    let started = match start(args, null, out_w, err_w) {
+        Ok(started) => started,
+        Err(message) => {
+            let _ = write!(report, "err {message}");
+            return Err(io::Error::other(message));
+        }
+    };
+    crate::image::write_atomically(
+        &args.bundle.join(STARTED),
+        &serde_json::to_vec(&started).map_err(io::Error::other)?,
+    )?;
+    let _ = write!(report, "ok {}", started.pid);
+    drop(report);
+
+    let mut writer = LogWriter::open(&args.log, args.log_max_bytes)?;
+    let pid = Pid::from_raw(started.pid);
+    let status = copy_until_exit(pid, [out_r, err_r], &mut writer)?;
+    let oom_killed = oom_kills(&args.bundle) > 0;
+    let (exit_code, signal) = match status {
+        WaitStatus::Exited(_, code) => (code, None),
+        WaitStatus::Signaled(_, sig, _) => (128 + sig as i32, Some(sig as i32)),
+        _ => (255, None),
+    };
+    let exited = Exited {
+        exit_code,
+        signal,
+        oom_killed,
+        finished_at: now_rfc3339(),
+    };
+    crate::image::write_atomically(
+        &args.bundle.join(EXITED),
+        &serde_json::to_vec(&exited).map_err(io::Error::other)?,
+    )?;
+    // The runtime state and the cgroup go; the bundle (and so the record) stays for the
+    // agent, which removes it with the container.
+    match libcontainer::container::Container::load(args.root.join(&args.id)) {
+        Ok(mut container) => {
+            if let Err(e) = container.delete(true) {
+                eprintln!("shim: deleting container {}: {e}", args.id);
+            }
+        }
+        Err(e) => eprintln!("shim: loading container {}: {e}", args.id),
+    }
+    Ok(())
+}
+
+/// Creates and starts the container; the error is a message for the pod's status.
+fn start(args: &ShimArgs, stdin: fs::File, out: OwnedFd, err: OwnedFd) -> Result<Started, String> {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::syscall::syscall::SyscallType;
+    let mut container = ContainerBuilder::new(args.id.clone(), SyscallType::Linux)
+        .with_root_path(&args.root)
+        .map_err(|e| e.to_string())?
+        .with_stdin(OwnedFd::from(stdin))
+        .with_stdout(out)
+        .with_stderr(err)
+        .validate_id()
+        .map_err(|e| e.to_string())?
+        .as_init(&args.bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let result = container.start().map_err(|e| e.to_string());
+    let pid = container.pid().map(|p| p.as_raw());
+    match (result, pid) {
+        (Ok(()), Some(pid)) => Ok(Started {
+            pid,
+            start_ticks: start_ticks(pid).unwrap_or(0),
+            started_at: now_rfc3339(),
+        }),
+        (result, _) => {
+            let _ = container.delete(true);
+            Err(result
+                .err()
+                .unwrap_or_else(|| "the container has no PID".into()))
+        }
+    }
+}
+
+/// Copies the container's stdout and stderr into the log until its init exits (and the
+/// pipes drain), then returns how it exited.
+fn copy_until_exit(pid: Pid, pipes: [OwnedFd; 2], log: &mut LogWriter) -> io::Result<WaitStatus> {
+    for fd in &pipes {
+        set_nonblocking(fd)?;
+    }
+    let mut open = [true, true];
+    let mut status = None;
+    let mut drain_deadline = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if status.is_none() {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    status = Some(s);
+                    // Anything the container's processes wrote is in the pipes now; only a
+                    // leaked writer could keep them open, so do not wait on it for long.
+                    drain_deadline = Some(Instant::now() + Duration::from_secs(2));
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => {
+                    status = Some(WaitStatus::Exited(pid, 255));
+                    drain_deadline = Some(Instant::now());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !open.iter().any(|o| *o) || drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Some(status) = status {
+                log.flush_partial()?;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let mut fds: Vec<PollFd> = pipes
+            .iter()
+            .zip(open)
+            .filter(|(_, o)| *o)
+            .map(|(fd, _)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let _ = poll(&mut fds, PollTimeout::from(100u8));
+        drop(fds);
+        for (i, fd) in pipes.iter().enumerate() {
+            if !open[i] {
+                continue;
+            }
+            loop {
+                match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                    Ok(0) => {
+                        open[i] = false;
+                        break;
+                    }
+                    Ok(n) => log.write(i, &buf[..n])?,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// How many times the OOM killer struck in the container's memory cgroup (v1 or v2).
+fn oom_kills(bundle: &Path) -> u64 {
+    let Some(path) = cgroups_path(bundle) else {
+        return 0;
+    };
+    let rel = path.trim_start_matches('/');
+    let candidates = [
+        (
+            format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
+            "oom_kill ",
+        ),
+        (format!("/sys/fs/cgroup/{rel}/memory.events"), "oom_kill "),
+    ];
+    for (file, key) in candidates {
+        if let Ok(text) = fs::read_to_string(&file) {
+            return text
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// The `linux.cgroupsPath` of a bundle's `config.json`.
+pub fn cgroups_path(bundle: &Path) -> Option<String> {
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle.join("config.json")).ok()?).ok()?;
+    config
+        .pointer("/linux/cgroupsPath")
+        .and_then(|p| p.as_str())
+        .map(str::to_owned)
+}
+
+/// A process's start time in clock ticks since boot, from `/proc/PID/stat`.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Now, as RFC 3339 with nanoseconds (what CRI logs and Kubernetes timestamps take).
+pub fn now_rfc3339() -> String {
+    let now = jiff::Timestamp::now();
+    format!(
+        "{}.{:09}Z",
+        now.strftime("%Y-%m-%dT%H:%M:%S"),
+        now.subsec_nanosecond()
+    )
+}
+
+/// Writes container output in the CRI log format (`<time> <stream> <F|P> <text>`), one
+/// record per line; a line longer than the buffer goes out in `P`(artial) pieces.
+struct LogWriter {
+    path: PathBuf,
+    file: fs::File,
+    size: u64,
+    max: u64,
+    partial: [Vec<u8>; 2],
+}
+
+const STREAMS: [&str; 2] = ["stdout", "stderr"];
+const MAX_LINE: usize = 16 * 1024;
+
+impl LogWriter {
+    fn open(path: &Path, max: u64) -> io::Result<Self> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(LogWriter {
+            path: path.to_owned(),
+            file,
+            size,
+            max,
+            partial: [Vec::new(), Vec::new()],
+        })
+    }
+
+    fn write(&mut self, stream: usize, mut data: &[u8]) -> io::Result<()> {
+        while let Some(nl) = data.iter().position(|b| *b == b'\n') {
+            let mut line = std::mem::take(&mut self.partial[stream]);
+            line.extend_from_slice(&data[..nl]);
+            self.record(stream, 'F', &line)?;
+            data = &data[nl + 1..];
+        }
+        self.partial[stream].extend_from_slice(data);
+        while self.partial[stream].len() >= MAX_LINE {
+            let rest = self.partial[stream].split_off(MAX_LINE);
+            let piece = std::mem::replace(&mut self.partial[stream], rest);
+            self.record(stream, 'P', &piece)?;
+        }
+        Ok(())
+    }
+
+    fn flush_partial(&mut self) -> io::Result<()> {
+        for stream in 0..2 {
+            if !self.partial[stream].is_empty() {
+                let line = std::mem::take(&mut self.partial[stream]);
+                self.record(stream, 'F', &line)?;
+            }
+        }
+        self.file.sync_data()
+    }
+
+    fn record(&mut self, stream: usize, tag: char, text: &[u8]) -> io::Result<()> {
+        let mut record = format!("{} {} {tag} ", now_rfc3339(), STREAMS[stream]).into_bytes();
+        record.extend_from_slice(text);
+        record.push(b'\n');
+        if self.size > 0 && self.size + record.len() as u64 > self.max {
+            self.rotate()?;
+        }
+        self.file.write_all(&record)?;
+        self.size += record.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps one rotated file (`<log>.1`), as the kubelet's default keeps a few.
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut rotated = self.path.clone().into_os_string();
+        rotated.push(".1");
+        fs::rename(&self.path, &rotated)?;
+        self.file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_round_trip() {
+        let args = ShimArgs {
+            id: "abc".into(),
+            bundle: "/b".into(),
+            root: "/r".into(),
+            log: "/l".into(),
+            log_max_bytes: 5,
+        };
+        let parsed = ShimArgs::parse(args.to_args()).unwrap();
+        assert_eq!(parsed.id, "abc");
+        assert_eq!(parsed.log_max_bytes, 5);
+        assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn cri_log_lines_partials_and_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let mut log = LogWriter::open(&path, 200).unwrap();
+        log.write(0, b"hello\nwor").unwrap();
+        log.write(1, b"oops\n").unwrap();
+        log.write(0, b"ld\n").unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].ends_with(" stdout F hello"), "{}", lines[0]);
+        assert!(lines[1].ends_with(" stderr F oops"));
+        assert!(lines[2].ends_with(" stdout F world"));
+        log.write(0, &[b'x'; MAX_LINE + 10]).unwrap();
+        log.flush_partial().unwrap();
+        // The long line rotated the small log; the current file holds its tail.
+        assert!(dir.path().join("0.log.1").exists());
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(" stdout F xxxxxxxxxx\n"), "{text}");
+    }
+
+    #[test]
+    fn own_start_ticks() {
+        assert!(start_ticks(std::process::id() as i32).is_some());
+    }
+}
