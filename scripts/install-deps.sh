@@ -4,8 +4,12 @@
 set -euo pipefail
 
 # Debian packages: protoc (etcd-client's build), etcd (the scale-out store and its tests),
-# Prometheus and promtool (the controller framework's metrics tests).
-packages=(protobuf-compiler etcd-server etcd-client prometheus)
+# Prometheus and promtool (the controller framework's metrics tests); for the node agent:
+# iproute2 and nftables (pod networking), and for its end-to-end tests a registry
+# (docker-registry), image tools (umoci builds, skopeo pushes), busybox-static (the test
+# image's userland), curl, and runc (the baseline of the runtime benchmark).
+packages=(protobuf-compiler etcd-server etcd-client prometheus iproute2 nftables
+  docker-registry umoci skopeo busybox-static curl runc util-linux)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -362,11 +362,18 @@ impl Engine {
             set_resource_version(&mut new, current.mod_revision);
             return Ok(new);
         }
+        // Marked for deletion with no finalizers left: gone — unless a grace period runs (a
+        // pod its node agent is stopping; the agent's delete with grace 0 removes it).
         let finalized = new.pointer("/metadata/deletionTimestamp").is_some()
             && new
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty);
+                .is_none_or(Vec::is_empty)
+            && new
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                == 0;
         let result = if finalized {
             self.store
                 .delete(key, Some(current.mod_revision))
@@ -442,12 +449,22 @@ impl Engine {
                     .and_then(Value::as_str)
                     .map(str::to_owned)
             });
-            if has_finalizers || policy.as_deref() == Some("Foreground") {
-                // Graceful: mark it; whoever owns the finalizers completes the deletion.
+            let grace = pod_grace_period(def, &object, options, params)?;
+            if has_finalizers || policy.as_deref() == Some("Foreground") || grace > 0 {
+                // Graceful: mark it; whoever owns the finalizers — or, for a pod, the node
+                // agent once its containers are stopped — completes the deletion.
                 let meta = metadata_mut(&mut object)?;
-                if !meta.contains_key("deletionTimestamp") {
-                    meta.insert("deletionTimestamp".into(), Value::String(now()));
-                    meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+                let shorter = meta
+                    .get("deletionGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|g| grace < g);
+                if !meta.contains_key("deletionTimestamp") || shorter {
+                    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+                    meta.insert(
+                        "deletionTimestamp".into(),
+                        Value::String(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+                    );
+                    meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
                 }
                 if policy.as_deref() == Some("Foreground") {
                     let finalizers = meta
@@ -476,27 +493,45 @@ impl Engine {
                     other => return other,
                 }
             }
-            if dry_run {
-                return Ok(object);
+            match self
+                .remove(def, &key, &name, &current, object, dry_run)
+                .await?
+            {
+                Some(deleted) => return Ok(deleted),
+                None => continue,
             }
-            match self.store.delete(&key, Some(current.mod_revision)).await {
-                Ok((revision, _)) => {
-                    set_resource_version(&mut object, revision);
-                    if crate::crd::is_crd(def) {
-                        crate::crd::register(self, &object, true);
-                        crate::crd::delete_objects(self, &object).await?;
-                    }
-                    if crate::service::is_service(def) {
-                        crate::service::release(self, &object).await;
-                    }
-                    return Ok(object);
+        }
+    }
+
+    /// Removes the object from the store (unless `dry_run`); `None` when it changed since
+    /// `current` was read (the caller re-reads and decides again).
+    async fn remove(
+        &self,
+        def: &ResourceDef,
+        key: &str,
+        name: &str,
+        current: &KeyValue,
+        mut object: Value,
+        dry_run: bool,
+    ) -> Result<Option<Value>, ApiError> {
+        if dry_run {
+            return Ok(Some(object));
+        }
+        match self.store.delete(key, Some(current.mod_revision)).await {
+            Ok((revision, _)) => {
+                set_resource_version(&mut object, revision);
+                if crate::crd::is_crd(def) {
+                    crate::crd::register(self, &object, true);
+                    crate::crd::delete_objects(self, &object).await?;
                 }
-                Err(orquestra_store::Error::Conflict { .. }) => continue,
-                Err(orquestra_store::Error::NotFound { .. }) => {
-                    return Err(ApiError::not_found(def, &name));
+                if crate::service::is_service(def) {
+                    crate::service::release(self, &object).await;
                 }
-                Err(e) => return Err(e.into()),
+                Ok(Some(object))
             }
+            Err(orquestra_store::Error::Conflict { .. }) => Ok(None),
+            Err(orquestra_store::Error::NotFound { .. }) => Err(ApiError::not_found(def, name)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -756,4 +791,40 @@ fn merge_update(
     );
     drop_empty_metadata(&mut new);
     Ok(new)
+}
+
+/// How long a pod's deletion waits for its node agent (kube-apiserver's pod strategy): the
+/// request's `gracePeriodSeconds`, else the pod's `terminationGracePeriodSeconds` (30), and 0
+/// for pods no node runs (unscheduled or finished). Other kinds: 0.
+fn pod_grace_period(
+    def: &ResourceDef,
+    object: &Value,
+    options: &Value,
+    params: &Params,
+) -> Result<i64, ApiError> {
+    if !(def.group.is_empty() && def.kind == "Pod") {
+        return Ok(0);
+    }
+    let requested = match &params.grace_period_seconds {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::BadRequest(format!("gracePeriodSeconds: {text:?} is not an integer"))
+        })?),
+        None => options.get("gracePeriodSeconds").and_then(Value::as_i64),
+    };
+    let scheduled = object
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    let phase = object.pointer("/status/phase").and_then(Value::as_str);
+    if !scheduled || matches!(phase, Some("Succeeded" | "Failed")) {
+        return Ok(0);
+    }
+    Ok(requested
+        .unwrap_or_else(|| {
+            object
+                .pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(30)
+        })
+        .max(0))
 }

@@ -129,6 +129,13 @@ impl Context {
         self.config.data_dir.join("pods")
     }
 
+    /// The command that runs an exec probe: the shim's program with `shim-exec`.
+    pub fn shim_exec(&self) -> Vec<OsString> {
+        let mut cmd: Vec<OsString> = self.config.shim.first().cloned().into_iter().collect();
+        cmd.push("shim-exec".into());
+        cmd
+    }
+
     /// Sets up the node side of the pod network once.
     pub async fn ensure_node_network(&self) -> Result<(), NetworkError> {
         self.node_network

@@ -569,7 +569,7 @@ mod tests {
             "127.0.0.1:5000/web:v1"
         );
         assert!(matches!(
-            ImageStore::normalize("UPPER/case"),
+            ImageStore::normalize("no spaces allowed"),
             Err(ImageError::InvalidName { .. })
         ));
     }
@@ -593,6 +593,9 @@ mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
             header.set_cksum();
             tar.append_data(&mut header, path, data).unwrap();
         };

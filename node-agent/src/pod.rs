@@ -35,6 +35,7 @@ use crate::agent::Context;
 use crate::container::{self, ContainerConfig, ContainerState};
 use crate::image::{Image, ImageError};
 use crate::network::PodNetwork;
+use crate::probe::{self, Kind, Tracker};
 use crate::resolve::{self, ConfigError, Sources};
 use crate::shim::{Exited, Started, now_rfc3339};
 
@@ -96,6 +97,10 @@ pub struct PodWorker {
     pull_backoff: HashMap<String, Backoff>,
     last_status: Option<Value>,
     start_time: Option<String>,
+    /// Probe state per container attempt.
+    probes: HashMap<(String, u32, Kind), Tracker>,
+    /// Containers being killed (failed liveness): SIGKILL at the instant.
+    killing: HashMap<(String, u32), Instant>,
     created: Instant,
     reported_running: bool,
 }
@@ -133,6 +138,8 @@ impl PodWorker {
             pull_backoff: HashMap::new(),
             last_status: None,
             start_time: None,
+            probes: HashMap::new(),
+            killing: HashMap::new(),
             created: Instant::now(),
             reported_running: false,
         }
@@ -253,6 +260,9 @@ impl PodWorker {
                 }
             }
         }
+        if let Some(due) = self.run_probes(pod).await {
+            wake = wake.min(due);
+        }
         if !spec.containers.is_empty() && done.len() == spec.containers.len() {
             let phase = if done.iter().all(|c| *c == 0) {
                 "Succeeded"
@@ -263,6 +273,129 @@ impl PodWorker {
             self.release_sandbox().await;
         }
         Next::After(wake)
+    }
+
+    /// Runs the probes that are due on running containers; kills a container whose
+    /// liveness (or startup) probe failed. Returns how long until the next one is due.
+    async fn run_probes(&mut self, pod: &Pod) -> Option<Duration> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let grace =
+            Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let live: std::collections::HashSet<(String, u32)> = spec
+            .containers
+            .iter()
+            .filter_map(|c| {
+                let a = self.latest(&c.name)?;
+                matches!(a.state, ContainerState::Running(_)).then(|| (c.name.clone(), a.number))
+            })
+            .collect();
+        self.probes
+            .retain(|(name, n, _), _| live.contains(&(name.clone(), *n)));
+        for c in &spec.containers {
+            let Some(attempt) = self.latest(&c.name) else {
+                continue;
+            };
+            let ContainerState::Running(started) = &attempt.state else {
+                self.killing.remove(&(c.name.clone(), attempt.number));
+                continue;
+            };
+            let key = (c.name.clone(), attempt.number);
+            if let Some(deadline) = self.killing.get(&key) {
+                if now >= *deadline {
+                    let _ = container::signal(&attempt.dir, Signal::SIGKILL);
+                }
+                next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
+                continue;
+            }
+            let started_at = instant_of(&started.started_at);
+            let startup_done = match Kind::Startup.of(c) {
+                Some(_) => self
+                    .probes
+                    .get(&(c.name.clone(), attempt.number, Kind::Startup))
+                    .is_some_and(|t| t.passing),
+                None => true,
+            };
+            for kind in [Kind::Startup, Kind::Liveness, Kind::Readiness] {
+                let Some(probe) = kind.of(c) else { continue };
+                if kind == Kind::Startup && startup_done {
+                    continue;
+                }
+                if kind != Kind::Startup && !startup_done {
+                    continue;
+                }
+                let tkey = (c.name.clone(), attempt.number, kind);
+                let tracker = self
+                    .probes
+                    .entry(tkey.clone())
+                    .or_insert_with(|| Tracker::new(kind, probe, started_at));
+                if now < tracker.due {
+                    next = Some(next.map_or(tracker.due, |n| n.min(tracker.due)));
+                    continue;
+                }
+                let target = probe::Target {
+                    pod_ip: self.pod_ip(),
+                    shim_exec: self.ctx.shim_exec(),
+                    state_root: self.ctx.runtime.state_root.clone(),
+                    container_id: container_id(&self.uid, &c.name, attempt.number),
+                };
+                let outcome = probe::run(probe, c, &target).await;
+                let failed = outcome.as_ref().err().cloned();
+                let Some(tracker) = self.probes.get_mut(&tkey) else {
+                    continue;
+                };
+                let flipped = tracker.record(probe, outcome, Instant::now());
+                let (passing, due) = (tracker.passing, tracker.due);
+                next = Some(next.map_or(due, |n| n.min(due)));
+                if let Some(message) = failed {
+                    self.event(
+                        pod,
+                        EventType::Warning,
+                        "Unhealthy",
+                        &format!("{} probe failed: {message}", kind.name()),
+                    )
+                    .await;
+                }
+                let fatal = matches!(kind, Kind::Liveness | Kind::Startup);
+                if flipped && !passing && fatal {
+                    self.event(
+                        pod,
+                        EventType::Normal,
+                        "Killing",
+                        &format!(
+                            "Container {} failed {} probe, will be restarted",
+                            c.name,
+                            kind.name().to_lowercase()
+                        ),
+                    )
+                    .await;
+                    let _ = container::signal(&attempt.dir, Signal::SIGTERM);
+                    let deadline = Instant::now() + grace;
+                    self.killing.insert(key.clone(), deadline);
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                    break;
+                }
+            }
+        }
+        next.map(|n| {
+            n.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10))
+        })
+    }
+
+    /// Whether a running container counts as started (its startup probe, if any, passed)
+    /// and ready (started, and its readiness probe, if any, passes).
+    fn started_and_ready(&self, c: &Container, attempt: u32) -> (bool, bool) {
+        let passing = |kind: Kind| match kind.of(c) {
+            None => true,
+            Some(_) => self
+                .probes
+                .get(&(c.name.clone(), attempt, kind))
+                .is_some_and(|t| t.passing),
+        };
+        let started = passing(Kind::Startup);
+        (started, started && passing(Kind::Readiness))
     }
 
     /// The sandbox: network namespace and address (unless `hostNetwork`), `/etc` files,
@@ -868,12 +1001,15 @@ impl PodWorker {
         };
         let waiting = self.waiting.get(&c.name);
         let (state, last, ready, started) = match latest.as_ref().map(|a| (&a.state, a)) {
-            Some((ContainerState::Running(s), _)) => (
-                json!({"running": {"startedAt": s.started_at}}),
-                previous.as_ref().and_then(terminated),
-                !init,
-                true,
-            ),
+            Some((ContainerState::Running(s), a)) => {
+                let (started, ready) = self.started_and_ready(c, a.number);
+                (
+                    json!({"running": {"startedAt": s.started_at}}),
+                    previous.as_ref().and_then(terminated),
+                    ready && !init,
+                    started,
+                )
+            }
             Some((_, a)) if waiting.is_some() => {
                 let (reason, message) = waiting.cloned().unwrap_or_default();
                 (
@@ -997,6 +1133,17 @@ impl PodWorker {
             tracing::debug!(error = %e, "publishing an event failed");
         }
     }
+}
+
+/// The monotonic instant of an RFC 3339 time in the past (now, if unparsable).
+fn instant_of(time: &str) -> Instant {
+    let now = Instant::now();
+    let ago = time
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .and_then(|t| (jiff::Timestamp::now() - t).try_into().ok())
+        .unwrap_or(Duration::ZERO);
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// The stable container ID of attempt `attempt` of container `name` in pod `uid`: 64 hex

@@ -490,6 +490,50 @@ impl LogWriter {
     }
 }
 
+/// Runs `args` inside running container `id` (libcontainer's tenant container: the
+/// container's namespaces, cgroup, user and environment) and returns its exit code — what
+/// `orq shim-exec` exits with. Killed after `timeout`. Must be called before any thread
+/// exists in this process.
+pub fn exec(root: &Path, id: &str, args: Vec<String>, timeout: Duration) -> i32 {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::syscall::syscall::SyscallType;
+    let built = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
+        .with_root_path(root)
+        .and_then(|b| b.validate_id())
+        .and_then(|b| {
+            b.as_tenant()
+                .with_container_args(args)
+                .with_detach(false)
+                .build()
+        });
+    let pid = match built {
+        Ok(pid) => pid,
+        Err(e) => {
+            eprintln!("exec failed: {e}");
+            return 126;
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("waiting for the exec'd process: {e}");
+                return 126;
+            }
+        }
+        if Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            eprintln!("timed out after {}ms", timeout.as_millis());
+            return 124;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,22 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Runs a command inside a running container (internal: the node agent's exec probes).
+    #[command(hide = true)]
+    ShimExec {
+        /// libcontainer's state root.
+        #[arg(long)]
+        root: std::path::PathBuf,
+        /// The container's ID.
+        #[arg(long)]
+        id: String,
+        /// Kill the command after this many milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     Crdgen {
         /// Where to write the manifests.
         #[arg(long, default_value = "crds")]
@@ -65,6 +81,23 @@ fn main() -> anyhow::Result<()> {
             .init();
         std::process::exit(orquestra_node_agent::shim::main(args));
     }
+    if let Command::ShimExec {
+        root,
+        id,
+        timeout_ms,
+        command,
+    } = command
+    {
+        // Same single-threaded rule as the shim; libcontainer's logs stay out of the way.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+            .with_writer(std::io::stderr)
+            .init();
+        let timeout = std::time::Duration::from_millis(timeout_ms);
+        std::process::exit(orquestra_node_agent::shim::exec(
+            &root, &id, command, timeout,
+        ));
+    }
     tracing_subscriber::fmt().with_env_filter(filter()).init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -75,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                 Command::Agent(args) => agent::run(args).await,
                 Command::Crdgen { out } => crdgen(&out),
                 // Ran (and exited) above.
-                Command::Shim { .. } => Ok(()),
+                Command::Shim { .. } | Command::ShimExec { .. } => Ok(()),
             }
         })
 }

@@ -1,0 +1,695 @@
+//! Real containers end to end (root): `orq server` with its node agent runs inside a network
+//! namespace the test creates (so its bridge, NAT rules and pod namespaces never touch the
+//! host's network), pulls a small busybox image the test builds with umoci and serves from a
+//! real registry (Debian's docker-registry) in the same namespace, and runs pods through
+//! libcontainer. The real kubectl drives it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(tag: &str) -> Netns {
+        let name = format!("orqtest-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Netns(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A child process killed (by PID) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One "host": a namespace with a registry serving the test image and an `orq server`.
+struct Host {
+    server: Option<Proc>,
+    registry: Option<Proc>,
+    netns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn start(tag: &str) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let netns = Netns::create(tag);
+        let mut host = Host {
+            server: None,
+            registry: None,
+            netns,
+            dir,
+        };
+        build_image(&host.dir.path().join("oci"));
+        host.start_registry();
+        host.nsenter("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!(
+                "oci:{}:busybox",
+                host.dir.path().join("oci").display()
+            ))
+            .arg(format!("docker://{IMAGE}"))
+            .output()
+            .map(|o| {
+                assert!(
+                    o.status.success(),
+                    "skopeo: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap();
+        host.start_server();
+        host
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn nsenter(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.path())).arg(program);
+        cmd
+    }
+
+    fn start_registry(&mut self) {
+        let config = self.dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n",
+                self.dir.path().join("registry").display()
+            ),
+        )
+        .unwrap();
+        let child = self
+            .nsenter("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.registry = Some(Proc(child));
+        self.wait_http("http://127.0.0.1:5000/v2/");
+    }
+
+    fn start_server(&mut self) {
+        self.start_server_with(&[]);
+    }
+
+    fn start_server_with(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = self
+            .nsenter(env!("CARGO_BIN_EXE_orq"))
+            .args(["server", "--listen", "127.0.0.1:6443", "--node-name", "n1"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.data_dir().join("kubeconfig.yaml").exists()
+            || !self
+                .kubectl_try(&["get", "node", "n1", "-o", "name"])
+                .is_some_and(|o| o.contains("n1"))
+        {
+            assert!(Instant::now() < deadline, "orq server did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs the server (and so its node agent).
+    fn kill_server(&mut self) {
+        if let Some(mut p) = self.server.take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    fn wait_http(&self, url: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.curl(url).is_none() {
+            assert!(Instant::now() < deadline, "{url} did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GETs `url` from inside the host namespace.
+    fn curl(&self, url: &str) -> Option<String> {
+        let out = self
+            .nsenter("curl")
+            .args(["-sf", "--max-time", "3", url])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl_try(&self, args: &[&str]) -> Option<String> {
+        let out = self
+            .nsenter("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.data_dir().join("kubeconfig.yaml"))
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self
+            .nsenter("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.data_dir().join("kubeconfig.yaml"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, manifest: &Value) {
+        let mut child = self
+            .nsenter("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.data_dir().join("kubeconfig.yaml"))
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pod(&self, name: &str) -> Value {
+        serde_json::from_str(&self.kubectl(&["get", "pod", name, "-o", "json"])).unwrap()
+    }
+
+    /// Polls the pod until `done` holds; panics with the last status after `timeout`.
+    fn wait_pod(&self, name: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pod = self.pod(name);
+            if done(&pod) {
+                return pod;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {name} did not get there in {timeout:?}: {:#}\nserver log:\n{}",
+                pod["status"],
+                self.server_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn server_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_server();
+        // Containers outlive their agent by design: stop them, and remove the pods' mounts,
+        // namespaces and the node network, with the agent's own cleanup.
+        let _ = self
+            .nsenter(env!("CARGO_BIN_EXE_orq"))
+            .args(["agent", "--cleanup", "--agent-data-dir"])
+            .arg(self.data_dir().join("agent"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.registry.take();
+    }
+}
+
+/// An OCI image of busybox-static: `/bin/<applet>` links, `/www/index.html`, and a default
+/// command serving `/www` on port 8080.
+fn build_image(layout: &Path) {
+    let work = layout.parent().unwrap().join("image-build");
+    run_ok(
+        Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(layout),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["new", "--image"])
+            .arg(format!("{}:busybox", layout.display())),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:busybox", layout.display()))
+            .arg(&work),
+    );
+    let rootfs = work.join("rootfs");
+    for dir in ["bin", "www", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "httpd", "echo", "sleep", "cat", "dd", "head", "env", "hostname", "id", "ls", "true",
+        "false", "touch", "test", "nc",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("www/index.html"), "hello from orquestra\n").unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image"])
+            .arg(format!("{}:busybox", layout.display()))
+            .arg(&work),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["config", "--image"])
+            .arg(format!("{}:busybox", layout.display()))
+            .args([
+                "--config.env=PATH=/bin",
+                "--config.cmd=httpd",
+                "--config.cmd=-f",
+                "--config.cmd=-p",
+                "--config.cmd=8080",
+                "--config.cmd=-h",
+                "--config.cmd=/www",
+            ]),
+    );
+}
+
+fn pod_manifest(name: &str, policy: &str, command: Option<&[&str]>, extra: Value) -> Value {
+    let mut container = serde_json::json!({"name": "main", "image": IMAGE});
+    if let Some(command) = command {
+        container["command"] = serde_json::json!(command);
+    }
+    if let Some(obj) = extra.as_object() {
+        for (k, v) in obj {
+            container[k] = v.clone();
+        }
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"nodeName": "n1", "restartPolicy": policy, "terminationGracePeriodSeconds": 5,
+                 "containers": [container]},
+    })
+}
+
+fn phase(pod: &Value) -> &str {
+    pod["status"]["phase"].as_str().unwrap_or("")
+}
+
+fn state(pod: &Value) -> &Value {
+    &pod["status"]["containerStatuses"][0]["state"]
+}
+
+#[test]
+fn pods_run_fail_restart_and_go() {
+    let host = Host::start("pods");
+    // A web server, a pod that exits 3 (Never), one that keeps failing (OnFailure), one that
+    // runs out of memory, a missing command and a missing image — all at once.
+    host.apply(&pod_manifest(
+        "web",
+        "Always",
+        None,
+        serde_json::json!({"readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}),
+    ));
+    // Probes: a liveness probe that starts failing after 2 s, a readiness probe that never
+    // passes (404).
+    host.apply(&pod_manifest(
+        "live",
+        "Always",
+        Some(&[
+            "sh",
+            "-c",
+            "touch /tmp/healthy; sleep 2; rm /tmp/healthy; sleep 3600",
+        ]),
+        serde_json::json!({"livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]},
+                                             "periodSeconds": 1, "failureThreshold": 2}}),
+    ));
+    host.apply(&pod_manifest(
+        "unready",
+        "Always",
+        None,
+        serde_json::json!({"readinessProbe": {"httpGet": {"path": "/missing", "port": 8080},
+                                              "periodSeconds": 1}}),
+    ));
+    host.apply(&pod_manifest(
+        "exit3",
+        "Never",
+        Some(&["sh", "-c", "echo bye; exit 3"]),
+        Value::Null,
+    ));
+    host.apply(&pod_manifest(
+        "crash",
+        "OnFailure",
+        Some(&["sh", "-c", "exit 1"]),
+        Value::Null,
+    ));
+    host.apply(&pod_manifest(
+        "hog",
+        "Never",
+        Some(&["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]),
+        serde_json::json!({"resources": {"limits": {"memory": "32Mi"}}}),
+    ));
+    host.apply(&pod_manifest(
+        "nocmd",
+        "Never",
+        Some(&["/bin/does-not-exist"]),
+        Value::Null,
+    ));
+    let mut missing = pod_manifest("noimage", "Never", None, Value::Null);
+    missing["spec"]["containers"][0]["image"] = "127.0.0.1:5000/nothing:here".into();
+    host.apply(&missing);
+
+    // Running, answering HTTP on its pod IP from the host.
+    let web = host.wait_pod("web", Duration::from_secs(60), |p| {
+        phase(p) == "Running" && p["status"]["containerStatuses"][0]["ready"] == true
+    });
+    let ip = web["status"]["podIP"].as_str().unwrap().to_owned();
+    assert!(ip.starts_with("10.88."), "{ip}");
+    let body = host
+        .curl(&format!("http://{ip}:8080/"))
+        .expect("HTTP on the pod IP");
+    assert_eq!(body, "hello from orquestra\n");
+    let id = web["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap();
+    assert!(id.starts_with("libcontainer://"), "{id}");
+    let image_id = web["status"]["containerStatuses"][0]["imageID"]
+        .as_str()
+        .unwrap();
+    assert!(
+        image_id.starts_with("127.0.0.1:5000/busybox@sha256:"),
+        "{image_id}"
+    );
+    let conditions: Vec<(String, String)> = web["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().into(),
+                c["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    for t in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
+        assert!(
+            conditions.contains(&(t.into(), "True".into())),
+            "{conditions:?}"
+        );
+    }
+    assert_eq!(web["status"]["qosClass"], "BestEffort");
+
+    // A failing readiness probe keeps the pod running but not Ready.
+    let unready = host.wait_pod("unready", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let unready = host.pod(unready["metadata"]["name"].as_str().unwrap());
+    assert_eq!(unready["status"]["containerStatuses"][0]["ready"], false);
+    assert_eq!(unready["status"]["containerStatuses"][0]["restartCount"], 0);
+    let ready = unready["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "False");
+
+    // A failing liveness probe restarts the container.
+    let live = host.wait_pod("live", Duration::from_secs(60), |p| {
+        p["status"]["containerStatuses"][0]["restartCount"].as_u64() >= Some(1)
+    });
+    assert_eq!(
+        live["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 137,
+        "killed (sh as PID 1 ignores SIGTERM): {:#}",
+        live["status"]
+    );
+
+    // Exit 3 with restartPolicy Never: Failed, exit code 3.
+    let exit3 = host.wait_pod("exit3", Duration::from_secs(60), |p| phase(p) == "Failed");
+    assert_eq!(state(&exit3)["terminated"]["exitCode"], 3);
+    assert_eq!(state(&exit3)["terminated"]["reason"], "Error");
+
+    // Over its memory limit: OOMKilled.
+    let hog = host.wait_pod("hog", Duration::from_secs(60), |p| phase(p) == "Failed");
+    assert_eq!(
+        state(&hog)["terminated"]["reason"],
+        "OOMKilled",
+        "{:#}",
+        hog["status"]
+    );
+    assert_eq!(state(&hog)["terminated"]["exitCode"], 137);
+
+    // A command the image does not have: CreateContainerError with the runtime's reason.
+    let nocmd = host.wait_pod("nocmd", Duration::from_secs(60), |p| {
+        state(p)["waiting"]["reason"] == "CreateContainerError"
+    });
+    let message = state(&nocmd)["waiting"]["message"].as_str().unwrap();
+    assert!(message.contains("/bin/does-not-exist"), "{message}");
+
+    // An image the registry does not have: ErrImagePull, then ImagePullBackOff.
+    let noimage = host.wait_pod("noimage", Duration::from_secs(60), |p| {
+        state(p)["waiting"]["reason"] == "ImagePullBackOff"
+    });
+    assert!(
+        state(&noimage)["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing"),
+        "{:#}",
+        noimage["status"]
+    );
+
+    // OnFailure: restarted at once, then backing off (CrashLoopBackOff) 10 s, then 20 s.
+    let message = |p: &Value| {
+        state(p)["waiting"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let backing_off = host.wait_pod("crash", Duration::from_secs(60), |p| {
+        p["status"]["containerStatuses"][0]["restartCount"] == 1
+            && state(p)["waiting"]["reason"] == "CrashLoopBackOff"
+    });
+    assert!(
+        message(&backing_off).contains("back-off 10s"),
+        "{}",
+        message(&backing_off)
+    );
+    assert_eq!(
+        backing_off["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"],
+        1
+    );
+    let longer = host.wait_pod("crash", Duration::from_secs(60), |p| {
+        p["status"]["containerStatuses"][0]["restartCount"] == 2
+            && state(p)["waiting"]["reason"] == "CrashLoopBackOff"
+    });
+    assert!(
+        message(&longer).contains("back-off 20s"),
+        "{}",
+        message(&longer)
+    );
+    assert_eq!(phase(&longer), "Running");
+
+    // Delete: stopped within its grace period (busybox httpd as PID 1 ignores SIGTERM, so
+    // this is the SIGKILL at the end of 5 s), the pod gone, its address and rootfs released.
+    let pod_dir = host
+        .data_dir()
+        .join("agent/pods")
+        .join(web["metadata"]["uid"].as_str().unwrap());
+    assert!(pod_dir.exists());
+    let begun = Instant::now();
+    host.kubectl(&["delete", "pod", "web", "--timeout=30s"]);
+    assert!(
+        begun.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        begun.elapsed()
+    );
+    assert!(
+        !pod_dir.exists(),
+        "the pod's directory (and rootfs) removed: {:?}\n{}",
+        Command::new("find")
+            .arg(&pod_dir)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned()),
+        host.server_log_tail()
+    );
+    let ips = std::fs::read_dir(host.data_dir().join("agent/network/ips"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<Vec<_>>();
+    assert!(!ips.contains(&ip), "{ip} released: {ips:?}");
+    assert!(host.curl(&format!("http://{ip}:8080/")).is_none());
+    let netns = format!(
+        "/run/netns/orq-{}",
+        web["metadata"]["uid"].as_str().unwrap()
+    );
+    assert!(!Path::new(&netns).exists(), "{netns} removed");
+}
+
+#[test]
+fn agent_sigkill_keeps_containers_running() {
+    let mut host = Host::start("restart");
+    for i in 0..5 {
+        host.apply(&pod_manifest(
+            &format!("p{i}"),
+            "Always",
+            Some(&["sleep", "3600"]),
+            Value::Null,
+        ));
+    }
+    let ids = |host: &Host| -> Vec<(String, Value, Value)> {
+        (0..5)
+            .map(|i| {
+                let pod = host.wait_pod(&format!("p{i}"), Duration::from_secs(60), |p| {
+                    phase(p) == "Running"
+                });
+                let status = &pod["status"]["containerStatuses"][0];
+                (
+                    format!("p{i}"),
+                    status["containerID"].clone(),
+                    status["restartCount"].clone(),
+                )
+            })
+            .collect()
+    };
+    let pids = |host: &Host| -> Vec<i32> {
+        let mut pids = Vec::new();
+        for pod in std::fs::read_dir(host.data_dir().join("agent/pods")).unwrap() {
+            let started = pod.unwrap().path().join("containers/main/0/started.json");
+            let started: Value = serde_json::from_slice(&std::fs::read(started).unwrap()).unwrap();
+            pids.push(started["pid"].as_i64().unwrap() as i32);
+        }
+        pids.sort();
+        pids
+    };
+    let before = ids(&host);
+    let before_pids = pids(&host);
+    assert_eq!(before_pids.len(), 5);
+    host.kill_server();
+    host.start_server();
+    // Give the new agent time to re-adopt (and, were it wrong, to restart) the containers.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = ids(&host);
+    assert_eq!(before, after, "same containers, no restarts");
+    for (_, _, restarts) in &after {
+        assert_eq!(restarts, 0);
+    }
+    assert_eq!(pids(&host), before_pids, "the same processes");
+    for pid in &before_pids {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} still runs"
+        );
+    }
+
+    // The re-adopted pods are still managed: a deletion is carried out.
+    host.kubectl(&["delete", "pod", "p0", "--timeout=30s"]);
+
+    // An orphan: p1 deleted while no agent ran (the API server alone, force delete); the
+    // next agent stops its container and removes its state.
+    let p1 = host.pod("p1");
+    let p1_dir = host
+        .data_dir()
+        .join("agent/pods")
+        .join(p1["metadata"]["uid"].as_str().unwrap());
+    let p1_pid: i32 = serde_json::from_slice::<Value>(
+        &std::fs::read(p1_dir.join("containers/main/0/started.json")).unwrap(),
+    )
+    .unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    host.kill_server();
+    host.start_server_with(&["--no-agent"]);
+    host.kubectl(&["delete", "pod", "p1", "--grace-period=0", "--force"]);
+    host.kill_server();
+    host.start_server();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p1_dir.exists() || Path::new(&format!("/proc/{p1_pid}")).exists() {
+        assert!(Instant::now() < deadline, "orphan p1 not cleaned up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = pids(&host);
+    assert_eq!(left.len(), 3, "p2, p3 and p4 untouched");
+    assert!(left.iter().all(|p| before_pids.contains(p)));
+}
