@@ -34,6 +34,9 @@ pub struct Engine {
     cache: WatchCache,
     /// How long the HTTP layer lets a non-watch request run.
     pub request_timeout: std::time::Duration,
+    /// The bearer token presented to node agents when proxying to them (`pods/log`).
+    pub kubelet_token: Arc<std::sync::OnceLock<String>>,
+    node_client: Arc<std::sync::OnceLock<reqwest::Client>>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -105,7 +108,23 @@ impl Engine {
             registry,
             cache,
             request_timeout: crate::DEFAULT_REQUEST_TIMEOUT,
+            kubelet_token: Arc::default(),
+            node_client: Arc::default(),
         }
+    }
+
+    /// The HTTPS client for node agents (self-signed certificates, not verified — as
+    /// kube-apiserver without `--kubelet-certificate-authority`).
+    pub(crate) fn node_client(&self) -> Result<reqwest::Client, ApiError> {
+        if let Some(client) = self.node_client.get() {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| ApiError::Internal(format!("building the node agent client: {e}")))?;
+        Ok(self.node_client.get_or_init(|| client).clone())
     }
 
     /// The watch cache LISTs are served from.

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod object;
 pub mod openapi;
 pub mod patch;
+pub mod podlog;
 pub mod proto;
 pub mod registry;
 pub mod request;
@@ -436,6 +437,13 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let target = Target::parse(&engine.registry, group, version, rest)?;
+    // Logs stream for as long as they follow: no request timeout.
+    if podlog::is_pod_log(&target) {
+        if method != Method::GET {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        return podlog::serve(engine, &target, query.as_deref().unwrap_or("")).await;
+    }
     let params: Params = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
     // Watches are long-running (their own timeoutSeconds ends them); everything else gets

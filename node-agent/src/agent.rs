@@ -23,6 +23,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::container::Runtime;
+use crate::endpoint::Endpoint;
 use crate::image::ImageStore;
 use crate::metrics::Metrics;
 use crate::network::{Cidr, Network, NetworkError};
@@ -49,6 +50,12 @@ pub struct AgentConfig {
     pub bridge: String,
     /// How often a pod with running containers is re-checked.
     pub sync_period: Duration,
+    /// Where the agent's HTTPS endpoint (logs, metrics) listens; port 0 picks one. The
+    /// Node's `daemonEndpoints` report the port.
+    pub listen: std::net::SocketAddr,
+    /// The bearer token the endpoint requires (the one the agent uses against the API
+    /// server, which presents it when proxying `pods/log`); `None` leaves it open.
+    pub endpoint_token: Option<String>,
 }
 
 impl AgentConfig {
@@ -68,6 +75,8 @@ impl AgentConfig {
             pod_cidr: None,
             bridge: "orq0".into(),
             sync_period: Duration::from_millis(500),
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 10250)),
+            endpoint_token: None,
         }
     }
 }
@@ -89,6 +98,9 @@ pub enum AgentError {
     /// The node network could not be set up.
     #[error("setting up the node network: {0}")]
     Network(#[from] NetworkError),
+    /// The HTTPS endpoint could not start.
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
     /// The metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -110,6 +122,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The agent's metrics.
     pub metrics: Metrics,
+    /// `(namespace, name)` → UID of the pods bound here, for the log endpoint.
+    pods: std::sync::RwLock<HashMap<(String, String), String>>,
     /// Set once the node side of the pod network (bridge, NAT) is in place: done on the
     /// first pod that needs it, so a node without pods leaves the host's network alone.
     node_network: tokio::sync::OnceCell<()>,
@@ -127,6 +141,31 @@ impl Context {
     /// `DATA/pods`: one directory per pod UID.
     pub fn pods_dir(&self) -> PathBuf {
         self.config.data_dir.join("pods")
+    }
+
+    /// The UID of pod `namespace/name` on this node.
+    pub fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    fn remember(&self, pod: &Pod) {
+        if let Some(uid) = pod.uid() {
+            self.pods
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((pod.namespace().unwrap_or_default(), pod.name_any()), uid);
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, u| u != uid);
     }
 
     /// The command that runs an exec probe: the shim's program with `shim-exec`.
@@ -166,13 +205,18 @@ pub async fn run(
         shim: config.shim.clone(),
         state_root: config.data_dir.join("run/libcontainer"),
     };
+    let names = vec![
+        config.node_name.clone(),
+        config.node_ip.clone(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    let endpoint = Endpoint::bind(config.listen, &config.data_dir.join("tls"), &names).await?;
     // The heartbeat registers the Node first: its spec.podCIDR may choose the pod network.
     let host = HostInfo::read();
-    let heartbeat = Heartbeat::new(
-        client.clone(),
-        NodeConfig::new(config.node_name.clone(), config.node_ip.clone()),
-        host,
-    );
+    let mut node = NodeConfig::new(config.node_name.clone(), config.node_ip.clone());
+    node.port = endpoint.port();
+    let heartbeat = Heartbeat::new(client.clone(), node, host);
     let (stop, stopped) = watch::channel(false);
     let mut stop_heartbeat = stopped.clone();
     let heartbeat = tokio::spawn(heartbeat.run(async move {
@@ -202,12 +246,15 @@ pub async fn run(
         runtime,
         network,
         node_network: tokio::sync::OnceCell::new(),
+        pods: std::sync::RwLock::default(),
     });
+    let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
     tracing::info!(node = %ctx.config.node_name, pod_cidr = %cidr, "node agent running");
     tokio::select! {
         () = dispatch(Arc::clone(&ctx)) => {}
         () = shutdown => {}
     }
+    serving.abort();
     let _ = stop.send(true);
     let _ = heartbeat.await;
     Ok(())
@@ -242,6 +289,7 @@ async fn dispatch(ctx: Arc<Context>) {
         tokio::select! {
             Some(uid) = done_rx.recv() => {
                 workers.remove(&uid);
+                ctx.forget(&uid);
             }
             _ = gauges.tick() => update_gauges(&ctx),
             event = events.next() => {
@@ -293,6 +341,7 @@ fn feed(
     pod: Pod,
 ) {
     let Some(uid) = pod.uid() else { return };
+    ctx.remember(&pod);
     let pod = Arc::new(pod);
     match workers.get(&uid) {
         Some(w) => {

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod auth;
 pub mod container;
+pub mod endpoint;
 pub mod image;
 pub mod logs;
 pub mod metrics;

@@ -145,14 +145,13 @@ pub fn since(options: &LogOptions) -> Option<jiff::Timestamp> {
     options.since_time.as_deref().and_then(|t| t.parse().ok())
 }
 
-/// Follows `log` from `offset`: calls `emit` with each new complete line until `done`
-/// says the writer is gone and the file is drained, or `emit` returns false (the client
-/// left).
+/// Follows `log` from `offset`: sends each new complete line to `lines` until `done` says
+/// the writer is gone and the file is drained, or the receiver goes away (the client left).
 pub async fn follow(
     log: PathBuf,
     mut offset: u64,
     done: impl Fn() -> bool,
-    mut emit: impl FnMut(Line) -> bool,
+    lines: tokio::sync::mpsc::Sender<Line>,
 ) {
     use std::io::{Read, Seek, SeekFrom};
     let mut carry = String::new();
@@ -172,17 +171,17 @@ pub async fn follow(
         if let Some(end) = chunk.iter().rposition(|b| *b == b'\n') {
             offset += (end + 1) as u64;
             carry.push_str(&String::from_utf8_lossy(&chunk[..end + 1]));
-            let (lines, partial) = parse(&carry);
+            let (complete, partial) = parse(&carry);
             carry = partial
                 .map(|p| format!("{} {} P {}\n", p.time, p.stream, p.text))
                 .unwrap_or_default();
-            for line in lines {
-                if !emit(line) {
+            for line in complete {
+                if lines.send(line).await.is_err() {
                     return;
                 }
             }
         }
-        if finished {
+        if finished || lines.is_closed() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

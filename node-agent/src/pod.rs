@@ -1161,7 +1161,8 @@ fn attempt_number(dir: &Path) -> u32 {
         .unwrap_or(0)
 }
 
-fn attempt_numbers(dir: &Path) -> Vec<u32> {
+/// The attempt numbers recorded under a container's directory.
+pub(crate) fn attempt_numbers(dir: &Path) -> Vec<u32> {
     fs::read_dir(dir)
         .map(|entries| {
             entries

@@ -52,6 +52,11 @@ pub struct NodeArgs {
     /// The node bridge pods are attached to.
     #[arg(long, default_value = "orq0")]
     bridge: String,
+    /// Where the agent's HTTPS endpoint (container logs for `kubectl logs`, metrics)
+    /// listens (default 0.0.0.0:10250 for `orq agent`; a free loopback port inside
+    /// `orq server`).
+    #[arg(long = "agent-listen")]
+    pub(crate) agent_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which runtime the agent runs pods with.
@@ -93,7 +98,33 @@ pub fn config(
     );
     config.pod_cidr = node.pod_cidr.clone();
     config.bridge = node.bridge.clone();
+    if let Some(listen) = node.agent_listen {
+        config.listen = listen;
+    }
     Ok(config)
+}
+
+/// The bearer token of the kubeconfig's current user, if it authenticates with one: the
+/// agent's endpoint accepts the same token from the API server.
+pub fn kubeconfig_token(kubeconfig: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(kubeconfig).ok()?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let current = config.get("current-context")?.as_str()?;
+    let context = config
+        .get("contexts")?
+        .as_sequence()?
+        .iter()
+        .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(current))?;
+    let user = context.get("context")?.get("user")?.as_str()?;
+    config
+        .get("users")?
+        .as_sequence()?
+        .iter()
+        .find(|u| u.get("name").and_then(|n| n.as_str()) == Some(user))?
+        .get("user")?
+        .get("token")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -130,7 +161,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     match args.runtime {
         Runtime::Libcontainer => {
-            let config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+            let mut config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+            config.endpoint_token = kubeconfig_token(&kubeconfig);
             let registry = prometheus::Registry::new();
             orquestra_node_agent::run(client, config, &registry, stop).await?;
         }

@@ -164,6 +164,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .context("loading the serving certificate")?;
         let path = write_kubeconfig(&args.data_dir, local, Some(&identity))?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
+        let _ = api.engine().kubelet_token.set(identity.token.clone());
         let token = Arc::new(identity.token.clone());
         let app = app.layer(axum::middleware::from_fn_with_state(token, authenticate));
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
@@ -176,12 +177,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
-        let config = crate::agent::config(
+        let mut config = crate::agent::config(
             args.node_name.clone(),
             "127.0.0.1",
             &args.node,
             args.data_dir.join("agent"),
         )?;
+        if args.node.agent_listen.is_none() {
+            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        }
+        config.endpoint_token = crate::agent::kubeconfig_token(&kubeconfig);
         let registry = registry.clone();
         let stop = stopped(stop_rx.clone());
         Some(tokio::spawn(async move {

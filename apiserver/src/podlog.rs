@@ -1,0 +1,127 @@
+//! `pods/log`: the API server finds the pod's node and proxies the request to that node
+//! agent's HTTPS endpoint (`/containerLogs/{namespace}/{pod}/{container}`), streaming the
+//! answer back — as kube-apiserver proxies to the kubelet.
+//!
+//! The agent's certificate is self-signed and not verified (kube-apiserver's default without
+//! `--kubelet-certificate-authority`); the request carries the bearer token the agents
+//! accept (see [`Engine::kubelet_token`]).
+
+use axum::body::Body;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::request::Target;
+
+/// Whether `target` is `pods/log`.
+pub fn is_pod_log(target: &Target) -> bool {
+    target.def.group.is_empty()
+        && target.def.kind == "Pod"
+        && target.subresource.as_deref() == Some("log")
+}
+
+/// Serves `GET …/pods/{name}/log?{query}`.
+pub async fn serve(engine: &Engine, target: &Target, query: &str) -> Result<Response, ApiError> {
+    let pod_target = Target {
+        subresource: None,
+        ..target.clone()
+    };
+    let pod = engine.get(&pod_target).await?;
+    let name = target.name.clone().unwrap_or_default();
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
+    let containers: Vec<String> = ["/spec/containers", "/spec/initContainers"]
+        .iter()
+        .flat_map(|p| {
+            pod.pointer(p)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect();
+    let container = match params.iter().find(|(k, _)| k == "container") {
+        Some((_, c)) => {
+            if !containers.contains(c) {
+                return Err(ApiError::BadRequest(format!(
+                    "container {c} is not valid for pod {name}"
+                )));
+            }
+            c.clone()
+        }
+        None => {
+            let main: Vec<&str> = pod
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map(|cs| cs.iter().filter_map(|c| c["name"].as_str()).collect())
+                .unwrap_or_default();
+            match main.as_slice() {
+                [only] => only.to_string(),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "a container name must be specified for pod {name}, choose one of: [{}]",
+                        main.join(" ")
+                    )));
+                }
+            }
+        }
+    };
+    params.retain(|(k, _)| k != "container");
+    let node_name = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::BadRequest(format!("pod {name} does not have a host assigned")))?;
+    let node_target = Target::parse(&engine.registry, "", "v1", &format!("nodes/{node_name}"))?;
+    let node = engine.get(&node_target).await?;
+    let address = node
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|a| a["type"] == "InternalIP")
+                .or_else(|| a.first())
+        })
+        .and_then(|a| a["address"].as_str())
+        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no address")))?;
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_i64)
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no agent port")))?;
+    let host = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_owned()
+    };
+    let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+    let url = format!("https://{host}:{port}/containerLogs/{namespace}/{name}/{container}?{query}");
+    let mut request = engine.node_client()?.get(&url);
+    if let Some(token) = engine.kubelet_token.get() {
+        request = request.bearer_auth(token);
+    }
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError::Internal(format!(
+            "error talking to the node agent of {node_name} ({url}): {e}"
+        ))
+    };
+    let response = request.send().await.map_err(|e| unreachable(&e))?;
+    let status = response.status();
+    if !status.is_success() {
+        let message = response.text().await.unwrap_or_default();
+        return Err(match status.as_u16() {
+            400 => ApiError::BadRequest(message.trim().to_owned()),
+            404 => ApiError::BadRequest(message.trim().to_owned()),
+            _ => unreachable(&format!("{status}: {}", message.trim())),
+        });
+    }
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain")],
+        Body::from_stream(response.bytes_stream()),
+    )
+        .into_response())
+}
