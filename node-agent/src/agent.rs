@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::container::Runtime;
 use crate::endpoint::Endpoint;
+use crate::events::Events;
 use crate::image::ImageStore;
 use crate::metrics::Metrics;
 use crate::network::{Cidr, Network, NetworkError};
@@ -119,7 +119,7 @@ pub struct Context {
     /// The pod network.
     pub network: Network,
     /// Publishes the pods' events.
-    pub recorder: Recorder,
+    pub events: Events,
     /// The agent's metrics.
     pub metrics: Metrics,
     /// `(namespace, name)` → UID of the pods bound here, for the log endpoint.
@@ -233,12 +233,8 @@ pub async fn run(
         Cidr::parse(&cidr)?,
         config.data_dir.join("network/ips"),
     );
-    let reporter = Reporter {
-        controller: "kubelet".into(),
-        instance: Some(config.node_name.clone()),
-    };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: Events::new(client.clone(), config.node_name.clone()),
         metrics: Metrics::register(registry)?,
         client: client.clone(),
         config,
@@ -290,6 +286,7 @@ async fn dispatch(ctx: Arc<Context>) {
             Some(uid) = done_rx.recv() => {
                 workers.remove(&uid);
                 ctx.forget(&uid);
+                ctx.events.forget(&uid);
             }
             _ = gauges.tick() => update_gauges(&ctx),
             event = events.next() => {

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod auth;
 pub mod container;
 pub mod endpoint;
+pub mod events;
 pub mod image;
 pub mod logs;
 pub mod metrics;

@@ -24,15 +24,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use sha2::Digest;
 
 use crate::agent::Context;
 use crate::container::{self, ContainerConfig, ContainerState};
+use crate::events::EventType;
 use crate::image::{Image, ImageError};
 use crate::network::PodNetwork;
 use crate::probe::{self, Kind, Tracker};
@@ -1116,22 +1116,8 @@ impl PodWorker {
             .join(format!("{attempt}.log"))
     }
 
-    async fn event(&self, pod: &Pod, type_: EventType, reason: &str, note: &str) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1024).collect()),
-            action: reason.into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &pod.object_ref(&()))
-            .await
-        {
-            tracing::debug!(error = %e, "publishing an event failed");
-        }
+    async fn event(&self, pod: &Pod, type_: EventType, reason: &str, message: &str) {
+        self.ctx.events.publish(pod, type_, reason, message).await;
     }
 }
 

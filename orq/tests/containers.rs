@@ -521,6 +521,34 @@ fn pods_run_fail_restart_and_go() {
     assert_eq!(state(&exit3)["terminated"]["reason"], "Error");
     assert_eq!(host.kubectl(&["logs", "exit3"]), "bye\n");
 
+    // Events are core/v1 Events from the kubelet, as `kubectl describe` and `get events` read.
+    let events: Value =
+        serde_json::from_str(&host.kubectl(&["get", "events", "-o", "json"])).unwrap();
+    let reasons = |pod: &str| -> Vec<String> {
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == pod)
+            .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert!(
+        reasons("exit3").contains(&"Started".to_owned()),
+        "{:?}",
+        reasons("exit3")
+    );
+    assert!(
+        reasons("noimage").contains(&"Failed".to_owned()),
+        "{:?}",
+        reasons("noimage")
+    );
+    let described = host.kubectl(&["describe", "pod", "web"]);
+    assert!(
+        described.contains("Pulled") || described.contains("Started"),
+        "{described}"
+    );
+
     // kubectl logs through the API server's pods/log proxy to the agent: --tail,
     // --timestamps, -c, -f, and the errors for a wrong container or no previous one.
     host.wait_pod("logger", Duration::from_secs(60), |p| phase(p) == "Running");

@@ -1,0 +1,378 @@
+//! Node agent benchmark (root): real containers through the agent's runtime, side by side
+//! with `runc` in the same run.
+//!
+//! ```sh
+//! cargo bench -p orq --bench pods
+//! ```
+//!
+//! Everything runs inside a network namespace the benchmark creates (it enters it first, so
+//! the registry, `orq server`, `orq agent` and the pods' bridge all live there). Reports:
+//! 1. container create+start+wait+delete of `/bin/true` through `orq shim` (the agent's
+//!    runtime) vs `runc run` on the same bundle, sequentially, p50/p99 and the ratio;
+//! 2. pod startup latency — API create to `Running` observed by a watch, image present —
+//!    p50/p99 over 100 pods created one after another;
+//! 3. the agent's RSS idle and with 50 pods running.
+
+#![allow(clippy::unwrap_used)] // a benchmark fails loudly
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{PostParams, WatchEvent, WatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+fn orq() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_orq"))
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and test discovery
+    }
+    let netns = format!("orqbench-{}", std::process::id());
+    run_ok(Command::new("ip").args(["netns", "add", &netns]));
+    let result = std::panic::catch_unwind(|| bench(&netns));
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn bench(netns: &str) {
+    // Enter the namespace before any thread exists: every thread and child inherits it.
+    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+    nix_setns(&ns);
+    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+    let dir = tempfile::tempdir().unwrap();
+    let orq = orq();
+    assert!(orq.exists(), "build orq first: {}", orq.display());
+
+    // 1. The runtime vs runc.
+    let bundle = dir.path().join("bundle");
+    make_bundle(&bundle);
+    let runs = 100;
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for i in 0..runs {
+        ours.push(run_shim(&orq, &bundle, &dir.path().join("lc"), i));
+        theirs.push(run_runc(&bundle, i));
+    }
+    let (o50, o99) = (percentile(&mut ours, 0.5), percentile(&mut ours, 0.99));
+    let (r50, r99) = (percentile(&mut theirs, 0.5), percentile(&mut theirs, 0.99));
+    println!("runtime: create+start+wait+delete of /bin/true, {runs} runs interleaved");
+    println!("  orq shim (libcontainer): p50 {o50:.1} ms  p99 {o99:.1} ms");
+    println!("  runc run               : p50 {r50:.1} ms  p99 {r99:.1} ms");
+    println!(
+        "  ratio orq/runc         : p50 {:.2}  p99 {:.2}",
+        o50 / r50,
+        o99 / r99
+    );
+
+    // 2 and 3: a registry with the image, an API server, a separate agent.
+    build_image(&dir.path().join("oci"));
+    let registry_config = dir.path().join("registry.yml");
+    std::fs::write(
+        &registry_config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n",
+            dir.path().join("registry").display()
+        ),
+    )
+    .unwrap();
+    let _registry = Proc(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&registry_config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:busybox", dir.path().join("oci").display()))
+            .arg(format!("docker://{IMAGE}")),
+    );
+    let data = dir.path().join("data");
+    let _server = Proc(
+        Command::new(&orq)
+            .args(["server", "--no-agent", "--listen", "127.0.0.1:6443"])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let kubeconfig = data.join("kubeconfig.yaml");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kubeconfig.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let agent_dir = dir.path().join("agent");
+    let agent = Proc(
+        Command::new(&orq)
+            .args([
+                "agent",
+                "--node-name",
+                "bench",
+                "--agent-listen",
+                "127.0.0.1:10250",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--agent-data-dir")
+            .arg(&agent_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let agent_pid = agent.0.id();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = client(&kubeconfig).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = rss_mib(agent_pid);
+        // Warm-up: pull the image once.
+        pods.create(&PostParams::default(), &pod("warm")).await.unwrap();
+        wait_running(&pods, "warm").await;
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+        let watch_pods = pods.clone();
+        let watcher = tokio::spawn(async move {
+            let mut stream = watch_pods
+                .watch(&WatchParams::default(), "0")
+                .await
+                .unwrap()
+                .boxed();
+            let mut running = HashMap::new();
+            while let Some(event) = stream.next().await {
+                if let Ok(WatchEvent::Modified(p) | WatchEvent::Added(p)) = event {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                    if phase.as_deref() == Some("Running") && !running.contains_key(&name) {
+                        running.insert(name.clone(), Instant::now());
+                        let _ = tx.send((name, Instant::now()));
+                    }
+                }
+            }
+        });
+        let mut created = HashMap::new();
+        let mut with_50 = 0.0;
+        let mut latencies = Vec::new();
+        for i in 0..100 {
+            let name = format!("p{i}");
+            created.insert(name.clone(), Instant::now());
+            pods.create(&PostParams::default(), &pod(&name)).await.unwrap();
+            // One at a time: wait for this one before the next.
+            loop {
+                let (done, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                    .await
+                    .expect("a pod did not start within 60 s")
+                    .unwrap();
+                if let Some(t0) = created.get(&done) {
+                    latencies.push(at.duration_since(*t0).as_secs_f64() * 1000.0);
+                }
+                if done == name {
+                    break;
+                }
+            }
+            if i == 49 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                with_50 = rss_mib(agent_pid);
+            }
+        }
+        watcher.abort();
+        let (p50, p99) = (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.99));
+        println!("pod startup: API create → Running seen by a watch, image present, 100 pods one after another");
+        println!("  p50 {p50:.0} ms  p99 {p99:.0} ms  max {:.0} ms", latencies.last().unwrap());
+        println!("agent RSS: idle {idle:.1} MiB, with 50 pods running {with_50:.1} MiB");
+    });
+    drop(runtime);
+    drop(agent);
+    let _ = Command::new(&orq)
+        .args(["agent", "--cleanup", "--agent-data-dir"])
+        .arg(&agent_dir)
+        .status();
+    // The runtime comparison's parent cgroup (its containers removed their own).
+    for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let _ = std::fs::remove_dir(controller.path().join("orquestra-bench"));
+    }
+}
+
+fn nix_setns(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on an open namespace file descriptor; the process has one thread here.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+async fn client(kubeconfig: &Path) -> Client {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": "bench", "terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "main", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+            "command": ["sleep", "3600"],
+        }]},
+    }))
+    .unwrap()
+}
+
+async fn wait_running(pods: &Api<Pod>, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = pods.get(name).await.unwrap();
+        if p.status.and_then(|s| s.phase).as_deref() == Some("Running") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A bundle whose rootfs is busybox-static and whose process is `/bin/true`, with the spec
+/// the agent writes (no network namespace path: a fresh one each run, for both runtimes).
+fn make_bundle(bundle: &Path) {
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/true")).unwrap();
+    let config = orquestra_node_agent::container::ContainerConfig {
+        args: vec!["/bin/true".into()],
+        env: vec!["PATH=/bin".into()],
+        hostname: "bench".into(),
+        cgroups_path: "/orquestra-bench/c".into(),
+        ..Default::default()
+    };
+    let mut spec = config.oci_spec(&rootfs);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network"}));
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&spec).unwrap(),
+    )
+    .unwrap();
+}
+
+/// `orq shim` (returns once started) + waiting for the exit record and the state's removal.
+fn run_shim(orq: &Path, bundle: &Path, root: &Path, i: usize) -> f64 {
+    let _ = std::fs::remove_file(bundle.join("exited.json"));
+    let _ = std::fs::remove_file(bundle.join("started.json"));
+    let id = format!("bench-orq-{i}");
+    let begun = Instant::now();
+    run_ok(
+        Command::new(orq)
+            .args(["shim", "--id", &id, "--bundle"])
+            .arg(bundle)
+            .arg("--root")
+            .arg(root)
+            .arg("--log")
+            .arg(bundle.join("out.log")),
+    );
+    while !bundle.join("exited.json").exists() || root.join(&id).exists() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    begun.elapsed().as_secs_f64() * 1000.0
+}
+
+fn run_runc(bundle: &Path, i: usize) -> f64 {
+    let id = format!("bench-runc-{i}");
+    let begun = Instant::now();
+    run_ok(
+        Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    begun.elapsed().as_secs_f64() * 1000.0
+}
+
+fn build_image(layout: &Path) {
+    let work = layout.parent().unwrap().join("image-build");
+    run_ok(
+        Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(layout),
+    );
+    let image = format!("{}:busybox", layout.display());
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&work),
+    );
+    let rootfs = work.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "sleep", "true"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&work),
+    );
+    run_ok(Command::new("umoci").args(["config", "--image", &image, "--config.env=PATH=/bin"]));
+}
