@@ -124,6 +124,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// `(namespace, name)` → UID of the pods bound here, for the log endpoint.
     pods: std::sync::RwLock<HashMap<(String, String), String>>,
+    /// UID → the images its containers name, for image garbage collection.
+    pod_specs: std::sync::RwLock<HashMap<String, Vec<String>>>,
     /// Set once the node side of the pod network (bridge, NAT) is in place: done on the
     /// first pod that needs it, so a node without pods leaves the host's network alone.
     node_network: tokio::sync::OnceCell<()>,
@@ -154,6 +156,16 @@ impl Context {
 
     fn remember(&self, pod: &Pod) {
         if let Some(uid) = pod.uid() {
+            let images = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+                .filter_map(|c| c.image.clone())
+                .collect();
+            self.pod_specs
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid.clone(), images);
             self.pods
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -162,10 +174,53 @@ impl Context {
     }
 
     fn forget(&self, uid: &str) {
+        self.pod_specs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
         self.pods
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, u| u != uid);
+    }
+
+    /// The images the pods bound here name.
+    pub fn pod_images(&self) -> HashSet<String> {
+        self.pod_specs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// `(namespace, pod, container, cgroup path)` of every running container.
+    pub fn running_containers(&self) -> Vec<(String, String, String, String)> {
+        let pods: Vec<((String, String), String)> = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for ((namespace, pod), uid) in pods {
+            let containers = self.pods_dir().join(&uid).join("containers");
+            for name in fs::read_dir(&containers).into_iter().flatten().flatten() {
+                let container = name.file_name().to_string_lossy().into_owned();
+                let latest = crate::pod::attempt_numbers(&name.path()).into_iter().max();
+                let Some(attempt) = latest else { continue };
+                let bundle = name.path().join(attempt.to_string());
+                if bundle.join(crate::shim::STARTED).exists()
+                    && !bundle.join(crate::shim::EXITED).exists()
+                    && let Some(cgroup) = crate::shim::cgroups_path(&bundle)
+                {
+                    out.push((namespace.clone(), pod.clone(), container, cgroup));
+                }
+            }
+        }
+        out
     }
 
     /// The command that runs an exec probe: the shim's program with `shim-exec`.
@@ -243,7 +298,11 @@ pub async fn run(
         network,
         node_network: tokio::sync::OnceCell::new(),
         pods: std::sync::RwLock::default(),
+        pod_specs: std::sync::RwLock::default(),
     });
+    registry.register(Box::new(crate::metrics::ContainerUsage::new(
+        Arc::downgrade(&ctx),
+    )?))?;
     let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
     tracing::info!(node = %ctx.config.node_name, pod_cidr = %cidr, "node agent running");
     tokio::select! {
@@ -281,6 +340,7 @@ async fn dispatch(ctx: Arc<Context>) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut listing: Option<HashSet<String>> = None;
     let mut gauges = tokio::time::interval(Duration::from_secs(2));
+    let mut image_gc = tokio::time::interval(Duration::from_secs(300));
     loop {
         tokio::select! {
             Some(uid) = done_rx.recv() => {
@@ -289,6 +349,7 @@ async fn dispatch(ctx: Arc<Context>) {
                 ctx.events.forget(&uid);
             }
             _ = gauges.tick() => update_gauges(&ctx),
+            _ = image_gc.tick() => collect_images(&ctx).await,
             event = events.next() => {
                 let Some(event) = event else { return };
                 match event {
@@ -377,6 +438,22 @@ fn spawn(
         }
         let _ = done.send(uid);
     });
+}
+
+/// Image garbage collection at the kubelet's default thresholds (85 % → 80 %), keeping
+/// every image a pod on this node names.
+async fn collect_images(ctx: &Arc<Context>) {
+    let in_use: HashSet<String> = ctx.pod_images();
+    let ctx = Arc::clone(ctx);
+    let removed =
+        tokio::task::spawn_blocking(move || ctx.images.collect_garbage(&in_use, 0.85, 0.80)).await;
+    match removed {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(?removed, "image garbage collection freed disk space");
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "image garbage collection failed"),
+        _ => {}
+    }
 }
 
 /// UIDs of the pods with a directory on disk.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
+pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -223,6 +223,55 @@ impl ImageStore {
         Ok(true)
     }
 
+    /// Image garbage collection by disk threshold (the kubelet's `imageGCHighThresholdPercent`
+    /// / `imageGCLowThresholdPercent`): when the filesystem holding the store is more than
+    /// `high` full (0–1), removes images no container uses — least recently pulled first —
+    /// until it is at most `low` full or nothing unused is left. Returns what it removed.
+    pub fn collect_garbage(
+        &self,
+        in_use: &std::collections::HashSet<String>,
+        high: f64,
+        low: f64,
+    ) -> Result<Vec<String>, ImageError> {
+        let usage = || -> Result<f64, ImageError> {
+            let stat = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
+            let total = stat.blocks() as f64;
+            Ok(if total == 0.0 {
+                0.0
+            } else {
+                1.0 - stat.blocks_available() as f64 / total
+            })
+        };
+        if usage()? <= high {
+            return Ok(Vec::new());
+        }
+        let in_use: std::collections::HashSet<String> = in_use
+            .iter()
+            .filter_map(|r| Self::normalize(r).ok())
+            .collect();
+        let mut candidates: Vec<(std::time::SystemTime, String)> = Vec::new();
+        for image in self.list()? {
+            if in_use.contains(&image.reference) {
+                continue;
+            }
+            let modified = fs::metadata(self.record_path(&image.reference))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            candidates.push((modified, image.reference));
+        }
+        candidates.sort();
+        let mut removed = Vec::new();
+        for (_, reference) in candidates {
+            if usage()? <= low {
+                break;
+            }
+            if self.remove(&reference)? {
+                removed.push(reference);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The directories of an image's layers, bottom first.
     pub fn layer_dirs(&self, image: &Image) -> Vec<PathBuf> {
         image
@@ -342,6 +391,139 @@ impl ImageStore {
             &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
         )?;
         Ok(image)
+    }
+
+    /// Imports the images of an OCI image layout — a directory, or a tar archive of one (as
+    /// `skopeo copy … oci-archive:` or `umoci` write) — without a registry. Each manifest is
+    /// stored under its `io.containerd.image.name` annotation, or `name` plus its
+    /// `org.opencontainers.image.ref.name` tag. Every blob's digest is checked.
+    pub fn import(&self, path: &Path, name: Option<&str>) -> Result<Vec<Image>, ImageError> {
+        let invalid = |message: String| ImageError::Pull {
+            reference: path.display().to_string(),
+            message,
+        };
+        let staging;
+        let layout = if path.is_dir() {
+            path.to_owned()
+        } else {
+            staging = tempfile::Builder::new()
+                .prefix("import-")
+                .tempdir_in(self.root.join("tmp"))?;
+            let file = fs::File::open(path)?;
+            let mut magic = [0u8; 2];
+            let n = fs::File::open(path)?.read(&mut magic)?;
+            let reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
+                Box::new(flate2::read::GzDecoder::new(file))
+            } else {
+                Box::new(file)
+            };
+            tar::Archive::new(reader).unpack(staging.path())?;
+            staging.path().to_owned()
+        };
+        let blob = |digest: &str| -> Result<PathBuf, ImageError> {
+            let (algorithm, hex) = digest
+                .split_once(':')
+                .ok_or_else(|| invalid(format!("malformed digest {digest:?}")))?;
+            if algorithm != "sha256" || hex.contains('/') {
+                return Err(invalid(format!("unsupported digest {digest:?}")));
+            }
+            let path = layout.join("blobs").join(algorithm).join(hex);
+            let mut file =
+                fs::File::open(&path).map_err(|e| invalid(format!("blob {digest}: {e}")))?;
+            let mut hasher = Sha256::new();
+            io::copy(&mut file, &mut hasher)?;
+            let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if actual != digest {
+                return Err(invalid(format!("blob {digest} has digest {actual}")));
+            }
+            Ok(path)
+        };
+        let index: oci_client::manifest::OciImageIndex = serde_json::from_slice(
+            &fs::read(layout.join("index.json"))
+                .map_err(|e| invalid(format!("not an OCI image layout (index.json: {e})")))?,
+        )
+        .map_err(|e| invalid(format!("index.json: {e}")))?;
+        let mut imported = Vec::new();
+        for entry in &index.manifests {
+            let annotations = entry.annotations.clone().unwrap_or_default();
+            let reference = match (
+                annotations.get("io.containerd.image.name"),
+                annotations.get("org.opencontainers.image.ref.name"),
+                name,
+            ) {
+                (Some(full), _, _) => full.clone(),
+                (None, Some(tag), Some(name)) => format!("{name}:{tag}"),
+                (None, None, Some(name)) => name.to_owned(),
+                (None, Some(tag), None) if tag.contains('/') => tag.clone(),
+                (None, tag, None) => {
+                    return Err(invalid(format!(
+                        "the layout names its image only {:?}: give it a repository with --name",
+                        tag.map_or("(no name)", String::as_str)
+                    )));
+                }
+            };
+            let reference = Self::normalize(&reference)?;
+            let mut manifest_digest = entry.digest.clone();
+            let mut manifest_bytes = fs::read(blob(&manifest_digest)?)?;
+            // An index inside the layout: take this platform's manifest.
+            if entry.media_type.contains("index") || entry.media_type.contains("manifest.list") {
+                let nested: oci_client::manifest::OciImageIndex =
+                    serde_json::from_slice(&manifest_bytes)
+                        .map_err(|e| invalid(format!("index {}: {e}", entry.digest)))?;
+                let chosen = oci_client::client::current_platform_resolver(&nested.manifests)
+                    .ok_or_else(|| {
+                        invalid(format!("no manifest for this platform in {}", entry.digest))
+                    })?;
+                manifest_bytes = fs::read(blob(&chosen)?)?;
+                manifest_digest = chosen;
+            }
+            let manifest: oci_client::manifest::OciImageManifest =
+                serde_json::from_slice(&manifest_bytes)
+                    .map_err(|e| invalid(format!("manifest {manifest_digest}: {e}")))?;
+            let config: ConfigFile =
+                serde_json::from_slice(&fs::read(blob(&manifest.config.digest)?)?)
+                    .map_err(|e| invalid(format!("config {}: {e}", manifest.config.digest)))?;
+            let diff_ids = config.rootfs.diff_ids;
+            if diff_ids.len() != manifest.layers.len() {
+                return Err(invalid(format!(
+                    "manifest {manifest_digest} has {} layers, its config {} diff IDs",
+                    manifest.layers.len(),
+                    diff_ids.len()
+                )));
+            }
+            for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+                if self.root.join("layers").join(hex_of(diff_id)).is_dir() {
+                    continue;
+                }
+                let path = blob(&layer.digest)?;
+                unpack_layer(&self.root, &path, &layer.media_type, diff_id).map_err(|source| {
+                    ImageError::Unpack {
+                        digest: layer.digest.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let exec = config.config.unwrap_or_default();
+            let image = Image {
+                reference: reference.clone(),
+                digest: manifest_digest,
+                layers: diff_ids,
+                config: ImageConfig {
+                    env: exec.env.unwrap_or_default(),
+                    entrypoint: exec.entrypoint.unwrap_or_default(),
+                    cmd: exec.cmd.unwrap_or_default(),
+                    working_dir: exec.working_dir.unwrap_or_default(),
+                    user: exec.user.unwrap_or_default(),
+                },
+                size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+            };
+            write_atomically(
+                &self.record_path(&reference),
+                &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
+            )?;
+            imported.push(image);
+        }
+        Ok(imported)
     }
 
     fn client(&self, registry: &str) -> Arc<Client> {
@@ -584,6 +766,36 @@ mod tests {
             size: 0,
         };
         assert_eq!(image.image_id(), "127.0.0.1:5000/web@sha256:ab");
+    }
+
+    #[test]
+    fn garbage_collection_keeps_images_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        for (name, layer) in [("a.example/x:1", "11"), ("a.example/y:1", "22")] {
+            fs::create_dir_all(dir.path().join("layers").join(layer)).unwrap();
+            let image = Image {
+                reference: name.into(),
+                digest: format!("sha256:{layer}"),
+                layers: vec![format!("sha256:{layer}")],
+                config: ImageConfig::default(),
+                size: 1,
+            };
+            write_atomically(
+                &store.record_path(name),
+                &serde_json::to_vec(&image).unwrap(),
+            )
+            .unwrap();
+        }
+        let in_use: std::collections::HashSet<String> = ["a.example/x:1".to_owned()].into();
+        // Below the threshold: nothing happens.
+        assert!(store.collect_garbage(&in_use, 1.0, 1.0).unwrap().is_empty());
+        // Over it (any disk is more than 0 % full): the unused image and its layer go.
+        let removed = store.collect_garbage(&in_use, 0.0, 0.0).unwrap();
+        assert_eq!(removed, ["a.example/y:1"]);
+        assert!(dir.path().join("layers/11").exists());
+        assert!(!dir.path().join("layers/22").exists());
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]

@@ -112,3 +112,112 @@ impl Metrics {
         self.runtime_operation("pull_image", took, failed);
     }
 }
+
+/// Per-container usage read from the cgroups at scrape time, under cAdvisor's names:
+/// `container_cpu_usage_seconds_total` and `container_memory_working_set_bytes`, labelled
+/// `namespace`, `pod`, `container`.
+pub struct ContainerUsage {
+    ctx: std::sync::Weak<crate::agent::Context>,
+    cpu: prometheus::CounterVec,
+    memory: prometheus::GaugeVec,
+}
+
+impl std::fmt::Debug for ContainerUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerUsage").finish_non_exhaustive()
+    }
+}
+
+impl ContainerUsage {
+    /// A collector over the agent's running containers.
+    pub fn new(ctx: std::sync::Weak<crate::agent::Context>) -> prometheus::Result<Self> {
+        let labels = &["namespace", "pod", "container"];
+        Ok(ContainerUsage {
+            ctx,
+            cpu: prometheus::CounterVec::new(
+                Opts::new(
+                    "container_cpu_usage_seconds_total",
+                    "Cumulative CPU time consumed by the container, in seconds.",
+                ),
+                labels,
+            )?,
+            memory: prometheus::GaugeVec::new(
+                Opts::new(
+                    "container_memory_working_set_bytes",
+                    "The container's memory working set (usage minus inactive file cache), in bytes.",
+                ),
+                labels,
+            )?,
+        })
+    }
+}
+
+impl prometheus::core::Collector for ContainerUsage {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.cpu.desc();
+        descs.extend(self.memory.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.cpu.reset();
+        self.memory.reset();
+        if let Some(ctx) = self.ctx.upgrade() {
+            for (namespace, pod, container, cgroup) in ctx.running_containers() {
+                let labels = [namespace.as_str(), pod.as_str(), container.as_str()];
+                if let Some(cpu) = cgroup_cpu_seconds(&cgroup) {
+                    self.cpu.with_label_values(&labels).inc_by(cpu);
+                }
+                if let Some(bytes) = cgroup_working_set(&cgroup) {
+                    self.memory.with_label_values(&labels).set(bytes);
+                }
+            }
+        }
+        let mut families = self.cpu.collect();
+        families.extend(self.memory.collect());
+        families
+    }
+}
+
+/// CPU time of a cgroup (v1 `cpuacct.usage` in ns, or v2 `cpu.stat` `usage_usec`).
+fn cgroup_cpu_seconds(path: &str) -> Option<f64> {
+    let rel = path.trim_start_matches('/');
+    for dir in ["cpuacct", "cpu,cpuacct", "cpu"] {
+        if let Ok(text) =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{dir}/{rel}/cpuacct.usage"))
+        {
+            return text.trim().parse::<f64>().ok().map(|ns| ns / 1e9);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/sys/fs/cgroup/{rel}/cpu.stat")).ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|us| us / 1e6)
+}
+
+/// Memory working set of a cgroup: usage minus inactive file pages, as cAdvisor computes it.
+fn cgroup_working_set(path: &str) -> Option<f64> {
+    let rel = path.trim_start_matches('/');
+    let stat_value = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let v1 = format!("/sys/fs/cgroup/memory/{rel}");
+    if let Ok(usage) = std::fs::read_to_string(format!("{v1}/memory.usage_in_bytes")) {
+        let usage: f64 = usage.trim().parse().ok()?;
+        let stat = std::fs::read_to_string(format!("{v1}/memory.stat")).unwrap_or_default();
+        let inactive = stat_value(&stat, "total_inactive_file ").unwrap_or(0.0);
+        return Some((usage - inactive).max(0.0));
+    }
+    let v2 = format!("/sys/fs/cgroup/{rel}");
+    let usage: f64 = std::fs::read_to_string(format!("{v2}/memory.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("{v2}/memory.stat")).unwrap_or_default();
+    let inactive = stat_value(&stat, "inactive_file ").unwrap_or(0.0);
+    Some((usage - inactive).max(0.0))
+}

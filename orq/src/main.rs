@@ -2,6 +2,7 @@
 //! the library crates together and handles signals.
 
 mod agent;
+mod image;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
     /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
+    /// Manage the node's images: import an OCI layout without a registry, list, remove, pull.
+    Image(image::ImageArgs),
     /// The per-container helper the node agent runs containers through (internal: started
     /// by the agent, single-threaded because libcontainer must not run in a threaded process).
     #[command(hide = true)]
@@ -106,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             match command {
                 Command::Server(args) => server::run(args).await,
                 Command::Agent(args) => agent::run(args).await,
+                Command::Image(args) => image::run(args).await,
                 Command::Crdgen { out } => crdgen(&out),
                 // Ran (and exited) above.
                 Command::Shim { .. } | Command::ShimExec { .. } => Ok(()),

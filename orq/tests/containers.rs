@@ -515,6 +515,65 @@ fn pods_run_fail_restart_and_go() {
         live["status"]
     );
 
+    // The agent's metrics (on the server's /metrics for its local agent): kubelet's and
+    // cAdvisor's names, read from the cgroups; promtool finds nothing to complain about.
+    let token = std::fs::read_to_string(host.data_dir().join("token")).unwrap();
+    let metrics = host
+        .nsenter("curl")
+        .args(["-sf", "--max-time", "5", "--cacert"])
+        .arg(host.data_dir().join("tls/ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+        .arg("https://127.0.0.1:6443/metrics")
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let sample = |prefix: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert!(
+        sample("kubelet_running_pods ").is_some_and(|v| v >= 1.0),
+        "{metrics}"
+    );
+    assert!(sample("kubelet_running_containers ").is_some_and(|v| v >= 1.0));
+    assert!(sample("kubelet_pod_start_duration_seconds_count ").is_some_and(|v| v >= 1.0));
+    let web_memory =
+        "container_memory_working_set_bytes{container=\"main\",namespace=\"default\",pod=\"web\"}";
+    assert!(sample(web_memory).is_some_and(|v| v > 0.0), "{metrics}");
+    let web_cpu =
+        "container_cpu_usage_seconds_total{container=\"main\",namespace=\"default\",pod=\"web\"}";
+    assert!(sample(web_cpu).is_some_and(|v| v >= 0.0), "{metrics}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let ours: String = metrics
+            .lines()
+            .filter(|l| l.contains("kubelet_") || l.contains("container_"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ours.as_bytes())
+            .unwrap();
+    }
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
     // Exit 3 with restartPolicy Never: Failed, exit code 3.
     let exit3 = host.wait_pod("exit3", Duration::from_secs(60), |p| phase(p) == "Failed");
     assert_eq!(state(&exit3)["terminated"]["exitCode"], 3);
@@ -776,4 +835,85 @@ fn agent_sigkill_keeps_containers_running() {
     let left = pids(&host);
     assert_eq!(left.len(), 3, "p2, p3 and p4 untouched");
     assert!(left.iter().all(|p| before_pids.contains(p)));
+}
+
+#[test]
+fn images_import_without_a_registry() {
+    let host = Host::start("images");
+    let layout = host.dir.path().join("oci");
+    let orq_image = |args: &[&str]| -> Output {
+        host.nsenter(env!("CARGO_BIN_EXE_orq"))
+            .arg("image")
+            .args(args)
+            .arg("--agent-data-dir")
+            .arg(host.data_dir().join("agent"))
+            .output()
+            .unwrap()
+    };
+    // A layout naming its image only by tag needs a repository.
+    let refused = orq_image(&["import", layout.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--name"));
+    // As an archive, under a name no registry serves.
+    let archive = host.dir.path().join("busybox.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&archive)
+            .arg("."),
+    );
+    let imported = orq_image(&[
+        "import",
+        archive.to_str().unwrap(),
+        "--name",
+        "example.invalid/busybox",
+    ]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let listed = String::from_utf8_lossy(&orq_image(&["ls"]).stdout).into_owned();
+    assert!(
+        listed.contains("example.invalid/busybox:busybox"),
+        "{listed}"
+    );
+    // A pod runs it with imagePullPolicy Never.
+    let mut pod = pod_manifest(
+        "imported",
+        "Never",
+        Some(&["echo", "from an import"]),
+        Value::Null,
+    );
+    pod["spec"]["containers"][0]["image"] = "example.invalid/busybox:busybox".into();
+    pod["spec"]["containers"][0]["imagePullPolicy"] = "Never".into();
+    host.apply(&pod);
+    host.wait_pod("imported", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    assert_eq!(host.kubectl(&["logs", "imported"]), "from an import\n");
+    // Removed: gone from the list; a pod that needs it cannot pull it (policy Never).
+    assert!(
+        orq_image(&["rm", "example.invalid/busybox:busybox"])
+            .status
+            .success()
+    );
+    let listed = String::from_utf8_lossy(&orq_image(&["ls"]).stdout).into_owned();
+    assert!(!listed.contains("example.invalid"), "{listed}");
+    let mut again = pod;
+    again["metadata"]["name"] = "again".into();
+    host.apply(&again);
+    host.wait_pod("again", Duration::from_secs(60), |p| {
+        state(p)["waiting"]["reason"] == "ErrImageNeverPull"
+    });
+    // And pulling prints progress.
+    let pulled = orq_image(&["pull", IMAGE]);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert!(String::from_utf8_lossy(&pulled.stderr).contains("layers"));
 }
