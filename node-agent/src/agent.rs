@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// Where the agent's HTTPS endpoint (logs, metrics) listens; port 0 picks one. The
     /// Node's `daemonEndpoints` report the port.
     pub listen: std::net::SocketAddr,
+    /// Registries (`host[:port]`) pulled from over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
     /// The bearer token the endpoint requires (the one the agent uses against the API
     /// server, which presents it when proxying `pods/log`); `None` leaves it open.
     pub endpoint_token: Option<String>,
@@ -77,6 +79,7 @@ impl AgentConfig {
             sync_period: Duration::from_millis(500),
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], 10250)),
             endpoint_token: None,
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -255,7 +258,8 @@ pub async fn run(
     };
     let pods_dir = config.data_dir.join("pods");
     fs::create_dir_all(&pods_dir).map_err(state(pods_dir.clone()))?;
-    let images = ImageStore::open(config.data_dir.join("images"))?;
+    let images = ImageStore::open(config.data_dir.join("images"))?
+        .with_insecure_registries(config.insecure_registries.clone());
     let runtime = Runtime {
         shim: config.shim.clone(),
         state_root: config.data_dir.join("run/libcontainer"),

@@ -142,6 +142,8 @@ pub struct ImageStore {
     clients: Mutex<HashMap<String, Arc<Client>>>,
     /// One pull at a time per reference; concurrent pullers wait and then find it present.
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Registries (`host[:port]`) spoken to over plain HTTP besides loopback ones.
+    insecure: Vec<String>,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -168,7 +170,15 @@ impl ImageStore {
             root,
             clients: Mutex::default(),
             pulls: Mutex::default(),
+            insecure: Vec::new(),
         })
+    }
+
+    /// Registries (`host[:port]`) to pull from over plain HTTP, like Docker's
+    /// `insecure-registries` (loopback registries always are).
+    pub fn with_insecure_registries(mut self, registries: Vec<String>) -> Self {
+        self.insecure = registries;
+        self
     }
 
     /// Normalizes a reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
@@ -529,7 +539,7 @@ impl ImageStore {
     fn client(&self, registry: &str) -> Arc<Client> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(clients.entry(registry.to_owned()).or_insert_with(|| {
-            let protocol = if is_loopback(registry) {
+            let protocol = if is_loopback(registry) || self.insecure.iter().any(|r| r == registry) {
                 ClientProtocol::Http
             } else {
                 ClientProtocol::Https

@@ -57,6 +57,10 @@ pub struct NodeArgs {
     /// `orq server`).
     #[arg(long = "agent-listen")]
     pub(crate) agent_listen: Option<std::net::SocketAddr>,
+    /// A registry (`host[:port]`) to pull from over plain HTTP (repeatable); loopback
+    /// registries always are, everything else is HTTPS.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registries: Vec<String>,
 }
 
 /// Which runtime the agent runs pods with.
@@ -101,6 +105,7 @@ pub fn config(
     if let Some(listen) = node.agent_listen {
         config.listen = listen;
     }
+    config.insecure_registries = node.insecure_registries.clone();
     Ok(config)
 }
 

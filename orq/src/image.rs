@@ -22,6 +22,9 @@ pub struct ImageArgs {
         global = true
     )]
     data_dir: PathBuf,
+    /// A registry (`host[:port]`) to pull from over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", global = true)]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,7 +62,8 @@ enum ImageCommand {
 pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
     let root = args.data_dir.join("images");
     let store = ImageStore::open(&root)
-        .with_context(|| format!("opening the image store {}", root.display()))?;
+        .with_context(|| format!("opening the image store {}", root.display()))?
+        .with_insecure_registries(args.insecure_registries);
     match args.command {
         ImageCommand::Import { path, name } => {
             let images = store

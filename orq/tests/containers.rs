@@ -116,7 +116,7 @@ impl Host {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n",
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 0.0.0.0:5000\nlog:\n  level: error\n",
                 self.dir.path().join("registry").display()
             ),
         )
@@ -838,6 +838,86 @@ fn agent_sigkill_keeps_containers_running() {
 }
 
 #[test]
+fn init_containers_volumes_and_environment() {
+    let host = Host::start("volumes");
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "settings"},
+        "data": {"greeting": "hello", "file.txt": "from a configmap"},
+    }));
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "creds"},
+        "stringData": {"password": "s3cret"},
+    }));
+    // Two init containers in order (the second sees the first's file in the shared
+    // emptyDir), then the main container reads everything the pod gives it.
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "vols", "labels": {"app": "vols"}},
+        "spec": {
+            "nodeName": "n1", "restartPolicy": "Never",
+            "initContainers": [
+                {"name": "first", "image": IMAGE, "command": ["sh", "-c", "echo one > /work/order"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+                {"name": "second", "image": IMAGE, "command": ["sh", "-c", "cat /work/order > /work/seen; echo two >> /work/seen"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+            ],
+            "containers": [{
+                "name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "cat /work/seen; cat /config/file.txt; echo; echo $GREETING $PASSWORD $POD_NAME $NODE $(hostname); cat /info/labels; id -u"],
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                ],
+                "securityContext": {"runAsUser": 65534},
+                "volumeMounts": [
+                    {"name": "work", "mountPath": "/work"},
+                    {"name": "config", "mountPath": "/config"},
+                    {"name": "info", "mountPath": "/info"},
+                ],
+            }],
+            "volumes": [
+                {"name": "work", "emptyDir": {}},
+                {"name": "config", "configMap": {"name": "settings"}},
+                {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            ],
+        },
+    }));
+    let pod = host.wait_pod("vols", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded" || phase(p) == "Failed"
+    });
+    assert_eq!(phase(&pod), "Succeeded", "{:#}", pod["status"]);
+    let inits = pod["status"]["initContainerStatuses"].as_array().unwrap();
+    assert_eq!(inits.len(), 2);
+    assert!(
+        inits
+            .iter()
+            .all(|s| s["state"]["terminated"]["reason"] == "Completed")
+    );
+    assert_eq!(
+        host.kubectl(&["logs", "vols"]),
+        "one\ntwo\nfrom a configmap\nhello s3cret vols n1 vols\napp=\"vols\"\n65534\n"
+    );
+    // A missing ConfigMap key is the pod's configuration error, not a crash.
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "badref"},
+        "spec": {"nodeName": "n1", "containers": [{
+            "name": "main", "image": IMAGE, "command": ["sleep", "3600"],
+            "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "missing"}}}],
+        }]},
+    }));
+    let bad = host.wait_pod("badref", Duration::from_secs(60), |p| {
+        state(p)["waiting"]["reason"] == "CreateContainerConfigError"
+    });
+    let message = state(&bad)["waiting"]["message"].as_str().unwrap();
+    assert!(message.contains("missing"), "{message}");
+}
+
+#[test]
 fn images_import_without_a_registry() {
     let host = Host::start("images");
     let layout = host.dir.path().join("oci");
@@ -916,4 +996,23 @@ fn images_import_without_a_registry() {
         String::from_utf8_lossy(&pulled.stderr)
     );
     assert!(String::from_utf8_lossy(&pulled.stderr).contains("layers"));
+
+    // A registry on a non-loopback address (inside the test's namespace) is HTTPS unless
+    // configured as insecure.
+    run_ok(
+        host.nsenter("ip")
+            .args(["addr", "add", "10.77.0.1/32", "dev", "lo"]),
+    );
+    let remote = "10.77.0.1:5000/busybox:v1";
+    let refused = orq_image(&["pull", remote]);
+    assert!(
+        !refused.status.success(),
+        "HTTPS to a plain-HTTP registry must fail"
+    );
+    let allowed = orq_image(&["pull", remote, "--insecure-registry", "10.77.0.1:5000"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
 }
