@@ -574,6 +574,22 @@ fn pods_run_fail_restart_and_go() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
+    // `kubectl run` as a newcomer types it (the node named: there is no scheduler yet).
+    host.kubectl(&[
+        "run",
+        "hello",
+        &format!("--image={IMAGE}"),
+        "--overrides={\"spec\":{\"nodeName\":\"n1\"}}",
+        "--",
+        "sh",
+        "-c",
+        "echo hi from kubectl run; exec httpd -f -p 8080 -h /www",
+    ]);
+    let hello = host.wait_pod("hello", Duration::from_secs(60), |p| phase(p) == "Running");
+    let hello_ip = hello["status"]["podIP"].as_str().unwrap().to_owned();
+    host.wait_http(&format!("http://{hello_ip}:8080/"));
+    assert_eq!(host.kubectl(&["logs", "hello"]), "hi from kubectl run\n");
+
     // Exit 3 with restartPolicy Never: Failed, exit code 3.
     let exit3 = host.wait_pod("exit3", Duration::from_secs(60), |p| phase(p) == "Failed");
     assert_eq!(state(&exit3)["terminated"]["exitCode"], 3);
