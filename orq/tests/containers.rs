@@ -917,6 +917,26 @@ fn init_containers_volumes_and_environment() {
         host.kubectl(&["logs", "vols"]),
         "one\ntwo\nfrom a configmap\nhello s3cret vols n1 vols\napp=\"vols\"\n65534\n"
     );
+    // hostNetwork: the node's address and network namespace.
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hostnet"},
+        "spec": {"nodeName": "n1", "hostNetwork": true, "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": IMAGE,
+            "command": ["cat", "/proc/net/dev"],
+        }]},
+    }));
+    let hostnet = host.wait_pod("hostnet", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded" || phase(p) == "Failed"
+    });
+    assert_eq!(phase(&hostnet), "Succeeded", "{:#}", hostnet["status"]);
+    assert_eq!(hostnet["status"]["podIP"], "127.0.0.1");
+    let devices = host.kubectl(&["logs", "hostnet"]);
+    assert!(
+        devices.contains("orq0:"),
+        "sees the node's bridge: {devices}"
+    );
+
     // A missing ConfigMap key is the pod's configuration error, not a crash.
     host.apply(&serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -1031,4 +1051,31 @@ fn images_import_without_a_registry() {
         "{}",
         String::from_utf8_lossy(&allowed.stderr)
     );
+
+    // A registry serving a layer whose bytes do not match its digest: refused, nothing stored.
+    for reference in [IMAGE, remote] {
+        assert!(orq_image(&["rm", reference]).status.success());
+    }
+    let mut blobs = Vec::new();
+    let mut dirs = vec![host.dir.path().join("registry")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(entry.path());
+            } else if entry.file_name() == "data" {
+                blobs.push((entry.metadata().unwrap().len(), entry.path()));
+            }
+        }
+    }
+    let (size, layer) = blobs.into_iter().max().unwrap();
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let middle = (size / 2) as usize;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&layer, bytes).unwrap();
+    let corrupt = orq_image(&["pull", IMAGE]);
+    assert!(!corrupt.status.success());
+    let message = String::from_utf8_lossy(&corrupt.stderr).to_lowercase();
+    assert!(message.contains("digest"), "{message}");
+    let listed = String::from_utf8_lossy(&orq_image(&["ls"]).stdout).into_owned();
+    assert!(!listed.contains("busybox"), "{listed}");
 }
