@@ -21,7 +21,6 @@ pub mod network;
 pub mod node;
 pub mod pod;
 pub mod probe;
-pub mod quantity;
 pub mod resolve;
 pub mod shim;
 pub mod simulated;

@@ -16,7 +16,7 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::container::{BindMount, Resources};
 use crate::image::ImageConfig;
-use crate::quantity;
+use orquestra_operator::quantity;
 
 /// A configuration problem: the pod's fault, not the node's.
 #[derive(Debug, thiserror::Error)]

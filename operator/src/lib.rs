@@ -16,6 +16,7 @@ mod endpoint;
 pub mod leader;
 pub mod manager;
 pub mod metrics;
+pub mod quantity;
 #[cfg(feature = "testing")]
 pub mod testing;
 

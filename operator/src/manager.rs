@@ -170,7 +170,12 @@ pub(crate) struct CacheHealth {
 impl Manager {
     /// A manager over `client`, with its own metrics registry.
     pub fn new(client: Client) -> Manager {
-        let registry = Registry::new();
+        Manager::with_registry(client, Registry::new())
+    }
+
+    /// A manager whose metrics go into `registry` — a process that serves one `/metrics`
+    /// for several components (`orq server`) shares its registry.
+    pub fn with_registry(client: Client, registry: Registry) -> Manager {
         let metrics = ControllerMetrics::register(&registry).ok();
         Manager {
             client,

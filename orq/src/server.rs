@@ -52,6 +52,10 @@ pub struct ServerArgs {
     /// The local node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
+    /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
+    /// `-name` to leave one out (today: `scheduler`).
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    controllers: Vec<String>,
     #[command(flatten)]
     node: crate::agent::NodeArgs,
 }
@@ -171,6 +175,26 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tokio::spawn(server.serve(app.into_make_service()))
     };
 
+    // The control loops, through the API like any client (the admin kubeconfig).
+    let controllers = if enabled(&args.controllers, "scheduler") {
+        let kubeconfig = args.data_dir.join("kubeconfig.yaml");
+        let client = crate::agent::client(&kubeconfig).await?;
+        let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
+        orquestra_controllers::scheduler::add(&mut manager)
+            .context("registering the scheduler's metrics")?;
+        // The manager's own health endpoint stays on loopback; the server's /metrics
+        // serves its metrics.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let stop = stopped(stop_rx.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = manager.run_on(listener, stop).await {
+                tracing::error!(error = %e, "the controllers stopped");
+            }
+        }))
+    } else {
+        None
+    };
+
     // The local node: its heartbeat talks to this server like any agent would.
     let agent = if args.no_agent {
         None
@@ -207,6 +231,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     if let Some(agent) = agent {
         let _ = agent.await;
+    }
+    if let Some(controllers) = controllers {
+        let _ = controllers.await;
     }
     let _ = compactor.await;
     drop(store);
@@ -283,4 +310,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
         Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&body).into_owned()),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
+}
+
+/// Whether control loop `name` is selected by `--controllers` (`*`, `name`, `-name`).
+fn enabled(selection: &[String], name: &str) -> bool {
+    let mut on = false;
+    for item in selection {
+        match item.trim() {
+            "*" => on = true,
+            n if n == name => on = true,
+            n if n.strip_prefix('-') == Some(name) => return false,
+            _ => {}
+        }
+    }
+    on
 }

@@ -574,18 +574,18 @@ fn pods_run_fail_restart_and_go() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
-    // `kubectl run` as a newcomer types it (the node named: there is no scheduler yet).
+    // `kubectl run` as a newcomer types it: the scheduler places it on the node.
     host.kubectl(&[
         "run",
         "hello",
         &format!("--image={IMAGE}"),
-        "--overrides={\"spec\":{\"nodeName\":\"n1\"}}",
         "--",
         "sh",
         "-c",
         "echo hi from kubectl run; exec httpd -f -p 8080 -h /www",
     ]);
     let hello = host.wait_pod("hello", Duration::from_secs(60), |p| phase(p) == "Running");
+    assert_eq!(hello["spec"]["nodeName"], "n1");
     let hello_ip = hello["status"]["podIP"].as_str().unwrap().to_owned();
     host.wait_http(&format!("http://{hello_ip}:8080/"));
     assert_eq!(host.kubectl(&["logs", "hello"]), "hi from kubectl run\n");

@@ -1,4 +1,5 @@
-//! Kubernetes resource quantities (`128Mi`, `500m`, `1.5`, `2e3`) as the numbers cgroups take.
+//! Kubernetes resource quantities (`128Mi`, `500m`, `1.5`, `2e3`) as plain numbers: bytes for
+//! memory, millicores for CPU — what cgroups and the scheduler's arithmetic take.
 
 /// Parses a quantity into a value scaled by `scale` (1 for bytes, 1000 for millicores),
 /// rounded up as Kubernetes rounds.

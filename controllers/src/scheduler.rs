@@ -1,0 +1,636 @@
+//! The scheduler (`default-scheduler`, also answering to `orquestra`): assigns each pod
+//! without a node to one, as a reconcile loop on the controller framework.
+//!
+//! For a pending pod it **filters** the nodes — Ready, not cordoned, taints tolerated,
+//! `nodeSelector` and required node affinity matched, CPU, memory and pod-count requests
+//! fitting what is allocatable minus what is already placed, host ports free — then
+//! **scores** the survivors (fewest pods of the same owner first, so replicas spread; then
+//! least allocated) and **binds** through `pods/binding`. A pod that fits nowhere gets a
+//! `FailedScheduling` event naming the reasons per node, and is retried when any node
+//! changes (and every 30 s). Pods bound but not yet seen bound in the cache are *assumed*
+//! on their node, so a slow cache never double-books.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use kube::api::{Api, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use orquestra_operator::quantity;
+use orquestra_operator::{Manager, Runner};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
+use serde_json::json;
+
+/// The names pods may ask for in `spec.schedulerName`.
+pub const NAMES: &[&str] = &["default-scheduler", "orquestra"];
+
+/// What can go wrong scheduling one pod (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The binding failed.
+    #[error("binding {pod} to {node}: {source}")]
+    Bind {
+        /// The pod.
+        pod: String,
+        /// The node.
+        node: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+/// The scheduler's metrics, under kube-scheduler's names.
+#[derive(Clone, Debug)]
+struct Metrics {
+    attempts: IntCounterVec,
+    duration: HistogramVec,
+    pending: IntGauge,
+}
+
+/// What the reconciler shares.
+pub struct Scheduler {
+    client: Client,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    /// Pod UID → (node, requests, when): bound by us, maybe not yet seen bound in the cache.
+    assumed: Mutex<HashMap<String, (String, Requests, Instant)>>,
+    metrics: Metrics,
+    /// One scheduling cycle at a time (as kube-scheduler): a decision sees every binding
+    /// made before it.
+    cycle: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
+}
+
+/// Adds the scheduler to `manager`: caches of Pods and Nodes, and its runner.
+pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
+    let pods = manager.cache::<Pod>(watcher::Config::default());
+    let nodes = manager.cache::<Node>(watcher::Config::default());
+    let registry = manager.registry().clone();
+    let metrics = Metrics {
+        attempts: IntCounterVec::new(
+            Opts::new(
+                "scheduler_schedule_attempts_total",
+                "Number of attempts to schedule pods, by the result.",
+            ),
+            &["result", "profile"],
+        )?,
+        duration: HistogramVec::new(
+            HistogramOpts::new(
+                "scheduler_scheduling_attempt_duration_seconds",
+                "Scheduling attempt latency in seconds (scheduling algorithm + binding).",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 15)?),
+            &["result", "profile"],
+        )?,
+        pending: IntGauge::new(
+            "scheduler_pending_pods",
+            "Number of pending pods (not yet bound to a node).",
+        )?,
+    };
+    registry.register(Box::new(metrics.attempts.clone()))?;
+    registry.register(Box::new(metrics.duration.clone()))?;
+    registry.register(Box::new(metrics.pending.clone()))?;
+    let context = Arc::new(Scheduler {
+        client: manager.client(),
+        pods: pods.store(),
+        nodes: nodes.store(),
+        assumed: Mutex::default(),
+        metrics,
+        cycle: tokio::sync::Mutex::new(()),
+    });
+    let pending = pods.store();
+    let runner = Runner::for_cache("scheduler", &pods)
+        .and_then(|r| {
+            // Any node change may make room: look at every pending pod again.
+            r.watches(&nodes, move |_node: Arc<Node>| {
+                pending
+                    .state()
+                    .into_iter()
+                    .filter(|p| is_pending(p))
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .expect("the caches were just created, before run");
+    manager.add(runner, reconcile, context);
+    Ok(())
+}
+
+fn is_pending(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.and_then(|s| s.node_name.as_deref())
+        .is_none_or(str::is_empty)
+        && pod.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+        && NAMES.contains(
+            &spec
+                .and_then(|s| s.scheduler_name.as_deref())
+                .unwrap_or("default-scheduler"),
+        )
+}
+
+/// CPU (millicores), memory (bytes) and host ports a pod asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// Millicores.
+    pub cpu: i64,
+    /// Bytes.
+    pub memory: i64,
+    /// `hostPort`/protocol pairs.
+    pub ports: Vec<(i32, String)>,
+}
+
+/// A pod's effective requests: the sum over containers, or the largest init container's if
+/// larger (init containers run one at a time).
+pub fn requests(pod: &Pod) -> Requests {
+    let get = |c: &k8s_openapi::api::core::v1::Container| {
+        let r = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+        let q = |name: &str, parse: fn(&str) -> Option<i64>| {
+            r.and_then(|r| r.get(name))
+                .and_then(|q| parse(&q.0))
+                .unwrap_or(0)
+        };
+        (q("cpu", quantity::millicores), q("memory", quantity::bytes))
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return Requests::default();
+    };
+    let (mut cpu, mut memory) = (0, 0);
+    let mut ports = Vec::new();
+    for c in &spec.containers {
+        let (c_cpu, c_mem) = get(c);
+        cpu += c_cpu;
+        memory += c_mem;
+        for p in c.ports.iter().flatten() {
+            if let Some(host_port) = p.host_port.filter(|p| *p > 0) {
+                ports.push((
+                    host_port,
+                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                ));
+            }
+        }
+    }
+    for c in spec.init_containers.iter().flatten() {
+        let (c_cpu, c_mem) = get(c);
+        cpu = cpu.max(c_cpu);
+        memory = memory.max(c_mem);
+    }
+    Requests { cpu, memory, ports }
+}
+
+/// What a node offers and what is placed on it.
+#[derive(Debug, Default)]
+struct Usage {
+    cpu: i64,
+    memory: i64,
+    pods: i64,
+    ports: Vec<(i32, String)>,
+    /// Pods per owner UID, for spreading.
+    owners: HashMap<String, i64>,
+}
+
+fn controller_uid(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
+async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, SchedulerError> {
+    let uid = pod.uid().unwrap_or_default();
+    let pending_now = ctx.pods.state().iter().filter(|p| is_pending(p)).count();
+    ctx.metrics.pending.set(pending_now as i64);
+    if !is_pending(&pod) {
+        ctx.assumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&uid);
+        return Ok(Action::await_change());
+    }
+    if ctx
+        .assumed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&uid)
+    {
+        // Bound a moment ago; the cache has not caught up.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let _cycle = ctx.cycle.lock().await;
+    let begun = Instant::now();
+    let wanted = requests(&pod);
+    let usage = ctx.usage();
+    let nodes = ctx.nodes.state();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let owner = controller_uid(&pod);
+    let mut best: Option<(i64, String)> = None;
+    for node in &nodes {
+        let name = node.name_any();
+        let used = usage.get(&name);
+        match fits(&pod, node, &wanted, used) {
+            Err(reason) => *reasons.entry(reason).or_default() += 1,
+            Ok(()) => {
+                let score = score(node, &wanted, used, owner.as_deref());
+                let better = match &best {
+                    None => true,
+                    Some((s, n)) => score > *s || (score == *s && name < *n),
+                };
+                if better {
+                    best = Some((score, name));
+                }
+            }
+        }
+    }
+    let profile = "default-scheduler";
+    let Some((_, node)) = best else {
+        let summary = reasons
+            .iter()
+            .map(|(reason, count)| format!("{count} {reason}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = format!(
+            "0/{} nodes are available: {}.",
+            nodes.len(),
+            if summary.is_empty() {
+                "no nodes registered".to_owned()
+            } else {
+                summary
+            }
+        );
+        ctx.failed_scheduling(&pod, &message).await;
+        ctx.metrics
+            .attempts
+            .with_label_values(&["unschedulable", profile])
+            .inc();
+        ctx.metrics
+            .duration
+            .with_label_values(&["unschedulable", profile])
+            .observe(begun.elapsed().as_secs_f64());
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": pod.name_any(), "namespace": pod.namespace()},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    let bound: Result<serde_json::Value, kube::Error> = api
+        .create_subresource("binding", &pod.name_any(), &PostParams::default(), &binding)
+        .await;
+    match bound {
+        Ok(_) => {
+            ctx.assumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid, (node, wanted, Instant::now()));
+            ctx.metrics
+                .attempts
+                .with_label_values(&["scheduled", profile])
+                .inc();
+            ctx.metrics
+                .duration
+                .with_label_values(&["scheduled", profile])
+                .observe(begun.elapsed().as_secs_f64());
+            Ok(Action::await_change())
+        }
+        // Bound meanwhile (by someone else) or gone: nothing to do.
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Action::await_change()),
+        Err(source) => {
+            ctx.metrics
+                .attempts
+                .with_label_values(&["error", profile])
+                .inc();
+            Err(SchedulerError::Bind {
+                pod: pod.name_any(),
+                node,
+                source,
+            })
+        }
+    }
+}
+
+impl Scheduler {
+    /// What is placed on each node: bound pods from the cache, plus assumed ones.
+    fn usage(&self) -> HashMap<String, Usage> {
+        let mut usage: HashMap<String, Usage> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut add = |node: &str, r: &Requests, owner: Option<String>| {
+            let u = usage.entry(node.to_owned()).or_default();
+            u.cpu += r.cpu;
+            u.memory += r.memory;
+            u.pods += 1;
+            u.ports.extend(r.ports.iter().cloned());
+            if let Some(owner) = owner {
+                *u.owners.entry(owner).or_default() += 1;
+            }
+        };
+        let pods = self.pods.state();
+        for pod in &pods {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            let terminal = matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            );
+            if let Some(node) = node.filter(|n| !n.is_empty())
+                && !terminal
+            {
+                add(node, &requests(pod), controller_uid(pod));
+                seen.insert(pod.uid().unwrap_or_default());
+            }
+        }
+        let owners: HashMap<String, Option<String>> = pods
+            .iter()
+            .map(|p| (p.uid().unwrap_or_default(), controller_uid(p)))
+            .collect();
+        let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget assumptions the cache has confirmed, or that are too old to matter.
+        assumed.retain(|uid, (_, _, at)| {
+            !seen.contains(uid) && at.elapsed() < Duration::from_secs(60)
+        });
+        for (uid, (node, r, _)) in assumed.iter() {
+            add(node, r, owners.get(uid).cloned().flatten());
+        }
+        usage
+    }
+
+    async fn failed_scheduling(&self, pod: &Pod, message: &str) {
+        let namespace = pod.namespace().unwrap_or_default();
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), &namespace);
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let event = json!({
+            "metadata": {"name": format!("{}.{:x}", pod.name_any(), jiff::Timestamp::now().as_nanosecond()), "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "namespace": namespace, "uid": pod.uid()},
+            "reason": "FailedScheduling", "message": message, "type": "Warning",
+            "source": {"component": "default-scheduler"}, "reportingComponent": "default-scheduler",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        });
+        if let Ok(event) = serde_json::from_value(event)
+            && let Err(e) = api.create(&PostParams::default(), &event).await
+        {
+            tracing::debug!(error = %e, "publishing FailedScheduling failed");
+        }
+    }
+}
+
+/// Whether `pod` may go to `node`; the reason (kube-scheduler's wording) if not.
+fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Result<(), String> {
+    let status = node.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    if !ready {
+        return Err("node(s) were not ready".into());
+    }
+    let spec = node.spec.as_ref();
+    if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
+        return Err("node(s) were unschedulable".into());
+    }
+    let tolerations = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
+    for taint in spec.and_then(|s| s.taints.as_ref()).into_iter().flatten() {
+        if taint.effect == "PreferNoSchedule" {
+            continue;
+        }
+        if !tolerations.iter().any(|t| tolerates(t, taint)) {
+            return Err(format!(
+                "node(s) had untolerated taint {{{}: {}}}",
+                taint.key,
+                taint.value.clone().unwrap_or_default()
+            ));
+        }
+    }
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let pod_spec = pod.spec.as_ref();
+    let selector = pod_spec
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
+    if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+        return Err("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    let required = pod_spec
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    if let Some(required) = required {
+        let any_term = required.node_selector_terms.iter().any(|term| {
+            term.match_expressions.iter().flatten().all(|e| {
+                let value = labels.get(&e.key);
+                let values = e.values.clone().unwrap_or_default();
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    "Gt" | "Lt" => {
+                        let (Some(v), Some(bound)) = (
+                            value.and_then(|v| v.parse::<i64>().ok()),
+                            values.first().and_then(|b| b.parse::<i64>().ok()),
+                        ) else {
+                            return false;
+                        };
+                        if e.operator == "Gt" {
+                            v > bound
+                        } else {
+                            v < bound
+                        }
+                    }
+                    _ => false,
+                }
+            })
+        });
+        if !any_term {
+            return Err("node(s) didn't match Pod's node affinity/selector".into());
+        }
+    }
+    let allocatable = status
+        .and_then(|s| s.allocatable.clone())
+        .unwrap_or_default();
+    let alloc = |name: &str, parse: fn(&str) -> Option<i64>| {
+        allocatable.get(name).and_then(|q| parse(&q.0))
+    };
+    let default = Usage::default();
+    let used = used.unwrap_or(&default);
+    if let Some(pods) = alloc("pods", |q| q.parse().ok())
+        && used.pods + 1 > pods
+    {
+        return Err("Too many pods".into());
+    }
+    if let Some(cpu) = alloc("cpu", quantity::millicores)
+        && wanted.cpu > 0
+        && used.cpu + wanted.cpu > cpu
+    {
+        return Err("Insufficient cpu".into());
+    }
+    if let Some(memory) = alloc("memory", quantity::bytes)
+        && wanted.memory > 0
+        && used.memory + wanted.memory > memory
+    {
+        return Err("Insufficient memory".into());
+    }
+    if wanted.ports.iter().any(|p| used.ports.contains(p)) {
+        return Err("node(s) didn't have free ports for the requested pod ports".into());
+    }
+    Ok(())
+}
+
+/// Kubernetes' toleration matching.
+fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty())
+        && effect != taint.effect
+    {
+        return false;
+    }
+    match t.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => t
+            .key
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || k == taint.key),
+        _ => {
+            t.key.as_deref() == Some(taint.key.as_str())
+                && t.value.clone().unwrap_or_default() == taint.value.clone().unwrap_or_default()
+        }
+    }
+}
+
+/// Higher is better: spreading a controller's pods first (each pod of the same owner
+/// already on the node costs 100), then the least allocated node (0–100), then fewer pods.
+fn score(node: &Node, wanted: &Requests, used: Option<&Usage>, owner: Option<&str>) -> i64 {
+    let default = Usage::default();
+    let used = used.unwrap_or(&default);
+    let allocatable = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.clone())
+        .unwrap_or_default();
+    let free = |name: &str, parse: fn(&str) -> Option<i64>, used: i64| -> i64 {
+        match allocatable.get(name).and_then(|q| parse(&q.0)) {
+            Some(total) if total > 0 => ((total - used).max(0) * 100) / total,
+            _ => 100,
+        }
+    };
+    let least_allocated = (free("cpu", quantity::millicores, used.cpu + wanted.cpu)
+        + free("memory", quantity::bytes, used.memory + wanted.memory))
+        / 2;
+    let same_owner = owner.and_then(|o| used.owners.get(o)).copied().unwrap_or(0);
+    -same_owner * 100_000 + least_allocated * 1_000 - used.pods
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn ready_node(name: &str) -> serde_json::Value {
+        json!({"metadata": {"name": name, "labels": {"zone": "a"}}, "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "allocatable": {"cpu": "2", "memory": "1Gi", "pods": "3"}}})
+    }
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn filters() {
+        let plain = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c",
+            "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}]}}),
+        );
+        let wanted = requests(&plain);
+        assert_eq!(wanted.cpu, 500);
+        let ok = node(ready_node("a"));
+        assert_eq!(fits(&plain, &ok, &wanted, None), Ok(()));
+        let mut not_ready = ready_node("b");
+        not_ready["status"]["conditions"][0]["status"] = "False".into();
+        assert!(
+            fits(&plain, &node(not_ready), &wanted, None)
+                .unwrap_err()
+                .contains("not ready")
+        );
+        let mut tainted = ready_node("c");
+        tainted["spec"] =
+            json!({"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]});
+        assert!(
+            fits(&plain, &node(tainted.clone()), &wanted, None)
+                .unwrap_err()
+                .contains("untolerated taint")
+        );
+        let tolerant = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}],
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu"}]}}),
+        );
+        assert_eq!(
+            fits(&tolerant, &node(tainted), &Requests::default(), None),
+            Ok(())
+        );
+        let busy = Usage {
+            cpu: 1800,
+            ..Usage::default()
+        };
+        assert_eq!(
+            fits(&plain, &ok, &wanted, Some(&busy)),
+            Err("Insufficient cpu".into())
+        );
+        let full = Usage {
+            pods: 3,
+            ..Usage::default()
+        };
+        assert_eq!(
+            fits(&plain, &ok, &wanted, Some(&full)),
+            Err("Too many pods".into())
+        );
+        let elsewhere = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}],
+            "nodeSelector": {"zone": "b"}}}),
+        );
+        assert!(
+            fits(&elsewhere, &ok, &Requests::default(), None)
+                .unwrap_err()
+                .contains("selector")
+        );
+    }
+
+    #[test]
+    fn spreading_beats_emptiness() {
+        let n = node(ready_node("a"));
+        let crowded = Usage {
+            owners: [("rs".to_owned(), 2)].into(),
+            ..Usage::default()
+        };
+        let emptier_but_same_owner = score(&n, &Requests::default(), Some(&crowded), Some("rs"));
+        let busy_other = Usage {
+            cpu: 1500,
+            pods: 2,
+            ..Usage::default()
+        };
+        let other = score(&n, &Requests::default(), Some(&busy_other), Some("rs"));
+        assert!(other > emptier_but_same_owner);
+    }
+}
