@@ -53,7 +53,7 @@ pub struct ServerArgs {
     #[arg(long)]
     node_name: Option<String>,
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
-    /// `-name` to leave one out (today: `scheduler`).
+    /// `-name` to leave one out (today: `scheduler`, `replicaset`).
     #[arg(long, value_delimiter = ',', default_value = "*")]
     controllers: Vec<String>,
     #[command(flatten)]
@@ -176,12 +176,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
 
     // The control loops, through the API like any client (the admin kubeconfig).
-    let controllers = if enabled(&args.controllers, "scheduler") {
+    let (scheduler, replicaset) = (
+        enabled(&args.controllers, "scheduler"),
+        enabled(&args.controllers, "replicaset"),
+    );
+    let controllers = if scheduler || replicaset {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
-        orquestra_controllers::scheduler::add(&mut manager)
-            .context("registering the scheduler's metrics")?;
+        if scheduler {
+            orquestra_controllers::scheduler::add(&mut manager)
+                .context("registering the scheduler's metrics")?;
+        }
+        if replicaset {
+            orquestra_controllers::replicaset::add(&mut manager);
+        }
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

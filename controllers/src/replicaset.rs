@@ -1,0 +1,356 @@
+//! The ReplicaSet controller: keeps `spec.replicas` pods matching the selector, creating
+//! them from the template and deleting the least valuable first (unscheduled, then not
+//! ready, then the newest), adopting matching orphans, and reporting the counts in status.
+//!
+//! *Expectations* (as kube-controller-manager's): pods this controller created or deleted but
+//! has not seen in its cache yet are counted as done, so a slow cache never makes it create
+//! or delete twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use orquestra_operator::{Manager, Runner};
+use serde_json::json;
+
+/// The field manager of the controller's writes.
+pub const MANAGER: &str = "replicaset-controller";
+
+/// What can go wrong reconciling one ReplicaSet (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaSetError {
+    /// A pod could not be created or deleted, or the status written.
+    #[error("{action}: {source}")]
+    Api {
+        /// What was being done.
+        action: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+/// Creations and deletions made but not yet seen in the cache, per ReplicaSet UID.
+#[derive(Debug, Default)]
+struct Expectations {
+    creating: Vec<String>,
+    deleting: Vec<String>,
+    since: Option<Instant>,
+}
+
+/// What the reconciler shares.
+pub struct Controller {
+    client: Client,
+    pods: Store<Pod>,
+    expectations: Mutex<HashMap<String, Expectations>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSetController")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds the ReplicaSet controller to `manager`.
+pub fn add(manager: &mut Manager) {
+    let sets = manager.cache::<ReplicaSet>(watcher::Config::default());
+    let pods = manager.cache::<Pod>(watcher::Config::default());
+    let context = Arc::new(Controller {
+        client: manager.client(),
+        pods: pods.store(),
+        expectations: Mutex::default(),
+    });
+    let candidates = sets.store();
+    let runner = Runner::for_cache("replicaset", &sets)
+        .and_then(|r| r.owns(&pods))
+        .and_then(|r| {
+            // An orphan wakes the ReplicaSets whose selector matches it, to adopt it.
+            r.watches(&pods, move |pod: Arc<Pod>| {
+                let orphan = !pod
+                    .owner_references()
+                    .iter()
+                    .any(|o| o.controller == Some(true));
+                let labels = pod.metadata.labels.clone().unwrap_or_default();
+                candidates
+                    .state()
+                    .into_iter()
+                    .filter(|rs| {
+                        orphan
+                            && rs.namespace() == pod.namespace()
+                            && rs
+                                .spec
+                                .as_ref()
+                                .is_some_and(|s| matches(&s.selector, &labels))
+                    })
+                    .map(|rs| ObjectRef::from_obj(rs.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .expect("the caches were just created, before run");
+    manager.add(runner, reconcile, context);
+}
+
+/// Whether `labels` match `selector` (matchLabels and matchExpressions).
+pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let exact = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    exact && expressions
+}
+
+fn active(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Lower is deleted first: unscheduled, then not running, then not ready; newest first.
+fn value(pod: &Pod) -> (u8, u8, u8, std::cmp::Reverse<String>) {
+    let scheduled = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_some();
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let created = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    (
+        u8::from(scheduled),
+        u8::from(running),
+        u8::from(ready(pod)),
+        std::cmp::Reverse(created),
+    )
+}
+
+async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, ReplicaSetError> {
+    if rs.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = rs.namespace().unwrap_or_default();
+    let uid = rs.uid().unwrap_or_default();
+    let spec = rs.spec.clone().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let all: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .collect();
+    // Adopt active orphans the selector matches.
+    for orphan in all.iter().filter(|p| {
+        active(p)
+            && !p
+                .owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true))
+            && matches(
+                &spec.selector,
+                p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            )
+    }) {
+        let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
+        let patch = json!({"metadata": {"ownerReferences": owner}});
+        let _ = api
+            .patch(
+                &orphan.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+    }
+    let mut owned: Vec<Arc<Pod>> = all
+        .into_iter()
+        .filter(|p| {
+            active(p)
+                && p.owner_references()
+                    .iter()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+        })
+        .collect();
+    // Expectations: what we did that the cache has not shown yet.
+    {
+        let mut expectations = ctx.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        let e = expectations.entry(uid.clone()).or_default();
+        let names: std::collections::HashSet<String> = owned.iter().map(|p| p.name_any()).collect();
+        e.creating.retain(|n| !names.contains(n));
+        e.deleting.retain(|n| names.contains(n));
+        let stale = e
+            .since
+            .is_some_and(|s| s.elapsed() > Duration::from_secs(60));
+        if (!e.creating.is_empty() || !e.deleting.is_empty()) && !stale {
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+        *e = Expectations::default();
+    }
+    let want = spec.replicas.unwrap_or(1).max(0) as usize;
+    if owned.len() < want {
+        let template = spec.template.clone().unwrap_or_default();
+        let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": template.metadata.clone().unwrap_or_default(),
+            "spec": template.spec.clone(),
+        });
+        pod["metadata"]["generateName"] = json!(format!("{}-", rs.name_any()));
+        pod["metadata"]["ownerReferences"] = json!(owner);
+        pod["metadata"]["namespace"] = json!(namespace);
+        let pod: Pod = serde_json::from_value(pod).map_err(|e| ReplicaSetError::Api {
+            action: "building a pod from the template".into(),
+            source: kube::Error::SerdeError(e),
+        })?;
+        let missing = want - owned.len();
+        let params = PostParams::default();
+        let creates = (0..missing).map(|_| api.create(&params, &pod));
+        let results = futures::future::join_all(creates).await;
+        let mut created = Vec::new();
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok(p) => created.push(p.name_any()),
+                Err(e) => failure = Some(e),
+            }
+        }
+        ctx.remember(&uid, created, Vec::new());
+        if let Some(source) = failure {
+            return Err(ReplicaSetError::Api {
+                action: format!("creating pods for {}", rs.name_any()),
+                source,
+            });
+        }
+    } else if owned.len() > want {
+        owned.sort_by_key(|p| value(p));
+        let doomed: Vec<String> = owned[..owned.len() - want]
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        for name in &doomed {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(ReplicaSetError::Api {
+                        action: format!("deleting pod {name}"),
+                        source,
+                    });
+                }
+            }
+        }
+        ctx.remember(&uid, Vec::new(), doomed);
+    }
+    // Status from what the cache shows.
+    let ready_count = owned.iter().filter(|p| ready(p)).count() as i32;
+    let status = json!({
+        "replicas": owned.len() as i32,
+        "fullyLabeledReplicas": owned.len() as i32,
+        "readyReplicas": ready_count,
+        "availableReplicas": ready_count,
+        "observedGeneration": rs.metadata.generation,
+    });
+    let current = rs
+        .status
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or_default();
+    let changed = [
+        "replicas",
+        "fullyLabeledReplicas",
+        "readyReplicas",
+        "availableReplicas",
+        "observedGeneration",
+    ]
+    .iter()
+    .any(|k| current.get(k).cloned().unwrap_or(json!(0)) != status[k]);
+    if changed {
+        let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        sets.patch_status(
+            &rs.name_any(),
+            &PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await
+        .map_err(|source| ReplicaSetError::Api {
+            action: format!("updating the status of {}", rs.name_any()),
+            source,
+        })?;
+    }
+    Ok(Action::await_change())
+}
+
+impl Controller {
+    fn remember(&self, uid: &str, creating: Vec<String>, deleting: Vec<String>) {
+        let mut expectations = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        let e = expectations.entry(uid.to_owned()).or_default();
+        e.creating.extend(creating);
+        e.deleting.extend(deleting);
+        e.since = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let selector: LabelSelector = serde_json::from_value(json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]
+        }))
+        .unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(matches(
+            &selector,
+            &labels(&[("app", "web"), ("tier", "a")])
+        ));
+        assert!(!matches(
+            &selector,
+            &labels(&[("app", "web"), ("tier", "c")])
+        ));
+        assert!(!matches(
+            &selector,
+            &labels(&[("app", "db"), ("tier", "a")])
+        ));
+    }
+}

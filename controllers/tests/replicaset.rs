@@ -1,0 +1,134 @@
+//! The ReplicaSet controller with the scheduler against the real API server in-process and
+//! simulated nodes: pods created to the count and Ready, a deleted pod replaced, scaling
+//! down deletes the surplus, a matching orphan is adopted.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use orquestra_operator::Manager;
+use orquestra_operator::testing::{TestApi, wait_for};
+use serde_json::json;
+
+async fn active_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+async fn wait_count(pods: &Api<Pod>, n: usize) -> Vec<Pod> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active = active_pods(pods).await;
+        let running = active
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        if active.len() == n && running == n {
+            return active;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {n} running pods, have {} ({running} running)",
+            active.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_kept() {
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    tokio::spawn(orquestra_node_agent::simulated::run(
+        client.clone(),
+        "sim",
+        3,
+        std::future::pending(),
+    ));
+    let mut manager = Manager::new(client.clone());
+    orquestra_controllers::scheduler::add(&mut manager).unwrap();
+    orquestra_controllers::replicaset::add(&mut manager);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let rs: ReplicaSet = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 5, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "app", "image": "busybox"}]}}},
+    }))
+    .unwrap();
+    sets.create(&PostParams::default(), &rs).await.unwrap();
+    let running = wait_count(&pods, 5).await;
+    assert!(
+        running
+            .iter()
+            .all(|p| p.metadata.name.as_deref().unwrap().starts_with("web-"))
+    );
+    wait_for(&sets, "web", Duration::from_secs(20), |rs| {
+        rs.status.as_ref().and_then(|s| s.ready_replicas) == Some(5)
+    })
+    .await
+    .unwrap();
+
+    // A deleted pod is replaced.
+    let victim = running[0].metadata.name.clone().unwrap();
+    pods.delete(&victim, &DeleteParams::default())
+        .await
+        .unwrap();
+    let replaced = wait_count(&pods, 5).await;
+    assert!(
+        replaced
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some(&victim))
+    );
+
+    // Scale down: the surplus goes.
+    sets.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .unwrap();
+    wait_count(&pods, 2).await;
+
+    // A matching orphan is adopted — and, being one too many, removed again.
+    let orphan: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stray", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &orphan).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active = active_pods(&pods).await;
+        let owned = active.iter().all(|p| {
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.name == "web")
+        });
+        if active.len() == 2 && owned {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphan not adopted: {} pods",
+            active.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
