@@ -4,5 +4,6 @@
 
 #![deny(missing_docs)]
 
+pub mod labels;
 pub mod replicaset;
 pub mod scheduler;

@@ -438,28 +438,11 @@ fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Resu
     if let Some(required) = required {
         let any_term = required.node_selector_terms.iter().any(|term| {
             term.match_expressions.iter().flatten().all(|e| {
-                let value = labels.get(&e.key);
-                let values = e.values.clone().unwrap_or_default();
-                match e.operator.as_str() {
-                    "In" => value.is_some_and(|v| values.contains(v)),
-                    "NotIn" => value.is_none_or(|v| !values.contains(v)),
-                    "Exists" => value.is_some(),
-                    "DoesNotExist" => value.is_none(),
-                    "Gt" | "Lt" => {
-                        let (Some(v), Some(bound)) = (
-                            value.and_then(|v| v.parse::<i64>().ok()),
-                            values.first().and_then(|b| b.parse::<i64>().ok()),
-                        ) else {
-                            return false;
-                        };
-                        if e.operator == "Gt" {
-                            v > bound
-                        } else {
-                            v < bound
-                        }
-                    }
-                    _ => false,
-                }
+                crate::labels::requirement(
+                    &e.operator,
+                    labels.get(&e.key),
+                    e.values.as_deref().unwrap_or_default(),
+                )
             })
         });
         if !any_term {

@@ -97,6 +97,40 @@ pub struct Image {
 }
 
 impl Image {
+    /// The record of image `reference` from its manifest (digest `digest`) and raw config
+    /// blob, checking that the config names one diff ID per layer.
+    fn from_manifest(
+        reference: &str,
+        digest: &str,
+        manifest: &oci_client::manifest::OciImageManifest,
+        config: &[u8],
+    ) -> Result<Image, String> {
+        let config: ConfigFile = serde_json::from_slice(config)
+            .map_err(|e| format!("config {}: {e}", manifest.config.digest))?;
+        let diff_ids = config.rootfs.diff_ids;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(format!(
+                "manifest {digest} has {} layers, its config {} diff IDs",
+                manifest.layers.len(),
+                diff_ids.len()
+            ));
+        }
+        let exec = config.config.unwrap_or_default();
+        Ok(Image {
+            reference: reference.to_owned(),
+            digest: digest.to_owned(),
+            layers: diff_ids,
+            config: ImageConfig {
+                env: exec.env.unwrap_or_default(),
+                entrypoint: exec.entrypoint.unwrap_or_default(),
+                cmd: exec.cmd.unwrap_or_default(),
+                working_dir: exec.working_dir.unwrap_or_default(),
+                user: exec.user.unwrap_or_default(),
+            },
+            size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+        })
+    }
+
     /// The `imageID` a container status reports: `repository@digest`.
     pub fn image_id(&self) -> String {
         let repo = self
@@ -330,17 +364,8 @@ impl ImageStore {
             .pull_blob(&parsed, &manifest.config, &mut config)
             .await
             .map_err(|e| failed(format!("config {}: {e}", manifest.config.digest)))?;
-        let config: ConfigFile = serde_json::from_slice(&config)
-            .map_err(|e| failed(format!("config {}: {e}", manifest.config.digest)))?;
-        let diff_ids = config.rootfs.diff_ids;
-        if diff_ids.len() != manifest.layers.len() {
-            return Err(failed(format!(
-                "the manifest has {} layers, its config {} diff IDs",
-                manifest.layers.len(),
-                diff_ids.len()
-            )));
-        }
-        for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+        let image = Image::from_manifest(&name, &digest, &manifest, &config).map_err(failed)?;
+        for (layer, diff_id) in manifest.layers.iter().zip(&image.layers) {
             let dir = self.root.join("layers").join(hex_of(diff_id));
             let size = layer.size.max(0) as u64;
             if dir.is_dir() {
@@ -382,20 +407,6 @@ impl ImageStore {
                 cached: false,
             });
         }
-        let exec = config.config.unwrap_or_default();
-        let image = Image {
-            reference: name.clone(),
-            digest,
-            layers: diff_ids,
-            config: ImageConfig {
-                env: exec.env.unwrap_or_default(),
-                entrypoint: exec.entrypoint.unwrap_or_default(),
-                cmd: exec.cmd.unwrap_or_default(),
-                working_dir: exec.working_dir.unwrap_or_default(),
-                user: exec.user.unwrap_or_default(),
-            },
-            size: bytes,
-        };
         write_atomically(
             &self.record_path(&name),
             &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
@@ -490,18 +501,10 @@ impl ImageStore {
             let manifest: oci_client::manifest::OciImageManifest =
                 serde_json::from_slice(&manifest_bytes)
                     .map_err(|e| invalid(format!("manifest {manifest_digest}: {e}")))?;
-            let config: ConfigFile =
-                serde_json::from_slice(&fs::read(blob(&manifest.config.digest)?)?)
-                    .map_err(|e| invalid(format!("config {}: {e}", manifest.config.digest)))?;
-            let diff_ids = config.rootfs.diff_ids;
-            if diff_ids.len() != manifest.layers.len() {
-                return Err(invalid(format!(
-                    "manifest {manifest_digest} has {} layers, its config {} diff IDs",
-                    manifest.layers.len(),
-                    diff_ids.len()
-                )));
-            }
-            for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+            let config = fs::read(blob(&manifest.config.digest)?)?;
+            let image = Image::from_manifest(&reference, &manifest_digest, &manifest, &config)
+                .map_err(invalid)?;
+            for (layer, diff_id) in manifest.layers.iter().zip(&image.layers) {
                 if self.root.join("layers").join(hex_of(diff_id)).is_dir() {
                     continue;
                 }
@@ -513,20 +516,6 @@ impl ImageStore {
                     }
                 })?;
             }
-            let exec = config.config.unwrap_or_default();
-            let image = Image {
-                reference: reference.clone(),
-                digest: manifest_digest,
-                layers: diff_ids,
-                config: ImageConfig {
-                    env: exec.env.unwrap_or_default(),
-                    entrypoint: exec.entrypoint.unwrap_or_default(),
-                    cmd: exec.cmd.unwrap_or_default(),
-                    working_dir: exec.working_dir.unwrap_or_default(),
-                    user: exec.user.unwrap_or_default(),
-                },
-                size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
-            };
             write_atomically(
                 &self.record_path(&reference),
                 &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
