@@ -48,12 +48,9 @@ async fn wait_count(pods: &Api<Pod>, n: usize) -> Vec<Pod> {
 async fn replicas_are_kept() {
     let api = TestApi::start().await.unwrap();
     let client = api.client();
-    tokio::spawn(orquestra_node_agent::simulated::run(
-        client.clone(),
-        "sim",
-        3,
-        std::future::pending(),
-    ));
+    orquestra_node_agent::simulated::spawn_ready(client.clone(), "sim", 3, Duration::from_secs(20))
+        .await
+        .unwrap();
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::scheduler::add(&mut manager).unwrap();
     orquestra_controllers::replicaset::add(&mut manager);

@@ -14,19 +14,6 @@ use orquestra_operator::Manager;
 use orquestra_operator::testing::{TestApi, wait_for};
 use serde_json::json;
 
-async fn wait_nodes_ready(nodes: &Api<Node>, names: &[String]) {
-    for name in names {
-        wait_for(nodes, name, Duration::from_secs(20), |n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .await
-        .unwrap();
-    }
-}
-
 fn pod(name: &str, extra: serde_json::Value) -> Pod {
     let mut pod = json!({
         "metadata": {"name": name, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
@@ -45,15 +32,10 @@ fn pod(name: &str, extra: serde_json::Value) -> Pod {
 async fn pods_spread_fit_and_wait_for_room() {
     let api = TestApi::start().await.unwrap();
     let client = api.client();
-    tokio::spawn(orquestra_node_agent::simulated::run(
-        client.clone(),
-        "sim",
-        4,
-        std::future::pending(),
-    ));
+    orquestra_node_agent::simulated::spawn_ready(client.clone(), "sim", 4, Duration::from_secs(20))
+        .await
+        .unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
-    let names = orquestra_node_agent::simulated::node_names("sim", 4);
-    wait_nodes_ready(&nodes, &names).await;
     // sim-3 is cordoned: nothing lands there.
     nodes
         .patch(

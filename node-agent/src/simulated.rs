@@ -29,6 +29,52 @@ pub fn node_names(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i}")).collect()
 }
 
+/// Why simulated nodes did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulatedError {
+    /// The API refused or could not be reached.
+    #[error("talking to the API server: {0}")]
+    Api(#[from] kube::Error),
+    /// A node was not Ready in time.
+    #[error("simulated node {0} not Ready in time")]
+    NotReady(String),
+}
+
+/// Starts `count` simulated nodes in the background (for the life of the runtime) and waits
+/// until every one is Ready; returns their names. For tests and benchmarks of the control
+/// plane.
+pub async fn spawn_ready(
+    client: Client,
+    prefix: &str,
+    count: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, SimulatedError> {
+    let names = node_names(prefix, count);
+    tokio::spawn({
+        let (client, prefix) = (client.clone(), prefix.to_owned());
+        async move { run(client, &prefix, count, std::future::pending()).await }
+    });
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+    let deadline = tokio::time::Instant::now() + timeout;
+    for name in &names {
+        loop {
+            let ready = nodes.get_opt(name).await?.is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            if ready {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SimulatedError::NotReady(name.clone()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    Ok(names)
+}
+
 /// Runs `count` simulated nodes until `shutdown` resolves.
 pub async fn run(
     client: Client,

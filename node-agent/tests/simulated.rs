@@ -27,22 +27,24 @@ fn pod(name: &str, node: Option<&str>) -> Pod {
 async fn simulated_nodes_run_their_pods_instantly() {
     let api = TestApi::start().await.unwrap();
     let client = api.client();
-    tokio::spawn(orquestra_node_agent::simulated::run(
+    let names = orquestra_node_agent::simulated::spawn_ready(
         client.clone(),
         "sim",
         3,
-        std::future::pending(),
-    ));
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let nodes: Api<Node> = Api::all(client.clone());
-    for name in ["sim-0", "sim-1", "sim-2"] {
-        wait_for(&nodes, name, Duration::from_secs(10), |n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .await
-        .unwrap();
+    for name in &names {
+        let node = nodes.get(name).await.unwrap();
+        let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "{name} Ready"
+        );
     }
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -22,11 +22,18 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
 use kube::api::{PostParams, WatchEvent, WatchParams};
-use kube::{Api, Client};
 use serde_json::json;
 
 const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
+
+use busybox::{build_image, run_ok};
+use common::{client, rss_mib};
+
+#[path = "../tests/common/busybox.rs"]
+mod busybox;
+mod common;
 
 struct Proc(Child);
 
@@ -35,25 +42,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
@@ -256,14 +244,6 @@ fn nix_setns(file: &std::fs::File) {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
-async fn client(kubeconfig: &Path) -> Client {
-    let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
-
 fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name},
@@ -346,33 +326,4 @@ fn run_runc(bundle: &Path, i: usize) -> f64 {
             .stdout(Stdio::null()),
     );
     begun.elapsed().as_secs_f64() * 1000.0
-}
-
-fn build_image(layout: &Path) {
-    let work = layout.parent().unwrap().join("image-build");
-    run_ok(
-        Command::new("umoci")
-            .arg("init")
-            .arg("--layout")
-            .arg(layout),
-    );
-    let image = format!("{}:busybox", layout.display());
-    run_ok(Command::new("umoci").args(["new", "--image", &image]));
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image", &image])
-            .arg(&work),
-    );
-    let rootfs = work.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep", "true"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&work),
-    );
-    run_ok(Command::new("umoci").args(["config", "--image", &image, "--config.env=PATH=/bin"]));
 }

@@ -12,6 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use busybox::{build_image, run_ok, run_with_input};
+
+#[path = "common/busybox.rs"]
+mod busybox;
+
+/// The test image, as pushed to the registry in each test host.
 const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
 
 /// A network namespace, deleted on drop.
@@ -48,17 +54,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// One "host": a namespace with a registry serving the test image and an `orq server`.
@@ -224,29 +219,12 @@ impl Host {
     }
 
     fn apply(&self, manifest: &Value) {
-        let mut child = self
-            .nsenter("kubectl")
+        let mut kubectl = self.nsenter("kubectl");
+        kubectl
             .arg("--kubeconfig")
             .arg(self.data_dir().join("kubeconfig.yaml"))
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "apply: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .args(["apply", "-f", "-"]);
+        run_with_input(&mut kubectl, manifest.to_string().as_bytes());
     }
 
     fn pod(&self, name: &str) -> Value {
@@ -292,66 +270,6 @@ impl Drop for Host {
             .status();
         self.registry.take();
     }
-}
-
-/// An OCI image of busybox-static: `/bin/<applet>` links, `/www/index.html`, and a default
-/// command serving `/www` on port 8080.
-fn build_image(layout: &Path) {
-    let work = layout.parent().unwrap().join("image-build");
-    run_ok(
-        Command::new("umoci")
-            .arg("init")
-            .arg("--layout")
-            .arg(layout),
-    );
-    run_ok(
-        Command::new("umoci")
-            .args(["new", "--image"])
-            .arg(format!("{}:busybox", layout.display())),
-    );
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:busybox", layout.display()))
-            .arg(&work),
-    );
-    let rootfs = work.join("rootfs");
-    for dir in ["bin", "www", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "httpd", "echo", "sleep", "cat", "dd", "head", "env", "hostname", "id", "ls", "true",
-        "false", "touch", "test", "nc",
-    ] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(rootfs.join("www/index.html"), "hello from orquestra\n").unwrap();
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )
-    .unwrap();
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image"])
-            .arg(format!("{}:busybox", layout.display()))
-            .arg(&work),
-    );
-    run_ok(
-        Command::new("umoci")
-            .args(["config", "--image"])
-            .arg(format!("{}:busybox", layout.display()))
-            .args([
-                "--config.env=PATH=/bin",
-                "--config.cmd=httpd",
-                "--config.cmd=-f",
-                "--config.cmd=-p",
-                "--config.cmd=8080",
-                "--config.cmd=-h",
-                "--config.cmd=/www",
-            ]),
-    );
 }
 
 fn pod_manifest(name: &str, policy: &str, command: Option<&[&str]>, extra: Value) -> Value {
@@ -545,33 +463,14 @@ fn pods_run_fail_restart_and_go() {
     let web_cpu =
         "container_cpu_usage_seconds_total{container=\"main\",namespace=\"default\",pod=\"web\"}";
     assert!(sample(web_cpu).is_some_and(|v| v >= 0.0), "{metrics}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let ours: String = metrics
-            .lines()
-            .filter(|l| l.contains("kubelet_") || l.contains("container_"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(ours.as_bytes())
-            .unwrap();
-    }
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
+    let ours: String = metrics
+        .lines()
+        .filter(|l| l.contains("kubelet_") || l.contains("container_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    run_with_input(
+        Command::new("promtool").args(["check", "metrics"]),
+        ours.as_bytes(),
     );
 
     // `kubectl run` as a newcomer types it: the scheduler places it on the node.
