@@ -474,6 +474,14 @@ fn pod_dirs(ctx: &Context) -> Vec<String> {
 /// Counts running containers and the pods that have any, from disk.
 fn update_gauges(ctx: &Context) {
     let (mut pods, mut containers) = (0, 0);
+    // Pods holding an address have a sandbox even with no container running.
+    let addressed: std::collections::HashSet<String> = ctx
+        .network
+        .allocated()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, uid)| uid)
+        .collect();
     for uid in pod_dirs(ctx) {
         let dir = ctx.pods_dir().join(&uid).join("containers");
         let mut running = 0;
@@ -487,12 +495,7 @@ fn update_gauges(ctx: &Context) {
             }
         }
         containers += running;
-        if running > 0
-            || ctx
-                .network
-                .allocated()
-                .is_ok_and(|a| a.iter().any(|(_, u)| *u == uid))
-        {
+        if running > 0 || addressed.contains(&uid) {
             pods += 1;
         }
     }
