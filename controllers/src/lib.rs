@@ -1,9 +1,114 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
-//! with (`orquestra-operator`). Today: the [`scheduler`]. The workload, endpoints, garbage
-//! collection, namespace and node lifecycle controllers follow (issue 6).
+//! with (`orquestra-operator`): the [`scheduler`] and the workload, endpoints, garbage
+//! collection, namespace and node lifecycle controllers. [`BUILTIN`] names them for
+//! `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
 
 pub mod labels;
 pub mod replicaset;
 pub mod scheduler;
+
+use orquestra_operator::Manager;
+
+/// Why a built-in control loop could not be added to a manager.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// Its metrics could not be registered (a name already taken in the registry).
+    #[error("registering the metrics of {name}: {source}")]
+    Metrics {
+        /// The control loop.
+        name: &'static str,
+        /// The registry's error.
+        source: prometheus::Error,
+    },
+    /// `--controllers` named a control loop that does not exist.
+    #[error("unknown controller {0:?} (known: {known})", known = names().join(", "))]
+    Unknown(String),
+}
+
+/// A built-in control loop: its `--controllers` name and how it joins a [`Manager`].
+#[derive(Debug, Clone, Copy)]
+pub struct Builtin {
+    /// The name `--controllers` selects it by.
+    pub name: &'static str,
+    /// Adds its caches and reconcilers to the manager.
+    pub add: fn(&mut Manager) -> Result<(), prometheus::Error>,
+}
+
+/// Every built-in control loop, in the order they are added.
+pub const BUILTIN: &[Builtin] = &[
+    Builtin {
+        name: "scheduler",
+        add: scheduler::add,
+    },
+    Builtin {
+        name: "replicaset",
+        add: |m| {
+            replicaset::add(m);
+            Ok(())
+        },
+    },
+];
+
+/// The names of the built-in control loops.
+pub fn names() -> Vec<&'static str> {
+    BUILTIN.iter().map(|b| b.name).collect()
+}
+
+/// Whether control loop `name` is selected by a `--controllers` list: `*` for all, `name`
+/// to add one, `-name` to leave one out (which wins).
+pub fn enabled(selection: &[String], name: &str) -> bool {
+    let mut on = false;
+    for item in selection {
+        match item.trim() {
+            "*" => on = true,
+            n if n == name => on = true,
+            n if n.strip_prefix('-') == Some(name) => return false,
+            _ => {}
+        }
+    }
+    on
+}
+
+/// Adds the control loops `selection` selects to `manager`; returns their names. An unknown
+/// name in the selection is an error, not silently ignored.
+pub fn add_selected(
+    manager: &mut Manager,
+    selection: &[String],
+) -> Result<Vec<&'static str>, AddError> {
+    for item in selection {
+        let name = item.trim().trim_start_matches('-');
+        if name != "*" && !name.is_empty() && !BUILTIN.iter().any(|b| b.name == name) {
+            return Err(AddError::Unknown(name.to_owned()));
+        }
+    }
+    let mut added = Vec::new();
+    for builtin in BUILTIN.iter().filter(|b| enabled(selection, b.name)) {
+        (builtin.add)(manager).map_err(|source| AddError::Metrics {
+            name: builtin.name,
+            source,
+        })?;
+        added.push(builtin.name);
+    }
+    Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn selection() {
+        assert!(enabled(&list(&["*"]), "scheduler"));
+        assert!(!enabled(&list(&["*", "-scheduler"]), "scheduler"));
+        assert!(!enabled(&list(&["-scheduler", "*"]), "scheduler"));
+        assert!(enabled(&list(&["replicaset"]), "replicaset"));
+        assert!(!enabled(&list(&["replicaset"]), "scheduler"));
+        assert!(!enabled(&list(&[]), "scheduler"));
+    }
+}

@@ -53,7 +53,7 @@ pub struct ServerArgs {
     #[arg(long)]
     node_name: Option<String>,
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
-    /// `-name` to leave one out (today: `scheduler`, `replicaset`).
+    /// `-name` to leave one out (`orq server --help` lists them in the user guide).
     #[arg(long, value_delimiter = ',', default_value = "*")]
     controllers: Vec<String>,
     #[command(flatten)]
@@ -176,21 +176,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
 
     // The control loops, through the API like any client (the admin kubeconfig).
-    let (scheduler, replicaset) = (
-        enabled(&args.controllers, "scheduler"),
-        enabled(&args.controllers, "replicaset"),
-    );
-    let controllers = if scheduler || replicaset {
+    let selected = orquestra_controllers::BUILTIN
+        .iter()
+        .any(|b| orquestra_controllers::enabled(&args.controllers, b.name));
+    let controllers = if selected {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
-        if scheduler {
-            orquestra_controllers::scheduler::add(&mut manager)
-                .context("registering the scheduler's metrics")?;
-        }
-        if replicaset {
-            orquestra_controllers::replicaset::add(&mut manager);
-        }
+        let added = orquestra_controllers::add_selected(&mut manager, &args.controllers)?;
+        tracing::info!(controllers = ?added, "starting the control loops");
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -319,18 +313,4 @@ async fn metrics(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
         Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&body).into_owned()),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
-}
-
-/// Whether control loop `name` is selected by `--controllers` (`*`, `name`, `-name`).
-fn enabled(selection: &[String], name: &str) -> bool {
-    let mut on = false;
-    for item in selection {
-        match item.trim() {
-            "*" => on = true,
-            n if n == name => on = true,
-            n if n.strip_prefix('-') == Some(name) => return false,
-            _ => {}
-        }
-    }
-    on
 }
