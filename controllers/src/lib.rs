@@ -5,6 +5,8 @@
 
 #![deny(missing_docs)]
 
+pub mod deployment;
+pub mod events;
 pub mod labels;
 pub mod replicaset;
 pub mod scheduler;
@@ -41,6 +43,13 @@ pub const BUILTIN: &[Builtin] = &[
     Builtin {
         name: "scheduler",
         add: scheduler::add,
+    },
+    Builtin {
+        name: "deployment",
+        add: |m| {
+            deployment::add(m);
+            Ok(())
+        },
     },
     Builtin {
         name: "replicaset",
