@@ -22,6 +22,46 @@ pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
     on_write(def, object);
 }
 
+/// The default `tolerationSeconds` for the `not-ready` and `unreachable` taints.
+pub const DEFAULT_TOLERATION_SECONDS: i64 = 300;
+
+/// DefaultTolerationSeconds: a new pod tolerates `node.kubernetes.io/not-ready` and
+/// `node.kubernetes.io/unreachable` (NoExecute) for `seconds`, unless it already tolerates
+/// them — so the pods of a lost node are evicted after a while, not at once.
+pub fn default_tolerations(object: &mut Value, seconds: i64) {
+    let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    let Some(list) = tolerations.as_array_mut() else {
+        return;
+    };
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        // A toleration with no key and `Exists` tolerates every taint; one for the key with
+        // no effect tolerates every effect.
+        let tolerated = list.iter().any(|t| {
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            let any_key = t
+                .get("key")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+                && t.get("operator").and_then(Value::as_str) == Some("Exists");
+            let this_key = t.get("key").and_then(Value::as_str) == Some(key);
+            (any_key || this_key) && (effect.is_empty() || effect == "NoExecute")
+        });
+        if !tolerated {
+            list.push(json!({
+                "key": key, "operator": "Exists", "effect": "NoExecute",
+                "tolerationSeconds": seconds,
+            }));
+        }
+    }
+}
+
 /// Steps for every write (create and update). Defaulting is idempotent, so an update that
 /// leaves a defaulted field out does not read as a change.
 pub fn on_write(def: &ResourceDef, object: &mut Value) {
@@ -348,5 +388,34 @@ fn rolling_update_defaults(spec: &mut serde_json::Map<String, Value>, field: &st
         if kind == "RollingUpdate" {
             strategy.entry("rollingUpdate").or_insert(rolling);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_tolerate_lost_nodes_for_a_while() {
+        let mut pod = json!({"spec": {"containers": []}});
+        default_tolerations(&mut pod, 300);
+        let tolerations = pod["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(tolerations.len(), 2);
+        assert!(tolerations.iter().all(|t| t["tolerationSeconds"] == 300
+            && t["effect"] == "NoExecute"
+            && t["operator"] == "Exists"));
+
+        // Its own toleration for a key wins; a tolerate-everything toleration covers both.
+        let mut own = json!({"spec": {"tolerations": [
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+             "effect": "NoExecute", "tolerationSeconds": 5}]}});
+        default_tolerations(&mut own, 300);
+        let tolerations = own["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(tolerations.len(), 2);
+        assert_eq!(tolerations[0]["tolerationSeconds"], 5);
+        assert_eq!(tolerations[1]["key"], "node.kubernetes.io/not-ready");
+        let mut all = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        default_tolerations(&mut all, 300);
+        assert_eq!(all["spec"]["tolerations"].as_array().unwrap().len(), 1);
     }
 }

@@ -34,6 +34,10 @@ pub struct Engine {
     cache: WatchCache,
     /// How long the HTTP layer lets a non-watch request run.
     pub request_timeout: std::time::Duration,
+    /// The `tolerationSeconds` of the `not-ready` and `unreachable` NoExecute tolerations
+    /// every new pod gets unless it has its own (kube-apiserver's DefaultTolerationSeconds
+    /// admission: how long a pod stays on a lost node before it is evicted).
+    pub default_toleration_seconds: i64,
     /// The bearer token presented to node agents when proxying to them (`pods/log`).
     pub kubelet_token: Arc<std::sync::OnceLock<String>>,
     node_client: Arc<std::sync::OnceLock<reqwest::Client>>,
@@ -108,6 +112,7 @@ impl Engine {
             registry,
             cache,
             request_timeout: crate::DEFAULT_REQUEST_TIMEOUT,
+            default_toleration_seconds: crate::admission::DEFAULT_TOLERATION_SECONDS,
             kubelet_token: Arc::default(),
             node_client: Arc::default(),
         }
@@ -273,6 +278,9 @@ impl Engine {
         meta.insert("generation".into(), json!(1));
         drop_empty_metadata(&mut object);
         crate::admission::default_on_create(def, &mut object);
+        if def.group.is_empty() && def.kind == "Pod" {
+            crate::admission::default_tolerations(&mut object, self.default_toleration_seconds);
+        }
         validate_meta(def, &object)?;
         conform(def, &mut object)?;
         if crate::crd::is_crd(def) {

@@ -86,6 +86,13 @@ impl ApiServer {
         Ok(ApiServer { engine })
     }
 
+    /// Sets how long new pods tolerate a `not-ready` or `unreachable` node by default
+    /// (kube-apiserver's `--default-{not-ready,unreachable}-toleration-seconds`). Before
+    /// [`ApiServer::router`].
+    pub fn set_default_toleration_seconds(&mut self, seconds: i64) {
+        self.engine.default_toleration_seconds = seconds;
+    }
+
     /// The engine, for in-process callers.
     pub fn engine(&self) -> &Engine {
         &self.engine

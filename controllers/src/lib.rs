@@ -8,8 +8,11 @@
 pub mod deployment;
 pub mod events;
 pub mod labels;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduler;
+
+use std::time::Duration;
 
 use orquestra_operator::Manager;
 
@@ -29,31 +32,55 @@ pub enum AddError {
     Unknown(String),
 }
 
+/// The knobs of the built-in control loops (kube-controller-manager's flags of the same
+/// names).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a node's Lease may go unrenewed before the node is `Ready=Unknown` and
+    /// tainted unreachable (`--node-monitor-grace-period`, 40 s).
+    pub node_monitor_grace_period: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            node_monitor_grace_period: Duration::from_secs(40),
+        }
+    }
+}
+
 /// A built-in control loop: its `--controllers` name and how it joins a [`Manager`].
 #[derive(Debug, Clone, Copy)]
 pub struct Builtin {
     /// The name `--controllers` selects it by.
     pub name: &'static str,
     /// Adds its caches and reconcilers to the manager.
-    pub add: fn(&mut Manager) -> Result<(), prometheus::Error>,
+    pub add: fn(&mut Manager, &Settings) -> Result<(), prometheus::Error>,
 }
 
 /// Every built-in control loop, in the order they are added.
 pub const BUILTIN: &[Builtin] = &[
     Builtin {
         name: "scheduler",
-        add: scheduler::add,
+        add: |m, _| scheduler::add(m),
     },
     Builtin {
         name: "deployment",
-        add: |m| {
+        add: |m, _| {
             deployment::add(m);
             Ok(())
         },
     },
     Builtin {
+        name: "nodelifecycle",
+        add: |m, s| {
+            nodelifecycle::add(m, s.node_monitor_grace_period);
+            Ok(())
+        },
+    },
+    Builtin {
         name: "replicaset",
-        add: |m| {
+        add: |m, _| {
             replicaset::add(m);
             Ok(())
         },
@@ -85,6 +112,7 @@ pub fn enabled(selection: &[String], name: &str) -> bool {
 pub fn add_selected(
     manager: &mut Manager,
     selection: &[String],
+    settings: &Settings,
 ) -> Result<Vec<&'static str>, AddError> {
     for item in selection {
         let name = item.trim().trim_start_matches('-');
@@ -94,7 +122,7 @@ pub fn add_selected(
     }
     let mut added = Vec::new();
     for builtin in BUILTIN.iter().filter(|b| enabled(selection, b.name)) {
-        (builtin.add)(manager).map_err(|source| AddError::Metrics {
+        (builtin.add)(manager, settings).map_err(|source| AddError::Metrics {
             name: builtin.name,
             source,
         })?;

@@ -38,6 +38,7 @@ async fn cluster(nodes: usize) -> (TestApi, Client) {
     orquestra_controllers::add_selected(
         &mut manager,
         &["scheduler".into(), "replicaset".into(), "deployment".into()],
+        &Default::default(),
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

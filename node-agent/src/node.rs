@@ -287,9 +287,14 @@ impl Heartbeat {
         tokio::pin!(shutdown);
         let mut registered = false;
         let mut last_status = tokio::time::Instant::now();
+        let mut last_renewed = tokio::time::Instant::now();
         loop {
             let result = if registered {
-                let status = if last_status.elapsed() >= self.config.status_refresh {
+                // After a gap (a partition, a stalled process) the node lifecycle controller
+                // may have marked the node Unknown: report the status at once, not at the
+                // next refresh.
+                let gap = last_renewed.elapsed() > self.config.lease_renew * 2;
+                let status = if gap || last_status.elapsed() >= self.config.status_refresh {
                     last_status = tokio::time::Instant::now();
                     self.report_status().await
                 } else {
@@ -303,7 +308,10 @@ impl Heartbeat {
                 self.register().await
             };
             match result {
-                Ok(()) => registered = true,
+                Ok(()) => {
+                    registered = true;
+                    last_renewed = tokio::time::Instant::now();
+                }
                 Err(error) => {
                     tracing::warn!(node = %self.config.name, %error, "node heartbeat failed; retrying")
                 }

@@ -82,16 +82,34 @@ pub async fn run(
     count: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    run_with(
+        client,
+        prefix,
+        count,
+        NodeConfig::new("", "").lease_renew,
+        shutdown,
+    )
+    .await;
+}
+
+/// Runs `count` simulated nodes renewing their Leases every `lease_renew` (tests of node
+/// lifecycle use short periods) until `shutdown` resolves — which, for the control plane,
+/// is the nodes going silent: their pods stay as they were.
+pub async fn run_with(
+    client: Client,
+    prefix: &str,
+    count: usize,
+    lease_renew: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let names = node_names(prefix, count);
     let host = HostInfo::read();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for name in &names {
-        let heartbeat = Heartbeat::new(
-            client.clone(),
-            NodeConfig::new(name.clone(), "127.0.0.1"),
-            host.clone(),
-        );
+        let mut config = NodeConfig::new(name.clone(), "127.0.0.1");
+        config.lease_renew = lease_renew;
+        let heartbeat = Heartbeat::new(client.clone(), config, host.clone());
         let mut stopped = stopped.clone();
         tasks.push(tokio::spawn(heartbeat.run(async move {
             let _ = stopped.wait_for(|s| *s).await;

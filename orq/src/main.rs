@@ -3,6 +3,7 @@
 
 mod agent;
 mod image;
+mod operator;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -27,8 +28,10 @@ enum Command {
     /// Join a cluster as a node: register it and keep its Lease and status fresh (pods
     /// follow with the rest of the node agent).
     Agent(agent::AgentArgs),
-    /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
-    /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
+    /// Run the built-in control loops (scheduler, workloads, endpoints, garbage collection,
+    /// namespaces, node lifecycle) against a cluster, with leader election — what
+    /// `orq server` runs in-process, as a process of its own.
+    Operator(operator::OperatorArgs),
     /// Manage the node's images: import an OCI layout without a registry, list, remove, pull.
     Image(image::ImageArgs),
     /// The per-container helper the node agent runs containers through (internal: started
@@ -54,6 +57,8 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Write the built-in kinds as CustomResourceDefinition manifests (generated from
+    /// k8s-openapi) into a directory; the server embeds the ones in the repository's `crds/`.
     Crdgen {
         /// Where to write the manifests.
         #[arg(long, default_value = "crds")]
@@ -109,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             match command {
                 Command::Server(args) => server::run(args).await,
                 Command::Agent(args) => agent::run(args).await,
+                Command::Operator(args) => operator::run(args).await,
                 Command::Image(args) => image::run(args).await,
                 Command::Crdgen { out } => crdgen(&out),
                 // Ran (and exited) above.

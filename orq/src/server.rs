@@ -52,10 +52,12 @@ pub struct ServerArgs {
     /// The local node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
-    /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
-    /// `-name` to leave one out (`orq server --help` lists them in the user guide).
-    #[arg(long, value_delimiter = ',', default_value = "*")]
-    controllers: Vec<String>,
+    #[command(flatten)]
+    controllers: crate::operator::ControllerArgs,
+    /// How long new pods tolerate a not-ready or unreachable node before they are evicted
+    /// (kube-apiserver's `--default-unreachable-toleration-seconds`).
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: i64,
     #[command(flatten)]
     node: crate::agent::NodeArgs,
 }
@@ -124,12 +126,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    let api = orquestra_apiserver::ApiServer::with_request_timeout(
+    let mut api = orquestra_apiserver::ApiServer::with_request_timeout(
         Arc::clone(&store),
         args.request_timeout,
     )
     .await
     .context("starting the API server")?;
+    api.set_default_toleration_seconds(args.default_unreachable_toleration_seconds);
     let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
         &registry,
     )?);
@@ -178,12 +181,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // The control loops, through the API like any client (the admin kubeconfig).
     let selected = orquestra_controllers::BUILTIN
         .iter()
-        .any(|b| orquestra_controllers::enabled(&args.controllers, b.name));
+        .any(|b| orquestra_controllers::enabled(&args.controllers.controllers, b.name));
     let controllers = if selected {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
-        let added = orquestra_controllers::add_selected(&mut manager, &args.controllers)?;
+        let added = orquestra_controllers::add_selected(
+            &mut manager,
+            &args.controllers.controllers,
+            &args.controllers.settings(),
+        )?;
         tracing::info!(controllers = ?added, "starting the control loops");
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.

@@ -1,0 +1,94 @@
+//! `orq operator`: the built-in control loops — scheduler, workload, endpoints, garbage
+//! collection, namespace and node lifecycle — against any cluster, as kube-scheduler and
+//! kube-controller-manager are run beside kube-apiserver. `orq server` runs the same loops
+//! in-process; this is for running them apart (more replicas behind leader election, another
+//! machine, a cluster whose API server is not Orquestra's).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use orquestra_operator::{LeaderElection, Manager};
+
+/// The control loops' flags, shared by `orq server` and `orq operator`.
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
+    /// a name to add one, `-name` to leave one out. Names: scheduler, deployment,
+    /// replicaset, daemonset, endpoint, endpointslice, garbagecollector, namespace,
+    /// nodelifecycle, nodeipam (as built).
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub controllers: Vec<String>,
+    /// How long a node's Lease may go unrenewed before the node is Unknown and tainted
+    /// unreachable (a Go duration).
+    #[arg(long, default_value = "40s", value_parser = duration)]
+    pub node_monitor_grace_period: Duration,
+}
+
+impl ControllerArgs {
+    /// The settings the control loops take.
+    pub fn settings(&self) -> orquestra_controllers::Settings {
+        let mut settings = orquestra_controllers::Settings::default();
+        settings.node_monitor_grace_period = self.node_monitor_grace_period;
+        settings
+    }
+}
+
+/// A positive Go duration (`40s`, `1m30s`).
+pub fn duration(text: &str) -> Result<Duration, String> {
+    orquestra_apiserver::request::go_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration like 40s or 1m30s"))
+}
+
+/// `orq operator` flags.
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// The cluster to manage (default: $KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "127.0.0.1:10257")]
+    listen: SocketAddr,
+    /// Run the loops only while holding the Lease `kube-system/orquestra-operator`, so
+    /// several replicas can run (one acts at a time).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    #[command(flatten)]
+    controllers: ControllerArgs,
+}
+
+/// Runs the selected control loops until SIGTERM/SIGINT.
+pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = match &args.kubeconfig {
+        Some(path) => crate::agent::client(path).await?,
+        None => kube::Client::try_default().await.context(
+            "no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not in a cluster",
+        )?,
+    };
+    let mut manager = Manager::new(client);
+    let added = orquestra_controllers::add_selected(
+        &mut manager,
+        &args.controllers.controllers,
+        &args.controllers.settings(),
+    )?;
+    anyhow::ensure!(!added.is_empty(), "--controllers selects no control loop");
+    if args.leader_elect {
+        // Unique per process, readable in `kubectl get lease`: host and pid.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "orq".into());
+        let identity = format!("{host}_{}", std::process::id());
+        manager.leader_election(LeaderElection::new(
+            "kube-system",
+            "orquestra-operator",
+            identity,
+        ))?;
+    }
+    tracing::info!(controllers = ?added, listen = %args.listen, "starting the control loops");
+    manager.run(args.listen, std::future::pending()).await?;
+    Ok(())
+}
