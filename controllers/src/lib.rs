@@ -39,12 +39,15 @@ pub struct Settings {
     /// How long a node's Lease may go unrenewed before the node is `Ready=Unknown` and
     /// tainted unreachable (`--node-monitor-grace-period`, 40 s).
     pub node_monitor_grace_period: Duration,
+    /// The range node IPAM hands each node's `podCIDR` out of (`--cluster-cidr`).
+    pub cluster_cidr: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             node_monitor_grace_period: Duration::from_secs(40),
+            cluster_cidr: "10.244.0.0/16".into(),
         }
     }
 }

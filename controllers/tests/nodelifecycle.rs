@@ -85,8 +85,10 @@ async fn a_lost_node_is_tainted_and_its_pods_move() {
     nodes_up(&client, "sim", 3).await;
     nodes_up(&client, "flaky", 1).await;
     let mut manager = Manager::new(client.clone());
-    let mut settings = Settings::default();
-    settings.node_monitor_grace_period = GRACE;
+    let settings = Settings {
+        node_monitor_grace_period: GRACE,
+        ..Settings::default()
+    };
     orquestra_controllers::add_selected(
         &mut manager,
         &[

@@ -25,14 +25,18 @@ pub struct ControllerArgs {
     /// unreachable (a Go duration).
     #[arg(long, default_value = "40s", value_parser = duration)]
     pub node_monitor_grace_period: Duration,
+    /// The range each node's `podCIDR` (a /24) is allocated from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
 }
 
 impl ControllerArgs {
     /// The settings the control loops take.
     pub fn settings(&self) -> orquestra_controllers::Settings {
-        let mut settings = orquestra_controllers::Settings::default();
-        settings.node_monitor_grace_period = self.node_monitor_grace_period;
-        settings
+        orquestra_controllers::Settings {
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            cluster_cidr: self.cluster_cidr.clone(),
+        }
     }
 }
 
