@@ -492,6 +492,18 @@ async fn dispatch(
             let status = subresource::bind(engine, &target, &binding).await?;
             return Ok(json(StatusCode::CREATED, &status));
         }
+        // `PUT namespaces/<name>/finalize`: the namespace controller's way to take its
+        // `spec.finalizers` off (nothing else in the body is taken).
+        Some("finalize") if engine::is_namespace(&target.def) => {
+            if method != Method::PUT {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            require_json(headers)?;
+            let namespace = engine
+                .update(&target, parse_body(&body)?, params.dry_run()?)
+                .await?;
+            return Ok(json(StatusCode::OK, &namespace));
+        }
         Some(_) => return Err(ApiError::NoRoute),
     }
     let dry_run = params.dry_run()?;
