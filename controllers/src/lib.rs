@@ -5,6 +5,7 @@
 
 #![deny(missing_docs)]
 
+pub mod garbage;
 pub mod labels;
 pub mod replicaset;
 pub mod scheduler;
@@ -46,6 +47,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "replicaset",
         add: |m| {
             replicaset::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "garbagecollector",
+        add: |m| {
+            garbage::add(m);
             Ok(())
         },
     },
