@@ -7,6 +7,7 @@
 
 pub mod garbage;
 pub mod labels;
+pub mod namespace;
 pub mod replicaset;
 pub mod scheduler;
 
@@ -54,6 +55,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "garbagecollector",
         add: |m| {
             garbage::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "namespace",
+        add: |m| {
+            namespace::add(m);
             Ok(())
         },
     },
