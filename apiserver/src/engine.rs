@@ -187,14 +187,22 @@ impl Engine {
         // (the namespace may have been created a moment ago). A deletion the cache has not
         // seen yet may let a create through, as in Kubernetes: the namespace controller
         // deletes until nothing is left.
-        let namespace = match self.cache.get(&key).and_then(|entry| entry.decode()) {
-            Some(namespace) => namespace,
+        let terminating = match self.cache.get(&key) {
+            // Creates are hot: decode the namespace only when its JSON may be marked.
+            Some(entry) => {
+                contains(&entry.json, b"\"deletionTimestamp\"")
+                    && entry
+                        .decode()
+                        .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some())
+            }
             None => match self.store.get(&key, None).await?.1 {
-                Some(kv) => decode(&kv)?,
+                Some(kv) => decode(&kv)?
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some(),
                 None => return Err(ApiError::not_found(&namespaces, ns)),
             },
         };
-        if namespace.pointer("/metadata/deletionTimestamp").is_some() {
+        if terminating {
             return Err(ApiError::namespace_terminating(def, name, ns));
         }
         Ok(())
@@ -783,6 +791,11 @@ impl Engine {
             "items": items,
         }))
     }
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Sets `to.status` to `from.status`, or removes it when `from` has none.
