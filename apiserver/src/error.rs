@@ -93,7 +93,7 @@ pub enum ApiError {
     /// 403: the request is understood but refused (creating in a terminating namespace).
     #[error("{message}")]
     Forbidden {
-        /// Plural (with group when not core).
+        /// Plural (without the group: kube-apiserver's `details.kind`).
         resource: String,
         /// The object's name.
         name: String,
@@ -189,7 +189,7 @@ impl ApiError {
                 "{resource} \"{name}\" is forbidden: unable to create new content in namespace \
                  {namespace} because it is being terminated"
             ),
-            resource,
+            resource: def.plural.clone(),
             name: name.to_owned(),
             group: def.group.clone(),
             causes: vec![Cause {

@@ -121,6 +121,29 @@ async fn a_deleted_namespace_terminates_until_finalized() {
         "{}",
         refused.message
     );
+    // A grouped resource is named with its group in the message, as kube-apiserver does.
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(c.client.clone(), "doomed");
+    let rs = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "app", "image": "busybox"}]}}},
+    }))
+    .unwrap();
+    let refused = status(sets.create(&PostParams::default(), &rs).await.unwrap_err());
+    assert!(
+        refused
+            .message
+            .starts_with("replicasets.apps \"web\" is forbidden: unable to create new content"),
+        "{}",
+        refused.message
+    );
+    let details = refused.details.unwrap();
+    assert_eq!(
+        (details.group.as_str(), details.kind.as_str()),
+        ("apps", "replicasets")
+    );
     // What is there can still be changed and deleted.
     configmaps
         .patch(
