@@ -401,6 +401,18 @@ impl Collector {
             return Vec::new();
         };
         let old = self.node(&uid);
+        // Only what the collector decides on: labels, annotations and managedFields would
+        // multiply the graph's memory for nothing.
+        let object = ObjectMeta {
+            name: object.name,
+            namespace: object.namespace,
+            uid: object.uid,
+            resource_version: object.resource_version,
+            owner_references: object.owner_references,
+            finalizers: object.finalizers,
+            deletion_timestamp: object.deletion_timestamp,
+            ..ObjectMeta::default()
+        };
         let node = GraphNode {
             key: ObjectMeta {
                 name: Some(uid.clone()),
