@@ -26,6 +26,10 @@
 //!
 //! It must not: touch objects without ownerReferences or finalizers of its own; act on the
 //! graph alone when deleting (a live read decides).
+//!
+//! With leader election the graph is built on every replica but reconciled only on the
+//! leader: on a standby the bounded work queue fills and then holds the watches back (they
+//! resume, or relist, once this replica leads) — memory stays bounded either way.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
