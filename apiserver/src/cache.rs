@@ -289,6 +289,11 @@ impl WatchCache {
             .is_ok_and(|state| state.objects.contains_key(key))
     }
 
+    /// The cached object at `key`, if the cache holds it now.
+    pub fn get(&self, key: &str) -> Option<Entry> {
+        self.state.read().ok()?.objects.get(key).cloned()
+    }
+
     /// The revision the cache reflects now.
     pub fn revision(&self) -> Revision {
         *self.revision.borrow()

@@ -105,6 +105,25 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "verbs": ["get", "patch", "update"],
         }));
     }
+    // Subresources of one kind, as kube-apiserver lists them.
+    if def.group.is_empty() && def.plural == "namespaces" {
+        entries.push(json!({
+            "name": "namespaces/finalize",
+            "singularName": "",
+            "namespaced": false,
+            "kind": "Namespace",
+            "verbs": ["update"],
+        }));
+    }
+    if def.group.is_empty() && def.plural == "pods" {
+        entries.push(json!({
+            "name": "pods/binding",
+            "singularName": "",
+            "namespaced": true,
+            "kind": "Binding",
+            "verbs": ["create"],
+        }));
+    }
     entries
 }
 

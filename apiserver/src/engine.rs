@@ -175,21 +175,42 @@ impl Engine {
         Ok((key, name))
     }
 
-    /// Fails with NotFound unless namespace `ns` exists.
-    async fn require_namespace(&self, ns: &str) -> Result<(), ApiError> {
-        let Some(def) = self.registry.get("", "v1", "namespaces") else {
+    /// Fails with NotFound unless namespace `ns` exists, and with Forbidden while it is being
+    /// deleted (kube-apiserver's NamespaceLifecycle admission): the namespace controller
+    /// could otherwise never empty it. `name` (or the generateName prefix) is for the message.
+    async fn require_namespace(
+        &self,
+        def: &ResourceDef,
+        name: &str,
+        ns: &str,
+    ) -> Result<(), ApiError> {
+        let Some(namespaces) = self.registry.get("", "v1", "namespaces") else {
             return Ok(());
         };
-        let key = def.key(None, ns);
+        let key = namespaces.key(None, ns);
         // Namespaces are long-lived: the cache answers yes; a no is checked with the store
-        // (the namespace may have been created a moment ago).
-        if self.cache.contains(&key) {
-            return Ok(());
+        // (the namespace may have been created a moment ago). A deletion the cache has not
+        // seen yet may let a create through, as in Kubernetes: the namespace controller
+        // deletes until nothing is left.
+        let terminating = match self.cache.get(&key) {
+            // Creates are hot: decode the namespace only when its JSON may be marked.
+            Some(entry) => {
+                contains(&entry.json, b"\"deletionTimestamp\"")
+                    && entry
+                        .decode()
+                        .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some())
+            }
+            None => match self.store.get(&key, None).await?.1 {
+                Some(kv) => decode(&kv)?
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some(),
+                None => return Err(ApiError::not_found(&namespaces, ns)),
+            },
+        };
+        if terminating {
+            return Err(ApiError::namespace_terminating(def, name, ns));
         }
-        match self.store.get(&key, None).await?.1 {
-            Some(_) => Ok(()),
-            None => Err(ApiError::not_found(&def, ns)),
-        }
+        Ok(())
     }
 
     /// Creates an object in the collection `def` (in namespace `ns`). A name made from
@@ -224,6 +245,16 @@ impl Engine {
     ) -> Result<Value, ApiError> {
         check_type(def, &mut object)?;
         strip_nulls(&mut object);
+        if let Some(ns) = ns.filter(|_| def.namespaced) {
+            // Before the name is generated, as kube-apiserver's admission does: a refusal
+            // names the object by its generateName prefix then.
+            let shown = ["name", "generateName"]
+                .iter()
+                .find_map(|field| meta_str(&object, field).filter(|n| !n.is_empty()))
+                .unwrap_or("Unknown")
+                .to_owned();
+            self.require_namespace(def, &shown, ns).await?;
+        }
         let meta = metadata_mut(&mut object)?;
         if meta
             .get("name")
@@ -287,9 +318,6 @@ impl Engine {
             crate::crd::admit(def, &mut object)?;
         }
         let name = meta_str(&object, "name").unwrap_or_default().to_owned();
-        if let Some(ns) = ns.filter(|_| def.namespaced) {
-            self.require_namespace(ns).await?;
-        }
         let key = def.key(ns, &name);
         if crate::service::is_service(def) && !dry_run {
             crate::service::admit_create(self, &mut object).await?;
@@ -348,14 +376,14 @@ impl Engine {
                     .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}")))?,
             ),
         };
-        let status_only = target.subresource.as_deref() == Some("status");
+        let part = Part::of(def, target.subresource.as_deref());
         loop {
             let current = self.stored(def, &key, &name).await?;
             if expected.is_some_and(|rv| rv != current.mod_revision) {
                 return Err(ApiError::stale(def, &name));
             }
             let old = decode(&current)?;
-            let mut new = merge_update(def, &old, &body, status_only)?;
+            let mut new = merge_update(def, &old, &body, part)?;
             crate::admission::on_write(def, &mut new);
             if crate::service::is_service(def) {
                 crate::service::keep_allocations(&old, &mut new);
@@ -390,12 +418,14 @@ impl Engine {
             return Ok(new);
         }
         // Marked for deletion with no finalizers left: gone — unless a grace period runs (a
-        // pod its node agent is stopping; the agent's delete with grace 0 removes it).
+        // pod its node agent is stopping; the agent's delete with grace 0 removes it). A
+        // namespace also waits for its `spec.finalizers` (the namespace controller's).
         let finalized = new.pointer("/metadata/deletionTimestamp").is_some()
             && new
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty)
+            && !(is_namespace(def) && has_spec_finalizers(&new))
             && new
                 .pointer("/metadata/deletionGracePeriodSeconds")
                 .and_then(Value::as_i64)
@@ -470,14 +500,30 @@ impl Engine {
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_some_and(|f| !f.is_empty());
-            let policy = params.propagation_policy.clone().or_else(|| {
-                options
-                    .get("propagationPolicy")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
+            // No policy means Background (the owner goes now, the garbage collector deletes
+            // its dependents); the deprecated `orphanDependents: true` means Orphan.
+            let policy = params
+                .propagation_policy
+                .clone()
+                .or_else(|| {
+                    options
+                        .get("propagationPolicy")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .or_else(|| {
+                    (options.get("orphanDependents") == Some(&json!(true)))
+                        .then(|| "Orphan".to_owned())
+                });
             let grace = pod_grace_period(def, &object, options, params)?;
-            if has_finalizers || policy.as_deref() == Some("Foreground") || grace > 0 {
+            // A namespace with `spec.finalizers` turns Terminating; the namespace controller
+            // empties it, then finalizes it.
+            let terminating = is_namespace(def) && has_spec_finalizers(&object);
+            if has_finalizers
+                || matches!(policy.as_deref(), Some("Foreground" | "Orphan"))
+                || grace > 0
+                || terminating
+            {
                 // Graceful: mark it; whoever owns the finalizers — or, for a pod, the node
                 // agent once its containers are stopped — completes the deletion.
                 let meta = metadata_mut(&mut object)?;
@@ -511,6 +557,9 @@ impl Engine {
                     if !finalizers.iter().any(|f| f == "orphan") {
                         finalizers.push(json!("orphan"));
                     }
+                }
+                if terminating {
+                    object["status"]["phase"] = json!("Terminating");
                 }
                 match self
                     .write(def, &key, &name, &current, object, dry_run)
@@ -752,6 +801,11 @@ impl Engine {
     }
 }
 
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Sets `to.status` to `from.status`, or removes it when `from` has none.
 fn copy_status(to: &mut Value, from: &Value) {
     match from.get("status") {
@@ -764,27 +818,102 @@ fn copy_status(to: &mut Value, from: &Value) {
     }
 }
 
+/// What part of an object a PUT writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// The main resource: everything but `status` (when the kind has a status subresource).
+    Main,
+    /// `/status`: only `status`.
+    Status,
+    /// `namespaces/<name>/finalize`: only `spec.finalizers`.
+    Finalize,
+}
+
+impl Part {
+    fn of(def: &ResourceDef, subresource: Option<&str>) -> Part {
+        match subresource {
+            Some("status") => Part::Status,
+            Some("finalize") if is_namespace(def) => Part::Finalize,
+            _ => Part::Main,
+        }
+    }
+}
+
+/// Whether `def` is the Namespace resource.
+pub(crate) fn is_namespace(def: &ResourceDef) -> bool {
+    def.group.is_empty() && def.plural == "namespaces"
+}
+
+/// Whether a namespace still has `spec.finalizers` (the namespace controller's `kubernetes`).
+fn has_spec_finalizers(namespace: &Value) -> bool {
+    namespace
+        .pointer("/spec/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty())
+}
+
 /// The object a PUT stores: the client's object with server-owned metadata kept from the
 /// current one, `status` kept unless this is the status subresource (which changes only
 /// `status`), and `generation` bumped when anything outside metadata and status changed.
+/// A namespace's `spec.finalizers` change only through `finalize` (as in kube-apiserver),
+/// so that a client's PUT cannot drop the namespace controller's finalizer.
 fn merge_update(
     def: &ResourceDef,
     old: &Value,
     body: &Value,
-    status_only: bool,
+    part: Part,
 ) -> Result<Value, ApiError> {
     // The status subresource takes only `status` from the body; the main resource keeps
     // the stored status when the kind has a status subresource.
-    let mut new = if status_only {
-        let mut new = old.clone();
-        copy_status(&mut new, body);
-        new
-    } else {
-        let mut new = body.clone();
-        if def.status {
-            copy_status(&mut new, old);
+    let mut new = match part {
+        Part::Status => {
+            let mut new = old.clone();
+            copy_status(&mut new, body);
+            new
         }
-        new
+        Part::Finalize => {
+            let mut new = old.clone();
+            let finalizers = body
+                .pointer("/spec/finalizers")
+                .and_then(Value::as_array)
+                .filter(|f| !f.is_empty())
+                .cloned();
+            if !new["spec"].is_object() {
+                new["spec"] = json!({});
+            }
+            match (finalizers, new["spec"].as_object_mut()) {
+                (Some(finalizers), Some(spec)) => {
+                    spec.insert("finalizers".into(), Value::Array(finalizers));
+                }
+                (None, Some(spec)) => {
+                    spec.remove("finalizers");
+                }
+                (_, None) => {}
+            }
+            new
+        }
+        Part::Main => {
+            let mut new = body.clone();
+            if def.status {
+                copy_status(&mut new, old);
+            }
+            if is_namespace(def) {
+                match old.pointer("/spec/finalizers") {
+                    Some(finalizers) => {
+                        if !new["spec"].is_object() {
+                            new["spec"] = json!({});
+                        }
+                        new["spec"]["finalizers"] = finalizers.clone();
+                    }
+                    None => {
+                        if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                            spec.remove("finalizers");
+                        }
+                    }
+                }
+            }
+            new
+        }
     };
     let old_meta = old.get("metadata").cloned().unwrap_or_default();
     let meta = metadata_mut(&mut new)?;

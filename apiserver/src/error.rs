@@ -90,6 +90,20 @@ pub enum ApiError {
     /// 401: no valid credentials.
     #[error("Unauthorized")]
     Unauthorized,
+    /// 403: the request is understood but refused (creating in a terminating namespace).
+    #[error("{message}")]
+    Forbidden {
+        /// Plural (without the group: kube-apiserver's `details.kind`).
+        resource: String,
+        /// The object's name.
+        name: String,
+        /// Group.
+        group: String,
+        /// The full message: `pods "x" is forbidden: …`.
+        message: String,
+        /// Why, for clients that look (`NamespaceTerminating`).
+        causes: Vec<Cause>,
+    },
     /// 400: the request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -166,6 +180,26 @@ impl ApiError {
         }
     }
 
+    /// kube-apiserver's NamespaceLifecycle refusal: no new objects in a namespace that is
+    /// being deleted. `name` is the object's name, or its generateName prefix.
+    pub fn namespace_terminating(def: &ResourceDef, name: &str, namespace: &str) -> ApiError {
+        let resource = qualified(def);
+        ApiError::Forbidden {
+            message: format!(
+                "{resource} \"{name}\" is forbidden: unable to create new content in namespace \
+                 {namespace} because it is being terminated"
+            ),
+            resource: def.plural.clone(),
+            name: name.to_owned(),
+            group: def.group.clone(),
+            causes: vec![Cause {
+                reason: "NamespaceTerminating".into(),
+                message: format!("namespace {namespace} is being terminated"),
+                field: "metadata.namespace".into(),
+            }],
+        }
+    }
+
     /// `Invalid` with one cause.
     pub fn invalid(
         def: &ResourceDef,
@@ -196,6 +230,7 @@ impl ApiError {
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Expired { .. } => StatusCode::GONE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -215,6 +250,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Unauthorized => "Unauthorized",
+            ApiError::Forbidden { .. } => "Forbidden",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Expired { .. } => "Expired",
             ApiError::TooLarge => "RequestEntityTooLarge",
@@ -243,6 +279,13 @@ impl ApiError {
                 ..
             } => Some(json!({"name": name, "group": group, "kind": resource})),
             ApiError::FieldConflict {
+                resource: kind,
+                name,
+                group,
+                causes,
+                ..
+            }
+            | ApiError::Forbidden {
                 resource: kind,
                 name,
                 group,

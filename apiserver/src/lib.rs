@@ -499,6 +499,18 @@ async fn dispatch(
             let status = subresource::bind(engine, &target, &binding).await?;
             return Ok(json(StatusCode::CREATED, &status));
         }
+        // `PUT namespaces/<name>/finalize`: the namespace controller's way to take its
+        // `spec.finalizers` off (nothing else in the body is taken).
+        Some("finalize") if engine::is_namespace(&target.def) => {
+            if method != Method::PUT {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            require_json(headers)?;
+            let namespace = engine
+                .update(&target, parse_body(&body)?, params.dry_run()?)
+                .await?;
+            return Ok(json(StatusCode::OK, &namespace));
+        }
         Some(_) => return Err(ApiError::NoRoute),
     }
     let dry_run = params.dry_run()?;
@@ -635,35 +647,49 @@ async fn dispatch(
                 ),
                 _ => None,
             };
-            let current = engine.get(&target).await?;
-            let object = match strategies {
-                Some(schema) => smp::apply(schema, &current, &patch)?,
-                None if patch_type == PatchType::Json => {
-                    let mut object = current.clone();
-                    patch::json_patch(&mut object, &patch).map_err(|e| match e {
-                        ApiError::Invalid { causes, .. } => ApiError::Invalid {
-                            kind: target.def.kind.clone(),
-                            name: target.name.clone().unwrap_or_default(),
-                            group: target.def.group.clone(),
-                            causes,
-                        },
-                        other => other,
-                    })?;
-                    object
-                }
-                None => {
-                    let mut object = current.clone();
-                    patch::merge(&mut object, &patch);
-                    object
-                }
+            // A patch that names no resourceVersion applies to whatever is current: a write
+            // that slips in between our read and our write is a conflict we retry with the
+            // patch applied afresh, as kube-apiserver's GuaranteedUpdate does (each conflict
+            // means another write succeeded; the request timeout bounds the loop) — never a
+            // lost update, and not the client's problem (`kubectl patch` does not retry).
+            let pinned = match patch_type {
+                PatchType::Json => patch.as_array().is_some_and(|ops| {
+                    ops.iter()
+                        .any(|op| op["path"] == "/metadata/resourceVersion")
+                }),
+                _ => patch.pointer("/metadata/resourceVersion").is_some(),
             };
-            // The patch applies to the version just read: a concurrent change is a
-            // conflict to retry, never a lost update.
-            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
-            let object =
-                update_recorded(engine, &target, object, Some(current), &manager(), dry_run)
-                    .await?;
-            Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
+            loop {
+                let current = engine.get(&target).await?;
+                let object = match strategies {
+                    Some(schema) => smp::apply(schema, &current, &patch)?,
+                    None if patch_type == PatchType::Json => {
+                        let mut object = current.clone();
+                        patch::json_patch(&mut object, &patch).map_err(|e| match e {
+                            ApiError::Invalid { causes, .. } => ApiError::Invalid {
+                                kind: target.def.kind.clone(),
+                                name: target.name.clone().unwrap_or_default(),
+                                group: target.def.group.clone(),
+                                causes,
+                            },
+                            other => other,
+                        })?;
+                        object
+                    }
+                    None => {
+                        let mut object = current.clone();
+                        patch::merge(&mut object, &patch);
+                        object
+                    }
+                };
+                let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+                match update_recorded(engine, &target, object, Some(current), &manager(), dry_run)
+                    .await
+                {
+                    Err(ApiError::Conflict { .. }) if !pinned => continue,
+                    result => return Ok(with_warnings(json(StatusCode::OK, &result?), &warnings)),
+                }
+            }
         }
         (Method::DELETE, true) => {
             let options = if body.is_empty() {

@@ -7,7 +7,9 @@
 
 pub mod deployment;
 pub mod events;
+pub mod garbage;
 pub mod labels;
+pub mod namespace;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduler;
@@ -85,6 +87,20 @@ pub const BUILTIN: &[Builtin] = &[
         name: "replicaset",
         add: |m, _| {
             replicaset::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "garbagecollector",
+        add: |m, _| {
+            garbage::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "namespace",
+        add: |m, _| {
+            namespace::add(m);
             Ok(())
         },
     },

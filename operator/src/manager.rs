@@ -285,6 +285,17 @@ impl Manager {
         cache
     }
 
+    /// Runs `task` alongside the caches' watches — on every replica, leader or not — until
+    /// the shutdown future it is given resolves. For controllers that keep a cache the
+    /// typed [`Manager::cache`] cannot: the garbage collector's owner graph over every kind
+    /// discovery finds, fed into a reflector store that a [`Runner`] then reconciles from.
+    pub fn add_source(
+        &mut self,
+        task: impl FnOnce(Shutdown) -> BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        self.drivers.push(Box::new(task));
+    }
+
     /// Adds a controller: `reconcile` runs under `runner`'s metrics, backoff and
     /// concurrency, with `context`, until the manager shuts down.
     pub fn add<K, Ctx, E, F, Fut>(&mut self, runner: Runner<K>, reconcile: F, context: Arc<Ctx>)

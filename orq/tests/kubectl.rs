@@ -497,6 +497,54 @@ fn exercise(bin: &str) {
         "{svc}"
     );
 
+    // Cascading deletion: the garbage collector deletes the dependent; in the foreground
+    // kubectl waits for the owner, which goes only after it.
+    k(&["create", "configmap", "owner", "--from-literal=a=1"]);
+    let uid = k(&["get", "cm", "owner", "-o", "jsonpath={.metadata.uid}"]);
+    let dependent = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dependent\n  ownerReferences:\n  \
+         - {{apiVersion: v1, kind: ConfigMap, name: owner, uid: {uid}, blockOwnerDeletion: true}}\n"
+    );
+    ok(bin, &kc, &["apply", "-f", "-"], Some(&dependent));
+    assert!(k(&["delete", "cm", "owner", "--cascade=foreground"]).contains("deleted"));
+    let (success, _, stderr) = kubectl(bin, &kc, &["get", "cm", "dependent"], None);
+    assert!(!success && stderr.contains("NotFound"), "{stderr}");
+
+    // Deleting a namespace: Terminating while content is left (here held by a finalizer),
+    // new content refused, then emptied and removed.
+    k(&["create", "namespace", "doomed"]);
+    let held = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  namespace: doomed\n  \
+                finalizers: [example.com/hold]\n";
+    ok(bin, &kc, &["apply", "-f", "-"], Some(held));
+    k(&["create", "configmap", "plain", "-n", "doomed"]);
+    k(&["delete", "namespace", "doomed", "--wait=false"]);
+    assert!(k(&["get", "ns", "doomed"]).contains("Terminating"));
+    let (success, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["create", "configmap", "late", "-n", "doomed"],
+        None,
+    );
+    assert!(
+        !success
+            && stderr.contains(
+                "configmaps \"late\" is forbidden: unable to create new content in namespace \
+                 doomed because it is being terminated"
+            ),
+        "{stderr}"
+    );
+    k(&[
+        "patch",
+        "cm",
+        "held",
+        "-n",
+        "doomed",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    k(&["wait", "--for=delete", "namespace/doomed", "--timeout=60s"]);
+
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
     let (success, _, stderr) = kubectl(bin, &kc, &["get", "cm", "demo"], None);
