@@ -1,10 +1,13 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
-//! with (`orquestra-operator`): the [`scheduler`] and the workload, endpoints, garbage
-//! collection, namespace and node lifecycle controllers. [`BUILTIN`] names them for
-//! `--controllers`, as kube-controller-manager does.
+//! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`]),
+//! the service controllers ([`endpoints`], [`endpointslice`]); garbage collection, namespace
+//! and node lifecycle to come. [`BUILTIN`] names them for `--controllers`, as
+//! kube-controller-manager does.
 
 #![deny(missing_docs)]
 
+pub mod endpoints;
+pub mod endpointslice;
 pub mod labels;
 pub mod replicaset;
 pub mod scheduler;
@@ -46,6 +49,20 @@ pub const BUILTIN: &[Builtin] = &[
         name: "replicaset",
         add: |m| {
             replicaset::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "endpoint",
+        add: |m| {
+            endpoints::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "endpointslice",
+        add: |m| {
+            endpointslice::add(m);
             Ok(())
         },
     },
