@@ -1,14 +1,15 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
 //! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`]),
-//! the service controllers ([`endpoints`], [`endpointslice`]); garbage collection, namespace
-//! and node lifecycle to come. [`BUILTIN`] names them for `--controllers`, as
-//! kube-controller-manager does.
+//! the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
+//! ([`nodeipam`]); garbage collection, namespace and node lifecycle to come. [`BUILTIN`]
+//! names them for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
 
 pub mod endpoints;
 pub mod endpointslice;
 pub mod labels;
+pub mod nodeipam;
 pub mod replicaset;
 pub mod scheduler;
 
@@ -63,6 +64,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "endpointslice",
         add: |m| {
             endpointslice::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "nodeipam",
+        add: |m| {
+            nodeipam::add(m);
             Ok(())
         },
     },
