@@ -1,11 +1,12 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
-//! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`]),
-//! the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
+//! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`],
+//! [`daemonset`]), the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
 //! ([`nodeipam`]); garbage collection, namespace and node lifecycle to come. [`BUILTIN`]
 //! names them for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
 
+pub mod daemonset;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod labels;
@@ -71,6 +72,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "nodeipam",
         add: |m| {
             nodeipam::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "daemonset",
+        add: |m| {
+            daemonset::add(m);
             Ok(())
         },
     },
