@@ -243,6 +243,9 @@ pub fn hostname(pod: &Pod, svc: &Service) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// The ports a pod resolves a Service's to: (name, port, protocol, appProtocol) each.
+type PortSet = Vec<(String, i32, String, String)>;
+
 /// The subsets of the Endpoints of `svc` over `pods` (every pod of the cache; those the
 /// Service selects are taken), in a canonical order: subsets by their ports, addresses by IP.
 pub fn subsets(svc: &Service, pods: &[Arc<Pod>]) -> Vec<Value> {
@@ -253,8 +256,7 @@ pub fn subsets(svc: &Service, pods: &[Arc<Pod>]) -> Vec<Value> {
         .unwrap_or_default();
     let publish = publish_not_ready(svc);
     // Resolved ports → (ready, not ready) addresses, keyed by IP for the order.
-    let mut groups: BTreeMap<Vec<(String, i32, String, String)>, [BTreeMap<String, Value>; 2]> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<PortSet, [BTreeMap<String, Value>; 2]> = BTreeMap::new();
     for pod in pods.iter().filter(|p| selects(svc, p) && !terminal(p)) {
         let Some(ip) = pod_ip(pod) else { continue };
         let terminating = pod.metadata.deletion_timestamp.is_some();
@@ -263,7 +265,7 @@ pub fn subsets(svc: &Service, pods: &[Arc<Pod>]) -> Vec<Value> {
         if terminating && !publish {
             continue;
         }
-        let mut resolved: Vec<(String, i32, String, String)> = ports
+        let mut resolved: PortSet = ports
             .iter()
             .filter_map(|p| {
                 Some((

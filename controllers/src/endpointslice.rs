@@ -235,6 +235,10 @@ fn labels(svc: &Service) -> BTreeMap<String, String> {
     labels
 }
 
+/// The endpoints wanted, by port set (its [`port_key`]): the ports, and the endpoints by
+/// pod name.
+type Groups = BTreeMap<String, (Vec<EndpointPort>, BTreeMap<String, Endpoint>)>;
+
 /// A slice as planned: the existing one it updates (if any), its ports and endpoints.
 struct Planned {
     existing: Option<Arc<EndpointSlice>>,
@@ -244,10 +248,7 @@ struct Planned {
 
 /// Plans the slices of one Service: which existing slices keep which endpoints, where new
 /// endpoints go, which slices are created; the existing slices left out are deleted.
-fn plan(
-    existing: Vec<Arc<EndpointSlice>>,
-    desired: BTreeMap<String, (Vec<EndpointPort>, BTreeMap<String, Endpoint>)>,
-) -> Vec<Planned> {
+fn plan(existing: Vec<Arc<EndpointSlice>>, desired: Groups) -> Vec<Planned> {
     let mut desired = desired;
     let mut planned: Vec<Planned> = Vec::new();
     let first = existing.first().cloned();
@@ -327,8 +328,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
     if ctx.waiting(&uid, &existing) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let mut desired: BTreeMap<String, (Vec<EndpointPort>, BTreeMap<String, Endpoint>)> =
-        BTreeMap::new();
+    let mut desired: Groups = BTreeMap::new();
     for pod in ctx.pods.state() {
         if let Some((e, ports)) = endpoint(&svc, &pod) {
             desired
@@ -532,9 +532,7 @@ mod tests {
         }]
     }
 
-    fn desired(
-        groups: &[(i32, usize)],
-    ) -> BTreeMap<String, (Vec<EndpointPort>, BTreeMap<String, Endpoint>)> {
+    fn desired(groups: &[(i32, usize)]) -> Groups {
         groups
             .iter()
             .map(|(p, n)| {

@@ -81,6 +81,9 @@ struct Leader {
     gauge: prometheus::IntGauge,
 }
 
+/// Where a cache's watch sends the objects it saw deleted.
+type DeletionSender<K> = futures::channel::mpsc::Sender<Arc<K>>;
+
 /// A cache of one kind, shared by every controller of the manager: one watch feeds the
 /// store that reconcilers read and the streams that trigger them.
 pub struct Cache<K: Resource + Clone + 'static>
@@ -90,7 +93,7 @@ where
     store: Store<K>,
     writer: Arc<Mutex<Option<Writer<K>>>>,
     /// The subscribers to deletions; taken by the watch when it starts.
-    deleted: Arc<Mutex<Option<Vec<futures::channel::mpsc::Sender<Arc<K>>>>>>,
+    deleted: Arc<Mutex<Option<Vec<DeletionSender<K>>>>>,
 }
 
 impl<K: Resource + Clone + 'static> Clone for Cache<K>
