@@ -421,6 +421,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Controller>) -> Result<Action, D
             source,
         });
     }
+    ctx.prune(&ds, &hash, &owned).await?;
     ctx.status(&ds, &eligible, &by_node, &hash, min_ready)
         .await?;
     Ok(Action::await_change())
@@ -473,6 +474,60 @@ impl Controller {
                 source,
             }),
         }
+    }
+
+    /// Deletes the oldest revisions beyond `revisionHistoryLimit` (default 10) that neither
+    /// the current template nor any pod uses.
+    async fn prune(
+        &self,
+        ds: &DaemonSet,
+        hash: &str,
+        owned: &[Arc<Pod>],
+    ) -> Result<(), DaemonSetError> {
+        let namespace = ds.namespace().unwrap_or_default();
+        let uid = ds.uid().unwrap_or_default();
+        let limit = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(10)
+            .max(0) as usize;
+        let live: HashSet<&str> = owned
+            .iter()
+            .filter_map(|p| p.labels().get(REVISION_HASH).map(String::as_str))
+            .chain([hash])
+            .collect();
+        let mut old: Vec<Arc<ControllerRevision>> = self
+            .revisions
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.namespace().as_deref() == Some(namespace.as_str())
+                    && r.owner_references().iter().any(|o| o.uid == uid)
+                    && !r
+                        .labels()
+                        .get(REVISION_HASH)
+                        .is_some_and(|h| live.contains(h.as_str()))
+            })
+            .collect();
+        if old.len() <= limit {
+            return Ok(());
+        }
+        old.sort_by_key(|r| r.revision);
+        let api: Api<ControllerRevision> = Api::namespaced(self.client.clone(), &namespace);
+        for r in &old[..old.len() - limit] {
+            match api.delete(&r.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(DaemonSetError::Api {
+                        action: format!("deleting controllerrevision {namespace}/{}", r.name_any()),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The pod of `ds` for `node`.

@@ -73,6 +73,25 @@ async fn patch_node(client: &Client, name: &str, patch: serde_json::Value) {
         .unwrap();
 }
 
+/// A merge patch of the DaemonSet, retried on 409: the API server answers a PATCH that
+/// races another write (the controller's status) with a Conflict instead of retrying it
+/// itself as kube-apiserver does.
+async fn patch_set(sets: &Api<DaemonSet>, patch: serde_json::Value) {
+    for _ in 0..20 {
+        match sets
+            .patch("agent", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("patching the DaemonSet: {e}"),
+        }
+    }
+    panic!("patching the DaemonSet: still conflicting after 20 tries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_pod_per_eligible_node() {
     let api = TestApi::start().await.unwrap();
@@ -223,13 +242,11 @@ async fn one_pod_per_eligible_node() {
     wait_on(&pods, &["sim-0", "sim-1", "extra-0"], "matching again").await;
 
     // A template change rolls the pods, never more than one node without a ready pod.
-    sets.patch(
-        "agent",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"template": {"metadata": {"annotations": {"v": "2"}}}}})),
+    patch_set(
+        &sets,
+        json!({"spec": {"template": {"metadata": {"annotations": {"v": "2"}}}}}),
     )
-    .await
-    .unwrap();
+    .await;
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut worst = 3;
     loop {
@@ -266,12 +283,86 @@ async fn one_pod_per_eligible_node() {
         .unwrap()
         .items
         .remove(0);
+    let labels = pod.metadata.labels.unwrap();
+    let new_hash = labels.get("controller-revision-hash").unwrap().clone();
     assert_eq!(
-        pod.metadata
-            .labels
-            .unwrap()
-            .get("pod-template-generation")
-            .map(String::as_str),
+        labels.get("pod-template-generation").map(String::as_str),
         Some("2")
     );
+
+    // revisionHistoryLimit 0: the unused old revision goes, the current one stays.
+    patch_set(&sets, json!({"spec": {"revisionHistoryLimit": 0}})).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = revisions
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|r| r.metadata.name)
+            .collect();
+        if names == vec![format!("agent-{new_hash}")] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old revisions not pruned: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // OnDelete: a template change replaces nothing until a pod is deleted.
+    patch_set(
+        &sets,
+        json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null},
+            "template": {"metadata": {"annotations": {"v": "3"}}}}}),
+    )
+    .await;
+    wait_for(&sets, "agent", Duration::from_secs(20), |s| {
+        s.status.as_ref().and_then(|s| s.observed_generation) == s.metadata.generation
+            && s.status.as_ref().and_then(|s| s.updated_number_scheduled) == Some(0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("status after an OnDelete template change: {e}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let on = wait_on(&pods, &["sim-0", "sim-1", "extra-0"], "OnDelete keeps pods").await;
+    assert!(
+        on.values().all(|h| h == &vec![new_hash.clone()]),
+        "OnDelete replaced pods by itself: {on:?}"
+    );
+    let victim = pods
+        .list(
+            &ListParams::default()
+                .fields("spec.nodeName=sim-1")
+                .labels("app=agent"),
+        )
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    pods.delete(
+        victim.metadata.name.as_deref().unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (on, total) = placement(&pods).await;
+        let replaced = on
+            .get("sim-1")
+            .is_some_and(|h| h.len() == 1 && h[0] != new_hash);
+        let others_kept = ["sim-0", "extra-0"]
+            .iter()
+            .all(|n| on.get(*n) == Some(&vec![new_hash.clone()]));
+        if replaced && others_kept && total == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "OnDelete: want only sim-1's pod replaced, have {on:?} ({total} pods)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -271,13 +271,18 @@ async fn endpoints_follow_the_pods() {
     .await;
 
     // Scaling down removes addresses.
-    sets.patch(
-        "web",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": 1}})),
-    )
-    .await
-    .unwrap();
+    // Retried on 409: the API server answers a PATCH racing another write (the
+    // controller's status) with a Conflict rather than retrying it as kube-apiserver does.
+    let scale = Patch::Merge(json!({"spec": {"replicas": 1}}));
+    let mut tries = 0;
+    while let Err(e) = sets.patch("web", &PatchParams::default(), &scale).await {
+        tries += 1;
+        assert!(
+            tries < 20 && matches!(&e, kube::Error::Api(s) if s.code == 409),
+            "scaling down: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait_running(&pods, 1).await;
     let left = pods
         .list(&ListParams::default().labels("app=web"))
