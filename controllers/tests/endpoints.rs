@@ -147,6 +147,15 @@ async fn endpoints_follow_the_pods() {
         .create(&PostParams::default(), &manual)
         .await
         .unwrap();
+    let users: Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "manual"},
+        "subsets": [{"addresses": [{"ip": "192.0.2.1"}], "ports": [{"port": 9000}]}],
+    }))
+    .unwrap();
+    let users = endpoints
+        .create(&PostParams::default(), &users)
+        .await
+        .unwrap();
 
     // Selecting nothing yet: an empty Endpoints and one empty placeholder slice.
     let items = wait_listed(&endpoints, &slices, &Listed::default(), "no pods yet").await;
@@ -298,11 +307,25 @@ async fn endpoints_follow_the_pods() {
     wait_listed(&endpoints, &slices, &want, "scaled down to one").await;
 
     // The user's Endpoints of the selector-less Service were never touched.
-    assert!(endpoints.get_opt("manual").await.unwrap().is_none());
+    assert_eq!(
+        endpoints
+            .get("manual")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        users.metadata.resource_version,
+        "the Endpoints of a Service without a selector were touched"
+    );
 
-    // Deleting the Service deletes its Endpoints and slices.
+    // Deleting the Service deletes its Endpoints and slices — but not the user's Endpoints
+    // of a deleted selector-less Service.
     services
         .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    services
+        .delete("manual", &DeleteParams::default())
         .await
         .unwrap();
     wait_gone(&endpoints, "web", Duration::from_secs(20))
@@ -321,4 +344,8 @@ async fn endpoints_follow_the_pods() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        endpoints.get_opt("manual").await.unwrap().is_some(),
+        "unmanaged Endpoints were deleted"
+    );
 }
