@@ -93,6 +93,7 @@ pub fn builtin_crds() -> Vec<Value> {
         crd::<apps::v1::Deployment>(kind(&["deploy"], ALL).status().scale()),
         crd::<apps::v1::ReplicaSet>(kind(&["rs"], ALL).status().scale()),
         crd::<apps::v1::DaemonSet>(kind(&["ds"], ALL).status()),
+        crd::<apps::v1::ControllerRevision>(kind(&[], &[])),
         crd::<rbac::v1::Role>(kind(&[], &[])),
         crd::<rbac::v1::ClusterRole>(kind(&[], &[])),
         crd::<rbac::v1::RoleBinding>(kind(&[], &[])),
@@ -274,6 +275,8 @@ fn fix_up(schema: &mut Value) {
     if description.starts_with("FieldsV1 stores a set of fields")
         || description.starts_with("RawExtension is used to hold extensions")
         || description.starts_with("JSON represents any valid JSON value")
+        // ControllerRevision.data: a RawExtension whose field description replaced the type's.
+        || description == "Data is the serialized representation of the state."
     {
         object.insert("x-kubernetes-preserve-unknown-fields".into(), json!(true));
     }

@@ -126,6 +126,7 @@ macro_rules! builtin {
 /// The built-in kinds' manifests (`crds/`, written by `orq crdgen`): file name and text.
 pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
     builtin!("apiextensions.k8s.io_customresourcedefinitions.yaml"),
+    builtin!("apps_controllerrevisions.yaml"),
     builtin!("apps_daemonsets.yaml"),
     builtin!("apps_deployments.yaml"),
     builtin!("apps_replicasets.yaml"),

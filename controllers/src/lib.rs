@@ -1,15 +1,20 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
-//! with (`orquestra-operator`): the [`scheduler`] and the workload, endpoints, garbage
-//! collection, namespace and node lifecycle controllers. [`BUILTIN`] names them for
-//! `--controllers`, as kube-controller-manager does.
+//! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`],
+//! [`daemonset`]), the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
+//! ([`nodeipam`]); garbage collection, namespace and node lifecycle to come. [`BUILTIN`]
+//! names them for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
 
+pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
+pub mod endpointslice;
 pub mod events;
 pub mod garbage;
 pub mod labels;
 pub mod namespace;
+pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod scheduler;
@@ -41,15 +46,16 @@ pub struct Settings {
     /// How long a node's Lease may go unrenewed before the node is `Ready=Unknown` and
     /// tainted unreachable (`--node-monitor-grace-period`, 40 s).
     pub node_monitor_grace_period: Duration,
-    /// The range node IPAM hands each node's `podCIDR` out of (`--cluster-cidr`).
-    pub cluster_cidr: String,
+    /// The range node IPAM hands each node's `podCIDR` out of (`--cluster-cidr`,
+    /// `--node-cidr-mask-size`).
+    pub node_ipam: nodeipam::Config,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             node_monitor_grace_period: Duration::from_secs(40),
-            cluster_cidr: "10.244.0.0/16".into(),
+            node_ipam: nodeipam::Config::default(),
         }
     }
 }
@@ -101,6 +107,34 @@ pub const BUILTIN: &[Builtin] = &[
         name: "namespace",
         add: |m, _| {
             namespace::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "endpoint",
+        add: |m, _| {
+            endpoints::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "endpointslice",
+        add: |m, _| {
+            endpointslice::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "nodeipam",
+        add: |m, s| {
+            nodeipam::add_with(m, s.node_ipam);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "daemonset",
+        add: |m, _| {
+            daemonset::add(m);
             Ok(())
         },
     },

@@ -34,6 +34,7 @@ use orquestra_operator::{Manager, Runner};
 use serde_json::json;
 
 use crate::events::{EventType, publish};
+use crate::scheduler::tolerates;
 
 /// The field manager of the controller's writes and the component of its events.
 pub const MANAGER: &str = "node-lifecycle-controller";
@@ -129,20 +130,6 @@ fn taints(node: &Node) -> Vec<Taint> {
         .as_ref()
         .and_then(|s| s.taints.clone())
         .unwrap_or_default()
-}
-
-/// Whether `toleration` tolerates `taint` (key, operator, value, effect).
-pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    let effect_ok = toleration
-        .effect
-        .as_deref()
-        .is_none_or(|e| e.is_empty() || e == taint.effect);
-    let key = toleration.key.as_deref().unwrap_or("");
-    let exists = toleration.operator.as_deref() == Some("Exists");
-    let key_ok = (key.is_empty() && exists) || key == taint.key;
-    let value_ok =
-        exists || toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
-    effect_ok && key_ok && value_ok
 }
 
 /// How long `pod` may stay on a node with `taints`: `None` forever, `Some(ZERO)` not at all,

@@ -400,14 +400,22 @@ fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Resu
         return Err("node(s) were not ready".into());
     }
     let spec = node.spec.as_ref();
-    if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
-        return Err("node(s) were unschedulable".into());
-    }
     let tolerations = pod
         .spec
         .as_ref()
         .and_then(|s| s.tolerations.clone())
         .unwrap_or_default();
+    // A cordoned node takes only pods tolerating its taint (DaemonSet pods do).
+    let cordon = Taint {
+        key: UNSCHEDULABLE.into(),
+        effect: "NoSchedule".into(),
+        ..Taint::default()
+    };
+    if spec.and_then(|s| s.unschedulable).unwrap_or(false)
+        && !tolerations.iter().any(|t| tolerates(t, &cordon))
+    {
+        return Err("node(s) were unschedulable".into());
+    }
     for taint in spec.and_then(|s| s.taints.as_ref()).into_iter().flatten() {
         if taint.effect == "PreferNoSchedule" {
             continue;
@@ -420,34 +428,8 @@ fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Resu
             ));
         }
     }
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let pod_spec = pod.spec.as_ref();
-    let selector = pod_spec
-        .and_then(|s| s.node_selector.clone())
-        .unwrap_or_default();
-    if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+    if !pod.spec.as_ref().is_some_and(|spec| placeable(spec, node)) {
         return Err("node(s) didn't match Pod's node affinity/selector".into());
-    }
-    let required = pod_spec
-        .and_then(|s| s.affinity.as_ref())
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    if let Some(required) = required {
-        let any_term = required.node_selector_terms.iter().any(|term| {
-            term.match_expressions.iter().flatten().all(|e| {
-                crate::labels::requirement(
-                    &e.operator,
-                    labels.get(&e.key),
-                    e.values.as_deref().unwrap_or_default(),
-                )
-            })
-        });
-        if !any_term {
-            return Err("node(s) didn't match Pod's node affinity/selector".into());
-        }
     }
     let allocatable = status
         .and_then(|s| s.allocatable.clone())
@@ -480,8 +462,52 @@ fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Resu
     Ok(())
 }
 
-/// Kubernetes' toleration matching.
-fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+/// The taint of a cordoned node (`spec.unschedulable`).
+pub const UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
+
+/// Whether a pod with `spec` may go to `node` by its `nodeSelector` and required node
+/// affinity: any term matching, a term matching when all its `matchExpressions` (on the
+/// node's labels) and `matchFields` (`metadata.name`, the only field kube supports) do.
+pub fn placeable(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> bool {
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    let selector = spec.node_selector.as_ref().unwrap_or(&empty);
+    if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+        return false;
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    let Some(required) = required else {
+        return true;
+    };
+    let name = node.name_any();
+    required.node_selector_terms.iter().any(|term| {
+        term.match_expressions.iter().flatten().all(|e| {
+            crate::labels::requirement(
+                &e.operator,
+                labels.get(&e.key),
+                e.values.as_deref().unwrap_or_default(),
+            )
+        }) && term.match_fields.iter().flatten().all(|f| {
+            let value = (f.key == "metadata.name").then_some(&name);
+            f.key == "metadata.name"
+                && crate::labels::requirement(
+                    &f.operator,
+                    value,
+                    f.values.as_deref().unwrap_or_default(),
+                )
+        })
+    })
+}
+
+/// Kubernetes' toleration matching: whether toleration `t` tolerates `taint`.
+pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
     if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty())
         && effect != taint.effect
     {
@@ -597,6 +623,29 @@ mod tests {
             fits(&elsewhere, &ok, &Requests::default(), None)
                 .unwrap_err()
                 .contains("selector")
+        );
+        // matchFields on metadata.name: how DaemonSet pods ask for their node.
+        let pinned = |to: &str| {
+            pod(
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}],
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchFields": [
+                        {"key": "metadata.name", "operator": "In", "values": [to]}]}]}}}}}),
+            )
+        };
+        assert_eq!(fits(&pinned("a"), &ok, &Requests::default(), None), Ok(()));
+        assert!(fits(&pinned("b"), &ok, &Requests::default(), None).is_err());
+        // A cordoned node takes pods tolerating its taint only.
+        let mut cordoned = ready_node("a");
+        cordoned["spec"] = json!({"unschedulable": true});
+        assert!(fits(&plain, &node(cordoned.clone()), &wanted, None).is_err());
+        let tolerant = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}],
+            "tolerations": [{"key": UNSCHEDULABLE, "operator": "Exists", "effect": "NoSchedule"}]}}),
+        );
+        assert_eq!(
+            fits(&tolerant, &node(cordoned), &Requests::default(), None),
+            Ok(())
         );
     }
 

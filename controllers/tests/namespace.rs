@@ -56,7 +56,7 @@ async fn a_deleted_namespace_is_emptied_then_removed() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    orquestra_controllers::add_selected(&mut manager, &selection).unwrap();
+    orquestra_controllers::add_selected(&mut manager, &selection, &Default::default()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tokio::spawn(manager.run_on(listener, std::future::pending()));
 

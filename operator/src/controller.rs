@@ -210,6 +210,33 @@ where
         Some(self)
     }
 
+    /// Also reconciles the objects `mapper` names when an object of another kind is
+    /// *deleted* (from the manager's shared `cache`; see [`crate::Cache::deletions`]):
+    /// [`Runner::watches`] and [`Runner::owns`] only see objects that still exist.
+    pub fn watches_deleted<O, I>(
+        mut self,
+        cache: &crate::Cache<O>,
+        mapper: impl Fn(Arc<O>) -> I + Send + Sync + 'static,
+    ) -> Option<Self>
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + Send + 'static,
+        I::IntoIter: Send,
+    {
+        let queue = self.queue.clone();
+        let map = move |object: Arc<O>| -> Vec<ObjectRef<K>> {
+            let items: Vec<ObjectRef<K>> = mapper(object).into_iter().collect();
+            if let Some(queue) = &queue {
+                items.iter().for_each(|item| queue.add(item.clone()));
+            }
+            items
+        };
+        self.controller = self
+            .controller
+            .watches_shared_stream(cache.deletions()?, map);
+        Some(self)
+    }
+
     /// Also reconciles an object when one of the children it controls (by a controller
     /// owner reference) changes: the children of the manager's shared `cache`.
     pub fn owns<C>(mut self, cache: &crate::Cache<C>) -> Option<Self>

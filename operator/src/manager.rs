@@ -81,6 +81,9 @@ struct Leader {
     gauge: prometheus::IntGauge,
 }
 
+/// Where a cache's watch sends the objects it saw deleted.
+type DeletionSender<K> = futures::channel::mpsc::Sender<Arc<K>>;
+
 /// A cache of one kind, shared by every controller of the manager: one watch feeds the
 /// store that reconcilers read and the streams that trigger them.
 pub struct Cache<K: Resource + Clone + 'static>
@@ -89,6 +92,8 @@ where
 {
     store: Store<K>,
     writer: Arc<Mutex<Option<Writer<K>>>>,
+    /// The subscribers to deletions; taken by the watch when it starts.
+    deleted: Arc<Mutex<Option<Vec<DeletionSender<K>>>>>,
 }
 
 impl<K: Resource + Clone + 'static> Clone for Cache<K>
@@ -99,6 +104,7 @@ where
         Cache {
             store: self.store.clone(),
             writer: Arc::clone(&self.writer),
+            deleted: Arc::clone(&self.deleted),
         }
     }
 }
@@ -129,6 +135,19 @@ where
     /// afterwards.
     pub fn subscribe(&self) -> Option<ReflectHandle<K>> {
         self.writer.lock().ok()?.as_ref()?.subscribe()
+    }
+
+    /// A stream of the objects deleted (their last state), which [`Cache::subscribe`] does
+    /// not carry: kube-runtime's shared streams only announce objects still in the store.
+    /// Objects that vanished while the watch was down are announced when it relists. Only
+    /// before [`Manager::run`]; `None` afterwards.
+    pub fn deletions(&self) -> Option<impl futures::Stream<Item = Arc<K>> + Send + 'static>
+    where
+        K: Send + Sync,
+    {
+        let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
+        self.deleted.lock().ok()?.as_mut()?.push(tx);
+        Some(rx)
     }
 }
 
@@ -238,6 +257,7 @@ impl Manager {
         let cache = Cache {
             store,
             writer: Arc::new(Mutex::new(Some(writer))),
+            deleted: Arc::new(Mutex::new(Some(Vec::new()))),
         };
         let health = Arc::new(CacheHealth {
             kind: K::kind(&Default::default()).into_owned(),
@@ -252,9 +272,53 @@ impl Manager {
                 else {
                     return;
                 };
+                let deleted = driver_cache
+                    .deleted
+                    .lock()
+                    .ok()
+                    .and_then(|mut d| d.take())
+                    .unwrap_or_default();
+                let store = driver_cache.store.clone();
+                // What the store held when a relist began: whatever the relist no longer
+                // has was deleted meanwhile.
+                let mut before_relist: Vec<Arc<K>> = Vec::new();
                 let events = watcher(api, config)
                     .default_backoff()
                     .reflect_shared(writer)
+                    .then(move |event| {
+                        let mut gone: Vec<Arc<K>> = Vec::new();
+                        match &event {
+                            Ok(watcher::Event::Delete(object)) => {
+                                gone.push(Arc::new(object.clone()));
+                            }
+                            Ok(watcher::Event::Init) => before_relist = store.state(),
+                            Ok(watcher::Event::InitDone) => {
+                                gone = std::mem::take(&mut before_relist)
+                                    .into_iter()
+                                    .filter(|o| {
+                                        let key = reflector::ObjectRef::from_obj(o.as_ref());
+                                        store.get(&key).is_none()
+                                    })
+                                    .collect();
+                            }
+                            _ => {}
+                        }
+                        // Senders are cheap to clone; a dropped subscriber only fails its send.
+                        let mut senders = if gone.is_empty() {
+                            Vec::new()
+                        } else {
+                            deleted.clone()
+                        };
+                        async move {
+                            use futures::SinkExt;
+                            for object in gone {
+                                for tx in &mut senders {
+                                    let _ = tx.send(Arc::clone(&object)).await;
+                                }
+                            }
+                            event
+                        }
+                    })
                     .for_each(|event| {
                         match event {
                             // Synced from the first complete list on. (Not through

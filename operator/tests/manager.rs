@@ -186,3 +186,46 @@ async fn shared_caches_metrics_health_and_graceful_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+/// Deleted objects reach `Cache::deletions` (which `Runner::watches_deleted` reads), with
+/// their last state; `subscribe` never announces them.
+#[tokio::test]
+async fn deletions_are_announced() {
+    use futures::StreamExt;
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut manager = Manager::new(client.clone());
+    let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
+    let mut deleted = configmaps.deletions().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "doomed"}, "data": {"k": "v"}}))
+            .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    // Deleted only once the cache has it, so that the watch sees a Delete.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while configmaps
+        .store()
+        .get(&ObjectRef::new("doomed").within("default"))
+        .is_none()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never cached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cms.delete("doomed", &Default::default()).await.unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(10), deleted.next())
+        .await
+        .expect("the deletion is announced")
+        .unwrap();
+    assert_eq!(gone.name_any(), "doomed");
+    assert_eq!(
+        gone.data
+            .as_ref()
+            .and_then(|d| d.get("k"))
+            .map(String::as_str),
+        Some("v")
+    );
+}

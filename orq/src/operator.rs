@@ -25,18 +25,26 @@ pub struct ControllerArgs {
     /// unreachable (a Go duration).
     #[arg(long, default_value = "40s", value_parser = duration)]
     pub node_monitor_grace_period: Duration,
-    /// The range each node's `podCIDR` (a /24) is allocated from.
+    /// The range each node's `podCIDR` is allocated from.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: String,
+    /// The prefix length of each node's `podCIDR`.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
 }
 
 impl ControllerArgs {
-    /// The settings the control loops take.
-    pub fn settings(&self) -> orquestra_controllers::Settings {
-        orquestra_controllers::Settings {
+    /// The settings the control loops take; an invalid CIDR is an error here, at start.
+    pub fn settings(&self) -> anyhow::Result<orquestra_controllers::Settings> {
+        let node_ipam = orquestra_controllers::nodeipam::Config::new(
+            &self.cluster_cidr,
+            self.node_cidr_mask_size,
+        )
+        .context("--cluster-cidr/--node-cidr-mask-size")?;
+        Ok(orquestra_controllers::Settings {
             node_monitor_grace_period: self.node_monitor_grace_period,
-            cluster_cidr: self.cluster_cidr.clone(),
-        }
+            node_ipam,
+        })
     }
 }
 
@@ -77,7 +85,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let added = orquestra_controllers::add_selected(
         &mut manager,
         &args.controllers.controllers,
-        &args.controllers.settings(),
+        &args.controllers.settings()?,
     )?;
     anyhow::ensure!(!added.is_empty(), "--controllers selects no control loop");
     if args.leader_elect {

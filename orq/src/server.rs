@@ -189,7 +189,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let added = orquestra_controllers::add_selected(
             &mut manager,
             &args.controllers.controllers,
-            &args.controllers.settings(),
+            &args.controllers.settings()?,
         )?;
         tracing::info!(controllers = ?added, "starting the control loops");
         // The manager's own health endpoint stays on loopback; the server's /metrics

@@ -978,3 +978,183 @@ fn images_import_without_a_registry() {
     let listed = String::from_utf8_lossy(&orq_image(&["ls"]).stdout).into_owned();
     assert!(!listed.contains("busybox"), "{listed}");
 }
+
+/// Issue 6 with real containers on one node, driven by the real kubectl: create a
+/// Deployment, scale it, change its image and undo that, expose it (the Endpoints list the
+/// ready pods' IPs), then delete its namespace and see everything go.
+#[test]
+fn deployments_with_kubectl() {
+    let host = Host::start("deploy");
+    // A second tag of the same image: a new template for `set image`.
+    let v2 = IMAGE.replace(":v1", ":v2");
+    let copied = host
+        .nsenter("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{IMAGE}"))
+        .arg(format!("docker://{v2}"))
+        .output()
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let rollout =
+        |what: &str| host.kubectl(&["-n", "shop", "rollout", "status", what, "--timeout=120s"]);
+    // Running pods of the Deployment: name → (image, IP).
+    let pods = || -> Vec<(String, String, String)> {
+        let list: Value = serde_json::from_str(
+            &host.kubectl(&["-n", "shop", "get", "pods", "-l", "app=web", "-o", "json"]),
+        )
+        .unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null() && phase(p) == "Running")
+            .map(|p| {
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    p["spec"]["containers"][0]["image"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    p["status"]["podIP"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let wait_pods = |count: usize, image: &str| -> Vec<(String, String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = pods();
+            if now.len() == count && now.iter().all(|(_, i, _)| i == image) {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "want {count} pods of {image}, have {now:?}\n{}",
+                host.server_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    host.kubectl(&["create", "namespace", "shop"]);
+    // A shell that leaves at once on SIGTERM, so rollouts do not wait out the grace period.
+    host.kubectl(&[
+        "-n",
+        "shop",
+        "create",
+        "deployment",
+        "web",
+        "--image",
+        IMAGE,
+        "--replicas=2",
+        "--port=8080",
+        "--",
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; sleep 3600 & wait",
+    ]);
+    let out = rollout("deployment/web");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    wait_pods(2, IMAGE);
+
+    host.kubectl(&["-n", "shop", "scale", "deployment/web", "--replicas=3"]);
+    rollout("deployment/web");
+    wait_pods(3, IMAGE);
+
+    host.kubectl(&[
+        "-n",
+        "shop",
+        "set",
+        "image",
+        "deployment/web",
+        &format!("busybox={v2}"),
+    ]);
+    rollout("deployment/web");
+    wait_pods(3, &v2);
+    let history = host.kubectl(&["-n", "shop", "rollout", "history", "deployment/web"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+
+    host.kubectl(&["-n", "shop", "rollout", "undo", "deployment/web"]);
+    rollout("deployment/web");
+    let running = wait_pods(3, IMAGE);
+    let revision = host.kubectl(&[
+        "-n",
+        "shop",
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    ]);
+    assert_eq!(revision, "3");
+
+    // Exposed: the Endpoints list exactly the ready pods' IPs, on the container port.
+    host.kubectl(&[
+        "-n",
+        "shop",
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    let mut want: Vec<String> = running.iter().map(|(_, _, ip)| ip.clone()).collect();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let endpoints: Value = serde_json::from_str(
+            &host
+                .kubectl_try(&["-n", "shop", "get", "endpoints", "web", "-o", "json"])
+                .unwrap_or_else(|| "{}".into()),
+        )
+        .unwrap();
+        let subset = &endpoints["subsets"][0];
+        let mut ips: Vec<String> = subset["addresses"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|a| a["ip"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ips.sort();
+        if ips == want {
+            assert_eq!(subset["ports"][0]["port"], 8080);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "endpoints {ips:?}, pods {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Deleting the namespace removes everything in it, then the namespace.
+    host.kubectl(&["delete", "namespace", "shop", "--wait=false"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while host.kubectl_try(&["get", "namespace", "shop"]).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "namespace shop still there: {}",
+            host.kubectl(&["get", "all", "-n", "shop"])
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let left = host.kubectl(&[
+        "get",
+        "pods,replicasets,deployments,services",
+        "-A",
+        "-o",
+        "name",
+    ]);
+    assert!(!left.contains("web"), "left behind: {left}");
+}
