@@ -37,7 +37,12 @@ async fn cluster(nodes: usize) -> (TestApi, Client) {
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::add_selected(
         &mut manager,
-        &["scheduler".into(), "replicaset".into(), "deployment".into()],
+        &[
+            "scheduler".into(),
+            "replicaset".into(),
+            "deployment".into(),
+            "garbagecollector".into(),
+        ],
         &Default::default(),
     )
     .unwrap();
@@ -308,6 +313,31 @@ async fn rolling_update_keeps_availability_and_rolls_back() {
         .collect();
     assert_eq!(images.len(), 10);
     assert!(images.iter().all(|i| i == "busybox:1"), "{images:?}");
+
+    // Deleting the Deployment (in the background, as kubectl does) removes every
+    // ReplicaSet and Pod through the garbage collector.
+    deployments
+        .delete("web", &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sets = sets_of(&client, "web").await.len();
+        let left = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+            .len();
+        if sets == 0 && left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sets} ReplicaSets and {left} pods left after deleting the Deployment"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
