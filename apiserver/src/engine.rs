@@ -41,6 +41,9 @@ pub struct Engine {
     /// The bearer token presented to node agents when proxying to them (`pods/log`).
     pub kubelet_token: Arc<std::sync::OnceLock<String>>,
     node_client: Arc<std::sync::OnceLock<reqwest::Client>>,
+    /// Namespaces this engine marked for deletion, until they are gone or made again: a
+    /// create right after the delete is refused even before the watch cache shows it.
+    terminating: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -115,6 +118,7 @@ impl Engine {
             default_toleration_seconds: crate::admission::DEFAULT_TOLERATION_SECONDS,
             kubelet_token: Arc::default(),
             node_client: Arc::default(),
+            terminating: Arc::default(),
         }
     }
 
@@ -192,6 +196,11 @@ impl Engine {
         // (the namespace may have been created a moment ago). A deletion the cache has not
         // seen yet may let a create through, as in Kubernetes: the namespace controller
         // deletes until nothing is left.
+        let marked_here = self
+            .terminating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(ns);
         let terminating = match self.cache.get(&key) {
             // Creates are hot: decode the namespace only when its JSON may be marked.
             Some(entry) => {
@@ -207,7 +216,7 @@ impl Engine {
                 None => return Err(ApiError::not_found(&namespaces, ns)),
             },
         };
-        if terminating {
+        if terminating || marked_here {
             return Err(ApiError::namespace_terminating(def, name, ns));
         }
         Ok(())
@@ -319,6 +328,13 @@ impl Engine {
         }
         let name = meta_str(&object, "name").unwrap_or_default().to_owned();
         let key = def.key(ns, &name);
+        if is_namespace(def) && !dry_run {
+            // A namespace made again under an old name starts Active.
+            self.terminating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+        }
         if crate::service::is_service(def) && !dry_run {
             crate::service::admit_create(self, &mut object).await?;
         }
@@ -566,6 +582,15 @@ impl Engine {
                     .await
                 {
                     Err(ApiError::Conflict { .. }) => continue,
+                    Ok(marked) => {
+                        if terminating && !dry_run {
+                            self.terminating
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name.clone());
+                        }
+                        return Ok(marked);
+                    }
                     other => return other,
                 }
             }

@@ -56,12 +56,69 @@ pub struct Scheduler {
     client: Client,
     pods: Store<Pod>,
     nodes: Store<Node>,
-    /// Pod UID → (node, requests, when): bound by us, maybe not yet seen bound in the cache.
-    assumed: Mutex<HashMap<String, (String, Requests, Instant)>>,
+    /// Pod UID → (node, requests, owner, when): bound by us, maybe not yet seen bound in
+    /// the cache.
+    assumed: Mutex<HashMap<String, Assumed>>,
     metrics: Metrics,
     /// One scheduling cycle at a time (as kube-scheduler): a decision sees every binding
-    /// made before it.
-    cycle: tokio::sync::Mutex<()>,
+    /// decided before it — through the snapshot, which each decision updates.
+    cycle: tokio::sync::Mutex<Option<Snapshot>>,
+    /// Set when a node changes: the next cycle takes a new snapshot.
+    nodes_changed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A pod the scheduler decided on: its node, requests and owner, and when.
+type Assumed = (String, Requests, Option<String>, Instant);
+
+/// How long a snapshot of the nodes and their usage serves before it is taken again. Within
+/// it, the scheduler's own decisions are added as they are made; others' changes (a pod
+/// deleted, a node added) are seen at the next snapshot.
+const SNAPSHOT_TTL: Duration = Duration::from_millis(200);
+
+/// What the cluster looked like at the start of a stretch of cycles: each node parsed once,
+/// and what is placed on it (bound pods plus assumed ones).
+#[derive(Debug)]
+struct Snapshot {
+    taken: Instant,
+    nodes: Vec<NodeInfo>,
+    usage: HashMap<String, Usage>,
+    pending: usize,
+}
+
+/// A node as the filters read it, its quantities parsed once per snapshot.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    node: Arc<Node>,
+    name: String,
+    ready: bool,
+    cpu: Option<i64>,
+    memory: Option<i64>,
+    pods: Option<i64>,
+}
+
+impl NodeInfo {
+    /// Parses `node` for the filters and scores.
+    pub fn new(node: Arc<Node>) -> NodeInfo {
+        let status = node.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        let allocatable = status.and_then(|s| s.allocatable.as_ref());
+        let alloc = |name: &str, parse: fn(&str) -> Option<i64>| {
+            allocatable
+                .and_then(|a| a.get(name))
+                .and_then(|q| parse(&q.0))
+        };
+        NodeInfo {
+            name: node.name_any(),
+            ready,
+            cpu: alloc("cpu", quantity::millicores),
+            memory: alloc("memory", quantity::bytes),
+            pods: alloc("pods", |q| q.parse().ok()),
+            node,
+        }
+    }
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -105,13 +162,16 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
         nodes: nodes.store(),
         assumed: Mutex::default(),
         metrics,
-        cycle: tokio::sync::Mutex::new(()),
+        cycle: tokio::sync::Mutex::new(None),
+        nodes_changed: Arc::default(),
     });
+    let nodes_changed = Arc::clone(&context.nodes_changed);
     let pending = pods.store();
     let runner = Runner::for_cache("scheduler", &pods)
         .and_then(|r| {
             // Any node change may make room: look at every pending pod again.
             r.watches(&nodes, move |_node: Arc<Node>| {
+                nodes_changed.store(true, std::sync::atomic::Ordering::SeqCst);
                 pending
                     .state()
                     .into_iter()
@@ -201,6 +261,18 @@ struct Usage {
     owners: HashMap<String, i64>,
 }
 
+impl Usage {
+    fn add(&mut self, r: &Requests, owner: Option<String>) {
+        self.cpu += r.cpu;
+        self.memory += r.memory;
+        self.pods += 1;
+        self.ports.extend(r.ports.iter().cloned());
+        if let Some(owner) = owner {
+            *self.owners.entry(owner).or_default() += 1;
+        }
+    }
+}
+
 fn controller_uid(pod: &Pod) -> Option<String> {
     pod.metadata
         .owner_references
@@ -212,8 +284,6 @@ fn controller_uid(pod: &Pod) -> Option<String> {
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, SchedulerError> {
     let uid = pod.uid().unwrap_or_default();
-    let pending_now = ctx.pods.state().iter().filter(|p| is_pending(p)).count();
-    ctx.metrics.pending.set(pending_now as i64);
     if !is_pending(&pod) {
         ctx.assumed
             .lock()
@@ -227,61 +297,105 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
         .unwrap_or_else(|e| e.into_inner())
         .contains_key(&uid)
     {
-        // Bound a moment ago; the cache has not caught up.
+        // Decided a moment ago; the cache has not caught up.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let _cycle = ctx.cycle.lock().await;
+    let profile = "default-scheduler";
     let begun = Instant::now();
     let wanted = requests(&pod);
-    let usage = ctx.usage();
-    let nodes = ctx.nodes.state();
-    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let owner = controller_uid(&pod);
-    let mut best: Option<(i64, String)> = None;
-    for node in &nodes {
-        let name = node.name_any();
-        let used = usage.get(&name);
-        match fits(&pod, node, &wanted, used) {
-            Err(reason) => *reasons.entry(reason).or_default() += 1,
-            Ok(()) => {
-                let score = score(node, &wanted, used, owner.as_deref());
-                let better = match &best {
-                    None => true,
-                    Some((s, n)) => score > *s || (score == *s && name < *n),
-                };
-                if better {
-                    best = Some((score, name));
+    // The scheduling cycle: decide against the snapshot and assume the pod there. The
+    // binding runs after the lock is released, so cycles do not wait for the API.
+    let mut cycle = ctx.cycle.lock().await;
+    let nodes_changed = ctx
+        .nodes_changed
+        .swap(false, std::sync::atomic::Ordering::SeqCst);
+    let mut fresh = !nodes_changed
+        && cycle
+            .as_ref()
+            .is_some_and(|s| s.taken.elapsed() < SNAPSHOT_TTL);
+    let decision = loop {
+        if !fresh {
+            *cycle = Some(ctx.snapshot());
+        }
+        let Some(snapshot) = cycle.as_mut() else {
+            unreachable!("the snapshot was just taken");
+        };
+        ctx.metrics.pending.set(snapshot.pending as i64);
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut best: Option<(i64, &NodeInfo)> = None;
+        for node in &snapshot.nodes {
+            let used = snapshot.usage.get(&node.name);
+            match fits(&pod, node, &wanted, used) {
+                Err(reason) => *reasons.entry(reason).or_default() += 1,
+                Ok(()) => {
+                    let score = score(node, &wanted, used, owner.as_deref());
+                    let better = match &best {
+                        None => true,
+                        Some((s, n)) => score > *s || (score == *s && node.name < n.name),
+                    };
+                    if better {
+                        best = Some((score, node));
+                    }
                 }
             }
         }
-    }
-    let profile = "default-scheduler";
-    let Some((_, node)) = best else {
-        let summary = reasons
-            .iter()
-            .map(|(reason, count)| format!("{count} {reason}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let message = format!(
-            "0/{} nodes are available: {}.",
-            nodes.len(),
-            if summary.is_empty() {
-                "no nodes registered".to_owned()
-            } else {
-                summary
+        let placed = best.map(|(_, n)| n.name.clone());
+        if placed.is_none() && fresh {
+            // Nowhere, by a snapshot that may be stale (a pod since deleted, a node since
+            // added): look again at the cluster as it is now before giving up.
+            fresh = false;
+            continue;
+        }
+        break match placed {
+            Some(node) => {
+                snapshot
+                    .usage
+                    .entry(node.clone())
+                    .or_default()
+                    .add(&wanted, owner.clone());
+                snapshot.pending = snapshot.pending.saturating_sub(1);
+                ctx.assumed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(uid.clone(), (node.clone(), wanted, owner, Instant::now()));
+                Ok(node)
             }
-        );
-        ctx.failed_scheduling(&pod, &message).await;
-        ctx.metrics
-            .attempts
-            .with_label_values(&["unschedulable", profile])
-            .inc();
-        ctx.metrics
-            .duration
-            .with_label_values(&["unschedulable", profile])
-            .observe(begun.elapsed().as_secs_f64());
-        return Ok(Action::requeue(Duration::from_secs(30)));
+            None => {
+                let summary = reasons
+                    .iter()
+                    .map(|(reason, count)| format!("{count} {reason}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(format!(
+                    "0/{} nodes are available: {}.",
+                    snapshot.nodes.len(),
+                    if summary.is_empty() {
+                        "no nodes registered".to_owned()
+                    } else {
+                        summary
+                    }
+                ))
+            }
+        };
     };
+    drop(cycle);
+    let node = match decision {
+        Ok(node) => node,
+        Err(message) => {
+            ctx.failed_scheduling(&pod, &message).await;
+            ctx.metrics
+                .attempts
+                .with_label_values(&["unschedulable", profile])
+                .inc();
+            ctx.metrics
+                .duration
+                .with_label_values(&["unschedulable", profile])
+                .observe(begun.elapsed().as_secs_f64());
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
+    // The binding cycle.
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
     let binding = json!({
         "apiVersion": "v1", "kind": "Binding",
@@ -293,10 +407,6 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
         .await;
     match bound {
         Ok(_) => {
-            ctx.assumed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(uid, (node, wanted, Instant::now()));
             ctx.metrics
                 .attempts
                 .with_label_values(&["scheduled", profile])
@@ -307,39 +417,41 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
                 .observe(begun.elapsed().as_secs_f64());
             Ok(Action::await_change())
         }
-        // Bound meanwhile (by someone else) or gone: nothing to do.
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Action::await_change()),
-        Err(source) => {
-            ctx.metrics
-                .attempts
-                .with_label_values(&["error", profile])
-                .inc();
-            Err(SchedulerError::Bind {
-                pod: pod.name_any(),
-                node,
-                source,
-            })
+        Err(error) => {
+            // Not placed after all: forget the assumption, and take the next snapshot
+            // afresh so the capacity it held is free again.
+            ctx.forget(&uid).await;
+            match error {
+                // Bound meanwhile (by someone else) or gone: nothing to do.
+                kube::Error::Api(s) if s.code == 409 || s.code == 404 => Ok(Action::await_change()),
+                source => {
+                    ctx.metrics
+                        .attempts
+                        .with_label_values(&["error", profile])
+                        .inc();
+                    Err(SchedulerError::Bind {
+                        pod: pod.name_any(),
+                        node,
+                        source,
+                    })
+                }
+            }
         }
     }
 }
 
 impl Scheduler {
-    /// What is placed on each node: bound pods from the cache, plus assumed ones.
-    fn usage(&self) -> HashMap<String, Usage> {
+    /// Takes a snapshot: the nodes, and what is placed on each — bound pods from the cache
+    /// plus the assumed ones it does not show yet.
+    fn snapshot(&self) -> Snapshot {
         let mut usage: HashMap<String, Usage> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
-        let mut add = |node: &str, r: &Requests, owner: Option<String>| {
-            let u = usage.entry(node.to_owned()).or_default();
-            u.cpu += r.cpu;
-            u.memory += r.memory;
-            u.pods += 1;
-            u.ports.extend(r.ports.iter().cloned());
-            if let Some(owner) = owner {
-                *u.owners.entry(owner).or_default() += 1;
+        let mut pending: usize = 0;
+        for pod in &self.pods.state() {
+            if is_pending(pod) {
+                pending += 1;
+                continue;
             }
-        };
-        let pods = self.pods.state();
-        for pod in &pods {
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
             let terminal = matches!(
                 pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -348,23 +460,38 @@ impl Scheduler {
             if let Some(node) = node.filter(|n| !n.is_empty())
                 && !terminal
             {
-                add(node, &requests(pod), controller_uid(pod));
+                usage
+                    .entry(node.to_owned())
+                    .or_default()
+                    .add(&requests(pod), controller_uid(pod));
                 seen.insert(pod.uid().unwrap_or_default());
             }
         }
-        let owners: HashMap<String, Option<String>> = pods
-            .iter()
-            .map(|p| (p.uid().unwrap_or_default(), controller_uid(p)))
-            .collect();
         let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
         // Forget assumptions the cache has confirmed, or that are too old to matter.
-        assumed.retain(|uid, (_, _, at)| {
+        assumed.retain(|uid, (_, _, _, at)| {
             !seen.contains(uid) && at.elapsed() < Duration::from_secs(60)
         });
-        for (uid, (node, r, _)) in assumed.iter() {
-            add(node, r, owners.get(uid).cloned().flatten());
+        for (node, r, owner, _) in assumed.values() {
+            usage.entry(node.clone()).or_default().add(r, owner.clone());
+            pending = pending.saturating_sub(1);
         }
-        usage
+        let nodes = self.nodes.state().into_iter().map(NodeInfo::new).collect();
+        Snapshot {
+            taken: Instant::now(),
+            nodes,
+            usage,
+            pending,
+        }
+    }
+
+    /// Drops the assumption about pod `uid` and the snapshot that counted it.
+    async fn forget(&self, uid: &str) {
+        self.assumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+        *self.cycle.lock().await = None;
     }
 
     async fn failed_scheduling(&self, pod: &Pod, message: &str) {
@@ -390,20 +517,16 @@ impl Scheduler {
 }
 
 /// Whether `pod` may go to `node`; the reason (kube-scheduler's wording) if not.
-fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Result<(), String> {
-    let status = node.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-    if !ready {
+fn fits(pod: &Pod, info: &NodeInfo, wanted: &Requests, used: Option<&Usage>) -> Result<(), String> {
+    if !info.ready {
         return Err("node(s) were not ready".into());
     }
+    let node = info.node.as_ref();
     let spec = node.spec.as_ref();
     let tolerations = pod
         .spec
         .as_ref()
-        .and_then(|s| s.tolerations.clone())
+        .and_then(|s| s.tolerations.as_deref())
         .unwrap_or_default();
     // A cordoned node takes only pods tolerating its taint (DaemonSet pods do).
     let cordon = Taint {
@@ -431,26 +554,20 @@ fn fits(pod: &Pod, node: &Node, wanted: &Requests, used: Option<&Usage>) -> Resu
     if !pod.spec.as_ref().is_some_and(|spec| placeable(spec, node)) {
         return Err("node(s) didn't match Pod's node affinity/selector".into());
     }
-    let allocatable = status
-        .and_then(|s| s.allocatable.clone())
-        .unwrap_or_default();
-    let alloc = |name: &str, parse: fn(&str) -> Option<i64>| {
-        allocatable.get(name).and_then(|q| parse(&q.0))
-    };
     let default = Usage::default();
     let used = used.unwrap_or(&default);
-    if let Some(pods) = alloc("pods", |q| q.parse().ok())
+    if let Some(pods) = info.pods
         && used.pods + 1 > pods
     {
         return Err("Too many pods".into());
     }
-    if let Some(cpu) = alloc("cpu", quantity::millicores)
+    if let Some(cpu) = info.cpu
         && wanted.cpu > 0
         && used.cpu + wanted.cpu > cpu
     {
         return Err("Insufficient cpu".into());
     }
-    if let Some(memory) = alloc("memory", quantity::bytes)
+    if let Some(memory) = info.memory
         && wanted.memory > 0
         && used.memory + wanted.memory > memory
     {
@@ -527,22 +644,17 @@ pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
 
 /// Higher is better: spreading a controller's pods first (each pod of the same owner
 /// already on the node costs 100), then the least allocated node (0–100), then fewer pods.
-fn score(node: &Node, wanted: &Requests, used: Option<&Usage>, owner: Option<&str>) -> i64 {
+fn score(node: &NodeInfo, wanted: &Requests, used: Option<&Usage>, owner: Option<&str>) -> i64 {
     let default = Usage::default();
     let used = used.unwrap_or(&default);
-    let allocatable = node
-        .status
-        .as_ref()
-        .and_then(|s| s.allocatable.clone())
-        .unwrap_or_default();
-    let free = |name: &str, parse: fn(&str) -> Option<i64>, used: i64| -> i64 {
-        match allocatable.get(name).and_then(|q| parse(&q.0)) {
+    let free = |total: Option<i64>, used: i64| -> i64 {
+        match total {
             Some(total) if total > 0 => ((total - used).max(0) * 100) / total,
             _ => 100,
         }
     };
-    let least_allocated = (free("cpu", quantity::millicores, used.cpu + wanted.cpu)
-        + free("memory", quantity::bytes, used.memory + wanted.memory))
+    let least_allocated = (free(node.cpu, used.cpu + wanted.cpu)
+        + free(node.memory, used.memory + wanted.memory))
         / 2;
     let same_owner = owner.and_then(|o| used.owners.get(o)).copied().unwrap_or(0);
     -same_owner * 100_000 + least_allocated * 1_000 - used.pods
@@ -552,8 +664,8 @@ fn score(node: &Node, wanted: &Requests, used: Option<&Usage>, owner: Option<&st
 mod tests {
     use super::*;
 
-    fn node(json: serde_json::Value) -> Node {
-        serde_json::from_value(json).unwrap()
+    fn node(json: serde_json::Value) -> NodeInfo {
+        NodeInfo::new(Arc::new(serde_json::from_value(json).unwrap()))
     }
 
     fn ready_node(name: &str) -> serde_json::Value {

@@ -28,12 +28,15 @@ fn serves_health_and_metrics_on_the_embedded_store_and_stops_on_sigterm() {
         metrics.contains("orquestra_store_db_size_bytes"),
         "{metrics}"
     );
-    let (status, _) = server.get("/api/v1/namespaces/default/configmaps").unwrap();
-    assert_eq!(status, 200);
+    // A request no control loop makes (they list and watch every kind): counted once.
+    let (status, _) = server
+        .get("/api/v1/namespaces/default/configmaps/not-there")
+        .unwrap();
+    assert_eq!(status, 404);
     let (_, metrics) = server.get("/metrics").unwrap();
     assert!(
         metrics
-            .contains(r#"apiserver_request_total{code="200",resource="configmaps",verb="LIST"} 1"#),
+            .contains(r#"apiserver_request_total{code="404",resource="configmaps",verb="GET"} 1"#),
         "{metrics}"
     );
     assert!(
