@@ -116,8 +116,9 @@ pub fn add(manager: &mut Manager) {
             })
         })
         .and_then(|r| {
-            // A pod's readiness or departure is progress for its ReplicaSet's Deployment.
-            r.watches(&pods, move |pod: Arc<Pod>| {
+            // A pod's readiness is progress for its ReplicaSet's Deployment; its departure
+            // too (Recreate waits for the last old pod to be gone).
+            let deployment_of = move |pod: Arc<Pod>| {
                 let rs = controller_ref(pod.as_ref())
                     .filter(|o| o.kind == "ReplicaSet")
                     .and_then(|o| owners.get(&ObjectRef::new(&o.name).within(&pod.namespace()?)));
@@ -127,7 +128,9 @@ pub fn add(manager: &mut Manager) {
                     (owner.kind == "Deployment")
                         .then(|| ObjectRef::new(&owner.name).within(&namespace))
                 })
-            })
+            };
+            r.watches(&pods, deployment_of.clone())?
+                .watches_deleted(&pods, deployment_of)
         })
         .expect("the caches were just created, before run");
     manager.add(runner, reconcile, context);

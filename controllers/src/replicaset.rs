@@ -73,6 +73,17 @@ pub fn add(manager: &mut Manager) {
     let runner = Runner::for_cache("replicaset", &sets)
         .and_then(|r| r.owns(&pods))
         .and_then(|r| {
+            // A pod that is gone is news for its owner (kube-runtime's own streams only
+            // carry objects that still exist).
+            r.watches_deleted(&pods, |pod: Arc<Pod>| {
+                let owner = pod
+                    .owner_references()
+                    .iter()
+                    .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")?;
+                Some(ObjectRef::new(&owner.name).within(&pod.namespace()?))
+            })
+        })
+        .and_then(|r| {
             // An orphan wakes the ReplicaSets whose selector matches it, to adopt it.
             r.watches(&pods, move |pod: Arc<Pod>| {
                 let orphan = !pod

@@ -65,6 +65,19 @@ pub struct Scheduler {
     cycle: tokio::sync::Mutex<Option<Snapshot>>,
     /// Set when a node changes: the next cycle takes a new snapshot.
     nodes_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the next cycle starts looking among the nodes.
+    next_start: std::sync::atomic::AtomicUsize,
+}
+
+/// How many feasible nodes a cycle looks for before it scores them: all of up to 100 nodes,
+/// then kube-scheduler's adaptive share (50 % less 1 % per 125 nodes, at least 5 %, at
+/// least 100 nodes).
+fn feasible_enough(nodes: usize) -> usize {
+    if nodes <= 100 {
+        return nodes;
+    }
+    let percent = 50usize.saturating_sub(nodes / 125).max(5);
+    (nodes * percent / 100).max(100)
 }
 
 /// A pod the scheduler decided on: its node, requests and owner, and when.
@@ -164,10 +177,13 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
         metrics,
         cycle: tokio::sync::Mutex::new(None),
         nodes_changed: Arc::default(),
+        next_start: Default::default(),
     });
     let nodes_changed = Arc::clone(&context.nodes_changed);
     let pending = pods.store();
+    // Cycles run one at a time; 64 reconciles in flight keep that many bindings going.
     let runner = Runner::for_cache("scheduler", &pods)
+        .map(|r| r.concurrency(64))
         .and_then(|r| {
             // Any node change may make room: look at every pending pod again.
             r.watches(&nodes, move |_node: Arc<Node>| {
@@ -324,11 +340,24 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
         ctx.metrics.pending.set(snapshot.pending as i64);
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut best: Option<(i64, &NodeInfo)> = None;
-        for node in &snapshot.nodes {
+        // As kube-scheduler: in a large cluster, stop looking once enough feasible nodes are
+        // found, starting where the last cycle stopped so every node gets its turn.
+        let count = snapshot.nodes.len();
+        let enough = feasible_enough(count);
+        let start = ctx.next_start.load(std::sync::atomic::Ordering::Relaxed) % count.max(1);
+        let mut feasible = 0;
+        let mut examined = 0;
+        for i in 0..count {
+            if feasible >= enough {
+                break;
+            }
+            examined += 1;
+            let node = &snapshot.nodes[(start + i) % count];
             let used = snapshot.usage.get(&node.name);
             match fits(&pod, node, &wanted, used) {
                 Err(reason) => *reasons.entry(reason).or_default() += 1,
                 Ok(()) => {
+                    feasible += 1;
                     let score = score(node, &wanted, used, owner.as_deref());
                     let better = match &best {
                         None => true,
@@ -340,6 +369,10 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
                 }
             }
         }
+        ctx.next_start.store(
+            (start + examined) % count.max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let placed = best.map(|(_, n)| n.name.clone());
         if placed.is_none() && fresh {
             // Nowhere, by a snapshot that may be stale (a pod since deleted, a node since
@@ -759,6 +792,15 @@ mod tests {
             fits(&tolerant, &node(cordoned), &Requests::default(), None),
             Ok(())
         );
+    }
+
+    #[test]
+    fn large_clusters_are_sampled_as_kube_scheduler_does() {
+        assert_eq!(feasible_enough(3), 3);
+        assert_eq!(feasible_enough(100), 100);
+        assert_eq!(feasible_enough(1_000), 420);
+        assert_eq!(feasible_enough(5_000), 500);
+        assert_eq!(feasible_enough(100_000), 5_000);
     }
 
     #[test]

@@ -319,14 +319,18 @@ pub async fn run(
     Ok(())
 }
 
-/// The Node's `spec.podCIDR`, if node IPAM gave it one.
+/// The Node's `spec.podCIDR`, if node IPAM gives it one. A node registered a moment ago
+/// usually has none yet: wait up to 3 s for the allocation (node IPAM answers within
+/// milliseconds when it runs) before falling back to the default range.
 async fn node_pod_cidr(client: &Client, name: &str) -> Option<String> {
     let nodes: Api<Node> = Api::all(client.clone());
-    for _ in 0..20 {
-        match nodes.get_opt(name).await {
-            Ok(Some(node)) => return node.spec.and_then(|s| s.pod_cidr),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+    for _ in 0..30 {
+        if let Ok(Some(node)) = nodes.get_opt(name).await
+            && let Some(cidr) = node.spec.and_then(|s| s.pod_cidr)
+        {
+            return Some(cidr);
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
 }

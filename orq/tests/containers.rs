@@ -372,7 +372,12 @@ fn pods_run_fail_restart_and_go() {
         phase(p) == "Running" && p["status"]["containerStatuses"][0]["ready"] == true
     });
     let ip = web["status"]["podIP"].as_str().unwrap().to_owned();
-    assert!(ip.starts_with("10.88."), "{ip}");
+    // From the /24 node IPAM gave the node.
+    let cidr = host.kubectl(&["get", "node", "n1", "-o", "jsonpath={.spec.podCIDR}"]);
+    assert!(cidr.ends_with("/24"), "podCIDR {cidr:?}");
+    let network = cidr.split('/').next().unwrap();
+    let prefix = &network[..network.rfind('.').unwrap() + 1];
+    assert!(ip.starts_with(prefix), "{ip} not in {cidr}");
     let body = host
         .curl(&format!("http://{ip}:8080/"))
         .expect("HTTP on the pod IP");
