@@ -31,6 +31,7 @@ use kube::{Client, Resource, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 use serde_json::{Value, json};
 
+use crate::objects::ready;
 use crate::scheduler::{UNSCHEDULABLE, placeable, tolerates};
 
 /// The field manager of the controller's writes.
@@ -236,10 +237,6 @@ fn template_hash(ds: &DaemonSet) -> String {
 fn active(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Failed")
-}
-
-fn ready(pod: &Pod) -> bool {
-    crate::endpoints::pod_ready(pod)
 }
 
 /// Ready for at least `min_ready` seconds.

@@ -36,6 +36,7 @@ use serde_json::json;
 
 use crate::events::{EventType, publish};
 use crate::labels::matches;
+use crate::objects::{controller_ref, controller_uid};
 
 /// The field manager of the controller's writes and the component of its events.
 pub const MANAGER: &str = "deployment-controller";
@@ -134,22 +135,6 @@ pub fn add(manager: &mut Manager) {
         })
         .expect("the caches were just created, before run");
     manager.add(runner, reconcile, context);
-}
-
-fn controller_ref<K: Resource>(
-    object: &K,
-) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
-    object
-        .meta()
-        .owner_references
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .find(|o| o.controller == Some(true))
-}
-
-fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
-    controller_ref(object).map(|o| o.uid.as_str())
 }
 
 /// The pod-template-hash of `template`: FNV-1a over its JSON and the collision count,

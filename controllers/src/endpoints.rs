@@ -192,13 +192,7 @@ pub fn resolve_port(pod: &Pod, port: &ServicePort) -> Option<i32> {
     }
 }
 
-/// Whether the pod's `Ready` condition is `True`.
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
+pub use crate::objects::ready as pod_ready;
 
 /// The pod's IP, if it has one yet.
 pub fn pod_ip(pod: &Pod) -> Option<&str> {

@@ -16,6 +16,7 @@ pub mod labels;
 pub mod namespace;
 pub mod nodeipam;
 pub mod nodelifecycle;
+pub mod objects;
 pub mod replicaset;
 pub mod scheduler;
 

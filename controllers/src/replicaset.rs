@@ -20,6 +20,7 @@ use kube::{Client, Resource, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 
 use crate::labels::matches;
+use crate::objects::ready;
 use serde_json::json;
 
 /// The field manager of the controller's writes.
@@ -116,13 +117,6 @@ fn active(pod: &Pod) -> bool {
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         )
-}
-
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Lower is deleted first: unscheduled, then not running, then not ready; newest first.

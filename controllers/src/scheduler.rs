@@ -290,12 +290,7 @@ impl Usage {
 }
 
 fn controller_uid(pod: &Pod) -> Option<String> {
-    pod.metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true))
-        .map(|o| o.uid.clone())
+    crate::objects::controller_uid(pod).map(str::to_owned)
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, SchedulerError> {
@@ -528,24 +523,15 @@ impl Scheduler {
     }
 
     async fn failed_scheduling(&self, pod: &Pod, message: &str) {
-        let namespace = pod.namespace().unwrap_or_default();
-        let api: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.client.clone(), &namespace);
-        let now = jiff::Timestamp::now()
-            .strftime("%Y-%m-%dT%H:%M:%SZ")
-            .to_string();
-        let event = json!({
-            "metadata": {"name": format!("{}.{:x}", pod.name_any(), jiff::Timestamp::now().as_nanosecond()), "namespace": namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "namespace": namespace, "uid": pod.uid()},
-            "reason": "FailedScheduling", "message": message, "type": "Warning",
-            "source": {"component": "default-scheduler"}, "reportingComponent": "default-scheduler",
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        });
-        if let Ok(event) = serde_json::from_value(event)
-            && let Err(e) = api.create(&PostParams::default(), &event).await
-        {
-            tracing::debug!(error = %e, "publishing FailedScheduling failed");
-        }
+        crate::events::publish(
+            &self.client,
+            "default-scheduler",
+            pod,
+            crate::events::EventType::Warning,
+            "FailedScheduling",
+            message,
+        )
+        .await;
     }
 }
 
