@@ -67,6 +67,26 @@ pub struct Scheduler {
     nodes_changed: Arc<std::sync::atomic::AtomicBool>,
     /// Where the next cycle starts looking among the nodes.
     next_start: std::sync::atomic::AtomicUsize,
+    /// Pod UID → what a placed pod takes and its owner, parsed once rather than at every
+    /// snapshot (a pod's requests do not change once it is created).
+    placed: Mutex<Placements>,
+}
+
+/// The placed pods' requests, as of the last snapshot.
+#[derive(Debug, Default)]
+struct Placements {
+    /// Counts snapshots; a pod whose `seen` is behind is gone from the cache.
+    epoch: u64,
+    pods: HashMap<String, Placed>,
+}
+
+/// What a placed pod takes from its node, its controller's UID, and the snapshot that last
+/// saw it.
+#[derive(Debug)]
+struct Placed {
+    wanted: Requests,
+    owner: Option<String>,
+    seen: u64,
 }
 
 /// How many feasible nodes a cycle looks for before it scores them: all of up to 100 nodes,
@@ -86,7 +106,7 @@ type Assumed = (String, Requests, Option<String>, Instant);
 /// How long a snapshot of the nodes and their usage serves before it is taken again. Within
 /// it, the scheduler's own decisions are added as they are made; others' changes (a pod
 /// deleted, a node added) are seen at the next snapshot.
-const SNAPSHOT_TTL: Duration = Duration::from_millis(200);
+const SNAPSHOT_TTL: Duration = Duration::from_millis(500);
 
 /// What the cluster looked like at the start of a stretch of cycles: each node parsed once,
 /// and what is placed on it (bound pods plus assumed ones).
@@ -94,7 +114,9 @@ const SNAPSHOT_TTL: Duration = Duration::from_millis(200);
 struct Snapshot {
     taken: Instant,
     nodes: Vec<NodeInfo>,
-    usage: HashMap<String, Usage>,
+    /// What is placed on each node, by its index in `nodes`: a cycle looks at hundreds of
+    /// nodes, so no hashing of names there.
+    usage: Vec<Usage>,
     pending: usize,
 }
 
@@ -178,6 +200,7 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
         cycle: tokio::sync::Mutex::new(None),
         nodes_changed: Arc::default(),
         next_start: Default::default(),
+        placed: Mutex::default(),
     });
     let nodes_changed = Arc::clone(&context.nodes_changed);
     let pending = pods.store();
@@ -278,13 +301,18 @@ struct Usage {
 }
 
 impl Usage {
-    fn add(&mut self, r: &Requests, owner: Option<String>) {
+    fn add(&mut self, r: &Requests, owner: Option<&str>) {
         self.cpu += r.cpu;
         self.memory += r.memory;
         self.pods += 1;
         self.ports.extend(r.ports.iter().cloned());
         if let Some(owner) = owner {
-            *self.owners.entry(owner).or_default() += 1;
+            match self.owners.get_mut(owner) {
+                Some(count) => *count += 1,
+                None => {
+                    self.owners.insert(owner.to_owned(), 1);
+                }
+            }
         }
     }
 }
@@ -334,7 +362,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
         };
         ctx.metrics.pending.set(snapshot.pending as i64);
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        let mut best: Option<(i64, &NodeInfo)> = None;
+        let mut best: Option<(i64, usize)> = None;
         // As kube-scheduler: in a large cluster, stop looking once enough feasible nodes are
         // found, starting where the last cycle stopped so every node gets its turn.
         let count = snapshot.nodes.len();
@@ -347,19 +375,16 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
                 break;
             }
             examined += 1;
-            let node = &snapshot.nodes[(start + i) % count];
-            let used = snapshot.usage.get(&node.name);
+            let at = (start + i) % count;
+            let (node, used) = (&snapshot.nodes[at], Some(&snapshot.usage[at]));
             match fits(&pod, node, &wanted, used) {
                 Err(reason) => *reasons.entry(reason).or_default() += 1,
                 Ok(()) => {
                     feasible += 1;
                     let score = score(node, &wanted, used, owner.as_deref());
-                    let better = match &best {
-                        None => true,
-                        Some((s, n)) => score > *s || (score == *s && node.name < n.name),
-                    };
-                    if better {
-                        best = Some((score, node));
+                    // Ties go to the first found: the rotating start spreads them.
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, at));
                     }
                 }
             }
@@ -368,20 +393,16 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
             (start + examined) % count.max(1),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let placed = best.map(|(_, n)| n.name.clone());
-        if placed.is_none() && fresh {
+        if best.is_none() && fresh {
             // Nowhere, by a snapshot that may be stale (a pod since deleted, a node since
             // added): look again at the cluster as it is now before giving up.
             fresh = false;
             continue;
         }
-        break match placed {
-            Some(node) => {
-                snapshot
-                    .usage
-                    .entry(node.clone())
-                    .or_default()
-                    .add(&wanted, owner.clone());
+        break match best {
+            Some((_, at)) => {
+                let node = snapshot.nodes[at].name.clone();
+                snapshot.usage[at].add(&wanted, owner.as_deref());
                 snapshot.pending = snapshot.pending.saturating_sub(1);
                 ctx.assumed
                     .lock()
@@ -472,10 +493,21 @@ impl Scheduler {
     /// Takes a snapshot: the nodes, and what is placed on each — bound pods from the cache
     /// plus the assumed ones it does not show yet.
     fn snapshot(&self) -> Snapshot {
-        let mut usage: HashMap<String, Usage> = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
+        let nodes: Vec<NodeInfo> = self.nodes.state().into_iter().map(NodeInfo::new).collect();
+        let index: HashMap<&str, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
+        let mut usage: Vec<Usage> = std::iter::repeat_with(Usage::default)
+            .take(nodes.len())
+            .collect();
+        let pods = self.pods.state();
         let mut pending: usize = 0;
-        for pod in &self.pods.state() {
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.epoch += 1;
+        let epoch = placed.epoch;
+        for pod in &pods {
             if is_pending(pod) {
                 pending += 1;
                 continue;
@@ -488,23 +520,40 @@ impl Scheduler {
             if let Some(node) = node.filter(|n| !n.is_empty())
                 && !terminal
             {
-                usage
-                    .entry(node.to_owned())
-                    .or_default()
-                    .add(&requests(pod), controller_uid(pod));
-                seen.insert(pod.uid().unwrap_or_default());
+                let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+                // Pods on a node that is gone take nothing from the nodes there are.
+                let used = index.get(node).map(|&at| &mut usage[at]);
+                if let Some(p) = placed.pods.get_mut(uid) {
+                    p.seen = epoch;
+                    if let Some(used) = used {
+                        used.add(&p.wanted, p.owner.as_deref());
+                    }
+                } else {
+                    let p = Placed {
+                        wanted: requests(pod),
+                        owner: controller_uid(pod),
+                        seen: epoch,
+                    };
+                    if let Some(used) = used {
+                        used.add(&p.wanted, p.owner.as_deref());
+                    }
+                    placed.pods.insert(uid.to_owned(), p);
+                }
             }
         }
+        placed.pods.retain(|_, p| p.seen == epoch);
         let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
         // Forget assumptions the cache has confirmed, or that are too old to matter.
         assumed.retain(|uid, (_, _, _, at)| {
-            !seen.contains(uid) && at.elapsed() < Duration::from_secs(60)
+            !placed.pods.contains_key(uid) && at.elapsed() < Duration::from_secs(60)
         });
         for (node, r, owner, _) in assumed.values() {
-            usage.entry(node.clone()).or_default().add(r, owner.clone());
+            if let Some(&at) = index.get(node.as_str()) {
+                usage[at].add(r, owner.as_deref());
+            }
             pending = pending.saturating_sub(1);
         }
-        let nodes = self.nodes.state().into_iter().map(NodeInfo::new).collect();
+        drop(index);
         Snapshot {
             taken: Instant::now(),
             nodes,
@@ -548,15 +597,15 @@ fn fits(pod: &Pod, info: &NodeInfo, wanted: &Requests, used: Option<&Usage>) -> 
         .and_then(|s| s.tolerations.as_deref())
         .unwrap_or_default();
     // A cordoned node takes only pods tolerating its taint (DaemonSet pods do).
-    let cordon = Taint {
-        key: UNSCHEDULABLE.into(),
-        effect: "NoSchedule".into(),
-        ..Taint::default()
-    };
-    if spec.and_then(|s| s.unschedulable).unwrap_or(false)
-        && !tolerations.iter().any(|t| tolerates(t, &cordon))
-    {
-        return Err("node(s) were unschedulable".into());
+    if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
+        let cordon = Taint {
+            key: UNSCHEDULABLE.into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        };
+        if !tolerations.iter().any(|t| tolerates(t, &cordon)) {
+            return Err("node(s) were unschedulable".into());
+        }
     }
     for taint in spec.and_then(|s| s.taints.as_ref()).into_iter().flatten() {
         if taint.effect == "PreferNoSchedule" {
