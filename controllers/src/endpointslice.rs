@@ -42,6 +42,8 @@ pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// The label naming a slice's manager.
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// The annotation recording when the change a slice carries was made.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// This controller's value of [`MANAGED_BY`] (kube's).
 pub const CONTROLLER: &str = "endpointslice-controller.k8s.io";
@@ -345,6 +347,10 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
     });
     let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
     let planned = plan(existing.clone(), desired);
+    // As kube's controller: when the change was made, so node proxies can report how long
+    // programming it took (kubeproxy_network_programming_duration_seconds).
+    let changed = jiff::Timestamp::now().to_string();
+    let annotations = BTreeMap::from([(TRIGGER_TIME.to_owned(), changed)]);
     let mut written: Vec<(String, Option<String>)> = Vec::new();
     let mut failure = None;
     for p in &planned {
@@ -361,6 +367,11 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
                 updated.endpoints = p.endpoints.clone();
                 updated.ports = ports;
                 updated.metadata.labels = Some(labels.clone());
+                updated
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(BTreeMap::new)
+                    .extend(annotations.clone());
                 updated.metadata.managed_fields = None;
                 api.replace(&slice.name_any(), &PostParams::default(), &updated)
                     .await
@@ -371,6 +382,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
                         generate_name: Some(format!("{name}-")),
                         namespace: Some(namespace.clone()),
                         labels: Some(labels.clone()),
+                        annotations: Some(annotations.clone()),
                         owner_references: owner.clone(),
                         ..Default::default()
                     },

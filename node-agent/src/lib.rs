@@ -21,6 +21,7 @@ pub mod network;
 pub mod node;
 pub mod pod;
 pub mod probe;
+pub mod proxy;
 pub mod resolve;
 pub mod shim;
 pub mod simulated;

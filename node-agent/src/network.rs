@@ -102,6 +102,10 @@ pub struct Network {
     pub state_dir: PathBuf,
 }
 
+/// The routing protocol number tagging the routes to other nodes' pods (any number the
+/// kernel and other daemons leave alone; 211 is unassigned).
+pub const ROUTE_PROTOCOL: u8 = 211;
+
 /// The directory `ip netns` keeps named namespaces in.
 const NETNS_DIR: &str = "/run/netns";
 
@@ -130,18 +134,67 @@ impl Network {
         ip(&["link", "set", &self.bridge, "up"]).await?;
         fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
         let table = self.nat_table();
+        // Replaced whole, atomically. Traffic from pods leaving the pod network is
+        // masqueraded; traffic to another node's pods (`pod-cidrs`, kept by
+        // `sync_routes`) keeps its source address.
         let rules = format!(
-            "table ip {table} {{}}\nflush table ip {table}\ntable ip {table} {{\n  \
+            "add table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n  \
+             set pod-cidrs {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {cidr} }}; }}\n  \
              chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
-             ip saddr {cidr} ip daddr != {cidr} masquerade\n  }}\n}}\n",
+             ip saddr {cidr} ip daddr != @pod-cidrs masquerade\n  }}\n}}\n",
             cidr = self.cidr,
         );
         nft(&rules).await
     }
 
+    /// Routes every other node's pod CIDR through that node's address (host-gateway
+    /// style: no encapsulation, so the nodes must share a link), removes the routes of
+    /// nodes that are gone, and tells the masquerading rule which destinations are pods.
+    /// Routes are tagged with [`ROUTE_PROTOCOL`], so ours are found again after a restart.
+    pub async fn sync_routes(
+        &self,
+        cidrs: &std::collections::BTreeSet<String>,
+        peers: &[(Cidr, Ipv4Addr)],
+    ) -> Result<(), NetworkError> {
+        let proto = ROUTE_PROTOCOL.to_string();
+        let current = ip(&["-4", "route", "show", "proto", &proto]).await?;
+        let wanted: std::collections::BTreeMap<String, String> = peers
+            .iter()
+            .filter(|(cidr, _)| *cidr != self.cidr)
+            .map(|(cidr, via)| (cidr.to_string(), via.to_string()))
+            .collect();
+        for line in current.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(dest), Some("via"), Some(via)) = (words.next(), words.next(), words.next())
+            else {
+                continue;
+            };
+            if wanted.get(dest).map(String::as_str) != Some(via) {
+                ip(&["route", "del", dest, "proto", &proto]).await?;
+            }
+        }
+        for (dest, via) in &wanted {
+            if !current
+                .lines()
+                .any(|l| l.starts_with(&format!("{dest} via {via} ")))
+            {
+                ip(&["route", "replace", dest, "via", via, "proto", &proto]).await?;
+            }
+        }
+        let table = self.nat_table();
+        let mut elements: Vec<String> = cidrs.iter().cloned().collect();
+        elements.push(self.cidr.to_string());
+        nft(&format!(
+            "flush set ip {table} pod-cidrs\nadd element ip {table} pod-cidrs {{ {} }}\n",
+            elements.join(", ")
+        ))
+        .await
+    }
+
     /// Removes the node side: the NAT table and the bridge.
     pub async fn remove_node(&self) -> Result<(), NetworkError> {
         let _ = nft(&format!("delete table ip {}\n", self.nat_table())).await;
+        let _ = ip(&["route", "flush", "proto", &ROUTE_PROTOCOL.to_string()]).await;
         if link_exists(&self.bridge).await {
             ip(&["link", "del", &self.bridge]).await?;
         }
@@ -288,7 +341,7 @@ async fn ip(args: &[&str]) -> Result<String, NetworkError> {
     .await
 }
 
-async fn nft(rules: &str) -> Result<(), NetworkError> {
+pub(crate) async fn nft(rules: &str) -> Result<(), NetworkError> {
     run(
         Command::new("nft").args(["-f", "-"]),
         "nft -f -",
