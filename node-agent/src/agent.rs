@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
@@ -28,6 +29,7 @@ use crate::image::ImageStore;
 use crate::metrics::Metrics;
 use crate::network::{Cidr, Network, NetworkError};
 use crate::node::{Heartbeat, HostInfo, NodeConfig};
+use crate::proxy::{ProxyConfig, ProxyMetrics, ServiceProxy};
 use crate::pod::{Next, PodWorker};
 
 /// The pod CIDR used when neither the flag nor the Node's `spec.podCIDR` gives one.
@@ -58,6 +60,11 @@ pub struct AgentConfig {
     /// The bearer token the endpoint requires (the one the agent uses against the API
     /// server, which presents it when proxying `pods/log`); `None` leaves it open.
     pub endpoint_token: Option<String>,
+    /// Program this node for Services and the pod network across nodes (the roles of
+    /// kube-proxy and a host-gateway CNI): the node network is set up at start, Services'
+    /// cluster IPs and node ports are proxied, and other nodes' pod CIDRs routed. Off, the
+    /// node's network is touched only once a pod needs it.
+    pub kube_proxy: bool,
 }
 
 impl AgentConfig {
@@ -80,6 +87,7 @@ impl AgentConfig {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], 10250)),
             endpoint_token: None,
             insecure_registries: Vec::new(),
+            kube_proxy: true,
         }
     }
 }
@@ -308,15 +316,115 @@ pub async fn run(
         Arc::downgrade(&ctx),
     )?))?;
     let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
+    let services = if ctx.config.kube_proxy {
+        ctx.ensure_node_network().await?;
+        Some(spawn_services(&ctx, registry)?)
+    } else {
+        None
+    };
     tracing::info!(node = %ctx.config.node_name, pod_cidr = %cidr, "node agent running");
     tokio::select! {
         () = dispatch(Arc::clone(&ctx)) => {}
         () = shutdown => {}
     }
     serving.abort();
+    for task in services.into_iter().flatten() {
+        task.abort();
+    }
     let _ = stop.send(true);
     let _ = heartbeat.await;
     Ok(())
+}
+
+/// Starts what programs the node for Services and other nodes' pods: caches of Services,
+/// EndpointSlices and Nodes, the service proxy syncing on any change of them, and the
+/// routes to other nodes' pod CIDRs syncing on Node changes. Returns the tasks.
+fn spawn_services(
+    ctx: &Arc<Context>,
+    registry: &prometheus::Registry,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
+    use tokio::sync::Notify;
+    let changed = Arc::new(Notify::new());
+    let nodes_changed = Arc::new(Notify::new());
+    let (services, services_feed) = cache::<Service>(&ctx.client, vec![Arc::clone(&changed)]);
+    let (slices, slices_feed) = cache::<EndpointSlice>(&ctx.client, vec![Arc::clone(&changed)]);
+    let (nodes, nodes_feed) = cache::<Node>(
+        &ctx.client,
+        vec![Arc::clone(&changed), Arc::clone(&nodes_changed)],
+    );
+    let proxy = ServiceProxy::new(
+        ProxyConfig {
+            node_name: ctx.config.node_name.clone(),
+            pod_cidr: ctx.network.cidr,
+        },
+        services,
+        slices,
+        nodes.clone(),
+        ProxyMetrics::register(registry)?,
+    );
+    let routes = {
+        let ctx = Arc::clone(ctx);
+        async move {
+            nodes.wait_until_ready().await.ok();
+            loop {
+                let (cidrs, peers) =
+                    crate::proxy::node_cidrs(&nodes.state(), &ctx.config.node_name);
+                if let Err(e) = ctx.network.sync_routes(&cidrs, &peers).await {
+                    tracing::warn!(error = %e, "routing to other nodes' pods failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                tokio::select! {
+                    () = nodes_changed.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    };
+    Ok(vec![
+        tokio::spawn(services_feed),
+        tokio::spawn(slices_feed),
+        tokio::spawn(nodes_feed),
+        tokio::spawn(proxy.run(changed, Duration::from_secs(30), std::future::pending())),
+        tokio::spawn(routes),
+    ])
+}
+
+/// A cache of every `K`, and the future feeding it from a watch, waking `notify` on each
+/// change.
+fn cache<K>(
+    client: &Client,
+    notify: Vec<Arc<tokio::sync::Notify>>,
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let (store, writer) = kube::runtime::reflector::store();
+    let api: Api<K> = Api::all(client.clone());
+    let stream = kube::runtime::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let feed = stream.for_each(move |event| {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "watch failed; retrying");
+        }
+        for n in &notify {
+            n.notify_one();
+        }
+        futures::future::ready(())
+    });
+    (store, feed)
 }
 
 /// The Node's `spec.podCIDR`, if node IPAM gives it one. A node registered a moment ago
@@ -553,6 +661,7 @@ pub async fn cleanup(data_dir: &std::path::Path, network: Option<&Network>) -> s
     }
     if let Some(network) = network {
         let _ = network.remove_node().await;
+        let _ = crate::proxy::cleanup().await;
     }
     Ok(())
 }

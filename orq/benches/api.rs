@@ -194,7 +194,7 @@ fn main() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let server = Server(
             Command::new(env!("CARGO_BIN_EXE_orq"))
-                .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+                .args(["server", "--disable-kube-proxy", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
                 .arg(dir.path())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())

@@ -61,6 +61,11 @@ pub struct NodeArgs {
     /// registries always are, everything else is HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
+    /// Leave Services and the cross-node pod network to something else (k3s' flag): no
+    /// service proxy rules, no routes to other nodes' pods, and the node's network is set
+    /// up only once a pod needs it.
+    #[arg(long)]
+    disable_kube_proxy: bool,
 }
 
 /// Which runtime the agent runs pods with.
@@ -106,6 +111,7 @@ pub fn config(
         config.listen = listen;
     }
     config.insecure_registries = node.insecure_registries.clone();
+    config.kube_proxy = !node.disable_kube_proxy;
     Ok(config)
 }
 

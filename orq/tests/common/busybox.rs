@@ -68,7 +68,8 @@ pub fn build_image(layout: &Path) {
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "httpd", "echo", "sleep", "cat", "dd", "head", "env", "hostname", "id", "ls", "true",
-        "false", "touch", "test", "nc",
+        "false", "touch", "test", "nc", "wget", "seq", "mkdir", "chmod", "printf", "rm",
+        "nslookup", "tail",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }

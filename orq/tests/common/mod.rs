@@ -31,6 +31,9 @@ impl Server {
             .arg(data_dir)
             .arg("--listen")
             .arg(addr.to_string())
+            // These servers run in the machine's own network namespace: their local agent
+            // must not program it (tests run pods only in namespaces of their own).
+            .arg("--disable-kube-proxy")
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
