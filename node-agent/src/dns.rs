@@ -911,6 +911,9 @@ struct Forwarder {
 
 struct Upstream {
     addr: SocketAddr,
+    /// Owns the background tasks of the exchanges (a `JoinSet` that aborts them when the last
+    /// clone goes), so it must outlive each TCP exchange.
+    runtime: TokioRuntimeProvider,
     /// Each query goes out from a fresh random port with a random id, and the answer must
     /// match both and the question (hickory's spoofing checks).
     udp: DnsExchange<TokioRuntimeProvider>,
@@ -938,11 +941,12 @@ impl Forwarder {
     fn new(upstreams: &[SocketAddr]) -> Forwarder {
         let upstreams = upstreams
             .iter()
-            .map(|&addr| Upstream {
-                addr,
-                udp: UdpClientStream::builder(addr, TokioRuntimeProvider::default())
+            .map(|&addr| {
+                let runtime = TokioRuntimeProvider::default();
+                let udp = UdpClientStream::builder(addr, runtime.clone())
                     .with_timeout(Some(UPSTREAM_TIMEOUT))
-                    .exchange(),
+                    .exchange();
+                Upstream { addr, runtime, udp }
             })
             .collect();
         Forwarder { upstreams }
@@ -999,7 +1003,7 @@ impl Upstream {
             None,
             UPSTREAM_TIMEOUT,
             None,
-            TokioRuntimeProvider::default(),
+            self.runtime.clone(),
         ))
         .await?;
         let answer = within(tcp.send(request).first_answer()).await?;
