@@ -20,6 +20,11 @@
 //! the domain are never forwarded, so the search-path expansions of external names that every
 //! pod's resolver tries first (`example.com.default.svc.cluster.local`) end here, quickly.
 //!
+//! Serving is hickory-server's (UDP and TCP on one port; it answers FORMERR to a request it
+//! can't parse past the header and drops anything shorter); this module is its
+//! [`RequestHandler`]. hickory logs every request at `info` under the `hickory_server`
+//! target, so an agent's log filter wants `hickory_server=warn`.
+//!
 //! ```no_run
 //! # async fn demo(
 //! #     services: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
@@ -468,6 +473,10 @@ impl Zone {
             .and_then(|name| name.append_domain(&Name::root()))
             .map_err(invalid)?
             .to_lowercase();
+        if domain.is_root() {
+            // The whole namespace would be "the cluster": nothing would ever be forwarded.
+            return Err(invalid(ProtoError::from("the cluster domain is empty")));
+        }
         let mname = Name::from_ascii("ns.dns")
             .and_then(|n| n.append_domain(&domain))
             .map_err(invalid)?;
@@ -561,6 +570,7 @@ impl Zone {
             },
             ["svc" | "pod"] => Node::empty(),
             [namespace, "svc"] => {
+                // Without a Namespace store, a namespace exists while it has a Service.
                 let known = self
                     .services
                     .find(|s| s.namespace().as_deref() == Some(*namespace))
@@ -1344,9 +1354,16 @@ mod tests {
     fn an_invalid_cluster_domain_is_refused() {
         let (services, _) = store::<Service>();
         let (slices, _) = store::<EndpointSlice>();
-        let long = "a".repeat(64);
-        let err = Zone::new(services, slices, &long, 5).unwrap_err();
-        assert!(matches!(err, DnsError::Domain { .. }), "{err}");
+        for domain in [
+            "a".repeat(64),
+            String::new(),
+            ".".into(),
+            "bad..domain".into(),
+        ] {
+            let err = Zone::new(services.clone(), slices.clone(), &domain, 5).unwrap_err();
+            assert!(matches!(err, DnsError::Domain { .. }), "{domain:?}: {err}");
+        }
+        assert!(Zone::new(services, slices, "cluster.local.", 5).is_ok());
     }
 
     #[test]
