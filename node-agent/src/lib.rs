@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod auth;
 pub mod container;
+pub mod dns;
 pub mod endpoint;
 pub mod events;
 pub mod image;
