@@ -29,8 +29,11 @@ use crate::image::ImageStore;
 use crate::metrics::Metrics;
 use crate::network::{Cidr, Network, NetworkError};
 use crate::node::{Heartbeat, HostInfo, NodeConfig};
-use crate::proxy::{ProxyConfig, ProxyMetrics, ServiceProxy};
 use crate::pod::{Next, PodWorker};
+use crate::proxy::{ProxyConfig, ProxyMetrics, ServiceProxy};
+
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// The pod CIDR used when neither the flag nor the Node's `spec.podCIDR` gives one.
 pub const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
@@ -62,8 +65,9 @@ pub struct AgentConfig {
     pub endpoint_token: Option<String>,
     /// Program this node for Services and the pod network across nodes (the roles of
     /// kube-proxy and a host-gateway CNI): the node network is set up at start, Services'
-    /// cluster IPs and node ports are proxied, and other nodes' pod CIDRs routed. Off, the
-    /// node's network is touched only once a pod needs it.
+    /// cluster IPs and node ports are proxied, other nodes' pod CIDRs routed, and cluster
+    /// DNS served on the bridge's address (pods' resolver). Off, the node's network is
+    /// touched only once a pod needs it, and pods get the host's resolver configuration.
     pub kube_proxy: bool,
 }
 
@@ -115,6 +119,9 @@ pub enum AgentError {
     /// The metrics could not be registered.
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// Cluster DNS could not start (its port taken, say).
+    #[error("cluster DNS: {0}")]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// What every pod worker shares.
@@ -318,7 +325,7 @@ pub async fn run(
     let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
     let services = if ctx.config.kube_proxy {
         ctx.ensure_node_network().await?;
-        Some(spawn_services(&ctx, registry)?)
+        Some(spawn_services(&ctx, registry).await?)
     } else {
         None
     };
@@ -338,8 +345,9 @@ pub async fn run(
 
 /// Starts what programs the node for Services and other nodes' pods: caches of Services,
 /// EndpointSlices and Nodes, the service proxy syncing on any change of them, and the
-/// routes to other nodes' pod CIDRs syncing on Node changes. Returns the tasks.
-fn spawn_services(
+/// routes to other nodes' pod CIDRs syncing on Node changes, and cluster DNS on the
+/// bridge's address. Returns the tasks.
+async fn spawn_services(
     ctx: &Arc<Context>,
     registry: &prometheus::Registry,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
@@ -348,10 +356,29 @@ fn spawn_services(
     let nodes_changed = Arc::new(Notify::new());
     let (services, services_feed) = cache::<Service>(&ctx.client, vec![Arc::clone(&changed)]);
     let (slices, slices_feed) = cache::<EndpointSlice>(&ctx.client, vec![Arc::clone(&changed)]);
+    let resolv_conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns = crate::dns::ClusterDns::new(
+        services.clone(),
+        slices.clone(),
+        crate::dns::DnsConfig::from_resolv_conf(&resolv_conf, CLUSTER_DOMAIN),
+        registry,
+    )?;
     let (nodes, nodes_feed) = cache::<Node>(
         &ctx.client,
         vec![Arc::clone(&changed), Arc::clone(&nodes_changed)],
     );
+    // Both start once every cache has its first list. One waiter per cache: kube-runtime
+    // 5's ready signal wakes only the latest task waiting on it.
+    let ready = {
+        let (services, slices, nodes) = (services.clone(), slices.clone(), nodes.clone());
+        async move {
+            let _ = tokio::join!(
+                services.wait_until_ready(),
+                slices.wait_until_ready(),
+                nodes.wait_until_ready()
+            );
+        }
+    };
     let proxy = ServiceProxy::new(
         ProxyConfig {
             node_name: ctx.config.node_name.clone(),
@@ -365,7 +392,6 @@ fn spawn_services(
     let routes = {
         let ctx = Arc::clone(ctx);
         async move {
-            nodes.wait_until_ready().await.ok();
             loop {
                 let (cidrs, peers) =
                     crate::proxy::node_cidrs(&nodes.state(), &ctx.config.node_name);
@@ -381,12 +407,25 @@ fn spawn_services(
             }
         }
     };
+    let dns = dns
+        .bind(std::net::SocketAddr::from((ctx.network.cidr.gateway(), 53)))
+        .await?;
     Ok(vec![
+        tokio::spawn(async move {
+            if let Err(e) = dns.serve(std::future::pending()).await {
+                tracing::error!(error = %e, "cluster DNS stopped");
+            }
+        }),
         tokio::spawn(services_feed),
         tokio::spawn(slices_feed),
         tokio::spawn(nodes_feed),
-        tokio::spawn(proxy.run(changed, Duration::from_secs(30), std::future::pending())),
-        tokio::spawn(routes),
+        tokio::spawn(async move {
+            ready.await;
+            tokio::join!(
+                proxy.run(changed, Duration::from_secs(30), std::future::pending()),
+                routes
+            );
+        }),
     ])
 }
 

@@ -170,6 +170,7 @@ impl Network {
                 continue;
             };
             if wanted.get(dest).map(String::as_str) != Some(via) {
+                tracing::info!(pods = dest, via, "removing the route to a node's pods");
                 ip(&["route", "del", dest, "proto", &proto]).await?;
             }
         }
@@ -178,6 +179,7 @@ impl Network {
                 .lines()
                 .any(|l| l.starts_with(&format!("{dest} via {via} ")))
             {
+                tracing::info!(pods = dest, via, "routing to a node's pods");
                 ip(&["route", "replace", dest, "via", via, "proto", &proto]).await?;
             }
         }

@@ -428,9 +428,76 @@ impl PodWorker {
         fs::write(self.dir.join("etc/hosts"), hosts).map_err(|e| e.to_string())?;
         fs::write(self.dir.join("etc/hostname"), format!("{hostname}\n"))
             .map_err(|e| e.to_string())?;
-        let resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        fs::write(self.dir.join("etc/resolv.conf"), resolv).map_err(|e| e.to_string())?;
+        fs::write(self.dir.join("etc/resolv.conf"), self.resolv_conf(pod))
+            .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// The pod's `/etc/resolv.conf`, by its `dnsPolicy` as the kubelet writes it:
+    /// `ClusterFirst` (the default; `ClusterFirstWithHostNet` for host-network pods) points
+    /// at the node's cluster DNS with the namespace's search path; `Default`, or a node
+    /// without cluster DNS, copies the host's; `None` has only the pod's `dnsConfig`, which
+    /// otherwise adds its nameservers, searches and options.
+    fn resolv_conf(&self, pod: &Pod) -> String {
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let policy = spec
+            .and_then(|s| s.dns_policy.as_deref())
+            .unwrap_or("ClusterFirst");
+        let cluster = self.ctx.config.kube_proxy
+            && match policy {
+                "ClusterFirst" => !host_network,
+                "ClusterFirstWithHostNet" => true,
+                _ => false,
+            };
+        let (mut nameservers, mut searches, mut options) = (Vec::new(), Vec::new(), Vec::new());
+        if cluster {
+            let domain = crate::agent::CLUSTER_DOMAIN;
+            let ns = pod.namespace().unwrap_or_default();
+            nameservers.push(self.ctx.network.cidr.gateway().to_string());
+            searches.extend([
+                format!("{ns}.svc.{domain}"),
+                format!("svc.{domain}"),
+                domain.to_owned(),
+            ]);
+            options.push("ndots:5".to_owned());
+        } else if policy != "None" {
+            let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            for line in host.lines() {
+                let mut words = line.split_whitespace();
+                match words.next() {
+                    Some("nameserver") => nameservers.extend(words.map(str::to_owned)),
+                    Some("search" | "domain") => searches.extend(words.map(str::to_owned)),
+                    Some("options") => options.extend(words.map(str::to_owned)),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(config) = spec.and_then(|s| s.dns_config.as_ref()) {
+            nameservers.extend(config.nameservers.iter().flatten().cloned());
+            searches.extend(config.searches.iter().flatten().cloned());
+            for option in config.options.iter().flatten() {
+                let Some(name) = option.name.as_deref() else {
+                    continue;
+                };
+                options.retain(|o| o.split(':').next() != Some(name));
+                options.push(match &option.value {
+                    Some(value) => format!("{name}:{value}"),
+                    None => name.to_owned(),
+                });
+            }
+        }
+        let mut out = String::new();
+        if !searches.is_empty() {
+            out.push_str(&format!("search {}\n", searches.join(" ")));
+        }
+        for server in nameservers.iter().take(3) {
+            out.push_str(&format!("nameserver {server}\n"));
+        }
+        if !options.is_empty() {
+            out.push_str(&format!("options {}\n", options.join(" ")));
+        }
+        out
     }
 
     fn pod_ip(&self) -> String {

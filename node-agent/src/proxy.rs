@@ -716,18 +716,14 @@ impl ServiceProxy {
 
     /// Syncs whenever `changed` is notified (changes arriving during a sync are picked up
     /// by the next one), and every `resync` in case the table was changed behind its back,
-    /// until `shutdown`.
+    /// until `shutdown`. Start it once the caches have their first lists (an empty cache
+    /// would remove every rule).
     pub async fn run(
         mut self,
         changed: Arc<tokio::sync::Notify>,
         resync: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let _ = tokio::join!(
-            self.services.wait_until_ready(),
-            self.slices.wait_until_ready(),
-            self.nodes.wait_until_ready()
-        );
         tokio::pin!(shutdown);
         loop {
             if let Err(e) = self.sync().await {

@@ -81,7 +81,7 @@ fn is_root() -> bool {
 
 fn service(name: &str, ip: &str, affinity: bool) -> Arc<Service> {
     let mut spec = json!({"type": "NodePort", "clusterIP": ip,
-        "ports": [{"name": "http", "port": 80, "nodePort": 30000 + ip.split('.').last().unwrap().parse::<u16>().unwrap()},
+        "ports": [{"name": "http", "port": 80, "nodePort": 30000 + ip.split('.').next_back().unwrap().parse::<u16>().unwrap()},
                   {"name": "dns", "port": 53, "protocol": "UDP"}]});
     if affinity {
         spec["sessionAffinity"] = json!("ClientIP");

@@ -67,8 +67,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let filter =
-        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // hickory logs every DNS request at info.
+            "info,hickory_server=warn".into()
+        })
+    };
     let command = Cli::parse().command;
     // The shim must stay single-threaded: it runs before any runtime (and its threads) exist.
     // Its logs (libcontainer's included, also from the container's init before it execs,

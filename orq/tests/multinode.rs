@@ -140,7 +140,7 @@ impl Bed {
             .unwrap();
         self.registry = Some(Proc(child));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(&format!("{}", self.registry_addr), "/v2/").is_none() {
+        while http_get(&self.registry_addr, "/v2/").is_none() {
             assert!(Instant::now() < deadline, "registry did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -197,14 +197,19 @@ impl Bed {
         let log = self.log(&format!("agent-{i}.log"));
         let child = self
             .nsenter(i, env!("CARGO_BIN_EXE_orq"))
-            .args(["agent", "--node-name", &format!("h{i}"), "--node-ip", &host_ip(i)])
+            .args([
+                "agent",
+                "--node-name",
+                &format!("h{i}"),
+                "--node-ip",
+                &host_ip(i),
+            ])
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
             .arg("--agent-data-dir")
             .arg(self.agent_dir(i))
             .args(["--agent-listen", &format!("{}:10250", host_ip(i))])
             .args(["--insecure-registry", &self.registry_addr])
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -272,7 +277,8 @@ impl Bed {
             assert!(
                 Instant::now() < deadline,
                 "{what} not as expected after {timeout:?}: {}\n{}",
-                self.kubectl_try(&["get", what, "-o", "yaml"]).unwrap_or_default(),
+                self.kubectl_try(&["get", what, "-o", "yaml"])
+                    .unwrap_or_default(),
                 self.logs_tail()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -293,9 +299,31 @@ impl Bed {
         out
     }
 
+    /// Every host's routes and rules, for failure messages.
+    fn diagnose(&self) -> String {
+        let mut out = String::new();
+        for i in 0..HOSTS {
+            let routes = self
+                .nsenter(i, "ip")
+                .args(["-4", "route"])
+                .output()
+                .unwrap();
+            out.push_str(&format!(
+                "=== h{i} routes\n{}=== h{i} rules\n{}",
+                String::from_utf8_lossy(&routes.stdout),
+                self.ruleset(i)
+            ));
+        }
+        out + &self.logs_tail()
+    }
+
     /// The proxy's table on host `i`.
     fn ruleset(&self, i: usize) -> String {
-        let out = self.nsenter(i, "nft").args(["list", "ruleset"]).output().unwrap();
+        let out = self
+            .nsenter(i, "nft")
+            .args(["list", "ruleset"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -317,7 +345,10 @@ impl Bed {
                     p["metadata"]["name"].as_str().unwrap().to_owned(),
                     (
                         p["status"]["podIP"].as_str().unwrap_or_default().to_owned(),
-                        p["spec"]["nodeName"].as_str().unwrap_or_default().to_owned(),
+                        p["spec"]["nodeName"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
                         ready && p["metadata"]["deletionTimestamp"].is_null(),
                     ),
                 )
@@ -343,18 +374,24 @@ impl Drop for Bed {
         self.server.take();
         self.registry.take();
         for i in 0..HOSTS {
-            let _ = Command::new("ip").args(["link", "del", &self.veth(i)]).status();
-            let _ = Command::new("ip").args(["netns", "del", &self.netns(i)]).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.veth(i)])
+                .status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns(i)])
+                .status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge()]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .status();
     }
 }
 
 /// A plain HTTP/1.0 GET to `addr` (host:port); the body, or `None` on any failure.
 fn http_get(addr: &str, path: &str) -> Option<String> {
     let addr: SocketAddr = addr.parse().ok()?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
@@ -367,12 +404,16 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Counts which pod answered each of `n` requests to `addr`.
+/// Counts which pod answered each of `n` requests to `addr`; stops early (with what it
+/// has) after 5 failures, so a broken path fails the test quickly.
 fn spread(addr: &str, n: usize) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for _ in 0..n {
         let body = http_get(addr, "/").unwrap_or_else(|| "<failed>".into());
         *seen.entry(body).or_default() += 1;
+        if seen.get("<failed>").is_some_and(|f| *f >= 5) {
+            break;
+        }
     }
     seen
 }
@@ -457,14 +498,22 @@ fn services_across_three_nodes() {
     let node_addr = format!("{}:{node_port}", host_ip(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(&node_addr, "/").is_none() {
-        assert!(Instant::now() < deadline, "NodePort never answered\n{}", bed.ruleset(0));
+        assert!(
+            Instant::now() < deadline,
+            "NodePort never answered\n{}",
+            bed.ruleset(0)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let seen = spread(&node_addr, 300);
     eprintln!("NodePort {node_addr}: {seen:?}");
     for name in pods.keys() {
         let count = seen.get(name).copied().unwrap_or(0);
-        assert!(count >= 45, "{name} got {count} of 300: {seen:?}");
+        assert!(
+            count >= 45,
+            "{name} got {count} of 300: {seen:?}\n{}",
+            bed.diagnose()
+        );
     }
 
     // From a pod on another node: the ClusterIP (300 requests), a pod by IP on another
@@ -501,7 +550,10 @@ fn services_across_three_nodes() {
     eprintln!("ClusterIP {cluster_ip} from h1: {through_cluster_ip:?}");
     for name in pods.keys() {
         let count = through_cluster_ip.get(name.as_str()).copied().unwrap_or(0);
-        assert!(count >= 45, "{name} got {count} of 300 through the ClusterIP: {log}");
+        assert!(
+            count >= 45,
+            "{name} got {count} of 300 through the ClusterIP: {log}"
+        );
     }
     assert!(
         log.contains(&format!("POD-TO-POD {remote_name}")),
@@ -510,6 +562,10 @@ fn services_across_three_nodes() {
     assert!(
         log.lines().any(|l| l.starts_with("DNS web-")),
         "web.default.svc.cluster.local from a pod: {log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("SEARCH web-")),
+        "`web` through the pod's search path: {log}"
     );
 
     // A pod failing its readiness gets no traffic.
@@ -520,17 +576,26 @@ fn services_across_three_nodes() {
         .unwrap();
     let out = bed
         .nsenter(0, "curl")
-        .args(["-s", "-m", "2", &format!("http://{unready_ip}:8080/cgi-bin/unready")])
+        .args([
+            "-s",
+            "-m",
+            "2",
+            &format!("http://{unready_ip}:8080/cgi-bin/unready"),
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("unready"));
-    bed.wait(&format!("pod/{unready_name}"), Duration::from_secs(20), |p| {
-        p["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "False")
-    });
+    bed.wait(
+        &format!("pod/{unready_name}"),
+        Duration::from_secs(20),
+        |p| {
+            p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "False")
+        },
+    );
     // The slice change reaches the proxies a moment after the pod's status.
     std::thread::sleep(Duration::from_secs(1));
     let seen = spread(&node_addr, 100);
@@ -585,7 +650,10 @@ fn services_across_three_nodes() {
         if let Err(e) = &result
             && e.kind() == std::io::ErrorKind::ConnectionRefused
         {
-            assert!(took < Duration::from_millis(500), "refused only after {took:?}");
+            assert!(
+                took < Duration::from_millis(500),
+                "refused only after {took:?}"
+            );
             break;
         }
         assert!(
