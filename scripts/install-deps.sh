@@ -7,9 +7,10 @@ set -euo pipefail
 # Prometheus and promtool (the controller framework's metrics tests); for the node agent:
 # iproute2 and nftables (pod networking), and for its end-to-end tests a registry
 # (docker-registry), image tools (umoci builds, skopeo pushes), busybox-static (the test
-# image's userland), curl, and runc (the baseline of the runtime benchmark).
+# image's userland), curl, runc (the baseline of the runtime benchmark) and wrk (the
+# service proxy benchmark's load).
 packages=(protobuf-compiler etcd-server etcd-client prometheus iproute2 nftables
-  docker-registry umoci skopeo busybox-static curl runc util-linux)
+  docker-registry umoci skopeo busybox-static curl runc util-linux wrk)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -7,7 +7,7 @@
 //! **scores** the survivors (fewest pods of the same owner first, so replicas spread; then
 //! least allocated) and **binds** through `pods/binding`. A pod that fits nowhere gets a
 //! `FailedScheduling` event naming the reasons per node, and is retried when any node
-//! changes (and every 30 s). Pods bound but not yet seen bound in the cache are *assumed*
+//! changes or a placed pod goes (and every 30 s). Pods bound but not yet seen bound in the cache are *assumed*
 //! on their node, so a slow cache never double-books.
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,7 +63,7 @@ pub struct Scheduler {
     /// One scheduling cycle at a time (as kube-scheduler): a decision sees every binding
     /// decided before it — through the snapshot, which each decision updates.
     cycle: tokio::sync::Mutex<Option<Snapshot>>,
-    /// Set when a node changes: the next cycle takes a new snapshot.
+    /// Set when a node changes or a placed pod goes: the next cycle takes a new snapshot.
     nodes_changed: Arc<std::sync::atomic::AtomicBool>,
     /// Where the next cycle starts looking among the nodes.
     next_start: std::sync::atomic::AtomicUsize,
@@ -204,6 +204,7 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
     });
     let nodes_changed = Arc::clone(&context.nodes_changed);
     let pending = pods.store();
+    let (freed, pending_after_delete) = (Arc::clone(&context.nodes_changed), pods.store());
     // Cycles run one at a time; 64 reconciles in flight keep that many bindings going.
     let runner = Runner::for_cache("scheduler", &pods)
         .map(|r| r.concurrency(64))
@@ -212,6 +213,22 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
             r.watches(&nodes, move |_node: Arc<Node>| {
                 nodes_changed.store(true, std::sync::atomic::Ordering::SeqCst);
                 pending
+                    .state()
+                    .into_iter()
+                    .filter(|p| is_pending(p))
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .and_then(|r| {
+            // A placed pod gone frees room (kube-scheduler's AssignedPodDelete): take a new
+            // snapshot and look at every pending pod again, rather than in 30 s.
+            r.watches_deleted(&pods, move |gone: Arc<Pod>| {
+                if is_pending(&gone) {
+                    return Vec::new();
+                }
+                freed.store(true, std::sync::atomic::Ordering::SeqCst);
+                pending_after_delete
                     .state()
                     .into_iter()
                     .filter(|p| is_pending(p))

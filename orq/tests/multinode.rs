@@ -7,7 +7,8 @@
 //! It shows the service proxy (NodePort from outside, ClusterIP from a pod on another
 //! node, readiness and scale-down taking endpoints out at once, a Service without
 //! endpoints refusing connections, deleted Services leaving no rules on any node), the pod
-//! network across nodes (a pod reaching a pod on another node by IP), and cluster DNS.
+//! network across nodes (a pod reaching a pod on another node by IP), cluster DNS, a host
+//! cut off the network turning Unknown, and an agent's cleanup leaving nothing behind.
 
 #![allow(clippy::unwrap_used)]
 
@@ -160,7 +161,9 @@ impl Bed {
             .port();
         let log = self.log("server.log");
         let child = Command::new(env!("CARGO_BIN_EXE_orq"))
-            .args(["server", "--no-agent", "--listen"])
+            // A short grace period, so a host cut off turns Unknown within the test.
+            .args(["server", "--no-agent", "--node-monitor-grace-period", "25s"])
+            .arg("--listen")
             .arg(format!("{GATEWAY}:{port}"))
             .arg("--data-dir")
             .arg(self.dir.path().join("server"))
@@ -297,6 +300,11 @@ impl Bed {
             }
         }
         out
+    }
+
+    /// Cuts host `i` off the network (its link to the bridge goes down): node loss.
+    fn cut_off(&self, i: usize) {
+        run_ok(Command::new("ip").args(["link", "set", &self.veth(i), "down"]));
     }
 
     /// Every host's routes and rules, for failure messages.
@@ -453,7 +461,7 @@ fn services_across_three_nodes() {
         eprintln!("skipped: needs root for network namespaces and nftables");
         return;
     }
-    let bed = Bed::start();
+    let mut bed = Bed::start();
     let nodes = bed.wait("nodes", Duration::from_secs(60), |v| {
         let items = v["items"].as_array().unwrap();
         items.len() == HOSTS
@@ -633,46 +641,59 @@ fn services_across_three_nodes() {
         "the remaining pod answers"
     );
 
-    // A Service selecting nothing refuses connections at once.
+    // A Service selecting nothing, and one whose named targetPort no pod defines, refuse
+    // connections at once.
     bed.apply(&json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "nothing", "namespace": "default"},
         "spec": {"type": "NodePort", "selector": {"app": "none"}, "ports": [{"port": 80}]},
     }));
-    let nothing = bed.get("service/nothing");
-    let nothing_port = nothing["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
-    let addr: SocketAddr = format!("{}:{nothing_port}", host_ip(1)).parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let begun = Instant::now();
-        let result = TcpStream::connect_timeout(&addr, Duration::from_secs(3));
-        let took = begun.elapsed();
-        if let Err(e) = &result
-            && e.kind() == std::io::ErrorKind::ConnectionRefused
-        {
+    bed.apply(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "misnamed", "namespace": "default"},
+        "spec": {"type": "NodePort", "selector": {"app": "web"},
+                 "ports": [{"port": 80, "targetPort": "nope"}]},
+    }));
+    let mut refusing_ports = Vec::new();
+    for name in ["nothing", "misnamed"] {
+        let service = bed.get(&format!("service/{name}"));
+        let port = service["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
+        refusing_ports.push(port);
+        let addr: SocketAddr = format!("{}:{port}", host_ip(1)).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let begun = Instant::now();
+            let result = TcpStream::connect_timeout(&addr, Duration::from_secs(3));
+            let took = begun.elapsed();
+            if let Err(e) = &result
+                && e.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                assert!(
+                    took < Duration::from_millis(500),
+                    "{name}: refused only after {took:?}"
+                );
+                break;
+            }
             assert!(
-                took < Duration::from_millis(500),
-                "refused only after {took:?}"
+                Instant::now() < deadline,
+                "{name} at {addr}: {result:?} after {took:?}\n{}",
+                bed.ruleset(1)
             );
-            break;
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{addr}: {result:?} after {took:?}\n{}",
-            bed.ruleset(1)
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 
     // Deleting the Services removes their rules from every node.
-    bed.kubectl(&["delete", "service", "web", "nothing"]);
+    bed.kubectl(&["delete", "service", "web", "nothing", "misnamed"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     for i in 0..HOSTS {
         loop {
             let rules = bed.ruleset(i);
             let stale = rules.contains(&cluster_ip)
                 || rules.contains(&format!(". {node_port} :"))
-                || rules.contains(&format!(". {nothing_port} :"))
+                || refusing_ports
+                    .iter()
+                    .any(|p| rules.contains(&format!(". {p} :")))
                 || rules.contains("chain service-")
                 || rules.contains("chain endpoint-");
             if !stale {
@@ -683,4 +704,30 @@ fn services_across_three_nodes() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+
+    // A host cut off the network: its node stops renewing its lease and turns Unknown.
+    bed.cut_off(2);
+    bed.wait("node/h2", Duration::from_secs(60), |n| {
+        n["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
+    });
+
+    // Told to clean up, an agent leaves nothing of its own behind.
+    bed.agents[0].take();
+    run_ok(
+        bed.nsenter(0, env!("CARGO_BIN_EXE_orq"))
+            .args(["agent", "--cleanup", "--agent-data-dir"])
+            .arg(bed.agent_dir(0)),
+    );
+    let rules = bed.ruleset(0);
+    assert!(rules.trim().is_empty(), "left after cleanup:\n{rules}");
+    let routes = bed.nsenter(0, "ip").args(["-4", "route"]).output().unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        !routes.contains("proto 211") && !routes.contains("orq0"),
+        "left after cleanup:\n{routes}"
+    );
 }
