@@ -336,10 +336,12 @@ pub fn desired(
             let mut body = vec![format!("ip saddr {} jump mark-for-masquerade", e.ip)];
             if e.local {
                 // Without bridge netfilter the reply of a pod on this bridge would go
-                // straight back to the client, around conntrack.
+                // straight back to the client pod, around conntrack. (The node itself, on
+                // the bridge's address, gets its replies through conntrack anyway.)
                 body.push(format!(
-                    "ip saddr {} jump mark-for-masquerade",
-                    config.pod_cidr
+                    "ip saddr {} ip saddr != {} jump mark-for-masquerade",
+                    config.pod_cidr,
+                    config.pod_cidr.gateway()
                 ));
             }
             let set = sp.affinity.map(|timeout| {
