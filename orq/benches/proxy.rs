@@ -121,8 +121,8 @@ fn wrk(url: &str) -> f64 {
         .args(["-t2", "-c16", "-d5s", url])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let errors = text
         .lines()
         .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
