@@ -430,8 +430,8 @@ async fn spawn_services(
 }
 
 /// A cache of every `K`, and the future feeding it from a watch, waking `notify` on each
-/// change.
-fn cache<K>(
+/// change (the service proxy's caches; its benchmark builds them the same way).
+pub fn cache<K>(
     client: &Client,
     notify: Vec<Arc<tokio::sync::Notify>>,
 ) -> (

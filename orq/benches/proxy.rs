@@ -23,7 +23,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use orquestra_node_agent::agent;
 use orquestra_node_agent::network::{Cidr, Network};
 use orquestra_node_agent::proxy::{self, ProxyConfig, ProxyMetrics, ServiceProxy};
 use orquestra_operator::testing::TestApi;
@@ -204,33 +204,13 @@ async fn bench() {
 
     // The agent's proxy: caches, sync loop, nft.
     let changed = Arc::new(tokio::sync::Notify::new());
-    fn cache<K>(client: &kube::Client, changed: &Arc<tokio::sync::Notify>) -> reflector::Store<K>
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        let (store, writer) = reflector::store();
-        let changed = Arc::clone(changed);
-        let stream = reflector(
-            writer,
-            watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff(),
-        );
-        tokio::spawn(stream.for_each(move |_| {
-            changed.notify_one();
-            futures::future::ready(())
-        }));
-        store
-    }
-    let (svc_store, slice_store, node_store) = (
-        cache::<Service>(&client, &changed),
-        cache::<EndpointSlice>(&client, &changed),
-        cache::<Node>(&client, &changed),
-    );
+    let (svc_store, svc_feed) = agent::cache::<Service>(&client, vec![Arc::clone(&changed)]);
+    let (slice_store, slice_feed) =
+        agent::cache::<EndpointSlice>(&client, vec![Arc::clone(&changed)]);
+    let (node_store, node_feed) = agent::cache::<Node>(&client, vec![Arc::clone(&changed)]);
+    tokio::spawn(svc_feed);
+    tokio::spawn(slice_feed);
+    tokio::spawn(node_feed);
     let _ = tokio::join!(
         svc_store.wait_until_ready(),
         slice_store.wait_until_ready(),
