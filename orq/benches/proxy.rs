@@ -6,9 +6,14 @@
 //!    EndpointSlice gets a new endpoint address, and the clock runs from the API write until
 //!    `nft` lists the new address in that Service's chain. Anchor: one bare `nft -f`
 //!    transaction adding a map element, the floor any nftables proxy pays per change.
-//! 2. Request throughput through a ClusterIP vs straight to the pod: a pod set up by the
-//!    agent's own network code runs busybox httpd; `wrk` (2 threads, 16 connections, 5 s)
-//!    against the pod IP and against the Service's cluster IP, alternated twice.
+//! 2. Request throughput through a ClusterIP vs straight to a pod: two identical pods set
+//!    up by the agent's own network code run busybox httpd, one behind the Service, one
+//!    reached by its IP; `wrk` (2 threads, 16 connections, 5 s) against each, alternated
+//!    twice. Two pods, because one client reaching one pod both ways within a minute mixes
+//!    two TCP timestamp clocks (Linux keys a connection's timestamp offset on the
+//!    addresses the client sees: the cluster IP or the pod's) on the same 4-tuples, and
+//!    the pod's TIME_WAIT sockets then drop SYNs as PAWS-old (`TcpExtPAWSTimewait`), each
+//!    costing a 1 s retransmit: a benchmark artefact, not a cost of either path.
 //!
 //! `cargo bench -p orq --bench proxy`
 
@@ -138,7 +143,7 @@ async fn bench() {
     let api = TestApi::start().await.unwrap();
     let client = api.client();
 
-    // A pod, set up by the agent's network code, serving HTTP.
+    // Two identical pods, set up by the agent's network code, serving HTTP.
     let network = Network::new(
         "orqbench0",
         Cidr::parse("10.244.0.0/24").unwrap(),
@@ -148,20 +153,25 @@ async fn bench() {
     // A node has a route for the service range (its default route, usually): without one
     // a connection to a cluster IP fails before the proxy's output hook sees it.
     run_ok(Command::new("ip").args(["route", "add", "10.43.0.0/16", "dev", "orqbench0"]));
-    let pod = network.setup_pod("web").await.unwrap();
     let www = dir.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello\n").unwrap();
-    let _httpd = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &Network::netns_name("web")])
-            .args(["busybox", "httpd", "-f", "-p", "8080", "-h"])
-            .arg(&www)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut httpds = Vec::new();
+    let mut pods = Vec::new();
+    for name in ["web", "direct"] {
+        pods.push(network.setup_pod(name).await.unwrap());
+        httpds.push(Proc(
+            Command::new("ip")
+                .args(["netns", "exec", &Network::netns_name(name)])
+                .args(["busybox", "httpd", "-f", "-p", "8080", "-h"])
+                .arg(&www)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    let (pod, direct_pod) = (&pods[0], &pods[1]);
 
     // 1,000 Services with their slices; svc-0 points at the pod, the rest at addresses
     // that answer nothing (the rules are the same either way).
@@ -308,8 +318,8 @@ async fn bench() {
         latencies.push(begun.elapsed().as_secs_f64() * 1e3);
     }
 
-    // Throughput: straight to the pod vs through the cluster IP.
-    let direct_url = format!("http://{}:8080/", pod.ip);
+    // Throughput: straight to a pod vs through the cluster IP (to its twin).
+    let direct_url = format!("http://{}:8080/", direct_pod.ip);
     let service_url = format!("http://{}/", cluster_ip(0));
     let (mut direct, mut through) = (Vec::new(), Vec::new());
     for _ in 0..2 {
@@ -335,7 +345,9 @@ async fn bench() {
         through / direct
     );
 
+    drop(httpds);
     network.teardown_pod("web").await.unwrap();
+    network.teardown_pod("direct").await.unwrap();
     network.remove_node().await.unwrap();
     proxy::cleanup().await.unwrap();
 }
