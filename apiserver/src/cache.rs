@@ -164,6 +164,24 @@ impl WatchCache {
         cache
     }
 
+    /// How many objects are cached per `(group, plural)` of their `/registry/` keys.
+    pub fn counts(&self) -> Vec<(String, String, u64)> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut counts: Vec<(String, String, u64)> = Vec::new();
+        for key in state.objects.keys() {
+            let mut parts = key.strip_prefix(PREFIX).unwrap_or(key).splitn(3, '/');
+            let (Some(group), Some(plural)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            match counts.last_mut() {
+                // Keys are sorted: a resource's objects are contiguous.
+                Some((g, p, n)) if g == group && p == plural => *n += 1,
+                _ => counts.push((group.to_owned(), plural.to_owned(), 1)),
+            }
+        }
+        counts
+    }
+
     /// The objects under `prefix` (starting after `start_after`, at most `limit`), once the
     /// cache has reached `at_least`; `None` if it does not within a few seconds.
     pub async fn list(

@@ -1,78 +1,179 @@
-//! Request metrics with kube-apiserver's names, so existing dashboards and alerts apply:
-//! `apiserver_request_total{verb,resource,code}` and
-//! `apiserver_request_duration_seconds{verb,resource}`. Long-running WATCH requests count
-//! when they start and are left out of the latency histogram, as upstream does.
+//! Request and storage metrics with kube-apiserver's names and labels, so existing
+//! dashboards and alerts apply: `apiserver_request_total`,
+//! `apiserver_request_duration_seconds`, `apiserver_current_inflight_requests`,
+//! `apiserver_longrunning_requests` and `apiserver_storage_objects`. Long-running requests
+//! (watches, pod logs) count when they start, are left out of the latency histogram and the
+//! in-flight gauge, and are counted in `apiserver_longrunning_requests` until their response
+//! body ends — as upstream does.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use futures::StreamExt;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::cache::WatchCache;
+
+/// The labels kube-apiserver puts on a request's metrics, in order.
+const REQUEST_LABELS: [&str; 8] = [
+    "verb",
+    "dry_run",
+    "group",
+    "version",
+    "resource",
+    "subresource",
+    "scope",
+    "component",
+];
 
 /// The API server's request metrics.
 #[derive(Clone, Debug)]
 pub struct ApiMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
+    inflight_read: IntGauge,
+    inflight_mutating: IntGauge,
+    longrunning: IntGaugeVec,
 }
 
 impl ApiMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<ApiMetrics> {
+        let mut with_code = REQUEST_LABELS.to_vec();
+        with_code.push("code");
         let requests = IntCounterVec::new(
             Opts::new(
                 "apiserver_request_total",
-                "API requests by verb, resource and HTTP code.",
+                "Counter of apiserver requests broken out for each verb, dry run value, group, \
+                 version, resource, scope, component, and HTTP response code.",
             ),
-            &["verb", "resource", "code"],
+            &with_code,
         )?;
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "apiserver_request_duration_seconds",
-                "API request latency by verb and resource (watches excluded).",
+                "Response latency distribution in seconds for each verb, dry run value, group, \
+                 version, resource, subresource, scope and component (long-running requests \
+                 excluded).",
             )
             .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6,
+                0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0,
+                8.0, 9.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0,
             ]),
-            &["verb", "resource"],
+            &REQUEST_LABELS,
+        )?;
+        let inflight = IntGaugeVec::new(
+            Opts::new(
+                "apiserver_current_inflight_requests",
+                "Maximal number of currently used inflight request limit of this apiserver per \
+                 request kind in last second (here: requests being served now).",
+            ),
+            &["request_kind"],
+        )?;
+        let longrunning = IntGaugeVec::new(
+            Opts::new(
+                "apiserver_longrunning_requests",
+                "Gauge of all active long-running apiserver requests broken out by verb, group, \
+                 version, resource, scope and component.",
+            ),
+            &REQUEST_LABELS,
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        Ok(ApiMetrics { requests, latency })
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(longrunning.clone()))?;
+        Ok(ApiMetrics {
+            requests,
+            latency,
+            inflight_read: inflight.with_label_values(&["readOnly"]),
+            inflight_mutating: inflight.with_label_values(&["mutating"]),
+            longrunning,
+        })
     }
 }
 
-/// kube-apiserver's verb and the resource (`plural` or `plural/subresource`) of a request.
-fn classify(method: &Method, path: &str, query: &str) -> Option<(&'static str, String)> {
-    let rest = if let Some(rest) = path.strip_prefix("/api/v1/") {
-        rest
+/// What kube-apiserver's metrics say of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestInfo {
+    verb: &'static str,
+    dry_run: &'static str,
+    group: String,
+    version: String,
+    resource: String,
+    subresource: String,
+    scope: &'static str,
+}
+
+impl RequestInfo {
+    fn labels(&self) -> [&str; 8] {
+        [
+            self.verb,
+            self.dry_run,
+            &self.group,
+            &self.version,
+            &self.resource,
+            &self.subresource,
+            self.scope,
+            "apiserver",
+        ]
+    }
+
+    /// Watches, and the subresources upstream treats as long-running (logs, exec, attach,
+    /// port-forward, proxy).
+    fn long_running(&self) -> bool {
+        self.verb == "WATCH"
+            || matches!(
+                self.subresource.as_str(),
+                "log" | "exec" | "attach" | "portforward" | "proxy"
+            )
+    }
+
+    fn read_only(&self) -> bool {
+        matches!(self.verb, "GET" | "LIST" | "WATCH")
+    }
+}
+
+/// Classifies an API request (`None` for anything outside `/api` and `/apis/G/V`).
+fn classify(method: &Method, path: &str, query: &str) -> Option<RequestInfo> {
+    let (group, version, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        ("", "v1", rest)
     } else {
         let rest = path.strip_prefix("/apis/")?;
         let mut parts = rest.splitn(3, '/');
-        let (_group, _version) = (parts.next()?, parts.next()?);
-        parts.next()?
+        (parts.next()?, parts.next()?, parts.next()?)
     };
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let segments = match segments.as_slice() {
+    let (namespaced, segments) = match segments.as_slice() {
         ["namespaces", _, resource, tail @ ..] if !matches!(*resource, "status" | "finalize") => {
-            [&[*resource][..], tail].concat()
+            (true, [&[*resource][..], tail].concat())
         }
-        other => other.to_vec(),
+        other => (false, other.to_vec()),
     };
-    let resource = match segments.as_slice() {
-        [plural] | [plural, _] => (*plural).to_owned(),
-        [plural, _, sub, ..] => format!("{plural}/{sub}"),
+    let (resource, named, subresource) = match segments.as_slice() {
         [] => return None,
+        [plural] => (*plural, false, ""),
+        [plural, _] => (*plural, true, ""),
+        [plural, _, sub, ..] => (*plural, true, *sub),
     };
-    let named = segments.len() >= 2;
-    let watch = query
-        .split('&')
-        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let flag = |name: &str| {
+        query.split('&').any(|kv| {
+            kv.split_once('=')
+                .is_some_and(|(k, v)| k == name && (v == "true" || v == "1" || v == "All"))
+        })
+    };
     let verb = match (method, named) {
-        (&Method::GET, false) if watch => "WATCH",
+        (&Method::GET, false) if flag("watch") => "WATCH",
         (&Method::GET, false) => "LIST",
         (&Method::GET, true) => "GET",
         (&Method::POST, _) => "POST",
@@ -82,7 +183,37 @@ fn classify(method: &Method, path: &str, query: &str) -> Option<(&'static str, S
         (&Method::DELETE, true) => "DELETE",
         _ => "OTHER",
     };
-    Some((verb, resource))
+    let scope = match (named, namespaced) {
+        (true, _) => "resource",
+        (false, true) => "namespace",
+        (false, false) => "cluster",
+    };
+    Some(RequestInfo {
+        verb,
+        dry_run: if flag("dryRun") { "All" } else { "" },
+        group: group.to_owned(),
+        version: version.to_owned(),
+        resource: resource.to_owned(),
+        subresource: subresource.to_owned(),
+        scope,
+    })
+}
+
+/// Decrements a gauge when dropped: with the response body, when a long-running request
+/// ends; with the handler's future, when a request finishes or its client goes away.
+struct Active(IntGauge);
+
+impl Active {
+    fn new(gauge: IntGauge) -> Active {
+        gauge.inc();
+        Active(gauge)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Middleware recording every API request.
@@ -91,51 +222,139 @@ pub async fn record(
     request: Request,
     next: Next,
 ) -> Response {
-    let class = classify(
+    let Some(info) = classify(
         request.method(),
         request.uri().path(),
         request.uri().query().unwrap_or(""),
-    );
+    ) else {
+        return next.run(request).await;
+    };
+    let labels = info.labels();
     let started = Instant::now();
-    let response = next.run(request).await;
-    if let Some((verb, resource)) = class {
-        let code = response.status().as_u16().to_string();
-        metrics
-            .requests
-            .with_label_values(&[verb, &resource, &code])
-            .inc();
-        if verb != "WATCH" {
-            metrics
-                .latency
-                .with_label_values(&[verb, &resource])
-                .observe(started.elapsed().as_secs_f64());
-        }
+    if info.long_running() {
+        let active = Active::new(metrics.longrunning.with_label_values(&labels));
+        let response = next.run(request).await;
+        count(&metrics, &labels, &response);
+        // Counted until the stream ends (or the client goes away and hyper drops it).
+        let (parts, body) = response.into_parts();
+        let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _ = &active;
+            chunk
+        }));
+        return Response::from_parts(parts, body);
     }
+    let inflight = if info.read_only() {
+        &metrics.inflight_read
+    } else {
+        &metrics.inflight_mutating
+    };
+    let response = {
+        let _active = Active::new(inflight.clone());
+        next.run(request).await
+    };
+    count(&metrics, &labels, &response);
+    metrics
+        .latency
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
     response
+}
+
+fn count(metrics: &ApiMetrics, labels: &[&str; 8], response: &Response) {
+    let code = response.status().as_u16().to_string();
+    let mut with_code = labels.to_vec();
+    with_code.push(&code);
+    metrics.requests.with_label_values(&with_code).inc();
+}
+
+/// `apiserver_storage_objects{resource}`: the objects stored per resource, counted from the
+/// watch cache when Prometheus scrapes (upstream's resource label: `pods`,
+/// `deployments.apps`). Orquestra's own bookkeeping keys (allocated IPs and ports) are not
+/// counted.
+pub struct StorageObjects {
+    cache: WatchCache,
+    desc: Desc,
+}
+
+impl std::fmt::Debug for StorageObjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageObjects").finish_non_exhaustive()
+    }
+}
+
+impl StorageObjects {
+    /// Registers the collector over `cache` in `registry`.
+    pub fn register(registry: &Registry, cache: WatchCache) -> prometheus::Result<()> {
+        let desc = Desc::new(
+            "apiserver_storage_objects".into(),
+            "Number of stored objects at the time of last check split by kind.".into(),
+            vec!["resource".into()],
+            Default::default(),
+        )?;
+        registry.register(Box::new(StorageObjects { cache, desc }))
+    }
+}
+
+impl Collector for StorageObjects {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for (group, plural, n) in self.cache.counts() {
+            let resource = match group.as_str() {
+                "core" => plural,
+                "orquestra" => continue,
+                _ => format!("{plural}.{group}"),
+            };
+            *counts.entry(resource).or_default() += n as i64;
+        }
+        let Ok(gauge) = IntGaugeVec::new(
+            Opts::new(self.desc.fq_name.clone(), self.desc.help.clone()),
+            &["resource"],
+        ) else {
+            return Vec::new();
+        };
+        for (resource, n) in counts {
+            gauge.with_label_values(&[&resource]).set(n);
+        }
+        gauge.collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn c(m: Method, p: &str, q: &str) -> Option<(&'static str, String, String, &'static str)> {
+        classify(&m, p, q).map(|i| {
+            let resource = if i.subresource.is_empty() {
+                i.resource.clone()
+            } else {
+                format!("{}/{}", i.resource, i.subresource)
+            };
+            (i.verb, i.group, resource, i.scope)
+        })
+    }
+
     #[test]
-    fn verbs_and_resources() {
-        let c = |m: Method, p: &str, q: &str| classify(&m, p, q);
+    fn verbs_resources_and_scopes() {
         assert_eq!(
             c(Method::GET, "/api/v1/namespaces/default/pods", ""),
-            Some(("LIST", "pods".into()))
+            Some(("LIST", "".into(), "pods".into(), "namespace"))
         );
         assert_eq!(
             c(Method::GET, "/api/v1/pods", "watch=true"),
-            Some(("WATCH", "pods".into()))
+            Some(("WATCH", "".into(), "pods".into(), "cluster"))
         );
         assert_eq!(
             c(Method::GET, "/api/v1/namespaces/default", ""),
-            Some(("GET", "namespaces".into()))
+            Some(("GET", "".into(), "namespaces".into(), "resource"))
         );
         assert_eq!(
             c(Method::PUT, "/api/v1/namespaces/x/status", ""),
-            Some(("PUT", "namespaces/status".into()))
+            Some(("PUT", "".into(), "namespaces/status".into(), "resource"))
         );
         assert_eq!(
             c(
@@ -143,8 +362,29 @@ mod tests {
                 "/apis/apps/v1/namespaces/d/deployments/web/scale",
                 ""
             ),
-            Some(("PATCH", "deployments/scale".into()))
+            Some((
+                "PATCH",
+                "apps".into(),
+                "deployments/scale".into(),
+                "resource"
+            ))
         );
         assert_eq!(c(Method::GET, "/healthz", ""), None);
+    }
+
+    #[test]
+    fn long_running_and_dry_run() {
+        let watch = classify(&Method::GET, "/api/v1/pods", "watch=1").unwrap();
+        assert!(watch.long_running() && watch.read_only());
+        let logs = classify(&Method::GET, "/api/v1/namespaces/d/pods/p/log", "").unwrap();
+        assert!(logs.long_running());
+        let create = classify(
+            &Method::POST,
+            "/apis/apps/v1/namespaces/d/deployments",
+            "dryRun=All",
+        )
+        .unwrap();
+        assert!(!create.long_running() && !create.read_only());
+        assert_eq!(create.dry_run, "All");
     }
 }

@@ -136,6 +136,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
         &registry,
     )?);
+    orquestra_apiserver::metrics::StorageObjects::register(
+        &registry,
+        api.engine().cache().clone(),
+    )?;
     let app = health.merge(api.router().layer(axum::middleware::from_fn_with_state(
         api_metrics,
         orquestra_apiserver::metrics::record,

@@ -36,7 +36,24 @@ fn serves_health_and_metrics_on_the_embedded_store_and_stops_on_sigterm() {
     let (_, metrics) = server.get("/metrics").unwrap();
     assert!(
         metrics
-            .contains(r#"apiserver_request_total{code="404",resource="configmaps",verb="GET"} 1"#),
+            .contains(r#"apiserver_request_total{code="404",component="apiserver",dry_run="",group="",resource="configmaps",scope="resource",subresource="",verb="GET",version="v1"} 1"#),
+        "{metrics}"
+    );
+    // The control loops' watches are open; the four boot namespaces are stored.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("apiserver_longrunning_requests{")
+                && l.contains(r#"verb="WATCH""#)
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"apiserver_current_inflight_requests{request_kind="mutating"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"apiserver_storage_objects{resource="namespaces"} 4"#),
         "{metrics}"
     );
     assert!(
