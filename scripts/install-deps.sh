@@ -10,7 +10,7 @@ set -euo pipefail
 # image's userland), curl, runc (the baseline of the runtime benchmark) and wrk (the
 # service proxy benchmark's load).
 packages=(protobuf-compiler etcd-server etcd-client prometheus iproute2 nftables
-  docker-registry umoci skopeo busybox-static curl runc util-linux wrk)
+  docker-registry umoci skopeo busybox-static curl runc util-linux wrk binutils)
 
 missing=()
 for p in "${packages[@]}"; do
