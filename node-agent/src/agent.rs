@@ -69,6 +69,8 @@ pub struct AgentConfig {
     /// DNS served on the bridge's address (pods' resolver). Off, the node's network is
     /// touched only once a pod needs it, and pods get the host's resolver configuration.
     pub kube_proxy: bool,
+    /// Taints the Node is created with (kubelet's `--register-with-taints`).
+    pub register_with_taints: Vec<crate::node::RegisterTaint>,
 }
 
 impl AgentConfig {
@@ -92,6 +94,7 @@ impl AgentConfig {
             endpoint_token: None,
             insecure_registries: Vec::new(),
             kube_proxy: true,
+            register_with_taints: Vec::new(),
         }
     }
 }
@@ -290,6 +293,7 @@ pub async fn run(
     let host = HostInfo::read();
     let mut node = NodeConfig::new(config.node_name.clone(), config.node_ip.clone());
     node.port = endpoint.port();
+    node.taints = config.register_with_taints.clone();
     let heartbeat = Heartbeat::new(client.clone(), node, host);
     let (stop, stopped) = watch::channel(false);
     let mut stop_heartbeat = stopped.clone();

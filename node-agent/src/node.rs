@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 /// The field manager of every write the agent makes.
@@ -50,6 +50,49 @@ pub struct NodeConfig {
     pub lease_duration: Duration,
     /// The longest the status goes without being re-applied.
     pub status_refresh: Duration,
+    /// Taints the Node is created with (kubelet's `--register-with-taints`).
+    pub taints: Vec<RegisterTaint>,
+}
+
+/// A taint a node registers with: `key[=value]:Effect`, as kubelet's flag takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterTaint {
+    /// The taint's key.
+    pub key: String,
+    /// Its value, if any.
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    pub effect: String,
+}
+
+impl std::str::FromStr for RegisterTaint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || {
+            format!(
+                "{text:?} is not a taint: use key[=value]:Effect, e.g. dedicated=gpu:NoSchedule"
+            )
+        };
+        let (pair, effect) = text.rsplit_once(':').ok_or_else(invalid)?;
+        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(format!(
+                "{text:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
+            ));
+        }
+        let (key, value) = match pair.split_once('=') {
+            Some((key, value)) => (key, Some(value.to_owned())),
+            None => (pair, None),
+        };
+        if key.is_empty() {
+            return Err(invalid());
+        }
+        Ok(RegisterTaint {
+            key: key.to_owned(),
+            value,
+            effect: effect.to_owned(),
+        })
+    }
 }
 
 impl NodeConfig {
@@ -63,6 +106,7 @@ impl NodeConfig {
             lease_renew: Duration::from_secs(10),
             lease_duration: Duration::from_secs(40),
             status_refresh: Duration::from_secs(300),
+            taints: Vec::new(),
         }
     }
 }
@@ -211,6 +255,30 @@ impl Heartbeat {
     pub async fn register(&self) -> Result<(), NodeError> {
         let ssa = PatchParams::apply(MANAGER).force();
         let name = self.config.name.as_str();
+        if !self.config.taints.is_empty() && self.nodes.get_opt(name).await?.is_none() {
+            // Taints only at creation, as the kubelet does, and not under the agent's
+            // field manager: its later applies must not take them back, nor the ones the
+            // node lifecycle controller or an admin add.
+            let taints: Vec<Value> = self
+                .config
+                .taints
+                .iter()
+                .map(|t| json!({"key": t.key, "value": t.value, "effect": t.effect}))
+                .collect();
+            let mut node = node_object(&self.config, &self.host);
+            node["spec"] = json!({"taints": taints});
+            let node: Node = serde_json::from_value(node).map_err(kube::Error::SerdeError)?;
+            let params = PostParams {
+                field_manager: Some(format!("{MANAGER}-register")),
+                ..PostParams::default()
+            };
+            match self.nodes.create(&params, &node).await {
+                Ok(_) => {}
+                // Another registration won the race: the node exists, as wanted.
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.nodes
             .patch(
                 name,

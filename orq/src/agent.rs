@@ -14,9 +14,28 @@ use orquestra_node_agent::{AgentConfig, HostInfo};
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The kubeconfig to reach the API server with (`orq server` writes an admin one to
-    /// DATA_DIR/kubeconfig.yaml).
-    #[arg(long, env = "KUBECONFIG")]
+    /// DATA_DIR/kubeconfig.yaml). Or join with `--server` and `--token`.
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "server")]
     kubeconfig: Option<PathBuf>,
+    /// The API server to join, e.g. `https://10.0.0.1:6443` (with `--token` or
+    /// `--token-file`, and `--ca-file`).
+    #[arg(long, env = "ORQ_SERVER")]
+    server: Option<String>,
+    /// The bearer token to join with (`orq server` keeps one in DATA_DIR/token).
+    #[arg(
+        long,
+        env = "ORQ_TOKEN",
+        conflicts_with = "token_file",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The cluster CA to verify the server with (`orq server`'s DATA_DIR/tls/ca.crt);
+    /// default: the system's roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// The Node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
@@ -61,6 +80,14 @@ pub struct NodeArgs {
     /// registries always are, everything else is HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
+    /// Taints the Node is created with, `key[=value]:Effect` (comma-separated or
+    /// repeated), e.g. `orquestra.dev/runtime=libcontainer:NoSchedule`.
+    #[arg(
+        long = "register-with-taints",
+        value_delimiter = ',',
+        value_name = "TAINT"
+    )]
+    pub(crate) register_with_taints: Vec<orquestra_node_agent::node::RegisterTaint>,
     /// Leave Services and the cross-node pod network to something else (k3s' flag): no
     /// service proxy rules, no routes to other nodes' pods, and the node's network is set
     /// up only once a pod needs it.
@@ -112,6 +139,7 @@ pub fn config(
     }
     config.insecure_registries = node.insecure_registries.clone();
     config.kube_proxy = !node.disable_kube_proxy;
+    config.register_with_taints = node.register_with_taints.clone();
     Ok(config)
 }
 
@@ -158,10 +186,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cleaning up {}", config.data_dir.display()))?;
         return Ok(());
     }
-    let kubeconfig = args
-        .kubeconfig
-        .context("--kubeconfig (or KUBECONFIG) is required")?;
-    let client = client(&kubeconfig).await?;
+    let (client, token) = match (&args.server, &args.kubeconfig) {
+        (Some(server), _) => join(server, &args).await?,
+        (None, Some(kubeconfig)) => (client(kubeconfig).await?, kubeconfig_token(kubeconfig)),
+        (None, None) => anyhow::bail!(
+            "no cluster to join: pass --server URL --token TOKEN (or --token-file) [--ca-file], \
+             or --kubeconfig FILE (orq server writes DATA_DIR/kubeconfig.yaml)"
+        ),
+    };
+    check_access(
+        &client,
+        args.server.as_deref().unwrap_or("the kubeconfig's server"),
+    )
+    .await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let stop = async move {
@@ -173,7 +210,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     match args.runtime {
         Runtime::Libcontainer => {
             let mut config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
-            config.endpoint_token = kubeconfig_token(&kubeconfig);
+            config.endpoint_token = token;
             let registry = prometheus::Registry::new();
             orquestra_node_agent::run(client, config, &registry, stop).await?;
         }
@@ -183,4 +220,80 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A client for `--server` with `--token`/`--token-file` and `--ca-file`, and the token.
+async fn join(server: &str, args: &AgentArgs) -> anyhow::Result<(kube::Client, Option<String>)> {
+    use kube::config::{
+        AuthInfo, Cluster, Context as KubeContext, Kubeconfig, NamedAuthInfo, NamedCluster,
+        NamedContext,
+    };
+    anyhow::ensure!(
+        server.starts_with("https://") || server.starts_with("http://"),
+        "--server {server:?} is not a URL like https://HOST:6443"
+    );
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => token.trim().to_owned(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading --token-file {}", file.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("--server needs --token or --token-file"),
+    };
+    anyhow::ensure!(!token.is_empty(), "the token is empty");
+    if let Some(ca) = &args.ca_file {
+        anyhow::ensure!(ca.is_file(), "--ca-file {}: no such file", ca.display());
+    }
+    // An in-memory kubeconfig, so that kube reads the CA file as it reads any other.
+    let kubeconfig = Kubeconfig {
+        clusters: vec![NamedCluster {
+            name: "join".into(),
+            cluster: Some(Cluster {
+                server: Some(server.to_owned()),
+                certificate_authority: args.ca_file.as_ref().map(|p| p.display().to_string()),
+                ..Cluster::default()
+            }),
+            other: Default::default(),
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: "join".into(),
+            auth_info: Some(AuthInfo {
+                token: Some(token.clone().into()),
+                ..AuthInfo::default()
+            }),
+            other: Default::default(),
+        }],
+        contexts: vec![NamedContext {
+            name: "join".into(),
+            context: Some(KubeContext {
+                cluster: "join".into(),
+                user: Some("join".into()),
+                ..KubeContext::default()
+            }),
+            other: Default::default(),
+        }],
+        current_context: Some("join".into()),
+        ..Kubeconfig::default()
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .context("loading --ca-file")?;
+    let client = kube::Client::try_from(config).context("building the API client")?;
+    Ok((client, Some(token)))
+}
+
+/// Fails with a message naming what went wrong if the API server cannot be reached or
+/// does not accept the credentials — before the agent starts retrying forever.
+async fn check_access(client: &kube::Client, server: &str) -> anyhow::Result<()> {
+    match client.list_core_api_resources("v1").await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 401 => anyhow::bail!(
+            "the API server at {server} rejected the token (401 Unauthorized): check --token \
+             (orq server keeps its token in DATA_DIR/token)"
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot reach the API server at {server}: is the URL right and the server up? \
+             (with HTTPS, --ca-file must name the cluster CA)"
+        ))),
+    }
 }
