@@ -15,10 +15,11 @@ use orquestra_operator::{LeaderElection, Manager};
 /// The control loops' flags, shared by `orq server` and `orq operator`.
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
-    /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
-    /// a name to add one, `-name` to leave one out. Names: scheduler, deployment,
-    /// replicaset, daemonset, endpoint, endpointslice, garbagecollector, namespace,
-    /// nodelifecycle, nodeipam (as built).
+    /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all
+    /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
+    /// deployment, replicaset, daemonset, endpoint, endpointslice, garbagecollector,
+    /// namespace, nodelifecycle, nodeipam (as built). Controllers of Orquestra's own custom
+    /// resources run only when named, since their CRDs may not be installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
     /// How long a node's Lease may go unrenewed before the node is Unknown and tainted
@@ -33,7 +34,45 @@ pub struct ControllerArgs {
     pub node_cidr_mask_size: u8,
 }
 
+/// Controllers of Orquestra's own custom resources, selected by name only: `staticsite`
+/// (examples/static-site; its CRD is crds/example.orquestra.dev_staticsites.yaml).
+const CUSTOM: &[(&str, fn(&mut Manager) -> Option<()>)] =
+    &[("staticsite", static_site::controller)];
+
 impl ControllerArgs {
+    /// Whether any control loop is selected.
+    pub fn selects_any(&self) -> bool {
+        orquestra_controllers::BUILTIN
+            .iter()
+            .any(|b| orquestra_controllers::enabled(&self.controllers, b.name))
+            || CUSTOM
+                .iter()
+                .any(|(n, _)| self.controllers.iter().any(|c| c.trim() == *n))
+    }
+
+    /// Adds the selected control loops to `manager`; returns their names.
+    pub fn add_to(&self, manager: &mut Manager) -> anyhow::Result<Vec<&'static str>> {
+        let custom_name = |item: &String| {
+            let name = item.trim().trim_start_matches('-');
+            CUSTOM.iter().any(|(n, _)| *n == name)
+        };
+        let builtin: Vec<String> = self
+            .controllers
+            .iter()
+            .filter(|c| !custom_name(c))
+            .cloned()
+            .collect();
+        let mut added = orquestra_controllers::add_selected(manager, &builtin, &self.settings()?)?;
+        for (name, add) in CUSTOM {
+            let named = |item: &str| self.controllers.iter().any(|c| c.trim() == item);
+            if named(name) && !named(&format!("-{name}")) {
+                add(manager).with_context(|| format!("adding the {name} controller"))?;
+                added.push(name);
+            }
+        }
+        Ok(added)
+    }
+
     /// The settings the control loops take; an invalid CIDR is an error here, at start.
     pub fn settings(&self) -> anyhow::Result<orquestra_controllers::Settings> {
         let node_ipam = orquestra_controllers::nodeipam::Config::new(
@@ -82,11 +121,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         )?,
     };
     let mut manager = Manager::new(client);
-    let added = orquestra_controllers::add_selected(
-        &mut manager,
-        &args.controllers.controllers,
-        &args.controllers.settings()?,
-    )?;
+    let added = args.controllers.add_to(&mut manager)?;
     anyhow::ensure!(!added.is_empty(), "--controllers selects no control loop");
     if args.leader_elect {
         // Unique per process, readable in `kubectl get lease`: host and pid.

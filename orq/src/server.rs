@@ -183,18 +183,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
 
     // The control loops, through the API like any client (the admin kubeconfig).
-    let selected = orquestra_controllers::BUILTIN
-        .iter()
-        .any(|b| orquestra_controllers::enabled(&args.controllers.controllers, b.name));
-    let controllers = if selected {
+    let controllers = if args.controllers.selects_any() {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
-        let added = orquestra_controllers::add_selected(
-            &mut manager,
-            &args.controllers.controllers,
-            &args.controllers.settings()?,
-        )?;
+        let added = args.controllers.add_to(&mut manager)?;
         tracing::info!(controllers = ?added, "starting the control loops");
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.

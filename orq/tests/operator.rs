@@ -103,3 +103,110 @@ async fn a_manager_is_not_ready_while_the_api_server_is_gone_and_recovers() {
     .await;
     drop(server);
 }
+
+/// The operator process, killed (by its PID) when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orq_operator_runs_the_staticsite_controller_when_named() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use static_site::StaticSite;
+
+    let dir = tempfile::tempdir().unwrap();
+    // No control loops in the server: the operator process runs the one named.
+    let server = Server::start(
+        dir.path(),
+        &["--insecure-http", "--no-agent", "--controllers="],
+    );
+    let addr = server.addr;
+    tokio::task::block_in_place(|| server.wait_ready());
+    let client =
+        Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+
+    // The CRD as the repository generates it (`orq crdgen`).
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/example.orquestra.dev_staticsites.yaml"
+    ))
+    .unwrap();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&manifest).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _operator = Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_orq"))
+            .arg("operator")
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .args(["--listen", &listen.to_string(), "--controllers=staticsite"])
+            .spawn()
+            .unwrap(),
+    );
+    until(
+        "the operator is ready",
+        Duration::from_secs(30),
+        async || readyz(listen).await == Some(200),
+    )
+    .await;
+
+    let sites: Api<StaticSite> = Api::namespaced(client.clone(), "default");
+    let site: StaticSite = serde_json::from_value(serde_json::json!({
+        "apiVersion": "example.orquestra.dev/v1", "kind": "StaticSite",
+        "metadata": {"name": "hello"},
+        "spec": {"content": "<h1>hello</h1>", "replicas": 2},
+    }))
+    .unwrap();
+    sites.create(&PostParams::default(), &site).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    until(
+        "the StaticSite's ConfigMap, Deployment and Service",
+        Duration::from_secs(30),
+        async || {
+            let replicas = deployments
+                .get_opt("hello")
+                .await
+                .unwrap()
+                .and_then(|d| d.spec?.replicas);
+            replicas == Some(2)
+                && services.get_opt("hello").await.unwrap().is_some()
+                && cms
+                    .list(&Default::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .any(|cm| {
+                        cm.owner_references()
+                            .iter()
+                            .any(|o| o.kind == "StaticSite" && o.name == "hello")
+                    })
+        },
+    )
+    .await;
+    // The built-in loops did not run: nothing made a ReplicaSet of the Deployment.
+    let replicasets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(client, "default");
+    assert!(
+        replicasets
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
