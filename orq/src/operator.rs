@@ -36,8 +36,10 @@ pub struct ControllerArgs {
 
 /// Controllers of Orquestra's own custom resources, selected by name only: `staticsite`
 /// (examples/static-site; its CRD is crds/example.orquestra.dev_staticsites.yaml).
-const CUSTOM: &[(&str, fn(&mut Manager) -> Option<()>)] =
-    &[("staticsite", static_site::controller)];
+const CUSTOM: &[(&str, AddCustom)] = &[("staticsite", static_site::controller)];
+
+/// Wires a custom resource's controller into a manager (`None`: the manager already runs).
+type AddCustom = fn(&mut Manager) -> Option<()>;
 
 impl ControllerArgs {
     /// Whether any control loop is selected.
