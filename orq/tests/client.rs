@@ -383,7 +383,8 @@ fn against_a_server() {
     assert!(all.starts_with("NAMESPACE"), "{all}");
     assert_eq!(row(&all, "default").map(|r| r.len()), Some(4), "{all}");
     assert!(
-        all.lines().any(|l| l.starts_with("kube-system")) || all.contains("default   demo"),
+        all.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["default", "demo", "1"])),
         "{all}"
     );
     let namespaces = k(&["get", "ns"]);
