@@ -1,7 +1,9 @@
 //! `orq`: the one Orquestra binary. Thin on purpose: it parses flags, sets up logging, wires
-//! the library crates together and handles signals.
+//! the library crates together and handles signals. The client commands (`get`, `apply`, …)
+//! live in [`client`].
 
 mod agent;
+mod client;
 mod image;
 mod operator;
 mod server;
@@ -64,6 +66,49 @@ enum Command {
         #[arg(long, default_value = "crds")]
         out: std::path::PathBuf,
     },
+    /// Print where the cluster's API server runs, its version and how many nodes are ready.
+    #[command(name = "cluster-info")]
+    ClusterInfo(client::info::ClusterInfoArgs),
+    /// Print the client's version and the server's (the client's alone with --client).
+    Version(client::info::VersionArgs),
+    /// List objects of a kind, or get some by name: as a table, YAML, JSON or names; -w
+    /// keeps watching.
+    Get(client::get::GetArgs),
+    /// Create or update objects from manifests with server-side apply (field manager `orq`).
+    Apply(client::apply::ApplyArgs),
+    /// Delete objects by kind and name, label selector or manifest, waiting until they are gone.
+    Delete(client::delete::DeleteArgs),
+    /// Create a Pod running one image, labelled run=NAME (like `kubectl run`).
+    Run(client::run::RunArgs),
+    /// Print (or follow) the log of a Pod's container.
+    Logs(client::logs::LogsArgs),
+    /// Show an object's details: metadata, state, conditions and its Events.
+    Describe(client::describe::DescribeArgs),
+    /// Print a shell completion script: `source <(orq completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// Whether this is a client command: it logs warnings only, to stderr, and reports
+    /// errors kubectl's way (`error: …`, exit status 1).
+    fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::ClusterInfo(_)
+                | Command::Version(_)
+                | Command::Get(_)
+                | Command::Apply(_)
+                | Command::Delete(_)
+                | Command::Run(_)
+                | Command::Logs(_)
+                | Command::Describe(_)
+                | Command::Completion { .. }
+        )
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,6 +155,42 @@ fn main() -> anyhow::Result<()> {
             &root, &id, command, timeout,
         ));
     }
+    if let Command::Completion { shell } = command {
+        use clap::CommandFactory as _;
+        clap_complete::generate(shell, &mut Cli::command(), "orq", &mut std::io::stdout());
+        return Ok(());
+    }
+    if command.is_client() {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    // kube-client logs the errors it returns; they are reported once, below.
+                    .unwrap_or_else(|_| "warn,kube_client=off".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                match command {
+                    Command::ClusterInfo(args) => client::info::cluster_info(args).await,
+                    Command::Version(args) => client::info::version(args).await,
+                    Command::Get(args) => client::get::run(args).await,
+                    Command::Apply(args) => client::apply::run(args).await,
+                    Command::Delete(args) => client::delete::run(args).await,
+                    Command::Run(args) => client::run::run(args).await,
+                    Command::Logs(args) => client::logs::run(args).await,
+                    Command::Describe(args) => client::describe::run(args).await,
+                    _ => Ok(()),
+                }
+            });
+        if let Err(error) = result {
+            eprintln!("error: {error:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     tracing_subscriber::fmt().with_env_filter(filter()).init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -121,6 +202,16 @@ fn main() -> anyhow::Result<()> {
                 Command::Operator(args) => operator::run(args).await,
                 Command::Image(args) => image::run(args).await,
                 Command::Crdgen { out } => crdgen(&out),
+                // Handled above.
+                Command::ClusterInfo(_)
+                | Command::Version(_)
+                | Command::Get(_)
+                | Command::Apply(_)
+                | Command::Delete(_)
+                | Command::Run(_)
+                | Command::Logs(_)
+                | Command::Describe(_)
+                | Command::Completion { .. } => Ok(()),
                 // Ran (and exited) above.
                 Command::Shim { .. } | Command::ShimExec { .. } => Ok(()),
             }
