@@ -18,7 +18,7 @@ pub struct ControllerArgs {
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all,
     /// a name to add one, `-name` to leave one out. Names: scheduler, deployment,
     /// replicaset, daemonset, endpoint, endpointslice, garbagecollector, namespace,
-    /// nodelifecycle, nodeipam (as built).
+    /// serviceaccount, nodelifecycle, nodeipam (as built).
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
     /// How long a node's Lease may go unrenewed before the node is Unknown and tainted
