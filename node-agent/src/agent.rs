@@ -69,6 +69,8 @@ pub struct AgentConfig {
     /// DNS served on the bridge's address (pods' resolver). Off, the node's network is
     /// touched only once a pod needs it, and pods get the host's resolver configuration.
     pub kube_proxy: bool,
+    /// The cluster CA (PEM) pods get as `ca.crt` beside their service account token.
+    pub cluster_ca: Option<String>,
 }
 
 impl AgentConfig {
@@ -92,6 +94,7 @@ impl AgentConfig {
             endpoint_token: None,
             insecure_registries: Vec::new(),
             kube_proxy: true,
+            cluster_ca: None,
         }
     }
 }

@@ -138,6 +138,33 @@ pub fn kubeconfig_token(kubeconfig: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The CA (PEM) of the kubeconfig's current cluster, from `certificate-authority-data` or
+/// the `certificate-authority` file: pods get it as their service account `ca.crt`.
+pub fn kubeconfig_ca(kubeconfig: &Path) -> Option<String> {
+    use base64::Engine as _;
+    let config = kube::config::Kubeconfig::read_from(kubeconfig).ok()?;
+    let current = config.current_context.as_deref()?;
+    let context = config
+        .contexts
+        .iter()
+        .find(|c| c.name == current)?
+        .context
+        .as_ref()?;
+    let cluster = config
+        .clusters
+        .iter()
+        .find(|c| c.name == context.cluster)?
+        .cluster
+        .as_ref()?;
+    if let Some(data) = &cluster.certificate_authority_data {
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .ok()?;
+        return String::from_utf8(pem).ok();
+    }
+    std::fs::read_to_string(cluster.certificate_authority.as_ref()?).ok()
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -174,6 +201,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Runtime::Libcontainer => {
             let mut config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
             config.endpoint_token = kubeconfig_token(&kubeconfig);
+            config.cluster_ca = kubeconfig_ca(&kubeconfig);
             let registry = prometheus::Registry::new();
             orquestra_node_agent::run(client, config, &registry, stop).await?;
         }
