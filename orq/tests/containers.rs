@@ -1175,13 +1175,16 @@ fn deployments_with_kubectl() {
 
 #[test]
 fn pods_get_a_service_account_token_and_reach_the_api_server() {
-    // The host namespace gets a default route (through a dummy interface) like a real
-    // machine: its source address is what the server advertises, and the server listens on
+    // The host namespace gets a default route (through a veth pair of its own: no dummy
+    // module here) like a real machine: its source address is what the server advertises, and the server listens on
     // every address so pods can reach it there.
     let host = Host::start_listening("incluster", "0.0.0.0:6443", |netns| {
         let ip = |args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(&netns.0).args(args));
-        ip(&["link", "add", "uplink0", "type", "dummy"]);
+        ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+        ]);
         ip(&["addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
+        ip(&["link", "set", "uplink1", "up"]);
         ip(&["link", "set", "uplink0", "up"]);
         ip(&["route", "add", "default", "via", "192.0.2.1"]);
     });
