@@ -42,6 +42,7 @@ ROOTS = {
     "apiextensions.k8s.io/v1/CustomResourceDefinition":
         "apiextensions_apiserver.pkg.apis.apiextensions.v1.CustomResourceDefinition",
     "autoscaling/v1/Scale": "api.autoscaling.v1.Scale",
+    "authentication.k8s.io/v1/TokenRequest": "api.authentication.v1.TokenRequest",
     "meta.k8s.io/v1/DeleteOptions": "apimachinery.pkg.apis.meta.v1.DeleteOptions",
     "v1/DeleteOptions": "apimachinery.pkg.apis.meta.v1.DeleteOptions",
 }

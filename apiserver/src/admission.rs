@@ -22,6 +22,24 @@ pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
     on_write(def, object);
 }
 
+/// The ServiceAccount admission plugin's default: a new pod naming no service account runs
+/// as `default`; the deprecated `serviceAccount` alias mirrors `serviceAccountName`.
+fn service_account_defaults(object: &mut Value) {
+    let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let named = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let name = named(spec.get("serviceAccountName"))
+        .or_else(|| named(spec.get("serviceAccount")))
+        .unwrap_or_else(|| "default".to_owned());
+    spec.insert("serviceAccountName".into(), json!(name));
+    spec.insert("serviceAccount".into(), json!(name));
+}
+
 /// The default `tolerationSeconds` for the `not-ready` and `unreachable` taints.
 pub const DEFAULT_TOLERATION_SECONDS: i64 = 300;
 
@@ -71,6 +89,7 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
             if let Some(spec) = object.get_mut("spec") {
                 pod_spec_defaults(spec);
             }
+            service_account_defaults(object);
         }
         ("apps", "Deployment") => {
             deployment_defaults(object);

@@ -115,6 +115,17 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "verbs": ["update"],
         }));
     }
+    if def.group.is_empty() && def.plural == "serviceaccounts" {
+        entries.push(json!({
+            "name": "serviceaccounts/token",
+            "singularName": "",
+            "namespaced": true,
+            "group": "authentication.k8s.io",
+            "version": "v1",
+            "kind": "TokenRequest",
+            "verbs": ["create"],
+        }));
+    }
     if def.group.is_empty() && def.plural == "pods" {
         entries.push(json!({
             "name": "pods/binding",

@@ -41,6 +41,8 @@ pub struct Engine {
     /// The bearer token presented to node agents when proxying to them (`pods/log`).
     pub kubelet_token: Arc<std::sync::OnceLock<String>>,
     node_client: Arc<std::sync::OnceLock<reqwest::Client>>,
+    /// Signs and checks service account tokens (set once; an in-memory key by default).
+    token_issuer: Arc<std::sync::OnceLock<crate::token::TokenIssuer>>,
     /// Namespaces this engine marked for deletion, until they are gone or made again: a
     /// create right after the delete is refused even before the watch cache shows it.
     terminating: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -118,6 +120,7 @@ impl Engine {
             default_toleration_seconds: crate::admission::DEFAULT_TOLERATION_SECONDS,
             kubelet_token: Arc::default(),
             node_client: Arc::default(),
+            token_issuer: Arc::default(),
             terminating: Arc::default(),
         }
     }
@@ -134,6 +137,25 @@ impl Engine {
             .build()
             .map_err(|e| ApiError::Internal(format!("building the node agent client: {e}")))?;
         Ok(self.node_client.get_or_init(|| client).clone())
+    }
+
+    /// Signs service account tokens with `issuer` (its key from the data dir) instead of a
+    /// key made up in memory. Only before the first token is issued or checked: false after.
+    pub fn set_token_issuer(&self, issuer: crate::token::TokenIssuer) -> bool {
+        self.token_issuer.set(issuer).is_ok()
+    }
+
+    /// The service account token issuer; one with an in-memory key unless
+    /// [`Engine::set_token_issuer`] was called first.
+    pub fn token_issuer(&self) -> Result<&crate::token::TokenIssuer, ApiError> {
+        if self.token_issuer.get().is_none() {
+            let generated = crate::token::TokenIssuer::generate()
+                .map_err(|e| ApiError::Internal(format!("{e}")))?;
+            let _ = self.token_issuer.set(generated);
+        }
+        self.token_issuer
+            .get()
+            .ok_or_else(|| ApiError::Internal("no service account token issuer".into()))
     }
 
     /// The watch cache LISTs are served from.

@@ -3,12 +3,15 @@
 //!
 //! On first start they are generated into `<data dir>/tls/` and `<data dir>/token` (mode
 //! 0600) and reused afterwards, so kubeconfigs stay valid across restarts. Requests
-//! authenticate with `Authorization: Bearer <token>`; health endpoints and `/version`
-//! stay public, as in Kubernetes (`system:public-info-viewer`).
+//! authenticate with `Authorization: Bearer <token>` — the admin token, or a service account
+//! token the server issued ([`crate::token`]); health endpoints and `/version` stay public,
+//! as in Kubernetes (`system:public-info-viewer`).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -18,6 +21,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::engine::Engine;
 use crate::error::ApiError;
 
 /// Why the identity could not be loaded or created.
@@ -109,11 +113,15 @@ impl Identity {
             }
         };
 
+        // What in-cluster clients dial: the `kubernetes` Service by name or cluster IP.
         let mut names: Vec<String> = vec![
             "localhost".into(),
             "127.0.0.1".into(),
             "kubernetes".into(),
             "kubernetes.default".into(),
+            "kubernetes.default.svc".into(),
+            "kubernetes.default.svc.cluster.local".into(),
+            crate::kubernetes_service::cluster_ip().to_string(),
         ];
         for san in sans {
             if !names.contains(san) {
@@ -207,9 +215,90 @@ fn public(path: &str) -> bool {
         || path.starts_with("/livez/")
 }
 
-/// Middleware: requests other than the public ones need the admin bearer token.
+/// Who may call the API: the admin token's holder, and the ServiceAccounts holding a token
+/// this server issued (valid signature and audience, not expired, its ServiceAccount and
+/// bound object still there). Authorization is not enforced yet: authenticated is enough.
+pub struct Authenticator {
+    admin_token: String,
+    engine: Engine,
+    /// Tokens recently checked against the store, and when: a client's burst of requests
+    /// costs one lookup, and a deleted ServiceAccount's token stops working within
+    /// [`RECHECK_AFTER`].
+    checked: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a service account token's objects count as still there after a lookup.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(5);
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Accepts `admin_token`, and the service account tokens of `engine`'s issuer.
+    pub fn new(admin_token: String, engine: Engine) -> Authenticator {
+        Authenticator {
+            admin_token,
+            engine,
+            checked: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether `presented` authenticates a request.
+    pub async fn accepts(&self, presented: &str) -> bool {
+        // Constant-time comparison: the token is a secret.
+        let token = &self.admin_token;
+        if presented.len() == token.len()
+            && presented
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        {
+            return true;
+        }
+        if presented.bytes().filter(|b| *b == b'.').count() != 2 {
+            return false;
+        }
+        let Ok(issuer) = self.engine.token_issuer() else {
+            return false;
+        };
+        let Ok(claims) = issuer.verify(presented) else {
+            return false;
+        };
+        let fresh = {
+            let checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            checked
+                .get(presented)
+                .is_some_and(|at| at.elapsed() < RECHECK_AFTER)
+        };
+        if fresh {
+            return true;
+        }
+        match crate::token::still_valid(&self.engine, &claims).await {
+            Ok(true) => {
+                let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+                if checked.len() > 10_000 {
+                    checked.retain(|_, at| at.elapsed() < RECHECK_AFTER);
+                }
+                checked.insert(presented.to_owned(), Instant::now());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking a service account token's objects");
+                false
+            }
+        }
+    }
+}
+
+/// Middleware: requests other than the public ones need the admin token or a service
+/// account token (see [`Authenticator`]).
 pub async fn authenticate(
-    State(token): State<std::sync::Arc<String>>,
+    State(auth): State<std::sync::Arc<Authenticator>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -222,14 +311,10 @@ pub async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    // Constant-time comparison: the token is a secret.
-    let ok = presented.is_some_and(|p| {
-        p.len() == token.len()
-            && p.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let ok = match presented {
+        Some(p) => auth.accepts(p).await,
+        None => false,
+    };
     if ok {
         next.run(request).await
     } else {

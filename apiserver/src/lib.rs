@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod identity;
+pub mod kubernetes_service;
 pub mod managed;
 pub mod metrics;
 pub mod object;
@@ -33,6 +34,7 @@ pub mod service;
 pub mod smp;
 pub mod subresource;
 pub mod table;
+pub mod token;
 pub mod watch;
 
 use std::sync::Arc;
@@ -123,6 +125,24 @@ impl ApiServer {
                 }),
             )
             .route("/openapi/v3/{*path}", get(openapi_v3))
+            .route(
+                "/.well-known/openid-configuration",
+                get(|State(engine): State<Engine>| async move {
+                    match engine.token_issuer() {
+                        Ok(issuer) => json(StatusCode::OK, &issuer.openid_configuration()),
+                        Err(e) => e.into_response(),
+                    }
+                }),
+            )
+            .route(
+                "/openid/v1/jwks",
+                get(|State(engine): State<Engine>| async move {
+                    match engine.token_issuer() {
+                        Ok(issuer) => json(StatusCode::OK, &issuer.jwks()),
+                        Err(e) => e.into_response(),
+                    }
+                }),
+            )
             .fallback(|| async { ApiError::NoRoute })
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.engine.clone())
@@ -498,6 +518,20 @@ async fn dispatch(
             let binding = parse_body(&body)?;
             let status = subresource::bind(engine, &target, &binding).await?;
             return Ok(json(StatusCode::CREATED, &status));
+        }
+        Some("token") if token::is_token_request(&target) => {
+            if method != Method::POST {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            require_json(headers)?;
+            let request = if body.is_empty() {
+                json!({})
+            } else {
+                parse_body(&body)?
+            };
+            let issuer = engine.token_issuer()?;
+            let answer = token::request(engine, issuer, &target, &request).await?;
+            return Ok(json(StatusCode::CREATED, &answer));
         }
         // `PUT namespaces/<name>/finalize`: the namespace controller's way to take its
         // `spec.finalizers` off (nothing else in the body is taken).

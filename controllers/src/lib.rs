@@ -1,7 +1,8 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
 //! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`],
 //! [`daemonset`]), the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
-//! ([`nodeipam`]); garbage collection, namespace and node lifecycle to come. [`BUILTIN`]
+//! ([`nodeipam`]), garbage collection, namespace and node lifecycle, and the `default`
+//! ServiceAccount of every namespace ([`serviceaccount`]). [`BUILTIN`]
 //! names them for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
@@ -19,6 +20,7 @@ pub mod nodelifecycle;
 pub mod objects;
 pub mod replicaset;
 pub mod scheduler;
+pub mod serviceaccount;
 
 use std::time::Duration;
 
@@ -108,6 +110,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "namespace",
         add: |m, _| {
             namespace::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "serviceaccount",
+        add: |m, _| {
+            serviceaccount::add(m);
             Ok(())
         },
     },

@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub kube_proxy: bool,
     /// Taints the Node is created with (kubelet's `--register-with-taints`).
     pub register_with_taints: Vec<crate::node::RegisterTaint>,
+    /// The cluster CA (PEM) pods get as `ca.crt` beside their service account token.
+    pub cluster_ca: Option<String>,
 }
 
 impl AgentConfig {
@@ -95,6 +97,7 @@ impl AgentConfig {
             insecure_registries: Vec::new(),
             kube_proxy: true,
             register_with_taints: Vec::new(),
+            cluster_ca: None,
         }
     }
 }

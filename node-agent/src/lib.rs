@@ -24,6 +24,7 @@ pub mod pod;
 pub mod probe;
 pub mod proxy;
 pub mod resolve;
+pub mod serviceaccount;
 pub mod shim;
 pub mod simulated;
 

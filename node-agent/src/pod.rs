@@ -103,6 +103,10 @@ pub struct PodWorker {
     killing: HashMap<(String, u32), Instant>,
     created: Instant,
     reported_running: bool,
+    /// The service account files, once written (`None`: not yet, or not automounted).
+    service_account: Option<crate::serviceaccount::Projected>,
+    /// The `KUBERNETES_SERVICE_*` environment, read once the pod is prepared.
+    kubernetes_env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PodWorker {
@@ -142,6 +146,8 @@ impl PodWorker {
             killing: HashMap::new(),
             created: Instant::now(),
             reported_running: false,
+            service_account: None,
+            kubernetes_env: Vec::new(),
         }
     }
 
@@ -207,6 +213,7 @@ impl PodWorker {
             }
             self.lifecycle = Lifecycle::Initializing;
         }
+        self.refresh_token(pod).await;
         let policy = spec.restart_policy.as_deref().unwrap_or("Always");
         if self.lifecycle == Lifecycle::Initializing {
             for init in spec.init_containers.iter().flatten() {
@@ -430,7 +437,46 @@ impl PodWorker {
             .map_err(|e| e.to_string())?;
         fs::write(self.dir.join("etc/resolv.conf"), self.resolv_conf(pod))
             .map_err(|e| e.to_string())?;
+        self.kubernetes_env = crate::serviceaccount::kubernetes_env(&self.ctx.client).await;
+        if self.service_account.is_none()
+            && crate::serviceaccount::automount(&self.ctx.client, pod).await?
+        {
+            self.service_account = Some(
+                crate::serviceaccount::project(
+                    &self.ctx.client,
+                    pod,
+                    &self.dir.join("serviceaccount"),
+                    self.ctx.config.cluster_ca.as_deref(),
+                )
+                .await?,
+            );
+        }
         Ok(())
+    }
+
+    /// Replaces the service account token once 80 % of its lifetime has passed (a failure
+    /// is retried at the next sync; the old token is still valid meanwhile).
+    async fn refresh_token(&mut self, pod: &Pod) {
+        let Some(projected) = &self.service_account else {
+            return;
+        };
+        if Instant::now() < projected.due {
+            return;
+        }
+        let dir = projected.dir.clone();
+        match crate::serviceaccount::project(
+            &self.ctx.client,
+            pod,
+            &dir,
+            self.ctx.config.cluster_ca.as_deref(),
+        )
+        .await
+        {
+            Ok(projected) => self.service_account = Some(projected),
+            Err(e) => {
+                tracing::warn!(pod = %pod.name_any(), error = %e, "refreshing the service account token")
+            }
+        }
     }
 
     /// The pod's `/etc/resolv.conf`, by its `dnsPolicy` as the kubelet writes it:
@@ -764,7 +810,16 @@ impl PodWorker {
         }
         let volumes = self.volumes.clone().unwrap_or_default();
         resolve::check_seccomp(pod, c)?;
-        let env = resolve::env(&sources, pod, c, &image.config, &pod_ip, &host_ip).await?;
+        let env = resolve::env(
+            &sources,
+            pod,
+            c,
+            &image.config,
+            &self.kubernetes_env,
+            &pod_ip,
+            &host_ip,
+        )
+        .await?;
         let args = resolve::process_args(c, &image.config, &env)?;
         let mut mounts = resolve::mounts(c, &volumes)?;
         let _ = container::remove_container_dir(attempt_dir);
@@ -782,6 +837,17 @@ impl PodWorker {
                     read_only: false,
                 });
             }
+        }
+        if let Some(projected) = &self.service_account
+            && !mounts
+                .iter()
+                .any(|m| m.destination == crate::serviceaccount::MOUNT_PATH)
+        {
+            mounts.push(container::BindMount {
+                source: projected.dir.clone(),
+                destination: crate::serviceaccount::MOUNT_PATH.into(),
+                read_only: true,
+            });
         }
         if !host_network {
             mounts.push(container::BindMount {

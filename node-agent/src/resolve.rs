@@ -137,13 +137,15 @@ pub fn field_ref(
     })
 }
 
-/// The container's environment: the image's, then `envFrom`, then `env` (later wins), with
-/// `$(VAR)` references in `env` values expanded against what precedes them.
+/// The container's environment: the image's, then `services` (the Services' variables),
+/// then `envFrom`, then `env` (later wins), with `$(VAR)` references in `env` values
+/// expanded against what precedes them.
 pub async fn env(
     sources: &Sources,
     pod: &Pod,
     container: &Container,
     image: &ImageConfig,
+    services: &[(String, String)],
     pod_ip: &str,
     host_ip: &str,
 ) -> Result<Vec<(String, String)>, ConfigError> {
@@ -167,6 +169,9 @@ pub async fn env(
         );
     }
     set(&mut vars, "HOSTNAME".into(), pod.name_any());
+    for (k, v) in services {
+        set(&mut vars, k.clone(), v.clone());
+    }
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(cm) = &from.config_map_ref {

@@ -14,8 +14,8 @@ use orquestra_node_agent::{AgentConfig, HostInfo};
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The kubeconfig to reach the API server with (`orq server` writes an admin one to
-    /// DATA_DIR/kubeconfig.yaml). Or join with `--server` and `--token`.
-    #[arg(long, env = "KUBECONFIG", conflicts_with = "server")]
+    /// DATA_DIR/kubeconfig.yaml). Or join with `--server` and `--token`, which win.
+    #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// The API server to join, e.g. `https://10.0.0.1:6443` (with `--token` or
     /// `--token-file`, and `--ca-file`).
@@ -166,6 +166,33 @@ pub fn kubeconfig_token(kubeconfig: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The CA (PEM) of the kubeconfig's current cluster, from `certificate-authority-data` or
+/// the `certificate-authority` file: pods get it as their service account `ca.crt`.
+pub fn kubeconfig_ca(kubeconfig: &Path) -> Option<String> {
+    use base64::Engine as _;
+    let config = kube::config::Kubeconfig::read_from(kubeconfig).ok()?;
+    let current = config.current_context.as_deref()?;
+    let context = config
+        .contexts
+        .iter()
+        .find(|c| c.name == current)?
+        .context
+        .as_ref()?;
+    let cluster = config
+        .clusters
+        .iter()
+        .find(|c| c.name == context.cluster)?
+        .cluster
+        .as_ref()?;
+    if let Some(data) = &cluster.certificate_authority_data {
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .ok()?;
+        return String::from_utf8(pem).ok();
+    }
+    std::fs::read_to_string(cluster.certificate_authority.as_ref()?).ok()
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -211,6 +238,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Runtime::Libcontainer => {
             let mut config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
             config.endpoint_token = token;
+            // `--server` wins over a kubeconfig (KUBECONFIG may be set in the environment).
+            config.cluster_ca = match (&args.server, &args.kubeconfig) {
+                (Some(_), _) => args
+                    .ca_file
+                    .as_ref()
+                    .and_then(|ca| std::fs::read_to_string(ca).ok()),
+                (None, Some(kubeconfig)) => kubeconfig_ca(kubeconfig),
+                (None, None) => None,
+            };
             let registry = prometheus::Registry::new();
             orquestra_node_agent::run(client, config, &registry, stop).await?;
         }

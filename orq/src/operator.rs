@@ -18,8 +18,9 @@ pub struct ControllerArgs {
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all
     /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
     /// deployment, replicaset, daemonset, endpoint, endpointslice, garbagecollector,
-    /// namespace, nodelifecycle, nodeipam (as built). Controllers of Orquestra's own custom
-    /// resources run only when named, since their CRDs may not be installed: staticsite.
+    /// namespace, serviceaccount, nodelifecycle, nodeipam (as built). Controllers of
+    /// Orquestra's own custom resources run only when named, since their CRDs may not be
+    /// installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
     /// How long a node's Lease may go unrenewed before the node is Unknown and tainted

@@ -1,6 +1,6 @@
 //! `orq server`: the control plane process.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,9 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use orquestra_apiserver::identity::{Identity, authenticate};
+use orquestra_apiserver::identity::{Authenticator, Identity, authenticate};
+use orquestra_apiserver::kubernetes_service::KubernetesService;
+use orquestra_apiserver::token::TokenIssuer;
 use orquestra_store::{CompactionPolicy, Compactor, Store};
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use tokio::signal::unix::{SignalKind, signal};
@@ -39,6 +41,11 @@ pub struct ServerArgs {
     /// and API requests need the admin token (`DATA_DIR/token`, also in the kubeconfig).
     #[arg(long, env = "ORQ_INSECURE_HTTP")]
     insecure_http: bool,
+    /// The address pods reach this server at: the `kubernetes` Service's endpoint, and a
+    /// name in the serving certificate. Default: the listen address when it is a specific,
+    /// non-loopback one, else the host's primary IPv4 (the default route's source address).
+    #[arg(long, env = "ORQ_ADVERTISE_ADDRESS")]
+    advertise_address: Option<IpAddr>,
     /// Extra names or addresses for the serving certificate (repeatable).
     #[arg(long = "tls-san", value_name = "NAME")]
     tls_sans: Vec<String>,
@@ -149,6 +156,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let advertise = args
+        .advertise_address
+        .unwrap_or_else(|| advertise_address(local.ip()));
+    if advertise.is_loopback() {
+        tracing::warn!(%advertise, "advertising a loopback address: pods cannot reach the API server (set --advertise-address)");
+    }
+    // Service account tokens keep their key in the data dir, so they survive restarts.
+    let issuer = TokenIssuer::load_or_create(&args.data_dir)
+        .context("loading the service account signing key")?;
+    api.engine().set_token_issuer(issuer);
+    let kubernetes_service = tokio::spawn(
+        KubernetesService {
+            address: advertise,
+            port: local.port(),
+        }
+        .run(api.engine().clone()),
+    );
     let handle = axum_server::Handle::new();
     let server = if args.insecure_http {
         tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
@@ -161,6 +185,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         if !local.ip().is_unspecified() {
             sans.push(local.ip().to_string());
         }
+        sans.push(advertise.to_string());
         if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
             sans.push(host.trim().to_owned());
         }
@@ -176,8 +201,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let path = write_kubeconfig(&args.data_dir, local, Some(&identity))?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
         let _ = api.engine().kubelet_token.set(identity.token.clone());
-        let token = Arc::new(identity.token.clone());
-        let app = app.layer(axum::middleware::from_fn_with_state(token, authenticate));
+        let auth = Arc::new(Authenticator::new(
+            identity.token.clone(),
+            api.engine().clone(),
+        ));
+        let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()))
     };
@@ -218,6 +246,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         }
         config.endpoint_token = crate::agent::kubeconfig_token(&kubeconfig);
+        config.cluster_ca = crate::agent::kubeconfig_ca(&kubeconfig);
         let registry = registry.clone();
         let stop = stopped(stop_rx.clone());
         Some(tokio::spawn(async move {
@@ -236,6 +265,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
+    kubernetes_service.abort();
     if let Some(agent) = agent {
         let _ = agent.await;
     }
@@ -245,6 +275,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = compactor.await;
     drop(store);
     Ok(())
+}
+
+/// The address to advertise when none is given: `listen` if it is a specific non-loopback
+/// address (the server is reachable only there), else the source address of the default
+/// route (a UDP socket's `connect` picks it without sending anything), else `listen`.
+fn advertise_address(listen: IpAddr) -> IpAddr {
+    if !listen.is_unspecified() && !listen.is_loopback() {
+        return listen;
+    }
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|socket| {
+        // TEST-NET-1: never contacted; connect only consults the routing table.
+        socket.connect("192.0.2.1:9")?;
+        socket.local_addr()
+    });
+    match routed {
+        Ok(local) if !local.ip().is_unspecified() => local.ip(),
+        _ if listen.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+        _ => listen,
+    }
 }
 
 /// Writes the admin kubeconfig into the data dir (atomically, mode 0600) and returns its path.

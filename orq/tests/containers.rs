@@ -62,17 +62,26 @@ struct Host {
     registry: Option<Proc>,
     netns: Netns,
     dir: tempfile::TempDir,
+    /// The server's `--listen`.
+    listen: &'static str,
 }
 
 impl Host {
     fn start(tag: &str) -> Host {
+        Host::start_listening(tag, "127.0.0.1:6443", |_| {})
+    }
+
+    /// A host whose server listens on `listen`, after `prepare` has set up its namespace.
+    fn start_listening(tag: &str, listen: &'static str, prepare: impl FnOnce(&Netns)) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let netns = Netns::create(tag);
+        prepare(&netns);
         let mut host = Host {
             server: None,
             registry: None,
             netns,
             dir,
+            listen,
         };
         build_image(&host.dir.path().join("oci"));
         host.start_registry();
@@ -140,7 +149,7 @@ impl Host {
             .unwrap();
         let child = self
             .nsenter(env!("CARGO_BIN_EXE_orq"))
-            .args(["server", "--listen", "127.0.0.1:6443", "--node-name", "n1"])
+            .args(["server", "--listen", self.listen, "--node-name", "n1"])
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(extra)
@@ -1162,4 +1171,92 @@ fn deployments_with_kubectl() {
         "name",
     ]);
     assert!(!left.contains("web"), "left behind: {left}");
+}
+
+#[test]
+fn pods_get_a_service_account_token_and_reach_the_api_server() {
+    // The host namespace gets a default route (through a veth pair of its own: no dummy
+    // module here) like a real machine: its source address is what the server advertises, and the server listens on
+    // every address so pods can reach it there.
+    let host = Host::start_listening("incluster", "0.0.0.0:6443", |netns| {
+        let ip = |args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(&netns.0).args(args));
+        ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+        ]);
+        ip(&["addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
+        ip(&["link", "set", "uplink1", "up"]);
+        ip(&["link", "set", "uplink0", "up"]);
+        ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    });
+    let slice: Value =
+        serde_json::from_str(&host.kubectl(&["get", "endpointslice", "kubernetes", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        slice["endpoints"][0]["addresses"][0], "192.0.2.2",
+        "the default route's address is advertised"
+    );
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let script = format!(
+        "echo NS=$(cat {dir}/namespace); echo TOKEN=$(cat {dir}/token); cat {dir}/ca.crt; \
+         echo HOST=$KUBERNETES_SERVICE_HOST PORT=$KUBERNETES_SERVICE_PORT \
+              HTTPS=$KUBERNETES_SERVICE_PORT_HTTPS LINK=$KUBERNETES_PORT; \
+         if touch {dir}/x 2>/dev/null; then echo writable; else echo read-only; fi; \
+         if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null 2>&1; \
+         then echo reachable; else echo unreachable; fi"
+    );
+    host.apply(&pod_manifest(
+        "incluster",
+        "Never",
+        Some(&["sh", "-c", &script]),
+        Value::Null,
+    ));
+    let mut opted_out = pod_manifest(
+        "optout",
+        "Never",
+        Some(&[
+            "sh",
+            "-c",
+            &format!("if test -e {dir}/token; then echo mounted; else echo not-mounted; fi"),
+        ]),
+        Value::Null,
+    );
+    opted_out["spec"]["automountServiceAccountToken"] = false.into();
+    host.apply(&opted_out);
+
+    for name in ["incluster", "optout"] {
+        let pod = host.wait_pod(name, Duration::from_secs(60), |p| {
+            phase(p) == "Succeeded" || phase(p) == "Failed"
+        });
+        assert_eq!(phase(&pod), "Succeeded", "{:#}", pod["status"]);
+        assert_eq!(pod["spec"]["serviceAccountName"], "default");
+    }
+    assert_eq!(host.kubectl(&["logs", "optout"]), "not-mounted\n");
+    let logs = host.kubectl(&["logs", "incluster"]);
+    assert!(logs.contains("NS=default\n"), "{logs}");
+    let ca = std::fs::read_to_string(host.data_dir().join("tls/ca.crt")).unwrap();
+    assert!(logs.contains(ca.trim()), "ca.crt is the cluster CA: {logs}");
+    assert!(
+        logs.contains("HOST=10.43.0.1 PORT=443 HTTPS=443 LINK=tcp://10.43.0.1:443\n"),
+        "{logs}"
+    );
+    assert!(logs.contains("read-only\n"), "{logs}");
+    assert!(
+        logs.contains("reachable\n") && !logs.contains("unreachable"),
+        "the pod reaches the API server through its Service: {logs}"
+    );
+    // The token is the pod's: it authenticates against the API server.
+    let token = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("TOKEN="))
+        .unwrap()
+        .to_owned();
+    let out = host
+        .nsenter("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(host.data_dir().join("tls/ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg("https://127.0.0.1:6443/api/v1/namespaces/default/pods")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 }

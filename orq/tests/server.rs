@@ -241,3 +241,114 @@ fn acknowledged_objects_survive_sigkill_and_watches_resume() {
     );
     assert!(server.terminate().success());
 }
+
+/// Polls `path` until `done` holds for its JSON (with status 200); panics after 15 s.
+fn wait_json(
+    server: &Server,
+    path: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some((200, body)) = server.get(path) {
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if done(&value) {
+                return value;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} did not get there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pods_find_the_api_server_through_the_kubernetes_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--advertise-address", "192.0.2.10"]);
+    server.wait_ready();
+    let port = server.addr.port();
+    let service_path = "/api/v1/namespaces/default/services/kubernetes";
+    let slice_path = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes";
+    let service = wait_json(&server, service_path, |_| true);
+    assert_eq!(service["spec"]["clusterIP"], "10.43.0.1");
+    assert_eq!(
+        service["spec"]["ports"],
+        serde_json::json!([{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}])
+    );
+    let slice = wait_json(&server, slice_path, |_| true);
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "kubernetes"
+    );
+    assert_eq!(slice["addressType"], "IPv4");
+    assert_eq!(
+        slice["endpoints"][0]["addresses"],
+        serde_json::json!(["192.0.2.10"])
+    );
+    assert_eq!(slice["ports"][0]["port"], port);
+    let endpoints = wait_json(
+        &server,
+        "/api/v1/namespaces/default/endpoints/kubernetes",
+        |_| true,
+    );
+    assert_eq!(endpoints["subsets"][0]["addresses"][0]["ip"], "192.0.2.10");
+    // The serving certificate covers every name in-cluster clients dial.
+    let sans = std::fs::read_to_string(dir.path().join("tls/server.sans")).unwrap();
+    for name in [
+        "10.43.0.1",
+        "192.0.2.10",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ] {
+        assert!(sans.lines().any(|l| l == name), "{name} missing: {sans}");
+    }
+
+    // Deleted, they come back.
+    let kubectl = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let uid = |v: &serde_json::Value| v["metadata"]["uid"].as_str().unwrap().to_owned();
+    kubectl(&["delete", "service", "kubernetes"]);
+    kubectl(&["delete", "endpointslice", "kubernetes"]);
+    let again = wait_json(&server, service_path, |s| uid(s) != uid(&service));
+    assert_eq!(again["spec"]["clusterIP"], "10.43.0.1");
+    wait_json(&server, slice_path, |s| uid(s) != uid(&slice));
+
+    // The default ServiceAccount, and a token for it that authenticates (kubectl create
+    // token is the TokenRequest API).
+    wait_json(
+        &server,
+        "/api/v1/namespaces/default/serviceaccounts/default",
+        |_| true,
+    );
+    let token = kubectl(&["create", "token", "default"]);
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(dir.path().join("tls/ca.crt"))
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!(
+            "https://{}/api/v1/namespaces/default/pods",
+            server.addr
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(server.terminate().success());
+}

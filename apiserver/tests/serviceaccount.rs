@@ -1,0 +1,336 @@
+//! Service account tokens against the real server, in-process, over HTTPS with the
+//! authentication `orq server` uses: a TokenRequest's token authenticates a kube-rs client
+//! configured as an in-cluster one is (the cluster CA and the bearer token); tokens signed by
+//! another key, expired, or bound to a pod that is gone do not; a ServiceAccount that does
+//! not exist gets no token.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use orquestra_apiserver::ApiServer;
+use orquestra_apiserver::identity::{Authenticator, Identity, authenticate};
+use orquestra_apiserver::token::{Claims, ISSUER, TokenIssuer, unix_now};
+use orquestra_store::Store;
+use orquestra_store::sqlite::{SqliteOptions, SqliteStore};
+use serde_json::{Value, json};
+
+/// The server over HTTPS with authentication, its admin client, and what a client needs.
+struct Secure {
+    server: ApiServer,
+    admin: Client,
+    url: String,
+    ca_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn secure() -> Secure {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
+    );
+    let server = ApiServer::new(Arc::clone(&store)).await.unwrap();
+    let identity = Identity::load_or_create(dir.path(), &[]).unwrap();
+    assert!(
+        server
+            .engine()
+            .set_token_issuer(TokenIssuer::load_or_create(dir.path()).unwrap())
+    );
+    let auth = Arc::new(Authenticator::new(
+        identity.token.clone(),
+        server.engine().clone(),
+    ));
+    let app = server
+        .router()
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+        identity.cert_pem.clone().into_bytes(),
+        identity.key_pem.clone().into_bytes(),
+    )
+    .await
+    .unwrap();
+    let serving = axum_server::from_tcp_rustls(listener, tls).unwrap();
+    tokio::spawn(serving.serve(app.into_make_service()));
+    let url = format!("https://{addr}");
+    let admin = client(&url, &identity.ca_pem, &identity.token).await;
+    Secure {
+        server,
+        admin,
+        url,
+        ca_pem: identity.ca_pem,
+        _dir: dir,
+    }
+}
+
+/// A client that trusts `ca_pem` and presents `token`, as an in-cluster config is.
+async fn client(url: &str, ca_pem: &str, token: &str) -> Client {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let kubeconfig = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster:
+    server: {url}
+    certificate-authority-data: {ca}
+users:
+- name: u
+  user:
+    token: {token}
+contexts:
+- name: c
+  context: {{cluster: c, user: u, namespace: default}}
+current-context: c
+"
+    );
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn api_code(result: Result<impl std::fmt::Debug, kube::Error>) -> (u16, String) {
+    match result {
+        Err(kube::Error::Api(status)) => (status.code, status.reason.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+async fn create_account(admin: &Client, name: &str) -> ServiceAccount {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap()
+}
+
+fn token_request(seconds: Option<i64>, bound: Option<&Pod>) -> TokenRequest {
+    TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: seconds,
+            bound_object_ref: bound.map(|pod| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name_any()),
+                uid: pod.uid(),
+            }),
+        },
+        ..TokenRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn a_token_request_authenticates_an_in_cluster_client() {
+    let cluster = secure().await;
+    let account = create_account(&cluster.admin, "robot").await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.admin.clone(), "default");
+    let issued = accounts
+        .create_token_request("robot", &PostParams::default(), &token_request(None, None))
+        .await
+        .unwrap();
+    assert_eq!(issued.spec.expiration_seconds, Some(3600));
+    assert_eq!(issued.spec.audiences, vec![ISSUER.to_owned()]);
+    let status = issued.status.unwrap();
+    assert!(status.expiration_timestamp.0 > jiff::Timestamp::now());
+    let claims = claims_of(&status.token);
+    assert_eq!(claims["sub"], "system:serviceaccount:default:robot");
+    assert_eq!(claims["iss"], ISSUER);
+    assert_eq!(claims["aud"], json!([ISSUER]));
+    assert_eq!(claims["kubernetes.io"]["namespace"], "default");
+    assert_eq!(
+        claims["kubernetes.io"]["serviceaccount"]["uid"],
+        json!(account.uid())
+    );
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600
+    );
+
+    // The token is all an in-cluster client has: it reads, writes and watches.
+    let robot = client(&cluster.url, &cluster.ca_pem, &status.token).await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(robot.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "from-robot"}, "data": {"a": "b"}}))
+            .unwrap();
+    configmaps
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    assert_eq!(
+        configmaps
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    robot.apiserver_version().await.unwrap();
+
+    // The OIDC discovery documents, for consumers of the tokens.
+    let jwks: Value = robot
+        .request(
+            http::Request::get("/openid/v1/jwks")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap();
+    let header = status.token.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["kid"], kid);
+    assert_eq!(header["alg"], "ES256");
+
+    // Once the ServiceAccount is gone, so is the token's access.
+    accounts
+        .delete("robot", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(orquestra_apiserver::identity::RECHECK_AFTER).await;
+    let (code, _) = api_code(configmaps.list(&Default::default()).await);
+    assert_eq!(code, 401);
+}
+
+#[tokio::test]
+async fn forged_expired_and_unbound_tokens_are_refused() {
+    let cluster = secure().await;
+    let account = create_account(&cluster.admin, "robot").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.admin.clone(), "default");
+    let list = |token: String| {
+        let (url, ca) = (cluster.url.clone(), cluster.ca_pem.clone());
+        async move {
+            let client = client(&url, &ca, &token).await;
+            Api::<ConfigMap>::namespaced(client, "default")
+                .list(&Default::default())
+                .await
+                .map(|l| l.items.len())
+        }
+    };
+
+    // Another key's token, with every claim right: 401.
+    let now = unix_now();
+    let uid = account.uid().unwrap();
+    let claims = Claims::new("default", "robot", &uid, vec![ISSUER.into()], now, 600);
+    let forged = TokenIssuer::generate().unwrap().sign(&claims).unwrap();
+    assert_eq!(api_code(list(forged).await), (401, "Unauthorized".into()));
+    // The server's own key, but expired an hour ago: 401.
+    let issuer = cluster.server.engine().token_issuer().unwrap();
+    let expired = Claims::new(
+        "default",
+        "robot",
+        &uid,
+        vec![ISSUER.into()],
+        now - 7200,
+        3600,
+    );
+    assert_eq!(api_code(list(issuer.sign(&expired).unwrap()).await).0, 401);
+    // For another audience: 401.
+    let elsewhere = Claims::new("default", "robot", &uid, vec!["vault".into()], now, 600);
+    assert_eq!(
+        api_code(list(issuer.sign(&elsewhere).unwrap()).await).0,
+        401
+    );
+    // The same claims, valid: accepted.
+    assert_eq!(list(issuer.sign(&claims).unwrap()).await.unwrap(), 0);
+    // Not a JWT at all: 401.
+    assert_eq!(api_code(list("not-a-token".into()).await).0, 401);
+
+    // A token bound to a pod works while the pod exists.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .unwrap();
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    assert_eq!(
+        pod.spec.as_ref().unwrap().service_account_name.as_deref(),
+        Some("default"),
+        "admission names the default service account"
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.admin.clone(), "default");
+    let bound = accounts
+        .create_token_request(
+            "robot",
+            &PostParams::default(),
+            &token_request(Some(600), Some(&pod)),
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    assert_eq!(claims_of(&bound)["kubernetes.io"]["pod"]["name"], "p");
+    pods.delete("p", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_deleted(&pods, "p").await;
+    assert_eq!(api_code(list(bound).await).0, 401);
+
+    // No ServiceAccount, no token: 404 NotFound.
+    let (code, reason) = api_code(
+        accounts
+            .create_token_request("ghost", &PostParams::default(), &token_request(None, None))
+            .await,
+    );
+    assert_eq!((code, reason.as_str()), (404, "NotFound"));
+    // Too short a lifetime: 422.
+    let (code, _) = api_code(
+        accounts
+            .create_token_request(
+                "robot",
+                &PostParams::default(),
+                &token_request(Some(60), None),
+            )
+            .await,
+    );
+    assert_eq!(code, 422);
+    // Bound to a pod that is not there: 404.
+    let (code, _) = api_code(
+        accounts
+            .create_token_request(
+                "robot",
+                &PostParams::default(),
+                &token_request(None, Some(&pod)),
+            )
+            .await,
+    );
+    assert_eq!(code, 404);
+}
+
+/// Waits until pod `name` is gone (a graceful delete of an unscheduled pod is immediate, but
+/// be sure).
+async fn wait_deleted(pods: &Api<Pod>, name: &str) {
+    for _ in 0..100 {
+        if pods.get_opt(name).await.unwrap().is_none() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("pod {name} was not deleted");
+}

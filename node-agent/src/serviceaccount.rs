@@ -1,0 +1,188 @@
+//! What an in-cluster client (kube-rs `Client::try_default()`, client-go's
+//! `rest.InClusterConfig()`) looks for in a pod: the service account directory
+//! `/var/run/secrets/kubernetes.io/serviceaccount` (`token`, `ca.crt`, `namespace`) and the
+//! `KUBERNETES_SERVICE_HOST`/`_PORT` environment.
+//!
+//! The token comes from the TokenRequest API, bound to the pod (it stops working once the pod
+//! is gone), for the API server's audience, for [`EXPIRATION_SECONDS`]; the pod worker asks
+//! for a new one at 80 % of its lifetime ([`Projected::due`]). Files are replaced by rename,
+//! so a client never reads half a token; the directory is bind-mounted read-only into every
+//! container. Only the API is touched here — the bind mount itself is the pod worker's.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+
+/// Where containers see the files.
+pub const MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// How long the tokens the agent asks for live (the kubelet's 1 h).
+pub const EXPIRATION_SECONDS: i64 = 3600;
+
+/// A pod's service account files on the node, and when they need a new token.
+#[derive(Clone, Debug)]
+pub struct Projected {
+    /// The directory holding `token`, `ca.crt` and `namespace`.
+    pub dir: PathBuf,
+    /// When to ask for the next token.
+    pub due: Instant,
+}
+
+/// The service account a pod runs as (`default` when it names none).
+pub fn account_name(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| {
+            s.service_account_name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .or_else(|| s.service_account.clone().filter(|n| !n.is_empty()))
+        })
+        .unwrap_or_else(|| "default".into())
+}
+
+/// Whether the pod gets a token: its `automountServiceAccountToken`, else its
+/// ServiceAccount's, else yes. A missing ServiceAccount is an error (the pod waits for it,
+/// as it waits for a missing Secret).
+pub async fn automount(client: &Client, pod: &Pod) -> Result<bool, String> {
+    if let Some(set) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.automount_service_account_token)
+    {
+        return Ok(set);
+    }
+    let name = account_name(pod);
+    let accounts: Api<ServiceAccount> =
+        Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    match accounts.get_opt(&name).await {
+        Ok(Some(account)) => Ok(account.automount_service_account_token.unwrap_or(true)),
+        Ok(None) => Err(format!("serviceaccount \"{name}\" not found")),
+        Err(e) => Err(format!("reading serviceaccount \"{name}\": {e}")),
+    }
+}
+
+/// Writes `contents` to `dir/name` through a temporary file and a rename.
+fn replace(dir: &Path, name: &str, contents: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |e: std::io::Error| format!("writing {}: {e}", dir.join(name).display());
+    fs::write(&tmp, contents).map_err(io)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).map_err(io)?;
+    fs::rename(&tmp, dir.join(name)).map_err(io)
+}
+
+/// Asks for a token for the pod's service account, bound to the pod, and writes it with the
+/// cluster CA (`ca`, PEM) and the namespace into `dir`.
+pub async fn project(
+    client: &Client,
+    pod: &Pod,
+    dir: &Path,
+    ca: Option<&str>,
+) -> Result<Projected, String> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let name = account_name(pod);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            // None: the API server's own audience.
+            audiences: Vec::new(),
+            expiration_seconds: Some(EXPIRATION_SECONDS),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name_any()),
+                uid: pod.uid(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let asked = Instant::now();
+    let issued = accounts
+        .create_token_request(&name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| format!("requesting a token for serviceaccount \"{name}\": {e}"))?;
+    let token = issued
+        .status
+        .map(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("the token request for serviceaccount \"{name}\" got no token"))?;
+    let lifetime = issued
+        .spec
+        .expiration_seconds
+        .unwrap_or(EXPIRATION_SECONDS)
+        .max(1) as u64;
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    replace(dir, "token", token.as_bytes())?;
+    replace(dir, "namespace", namespace.as_bytes())?;
+    if let Some(ca) = ca {
+        replace(dir, "ca.crt", ca.as_bytes())?;
+    }
+    Ok(Projected {
+        dir: dir.to_owned(),
+        due: asked + Duration::from_secs(lifetime * 8 / 10),
+    })
+}
+
+/// The environment every container gets for the `default/kubernetes` Service (its cluster
+/// IP; empty when there is none): `KUBERNETES_SERVICE_HOST`/`_PORT`/`_PORT_HTTPS` and the
+/// Docker-link style `KUBERNETES_PORT*` variables, as the kubelet sets them.
+pub async fn kubernetes_env(client: &Client) -> Vec<(String, String)> {
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let service = match services.get_opt("kubernetes").await {
+        Ok(Some(service)) => service,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the kubernetes Service");
+            return Vec::new();
+        }
+    };
+    let Some(spec) = service.spec else {
+        return Vec::new();
+    };
+    let Some(ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else {
+        return Vec::new();
+    };
+    let ports = spec.ports.unwrap_or_default();
+    let Some(first) = ports.first() else {
+        return Vec::new();
+    };
+    let mut env = vec![
+        ("KUBERNETES_SERVICE_HOST".to_owned(), ip.clone()),
+        ("KUBERNETES_SERVICE_PORT".to_owned(), first.port.to_string()),
+    ];
+    for port in &ports {
+        if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+            env.push((
+                format!(
+                    "KUBERNETES_SERVICE_PORT_{}",
+                    name.to_uppercase().replace('-', "_")
+                ),
+                port.port.to_string(),
+            ));
+        }
+    }
+    let protocol = |p: &k8s_openapi::api::core::v1::ServicePort| {
+        p.protocol.clone().unwrap_or_else(|| "TCP".into())
+    };
+    env.push((
+        "KUBERNETES_PORT".to_owned(),
+        format!("{}://{ip}:{}", protocol(first).to_lowercase(), first.port),
+    ));
+    for port in &ports {
+        let proto = protocol(port);
+        let prefix = format!("KUBERNETES_PORT_{}_{}", port.port, proto.to_uppercase());
+        env.push((
+            prefix.clone(),
+            format!("{}://{ip}:{}", proto.to_lowercase(), port.port),
+        ));
+        env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
+        env.push((format!("{prefix}_PORT"), port.port.to_string()));
+        env.push((format!("{prefix}_ADDR"), ip.clone()));
+    }
+    env
+}
