@@ -534,9 +534,19 @@ async fn upstream() -> SocketAddr {
         vec![Arc::new(zone(&cluster, vec![trap]))],
     );
 
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // A UDP port whose TCP twin is free too (another test may hold it).
+    let mut attempts = 0;
+    let (socket, listener) = loop {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        match TcpListener::bind(socket.local_addr().unwrap()).await {
+            Ok(listener) => break (socket, listener),
+            Err(e) => {
+                attempts += 1;
+                assert!(attempts < 50, "no free UDP+TCP port pair: {e}");
+            }
+        }
+    };
     let addr = socket.local_addr().unwrap();
-    let listener = TcpListener::bind(addr).await.unwrap();
     let mut server = hickory_server::Server::new(catalog);
     server.register_socket(socket);
     server.register_listener(listener, Duration::from_secs(5), 32);

@@ -20,7 +20,7 @@
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -29,24 +29,13 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-use busybox::{build_image, run_ok};
-use common::{client, rss_mib};
+use common::busybox::run_ok;
+use common::{Proc, busybox_registry, client, enter_netns, rss_mib};
 
-#[path = "../tests/common/busybox.rs"]
-mod busybox;
 mod common;
 
 const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
 const PODS: i32 = 100;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 impl Proc {
     /// SIGTERM, then wait for the exit (the server stops its agent's loops cleanly).
@@ -148,40 +137,12 @@ fn shims_rss(orq: &Path) -> (f64, usize) {
 }
 
 fn bench(netns: &str) {
-    // Enter the namespace before any thread exists: every thread and child inherits it.
-    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    nix_setns(&ns);
-    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+    enter_netns(netns);
     let dir = tempfile::tempdir().unwrap();
     let orq = orq();
     assert!(orq.exists(), "build orq first: {}", orq.display());
 
-    build_image(&dir.path().join("oci"));
-    let registry_config = dir.path().join("registry.yml");
-    std::fs::write(
-        &registry_config,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n",
-            dir.path().join("registry").display()
-        ),
-    )
-    .unwrap();
-    let _registry = Proc(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&registry_config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:busybox", dir.path().join("oci").display()))
-            .arg(format!("docker://{IMAGE}")),
-    );
+    let _registry = busybox_registry(dir.path(), IMAGE);
 
     let data = dir.path().join("data");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -283,11 +244,4 @@ fn bench(netns: &str) {
         .args(["agent", "--cleanup", "--agent-data-dir"])
         .arg(data.join("agent"))
         .status();
-}
-
-fn nix_setns(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns on an open namespace file descriptor; the process has one thread here.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -28,27 +28,10 @@ use serde_json::json;
 
 const IMAGE: &str = "127.0.0.1:5000/busybox:v1";
 
-use busybox::{build_image, run_ok};
-use common::{client, rss_mib};
+use common::busybox::run_ok;
+use common::{Proc, busybox_registry, client, enter_netns, percentile, rss_mib};
 
-#[path = "../tests/common/busybox.rs"]
-mod busybox;
 mod common;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[i]
-}
 
 fn orq() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_orq"))
@@ -68,10 +51,7 @@ fn main() {
 }
 
 fn bench(netns: &str) {
-    // Enter the namespace before any thread exists: every thread and child inherits it.
-    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    nix_setns(&ns);
-    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+    enter_netns(netns);
     let dir = tempfile::tempdir().unwrap();
     let orq = orq();
     assert!(orq.exists(), "build orq first: {}", orq.display());
@@ -98,32 +78,7 @@ fn bench(netns: &str) {
     );
 
     // 2 and 3: a registry with the image, an API server, a separate agent.
-    build_image(&dir.path().join("oci"));
-    let registry_config = dir.path().join("registry.yml");
-    std::fs::write(
-        &registry_config,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n",
-            dir.path().join("registry").display()
-        ),
-    )
-    .unwrap();
-    let _registry = Proc(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&registry_config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:busybox", dir.path().join("oci").display()))
-            .arg(format!("docker://{IMAGE}")),
-    );
+    let _registry = busybox_registry(dir.path(), IMAGE);
     let data = dir.path().join("data");
     let _server = Proc(
         Command::new(&orq)
@@ -235,13 +190,6 @@ fn bench(netns: &str) {
     for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let _ = std::fs::remove_dir(controller.path().join("orquestra-bench"));
     }
-}
-
-fn nix_setns(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns on an open namespace file descriptor; the process has one thread here.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn pod(name: &str) -> Pod {

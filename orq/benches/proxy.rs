@@ -20,7 +20,7 @@
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,28 +34,13 @@ use orquestra_node_agent::proxy::{self, ProxyConfig, ProxyMetrics, ServiceProxy}
 use orquestra_operator::testing::TestApi;
 use serde_json::json;
 
-use busybox::run_ok;
+use common::busybox::{self, run_ok};
+use common::{Proc, percentile};
 
-#[path = "../tests/common/busybox.rs"]
-mod busybox;
+mod common;
 
 const SERVICES: usize = 1_000;
 const CHANGES: usize = 100;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[i]
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
