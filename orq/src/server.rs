@@ -83,38 +83,6 @@ struct AppState {
     db_size: IntGauge,
 }
 
-/// Takes the data dir's lock file (an advisory lock holding the owner's PID), so that a
-/// second server on the same data dir is refused with a message naming the first.
-fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    use std::io::Write;
-    let path = dir.join("orq-server.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {
-            file.set_len(0)?;
-            writeln!(file, "{}", std::process::id())?;
-            Ok(file)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            anyhow::bail!(
-                "data dir {} is in use by another orq server (PID {}): stop it, or pass another --data-dir",
-                dir.display(),
-                holder.trim()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
-}
-
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // The data dir holds the store, keys and tokens: private when we create it.
     if !args.data_dir.exists() {
@@ -123,8 +91,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", args.data_dir.display()))?;
         std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    // Held until the server exits (the OS releases it even on SIGKILL).
-    let _lock = lock_data_dir(&args.data_dir)?;
     let datastore = args
         .datastore
         .clone()
