@@ -83,6 +83,39 @@ struct AppState {
     db_size: IntGauge,
 }
 
+/// Takes the data dir's lock file (an advisory lock holding the owner's PID), so that a
+/// second server on the same data dir is refused with a message naming the first.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    let path = dir.join("orq-server.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // flock, not fcntl: the lock belongs to this open file, so it lasts while the server
+    // holds it and the kernel drops it when the process dies, even on SIGKILL.
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        return Ok(file);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(err).with_context(|| format!("locking {}", path.display()));
+    }
+    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+    anyhow::bail!(
+        "data dir {} is in use by another orq server (PID {}): stop it, or pass another --data-dir",
+        dir.display(),
+        holder.trim()
+    )
+}
+
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // The data dir holds the store, keys and tokens: private when we create it.
     if !args.data_dir.exists() {
@@ -91,6 +124,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", args.data_dir.display()))?;
         std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    // Held until the server exits (the OS releases it even on SIGKILL).
+    let _lock = lock_data_dir(&args.data_dir)?;
     let datastore = args
         .datastore
         .clone()
@@ -152,8 +187,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         orquestra_apiserver::metrics::record,
     )));
 
-    let listener = std::net::TcpListener::bind(args.listen)
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = std::net::TcpListener::bind(args.listen).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "cannot listen on {}: the port is in use by another process (stop it, or pass another --listen)",
+                args.listen
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("binding {}", args.listen))
+        }
+    })?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let advertise = args

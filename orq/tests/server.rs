@@ -121,8 +121,36 @@ fn a_locked_data_dir_is_a_clear_error() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("locked by another process"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another orq server (PID {})",
+            first.child.id()
+        )),
+        "{stderr}"
+    );
     assert!(first.terminate().success());
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
+        .args(["server", "--no-agent", "--listen"])
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on {addr}: the port is in use by another process"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
