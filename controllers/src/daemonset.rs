@@ -16,6 +16,7 @@
 //! *Expectations* (as the ReplicaSet controller's) keep a slow cache from making it create
 //! or delete twice.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,35 @@ use serde_json::{Value, json};
 
 use crate::objects::ready;
 use crate::scheduler::{UNSCHEDULABLE, placeable, tolerates};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &["apps"],
+        resources: &["daemonsets"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["daemonsets/status"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["controllerrevisions"],
+        verbs: &["get", "list", "watch", "create", "delete"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list", "watch", "create", "delete"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["nodes"],
+        verbs: READ,
+    },
+];
 
 /// The field manager of the controller's writes.
 pub const MANAGER: &str = "daemon-set-controller";

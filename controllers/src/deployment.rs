@@ -17,6 +17,7 @@
 //! ReplicaSet's cached resourceVersion — so a stale cache gets a conflict and a retry, never
 //! an extra scale-down.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,37 @@ use serde_json::json;
 use crate::events::{EventType, publish};
 use crate::labels::matches;
 use crate::objects::{controller_ref, controller_uid};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &["apps"],
+        resources: &["deployments"],
+        verbs: &["get", "list", "watch", "patch"],
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["deployments/status"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["replicasets"],
+        verbs: &[
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["events"],
+        verbs: &["create"],
+    },
+];
 
 /// The field manager of the controller's writes and the component of its events.
 pub const MANAGER: &str = "deployment-controller";

@@ -15,6 +15,7 @@
 //! The helpers shared with the [`crate::endpointslice`] controller (which pods a Service
 //! selects, and what a named `targetPort` resolves to) live here.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -26,6 +27,20 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 use serde_json::{Value, json};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["services", "pods"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["endpoints"],
+        verbs: &["get", "list", "watch", "create", "update", "delete"],
+    },
+];
 
 /// The label on Endpoints this controller manages (kube's: it tells the EndpointSlice
 /// mirroring controller to skip them).

@@ -15,6 +15,7 @@
 //! Slices whose Service is gone are deleted by the `endpointslice-cleanup` runner (there is
 //! no garbage collector yet to follow their owner reference).
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,20 @@ use crate::endpoints::{
     HEADLESS, headless, hostname, pod_ip, pod_ready, publish_not_ready, resolve_port, selecting,
     selector, selects, target_ref, terminal,
 };
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["services", "pods"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &["discovery.k8s.io"],
+        resources: &["endpointslices"],
+        verbs: &["get", "list", "watch", "create", "update", "delete"],
+    },
+];
 
 /// The most endpoints one slice holds (kube's `--max-endpoints-per-slice` default).
 pub const MAX_ENDPOINTS: usize = 100;

@@ -31,6 +31,7 @@
 //! leader: on a standby the bounded work queue fills and then holds the watches back (they
 //! resume, or relist, once this replica leads) — memory stays bounded either way.
 
+use orquestra_operator::rbac::Rule;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -53,6 +54,16 @@ use orquestra_operator::{Manager, Runner};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    // Owner references may point from and to any kind, custom ones included.
+    Rule {
+        api_groups: &["*"],
+        resources: &["*"],
+        verbs: &["get", "list", "watch", "patch", "update", "delete"],
+    },
+];
 
 /// The finalizer the API server adds for `propagationPolicy: Foreground`.
 pub const FOREGROUND: &str = "foregroundDeletion";

@@ -70,16 +70,20 @@ pub struct Builtin {
     pub name: &'static str,
     /// Adds its caches and reconcilers to the manager.
     pub add: fn(&mut Manager, &Settings) -> Result<(), prometheus::Error>,
+    /// The RBAC rules its requests need.
+    pub rules: &'static [orquestra_operator::rbac::Rule],
 }
 
 /// Every built-in control loop, in the order they are added.
 pub const BUILTIN: &[Builtin] = &[
     Builtin {
         name: "scheduler",
+        rules: scheduler::RULES,
         add: |m, _| scheduler::add(m),
     },
     Builtin {
         name: "deployment",
+        rules: deployment::RULES,
         add: |m, _| {
             deployment::add(m);
             Ok(())
@@ -87,6 +91,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "nodelifecycle",
+        rules: nodelifecycle::RULES,
         add: |m, s| {
             nodelifecycle::add(m, s.node_monitor_grace_period);
             Ok(())
@@ -94,6 +99,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "replicaset",
+        rules: replicaset::RULES,
         add: |m, _| {
             replicaset::add(m);
             Ok(())
@@ -101,6 +107,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "garbagecollector",
+        rules: garbage::RULES,
         add: |m, _| {
             garbage::add(m);
             Ok(())
@@ -108,6 +115,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "namespace",
+        rules: namespace::RULES,
         add: |m, _| {
             namespace::add(m);
             Ok(())
@@ -115,6 +123,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "serviceaccount",
+        rules: serviceaccount::RULES,
         add: |m, _| {
             serviceaccount::add(m);
             Ok(())
@@ -122,6 +131,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "endpoint",
+        rules: endpoints::RULES,
         add: |m, _| {
             endpoints::add(m);
             Ok(())
@@ -129,6 +139,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "endpointslice",
+        rules: endpointslice::RULES,
         add: |m, _| {
             endpointslice::add(m);
             Ok(())
@@ -136,6 +147,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "nodeipam",
+        rules: nodeipam::RULES,
         add: |m, s| {
             nodeipam::add_with(m, s.node_ipam);
             Ok(())
@@ -143,6 +155,7 @@ pub const BUILTIN: &[Builtin] = &[
     },
     Builtin {
         name: "daemonset",
+        rules: daemonset::RULES,
         add: |m, _| {
             daemonset::add(m);
             Ok(())

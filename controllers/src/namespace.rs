@@ -10,6 +10,7 @@
 //! instances`), as kubectl users know them. New objects cannot appear meanwhile: the API
 //! server refuses creation in a terminating namespace.
 
+use orquestra_operator::rbac::Rule;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,26 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 use serde_json::{Value, json};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["namespaces"],
+        verbs: &["get", "list", "watch", "delete"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["namespaces/status"],
+        verbs: &["patch"],
+    },
+    // A terminating namespace's contents, of every kind discovery finds.
+    Rule {
+        api_groups: &["*"],
+        resources: &["*"],
+        verbs: &["get", "list", "delete", "deletecollection"],
+    },
+];
 
 /// The finalizer in `spec.finalizers` this controller owns.
 pub const FINALIZER: &str = "kubernetes";

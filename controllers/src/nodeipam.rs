@@ -9,6 +9,7 @@
 //! `CIDRNotAvailable` event says so (once per node), and the node is tried again when a Node
 //! is deleted — not in a loop.
 
+use orquestra_operator::rbac::Rule;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,20 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 use serde_json::json;
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["nodes"],
+        verbs: &["get", "list", "watch", "patch"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["events"],
+        verbs: &["create"],
+    },
+];
 
 /// The field manager of the controller's writes.
 pub const MANAGER: &str = "node-ipam-controller";

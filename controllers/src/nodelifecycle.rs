@@ -18,6 +18,7 @@
 //! `Ready` —(no heartbeat for the grace period)→ `Unknown` + unreachable taints
 //! —(heartbeat with Ready=True)→ `Ready`, taints removed.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,35 @@ use serde_json::json;
 
 use crate::events::{EventType, publish};
 use crate::scheduler::tolerates;
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["nodes"],
+        verbs: &["get", "list", "watch", "update"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["nodes/status"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &["coordination.k8s.io"],
+        resources: &["leases"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list", "watch", "delete"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["events"],
+        verbs: &["create"],
+    },
+];
 
 /// The field manager of the controller's writes and the component of its events.
 pub const MANAGER: &str = "node-lifecycle-controller";

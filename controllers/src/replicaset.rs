@@ -6,6 +6,7 @@
 //! has not seen in its cache yet are counted as done, so a slow cache never makes it create
 //! or delete twice.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,25 @@ use orquestra_operator::{Manager, Runner};
 use crate::labels::matches;
 use crate::objects::ready;
 use serde_json::json;
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &["apps"],
+        resources: &["replicasets"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["replicasets/status"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+    },
+];
 
 /// The field manager of the controller's writes.
 pub const MANAGER: &str = "replicaset-controller";

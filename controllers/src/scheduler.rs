@@ -10,6 +10,7 @@
 //! changes or a placed pod goes (and every 30 s). Pods bound but not yet seen bound in the cache are *assumed*
 //! on their node, so a slow cache never double-books.
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,25 @@ use orquestra_operator::quantity;
 use orquestra_operator::{Manager, Runner};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
 use serde_json::json;
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["pods", "nodes"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods/binding"],
+        verbs: &["create"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["events"],
+        verbs: &["create"],
+    },
+];
 
 /// The names pods may ask for in `spec.schedulerName`.
 pub const NAMES: &[&str] = &["default-scheduler", "orquestra"];

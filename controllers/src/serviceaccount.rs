@@ -3,6 +3,7 @@
 //! A deleted one is made again; a terminating namespace gets none (the API server would
 //! refuse it).
 
+use orquestra_operator::rbac::{READ, Rule};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -12,6 +13,20 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
+
+/// What this control loop's requests need (see [`orquestra_operator::rbac`]).
+pub const RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["namespaces"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["serviceaccounts"],
+        verbs: &["get", "list", "watch", "create"],
+    },
+];
 
 /// The ServiceAccount every namespace gets.
 pub const DEFAULT: &str = "default";

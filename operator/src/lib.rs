@@ -17,6 +17,7 @@ pub mod leader;
 pub mod manager;
 pub mod metrics;
 pub mod quantity;
+pub mod rbac;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -3,6 +3,7 @@
 //! live in [`client`].
 
 mod agent;
+mod chartgen;
 mod client;
 mod image;
 mod operator;
@@ -65,6 +66,13 @@ enum Command {
         /// Where to write the manifests.
         #[arg(long, default_value = "crds")]
         out: std::path::PathBuf,
+    },
+    /// Write the Helm chart's generated files: Orquestra's own CRDs and the operator's RBAC
+    /// rules, from what each control loop declares.
+    Chartgen {
+        /// The chart's directory.
+        #[arg(long, default_value = "charts/orquestra")]
+        chart: std::path::PathBuf,
     },
     /// Print where the cluster's API server runs, its version and how many nodes are ready.
     #[command(name = "cluster-info")]
@@ -202,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                 Command::Operator(args) => operator::run(args).await,
                 Command::Image(args) => image::run(args).await,
                 Command::Crdgen { out } => crdgen(&out),
+                Command::Chartgen { chart } => chartgen::run(&chart),
                 // Handled above.
                 Command::ClusterInfo(_)
                 | Command::Version(_)

@@ -37,10 +37,21 @@ pub struct ControllerArgs {
 
 /// Controllers of Orquestra's own custom resources, selected by name only: `staticsite`
 /// (examples/static-site; its CRD is crds/example.orquestra.dev_staticsites.yaml).
-const CUSTOM: &[(&str, AddCustom)] = &[("staticsite", static_site::controller)];
+pub(crate) const CUSTOM: &[Custom] = &[Custom {
+    name: "staticsite",
+    add: static_site::controller,
+    rules: static_site::RULES,
+}];
 
-/// Wires a custom resource's controller into a manager (`None`: the manager already runs).
-type AddCustom = fn(&mut Manager) -> Option<()>;
+/// A controller of one of Orquestra's own custom resources.
+pub(crate) struct Custom {
+    /// The name `--controllers` selects it by.
+    pub name: &'static str,
+    /// Wires it into a manager (`None`: the manager already runs).
+    pub add: fn(&mut Manager) -> Option<()>,
+    /// The RBAC rules its requests need.
+    pub rules: &'static [orquestra_operator::rbac::Rule],
+}
 
 impl ControllerArgs {
     /// Whether any control loop is selected.
@@ -50,14 +61,14 @@ impl ControllerArgs {
             .any(|b| orquestra_controllers::enabled(&self.controllers, b.name))
             || CUSTOM
                 .iter()
-                .any(|(n, _)| self.controllers.iter().any(|c| c.trim() == *n))
+                .any(|c| self.controllers.iter().any(|s| s.trim() == c.name))
     }
 
     /// Adds the selected control loops to `manager`; returns their names.
     pub fn add_to(&self, manager: &mut Manager) -> anyhow::Result<Vec<&'static str>> {
         let custom_name = |item: &String| {
             let name = item.trim().trim_start_matches('-');
-            CUSTOM.iter().any(|(n, _)| *n == name)
+            CUSTOM.iter().any(|c| c.name == name)
         };
         let builtin: Vec<String> = self
             .controllers
@@ -66,10 +77,11 @@ impl ControllerArgs {
             .cloned()
             .collect();
         let mut added = orquestra_controllers::add_selected(manager, &builtin, &self.settings()?)?;
-        for (name, add) in CUSTOM {
+        for custom in CUSTOM {
             let named = |item: &str| self.controllers.iter().any(|c| c.trim() == item);
+            let name = custom.name;
             if named(name) && !named(&format!("-{name}")) {
-                add(manager).with_context(|| format!("adding the {name} controller"))?;
+                (custom.add)(manager).with_context(|| format!("adding the {name} controller"))?;
                 added.push(name);
             }
         }

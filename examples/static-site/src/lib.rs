@@ -298,6 +298,40 @@ pub fn crd()
     StaticSite::crd()
 }
 
+/// What [`controller`]'s requests need (see [`orquestra_operator::rbac`]). Server-side
+/// apply needs `create` too when it creates the object.
+pub const RULES: &[orquestra_operator::rbac::Rule] = {
+    use orquestra_operator::rbac::Rule;
+    const OWN: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+    &[
+        Rule {
+            api_groups: &["example.orquestra.dev"],
+            resources: &["staticsites"],
+            verbs: &["get", "list", "watch", "patch", "update"],
+        },
+        Rule {
+            api_groups: &["example.orquestra.dev"],
+            resources: &["staticsites/status"],
+            verbs: &["patch"],
+        },
+        Rule {
+            api_groups: &[""],
+            resources: &["configmaps", "services"],
+            verbs: OWN,
+        },
+        Rule {
+            api_groups: &["apps"],
+            resources: &["deployments"],
+            verbs: OWN,
+        },
+        Rule {
+            api_groups: &["events.k8s.io"],
+            resources: &["events"],
+            verbs: &["create", "patch"],
+        },
+    ]
+};
+
 /// Wires the controller into `manager`: shared caches of StaticSites and of the Deployments
 /// they own (a Deployment's change reconciles its StaticSite). `None` if the manager is
 /// already running (caches can only be subscribed before).
