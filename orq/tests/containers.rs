@@ -73,6 +73,16 @@ impl Host {
 
     /// A host whose server listens on `listen`, after `prepare` has set up its namespace.
     fn start_listening(tag: &str, listen: &'static str, prepare: impl FnOnce(&Netns)) -> Host {
+        Host::start_with(tag, listen, prepare, &[])
+    }
+
+    /// [`Host::start_listening`], the server started with `server_args` too.
+    fn start_with(
+        tag: &str,
+        listen: &'static str,
+        prepare: impl FnOnce(&Netns),
+        server_args: &[&str],
+    ) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let netns = Netns::create(tag);
         prepare(&netns);
@@ -101,7 +111,7 @@ impl Host {
                 )
             })
             .unwrap();
-        host.start_server();
+        host.start_server_with(server_args);
         host
     }
 
@@ -1173,21 +1183,23 @@ fn deployments_with_kubectl() {
     assert!(!left.contains("web"), "left behind: {left}");
 }
 
+/// Gives a host namespace a default route (through a veth pair of its own: no dummy module
+/// here) like a real machine's: its source address, 192.0.2.2, is what a server listening on
+/// every address advertises, so pods reach it there.
+fn uplink(netns: &Netns) {
+    let ip = |args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(&netns.0).args(args));
+    ip(&[
+        "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+    ]);
+    ip(&["addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
+    ip(&["link", "set", "uplink1", "up"]);
+    ip(&["link", "set", "uplink0", "up"]);
+    ip(&["route", "add", "default", "via", "192.0.2.1"]);
+}
+
 #[test]
 fn pods_get_a_service_account_token_and_reach_the_api_server() {
-    // The host namespace gets a default route (through a veth pair of its own: no dummy
-    // module here) like a real machine: its source address is what the server advertises, and the server listens on
-    // every address so pods can reach it there.
-    let host = Host::start_listening("incluster", "0.0.0.0:6443", |netns| {
-        let ip = |args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(&netns.0).args(args));
-        ip(&[
-            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
-        ]);
-        ip(&["addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
-        ip(&["link", "set", "uplink1", "up"]);
-        ip(&["link", "set", "uplink0", "up"]);
-        ip(&["route", "add", "default", "via", "192.0.2.1"]);
-    });
+    let host = Host::start_listening("incluster", "0.0.0.0:6443", uplink);
     let slice: Value =
         serde_json::from_str(&host.kubectl(&["get", "endpointslice", "kubernetes", "-o", "json"]))
             .unwrap();
@@ -1259,4 +1271,277 @@ fn pods_get_a_service_account_token_and_reach_the_api_server() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
+/// `charts/orquestra` onto a running `orq server`: the operator image (this build, packaged
+/// by scripts/build-image.sh) comes from the registry in the host's namespace; the server
+/// runs only the loops that get a pod onto the node (scheduler, deployment, replicaset,
+/// serviceaccount, nodeipam) and the garbage collector, and none of those the chart's
+/// operator runs. Install → the operator pod is Ready, leads, reconciles a StaticSite and
+/// keeps its own metrics Service's Endpoints; upgrade with a changed value → a new pod;
+/// uninstall → nothing of the release is left.
+#[test]
+fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
+    const NS: &str = "orquestra-system";
+    const OPERATOR_IMAGE: &str = "127.0.0.1:5000/orquestra/orq";
+    let host = Host::start_with(
+        "chart",
+        "0.0.0.0:6443",
+        uplink,
+        &["--controllers=scheduler,deployment,replicaset,serviceaccount,nodeipam,garbagecollector"],
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let layout = host.dir.path().join("orq-oci");
+    run_ok(
+        Command::new("bash")
+            .arg(repo.join("scripts/build-image.sh"))
+            .arg(&layout)
+            .arg("test")
+            .env("ORQ_BINARY", env!("CARGO_BIN_EXE_orq")),
+    );
+    run_ok(
+        host.nsenter("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:test", layout.display()))
+            .arg(format!("docker://{OPERATOR_IMAGE}:test")),
+    );
+
+    // The operator runs everything the server does not, and the StaticSite controller.
+    let values = host.dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        serde_json::json!({
+            "image": {"repository": OPERATOR_IMAGE, "tag": "test"},
+            "operator": {"controllers": [
+                "*", "-scheduler", "-deployment", "-replicaset", "-serviceaccount",
+                "-nodeipam", "-garbagecollector", "staticsite",
+            ]},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let chart = repo.join("charts/orquestra");
+    let helm = |args: &[&str]| {
+        let out = host
+            .nsenter("helm")
+            .env("KUBECONFIG", host.data_dir().join("kubeconfig.yaml"))
+            .env("HOME", host.dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm {args:?}: {}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            host.server_log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let chart_arg = chart.to_str().unwrap();
+    let values_arg = values.to_str().unwrap();
+    let installed = helm(&[
+        "install",
+        "orq",
+        chart_arg,
+        "-n",
+        NS,
+        "--create-namespace",
+        "-f",
+        values_arg,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+
+    let operator_pods = || -> Vec<Value> {
+        let list: Value = serde_json::from_str(&host.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    };
+    let ready = |pod: &Value| {
+        pod["metadata"]["deletionTimestamp"].is_null()
+            && pod["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    };
+    let wait = |what: &str, timeout: Duration, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen in {timeout:?}; operator pods: {:#}\nserver log:\n{}",
+                Value::from(operator_pods()),
+                host.server_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let pods = operator_pods();
+    assert_eq!(pods.len(), 1, "{pods:#?}");
+    assert!(ready(&pods[0]), "helm --wait returned with the pod Ready");
+    let first = pods[0]["metadata"]["name"].as_str().unwrap().to_owned();
+    let holder = || {
+        host.kubectl_try(&[
+            "get",
+            "lease",
+            "orquestra-operator",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap_or_default()
+    };
+    // The identity is the pod's hostname (its name) and the operator's PID.
+    wait(
+        "the operator taking the Lease",
+        Duration::from_secs(60),
+        &|| holder().starts_with(&format!("{first}_")),
+    );
+
+    // A loop only the operator runs: the Endpoints of the chart's metrics Service.
+    let pod_ip = pods[0]["status"]["podIP"].as_str().unwrap().to_owned();
+    wait(
+        "the metrics Service's Endpoints",
+        Duration::from_secs(60),
+        &|| {
+            host.kubectl_try(&[
+                "get",
+                "endpoints",
+                "orq-orquestra-metrics",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.subsets[*].addresses[*].ip}",
+            ])
+            .is_some_and(|ips| ips == pod_ip)
+        },
+    );
+    let metrics = host
+        .curl(&format!("http://{pod_ip}:10257/metrics"))
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(r#"leader_election_master_status{name="orquestra-operator"} 1"#),
+        "{metrics}"
+    );
+
+    // The chart installed the StaticSite CRD; the operator reconciles one.
+    host.apply(&serde_json::json!({
+        "apiVersion": "example.orquestra.dev/v1", "kind": "StaticSite",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {"content": "<h1>hello</h1>", "replicas": 0},
+    }));
+    wait(
+        "the StaticSite's children and status",
+        Duration::from_secs(60),
+        &|| {
+            host.kubectl_try(&["get", "configmap", "hello-content", "-o", "name"])
+                .is_some()
+                && host
+                    .kubectl_try(&["get", "deployment", "hello", "-o", "name"])
+                    .is_some()
+                && host
+                    .kubectl_try(&["get", "service", "hello", "-o", "name"])
+                    .is_some()
+                && host
+                    .kubectl_try(&[
+                        "get",
+                        "staticsite",
+                        "hello",
+                        "-o",
+                        r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+                    ])
+                    .is_some_and(|s| s == "True")
+        },
+    );
+
+    // A changed value rolls the pod; the new one becomes Ready and takes over the Lease.
+    let upgraded = helm(&[
+        "upgrade",
+        "orq",
+        chart_arg,
+        "-n",
+        NS,
+        "-f",
+        values_arg,
+        "--set",
+        "operator.resources.limits.memory=300Mi",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
+    wait("the rolled operator pod", Duration::from_secs(90), &|| {
+        let pods = operator_pods();
+        pods.len() == 1 && pods[0]["metadata"]["name"] != first.as_str() && ready(&pods[0])
+    });
+    let second = operator_pods()[0].clone();
+    assert_eq!(
+        second["spec"]["containers"][0]["resources"]["limits"]["memory"],
+        "300Mi"
+    );
+    let second = second["metadata"]["name"].as_str().unwrap().to_owned();
+    wait(
+        "the new pod taking the Lease",
+        Duration::from_secs(60),
+        &|| holder().starts_with(&format!("{second}_")),
+    );
+
+    // Deleting the StaticSite runs the operator's finalizer, which removes its children.
+    host.kubectl(&[
+        "delete",
+        "staticsite",
+        "hello",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    assert!(
+        host.kubectl_try(&["get", "configmap", "hello-content"])
+            .is_none()
+    );
+
+    helm(&["uninstall", "orq", "-n", NS, "--wait", "--timeout", "120s"]);
+    let left = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["-l", "app.kubernetes.io/instance=orq", "-o", "name"]);
+        host.kubectl(&args)
+    };
+    wait(
+        "the release's objects going",
+        Duration::from_secs(60),
+        &|| {
+            left(&[
+                "get",
+                "deployments,replicasets,pods,services,serviceaccounts",
+                "-n",
+                NS,
+            ])
+            .is_empty()
+                && left(&["get", "clusterroles,clusterrolebindings"]).is_empty()
+                && left(&["get", "roles,rolebindings", "-n", "kube-system"]).is_empty()
+        },
+    );
+    // Helm keeps the CRDs of crds/ on uninstall, by its policy.
+    assert!(
+        host.kubectl_try(&[
+            "get",
+            "crd",
+            "staticsites.example.orquestra.dev",
+            "-o",
+            "name"
+        ])
+        .is_some()
+    );
 }
