@@ -34,6 +34,8 @@ pub struct Engine {
     cache: WatchCache,
     /// How long the HTTP layer lets a non-watch request run.
     pub request_timeout: std::time::Duration,
+    /// The range Services' cluster IPs come from.
+    pub service_cidr: crate::service::ServiceCidr,
     /// The `tolerationSeconds` of the `not-ready` and `unreachable` NoExecute tolerations
     /// every new pod gets unless it has its own (kube-apiserver's DefaultTolerationSeconds
     /// admission: how long a pod stays on a lost node before it is evicted).
@@ -117,6 +119,7 @@ impl Engine {
             registry,
             cache,
             request_timeout: crate::DEFAULT_REQUEST_TIMEOUT,
+            service_cidr: crate::service::ServiceCidr::DEFAULT,
             default_toleration_seconds: crate::admission::DEFAULT_TOLERATION_SECONDS,
             kubelet_token: Arc::default(),
             node_client: Arc::default(),

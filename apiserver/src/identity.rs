@@ -21,6 +21,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::authorization::User;
 use crate::engine::Engine;
 use crate::error::ApiError;
 
@@ -121,7 +122,6 @@ impl Identity {
             "kubernetes.default".into(),
             "kubernetes.default.svc".into(),
             "kubernetes.default.svc.cluster.local".into(),
-            crate::kubernetes_service::cluster_ip().to_string(),
         ];
         for san in sans {
             if !names.contains(san) {
@@ -217,7 +217,7 @@ fn public(path: &str) -> bool {
 
 /// Who may call the API: the admin token's holder, and the ServiceAccounts holding a token
 /// this server issued (valid signature and audience, not expired, its ServiceAccount and
-/// bound object still there). Authorization is not enforced yet: authenticated is enough.
+/// bound object still there). What they may do is [`crate::authorization`]'s business.
 pub struct Authenticator {
     admin_token: String,
     engine: Engine,
@@ -248,6 +248,11 @@ impl Authenticator {
 
     /// Whether `presented` authenticates a request.
     pub async fn accepts(&self, presented: &str) -> bool {
+        self.user(presented).await.is_some()
+    }
+
+    /// Who `presented` authenticates: the admin, a ServiceAccount, or nobody.
+    pub async fn user(&self, presented: &str) -> Option<User> {
         // Constant-time comparison: the token is a secret.
         let token = &self.admin_token;
         if presented.len() == token.len()
@@ -257,17 +262,17 @@ impl Authenticator {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
         {
-            return true;
+            return Some(User::admin());
         }
         if presented.bytes().filter(|b| *b == b'.').count() != 2 {
-            return false;
+            return None;
         }
-        let Ok(issuer) = self.engine.token_issuer() else {
-            return false;
-        };
-        let Ok(claims) = issuer.verify(presented) else {
-            return false;
-        };
+        let issuer = self.engine.token_issuer().ok()?;
+        let claims = issuer.verify(presented).ok()?;
+        let user = User::service_account(
+            &claims.kubernetes.namespace,
+            &claims.kubernetes.serviceaccount.name,
+        );
         let fresh = {
             let checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
             checked
@@ -275,7 +280,7 @@ impl Authenticator {
                 .is_some_and(|at| at.elapsed() < RECHECK_AFTER)
         };
         if fresh {
-            return true;
+            return Some(user);
         }
         match crate::token::still_valid(&self.engine, &claims).await {
             Ok(true) => {
@@ -284,12 +289,12 @@ impl Authenticator {
                     checked.retain(|_, at| at.elapsed() < RECHECK_AFTER);
                 }
                 checked.insert(presented.to_owned(), Instant::now());
-                true
+                Some(user)
             }
-            Ok(false) => false,
+            Ok(false) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "checking a service account token's objects");
-                false
+                None
             }
         }
     }
@@ -311,13 +316,16 @@ pub async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = match presented {
-        Some(p) => auth.accepts(p).await,
-        None => false,
+    let user = match presented {
+        Some(p) => auth.user(p).await,
+        None => None,
     };
-    if ok {
-        next.run(request).await
-    } else {
-        ApiError::Unauthorized.into_response()
+    match user {
+        Some(user) => {
+            let mut request = request;
+            request.extensions_mut().insert(user);
+            next.run(request).await
+        }
+        None => ApiError::Unauthorized.into_response(),
     }
 }

@@ -8,7 +8,7 @@
 //! missing or different, every [`INTERVAL`]. With several servers on one datastore, each
 //! writes its own address (the last one wins): there is no lease per server yet.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,12 +26,6 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 /// The EndpointSlice's `endpointslice.kubernetes.io/managed-by`: not the EndpointSlice
 /// controller's (which leaves Services without a selector alone anyway).
 pub const MANAGED_BY: &str = "orquestra-apiserver";
-
-/// The `kubernetes` Service's cluster IP: the first address of the service CIDR.
-pub fn cluster_ip() -> Ipv4Addr {
-    let (network, _) = crate::service::SERVICE_CIDR;
-    Ipv4Addr::from(u32::from(network) + 1)
-}
 
 /// Where the API server is reachable from pods.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +60,7 @@ impl KubernetesService {
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": NAME, "namespace": NAMESPACE,
                              "labels": {"component": "apiserver", "provider": "kubernetes"}},
-                "spec": {"type": "ClusterIP", "clusterIP": cluster_ip().to_string(),
+                "spec": {"type": "ClusterIP", "clusterIP": engine.service_cidr.first().to_string(),
                          "sessionAffinity": "None",
                          "ports": [{"name": "https", "port": 443, "protocol": "TCP",
                                     "targetPort": self.port}]},
@@ -190,10 +184,15 @@ async fn ensure(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn the_cluster_ip_is_the_first_of_the_range() {
-        assert_eq!(cluster_ip(), Ipv4Addr::new(10, 43, 0, 1));
+        use crate::service::ServiceCidr;
+        use std::net::Ipv4Addr;
+        assert_eq!(ServiceCidr::DEFAULT.first(), Ipv4Addr::new(10, 43, 0, 1));
+        let cidr: ServiceCidr = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(cidr.first(), Ipv4Addr::new(10, 96, 0, 1));
+        assert!("10.96.0.1/12".parse::<ServiceCidr>().is_err());
+        assert!("10.96.0.0/8".parse::<ServiceCidr>().is_err());
+        assert!("fd00::/108".parse::<ServiceCidr>().is_err());
     }
 }

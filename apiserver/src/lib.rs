@@ -11,6 +11,7 @@
 //! authentication (see issue 3 in the tracker and docs/api-server.md).
 
 pub mod admission;
+pub mod authorization;
 pub mod cache;
 pub mod crd;
 pub mod crdgen;
@@ -28,6 +29,7 @@ pub mod podlog;
 pub mod proto;
 pub mod registry;
 pub mod request;
+pub mod request_info;
 pub mod schema;
 pub mod selector;
 pub mod service;
@@ -84,6 +86,7 @@ impl ApiServer {
         let mut engine = Engine::new(store, registry);
         engine.request_timeout = timeout;
         engine.ensure_boot_namespaces().await?;
+        authorization::ensure_bootstrap_roles(&engine).await?;
         crd::sync(engine.clone()).await?;
         Ok(ApiServer { engine })
     }
@@ -93,6 +96,13 @@ impl ApiServer {
     /// [`ApiServer::router`].
     pub fn set_default_toleration_seconds(&mut self, seconds: i64) {
         self.engine.default_toleration_seconds = seconds;
+    }
+
+    /// Sets the range Services' cluster IPs come from (kube-apiserver's
+    /// `--service-cluster-ip-range`). Before [`ApiServer::router`]; set it when the cluster
+    /// is created (Services keep the addresses they were given).
+    pub fn set_service_cidr(&mut self, cidr: service::ServiceCidr) {
+        self.engine.service_cidr = cidr;
     }
 
     /// The engine, for in-process callers.

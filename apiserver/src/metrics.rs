@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::StreamExt;
@@ -23,6 +22,7 @@ use prometheus::{
 };
 
 use crate::cache::WatchCache;
+use crate::request_info::RequestInfo;
 
 /// The labels kube-apiserver puts on a request's metrics, in order.
 const REQUEST_LABELS: [&str; 8] = [
@@ -103,102 +103,6 @@ impl ApiMetrics {
     }
 }
 
-/// What kube-apiserver's metrics say of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RequestInfo {
-    verb: &'static str,
-    dry_run: &'static str,
-    group: String,
-    version: String,
-    resource: String,
-    subresource: String,
-    scope: &'static str,
-}
-
-impl RequestInfo {
-    fn labels(&self) -> [&str; 8] {
-        [
-            self.verb,
-            self.dry_run,
-            &self.group,
-            &self.version,
-            &self.resource,
-            &self.subresource,
-            self.scope,
-            "apiserver",
-        ]
-    }
-
-    /// Watches, and the subresources upstream treats as long-running (logs, exec, attach,
-    /// port-forward, proxy).
-    fn long_running(&self) -> bool {
-        self.verb == "WATCH"
-            || matches!(
-                self.subresource.as_str(),
-                "log" | "exec" | "attach" | "portforward" | "proxy"
-            )
-    }
-
-    fn read_only(&self) -> bool {
-        matches!(self.verb, "GET" | "LIST" | "WATCH")
-    }
-}
-
-/// Classifies an API request (`None` for anything outside `/api` and `/apis/G/V`).
-fn classify(method: &Method, path: &str, query: &str) -> Option<RequestInfo> {
-    let (group, version, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
-        ("", "v1", rest)
-    } else {
-        let rest = path.strip_prefix("/apis/")?;
-        let mut parts = rest.splitn(3, '/');
-        (parts.next()?, parts.next()?, parts.next()?)
-    };
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let (namespaced, segments) = match segments.as_slice() {
-        ["namespaces", _, resource, tail @ ..] if !matches!(*resource, "status" | "finalize") => {
-            (true, [&[*resource][..], tail].concat())
-        }
-        other => (false, other.to_vec()),
-    };
-    let (resource, named, subresource) = match segments.as_slice() {
-        [] => return None,
-        [plural] => (*plural, false, ""),
-        [plural, _] => (*plural, true, ""),
-        [plural, _, sub, ..] => (*plural, true, *sub),
-    };
-    let flag = |name: &str| {
-        query.split('&').any(|kv| {
-            kv.split_once('=')
-                .is_some_and(|(k, v)| k == name && (v == "true" || v == "1" || v == "All"))
-        })
-    };
-    let verb = match (method, named) {
-        (&Method::GET, false) if flag("watch") => "WATCH",
-        (&Method::GET, false) => "LIST",
-        (&Method::GET, true) => "GET",
-        (&Method::POST, _) => "POST",
-        (&Method::PUT, _) => "PUT",
-        (&Method::PATCH, _) => "PATCH",
-        (&Method::DELETE, false) => "DELETECOLLECTION",
-        (&Method::DELETE, true) => "DELETE",
-        _ => "OTHER",
-    };
-    let scope = match (named, namespaced) {
-        (true, _) => "resource",
-        (false, true) => "namespace",
-        (false, false) => "cluster",
-    };
-    Some(RequestInfo {
-        verb,
-        dry_run: if flag("dryRun") { "All" } else { "" },
-        group: group.to_owned(),
-        version: version.to_owned(),
-        resource: resource.to_owned(),
-        subresource: subresource.to_owned(),
-        scope,
-    })
-}
-
 /// Decrements a gauge when dropped: with the response body, when a long-running request
 /// ends; with the handler's future, when a request finishes or its client goes away.
 struct Active(IntGauge);
@@ -222,7 +126,7 @@ pub async fn record(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(info) = classify(
+    let Some(info) = RequestInfo::parse(
         request.method(),
         request.uri().path(),
         request.uri().query().unwrap_or(""),
@@ -320,71 +224,5 @@ impl Collector for StorageObjects {
             gauge.with_label_values(&[&resource]).set(n);
         }
         gauge.collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(m: Method, p: &str, q: &str) -> Option<(&'static str, String, String, &'static str)> {
-        classify(&m, p, q).map(|i| {
-            let resource = if i.subresource.is_empty() {
-                i.resource.clone()
-            } else {
-                format!("{}/{}", i.resource, i.subresource)
-            };
-            (i.verb, i.group, resource, i.scope)
-        })
-    }
-
-    #[test]
-    fn verbs_resources_and_scopes() {
-        assert_eq!(
-            c(Method::GET, "/api/v1/namespaces/default/pods", ""),
-            Some(("LIST", "".into(), "pods".into(), "namespace"))
-        );
-        assert_eq!(
-            c(Method::GET, "/api/v1/pods", "watch=true"),
-            Some(("WATCH", "".into(), "pods".into(), "cluster"))
-        );
-        assert_eq!(
-            c(Method::GET, "/api/v1/namespaces/default", ""),
-            Some(("GET", "".into(), "namespaces".into(), "resource"))
-        );
-        assert_eq!(
-            c(Method::PUT, "/api/v1/namespaces/x/status", ""),
-            Some(("PUT", "".into(), "namespaces/status".into(), "resource"))
-        );
-        assert_eq!(
-            c(
-                Method::PATCH,
-                "/apis/apps/v1/namespaces/d/deployments/web/scale",
-                ""
-            ),
-            Some((
-                "PATCH",
-                "apps".into(),
-                "deployments/scale".into(),
-                "resource"
-            ))
-        );
-        assert_eq!(c(Method::GET, "/healthz", ""), None);
-    }
-
-    #[test]
-    fn long_running_and_dry_run() {
-        let watch = classify(&Method::GET, "/api/v1/pods", "watch=1").unwrap();
-        assert!(watch.long_running() && watch.read_only());
-        let logs = classify(&Method::GET, "/api/v1/namespaces/d/pods/p/log", "").unwrap();
-        assert!(logs.long_running());
-        let create = classify(
-            &Method::POST,
-            "/apis/apps/v1/namespaces/d/deployments",
-            "dryRun=All",
-        )
-        .unwrap();
-        assert!(!create.long_running() && !create.read_only());
-        assert_eq!(create.dry_run, "All");
     }
 }

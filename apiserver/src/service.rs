@@ -12,8 +12,64 @@ use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::registry::ResourceDef;
 
-/// The service CIDR (k3s' default), as network address and prefix length.
-pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 43, 0, 0), 16);
+/// The range Services' cluster IPs come from (kube-apiserver's `--service-cluster-ip-range`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCidr {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub bits: u8,
+}
+
+impl ServiceCidr {
+    /// k3s' default, 10.43.0.0/16.
+    pub const DEFAULT: ServiceCidr = ServiceCidr {
+        network: Ipv4Addr::new(10, 43, 0, 0),
+        bits: 16,
+    };
+
+    /// The first address: the `kubernetes` Service's cluster IP.
+    pub fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// How many addresses the range spans (network and broadcast included).
+    fn size(&self) -> u32 {
+        1u32 << (32 - u32::from(self.bits))
+    }
+}
+
+impl std::fmt::Display for ServiceCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.bits)
+    }
+}
+
+impl std::str::FromStr for ServiceCidr {
+    type Err = String;
+
+    /// An IPv4 network with a prefix of /12 to /28, given by its network address.
+    fn from_str(text: &str) -> Result<ServiceCidr, String> {
+        let (address, bits) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a CIDR like 10.43.0.0/16"))?;
+        let network: Ipv4Addr = address
+            .parse()
+            .map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
+        let bits: u8 = bits
+            .parse()
+            .ok()
+            .filter(|b| (12..=28).contains(b))
+            .ok_or_else(|| format!("{text:?}: the prefix length must be 12 to 28"))?;
+        let cidr = ServiceCidr { network, bits };
+        if u32::from(network) & (cidr.size() - 1) != 0 {
+            return Err(format!(
+                "{text:?}: {network} is not the network address of a /{bits}"
+            ));
+        }
+        Ok(cidr)
+    }
+}
 /// The node port range.
 pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
@@ -112,9 +168,10 @@ pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), Api
     if kind == "ExternalName" {
         return Ok(());
     }
-    let (network, bits) = SERVICE_CIDR;
+    let cidr = engine.service_cidr;
+    let (network, bits) = (cidr.network, cidr.bits);
     let base = u32::from(network);
-    let size = 1u32 << (32 - bits);
+    let size = cidr.size();
     match object["spec"]["clusterIP"].as_str() {
         Some("None") => {}
         Some(ip) if !ip.is_empty() => {

@@ -13,6 +13,10 @@ use orquestra_node_agent::{AgentConfig, HostInfo};
 /// Flags of `orq agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// A YAML file of settings, keyed by these flags' long names (`data-dir: /srv/orq`);
+    /// flags on the command line win. Default: /etc/orquestra/config.yaml, if it exists.
+    #[arg(long, env = "ORQ_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The kubeconfig to reach the API server with (`orq server` writes an admin one to
     /// DATA_DIR/kubeconfig.yaml). Or join with `--server` and `--token`, which win.
     #[arg(long, env = "KUBECONFIG")]
@@ -195,6 +199,9 @@ pub fn kubeconfig_ca(kubeconfig: &Path) -> Option<String> {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if let Some(config) = &args.config {
+        tracing::info!(config = %config.display(), "settings from a config file (flags on the command line win)");
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let default_dir = PathBuf::from("/var/lib/orquestra/agent");
     if args.cleanup {

@@ -5,6 +5,7 @@
 mod agent;
 mod chartgen;
 mod client;
+mod config;
 mod image;
 mod operator;
 mod server;
@@ -126,7 +127,11 @@ fn main() -> anyhow::Result<()> {
             "info,hickory_server=warn".into()
         })
     };
-    let command = Cli::parse().command;
+    let args = {
+        use clap::CommandFactory as _;
+        config::expand(std::env::args_os().collect(), &Cli::command())?
+    };
+    let command = Cli::parse_from(args).command;
     // The shim must stay single-threaded: it runs before any runtime (and its threads) exist.
     // Its logs (libcontainer's included, also from the container's init before it execs,
     // whose stdio is the container's) go to a file in the bundle, never to stdio.

@@ -10,6 +10,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use orquestra_apiserver::authorization::{Authorizer, authorize};
 use orquestra_apiserver::identity::{Authenticator, Identity, authenticate};
 use orquestra_apiserver::kubernetes_service::KubernetesService;
 use orquestra_apiserver::token::TokenIssuer;
@@ -20,6 +21,10 @@ use tokio::signal::unix::{SignalKind, signal};
 /// Flags of `orq server`.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
+    /// A YAML file of settings, keyed by these flags' long names (`data-dir: /srv/orq`);
+    /// flags on the command line win. Default: /etc/orquestra/config.yaml, if it exists.
+    #[arg(long, env = "ORQ_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where state lives: the SQLite store, the TLS identity and token, the admin kubeconfig.
     #[arg(long, env = "ORQ_DATA_DIR", default_value = "/var/lib/orquestra")]
     data_dir: PathBuf,
@@ -46,6 +51,21 @@ pub struct ServerArgs {
     /// non-loopback one, else the host's primary IPv4 (the default route's source address).
     #[arg(long, env = "ORQ_ADVERTISE_ADDRESS")]
     advertise_address: Option<IpAddr>,
+    /// How API requests are authorized, as kube-apiserver's flag: `RBAC` (Roles and
+    /// ClusterRoles bound to a caller decide; the admin token, in `system:masters`, may do
+    /// anything) or `AlwaysAllow` (every authenticated request).
+    #[arg(
+        long,
+        env = "ORQ_AUTHORIZATION_MODE",
+        value_enum,
+        default_value = "RBAC"
+    )]
+    authorization_mode: AuthorizationMode,
+    /// The range Services' cluster IPs come from (an IPv4 CIDR, /12 to /28); its first
+    /// address is the `kubernetes` Service's. Set it when the cluster is created: Services
+    /// keep the addresses they were given.
+    #[arg(long, env = "ORQ_SERVICE_CIDR", default_value = "10.43.0.0/16")]
+    service_cidr: orquestra_apiserver::service::ServiceCidr,
     /// Extra names or addresses for the serving certificate (repeatable).
     #[arg(long = "tls-san", value_name = "NAME")]
     tls_sans: Vec<String>,
@@ -67,6 +87,17 @@ pub struct ServerArgs {
     default_unreachable_toleration_seconds: i64,
     #[command(flatten)]
     node: crate::agent::NodeArgs,
+}
+
+/// `--authorization-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthorizationMode {
+    /// Role-based access control.
+    #[value(name = "RBAC")]
+    Rbac,
+    /// Every authenticated request is allowed.
+    #[value(name = "AlwaysAllow")]
+    AlwaysAllow,
 }
 
 fn request_timeout(text: &str) -> Result<Duration, String> {
@@ -117,6 +148,9 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    if let Some(config) = &args.config {
+        tracing::info!(config = %config.display(), "settings from a config file (flags on the command line win)");
+    }
     // The data dir holds the store, keys and tokens: private when we create it.
     if !args.data_dir.exists() {
         use std::os::unix::fs::PermissionsExt;
@@ -175,6 +209,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     .await
     .context("starting the API server")?;
     api.set_default_toleration_seconds(args.default_unreachable_toleration_seconds);
+    api.set_service_cidr(args.service_cidr);
     let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
         &registry,
     )?);
@@ -232,6 +267,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
             sans.push(host.trim().to_owned());
         }
+        // In-cluster clients dial the `kubernetes` Service's cluster IP.
+        sans.push(args.service_cidr.first().to_string());
         sans.retain(|s| !s.is_empty());
         let identity =
             Identity::load_or_create(&args.data_dir, &sans).context("creating the TLS identity")?;
@@ -248,6 +285,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             identity.token.clone(),
             api.engine().clone(),
         ));
+        // Layers run outside in: authentication names the caller, then RBAC judges.
+        let app = match args.authorization_mode {
+            AuthorizationMode::Rbac => {
+                let authorizer = Arc::new(Authorizer::new(api.engine().clone()));
+                app.layer(axum::middleware::from_fn_with_state(authorizer, authorize))
+            }
+            AuthorizationMode::AlwaysAllow => app,
+        };
         let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()))

@@ -1256,7 +1256,8 @@ fn pods_get_a_service_account_token_and_reach_the_api_server() {
         logs.contains("reachable\n") && !logs.contains("unreachable"),
         "the pod reaches the API server through its Service: {logs}"
     );
-    // The token is the pod's: it authenticates against the API server.
+    // The token is the pod's: it authenticates against the API server (403, not 401: RBAC
+    // grants the default ServiceAccount nothing).
     let token = logs
         .lines()
         .find_map(|l| l.strip_prefix("TOKEN="))
@@ -1270,16 +1271,17 @@ fn pods_get_a_service_account_token_and_reach_the_api_server() {
         .arg("https://127.0.0.1:6443/api/v1/namespaces/default/pods")
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 }
 
 /// `charts/orquestra` onto a running `orq server`: the operator image (this build, packaged
 /// by scripts/build-image.sh) comes from the registry in the host's namespace; the server
 /// runs only the loops that get a pod onto the node (scheduler, deployment, replicaset,
 /// serviceaccount, nodeipam) and the garbage collector, and none of those the chart's
-/// operator runs. Install → the operator pod is Ready, leads, reconciles a StaticSite and
-/// keeps its own metrics Service's Endpoints; upgrade with a changed value → a new pod;
-/// uninstall → nothing of the release is left.
+/// operator runs, and enforces RBAC, so the operator has only the chart's generated rules.
+/// Install → the operator pod is Ready, leads, reconciles a StaticSite and keeps its own
+/// metrics Service's Endpoints, with no request refused; upgrade with a changed value → a new
+/// pod; uninstall → nothing of the release is left.
 #[test]
 fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
     const NS: &str = "orquestra-system";
@@ -1465,6 +1467,45 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
                     ])
                     .is_some_and(|s| s == "True")
         },
+    );
+
+    // The server enforces RBAC (its default): the operator did all that on the chart's
+    // generated rules alone, without one refusal, and its token gets no more than them.
+    let server_metrics = host.kubectl(&["get", "--raw", "/metrics"]);
+    assert!(
+        !server_metrics
+            .lines()
+            .any(|l| l.starts_with("apiserver_request_total{") && l.contains(r#"code="403""#)),
+        "{server_metrics}"
+    );
+    let token = host.kubectl(&["create", "token", "orq-orquestra", "-n", NS]);
+    let as_operator = |method: &str, path: &str| {
+        let out = host
+            .nsenter("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args([
+                "-H",
+                "Content-Type: application/merge-patch+json",
+                "-d",
+                "{}",
+            ])
+            .arg("--cacert")
+            .arg(host.data_dir().join("tls/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+            .arg(format!("https://127.0.0.1:6443{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(as_operator("GET", "/api/v1/pods"), "200");
+    // Patching Secrets, or ReplicaSets (the server's loops' business): no rule of its own.
+    assert_eq!(
+        as_operator("PATCH", "/api/v1/namespaces/default/secrets/any"),
+        "403"
+    );
+    assert_eq!(
+        as_operator("PATCH", "/apis/apps/v1/namespaces/default/replicasets/any"),
+        "403"
     );
 
     // A changed value rolls the pod; the new one becomes Ready and takes over the Lease.

@@ -154,6 +154,54 @@ fn a_port_in_use_is_a_clear_error() {
 }
 
 #[test]
+fn a_config_file_sets_flags_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "service-cidr: 10.96.0.0/12\ntls-san: [orq.example, orq2.example]\nno-agent: true\n\
+         listen: 127.0.0.1:1\nrequest-timeout: 30s\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    // Server::start passes --listen: the command line's wins over the file's.
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    server.wait_ready();
+    let service = wait_json(
+        &server,
+        "/api/v1/namespaces/default/services/kubernetes",
+        |_| true,
+    );
+    assert_eq!(service["spec"]["clusterIP"], "10.96.0.1");
+    let sans = std::fs::read_to_string(data.join("tls/server.sans")).unwrap();
+    for name in ["orq.example", "orq2.example", "10.96.0.1"] {
+        assert!(sans.lines().any(|l| l == name), "{name} in {sans}");
+    }
+    // no-agent: no node registered.
+    let (_, nodes) = server.get("/api/v1/nodes").unwrap();
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    assert_eq!(nodes["items"], serde_json::json!([]));
+    assert!(server.terminate().success());
+
+    // An unknown setting names the file and the key.
+    std::fs::write(&config, "datadir: /srv\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: unknown setting `datadir` (not a flag of `orq server`",
+            config.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn runs_on_etcd() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let etcd = runtime.block_on(EtcdProcess::start()).unwrap();
@@ -366,17 +414,59 @@ fn pods_find_the_api_server_through_the_kubernetes_service() {
         |_| true,
     );
     let token = kubectl(&["create", "token", "default"]);
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(dir.path().join("tls/ca.crt"))
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {}", token.trim()))
-        .arg(format!(
-            "https://{}/api/v1/namespaces/default/pods",
-            server.addr
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let list_pods = |namespace: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+            .arg(dir.path().join("tls/ca.crt"))
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg(format!(
+                "https://{}/api/v1/namespaces/{namespace}/pods",
+                server.addr
+            ))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    // Authenticated, but RBAC grants a ServiceAccount nothing until a binding does.
+    let (code, body) = list_pods("default");
+    assert_eq!(code, "403", "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "Forbidden");
+    assert_eq!(
+        status["message"],
+        "pods is forbidden: User \"system:serviceaccount:default:default\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+    );
+    kubectl(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list",
+        "--resource=pods",
+    ]);
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "pod-reader",
+        "--role=pod-reader",
+        "--serviceaccount=default:default",
+    ]);
+    let (code, body) = list_pods("default");
+    assert_eq!(code, "200", "{body}");
+    // The role is for this namespace only.
+    let (code, _) = list_pods("kube-system");
+    assert_eq!(code, "403");
+    // The bootstrap cluster-admin role, bound cluster-wide, allows everything.
+    kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "default-admin",
+        "--clusterrole=cluster-admin",
+        "--serviceaccount=default:default",
+    ]);
+    let (code, body) = list_pods("default");
+    assert_eq!(code, "200", "{body}");
     assert!(server.terminate().success());
 }

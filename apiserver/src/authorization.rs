@@ -1,0 +1,526 @@
+//! RBAC authorization (`orq server --authorization-mode=RBAC`), as kube-apiserver's RBAC
+//! authorizer decides: a request is allowed when a ClusterRoleBinding, or a RoleBinding in
+//! the request's namespace, binds a subject matching the caller to a role with a rule
+//! covering the request's verb, API group, resource (`resource/subresource`) and name.
+//! Members of `system:masters` (the admin token) are always allowed; every authenticated
+//! caller may read discovery, `/version`, the health checks and the OpenAPI document (the
+//! bootstrap `system:discovery` and `system:public-info-viewer` roles). Denials are 403
+//! `Forbidden` Statuses saying who cannot do what.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde::de::DeserializeOwned;
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::request::{Params, Target};
+use crate::request_info::RequestInfo;
+
+/// Who made a request, as authentication established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// `system:admin`, `system:serviceaccount:NS:NAME`.
+    pub name: String,
+    /// `system:masters`, `system:serviceaccounts`, `system:authenticated`, … .
+    pub groups: Vec<String>,
+}
+
+/// The group whose members every authorizer allows (kube-apiserver's superusers).
+pub const MASTERS: &str = "system:masters";
+
+impl User {
+    /// The admin token's holder.
+    pub fn admin() -> User {
+        User {
+            name: "system:admin".into(),
+            groups: vec![MASTERS.into(), "system:authenticated".into()],
+        }
+    }
+
+    /// A ServiceAccount, with the groups Kubernetes gives it.
+    pub fn service_account(namespace: &str, name: &str) -> User {
+        User {
+            name: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+        }
+    }
+}
+
+/// How requests are authorized (kube-apiserver's `--authorization-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every authenticated request is allowed.
+    AlwaysAllow,
+    /// Role-based access control.
+    Rbac,
+}
+
+/// Decides requests under RBAC from the roles and bindings in the store.
+pub struct Authorizer {
+    engine: Engine,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").finish_non_exhaustive()
+    }
+}
+
+/// What is being asked: an API request, or a path outside the API (`/metrics`).
+#[derive(Debug)]
+pub enum Attributes<'a> {
+    /// A request under `/api` or `/apis/G/V`.
+    Resource(&'a RequestInfo),
+    /// Another path, with the lower-case HTTP method as the verb.
+    NonResource {
+        /// The path.
+        path: &'a str,
+        /// `get`, `post`, … .
+        verb: String,
+    },
+}
+
+/// Paths every authenticated caller may GET.
+fn discovery(path: &str) -> bool {
+    matches!(path, "/api" | "/apis" | "/version" | "/openapi/v2")
+        || path.starts_with("/api/")
+        || path.starts_with("/apis/")
+        || path.starts_with("/openapi/")
+        || ["/healthz", "/livez", "/readyz"]
+            .iter()
+            .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+}
+
+impl Authorizer {
+    /// An authorizer reading roles and bindings through `engine`.
+    pub fn new(engine: Engine) -> Authorizer {
+        Authorizer { engine }
+    }
+
+    /// Whether `user` may do what `attributes` describe.
+    pub async fn allows(&self, user: &User, attributes: &Attributes<'_>) -> Result<bool, ApiError> {
+        if user.groups.iter().any(|g| g == MASTERS) {
+            return Ok(true);
+        }
+        if let Attributes::NonResource { path, verb } = attributes
+            && verb == "get"
+            && discovery(path)
+        {
+            return Ok(true);
+        }
+        let namespace = match attributes {
+            Attributes::Resource(info) => info.namespace.clone(),
+            Attributes::NonResource { .. } => None,
+        };
+        for binding in self
+            .list::<ClusterRoleBinding>("clusterrolebindings", None)
+            .await?
+        {
+            if binds(&binding.subjects, user)
+                && binding.role_ref.kind == "ClusterRole"
+                && self
+                    .cluster_role_rules(&binding.role_ref.name)
+                    .await?
+                    .iter()
+                    .any(|r| covers(r, attributes))
+            {
+                return Ok(true);
+            }
+        }
+        let Some(namespace) = namespace else {
+            return Ok(false);
+        };
+        for binding in self
+            .list::<RoleBinding>("rolebindings", Some(&namespace))
+            .await?
+        {
+            if !binds(&binding.subjects, user) {
+                continue;
+            }
+            let rules = match binding.role_ref.kind.as_str() {
+                "ClusterRole" => self.cluster_role_rules(&binding.role_ref.name).await?,
+                "Role" => self
+                    .get::<Role>("roles", Some(&namespace), &binding.role_ref.name)
+                    .await?
+                    .and_then(|r| r.rules)
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if rules.iter().any(|r| covers(r, attributes)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn cluster_role_rules(&self, name: &str) -> Result<Vec<PolicyRule>, ApiError> {
+        Ok(self
+            .get::<ClusterRole>("clusterroles", None, name)
+            .await?
+            .and_then(|r| r.rules)
+            .unwrap_or_default())
+    }
+
+    fn target(
+        &self,
+        plural: &str,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Target, ApiError> {
+        let def = self
+            .engine
+            .registry
+            .get("rbac.authorization.k8s.io", "v1", plural)
+            .ok_or_else(|| ApiError::Internal(format!("no {plural} resource")))?;
+        Ok(Target {
+            def,
+            namespace: namespace.map(str::to_owned),
+            name: name.map(str::to_owned),
+            subresource: None,
+        })
+    }
+
+    async fn list<T: DeserializeOwned>(
+        &self,
+        plural: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<T>, ApiError> {
+        let list = self
+            .engine
+            .list(&self.target(plural, namespace, None)?, &Params::default())
+            .await?;
+        let items = list.get("items").cloned().unwrap_or_default();
+        serde_json::from_value::<Vec<T>>(items)
+            .map_err(|e| ApiError::Internal(format!("reading {plural}: {e}")))
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        plural: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<T>, ApiError> {
+        match self
+            .engine
+            .get(&self.target(plural, namespace, Some(name))?)
+            .await
+        {
+            Ok(object) => serde_json::from_value(object)
+                .map(Some)
+                .map_err(|e| ApiError::Internal(format!("reading {plural} {name}: {e}"))),
+            Err(ApiError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Creates the bootstrap roles every cluster has, if missing: `cluster-admin` (everything),
+/// bound to `system:masters` — what `kubectl create clusterrolebinding
+/// --clusterrole=cluster-admin` names.
+pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
+    let group = "rbac.authorization.k8s.io";
+    let labels = serde_json::json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
+    let objects = [
+        (
+            "clusterroles",
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "cluster-admin", "labels": labels},
+                "rules": [
+                    {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                    {"nonResourceURLs": ["*"], "verbs": ["*"]},
+                ],
+            }),
+        ),
+        (
+            "clusterrolebindings",
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "cluster-admin", "labels": labels},
+                "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"apiGroup": group, "kind": "Group", "name": MASTERS}],
+            }),
+        ),
+    ];
+    for (plural, object) in objects {
+        let def = engine
+            .registry
+            .get(group, "v1", plural)
+            .ok_or(ApiError::NoRoute)?;
+        match engine.create(&def, None, object, false).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a binding's subjects include `user` (by name, group or ServiceAccount).
+fn binds(subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>, user: &User) -> bool {
+    subjects.iter().flatten().any(|s| match s.kind.as_str() {
+        "User" => s.name == user.name,
+        "Group" => user.groups.contains(&s.name),
+        "ServiceAccount" => s
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| user.name == format!("system:serviceaccount:{ns}:{}", s.name)),
+        _ => false,
+    })
+}
+
+/// Whether `rule` covers the request, with RBAC's wildcards.
+fn covers(rule: &PolicyRule, attributes: &Attributes<'_>) -> bool {
+    let has = |items: &Option<Vec<String>>, wanted: &str| {
+        items.iter().flatten().any(|i| i == "*" || i == wanted)
+    };
+    let verb_ok = |verb: &str| rule.verbs.iter().any(|v| v == "*" || v == verb);
+    match attributes {
+        Attributes::Resource(info) => {
+            let resource = if info.subresource.is_empty() {
+                info.resource.clone()
+            } else {
+                format!("{}/{}", info.resource, info.subresource)
+            };
+            let resource_ok = rule.resources.iter().flatten().any(|r| {
+                r == "*"
+                    || *r == resource
+                    || (!info.subresource.is_empty() && *r == format!("*/{}", info.subresource))
+            });
+            let name_ok = match (&rule.resource_names, &info.name) {
+                (None, _) => true,
+                (Some(names), _) if names.is_empty() => true,
+                (Some(names), Some(name)) => names.contains(name),
+                (Some(_), None) => false,
+            };
+            verb_ok(info.authorization_verb())
+                && has(&rule.api_groups, &info.group)
+                && resource_ok
+                && name_ok
+        }
+        Attributes::NonResource { path, verb } => {
+            verb_ok(verb)
+                && rule.non_resource_urls.iter().flatten().any(|u| {
+                    u == path
+                        || u.strip_suffix('*')
+                            .is_some_and(|prefix| path.starts_with(prefix))
+                })
+        }
+    }
+}
+
+/// kube-apiserver's refusal message: `pods is forbidden: User "u" cannot list resource
+/// "pods" in API group "" in the namespace "default"`.
+fn forbidden(user: &User, attributes: &Attributes<'_>) -> ApiError {
+    match attributes {
+        Attributes::Resource(info) => {
+            let resource = if info.subresource.is_empty() {
+                info.resource.clone()
+            } else {
+                format!("{}/{}", info.resource, info.subresource)
+            };
+            let qualified = if info.group.is_empty() {
+                info.resource.clone()
+            } else {
+                format!("{}.{}", info.resource, info.group)
+            };
+            let object = match &info.name {
+                Some(name) => format!("{qualified} \"{name}\""),
+                None => qualified,
+            };
+            let scope = match &info.namespace {
+                Some(ns) => format!("in the namespace \"{ns}\""),
+                None => "at the cluster scope".into(),
+            };
+            ApiError::Forbidden {
+                message: format!(
+                    "{object} is forbidden: User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
+                    user.name,
+                    info.authorization_verb(),
+                    info.group
+                ),
+                resource: info.resource.clone(),
+                name: info.name.clone().unwrap_or_default(),
+                group: info.group.clone(),
+                causes: Vec::new(),
+            }
+        }
+        Attributes::NonResource { path, verb } => ApiError::Forbidden {
+            message: format!(
+                "forbidden: User \"{}\" cannot {verb} path \"{path}\"",
+                user.name
+            ),
+            resource: String::new(),
+            name: String::new(),
+            group: String::new(),
+            causes: Vec::new(),
+        },
+    }
+}
+
+/// Middleware, inside [`crate::identity::authenticate`]: refuses what the caller's roles do
+/// not allow. Requests without a [`User`] (the public health checks) pass.
+pub async fn authorize(
+    State(authorizer): State<Arc<Authorizer>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(user) = request.extensions().get::<User>().cloned() else {
+        return next.run(request).await;
+    };
+    let info = RequestInfo::parse(
+        request.method(),
+        request.uri().path(),
+        request.uri().query().unwrap_or(""),
+    );
+    let attributes = match &info {
+        Some(info) => Attributes::Resource(info),
+        None => Attributes::NonResource {
+            path: request.uri().path(),
+            verb: request.method().as_str().to_ascii_lowercase(),
+        },
+    };
+    match authorizer.allows(&user, &attributes).await {
+        Ok(true) => next.run(request).await,
+        Ok(false) => {
+            tracing::debug!(user = %user.name, ?attributes, "forbidden");
+            forbidden(&user, &attributes).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+        let v = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        PolicyRule {
+            api_groups: Some(v(groups)),
+            resources: Some(v(resources)),
+            verbs: v(verbs),
+            ..PolicyRule::default()
+        }
+    }
+
+    fn covers_request(rule: &PolicyRule, method: Method, path: &str, query: &str) -> bool {
+        let info = RequestInfo::parse(&method, path, query).unwrap();
+        covers(rule, &Attributes::Resource(&info))
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_and_subresources() {
+        let pods = rule(&[""], &["pods"], &["get", "list", "watch"]);
+        assert!(covers_request(
+            &pods,
+            Method::GET,
+            "/api/v1/namespaces/d/pods",
+            "watch=1"
+        ));
+        assert!(covers_request(&pods, Method::GET, "/api/v1/pods", ""));
+        assert!(!covers_request(
+            &pods,
+            Method::POST,
+            "/api/v1/namespaces/d/pods",
+            ""
+        ));
+        assert!(!covers_request(
+            &pods,
+            Method::GET,
+            "/api/v1/namespaces/d/pods/p/log",
+            ""
+        ));
+        assert!(!covers_request(
+            &pods,
+            Method::GET,
+            "/apis/apps/v1/deployments",
+            ""
+        ));
+        let status = rule(&["apps"], &["deployments/status"], &["patch"]);
+        assert!(covers_request(
+            &status,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/d/deployments/x/status",
+            ""
+        ));
+        assert!(!covers_request(
+            &status,
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/d/deployments/x",
+            ""
+        ));
+        let all = rule(&["*"], &["*"], &["*"]);
+        assert!(covers_request(
+            &all,
+            Method::DELETE,
+            "/apis/x.io/v1/things",
+            ""
+        ));
+        let mut named = rule(&[""], &["configmaps"], &["get"]);
+        named.resource_names = Some(vec!["one".into()]);
+        assert!(covers_request(
+            &named,
+            Method::GET,
+            "/api/v1/namespaces/d/configmaps/one",
+            ""
+        ));
+        assert!(!covers_request(
+            &named,
+            Method::GET,
+            "/api/v1/namespaces/d/configmaps/two",
+            ""
+        ));
+    }
+
+    #[test]
+    fn subjects_match_users_groups_and_service_accounts() {
+        use k8s_openapi::api::rbac::v1::Subject;
+        let user = User::service_account("ops", "bot");
+        let subject = |kind: &str, name: &str, namespace: Option<&str>| {
+            Some(vec![Subject {
+                kind: kind.into(),
+                name: name.into(),
+                namespace: namespace.map(str::to_owned),
+                ..Subject::default()
+            }])
+        };
+        assert!(binds(&subject("ServiceAccount", "bot", Some("ops")), &user));
+        assert!(!binds(
+            &subject("ServiceAccount", "bot", Some("dev")),
+            &user
+        ));
+        assert!(binds(
+            &subject("Group", "system:serviceaccounts:ops", None),
+            &user
+        ));
+        assert!(binds(
+            &subject("User", "system:serviceaccount:ops:bot", None),
+            &user
+        ));
+        assert!(!binds(&subject("Group", MASTERS, None), &user));
+    }
+
+    #[test]
+    fn refusals_say_who_cannot_do_what() {
+        let info =
+            RequestInfo::parse(&Method::GET, "/apis/apps/v1/namespaces/d/deployments", "").unwrap();
+        let message = forbidden(
+            &User::service_account("d", "x"),
+            &Attributes::Resource(&info),
+        )
+        .to_string();
+        assert_eq!(
+            message,
+            "deployments.apps is forbidden: User \"system:serviceaccount:d:x\" cannot list resource \"deployments\" in API group \"apps\" in the namespace \"d\""
+        );
+    }
+}
