@@ -31,6 +31,31 @@ pub struct User {
 
 /// The group whose members every authorizer allows (kube-apiserver's superusers).
 pub const MASTERS: &str = "system:masters";
+/// The node agents' group, bound to the bootstrap `system:node` ClusterRole.
+pub const NODES: &str = "system:nodes";
+
+/// What a node agent does (the bootstrap `system:node` ClusterRole): register and heartbeat
+/// its Node and Lease, run the pods bound to it (their volumes' ConfigMaps and Secrets,
+/// their service account tokens), report their status and finish their deletion, proxy
+/// Services and serve DNS, and record events.
+fn node_rules() -> serde_json::Value {
+    serde_json::json!([
+        {"apiGroups": [""], "resources": ["nodes"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["update", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "verbs": ["get", "create", "update", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["update", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps", "secrets", "serviceaccounts"],
+         "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    ])
+}
 
 impl User {
     /// The admin token's holder.
@@ -38,6 +63,14 @@ impl User {
         User {
             name: "system:admin".into(),
             groups: vec![MASTERS.into(), "system:authenticated".into()],
+        }
+    }
+
+    /// A node agent (the node token's holder), in `system:nodes`.
+    pub fn node_agent() -> User {
+        User {
+            name: "system:orquestra:node-agent".into(),
+            groups: vec![NODES.into(), "system:authenticated".into()],
         }
     }
 
@@ -224,7 +257,7 @@ impl Authorizer {
 
 /// Creates the bootstrap roles every cluster has, if missing: `cluster-admin` (everything),
 /// bound to `system:masters` — what `kubectl create clusterrolebinding
-/// --clusterrole=cluster-admin` names.
+/// --clusterrole=cluster-admin` names — and `system:node`, bound to `system:nodes`.
 pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
     let group = "rbac.authorization.k8s.io";
     let labels = serde_json::json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
@@ -249,14 +282,73 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
                 "subjects": [{"apiGroup": group, "kind": "Group", "name": MASTERS}],
             }),
         ),
+        (
+            "clusterroles",
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "system:node", "labels": labels},
+                "rules": node_rules(),
+            }),
+        ),
+        (
+            "clusterrolebindings",
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "system:node", "labels": labels},
+                "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": "system:node"},
+                "subjects": [{"apiGroup": group, "kind": "Group", "name": NODES}],
+            }),
+        ),
     ];
     for (plural, object) in objects {
         let def = engine
             .registry
             .get(group, "v1", plural)
             .ok_or(ApiError::NoRoute)?;
-        match engine.create(&def, None, object, false).await {
-            Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+        match engine.create(&def, None, object.clone(), false).await {
+            Ok(_) => {}
+            Err(ApiError::AlreadyExists { .. }) => reconcile_bootstrap(engine, def, object).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Brings a bootstrap role or binding that exists back to what this version defines (its
+/// rules, role reference and subjects), unless it is annotated
+/// `rbac.authorization.kubernetes.io/autoupdate: "false"` — as kube-apiserver reconciles
+/// its bootstrap policy at start.
+async fn reconcile_bootstrap(
+    engine: &Engine,
+    def: Arc<crate::registry::ResourceDef>,
+    wanted: serde_json::Value,
+) -> Result<(), ApiError> {
+    let name = wanted["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let target = Target {
+        def,
+        namespace: None,
+        name: Some(name),
+        subresource: None,
+    };
+    let mut current = engine.get(&target).await?;
+    if current["metadata"]["annotations"]["rbac.authorization.kubernetes.io/autoupdate"] == "false"
+    {
+        return Ok(());
+    }
+    let mut changed = false;
+    for field in ["rules", "roleRef", "subjects"] {
+        if !wanted[field].is_null() && current[field] != wanted[field] {
+            current[field] = wanted[field].clone();
+            changed = true;
+        }
+    }
+    if changed {
+        match engine.update(&target, current, false).await {
+            // Another server reconciled it meanwhile.
+            Ok(_) | Err(ApiError::Conflict { .. }) => {}
             Err(e) => return Err(e),
         }
     }

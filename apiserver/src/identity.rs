@@ -59,6 +59,10 @@ pub struct Identity {
     pub key_pem: String,
     /// The admin bearer token.
     pub token: String,
+    /// The token node agents join with (`DATA_DIR/node-token`): it authenticates as
+    /// [`User::node_agent`], which RBAC's bootstrap `system:node` role lets do what an agent
+    /// does, and the API server presents it to agents' endpoints.
+    pub node_token: String,
 }
 
 impl std::fmt::Debug for Identity {
@@ -169,25 +173,29 @@ impl Identity {
             }
         };
 
-        let token_path = data_dir.join("token");
-        let token = match std::fs::read_to_string(&token_path) {
-            Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
-            _ => {
-                let token = format!(
-                    "{}{}",
-                    uuid::Uuid::new_v4().simple(),
-                    uuid::Uuid::new_v4().simple()
-                );
-                write_private(&token_path, token.as_bytes())?;
-                token
-            }
-        };
         Ok(Identity {
             ca_pem,
             cert_pem,
             key_pem,
-            token,
+            token: load_or_create_token(&data_dir.join("token"))?,
+            node_token: load_or_create_token(&data_dir.join("node-token"))?,
         })
+    }
+}
+
+/// A random bearer token kept in `path` (mode 0600), created on first use.
+fn load_or_create_token(path: &Path) -> Result<String, IdentityError> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
+        _ => {
+            let token = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            write_private(path, token.as_bytes())?;
+            Ok(token)
+        }
     }
 }
 
@@ -220,6 +228,7 @@ fn public(path: &str) -> bool {
 /// bound object still there). What they may do is [`crate::authorization`]'s business.
 pub struct Authenticator {
     admin_token: String,
+    node_token: Option<String>,
     engine: Engine,
     /// Tokens recently checked against the store, and when: a client's burst of requests
     /// costs one lookup, and a deleted ServiceAccount's token stops working within
@@ -241,9 +250,16 @@ impl Authenticator {
     pub fn new(admin_token: String, engine: Engine) -> Authenticator {
         Authenticator {
             admin_token,
+            node_token: None,
             engine,
             checked: std::sync::Mutex::default(),
         }
+    }
+
+    /// Also accepts `token` as the node agents' ([`User::node_agent`]).
+    pub fn with_node_token(mut self, token: String) -> Authenticator {
+        self.node_token = Some(token);
+        self
     }
 
     /// Whether `presented` authenticates a request.
@@ -253,16 +269,15 @@ impl Authenticator {
 
     /// Who `presented` authenticates: the admin, a ServiceAccount, or nobody.
     pub async fn user(&self, presented: &str) -> Option<User> {
-        // Constant-time comparison: the token is a secret.
-        let token = &self.admin_token;
-        if presented.len() == token.len()
-            && presented
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        {
+        if same_secret(presented, &self.admin_token) {
             return Some(User::admin());
+        }
+        if self
+            .node_token
+            .as_deref()
+            .is_some_and(|t| same_secret(presented, t))
+        {
+            return Some(User::node_agent());
         }
         if presented.bytes().filter(|b| *b == b'.').count() != 2 {
             return None;
@@ -298,6 +313,16 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// Constant-time comparison: tokens are secrets.
+fn same_secret(presented: &str, token: &str) -> bool {
+    presented.len() == token.len()
+        && presented
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Middleware: requests other than the public ones need the admin token or a service

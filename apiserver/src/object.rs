@@ -92,12 +92,31 @@ pub fn dns1123_problem(name: &str, label: bool) -> Option<String> {
     }
 }
 
+/// Why `name` cannot be a path segment (upstream's `ValidatePathSegmentName`), if it cannot.
+pub fn path_segment_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("name or generateName is required".into())
+    } else if name == "." || name == ".." {
+        Some(format!("may not be '{name}'"))
+    } else if name.contains('/') || name.contains('%') {
+        Some("may not contain '/' or '%'".into())
+    } else {
+        None
+    }
+}
+
 /// Validates `metadata.name` (and namespace) of an object about to be stored.
 pub fn validate_meta(def: &ResourceDef, object: &Value) -> Result<(), ApiError> {
     let name = meta_str(object, "name").unwrap_or_default();
     let mut causes = Vec::new();
-    // Namespaces are DNS labels; everything else here a DNS subdomain.
-    if let Some(problem) = dns1123_problem(name, def.kind == "Namespace") {
+    // Namespaces are DNS labels; RBAC's kinds path segments (`system:node`), as upstream
+    // validates them; everything else here a DNS subdomain.
+    let problem = if def.group == "rbac.authorization.k8s.io" {
+        path_segment_problem(name)
+    } else {
+        dns1123_problem(name, def.kind == "Namespace")
+    };
+    if let Some(problem) = problem {
         causes.push(Cause {
             reason: "FieldValueInvalid".into(),
             message: format!("Invalid value: {name:?}: {problem}"),

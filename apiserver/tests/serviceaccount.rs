@@ -1,8 +1,9 @@
-//! Service account tokens against the real server, in-process, over HTTPS with the
-//! authentication `orq server` uses: a TokenRequest's token authenticates a kube-rs client
+//! Service account tokens and RBAC against the real server, in-process, over HTTPS with the
+//! authentication and authorization `orq server` uses: a TokenRequest's token authenticates a kube-rs client
 //! configured as an in-cluster one is (the cluster CA and the bearer token); tokens signed by
 //! another key, expired, or bound to a pod that is gone do not; a ServiceAccount that does
-//! not exist gets no token.
+//! not exist gets no token. Under RBAC a ServiceAccount may do what its bindings allow and
+//! no more; the node token does what an agent does; the bootstrap roles come back at start.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,6 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use orquestra_apiserver::ApiServer;
+use orquestra_apiserver::authorization::{Authorizer, authorize};
 use orquestra_apiserver::identity::{Authenticator, Identity, authenticate};
 use orquestra_apiserver::token::{Claims, ISSUER, TokenIssuer, unix_now};
 use orquestra_store::Store;
@@ -26,10 +28,18 @@ struct Secure {
     admin: Client,
     url: String,
     ca_pem: String,
+    node_token: String,
+    store: Arc<dyn Store>,
     _dir: tempfile::TempDir,
 }
 
 async fn secure() -> Secure {
+    secure_with(false).await
+}
+
+/// [`secure`], with RBAC enforced when `rbac` (as `orq server` does by default) and the node
+/// token (`Secure::node_token`) accepted.
+async fn secure_with(rbac: bool) -> Secure {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&dir.path().join("state.db"), SqliteOptions::default()).unwrap(),
@@ -41,13 +51,16 @@ async fn secure() -> Secure {
             .engine()
             .set_token_issuer(TokenIssuer::load_or_create(dir.path()).unwrap())
     );
-    let auth = Arc::new(Authenticator::new(
-        identity.token.clone(),
-        server.engine().clone(),
-    ));
-    let app = server
-        .router()
-        .layer(axum::middleware::from_fn_with_state(auth, authenticate));
+    let auth = Arc::new(
+        Authenticator::new(identity.token.clone(), server.engine().clone())
+            .with_node_token(identity.node_token.clone()),
+    );
+    let mut app = server.router();
+    if rbac {
+        let authorizer = Arc::new(Authorizer::new(server.engine().clone()));
+        app = app.layer(axum::middleware::from_fn_with_state(authorizer, authorize));
+    }
+    let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -66,6 +79,8 @@ async fn secure() -> Secure {
         admin,
         url,
         ca_pem: identity.ca_pem,
+        node_token: identity.node_token,
+        store,
         _dir: dir,
     }
 }
@@ -333,4 +348,151 @@ async fn wait_deleted(pods: &Api<Pod>, name: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("pod {name} was not deleted");
+}
+
+/// What a ServiceAccount's client may do under RBAC: discovery only, until a binding grants
+/// more, and then only that, where it was granted.
+#[tokio::test]
+async fn rbac_grants_service_accounts_what_their_bindings_allow() {
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
+    let cluster = secure_with(true).await;
+    create_account(&cluster.admin, "robot").await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.admin.clone(), "default");
+    let token = accounts
+        .create_token_request("robot", &PostParams::default(), &token_request(None, None))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let robot = client(&cluster.url, &cluster.ca_pem, &token).await;
+    robot.list_core_api_resources("v1").await.unwrap();
+    let here: Api<ConfigMap> = Api::namespaced(robot.clone(), "default");
+    let there: Api<ConfigMap> = Api::namespaced(robot.clone(), "kube-system");
+    let (code, reason) = api_code(here.list(&Default::default()).await);
+    assert_eq!((code, reason.as_str()), (403, "Forbidden"));
+    match here.list(&Default::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(
+            status.message,
+            "configmaps is forbidden: User \"system:serviceaccount:default:robot\" cannot list \
+             resource \"configmaps\" in API group \"\" in the namespace \"default\""
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    let roles: Api<Role> = Api::namespaced(cluster.admin.clone(), "default");
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "cm-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bindings: Api<RoleBinding> = Api::namespaced(cluster.admin.clone(), "default");
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "cm-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": "default"}],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    here.list(&Default::default()).await.unwrap();
+    // Only the verbs, and only the namespace, the binding grants.
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+    assert_eq!(
+        api_code(here.create(&PostParams::default(), &cm).await).0,
+        403
+    );
+    assert_eq!(api_code(there.list(&Default::default()).await).0, 403);
+
+    // A group binding to the bootstrap cluster-admin: everything, everywhere.
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(cluster.admin.clone());
+    cluster_bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "robots-admin"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"kind": "Group", "name": "system:serviceaccounts:default"}],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    there.list(&Default::default()).await.unwrap();
+    here.create(&PostParams::default(), &cm).await.unwrap();
+}
+
+/// The node token authenticates as a node agent: what an agent does, nothing more.
+#[tokio::test]
+async fn the_node_token_does_what_an_agent_does() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Node, Secret};
+    let cluster = secure_with(true).await;
+    let node = client(&cluster.url, &cluster.ca_pem, &cluster.node_token).await;
+    let nodes: Api<Node> = Api::all(node.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::all(node.clone());
+    pods.list(&Default::default()).await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(node.clone(), "default");
+    assert_eq!(
+        api_code(secrets.get("any").await).0,
+        404,
+        "may get a Secret"
+    );
+    assert_eq!(api_code(secrets.list(&Default::default()).await).0, 403);
+    let deployments: Api<Deployment> = Api::all(node);
+    assert_eq!(api_code(deployments.list(&Default::default()).await).0, 403);
+}
+
+/// The bootstrap roles are put back at start when changed, unless marked not to be.
+#[tokio::test]
+async fn bootstrap_roles_are_reconciled_at_start() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let cluster = secure_with(true).await;
+    let roles: Api<ClusterRole> = Api::all(cluster.admin.clone());
+    let original = roles.get("system:node").await.unwrap().rules;
+    assert!(original.as_ref().is_some_and(|r| !r.is_empty()));
+    let mut role = roles.get("system:node").await.unwrap();
+    role.rules = Some(Vec::new());
+    roles
+        .replace("system:node", &PostParams::default(), &role)
+        .await
+        .unwrap();
+    ApiServer::new(Arc::clone(&cluster.store)).await.unwrap();
+    assert_eq!(roles.get("system:node").await.unwrap().rules, original);
+
+    let mut role = roles.get("system:node").await.unwrap();
+    role.rules = Some(Vec::new());
+    role.metadata.annotations = Some(
+        [(
+            "rbac.authorization.kubernetes.io/autoupdate".to_owned(),
+            "false".to_owned(),
+        )]
+        .into(),
+    );
+    roles
+        .replace("system:node", &PostParams::default(), &role)
+        .await
+        .unwrap();
+    ApiServer::new(Arc::clone(&cluster.store)).await.unwrap();
+    assert_eq!(
+        roles.get("system:node").await.unwrap().rules,
+        Some(Vec::new())
+    );
 }

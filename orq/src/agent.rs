@@ -25,7 +25,7 @@ pub struct AgentArgs {
     /// `--token-file`, and `--ca-file`).
     #[arg(long, env = "ORQ_SERVER")]
     server: Option<String>,
-    /// The bearer token to join with (`orq server` keeps one in DATA_DIR/token).
+    /// The bearer token to join with: `orq server`'s node token, DATA_DIR/node-token.
     #[arg(
         long,
         env = "ORQ_TOKEN",
@@ -332,7 +332,7 @@ async fn check_access(client: &kube::Client, server: &str) -> anyhow::Result<()>
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 401 => anyhow::bail!(
             "the API server at {server} rejected the token (401 Unauthorized): check --token \
-             (orq server keeps its token in DATA_DIR/token)"
+             (agents join with the node token, DATA_DIR/node-token of orq server)"
         ),
         Err(e) => Err(anyhow::Error::new(e).context(format!(
             "cannot reach the API server at {server}: is the URL right and the server up? \

@@ -254,7 +254,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let handle = axum_server::Handle::new();
     let server = if args.insecure_http {
         tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
-        let path = write_kubeconfig(&args.data_dir, local, None)?;
+        let path = write_kubeconfig(&args.data_dir, local, None, KubeconfigUser::Admin)?;
+        // No tokens without TLS: the local agent uses the admin kubeconfig.
+        let _ = std::fs::remove_file(args.data_dir.join(NODE_KUBECONFIG));
         tracing::info!(kubeconfig = %path.display(), "admin kubeconfig written");
         let server = axum_server::from_tcp(listener)?.handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()))
@@ -278,13 +280,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )
         .await
         .context("loading the serving certificate")?;
-        let path = write_kubeconfig(&args.data_dir, local, Some(&identity))?;
+        let path = write_kubeconfig(
+            &args.data_dir,
+            local,
+            Some(&identity),
+            KubeconfigUser::Admin,
+        )?;
+        write_kubeconfig(
+            &args.data_dir,
+            local,
+            Some(&identity),
+            KubeconfigUser::NodeAgent,
+        )?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
-        let _ = api.engine().kubelet_token.set(identity.token.clone());
-        let auth = Arc::new(Authenticator::new(
-            identity.token.clone(),
-            api.engine().clone(),
-        ));
+        // What agents join with, and what this server shows their endpoints.
+        let _ = api.engine().kubelet_token.set(identity.node_token.clone());
+        let auth = Arc::new(
+            Authenticator::new(identity.token.clone(), api.engine().clone())
+                .with_node_token(identity.node_token.clone()),
+        );
         // Layers run outside in: authentication names the caller, then RBAC judges.
         let app = match args.authorization_mode {
             AuthorizationMode::Rbac => {
@@ -318,11 +332,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         None
     };
 
-    // The local node: its heartbeat talks to this server like any agent would.
+    // The local node: its heartbeat talks to this server like any agent would, as a node
+    // (the node token; the admin kubeconfig's in insecure mode, which has none).
     let agent = if args.no_agent {
         None
     } else {
-        let kubeconfig = args.data_dir.join("kubeconfig.yaml");
+        let kubeconfig = Some(args.data_dir.join(NODE_KUBECONFIG))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| args.data_dir.join("kubeconfig.yaml"));
         let client = crate::agent::client(&kubeconfig).await?;
         let mut config = crate::agent::config(
             args.node_name.clone(),
@@ -384,12 +401,30 @@ fn advertise_address(listen: IpAddr) -> IpAddr {
     }
 }
 
-/// Writes the admin kubeconfig into the data dir (atomically, mode 0600) and returns its path.
+/// The node agents' kubeconfig in the data dir: the admin one's cluster, the node token.
+pub const NODE_KUBECONFIG: &str = "node-kubeconfig.yaml";
+
+/// Who a kubeconfig written into the data dir is for.
+#[derive(Debug, Clone, Copy)]
+enum KubeconfigUser {
+    /// `kubeconfig.yaml`, the admin token.
+    Admin,
+    /// [`NODE_KUBECONFIG`], the node token.
+    NodeAgent,
+}
+
+/// Writes a kubeconfig for `who` into the data dir (atomically, mode 0600) and returns its
+/// path.
 fn write_kubeconfig(
     data_dir: &std::path::Path,
     listen: SocketAddr,
     identity: Option<&Identity>,
+    who: KubeconfigUser,
 ) -> anyhow::Result<PathBuf> {
+    let (file, user_name) = match who {
+        KubeconfigUser::Admin => ("kubeconfig.yaml", "admin"),
+        KubeconfigUser::NodeAgent => (NODE_KUBECONFIG, "node-agent"),
+    };
     use base64::Engine as _;
     let host = if listen.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
@@ -403,7 +438,13 @@ fn write_kubeconfig(
                 "    server: https://{server}\n    certificate-authority-data: {}",
                 base64::engine::general_purpose::STANDARD.encode(&identity.ca_pem)
             ),
-            format!("    token: {}", identity.token),
+            format!(
+                "    token: {}",
+                match who {
+                    KubeconfigUser::Admin => &identity.token,
+                    KubeconfigUser::NodeAgent => &identity.node_token,
+                }
+            ),
         ),
         None => (format!("    server: http://{server}"), "    {}".to_owned()),
     };
@@ -415,21 +456,21 @@ clusters:
   cluster:
 {cluster}
 users:
-- name: admin
+- name: {user_name}
   user:
 {user}
 contexts:
 - name: orquestra
   context:
     cluster: orquestra
-    user: admin
+    user: {user_name}
     namespace: default
 current-context: orquestra
 "
     );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let path = data_dir.join("kubeconfig.yaml");
+    let path = data_dir.join(file);
     orquestra_apiserver::identity::write_private(&path, contents.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)

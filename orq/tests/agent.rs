@@ -220,7 +220,7 @@ async fn an_agent_joins_with_server_token_and_ca_and_registers_its_taints() {
             .arg("agent")
             .args(["--server", &format!("https://{}", server.addr)])
             .arg("--token-file")
-            .arg(dir.path().join("token"))
+            .arg(dir.path().join("node-token"))
             .arg("--ca-file")
             .arg(dir.path().join("tls/ca.crt"))
             .args(["--node-name", "joined", "--agent-listen", "127.0.0.1:0"])

@@ -207,8 +207,9 @@ impl Bed {
                 "--node-ip",
                 &host_ip(i),
             ])
+            // Agents join as nodes: the node token's kubeconfig.
             .arg("--kubeconfig")
-            .arg(self.kubeconfig())
+            .arg(self.dir.path().join("server/node-kubeconfig.yaml"))
             .arg("--agent-data-dir")
             .arg(self.agent_dir(i))
             .args(["--agent-listen", &format!("{}:10250", host_ip(i))])
@@ -706,6 +707,16 @@ fn services_across_three_nodes() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+
+    // The agents joined with the node token, under RBAC: the bootstrap system:node role let
+    // them do all of the above without one refusal.
+    let metrics = bed.kubectl(&["get", "--raw", "/metrics"]);
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("apiserver_request_total{") && l.contains(r#"code="403""#)),
+        "{metrics}"
+    );
 
     // A host cut off the network: its node stops renewing its lease and turns Unknown.
     bed.cut_off(2);

@@ -103,6 +103,10 @@ fn prometheus_scrapes_api_server_operator_and_node_agent() {
     let token_file = dir.path().join("token");
     let token = std::fs::read_to_string(&token_file).unwrap();
     let bearer = format!("Authorization: Bearer {}", token.trim());
+    // The node agent's endpoint takes the token agents join with.
+    let node_token_file = dir.path().join("node-token");
+    let node_token = std::fs::read_to_string(&node_token_file).unwrap();
+    let node_bearer = format!("Authorization: Bearer {}", node_token.trim());
 
     let operator_addr = free_addr();
     let _operator = Proc(
@@ -132,7 +136,7 @@ fn prometheus_scrapes_api_server_operator_and_node_agent() {
     let node_agent = until("the node agent's metrics", Duration::from_secs(30), || {
         curl(
             &format!("https://{agent}/metrics"),
-            &["--insecure", "-H", &bearer],
+            &["--insecure", "-H", &node_bearer],
         )
         .filter(|m| m.contains("kubelet_running_pods"))
     });
@@ -164,12 +168,13 @@ scrape_configs:
     tls_config:
       insecure_skip_verify: true
     authorization:
-      credentials_file: {token}
+      credentials_file: {node_token}
     static_configs:
       - targets: ['{agent}']
 "#,
             ca = ca.display(),
             token = token_file.display(),
+            node_token = node_token_file.display(),
             api = server.addr,
         ),
     )
