@@ -68,3 +68,33 @@ fn helm_install_upgrade_list_uninstall() {
     assert!(helm(&["list", "-q"]).trim().is_empty());
     assert!(server.terminate().success());
 }
+
+/// `charts/orquestra` lints clean, and values that break its schema are refused by helm,
+/// naming the field.
+#[test]
+fn the_orquestra_chart_lints_clean_and_refuses_bad_values() {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/orquestra");
+    let helm = |args: &[&str]| {
+        Command::new("helm")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("helm: {e} (is it installed? scripts/install-deps.sh)"))
+    };
+    let lint = helm(&["lint", chart]);
+    let out = String::from_utf8_lossy(&lint.stdout);
+    assert!(lint.status.success(), "{out}");
+    assert!(
+        !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+        "{out}"
+    );
+    for (value, field) in [
+        ("operator.replicas=-1", "/operator/replicas"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("operator.replica=2", "'replica' not allowed"),
+    ] {
+        let out = helm(&["template", "x", chart, "--set", value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value} accepted");
+        assert!(stderr.contains(field), "{value}: {stderr}");
+    }
+}
