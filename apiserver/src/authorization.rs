@@ -512,65 +512,65 @@ mod tests {
     #[test]
     fn rules_match_verbs_groups_resources_and_subresources() {
         let pods = rule(&[""], &["pods"], &["get", "list", "watch"]);
-        assert!(covers_request(
-            &pods,
-            Method::GET,
-            "/api/v1/namespaces/d/pods",
-            "watch=1"
-        ));
-        assert!(covers_request(&pods, Method::GET, "/api/v1/pods", ""));
-        assert!(!covers_request(
-            &pods,
-            Method::POST,
-            "/api/v1/namespaces/d/pods",
-            ""
-        ));
-        assert!(!covers_request(
-            &pods,
-            Method::GET,
-            "/api/v1/namespaces/d/pods/p/log",
-            ""
-        ));
-        assert!(!covers_request(
-            &pods,
-            Method::GET,
-            "/apis/apps/v1/deployments",
-            ""
-        ));
         let status = rule(&["apps"], &["deployments/status"], &["patch"]);
-        assert!(covers_request(
-            &status,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/d/deployments/x/status",
-            ""
-        ));
-        assert!(!covers_request(
-            &status,
-            Method::PATCH,
-            "/apis/apps/v1/namespaces/d/deployments/x",
-            ""
-        ));
         let all = rule(&["*"], &["*"], &["*"]);
-        assert!(covers_request(
-            &all,
-            Method::DELETE,
-            "/apis/x.io/v1/things",
-            ""
-        ));
         let mut named = rule(&[""], &["configmaps"], &["get"]);
         named.resource_names = Some(vec!["one".into()]);
-        assert!(covers_request(
-            &named,
-            Method::GET,
-            "/api/v1/namespaces/d/configmaps/one",
-            ""
-        ));
-        assert!(!covers_request(
-            &named,
-            Method::GET,
-            "/api/v1/namespaces/d/configmaps/two",
-            ""
-        ));
+        let cases = [
+            (
+                &pods,
+                Method::GET,
+                "/api/v1/namespaces/d/pods",
+                "watch=1",
+                true,
+            ),
+            (&pods, Method::GET, "/api/v1/pods", "", true),
+            (&pods, Method::POST, "/api/v1/namespaces/d/pods", "", false),
+            (
+                &pods,
+                Method::GET,
+                "/api/v1/namespaces/d/pods/p/log",
+                "",
+                false,
+            ),
+            (&pods, Method::GET, "/apis/apps/v1/deployments", "", false),
+            (
+                &status,
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/d/deployments/x/status",
+                "",
+                true,
+            ),
+            (
+                &status,
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/d/deployments/x",
+                "",
+                false,
+            ),
+            (&all, Method::DELETE, "/apis/x.io/v1/things", "", true),
+            (
+                &named,
+                Method::GET,
+                "/api/v1/namespaces/d/configmaps/one",
+                "",
+                true,
+            ),
+            (
+                &named,
+                Method::GET,
+                "/api/v1/namespaces/d/configmaps/two",
+                "",
+                false,
+            ),
+        ];
+        for (rule, method, path, query, allowed) in cases {
+            assert_eq!(
+                covers_request(rule, method.clone(), path, query),
+                allowed,
+                "{method} {path}?{query}"
+            );
+        }
     }
 
     #[test]

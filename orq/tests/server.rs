@@ -109,18 +109,28 @@ fn insecure_mode_is_plain_http_without_authentication() {
     assert!(server.terminate().success());
 }
 
+/// Runs `orq server ARGS`, expects it to fail, and returns what it said.
+fn server_fails(args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
+        .arg("server")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn a_locked_data_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let first = Server::start(dir.path(), &[]);
     first.wait_ready();
-    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = server_fails(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ]);
     assert!(
         stderr.contains(&format!(
             "is in use by another orq server (PID {})",
@@ -136,15 +146,13 @@ fn a_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
-        .args(["server", "--no-agent", "--listen"])
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = server_fails(&[
+        "--no-agent".as_ref(),
+        "--listen".as_ref(),
+        addr.to_string().as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+    ]);
     assert!(
         stderr.contains(&format!(
             "cannot listen on {addr}: the port is in use by another process"
@@ -185,13 +193,7 @@ fn a_config_file_sets_flags_and_the_command_line_wins() {
 
     // An unknown setting names the file and the key.
     std::fs::write(&config, "datadir: /srv\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
-        .args(["server", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = server_fails(&["--config".as_ref(), config.as_os_str()]);
     assert!(
         stderr.contains(&format!(
             "{}: unknown setting `datadir` (not a flag of `orq server`",
@@ -218,18 +220,12 @@ fn runs_on_etcd() {
 
 #[test]
 fn a_bad_datastore_url_is_a_clear_error() {
-    let output = Command::new(env!("CARGO_BIN_EXE_orq"))
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--datastore",
-            "mysql://x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = server_fails(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--datastore".as_ref(),
+        "mysql://x".as_ref(),
+    ]);
     assert!(stderr.contains("unknown scheme"), "{stderr}");
 }
 
