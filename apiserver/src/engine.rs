@@ -503,6 +503,42 @@ impl Engine {
         }
     }
 
+    /// Deletes every object of a collection the selectors match, each as [`Engine::delete`]
+    /// would (graceful deletion and finalizers included), and returns them as a list — what
+    /// kube-apiserver's DELETE on a collection does. An object deleted meanwhile is skipped.
+    pub async fn delete_collection(
+        &self,
+        target: &Target,
+        options: &Value,
+        params: &Params,
+    ) -> Result<Value, ApiError> {
+        let list = self.list(target, params).await?;
+        let mut deleted = Vec::new();
+        for item in list["items"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let one = Target {
+                def: Arc::clone(&target.def),
+                namespace: meta_str(item, "namespace").map(str::to_owned),
+                name: meta_str(item, "name").map(str::to_owned),
+                subresource: None,
+            };
+            match self.delete(&one, options, params).await {
+                Ok(object) => deleted.push(object),
+                Err(ApiError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(json!({
+            "kind": format!("{}List", target.def.kind),
+            "apiVersion": target.def.api_version(),
+            "metadata": {"resourceVersion": list["metadata"]["resourceVersion"]},
+            "items": deleted,
+        }))
+    }
+
     /// Deletes an object: at once, or — while it has finalizers — by marking it with a
     /// deletionTimestamp. Returns the object as it was deleted or marked.
     pub async fn delete(

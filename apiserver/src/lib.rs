@@ -746,6 +746,17 @@ async fn dispatch(
                 &engine.delete(&target, &options, &params).await?,
             ))
         }
+        (Method::DELETE, false) => {
+            let options = if body.is_empty() {
+                Value::Null
+            } else {
+                parse_body(&body)?
+            };
+            Ok(json(
+                StatusCode::OK,
+                &engine.delete_collection(&target, &options, &params).await?,
+            ))
+        }
         _ => Err(ApiError::MethodNotAllowed),
     }
 }

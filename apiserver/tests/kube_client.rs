@@ -931,3 +931,51 @@ async fn metadata_only_reads_lists_and_watches() {
         "{body}"
     );
 }
+
+/// DELETE on a collection (`Api::delete_collection`, client-go's DeleteCollection) deletes
+/// what the selectors match, finalizers respected, and returns the deleted objects.
+#[tokio::test]
+async fn delete_collection_deletes_what_the_selector_matches() {
+    let c = cluster().await;
+    let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let mut kept = configmap("kept", json!({}));
+    kept.metadata.labels = Some([("app".to_owned(), "other".to_owned())].into());
+    api.create(&PostParams::default(), &kept).await.unwrap();
+    for name in ["one", "two"] {
+        api.create(&PostParams::default(), &configmap(name, json!({})))
+            .await
+            .unwrap();
+    }
+    let mut held = configmap("held", json!({}));
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    api.create(&PostParams::default(), &held).await.unwrap();
+
+    let deleted = api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=demo"),
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = deleted
+        .left()
+        .unwrap()
+        .items
+        .iter()
+        .map(|cm| cm.name_any())
+        .collect();
+    assert_eq!(names, ["held", "one", "two"]);
+    let left: Vec<(String, bool)> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|cm| (cm.name_any(), cm.metadata.deletion_timestamp.is_some()))
+        .collect();
+    assert_eq!(
+        left,
+        [("held".to_owned(), true), ("kept".to_owned(), false)],
+        "the finalizer holds its object, marked for deletion; the other label is untouched"
+    );
+}
