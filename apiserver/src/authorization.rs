@@ -261,45 +261,35 @@ impl Authorizer {
 pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
     let group = "rbac.authorization.k8s.io";
     let labels = serde_json::json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
-    let objects = [
-        (
-            "clusterroles",
-            serde_json::json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                "metadata": {"name": "cluster-admin", "labels": labels},
-                "rules": [
-                    {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
-                    {"nonResourceURLs": ["*"], "verbs": ["*"]},
-                ],
-            }),
-        ),
-        (
-            "clusterrolebindings",
-            serde_json::json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": "cluster-admin", "labels": labels},
-                "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": "cluster-admin"},
-                "subjects": [{"apiGroup": group, "kind": "Group", "name": MASTERS}],
-            }),
-        ),
-        (
-            "clusterroles",
-            serde_json::json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                "metadata": {"name": "system:node", "labels": labels},
-                "rules": node_rules(),
-            }),
-        ),
-        (
-            "clusterrolebindings",
-            serde_json::json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": "system:node", "labels": labels},
-                "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": "system:node"},
-                "subjects": [{"apiGroup": group, "kind": "Group", "name": NODES}],
-            }),
-        ),
-    ];
+    // A ClusterRole and the ClusterRoleBinding granting it to a group.
+    let role_for_group = |name: &str, rules: serde_json::Value, subject: &str| {
+        [
+            (
+                "clusterroles",
+                serde_json::json!({
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                    "metadata": {"name": name, "labels": labels},
+                    "rules": rules,
+                }),
+            ),
+            (
+                "clusterrolebindings",
+                serde_json::json!({
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                    "metadata": {"name": name, "labels": labels},
+                    "roleRef": {"apiGroup": group, "kind": "ClusterRole", "name": name},
+                    "subjects": [{"apiGroup": group, "kind": "Group", "name": subject}],
+                }),
+            ),
+        ]
+    };
+    let everything = serde_json::json!([
+        {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+        {"nonResourceURLs": ["*"], "verbs": ["*"]},
+    ]);
+    let objects = role_for_group("cluster-admin", everything, MASTERS)
+        .into_iter()
+        .chain(role_for_group("system:node", node_rules(), NODES));
     for (plural, object) in objects {
         let def = engine
             .registry
@@ -376,11 +366,7 @@ fn covers(rule: &PolicyRule, attributes: &Attributes<'_>) -> bool {
     let verb_ok = |verb: &str| rule.verbs.iter().any(|v| v == "*" || v == verb);
     match attributes {
         Attributes::Resource(info) => {
-            let resource = if info.subresource.is_empty() {
-                info.resource.clone()
-            } else {
-                format!("{}/{}", info.resource, info.subresource)
-            };
+            let resource = info.resource_path();
             let resource_ok = rule.resources.iter().flatten().any(|r| {
                 r == "*"
                     || *r == resource
@@ -413,11 +399,7 @@ fn covers(rule: &PolicyRule, attributes: &Attributes<'_>) -> bool {
 fn forbidden(user: &User, attributes: &Attributes<'_>) -> ApiError {
     match attributes {
         Attributes::Resource(info) => {
-            let resource = if info.subresource.is_empty() {
-                info.resource.clone()
-            } else {
-                format!("{}/{}", info.resource, info.subresource)
-            };
+            let resource = info.resource_path();
             let qualified = if info.group.is_empty() {
                 info.resource.clone()
             } else {

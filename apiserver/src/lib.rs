@@ -735,27 +735,18 @@ async fn dispatch(
                 }
             }
         }
-        (Method::DELETE, true) => {
+        (Method::DELETE, named) => {
             let options = if body.is_empty() {
                 Value::Null
             } else {
                 parse_body(&body)?
             };
-            Ok(json(
-                StatusCode::OK,
-                &engine.delete(&target, &options, &params).await?,
-            ))
-        }
-        (Method::DELETE, false) => {
-            let options = if body.is_empty() {
-                Value::Null
+            let deleted = if named {
+                engine.delete(&target, &options, &params).await?
             } else {
-                parse_body(&body)?
+                engine.delete_collection(&target, &options, &params).await?
             };
-            Ok(json(
-                StatusCode::OK,
-                &engine.delete_collection(&target, &options, &params).await?,
-            ))
+            Ok(json(StatusCode::OK, &deleted))
         }
         _ => Err(ApiError::MethodNotAllowed),
     }

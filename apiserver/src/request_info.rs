@@ -89,6 +89,15 @@ impl RequestInfo {
         })
     }
 
+    /// `resource`, or `resource/subresource`: how RBAC rules name what is asked for.
+    pub fn resource_path(&self) -> String {
+        if self.subresource.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}/{}", self.resource, self.subresource)
+        }
+    }
+
     /// The verb RBAC rules name: get, list, watch, create, update, patch, delete,
     /// deletecollection.
     pub fn authorization_verb(&self) -> &'static str {
@@ -140,14 +149,7 @@ mod tests {
     use super::*;
 
     fn c(m: Method, p: &str, q: &str) -> Option<(&'static str, String, String, &'static str)> {
-        RequestInfo::parse(&m, p, q).map(|i| {
-            let resource = if i.subresource.is_empty() {
-                i.resource.clone()
-            } else {
-                format!("{}/{}", i.resource, i.subresource)
-            };
-            (i.verb, i.group, resource, i.scope)
-        })
+        RequestInfo::parse(&m, p, q).map(|i| (i.verb, i.group.clone(), i.resource_path(), i.scope))
     }
 
     #[test]
