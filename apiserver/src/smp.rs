@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn the_table_is_current() {
-        // The generator reads ../shared/design: beside the repository in CI and here.
+        // The generator reads apiserver/upstream/strategic-merge-keys.json.
         crate::assert_generated_current("gen-smp-keys.py", "apiserver/src/smp_keys.json");
     }
 }
