@@ -136,6 +136,9 @@ pub struct Snapshot {
     pub last_key: Option<String>,
     /// Entries remain after the last one (only with a limit).
     pub more: bool,
+    /// How many objects under the prefix follow the last one, when asked for and `more`
+    /// (a LIST's `remainingItemCount`).
+    pub remaining: Option<u64>,
 }
 
 impl WatchCache {
@@ -183,7 +186,9 @@ impl WatchCache {
     }
 
     /// The objects under `prefix` (starting after `start_after`, at most `limit`), once the
-    /// cache has reached `at_least`; `None` if it does not within a few seconds.
+    /// cache has reached `at_least`; `None` if it does not within a few seconds. With
+    /// `count_remaining` (meaningful when `keep` keeps everything) a limited page also counts
+    /// the objects after it.
     pub async fn list(
         &self,
         prefix: &str,
@@ -191,6 +196,7 @@ impl WatchCache {
         start_after: Option<&str>,
         limit: Option<usize>,
         keep: impl Fn(&Entry) -> bool,
+        count_remaining: bool,
     ) -> Option<Snapshot> {
         let mut revision = self.revision.clone();
         let reached =
@@ -207,15 +213,20 @@ impl WatchCache {
         let mut entries = Vec::new();
         let mut last_key = None;
         let mut more = false;
-        for (key, entry) in state.objects.range((start, Bound::Unbounded)) {
-            if !key.starts_with(prefix) {
-                break;
-            }
+        let mut remaining = None;
+        let mut range = state
+            .objects
+            .range((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix));
+        for (key, entry) in range.by_ref() {
             if !keep(entry) {
                 continue;
             }
             if limit.is_some_and(|l| entries.len() >= l) {
                 more = true;
+                if count_remaining {
+                    remaining = Some(1 + range.count() as u64);
+                }
                 break;
             }
             entries.push(entry.clone());
@@ -229,6 +240,7 @@ impl WatchCache {
             entries,
             last_key,
             more,
+            remaining,
         })
     }
 

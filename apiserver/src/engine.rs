@@ -793,6 +793,8 @@ impl Engine {
                 start_after.as_deref(),
                 limit,
                 keep,
+                // kube-apiserver counts what is left only when nothing is filtered out.
+                labels.is_empty() && fields.is_empty(),
             )
             .await
         else {
@@ -810,6 +812,9 @@ impl Engine {
                 }
                 .encode()
             );
+            if let Some(remaining) = snapshot.remaining {
+                metadata["remainingItemCount"] = json!(remaining);
+            }
         }
         Ok(Some(CachedList {
             metadata,

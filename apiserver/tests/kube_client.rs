@@ -199,6 +199,19 @@ async fn lists_paginate_over_one_snapshot_and_filter_by_labels() {
     }
     let first = api.list(&ListParams::default().limit(5)).await.unwrap();
     assert_eq!(first.items.len(), 5);
+    // As kube-apiserver: how many are left, when nothing is filtered out.
+    assert_eq!(first.metadata.remaining_item_count, Some(7));
+    let filtered = api
+        .list(&ListParams::default().labels("app=other").limit(2))
+        .await
+        .unwrap();
+    assert_eq!(filtered.items.len(), 2);
+    assert_eq!(
+        filtered.metadata.remaining_item_count, None,
+        "unknown with a selector"
+    );
+    let whole = api.list(&ListParams::default().limit(12)).await.unwrap();
+    assert_eq!(whole.metadata.remaining_item_count, None, "nothing left");
     let token = first.metadata.continue_.clone().unwrap();
     // A change after the first page does not show in the next ones.
     api.delete("cm-11", &DeleteParams::default()).await.unwrap();

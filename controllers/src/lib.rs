@@ -49,6 +49,9 @@ pub struct Settings {
     /// How long a node's Lease may go unrenewed before the node is `Ready=Unknown` and
     /// tainted unreachable (`--node-monitor-grace-period`, 40 s).
     pub node_monitor_grace_period: Duration,
+    /// How long a node that has never posted its status may stay silent before the same
+    /// (`--node-startup-grace-period`, 60 s).
+    pub node_startup_grace_period: Duration,
     /// The range node IPAM hands each node's `podCIDR` out of (`--cluster-cidr`,
     /// `--node-cidr-mask-size`).
     pub node_ipam: nodeipam::Config,
@@ -58,6 +61,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             node_monitor_grace_period: Duration::from_secs(40),
+            node_startup_grace_period: Duration::from_secs(60),
             node_ipam: nodeipam::Config::default(),
         }
     }
@@ -93,7 +97,13 @@ pub const BUILTIN: &[Builtin] = &[
         name: "nodelifecycle",
         rules: nodelifecycle::RULES,
         add: |m, s| {
-            nodelifecycle::add(m, s.node_monitor_grace_period);
+            nodelifecycle::add(
+                m,
+                nodelifecycle::Grace {
+                    monitor: s.node_monitor_grace_period,
+                    startup: s.node_startup_grace_period,
+                },
+            );
             Ok(())
         },
     },

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::container::Runtime;
 use crate::endpoint::Endpoint;
 use crate::events::Events;
+use crate::health::{Backoff, Health, Part, retry};
 use crate::image::ImageStore;
 use crate::metrics::Metrics;
 use crate::network::{Cidr, Network, NetworkError};
@@ -247,6 +248,39 @@ impl Context {
         out
     }
 
+    /// How many pods have a sandbox (a running container, or an address) and how many
+    /// containers run, from the runtime's state on disk: what `kubelet_running_pods` and
+    /// `kubelet_running_containers` report.
+    pub fn running_counts(&self) -> (i64, i64) {
+        let (mut pods, mut containers) = (0, 0);
+        // Pods holding an address have a sandbox even with no container running.
+        let addressed: HashSet<String> = self
+            .network
+            .allocated()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, uid)| uid)
+            .collect();
+        for uid in pod_dirs(self) {
+            let dir = self.pods_dir().join(&uid).join("containers");
+            let mut running = 0;
+            for name in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                for attempt in fs::read_dir(name.path()).into_iter().flatten().flatten() {
+                    if attempt.path().join(crate::shim::STARTED).exists()
+                        && !attempt.path().join(crate::shim::EXITED).exists()
+                    {
+                        running += 1;
+                    }
+                }
+            }
+            containers += running;
+            if running > 0 || addressed.contains(&uid) {
+                pods += 1;
+            }
+        }
+        (pods, containers)
+    }
+
     /// The command that runs an exec probe: the shim's program with `shim-exec`.
     pub fn shim_exec(&self) -> Vec<OsString> {
         let mut cmd: Vec<OsString> = self.config.shim.first().cloned().into_iter().collect();
@@ -297,7 +331,10 @@ pub async fn run(
     let mut node = NodeConfig::new(config.node_name.clone(), config.node_ip.clone());
     node.port = endpoint.port();
     node.taints = config.register_with_taints.clone();
-    let heartbeat = Heartbeat::new(client.clone(), node, host);
+    node.manages_network = config.kube_proxy;
+    // What of the agent works; the heartbeat shows it on the Node.
+    let health = Health::new();
+    let heartbeat = Heartbeat::new(client.clone(), node, host).with_health(health.clone());
     let (stop, stopped) = watch::channel(false);
     let mut stop_heartbeat = stopped.clone();
     let heartbeat = tokio::spawn(heartbeat.run(async move {
@@ -326,13 +363,12 @@ pub async fn run(
         pods: std::sync::RwLock::default(),
         pod_specs: std::sync::RwLock::default(),
     });
-    registry.register(Box::new(crate::metrics::ContainerUsage::new(
-        Arc::downgrade(&ctx),
-    )?))?;
+    registry.register(Box::new(crate::metrics::Running::new(Arc::downgrade(
+        &ctx,
+    ))?))?;
     let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
     let services = if ctx.config.kube_proxy {
-        ctx.ensure_node_network().await?;
-        Some(spawn_services(&ctx, registry).await?)
+        Some(spawn_services(&ctx, registry, &health)?)
     } else {
         None
     };
@@ -351,12 +387,16 @@ pub async fn run(
 }
 
 /// Starts what programs the node for Services and other nodes' pods: caches of Services,
-/// EndpointSlices and Nodes, the service proxy syncing on any change of them, and the
-/// routes to other nodes' pod CIDRs syncing on Node changes, and cluster DNS on the
-/// bridge's address. Returns the tasks.
-async fn spawn_services(
+/// EndpointSlices and Nodes, the node network (bridge, NAT), then cluster DNS on the
+/// bridge's address, the service proxy syncing on any change of the caches, and the routes
+/// to other nodes' pod CIDRs syncing on Node changes. Each part that fails (a port taken,
+/// a command refused) is retried with back-off and reported to `health`, so the Node says
+/// why it is not ready and recovers by itself. Returns the tasks; errors only for what
+/// retrying cannot fix (metrics registered twice, a bad cluster domain).
+fn spawn_services(
     ctx: &Arc<Context>,
     registry: &prometheus::Registry,
+    health: &Health,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
     use tokio::sync::Notify;
     let changed = Arc::new(Notify::new());
@@ -395,18 +435,22 @@ async fn spawn_services(
         slices,
         nodes.clone(),
         ProxyMetrics::register(registry)?,
-    );
+    )
+    .with_health(health.clone());
     let routes = {
-        let ctx = Arc::clone(ctx);
+        let (ctx, health) = (Arc::clone(ctx), health.clone());
         async move {
+            let mut backoff = Backoff::default();
             loop {
                 let (cidrs, peers) =
                     crate::proxy::node_cidrs(&nodes.state(), &ctx.config.node_name);
                 if let Err(e) = ctx.network.sync_routes(&cidrs, &peers).await {
-                    tracing::warn!(error = %e, "routing to other nodes' pods failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    health.failed(Part::Routes, &e);
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
+                backoff.reset();
+                health.recovered(Part::Routes);
                 tokio::select! {
                     () = nodes_changed.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(30)) => {}
@@ -414,25 +458,38 @@ async fn spawn_services(
             }
         }
     };
-    let dns = dns
-        .bind(std::net::SocketAddr::from((ctx.network.cidr.gateway(), 53)))
-        .await?;
-    Ok(vec![
-        tokio::spawn(async move {
-            if let Err(e) = dns.serve(std::future::pending()).await {
-                tracing::error!(error = %e, "cluster DNS stopped");
+    // DNS answers on the bridge's address: it needs the node network first. A server that
+    // stops on its own is bound and served again.
+    let dns = {
+        let (ctx, health) = (Arc::clone(ctx), health.clone());
+        let addr = std::net::SocketAddr::from((ctx.network.cidr.gateway(), 53));
+        async move {
+            loop {
+                let bound = retry(&health, Part::ClusterDns, || dns.bind(addr)).await;
+                if let Err(e) = bound.serve(std::future::pending()).await {
+                    health.failed(Part::ClusterDns, &e);
+                    tokio::time::sleep(Backoff::default().next_delay()).await;
+                }
             }
-        }),
-        tokio::spawn(services_feed),
-        tokio::spawn(slices_feed),
-        tokio::spawn(nodes_feed),
-        tokio::spawn(async move {
+        }
+    };
+    let network = {
+        let (ctx, health) = (Arc::clone(ctx), health.clone());
+        async move {
+            retry(&health, Part::NodeNetwork, || ctx.ensure_node_network()).await;
             ready.await;
             tokio::join!(
+                dns,
                 proxy.run(changed, Duration::from_secs(30), std::future::pending()),
                 routes
             );
-        }),
+        }
+    };
+    Ok(vec![
+        tokio::spawn(services_feed),
+        tokio::spawn(slices_feed),
+        tokio::spawn(nodes_feed),
+        tokio::spawn(network),
     ])
 }
 
@@ -501,7 +558,6 @@ async fn dispatch(ctx: Arc<Context>) {
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let mut listing: Option<HashSet<String>> = None;
-    let mut gauges = tokio::time::interval(Duration::from_secs(2));
     let mut image_gc = tokio::time::interval(Duration::from_secs(300));
     loop {
         tokio::select! {
@@ -510,7 +566,6 @@ async fn dispatch(ctx: Arc<Context>) {
                 ctx.forget(&uid);
                 ctx.events.forget(&uid);
             }
-            _ = gauges.tick() => update_gauges(&ctx),
             _ = image_gc.tick() => collect_images(&ctx).await,
             event = events.next() => {
                 let Some(event) = event else { return };
@@ -627,38 +682,6 @@ fn pod_dirs(ctx: &Context) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Counts running containers and the pods that have any, from disk.
-fn update_gauges(ctx: &Context) {
-    let (mut pods, mut containers) = (0, 0);
-    // Pods holding an address have a sandbox even with no container running.
-    let addressed: std::collections::HashSet<String> = ctx
-        .network
-        .allocated()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(_, uid)| uid)
-        .collect();
-    for uid in pod_dirs(ctx) {
-        let dir = ctx.pods_dir().join(&uid).join("containers");
-        let mut running = 0;
-        for name in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            for attempt in fs::read_dir(name.path()).into_iter().flatten().flatten() {
-                if attempt.path().join(crate::shim::STARTED).exists()
-                    && !attempt.path().join(crate::shim::EXITED).exists()
-                {
-                    running += 1;
-                }
-            }
-        }
-        containers += running;
-        if running > 0 || addressed.contains(&uid) {
-            pods += 1;
-        }
-    }
-    ctx.metrics.running_pods.set(pods);
-    ctx.metrics.running_containers.set(containers);
 }
 
 /// Stops every container under `data_dir` (SIGKILL), unmounts and removes the pods' state

@@ -136,7 +136,7 @@ pub enum DnsError {
     #[error("registering the DNS metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// A socket could not be bound (the address is in use, or not ours).
-    #[error("binding DNS over {protocol} on {addr}: {source}")]
+    #[error("{}", bind_message(protocol, addr, source))]
     Bind {
         /// `udp` or `tcp`.
         protocol: &'static str,
@@ -149,6 +149,19 @@ pub enum DnsError {
     /// A listener stopped on its own.
     #[error("the DNS server stopped: {0}")]
     Serve(#[source] NetError),
+}
+
+/// A bind failure in plain words: "10.244.0.1:53 is in use by another process (udp)".
+fn bind_message(protocol: &str, addr: &SocketAddr, error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!("{addr} is in use by another process ({protocol})")
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("{addr} is not an address of this host ({protocol})")
+        }
+        _ => format!("binding {addr} ({protocol}): {error}"),
+    }
 }
 
 /// The cluster DNS server, configured but not yet listening.
@@ -177,8 +190,8 @@ impl ClusterDns {
     }
 
     /// Binds UDP and TCP on `addr`, on the same port: with port 0, UDP picks one and TCP
-    /// follows it.
-    pub async fn bind(self, addr: SocketAddr) -> Result<BoundDns, DnsError> {
+    /// follows it. Can be retried after a failure (the address taken, say).
+    pub async fn bind(&self, addr: SocketAddr) -> Result<BoundDns, DnsError> {
         let (udp, tcp) = bind_pair(addr).await?;
         let local_addr = udp.local_addr().map_err(|source| DnsError::Bind {
             protocol: "udp",
@@ -189,9 +202,9 @@ impl ClusterDns {
         let forwarder = Forwarder::new(&self.upstreams);
         Ok(BoundDns {
             handler: Handler {
-                zone: self.zone,
+                zone: self.zone.clone(),
                 forwarder,
-                metrics: self.metrics,
+                metrics: self.metrics.clone(),
             },
             udp,
             tcp,

@@ -15,6 +15,7 @@ pub mod container;
 pub mod dns;
 pub mod endpoint;
 pub mod events;
+pub mod health;
 pub mod image;
 pub mod logs;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The agent's metrics under the kubelet's names, so existing dashboards work: pods and
-//! containers running, pod start and worker durations, runtime operations, image pulls.
+//! containers running and their usage (counted at scrape time, so never stale), pod start
+//! and worker durations, runtime operations, image pulls.
 
 use std::time::Duration;
 
@@ -8,10 +9,6 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge
 /// The agent's metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// `kubelet_running_pods`.
-    pub running_pods: IntGauge,
-    /// `kubelet_running_containers`.
-    pub running_containers: IntGauge,
     pod_start: Histogram,
     pod_worker: Histogram,
     operations: IntCounterVec,
@@ -31,14 +28,6 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()))
         };
         let metrics = Metrics {
-            running_pods: IntGauge::new(
-                "kubelet_running_pods",
-                "Number of pods that have a running pod sandbox.",
-            )?,
-            running_containers: IntGauge::new(
-                "kubelet_running_containers",
-                "Number of containers currently running.",
-            )?,
             pod_start: histogram(
                 "kubelet_pod_start_duration_seconds",
                 "Duration in seconds from the agent seeing a pod to it running.",
@@ -74,8 +63,6 @@ impl Metrics {
                 "Duration in seconds to pull an image.",
             )?,
         };
-        registry.register(Box::new(metrics.running_pods.clone()))?;
-        registry.register(Box::new(metrics.running_containers.clone()))?;
         registry.register(Box::new(metrics.pod_start.clone()))?;
         registry.register(Box::new(metrics.pod_worker.clone()))?;
         registry.register(Box::new(metrics.operations.clone()))?;
@@ -113,27 +100,38 @@ impl Metrics {
     }
 }
 
-/// Per-container usage read from the cgroups at scrape time, under cAdvisor's names:
-/// `container_cpu_usage_seconds_total` and `container_memory_working_set_bytes`, labelled
-/// `namespace`, `pod`, `container`.
-pub struct ContainerUsage {
+/// What runs on the node, read at scrape time: `kubelet_running_pods` and
+/// `kubelet_running_containers` from the runtime's state on disk, and per-container usage
+/// from the cgroups under cAdvisor's names, `container_cpu_usage_seconds_total` and
+/// `container_memory_working_set_bytes`, labelled `namespace`, `pod`, `container`.
+pub struct Running {
     ctx: std::sync::Weak<crate::agent::Context>,
+    pods: IntGauge,
+    containers: IntGauge,
     cpu: prometheus::CounterVec,
     memory: prometheus::GaugeVec,
 }
 
-impl std::fmt::Debug for ContainerUsage {
+impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ContainerUsage").finish_non_exhaustive()
+        f.debug_struct("Running").finish_non_exhaustive()
     }
 }
 
-impl ContainerUsage {
-    /// A collector over the agent's running containers.
+impl Running {
+    /// A collector over the agent's pods and containers.
     pub fn new(ctx: std::sync::Weak<crate::agent::Context>) -> prometheus::Result<Self> {
         let labels = &["namespace", "pod", "container"];
-        Ok(ContainerUsage {
+        Ok(Running {
             ctx,
+            pods: IntGauge::new(
+                "kubelet_running_pods",
+                "Number of pods that have a running pod sandbox.",
+            )?,
+            containers: IntGauge::new(
+                "kubelet_running_containers",
+                "Number of containers currently running.",
+            )?,
             cpu: prometheus::CounterVec::new(
                 Opts::new(
                     "container_cpu_usage_seconds_total",
@@ -152,9 +150,11 @@ impl ContainerUsage {
     }
 }
 
-impl prometheus::core::Collector for ContainerUsage {
+impl prometheus::core::Collector for Running {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        let mut descs = self.cpu.desc();
+        let mut descs = self.pods.desc();
+        descs.extend(self.containers.desc());
+        descs.extend(self.cpu.desc());
         descs.extend(self.memory.desc());
         descs
     }
@@ -163,6 +163,9 @@ impl prometheus::core::Collector for ContainerUsage {
         self.cpu.reset();
         self.memory.reset();
         if let Some(ctx) = self.ctx.upgrade() {
+            let (pods, containers) = ctx.running_counts();
+            self.pods.set(pods);
+            self.containers.set(containers);
             for (namespace, pod, container, cgroup) in ctx.running_containers() {
                 let labels = [namespace.as_str(), pod.as_str(), container.as_str()];
                 if let Some(cpu) = cgroup_cpu_seconds(&cgroup) {
@@ -173,7 +176,9 @@ impl prometheus::core::Collector for ContainerUsage {
                 }
             }
         }
-        let mut families = self.cpu.collect();
+        let mut families = self.pods.collect();
+        families.extend(self.containers.collect());
+        families.extend(self.cpu.collect());
         families.extend(self.memory.collect());
         families
     }

@@ -5,7 +5,9 @@
 //! then keeps two clocks, as the kubelet does: the node Lease in `kube-node-lease` renewed
 //! every `lease_renew` (10 s), which is what the node lifecycle controller watches, and the
 //! status, re-applied when something in it changes or at least every `status_refresh`
-//! (5 min), with each condition's `lastHeartbeatTime`.
+//! (5 min), with each condition's `lastHeartbeatTime`. The status says what of the agent
+//! fails now ([`Health`]): `Ready=False` with the cause, and `NetworkUnavailable` when the
+//! agent programs the node's network — reported as soon as a problem comes or goes.
 
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+
+use crate::health::{Health, Problems};
 
 /// The field manager of every write the agent makes.
 pub const MANAGER: &str = "orq-agent";
@@ -52,6 +56,9 @@ pub struct NodeConfig {
     pub status_refresh: Duration,
     /// Taints the Node is created with (kubelet's `--register-with-taints`).
     pub taints: Vec<RegisterTaint>,
+    /// The agent programs the node's network (bridge, DNS, service proxy, routes), so the
+    /// Node reports `NetworkUnavailable` for it.
+    pub manages_network: bool,
 }
 
 /// A taint a node registers with: `key[=value]:Effect`, as kubelet's flag takes it.
@@ -107,6 +114,7 @@ impl NodeConfig {
             lease_duration: Duration::from_secs(40),
             status_refresh: Duration::from_secs(300),
             taints: Vec::new(),
+            manages_network: false,
         }
     }
 }
@@ -184,13 +192,72 @@ fn node_object(config: &NodeConfig, host: &HostInfo) -> Value {
 }
 
 /// The status the agent applies: capacity, allocatable, conditions, addresses, nodeInfo.
-fn node_status(config: &NodeConfig, host: &HostInfo, heartbeat: &str) -> Value {
+/// `problems` are the parts of the agent failing now.
+fn node_status(
+    config: &NodeConfig,
+    host: &HostInfo,
+    heartbeat: &str,
+    problems: &Problems,
+) -> Value {
     let condition = |type_: &str, status: &str, reason: &str, message: &str| {
         json!({
             "type": type_, "status": status, "reason": reason, "message": message,
             "lastHeartbeatTime": heartbeat, "lastTransitionTime": heartbeat,
         })
     };
+    let trouble = problems
+        .iter()
+        .map(|(part, error)| format!("{part}: {error}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let ready = if problems.is_empty() {
+        condition(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "orq agent is posting ready status",
+        )
+    } else {
+        condition("Ready", "False", "KubeletNotReady", &trouble)
+    };
+    let mut conditions = vec![
+        condition(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available",
+        ),
+        condition(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "kubelet has no disk pressure",
+        ),
+        condition(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available",
+        ),
+        ready,
+    ];
+    if config.manages_network {
+        conditions.push(if problems.is_empty() {
+            condition(
+                "NetworkUnavailable",
+                "False",
+                "NodeNetworkReady",
+                "orq agent has set up the node network",
+            )
+        } else {
+            condition(
+                "NetworkUnavailable",
+                "True",
+                "NodeNetworkNotReady",
+                &trouble,
+            )
+        });
+    }
     let resources = json!({
         "cpu": host.cpus.to_string(),
         "memory": format!("{}Ki", host.memory_bytes / 1024),
@@ -203,12 +270,7 @@ fn node_status(config: &NodeConfig, host: &HostInfo, heartbeat: &str) -> Value {
         "status": {
             "capacity": resources,
             "allocatable": resources,
-            "conditions": [
-                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-                condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-                condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-                condition("Ready", "True", "KubeletReady", "orq agent is posting ready status"),
-            ],
+            "conditions": conditions,
             "addresses": [
                 {"type": "InternalIP", "address": config.internal_ip},
                 {"type": "Hostname", "address": config.name},
@@ -237,17 +299,25 @@ pub struct Heartbeat {
     host: HostInfo,
     nodes: Api<Node>,
     leases: Api<Lease>,
+    health: Health,
 }
 
 impl Heartbeat {
-    /// A heartbeat for `config` on this host.
+    /// A heartbeat for `config` on this host, all parts healthy.
     pub fn new(client: Client, config: NodeConfig, host: HostInfo) -> Heartbeat {
         Heartbeat {
             config,
             host,
             nodes: Api::all(client.clone()),
             leases: Api::namespaced(client, LEASE_NAMESPACE),
+            health: Health::new(),
         }
+    }
+
+    /// Reports the problems `health` collects in the Node's conditions.
+    pub fn with_health(mut self, health: Health) -> Heartbeat {
+        self.health = health;
+        self
     }
 
     /// Applies the Node, its status and its Lease once. Safe to repeat: an agent that
@@ -294,7 +364,7 @@ impl Heartbeat {
     /// `lastTransitionTime` when their status does not change.
     pub async fn report_status(&self) -> Result<(), NodeError> {
         let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-        let mut status = node_status(&self.config, &self.host, &now);
+        let mut status = node_status(&self.config, &self.host, &now, &self.health.problems());
         if let Some(current) = self.nodes.get_opt(&self.config.name).await? {
             let previous = current
                 .status
@@ -349,20 +419,26 @@ impl Heartbeat {
     }
 
     /// Registers, then renews the Lease every `lease_renew` and re-applies the status every
-    /// `status_refresh`, until `shutdown` resolves. Failures are logged and retried on the
-    /// next tick: an API server that is away for a while is not a reason to stop.
+    /// `status_refresh` or as soon as the agent's problems change, until `shutdown`
+    /// resolves. Failures are logged and retried on the next tick: an API server that is
+    /// away for a while is not a reason to stop.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut registered = false;
         let mut last_status = tokio::time::Instant::now();
         let mut last_renewed = tokio::time::Instant::now();
+        let mut problems = self.health.subscribe();
+        let mut news = false;
         loop {
             let result = if registered {
                 // After a gap (a partition, a stalled process) the node lifecycle controller
                 // may have marked the node Unknown: report the status at once, not at the
                 // next refresh.
                 let gap = last_renewed.elapsed() > self.config.lease_renew * 2;
-                let status = if gap || last_status.elapsed() >= self.config.status_refresh {
+                let status = if std::mem::take(&mut news)
+                    || gap
+                    || last_status.elapsed() >= self.config.status_refresh
+                {
                     last_status = tokio::time::Instant::now();
                     self.report_status().await
                 } else {
@@ -387,6 +463,15 @@ impl Heartbeat {
             tokio::select! {
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(self.config.lease_renew) => {}
+                changed = problems.changed() => {
+                    // A problem came or went: say so now (a sleep of a few ms lets a burst
+                    // of changes settle into one write).
+                    if changed.is_ok() {
+                        problems.mark_unchanged();
+                        news = true;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
             }
         }
     }
@@ -406,11 +491,49 @@ mod tests {
             &NodeConfig::new("n1", "127.0.0.1"),
             &host,
             "2026-01-01T00:00:00Z",
+            &Problems::new(),
         );
         assert_eq!(status["status"]["capacity"]["pods"], "110");
         assert_eq!(
             status["status"]["nodeInfo"]["containerRuntimeVersion"],
             RUNTIME_VERSION
+        );
+    }
+
+    #[test]
+    fn problems_make_the_node_not_ready_with_their_cause() {
+        let mut config = NodeConfig::new("n1", "10.0.0.5");
+        let host = HostInfo::read();
+        let condition = |status: &Value, type_: &str| -> Option<(String, String, String)> {
+            status["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == type_)
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                    (s("status"), s("reason"), s("message"))
+                })
+        };
+        let healthy = node_status(&config, &host, "2026-01-01T00:00:00Z", &Problems::new());
+        assert_eq!(condition(&healthy, "Ready").unwrap().0, "True");
+        assert!(
+            condition(&healthy, "NetworkUnavailable").is_none(),
+            "not ours to report"
+        );
+        config.manages_network = true;
+        let problems = Problems::from([(
+            crate::health::Part::ClusterDns,
+            "10.244.0.1:53 is in use by another process (udp)".to_owned(),
+        )]);
+        let sick = node_status(&config, &host, "2026-01-01T00:00:00Z", &problems);
+        let message = "cluster DNS: 10.244.0.1:53 is in use by another process (udp)".to_owned();
+        assert_eq!(
+            condition(&sick, "Ready").unwrap(),
+            ("False".into(), "KubeletNotReady".into(), message.clone())
+        );
+        assert_eq!(
+            condition(&sick, "NetworkUnavailable").unwrap(),
+            ("True".into(), "NodeNetworkNotReady".into(), message)
         );
     }
 }

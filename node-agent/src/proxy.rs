@@ -39,6 +39,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 
+use crate::health::{Backoff, Health, Part};
 use crate::network::{Cidr, NetworkError, nft};
 
 /// The nftables table the proxy owns (family `ip`).
@@ -429,36 +430,42 @@ fn skeleton() -> String {
     for (map, spec) in MAPS {
         t.push_str(&format!("add map ip {TABLE} {map} {{ type {spec}; }}\n"));
     }
-    let base = [
+    let base: [(&str, &str, &[&str]); 6] = [
         (
             "nat-prerouting",
             "type nat hook prerouting priority dstnat",
-            "jump services",
+            &["jump services"],
         ),
         (
             "nat-output",
             "type nat hook output priority -100",
-            "jump services",
+            &["jump services"],
         ),
         (
             "nat-postrouting",
             "type nat hook postrouting priority srcnat",
-            "jump masquerading",
+            &["jump masquerading"],
         ),
         (
             "filter-input",
             "type filter hook input priority -110",
-            "ct state new jump endpoints-check",
+            &[
+                // With `route_localnet` on the bridge, loopback addresses arriving from
+                // outside would be accepted: only replies of DNATed connections may
+                // (kube-proxy's martian rule).
+                "ip daddr 127.0.0.0/8 ip saddr != 127.0.0.0/8 ct status & dnat == 0 drop",
+                "ct state new jump endpoints-check",
+            ],
         ),
         (
             "filter-forward",
             "type filter hook forward priority -110",
-            "ct state new jump endpoints-check",
+            &["ct state new jump endpoints-check"],
         ),
         (
             "filter-output",
             "type filter hook output priority -110",
-            "ct state new jump endpoints-check",
+            &["ct state new jump endpoints-check"],
         ),
     ];
     let plain = [
@@ -466,8 +473,9 @@ fn skeleton() -> String {
             "services",
             vec![
                 "ip daddr . meta l4proto . th dport vmap @service-ips".to_owned(),
-                "ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap @service-nodeports"
-                    .to_owned(),
+                // Node ports answer on every local address, 127.0.0.1 too (kube-proxy's
+                // iptables mode with `route_localnet`): users try localhost first.
+                "fib daddr type local meta l4proto . th dport vmap @service-nodeports".to_owned(),
             ],
         ),
         (
@@ -481,6 +489,9 @@ fn skeleton() -> String {
         (
             "masquerading",
             vec![
+                // A node port dialled on 127.0.0.1, DNATed to a pod: the pod must answer
+                // an address it can reach, whatever the Service's traffic policy.
+                "ip saddr 127.0.0.0/8 oifname != \"lo\" masquerade".to_owned(),
                 format!("meta mark & {MASQUERADE_BIT:#x} == 0 return"),
                 format!("meta mark set meta mark ^ {MASQUERADE_BIT:#x}"),
                 // Not `fully-random` (kube-proxy's choice, against a SNAT port race that
@@ -505,10 +516,13 @@ fn skeleton() -> String {
             t.push_str(&format!("add rule ip {TABLE} {chain} {rule}\n"));
         }
     }
-    for (chain, hook, rule) in base {
+    for (chain, hook, rules) in base {
         t.push_str(&format!(
-            "add chain ip {TABLE} {chain} {{ {hook}; policy accept; }}\nadd rule ip {TABLE} {chain} {rule}\n"
+            "add chain ip {TABLE} {chain} {{ {hook}; policy accept; }}\n"
         ));
+        for rule in rules {
+            t.push_str(&format!("add rule ip {TABLE} {chain} {rule}\n"));
+        }
     }
     t
 }
@@ -634,6 +648,8 @@ pub struct ServiceProxy {
     applied: Option<Ruleset>,
     /// Slice UID → the trigger time already measured, so each change counts once.
     triggers: HashMap<String, String>,
+    /// Where failures and recoveries of the programming are reported.
+    health: Health,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -661,7 +677,14 @@ impl ServiceProxy {
             metrics,
             applied: None,
             triggers: HashMap::new(),
+            health: Health::new(),
         }
+    }
+
+    /// Reports failed and recovered syncs to `health` (the Node's conditions).
+    pub fn with_health(mut self, health: Health) -> ServiceProxy {
+        self.health = health;
+        self
     }
 
     /// Brings the table in line with the caches: one nft transaction, nothing sent when
@@ -676,7 +699,11 @@ impl ServiceProxy {
             return Ok(());
         }
         let transaction = transaction(self.applied.as_ref(), &next);
-        if let Err(e) = nft(&transaction).await {
+        let mut result = nft(&transaction).await;
+        if result.is_ok() && self.applied.is_none() {
+            result = allow_localhost_node_ports();
+        }
+        if let Err(e) = result {
             self.metrics.failures.inc();
             self.applied = None;
             return Err(e);
@@ -732,14 +759,17 @@ impl ServiceProxy {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut backoff = Backoff::default();
         loop {
             if let Err(e) = self.sync().await {
-                tracing::warn!(error = %e, "programming the service proxy failed; retrying");
+                self.health.failed(Part::ServiceProxy, &e);
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = tokio::time::sleep(backoff.next_delay()) => continue,
                     () = &mut shutdown => return,
                 }
             }
+            backoff.reset();
+            self.health.recovered(Part::ServiceProxy);
             tokio::select! {
                 () = changed.notified() => {}
                 () = tokio::time::sleep(resync) => self.applied = None,
@@ -747,6 +777,16 @@ impl ServiceProxy {
             }
         }
     }
+}
+
+/// Lets node ports answer on 127.0.0.1, as kube-proxy's iptables mode does: a connection
+/// from a loopback address, DNATed to a pod here or on another node, may leave through a
+/// real interface, and its replies come back to a loopback address (`route_localnet`, for
+/// every interface, as kube-proxy sets it). The table's `filter-input` chain drops every
+/// other loopback-addressed packet arriving from outside, so this opens nothing else.
+fn allow_localhost_node_ports() -> Result<(), NetworkError> {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")?;
+    Ok(())
 }
 
 /// Removes the proxy's table (`orq agent --cleanup`).

@@ -43,9 +43,6 @@ pub struct AgentArgs {
     /// The Node's name (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
-    /// The address the node reports as its InternalIP.
-    #[arg(long, default_value = "127.0.0.1")]
-    node_ip: String,
     /// `libcontainer`: this host is the node and runs its pods' containers.
     /// `simulated`: `--nodes` fake nodes whose pods run instantly, for control-plane tests
     /// and scale benchmarks.
@@ -65,6 +62,11 @@ pub struct AgentArgs {
 /// Flags shared by `orq agent` and `orq server`'s local agent.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
+    /// The address the node reports as its InternalIP (pods' hostIP; where the API server
+    /// reaches the agent). Default: the host's primary IPv4 address (the default route's
+    /// source), as the kubelet picks it.
+    #[arg(long, env = "ORQ_NODE_IP")]
+    node_ip: Option<std::net::IpAddr>,
     /// Where the agent keeps images, pods, logs and runtime state.
     #[arg(long = "agent-data-dir", env = "ORQ_AGENT_DATA_DIR")]
     agent_data_dir: Option<PathBuf>,
@@ -99,6 +101,14 @@ pub struct NodeArgs {
     disable_kube_proxy: bool,
 }
 
+impl NodeArgs {
+    /// Whether the agent programs the network of its host (namespace): bridge, service
+    /// proxy, routes, cluster DNS.
+    pub fn programs_network(&self) -> bool {
+        !self.disable_kube_proxy
+    }
+}
+
 /// Which runtime the agent runs pods with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Runtime {
@@ -118,11 +128,11 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the API client")
 }
 
-/// The agent's configuration: node `name` (default: the hostname) at `ip`, state under
-/// `node.agent_data_dir` (default `default_dir`), containers run through this binary's shim.
+/// The agent's configuration: node `name` (default: the hostname) at `--node-ip` (default:
+/// the host's primary address), state under `node.agent_data_dir` (default `default_dir`),
+/// containers run through this binary's shim.
 pub fn config(
     name: Option<String>,
-    ip: &str,
     node: &NodeArgs,
     default_dir: PathBuf,
 ) -> anyhow::Result<AgentConfig> {
@@ -130,9 +140,10 @@ pub fn config(
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| HostInfo::read().hostname.to_lowercase());
     let exe = std::env::current_exe().context("finding the orq binary for the shim")?;
+    let ip = node.node_ip.unwrap_or_else(primary_address);
     let mut config = AgentConfig::new(
         name,
-        ip,
+        ip.to_string(),
         node.agent_data_dir.clone().unwrap_or(default_dir),
         vec![exe.into(), "shim".into()],
     );
@@ -145,6 +156,20 @@ pub fn config(
     config.kube_proxy = !node.disable_kube_proxy;
     config.register_with_taints = node.register_with_taints.clone();
     Ok(config)
+}
+
+/// The host's primary IPv4 address: the source address of the default route (a UDP
+/// socket's `connect` picks it without sending anything), else loopback.
+pub fn primary_address() -> std::net::IpAddr {
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|socket| {
+        // TEST-NET-1: never contacted; connect only consults the routing table.
+        socket.connect("192.0.2.1:9")?;
+        socket.local_addr()
+    });
+    match routed {
+        Ok(local) if !local.ip().is_unspecified() => local.ip(),
+        _ => std::net::IpAddr::from([127, 0, 0, 1]),
+    }
 }
 
 /// The bearer token of the kubeconfig's current user, if it authenticates with one: the
@@ -205,7 +230,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let default_dir = PathBuf::from("/var/lib/orquestra/agent");
     if args.cleanup {
-        let config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+        let config = config(args.node_name, &args.node, default_dir)?;
         let cidr = config
             .pod_cidr
             .clone()
@@ -243,7 +268,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     match args.runtime {
         Runtime::Libcontainer => {
-            let mut config = config(args.node_name, &args.node_ip, &args.node, default_dir)?;
+            let _network_lock = if args.node.programs_network() {
+                let dir = args
+                    .node
+                    .agent_data_dir
+                    .clone()
+                    .unwrap_or(default_dir.clone());
+                Some(crate::lock::node_network(
+                    &dir,
+                    "run this one with --disable-kube-proxy or in a network namespace of its own",
+                )?)
+            } else {
+                None
+            };
+            let mut config = config(args.node_name, &args.node, default_dir)?;
             config.endpoint_token = token;
             // `--server` wins over a kubeconfig (KUBECONFIG may be set in the environment).
             config.cluster_ca = match (&args.server, &args.kubeconfig) {

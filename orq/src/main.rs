@@ -7,6 +7,7 @@ mod chartgen;
 mod client;
 mod config;
 mod image;
+mod lock;
 mod operator;
 mod server;
 

@@ -27,6 +27,9 @@ pub struct ControllerArgs {
     /// unreachable (a Go duration).
     #[arg(long, default_value = "40s", value_parser = duration)]
     pub node_monitor_grace_period: Duration,
+    /// How long a node that has never posted its status may stay silent before the same.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub node_startup_grace_period: Duration,
     /// The range each node's `podCIDR` is allocated from.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: String,
@@ -97,6 +100,7 @@ impl ControllerArgs {
         .context("--cluster-cidr/--node-cidr-mask-size")?;
         Ok(orquestra_controllers::Settings {
             node_monitor_grace_period: self.node_monitor_grace_period,
+            node_startup_grace_period: self.node_startup_grace_period,
             node_ipam,
         })
     }

@@ -114,39 +114,6 @@ struct AppState {
     db_size: IntGauge,
 }
 
-/// Takes the data dir's lock file (an advisory lock holding the owner's PID), so that a
-/// second server on the same data dir is refused with a message naming the first.
-fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    use std::io::Write;
-    let path = dir.join("orq-server.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    use std::os::fd::AsRawFd;
-    // flock, not fcntl: the lock belongs to this open file, so it lasts while the server
-    // holds it and the kernel drops it when the process dies, even on SIGKILL.
-    // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        file.set_len(0)?;
-        writeln!(file, "{}", std::process::id())?;
-        return Ok(file);
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-        return Err(err).with_context(|| format!("locking {}", path.display()));
-    }
-    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-    anyhow::bail!(
-        "data dir {} is in use by another orq server (PID {}): stop it, or pass another --data-dir",
-        dir.display(),
-        holder.trim()
-    )
-}
-
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(config) = &args.config {
         tracing::info!(config = %config.display(), "settings from a config file (flags on the command line win)");
@@ -159,7 +126,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
     // Held until the server exits (the OS releases it even on SIGKILL).
-    let _lock = lock_data_dir(&args.data_dir)?;
+    let _lock = crate::lock::data_dir(&args.data_dir)?;
+    // A local agent that programs the host's network is the only one there.
+    let _network_lock = if !args.no_agent && args.node.programs_network() {
+        Some(crate::lock::node_network(
+            &args.data_dir,
+            "start this one with --no-agent (or --disable-kube-proxy), or in a network namespace of its own",
+        )?)
+    } else {
+        None
+    };
     let datastore = args
         .datastore
         .clone()
@@ -334,7 +310,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     // The local node: its heartbeat talks to this server like any agent would, as a node
     // (the node token; the admin kubeconfig's in insecure mode, which has none).
-    let agent = if args.no_agent {
+    let mut agent = if args.no_agent {
         None
     } else {
         let kubeconfig = Some(args.data_dir.join(NODE_KUBECONFIG))
@@ -343,30 +319,48 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let client = crate::agent::client(&kubeconfig).await?;
         let mut config = crate::agent::config(
             args.node_name.clone(),
-            "127.0.0.1",
             &args.node,
             args.data_dir.join("agent"),
         )?;
         if args.node.agent_listen.is_none() {
-            config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            // A free port, reachable at the node's address (the API server proxies logs there).
+            config.listen = SocketAddr::from(([0, 0, 0, 0], 0));
         }
         config.endpoint_token = crate::agent::kubeconfig_token(&kubeconfig);
         config.cluster_ca = crate::agent::kubeconfig_ca(&kubeconfig);
         let registry = registry.clone();
         let stop = stopped(stop_rx.clone());
         Some(tokio::spawn(async move {
-            if let Err(e) = orquestra_node_agent::run(client, config, &registry, stop).await {
-                tracing::error!(error = %e, "the local node agent failed");
-            }
+            orquestra_node_agent::run(client, config, &registry, stop).await
         }))
     };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The local agent retries what can recover by itself (its network, DNS, the API); if
+    // it stops on its own, the node is gone for good and the server says so and stops, as
+    // k3s does when its kubelet exits.
+    let agent_stopped = async {
+        match agent.as_mut() {
+            Some(task) => task,
+            None => std::future::pending().await,
+        }
+        .await
+    };
     tokio::select! {
         result = server => result.context("HTTP server task failed")?.context("HTTP server failed")?,
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        result = agent_stopped => {
+            let error = match result {
+                Ok(Ok(())) => anyhow::anyhow!("the local node agent stopped"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the local node agent failed"),
+                Err(e) => anyhow::Error::new(e).context("the local node agent's task failed"),
+            };
+            handle.graceful_shutdown(Some(Duration::from_secs(5)));
+            let _ = stop_tx.send(true);
+            return Err(error);
+        }
     }
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
@@ -383,22 +377,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 /// The address to advertise when none is given: `listen` if it is a specific non-loopback
-/// address (the server is reachable only there), else the source address of the default
-/// route (a UDP socket's `connect` picks it without sending anything), else `listen`.
+/// address (the server is reachable only there), else the host's primary address.
 fn advertise_address(listen: IpAddr) -> IpAddr {
     if !listen.is_unspecified() && !listen.is_loopback() {
         return listen;
     }
-    let routed = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|socket| {
-        // TEST-NET-1: never contacted; connect only consults the routing table.
-        socket.connect("192.0.2.1:9")?;
-        socket.local_addr()
-    });
-    match routed {
-        Ok(local) if !local.ip().is_unspecified() => local.ip(),
-        _ if listen.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
-        _ => listen,
-    }
+    crate::agent::primary_address()
 }
 
 /// The node agents' kubeconfig in the data dir: the admin one's cluster, the node token.

@@ -1274,6 +1274,135 @@ fn pods_get_a_service_account_token_and_reach_the_api_server() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 }
 
+/// The Ready (or NetworkUnavailable) condition of node n1: `(status, message)`.
+fn node_condition(host: &Host, type_: &str) -> Option<(String, String)> {
+    let node: Value =
+        serde_json::from_str(&host.kubectl_try(&["get", "node", "n1", "-o", "json"])?).ok()?;
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (text("status"), text("message"))
+        })
+}
+
+/// A part of the node agent that cannot start — cluster DNS, its address taken by another
+/// process before the server starts — shows on the Node with its cause and on the server's
+/// console, is retried, and recovers by itself once the port is free. A second server in the
+/// same network is refused at start, naming the first's PID and data dir.
+#[test]
+fn a_failing_node_part_shows_on_the_node_and_recovers() {
+    const CAUSE: &str = "cluster DNS: 10.244.0.1:53 is in use by another process (udp)";
+    let mut squatter = None;
+    let mut host = Host::start_with(
+        "dnsheld",
+        "127.0.0.1:6443",
+        |netns| {
+            // The node's bridge with the first node's pod gateway, and a process on its
+            // port 53, as a local dnsmasq would be.
+            let ip = |args: &[&str]| run_ok(Command::new("ip").arg("-n").arg(&netns.0).args(args));
+            ip(&["link", "add", "orq0", "type", "bridge"]);
+            ip(&["addr", "add", "10.244.0.1/24", "dev", "orq0"]);
+            ip(&["link", "set", "orq0", "up"]);
+            let mut child = Command::new("nsenter")
+                .arg(format!("--net={}", netns.path()))
+                .args(["python3", "-c"])
+                .arg(
+                    "import socket, sys, time\n\
+                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                     s.bind(('10.244.0.1', 53))\n\
+                     print('bound', flush=True)\n\
+                     time.sleep(600)",
+                )
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert_eq!(line.trim(), "bound");
+            squatter = Some(Proc(child));
+        },
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = node_condition(&host, "Ready");
+        let network = node_condition(&host, "NetworkUnavailable");
+        if ready == Some(("False".into(), CAUSE.into()))
+            && network == Some(("True".into(), CAUSE.into()))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never said why: Ready {ready:?}, NetworkUnavailable {network:?}\n{}",
+            host.server_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(host.dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains(&format!("the node is not ready: {CAUSE}")),
+        "the console says it in plain words:\n{log}"
+    );
+
+    // A second server with its own data dir and port, in the same network: refused.
+    let first = host.server.as_ref().unwrap().0.id();
+    let other = host.dir.path().join("other");
+    let out = host
+        .nsenter(env!("CARGO_BIN_EXE_orq"))
+        .args(["server", "--listen", "127.0.0.1:6444", "--data-dir"])
+        .arg(&other)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second server ran: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another orq node agent (PID {first}, data dir {})",
+            host.data_dir().display()
+        )),
+        "{stderr}"
+    );
+
+    // The port is freed: DNS binds on a retry, the node is Ready, DNS answers.
+    drop(squatter.take());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node_condition(&host, "Ready").map(|c| c.0) != Some("True".into())
+        || node_condition(&host, "NetworkUnavailable").map(|c| c.0) != Some("False".into())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not recover: {:?}\n{}",
+            node_condition(&host, "Ready"),
+            host.server_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let answer = host
+        .nsenter("busybox")
+        .args([
+            "nslookup",
+            "kubernetes.default.svc.cluster.local",
+            "10.244.0.1",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer.stdout);
+    assert!(
+        answer.contains("10.43.0.1"),
+        "cluster DNS answers: {answer}"
+    );
+    host.kill_server();
+}
+
 /// `charts/orquestra` onto a running `orq server`: the operator image (this build, packaged
 /// by scripts/build-image.sh) comes from the registry in the host's namespace; the server
 /// runs only the loops that get a pod onto the node (scheduler, deployment, replicaset,

@@ -138,6 +138,18 @@ fn exercise(bin: &str) {
             "{namespaces}"
         );
     }
+    // Paging: kubectl follows `continue` one item at a time and gets every namespace; a
+    // limited page says how many are left, as kube-apiserver's does.
+    let paged = k(&["get", "ns", "--chunk-size=1", "-o", "name"]);
+    let count = paged.lines().count();
+    assert!(
+        count >= 4 && paged.contains("namespace/kube-node-lease"),
+        "{paged}"
+    );
+    let page: serde_json::Value =
+        serde_json::from_str(&k(&["get", "--raw", "/api/v1/namespaces?limit=1"])).unwrap();
+    assert_eq!(page["metadata"]["remainingItemCount"], count - 1, "{page}");
+    assert!(page["metadata"]["continue"].is_string(), "{page}");
 
     // The server's local node agent registers this host as a Ready node.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -524,6 +524,30 @@ fn services_across_three_nodes() {
             bed.diagnose()
         );
     }
+    // On the node itself the node port answers on 127.0.0.1 too, reaching pods on this node
+    // and on the others (as kube-proxy's iptables mode does): users try localhost first.
+    let local = bed
+        .nsenter(0, "curl")
+        .arg("-sS")
+        .args(["--max-time", "2", "--retry", "3", "--retry-all-errors"])
+        .args(["-H", "Connection: close"])
+        .args(["-w", "\n"])
+        .args((0..12).map(|_| format!("http://127.0.0.1:{node_port}/")))
+        .output()
+        .unwrap();
+    let answered: std::collections::BTreeSet<String> = String::from_utf8_lossy(&local.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(
+        local.status.success()
+            && answered.iter().all(|a| pods.contains_key(a))
+            && answered.len() >= 2,
+        "curl 127.0.0.1:{node_port} on h0: {answered:?} {}\n{}",
+        String::from_utf8_lossy(&local.stderr),
+        bed.ruleset(0)
+    );
 
     // From a pod on another node: the ClusterIP (300 requests), a pod by IP on another
     // node, and the Service by its DNS name.
