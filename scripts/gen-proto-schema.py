@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""Generates apiserver/src/proto_schema.json: the protobuf wire schema of the built-in kinds,
-so the API server can read `application/vnd.kubernetes.protobuf` request bodies (kubectl 1.32+
-and Helm send them for built-in types).
+"""Generates apiserver/src/proto/schema.json: the protobuf wire schema of every Kubernetes kind
+(and its list), so the API server reads `application/vnd.kubernetes.protobuf` request bodies
+(client-go, kubectl 1.32+ and Helm send them for built-in types) and writes protobuf responses
+for clients that ask for them.
 
 Field numbers and types come from the k8s-pb crate (prost code generated from the upstream
 generated.proto files); JSON field names come from the k8s-openapi crate (its serde names),
 joined on the Rust field name. Both crates are read from the local Cargo registry, at the
 versions in Cargo.lock. A test fails when the checked-in file is stale.
+
+Roots are found, not listed: every message of a stable API version (v1, v2) whose first field
+is `metadata` (ObjectMeta: a kind; ListMeta: a list), under its group's apiVersion, plus
+DeleteOptions and the meta.k8s.io kinds clients exchange (Status, Table, PartialObjectMetadata).
 
 Output: {"messages": {"api.core.v1.Secret": {"<tag>": [json_name, kind, type, repeated]}},
          "roots": {"<apiVersion>/<Kind>": "<message>"}}
@@ -20,32 +25,47 @@ import re
 import sys
 
 root = pathlib.Path(__file__).resolve().parent.parent
-target = root / "apiserver" / "src" / "proto_schema.json"
-OPENAPI_VERSION_DIR = "v1_33"
+target = root / "apiserver" / "src" / "proto" / "schema.json"
+OPENAPI_VERSION_DIR = "v1_36"
 
-# The kinds the API server serves, plus what clients send to its subresources.
-ROOTS = {
-    "v1/Namespace": "api.core.v1.Namespace", "v1/Node": "api.core.v1.Node",
-    "v1/Pod": "api.core.v1.Pod", "v1/Service": "api.core.v1.Service",
-    "v1/Endpoints": "api.core.v1.Endpoints", "v1/ConfigMap": "api.core.v1.ConfigMap",
-    "v1/Secret": "api.core.v1.Secret", "v1/ServiceAccount": "api.core.v1.ServiceAccount",
-    "v1/Event": "api.core.v1.Event", "v1/Binding": "api.core.v1.Binding",
-    "events.k8s.io/v1/Event": "api.events.v1.Event",
-    "coordination.k8s.io/v1/Lease": "api.coordination.v1.Lease",
-    "discovery.k8s.io/v1/EndpointSlice": "api.discovery.v1.EndpointSlice",
-    "apps/v1/Deployment": "api.apps.v1.Deployment", "apps/v1/ReplicaSet": "api.apps.v1.ReplicaSet",
-    "apps/v1/DaemonSet": "api.apps.v1.DaemonSet",
-    "rbac.authorization.k8s.io/v1/Role": "api.rbac.v1.Role",
-    "rbac.authorization.k8s.io/v1/ClusterRole": "api.rbac.v1.ClusterRole",
-    "rbac.authorization.k8s.io/v1/RoleBinding": "api.rbac.v1.RoleBinding",
-    "rbac.authorization.k8s.io/v1/ClusterRoleBinding": "api.rbac.v1.ClusterRoleBinding",
-    "apiextensions.k8s.io/v1/CustomResourceDefinition":
-        "apiextensions_apiserver.pkg.apis.apiextensions.v1.CustomResourceDefinition",
-    "autoscaling/v1/Scale": "api.autoscaling.v1.Scale",
-    "authentication.k8s.io/v1/TokenRequest": "api.authentication.v1.TokenRequest",
-    "meta.k8s.io/v1/DeleteOptions": "apimachinery.pkg.apis.meta.v1.DeleteOptions",
-    "v1/DeleteOptions": "apimachinery.pkg.apis.meta.v1.DeleteOptions",
+# k8s-pb's package of each API group (`api.<package>.<version>`, or the whole prefix).
+GROUPS = {
+    "api.core": "", "api.apps": "apps", "api.batch": "batch", "api.autoscaling": "autoscaling",
+    "api.policy": "policy", "api.rbac": "rbac.authorization.k8s.io",
+    "api.storage": "storage.k8s.io", "api.networking": "networking.k8s.io",
+    "api.node": "node.k8s.io", "api.scheduling": "scheduling.k8s.io",
+    "api.coordination": "coordination.k8s.io", "api.discovery": "discovery.k8s.io",
+    "api.events": "events.k8s.io", "api.certificates": "certificates.k8s.io",
+    "api.admissionregistration": "admissionregistration.k8s.io",
+    "api.flowcontrol": "flowcontrol.apiserver.k8s.io",
+    "api.authentication": "authentication.k8s.io", "api.authorization": "authorization.k8s.io",
+    "api.resource": "resource.k8s.io",
+    "apiextensions_apiserver.pkg.apis.apiextensions": "apiextensions.k8s.io",
+    "kube_aggregator.pkg.apis.apiregistration": "apiregistration.k8s.io",
 }
+STABLE = re.compile(r"^v\d+$")
+META = "apimachinery.pkg.apis.meta.v1"
+EXTRA_ROOTS = {
+    "v1/DeleteOptions": f"{META}.DeleteOptions", "meta.k8s.io/v1/DeleteOptions": f"{META}.DeleteOptions",
+    "v1/Status": f"{META}.Status", "meta.k8s.io/v1/Status": f"{META}.Status",
+    "meta.k8s.io/v1/Table": f"{META}.Table",
+    "meta.k8s.io/v1/PartialObjectMetadata": f"{META}.PartialObjectMetadata",
+    "meta.k8s.io/v1/PartialObjectMetadataList": f"{META}.PartialObjectMetadataList",
+}
+
+
+def roots(messages: dict) -> dict:
+    found = dict(EXTRA_ROOTS)
+    for msg, fields in messages.items():
+        module, kind = msg.rsplit(".", 1)
+        package, version = module.rsplit(".", 1)
+        if package not in GROUPS or not STABLE.match(version):
+            continue
+        first = next((f for f in fields if f[0] == "1"), None)
+        if first and first[1] == "metadata" and first[3] in (f"{META}.ObjectMeta", f"{META}.ListMeta"):
+            group = GROUPS[package]
+            found[f"{group}/{version}/{kind}" if group else f"{version}/{kind}"] = msg
+    return dict(sorted(found.items()))
 
 
 # JSON names serde spells differently from the Go field.
@@ -85,7 +105,9 @@ PROST = re.compile(r"#\[prost\(([^)]*)\)\]")
 
 
 def rust_type_to_message(module: str, rtype: str) -> str:
-    inner = rtype
+    # Declarations span lines: drop the whitespace and the trailing commas rustfmt leaves
+    # inside generic arguments (`Option<\n    super::...::ObjectMeta,\n>`).
+    inner = re.sub(r"\s+", "", rtype).replace(",>", ">")
     for wrapper in ("::core::option::Option<", "::prost::alloc::vec::Vec<", "::prost::alloc::boxed::Box<"):
         while inner.startswith(wrapper):
             inner = inner[len(wrapper):-1]
@@ -127,7 +149,9 @@ def pb_messages(src: pathlib.Path) -> dict:
                 if kind == "btree_map":
                     value = re.search(r'btree_map = "string, (\w+)"', args).group(1)
                     if value == "message":
-                        vtype = fm.group(2).rsplit(",", 1)[1].strip()[:-1].strip()
+                        # BTreeMap<String, Type>: the value type is the second argument.
+                        generic = re.sub(r"\s+", "", fm.group(2)).replace(",>", ">")
+                        vtype = generic.split("<", 1)[1].rsplit(">", 1)[0].split(",", 1)[1]
                         value = rust_type_to_message(module, vtype)
                     messages[struct].append((tag, fm.group(1), "map", "string," + value, False))
                 elif kind == "message":
@@ -138,6 +162,17 @@ def pb_messages(src: pathlib.Path) -> dict:
     return messages
 
 
+def flattened(messages: dict, msg: str, depth: int = 2) -> set:
+    """The normalized field names of `msg`, with those of its message fields too (a Go struct
+    inlined into one that is itself inlined: RuleWithOperations holds Rule)."""
+    names = set()
+    for _, rust, kind, typ, _ in messages.get(msg, []):
+        names.add(norm(rust))
+        if kind == "message" and depth > 0 and typ in messages:
+            names |= flattened(messages, typ, depth - 1)
+    return names
+
+
 def camel(name: str) -> str:
     head, *rest = name.removeprefix("r#").rstrip("_").split("_")
     return head + "".join(w.capitalize() for w in rest)
@@ -146,7 +181,8 @@ def camel(name: str) -> str:
 def generate() -> str:
     names = openapi_names(crate_src("k8s-openapi"))
     messages = pb_messages(crate_src("k8s-pb"))
-    out, todo, unmatched = {}, list(ROOTS.values()), []
+    found_roots = roots(messages)
+    out, todo, unmatched = {}, list(found_roots.values()), []
     while todo:
         msg = todo.pop()
         if msg in out or msg not in messages:
@@ -160,8 +196,9 @@ def generate() -> str:
                 # A Go struct embedded with `json:",inline"`: a nested message on the wire,
                 # its fields inline in JSON (LocalObjectReference, VolumeSource, ProbeHandler…).
                 # (Most, not all, of its fields: the child may have fields newer than k8s-openapi.)
-                child = {norm(f[1]) for f in messages[typ]}
-                if child and len(child & set(json_names)) * 5 >= len(child) * 4:
+                known = set(json_names)
+                mostly = lambda names: names and len(names & known) * 5 >= len(names) * 4
+                if mostly({norm(f[1]) for f in messages[typ]}) or mostly(flattened(messages, typ)):
                     json_name = ""
             json_name = OVERRIDES.get(f"{struct}.{rust}", json_name)
             if json_name is None:
@@ -176,7 +213,7 @@ def generate() -> str:
         out[msg] = dict(sorted(fields.items(), key=lambda kv: int(kv[0])))
     if unmatched:
         print("fields without a k8s-openapi name (camelCased):", ", ".join(sorted(unmatched)), file=sys.stderr)
-    return json.dumps({"roots": ROOTS, "messages": dict(sorted(out.items()))}, indent=None, separators=(",", ":"), sort_keys=True) + "\n"
+    return json.dumps({"roots": found_roots, "messages": dict(sorted(out.items()))}, indent=None, separators=(",", ":"), sort_keys=True) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Generates apiserver/src/smp_keys.json — the strategic-merge-patch strategies and merge keys
-of the built-in kinds — from apiserver/upstream/strategic-merge-keys.json (every field's
-patch strategy, merge key and list type, read from the upstream Go struct tags of
-kubernetes/api, apimachinery and apiextensions-apiserver at the version its "source" names).
-A test fails when the checked-in file is stale.
+of every built-in kind — from apiserver/upstream/strategic-merge-keys.json (the upstream
+OpenAPI document's patch strategies and type graph; scripts/gen-smp-upstream.py extracts it
+from a Kubernetes tree). A test fails when the checked-in file is stale.
 
 Output: {"<group>/<Kind>": {"<field path>": {"strategy": "...", "key": "..."|null}}}, where
 field paths use JSON names and "[]" for list elements (`spec.containers[].ports`).
@@ -15,30 +14,32 @@ import sys
 root = pathlib.Path(__file__).resolve().parent.parent
 source = root / "apiserver" / "upstream" / "strategic-merge-keys.json"
 target = root / "apiserver" / "src" / "smp_keys.json"
+# Deep enough for every strategy upstream has (a PVC template's metadata inside a pod's
+# volumes inside a CronJob's job template is the deepest); recursive types stop here.
+MAX_DEPTH = 14
 
-GROUPS = {
-    "core": "",
-    "apps": "apps",
-    "discovery": "discovery.k8s.io",
-    "events": "events.k8s.io",
-    "coordination": "coordination.k8s.io",
-    "rbac": "rbac.authorization.k8s.io",
-    "apiext": "apiextensions.k8s.io",
-}
+
+def walk(definitions: dict, name: str, prefix: str, depth: int, out: dict, stack: tuple):
+    if depth > MAX_DEPTH or name in stack:
+        return
+    for prop, field in sorted(definitions.get(name, {}).items()):
+        path = f"{prefix}{prop}"
+        if "strategy" in field:
+            out[path] = {"strategy": field["strategy"], "key": field.get("key")}
+        if "ref" in field:
+            walk(definitions, field["ref"], f"{path}.", depth + 1, out, stack + (name,))
+        elif "items" in field:
+            walk(definitions, field["items"], f"{path}[].", depth + 1, out, stack + (name,))
 
 
 def generate() -> str:
     data = json.loads(source.read_text())
     out = {}
-    for qualified, rows in sorted(data["types"].items()):
-        package, kind = qualified.split(".", 1)
-        if package not in GROUPS:
-            continue  # meta.* are shared types, already expanded into every kind's paths
+    for kind, definition in sorted(data["kinds"].items()):
         fields = {}
-        for row in rows:
-            if row["patchStrategy"]:
-                fields[row["path"]] = {"strategy": row["patchStrategy"], "key": row["patchMergeKey"]}
-        out[f"{GROUPS[package]}/{kind}"] = dict(sorted(fields.items()))
+        walk(data["definitions"], definition, "", 0, fields, ())
+        if fields:
+            out[kind] = dict(sorted(fields.items()))
     return json.dumps(out, indent=1, sort_keys=True) + "\n"
 
 

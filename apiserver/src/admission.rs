@@ -105,7 +105,34 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
             daemonset_defaults(object);
             template_defaults(object);
         }
+        ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => {
+            binding_defaults(object)
+        }
         _ => {}
+    }
+}
+
+/// RBAC's defaults: a binding's `roleRef.apiGroup` and its User and Group subjects'
+/// `apiGroup` are `rbac.authorization.k8s.io` when left empty (client-go sends `""`).
+fn binding_defaults(object: &mut Value) {
+    const GROUP: &str = "rbac.authorization.k8s.io";
+    let empty = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").is_empty();
+    if let Some(role_ref) = object.get_mut("roleRef").and_then(Value::as_object_mut)
+        && empty(role_ref.get("apiGroup"))
+    {
+        role_ref.insert("apiGroup".into(), json!(GROUP));
+    }
+    for subject in object
+        .get_mut("subjects")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object_mut)
+    {
+        let kind = subject.get("kind").and_then(Value::as_str).unwrap_or("");
+        if matches!(kind, "User" | "Group") && empty(subject.get("apiGroup")) {
+            subject.insert("apiGroup".into(), json!(GROUP));
+        }
     }
 }
 

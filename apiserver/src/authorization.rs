@@ -110,8 +110,8 @@ impl std::fmt::Debug for Authorizer {
 /// What is being asked: an API request, or a path outside the API (`/metrics`).
 #[derive(Debug)]
 pub enum Attributes<'a> {
-    /// A request under `/api` or `/apis/G/V`.
-    Resource(&'a RequestInfo),
+    /// A request under `/api` or `/apis/G/V`, or a review asking about one.
+    Resource(ResourceAttributes),
     /// Another path, with the lower-case HTTP method as the verb.
     NonResource {
         /// The path.
@@ -119,6 +119,48 @@ pub enum Attributes<'a> {
         /// `get`, `post`, … .
         verb: String,
     },
+}
+
+/// What a resource request (or a SubjectAccessReview's `resourceAttributes`) asks RBAC.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceAttributes {
+    /// The RBAC verb: get, list, watch, create, update, patch, delete, deletecollection, or
+    /// any other a review names (`use`, `bind`, `escalate`, …).
+    pub verb: String,
+    /// API group (`""` for core).
+    pub group: String,
+    /// The resource's plural.
+    pub resource: String,
+    /// The subresource, or empty.
+    pub subresource: String,
+    /// The object's name, for a request on one object.
+    pub name: Option<String>,
+    /// The namespace, for a namespaced request.
+    pub namespace: Option<String>,
+}
+
+impl ResourceAttributes {
+    /// `resource` or `resource/subresource`, as RBAC rules name it.
+    pub fn resource_path(&self) -> String {
+        if self.subresource.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}/{}", self.resource, self.subresource)
+        }
+    }
+}
+
+impl From<&RequestInfo> for ResourceAttributes {
+    fn from(info: &RequestInfo) -> Self {
+        ResourceAttributes {
+            verb: info.authorization_verb().to_owned(),
+            group: info.group.clone(),
+            resource: info.resource.clone(),
+            subresource: info.subresource.clone(),
+            name: info.name.clone(),
+            namespace: info.namespace.clone(),
+        }
+    }
 }
 
 /// Paths every authenticated caller may GET.
@@ -192,6 +234,44 @@ impl Authorizer {
             }
         }
         Ok(false)
+    }
+
+    /// Every rule bound to `user`: by ClusterRoleBindings, and in `namespace` by its
+    /// RoleBindings (SelfSubjectRulesReview).
+    pub async fn rules_for(
+        &self,
+        user: &User,
+        namespace: Option<&str>,
+    ) -> Result<Vec<PolicyRule>, ApiError> {
+        let mut rules = Vec::new();
+        for binding in self
+            .list::<ClusterRoleBinding>("clusterrolebindings", None)
+            .await?
+        {
+            if binds(&binding.subjects, user) && binding.role_ref.kind == "ClusterRole" {
+                rules.extend(self.cluster_role_rules(&binding.role_ref.name).await?);
+            }
+        }
+        if let Some(namespace) = namespace {
+            for binding in self
+                .list::<RoleBinding>("rolebindings", Some(namespace))
+                .await?
+            {
+                if !binds(&binding.subjects, user) {
+                    continue;
+                }
+                rules.extend(match binding.role_ref.kind.as_str() {
+                    "ClusterRole" => self.cluster_role_rules(&binding.role_ref.name).await?,
+                    "Role" => self
+                        .get::<Role>("roles", Some(namespace), &binding.role_ref.name)
+                        .await?
+                        .and_then(|r| r.rules)
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                });
+            }
+        }
+        Ok(rules)
     }
 
     async fn cluster_role_rules(&self, name: &str) -> Result<Vec<PolicyRule>, ApiError> {
@@ -378,10 +458,7 @@ fn covers(rule: &PolicyRule, attributes: &Attributes<'_>) -> bool {
                 (Some(names), Some(name)) => names.contains(name),
                 (Some(_), None) => false,
             };
-            verb_ok(info.authorization_verb())
-                && has(&rule.api_groups, &info.group)
-                && resource_ok
-                && name_ok
+            verb_ok(&info.verb) && has(&rule.api_groups, &info.group) && resource_ok && name_ok
         }
         Attributes::NonResource { path, verb } => {
             verb_ok(verb)
@@ -416,9 +493,7 @@ fn forbidden(user: &User, attributes: &Attributes<'_>) -> ApiError {
             ApiError::Forbidden {
                 message: format!(
                     "{object} is forbidden: User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
-                    user.name,
-                    info.authorization_verb(),
-                    info.group
+                    user.name, info.verb, info.group
                 ),
                 resource: info.resource.clone(),
                 name: info.name.clone().unwrap_or_default(),
@@ -455,7 +530,7 @@ pub async fn authorize(
         request.uri().query().unwrap_or(""),
     );
     let attributes = match &info {
-        Some(info) => Attributes::Resource(info),
+        Some(info) => Attributes::Resource(info.into()),
         None => Attributes::NonResource {
             path: request.uri().path(),
             verb: request.method().as_str().to_ascii_lowercase(),
@@ -488,7 +563,7 @@ mod tests {
 
     fn covers_request(rule: &PolicyRule, method: Method, path: &str, query: &str) -> bool {
         let info = RequestInfo::parse(&method, path, query).unwrap();
-        covers(rule, &Attributes::Resource(&info))
+        covers(rule, &Attributes::Resource((&info).into()))
     }
 
     #[test]
@@ -589,7 +664,7 @@ mod tests {
             RequestInfo::parse(&Method::GET, "/apis/apps/v1/namespaces/d/deployments", "").unwrap();
         let message = forbidden(
             &User::service_account("d", "x"),
-            &Attributes::Resource(&info),
+            &Attributes::Resource((&info).into()),
         )
         .to_string();
         assert_eq!(

@@ -11,8 +11,12 @@
 //! These manifests are schema documents for Orquestra's own engine: upstream Kubernetes would
 //! refuse them as CRDs (built-in groups are reserved, and the core group has no dot).
 
-use k8s_openapi::api::{apps, coordination, core, discovery, events, rbac};
+use k8s_openapi::api::{
+    admissionregistration, apps, autoscaling, batch, certificates, coordination, core, discovery,
+    events, flowcontrol, networking, node, policy, rbac, resource, scheduling, storage,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1 as apiregistration;
 use kube_core::schema::{OptionalEnum, OptionalIntOrString, StructuralSchemaRewriter};
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
@@ -77,28 +81,76 @@ impl Scope for k8s_openapi::ClusterResourceScope {
 pub fn builtin_crds() -> Vec<Value> {
     use core::v1 as c;
     const ALL: &[&str] = &["all"];
+    use admissionregistration::v1 as admission;
+    const NONE: &[&str] = &[];
     vec![
-        crd::<c::Namespace>(kind(&["ns"], &[]).status()),
-        crd::<c::Node>(kind(&["no"], &[]).status()),
+        crd::<c::Namespace>(kind(&["ns"], NONE).status()),
+        crd::<c::Node>(kind(&["no"], NONE).status()),
         crd::<c::Pod>(kind(&["po"], ALL).status()),
+        crd::<c::PodTemplate>(kind(NONE, NONE)),
+        crd::<c::ReplicationController>(kind(&["rc"], ALL).status().scale()),
         crd::<c::Service>(kind(&["svc"], ALL).status()),
-        crd::<c::Endpoints>(kind(&["ep"], &[])),
-        crd::<c::ConfigMap>(kind(&["cm"], &[])),
-        crd::<c::Secret>(kind(&[], &[])),
-        crd::<c::ServiceAccount>(kind(&["sa"], &[])),
-        crd::<c::Event>(kind(&["ev"], &[])),
-        crd::<events::v1::Event>(kind(&["ev"], &[])),
-        crd::<coordination::v1::Lease>(kind(&[], &[])),
-        crd::<discovery::v1::EndpointSlice>(kind(&[], &[])),
+        crd::<c::Endpoints>(kind(&["ep"], NONE)),
+        crd::<c::ConfigMap>(kind(&["cm"], NONE)),
+        crd::<c::Secret>(kind(NONE, NONE)),
+        crd::<c::ServiceAccount>(kind(&["sa"], NONE)),
+        crd::<c::Event>(kind(&["ev"], NONE)),
+        crd::<c::PersistentVolume>(kind(&["pv"], NONE).status()),
+        crd::<c::PersistentVolumeClaim>(kind(&["pvc"], NONE).status()),
+        crd::<c::ResourceQuota>(kind(&["quota"], NONE).status()),
+        crd::<c::LimitRange>(kind(&["limits"], NONE)),
+        crd::<events::v1::Event>(kind(&["ev"], NONE)),
+        crd::<coordination::v1::Lease>(kind(NONE, NONE)),
+        crd::<discovery::v1::EndpointSlice>(kind(NONE, NONE)),
         crd::<apps::v1::Deployment>(kind(&["deploy"], ALL).status().scale()),
         crd::<apps::v1::ReplicaSet>(kind(&["rs"], ALL).status().scale()),
         crd::<apps::v1::DaemonSet>(kind(&["ds"], ALL).status()),
-        crd::<apps::v1::ControllerRevision>(kind(&[], &[])),
-        crd::<rbac::v1::Role>(kind(&[], &[])),
-        crd::<rbac::v1::ClusterRole>(kind(&[], &[])),
-        crd::<rbac::v1::RoleBinding>(kind(&[], &[])),
-        crd::<rbac::v1::ClusterRoleBinding>(kind(&[], &[])),
-        crd::<apiextensions::CustomResourceDefinition>(kind(&["crd", "crds"], &[]).status()),
+        crd::<apps::v1::StatefulSet>(kind(&["sts"], ALL).status().scale()),
+        crd::<apps::v1::ControllerRevision>(kind(NONE, NONE)),
+        crd::<batch::v1::Job>(kind(NONE, ALL).status()),
+        crd::<batch::v1::CronJob>(kind(&["cj"], ALL).status()),
+        crd::<autoscaling::v2::HorizontalPodAutoscaler>(kind(&["hpa"], ALL).status()),
+        crd::<policy::v1::PodDisruptionBudget>(kind(&["pdb"], NONE).status()),
+        crd::<storage::v1::StorageClass>(kind(&["sc"], NONE)),
+        crd::<storage::v1::VolumeAttachment>(kind(NONE, NONE).status()),
+        crd::<storage::v1::VolumeAttributesClass>(kind(&["vac"], NONE)),
+        crd::<storage::v1::CSIDriver>(kind(NONE, NONE)),
+        crd::<storage::v1::CSINode>(kind(NONE, NONE)),
+        crd::<storage::v1::CSIStorageCapacity>(kind(NONE, NONE)),
+        crd::<node::v1::RuntimeClass>(kind(NONE, NONE)),
+        crd::<scheduling::v1::PriorityClass>(kind(&["pc"], NONE)),
+        crd::<networking::v1::Ingress>(kind(&["ing"], NONE).status()),
+        crd::<networking::v1::IngressClass>(kind(NONE, NONE)),
+        crd::<networking::v1::NetworkPolicy>(kind(&["netpol"], NONE)),
+        crd::<networking::v1::IPAddress>(kind(&["ip"], NONE)),
+        crd::<networking::v1::ServiceCIDR>(kind(NONE, NONE).status()),
+        crd::<flowcontrol::v1::FlowSchema>(kind(NONE, NONE).status()),
+        crd::<flowcontrol::v1::PriorityLevelConfiguration>(kind(NONE, NONE).status()),
+        crd::<certificates::v1::CertificateSigningRequest>(kind(&["csr"], NONE).status()),
+        crd::<admission::ValidatingWebhookConfiguration>(kind(NONE, &["api-extensions"])),
+        crd::<admission::MutatingWebhookConfiguration>(kind(NONE, &["api-extensions"])),
+        crd::<admission::ValidatingAdmissionPolicy>(kind(NONE, &["api-extensions"]).status()),
+        crd::<admission::ValidatingAdmissionPolicyBinding>(kind(NONE, &["api-extensions"])),
+        crd::<admission::MutatingAdmissionPolicy>(kind(NONE, &["api-extensions"])),
+        crd::<admission::MutatingAdmissionPolicyBinding>(kind(NONE, &["api-extensions"])),
+        crd::<resource::v1::DeviceClass>(kind(NONE, NONE)),
+        crd::<resource::v1::ResourceClaim>(kind(NONE, NONE).status()),
+        crd::<resource::v1::ResourceClaimTemplate>(kind(NONE, NONE)),
+        crd::<resource::v1::ResourceSlice>(kind(NONE, NONE)),
+        crd::<rbac::v1::Role>(kind(NONE, NONE)),
+        crd::<rbac::v1::ClusterRole>(kind(NONE, NONE)),
+        crd::<rbac::v1::RoleBinding>(kind(NONE, NONE)),
+        crd::<rbac::v1::ClusterRoleBinding>(kind(NONE, NONE)),
+        crd::<apiextensions::CustomResourceDefinition>(
+            kind(&["crd", "crds"], &["api-extensions"]).status(),
+        ),
+        crd::<apiregistration::APIService>(kind(NONE, &["api-extensions"]).status()),
+        review::<k8s_openapi::api::authentication::v1::TokenReview>(),
+        review::<k8s_openapi::api::authentication::v1::SelfSubjectReview>(),
+        review::<k8s_openapi::api::authorization::v1::SubjectAccessReview>(),
+        review::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>(),
+        review::<k8s_openapi::api::authorization::v1::SelfSubjectRulesReview>(),
+        review::<k8s_openapi::api::authorization::v1::LocalSubjectAccessReview>(),
     ]
 }
 
@@ -131,6 +183,25 @@ where
     K: k8s_openapi::Resource + k8s_openapi::ListableResource + JsonSchema,
     K::Scope: Scope,
 {
+    definition::<K>(how, Some(K::LIST_KIND))
+}
+
+/// A review: only created, answered from the request and never stored (no list).
+fn review<K>() -> Value
+where
+    K: k8s_openapi::Resource + JsonSchema,
+    K::Scope: Scope,
+{
+    let mut crd = definition::<K>(kind(&[], &[]), None);
+    crd["metadata"]["annotations"] = json!({ crate::registry::CREATE_ONLY: "true" });
+    crd
+}
+
+fn definition<K>(how: Kind, list_kind: Option<&str>) -> Value
+where
+    K: k8s_openapi::Resource + JsonSchema,
+    K::Scope: Scope,
+{
     let mut schema = schema_of::<K>();
     annotate_patch_strategies(K::GROUP, K::KIND, &mut schema);
     let mut version = json!({
@@ -155,10 +226,12 @@ where
     }
     let mut names = json!({
         "kind": K::KIND,
-        "listKind": K::LIST_KIND,
         "plural": K::URL_PATH_SEGMENT,
         "singular": K::KIND.to_ascii_lowercase(),
     });
+    if let Some(list_kind) = list_kind {
+        names["listKind"] = json!(list_kind);
+    }
     if !how.short_names.is_empty() {
         names["shortNames"] = json!(how.short_names);
     }
@@ -273,6 +346,8 @@ fn fix_up(schema: &mut Value) {
         }
     }
     if description.starts_with("FieldsV1 stores a set of fields")
+        // managedFields[].fieldsV1: the field's description replaced the type's.
+        || description.starts_with("FieldsV1 holds the first JSON version format")
         || description.starts_with("RawExtension is used to hold extensions")
         || description.starts_with("JSON represents any valid JSON value")
         // ControllerRevision.data: a RawExtension whose field description replaced the type's.

@@ -1,12 +1,14 @@
 //! Discovery documents: `/version`, `/api`, `/apis`, and one resource list per group
-//! version — the legacy (plain JSON) format kubectl and kube-rs both read.
+//! version — the legacy (plain JSON) format kube-rs reads — and the aggregated form
+//! (`apidiscovery.k8s.io/v2` `APIGroupDiscoveryList`: every group, version and resource in one
+//! document at `/api` and `/apis`) that kubectl ≥ 1.30 and client-go ask for first.
 
 use serde_json::{Value, json};
 
 use crate::registry::{Registry, ResourceDef};
 
 /// The Kubernetes version Orquestra speaks; kubectl warns beyond one minor version of skew.
-pub const KUBERNETES_MINOR: u32 = 33;
+pub const KUBERNETES_MINOR: u32 = 36;
 
 /// `/version`.
 pub fn version() -> Value {
@@ -75,13 +77,19 @@ const VERBS: &[&str] = &[
     "watch",
 ];
 
+/// The verbs a resource serves: everything, or only `create` for the reviews that are
+/// answered and never stored.
+fn verbs(def: &ResourceDef) -> &'static [&'static str] {
+    if def.create_only { &["create"] } else { VERBS }
+}
+
 fn resource_entries(def: &ResourceDef) -> Vec<Value> {
     let mut entries = vec![json!({
         "name": def.plural,
         "singularName": def.singular,
         "namespaced": def.namespaced,
         "kind": def.kind,
-        "verbs": VERBS,
+        "verbs": verbs(def),
         "shortNames": def.short_names,
         "categories": def.categories,
     })];
@@ -153,4 +161,98 @@ pub fn resources(registry: &Registry, group: &str, version: &str) -> Option<Valu
         "groupVersion": group_version,
         "resources": resources,
     }))
+}
+
+/// The media type of aggregated discovery, as a client asks for it (`Accept`) and as the
+/// response says it is (`Content-Type`).
+pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Which aggregated discovery version an `Accept` header asks for (`v2` or `v2beta1`), if any.
+pub fn aggregated_version(accept: &str) -> Option<&'static str> {
+    accept.split(',').find_map(|part| {
+        let part = part.replace(' ', "");
+        if !part.contains("g=apidiscovery.k8s.io") || !part.contains("as=APIGroupDiscoveryList") {
+            return None;
+        }
+        if part.contains("v=v2beta1") {
+            Some("v2beta1")
+        } else if part.contains("v=v2") {
+            Some("v2")
+        } else {
+            None
+        }
+    })
+}
+
+/// One resource in aggregated form, with its subresources.
+fn aggregated_resource(def: &ResourceDef) -> Value {
+    let entries = resource_entries(def);
+    let response_kind = |entry: &Value| {
+        json!({
+            "group": entry.get("group").cloned().unwrap_or_else(|| json!(def.group)),
+            "version": entry.get("version").cloned().unwrap_or_else(|| json!(def.version)),
+            "kind": entry["kind"],
+        })
+    };
+    let subresources: Vec<Value> = entries[1..]
+        .iter()
+        .map(|entry| {
+            let name = entry["name"].as_str().unwrap_or_default();
+            json!({
+                "subresource": name.split_once('/').map_or(name, |(_, sub)| sub),
+                "responseKind": response_kind(entry),
+                "verbs": entry["verbs"],
+            })
+        })
+        .collect();
+    let mut resource = json!({
+        "resource": def.plural,
+        "responseKind": response_kind(&entries[0]),
+        "scope": if def.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": def.singular,
+        "verbs": verbs(def),
+    });
+    if !def.short_names.is_empty() {
+        resource["shortNames"] = json!(def.short_names);
+    }
+    if !def.categories.is_empty() {
+        resource["categories"] = json!(def.categories);
+    }
+    if !subresources.is_empty() {
+        resource["subresources"] = json!(subresources);
+    }
+    resource
+}
+
+/// The aggregated document of the core group (`legacy`, at `/api`) or of every other group
+/// (at `/apis`), in `apidiscovery.k8s.io/<version>`. Versions are listed newest first, as
+/// kube-apiserver orders them (the preferred one leads).
+pub fn aggregated(registry: &Registry, legacy: bool, version: &str) -> Value {
+    let items: Vec<Value> = registry
+        .groups()
+        .into_iter()
+        .filter(|(group, _)| group.is_empty() == legacy)
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| {
+                    let mut resources: Vec<Value> = registry
+                        .resources(&group, v)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|def| aggregated_resource(def))
+                        .collect();
+                    resources.sort_by(|a, b| a["resource"].as_str().cmp(&b["resource"].as_str()));
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": group}, "versions": versions})
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+        "metadata": {},
+        "items": items,
+    })
 }

@@ -48,6 +48,10 @@ pub struct Engine {
     /// Namespaces this engine marked for deletion, until they are gone or made again: a
     /// create right after the delete is refused even before the watch cache shows it.
     terminating: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Who the bearer tokens belong to (TokenReview), once the server authenticates.
+    authenticator: Arc<std::sync::OnceLock<Arc<crate::identity::Authenticator>>>,
+    /// Whether requests are authorized by RBAC (reviews answer by it), once set.
+    rbac: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -125,7 +129,33 @@ impl Engine {
             node_client: Arc::default(),
             token_issuer: Arc::default(),
             terminating: Arc::default(),
+            authenticator: Arc::default(),
+            rbac: Arc::default(),
         }
+    }
+
+    /// Records how the server authenticates and authorizes, for the reviews: `authenticator`
+    /// (if requests are authenticated) tells whose a token is, and `rbac` says whether access
+    /// is decided by RBAC (else everything is allowed).
+    pub fn set_access(
+        &self,
+        authenticator: Option<Arc<crate::identity::Authenticator>>,
+        rbac: bool,
+    ) {
+        if let Some(authenticator) = authenticator {
+            let _ = self.authenticator.set(authenticator);
+        }
+        self.rbac.store(rbac, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The authenticator, if the server authenticates requests.
+    pub fn authenticator(&self) -> Option<&crate::identity::Authenticator> {
+        self.authenticator.get().map(Arc::as_ref)
+    }
+
+    /// Whether access is decided by RBAC.
+    pub fn authorizes_by_rbac(&self) -> bool {
+        self.rbac.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The HTTPS client for node agents (self-signed certificates, not verified — as
@@ -756,7 +786,10 @@ impl Engine {
         params: &Params,
     ) -> Result<Option<CachedList>, ApiError> {
         let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
-        let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::for_resource(
+            params.field_selector.as_deref().unwrap_or(""),
+            &target.def,
+        )?;
         let limit = params.limit()?;
         let (at_least, start_after, pinned) = match params.continue_token.as_deref() {
             Some(token) if !token.is_empty() => {
@@ -825,7 +858,10 @@ impl Engine {
     async fn list_from_store(&self, target: &Target, params: &Params) -> Result<Value, ApiError> {
         let def = &target.def;
         let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
-        let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::for_resource(
+            params.field_selector.as_deref().unwrap_or(""),
+            &target.def,
+        )?;
         let limit = params.limit()?;
         let prefix = target.prefix();
         let (mut revision, mut start_after) = match params.continue_token.as_deref() {

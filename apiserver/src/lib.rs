@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod authorization;
+pub mod body;
 pub mod cache;
 pub mod crd;
 pub mod crdgen;
@@ -30,6 +31,7 @@ pub mod proto;
 pub mod registry;
 pub mod request;
 pub mod request_info;
+pub mod review;
 pub mod schema;
 pub mod selector;
 pub mod service;
@@ -117,10 +119,7 @@ impl ApiServer {
                 "/version",
                 get(|| async { json(StatusCode::OK, &discovery::version()) }),
             )
-            .route(
-                "/api",
-                get(|| async { json(StatusCode::OK, &discovery::core_versions()) }),
-            )
+            .route("/api", get(core_groups))
             .route("/api/v1", get(core_resources))
             .route("/apis", get(groups))
             .route("/apis/{group}", get(group))
@@ -154,6 +153,7 @@ impl ApiServer {
                 }),
             )
             .fallback(|| async { ApiError::NoRoute })
+            .layer(axum::middleware::from_fn(proto::respond::negotiate))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.engine.clone())
     }
@@ -214,8 +214,38 @@ async fn core_resources(State(engine): State<Engine>) -> Response {
     }
 }
 
-async fn groups(State(engine): State<Engine>) -> Response {
-    json(StatusCode::OK, &discovery::groups(&engine.registry))
+/// `/api`: the core group's versions, or its aggregated discovery document.
+async fn core_groups(State(engine): State<Engine>, headers: HeaderMap) -> Response {
+    aggregated(&engine, &headers, true)
+        .unwrap_or_else(|| json(StatusCode::OK, &discovery::core_versions()))
+}
+
+/// `/apis`: the groups, or their aggregated discovery document.
+async fn groups(State(engine): State<Engine>, headers: HeaderMap) -> Response {
+    aggregated(&engine, &headers, false)
+        .unwrap_or_else(|| json(StatusCode::OK, &discovery::groups(&engine.registry)))
+}
+
+/// The aggregated discovery document, if the client's `Accept` asks for it (what it asks
+/// first wins: kubectl lists v2, then v2beta1, then plain JSON).
+fn aggregated(engine: &Engine, headers: &HeaderMap, legacy: bool) -> Option<Response> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    let version = discovery::aggregated_version(accept)?;
+    let document = discovery::aggregated(&engine.registry, legacy, version);
+    let content_type =
+        format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
+    let body = serde_json::to_vec(&document).unwrap_or_default();
+    Some(
+        (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::VARY, "Accept".to_owned()),
+            ],
+            body,
+        )
+            .into_response(),
+    )
 }
 
 async fn group(State(engine): State<Engine>, Path(group): Path<String>) -> Response {
@@ -235,32 +265,59 @@ async fn group_resources(
     }
 }
 
+/// The authenticated caller, when the server authenticates (reviews answer about it).
+type Caller = Option<axum::Extension<authorization::User>>;
+
+#[allow(clippy::too_many_arguments)]
 async fn core_resource(
     State(engine): State<Engine>,
     method: Method,
     Path(rest): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(&engine, method, "", "v1", &rest, query, &headers, body)
+    let caller = caller.map(|axum::Extension(user)| user);
+    let request = Request {
+        engine: &engine,
+        method,
+        caller: caller.as_ref(),
+        headers: &headers,
+    };
+    serve(request, "", "v1", &rest, query, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn group_resource(
     State(engine): State<Engine>,
     method: Method,
     Path((group, version, rest)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve(
-        &engine, method, &group, &version, &rest, query, &headers, body,
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response)
+    let caller = caller.map(|axum::Extension(user)| user);
+    let request = Request {
+        engine: &engine,
+        method,
+        caller: caller.as_ref(),
+        headers: &headers,
+    };
+    serve(request, &group, &version, &rest, query, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// One resource request as it reached the API: who sent what.
+struct Request<'a> {
+    engine: &'a Engine,
+    method: Method,
+    caller: Option<&'a authorization::User>,
+    headers: &'a HeaderMap,
 }
 
 /// Refuses bodies that are neither JSON nor Kubernetes protobuf.
@@ -325,12 +382,9 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
-    if body.starts_with(proto::MAGIC) {
-        return proto::decode(body);
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
+/// A JSON or protobuf body (repeated fields keep their last value).
+fn parse_body(bytes: &[u8]) -> Result<Value, ApiError> {
+    body::parse(bytes, false).map(|body| body.object)
 }
 
 /// `GET|PUT|PATCH <resource>/<name>/scale`.
@@ -461,19 +515,30 @@ async fn apply(
 }
 
 /// Dispatches one resource request by verb.
-#[allow(clippy::too_many_arguments)]
 async fn serve(
-    engine: &Engine,
-    method: Method,
+    request: Request<'_>,
     group: &str,
     version: &str,
     rest: &str,
     query: Option<String>,
-    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Request {
+        engine,
+        method,
+        caller,
+        headers,
+    } = request;
     let body = body.map_err(body_error)?;
     let target = Target::parse(&engine.registry, group, version, rest)?;
+    if target.def.create_only {
+        if method != Method::POST || target.name.is_some() || target.subresource.is_some() {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        require_json(headers)?;
+        let answer = review::answer(engine, &target, caller, parse_body(&body)?).await?;
+        return Ok(json(StatusCode::CREATED, &answer));
+    }
     // Logs stream for as long as they follow: no request timeout.
     if podlog::is_pod_log(&target) {
         if method != Method::GET {
@@ -649,8 +714,12 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &object))
         }
         (Method::POST, false) => {
-            let mut object = parse_body(&body)?;
-            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            let body::Body {
+                mut object,
+                duplicates,
+            } = body::parse(&body, false)?;
+            let warnings =
+                unknown_field_warnings(&target.def, &object, &duplicates, field_validation, false)?;
             object::normalize(&target.def, &mut object);
             managed::record_update(&target.def, None, &mut object, &manager());
             let object = engine
@@ -659,8 +728,9 @@ async fn dispatch(
             Ok(with_warnings(json(StatusCode::CREATED, &object), &warnings))
         }
         (Method::PUT, true) => {
-            let object = parse_body(&body)?;
-            let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+            let body::Body { object, duplicates } = body::parse(&body, false)?;
+            let warnings =
+                unknown_field_warnings(&target.def, &object, &duplicates, field_validation, false)?;
             let object =
                 update_recorded(engine, &target, object, None, &manager(), dry_run).await?;
             Ok(with_warnings(json(StatusCode::OK, &object), &warnings))
@@ -671,10 +741,19 @@ async fn dispatch(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let patch_type = PatchType::from_content_type(content_type)?;
-            let patch = parse_body(&body)?;
+            let body::Body {
+                object: patch,
+                duplicates,
+            } = body::parse(&body, patch_type == PatchType::Apply)?;
             // Apply creates missing objects, so it does not start from a read.
             if patch_type == PatchType::Apply {
-                let warnings = unknown_field_warnings(&target.def, &patch, field_validation)?;
+                let warnings = unknown_field_warnings(
+                    &target.def,
+                    &patch,
+                    &duplicates,
+                    field_validation,
+                    true,
+                )?;
                 let response = apply(engine, &target, &params, patch, dry_run).await?;
                 return Ok(with_warnings(response, &warnings));
             }
@@ -726,7 +805,13 @@ async fn dispatch(
                         object
                     }
                 };
-                let warnings = unknown_field_warnings(&target.def, &object, field_validation)?;
+                let warnings = unknown_field_warnings(
+                    &target.def,
+                    &object,
+                    &duplicates,
+                    field_validation,
+                    false,
+                )?;
                 match update_recorded(engine, &target, object, Some(current), &manager(), dry_run)
                     .await
                 {

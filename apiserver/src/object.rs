@@ -194,34 +194,55 @@ pub fn normalize(def: &ResourceDef, object: &mut Value) {
     }
 }
 
-/// The unknown fields of an object about to be written, handled as `?fieldValidation=`
-/// says: refused under Strict, returned as warnings under Warn, ignored under Ignore (the
-/// engine prunes them either way).
+/// The unknown fields (metadata's too) of an object about to be written, and the fields its
+/// body repeated (`duplicates`, as [`crate::body`] names them), handled as
+/// `?fieldValidation=` says: refused under Strict, returned as warnings under Warn, ignored
+/// under Ignore (the engine prunes unknown fields either way). A custom resource sent by
+/// server-side apply (`apply`) is checked against its schema as kube-apiserver's typed
+/// conversion does, and named the way it says it (`.spec.x: field not declared in schema`).
 pub fn unknown_field_warnings(
     def: &ResourceDef,
     object: &Value,
+    duplicates: &[String],
     mode: FieldValidation,
+    apply: bool,
 ) -> Result<Vec<String>, ApiError> {
-    let Some(schema) = def.schema.as_deref() else {
-        return Ok(Vec::new());
-    };
     if mode == FieldValidation::Ignore {
         return Ok(Vec::new());
     }
-    let unknown: Vec<String> = crate::schema::unknown_fields(schema, object)
+    let unknown = def
+        .schema
+        .as_deref()
+        .map(|schema| crate::schema::unknown_fields(schema, object))
+        .unwrap_or_default();
+    let custom = matches!(def.openapi, crate::registry::SchemaSource::Custom(_));
+    if apply && custom && mode == FieldValidation::Strict && !unknown.is_empty() {
+        let fields: Vec<String> = unknown
+            .iter()
+            .map(|path| format!(".{path}: field not declared in schema"))
+            .collect();
+        return Err(ApiError::BadRequest(format!(
+            "failed to create typed patch object ({}, Kind={}): {}",
+            def.api_version(),
+            def.kind,
+            fields.join(", ")
+        )));
+    }
+    let problems: Vec<String> = unknown
         .into_iter()
         .map(|path| format!("unknown field \"{path}\""))
+        .chain(duplicates.iter().cloned())
         .collect();
-    if mode == FieldValidation::Strict && !unknown.is_empty() {
+    if mode == FieldValidation::Strict && !problems.is_empty() {
         return Err(ApiError::BadRequest(format!(
             "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
             def.kind,
             def.version,
             def.kind,
-            unknown.join(", ")
+            problems.join(", ")
         )));
     }
-    Ok(unknown)
+    Ok(problems)
 }
 
 /// A random suffix for `generateName`, from kube-apiserver's alphabet (no vowels, no

@@ -55,7 +55,14 @@ pub struct ResourceDef {
     /// Where the schema as written (with its descriptions) is found, for the OpenAPI
     /// documents; kept out of memory for the large built-in schemas.
     pub openapi: SchemaSource,
+    /// Only `create` is served, and nothing is stored: the reviews (TokenReview,
+    /// SubjectAccessReview, …) answered from the request. Marked in a built-in manifest by
+    /// the annotation [`CREATE_ONLY`].
+    pub create_only: bool,
 }
+
+/// The annotation of a built-in manifest whose kind is only created, never stored.
+pub const CREATE_ONLY: &str = "orquestra.dev/create-only";
 
 /// Where a resource's schema as written lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -125,27 +132,71 @@ macro_rules! builtin {
 
 /// The built-in kinds' manifests (`crds/`, written by `orq crdgen`): file name and text.
 pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
+    builtin!("admissionregistration.k8s.io_mutatingadmissionpolicies.yaml"),
+    builtin!("admissionregistration.k8s.io_mutatingadmissionpolicybindings.yaml"),
+    builtin!("admissionregistration.k8s.io_mutatingwebhookconfigurations.yaml"),
+    builtin!("admissionregistration.k8s.io_validatingadmissionpolicies.yaml"),
+    builtin!("admissionregistration.k8s.io_validatingadmissionpolicybindings.yaml"),
+    builtin!("admissionregistration.k8s.io_validatingwebhookconfigurations.yaml"),
     builtin!("apiextensions.k8s.io_customresourcedefinitions.yaml"),
+    builtin!("apiregistration.k8s.io_apiservices.yaml"),
     builtin!("apps_controllerrevisions.yaml"),
     builtin!("apps_daemonsets.yaml"),
     builtin!("apps_deployments.yaml"),
     builtin!("apps_replicasets.yaml"),
+    builtin!("apps_statefulsets.yaml"),
+    builtin!("authentication.k8s.io_selfsubjectreviews.yaml"),
+    builtin!("authentication.k8s.io_tokenreviews.yaml"),
+    builtin!("authorization.k8s.io_localsubjectaccessreviews.yaml"),
+    builtin!("authorization.k8s.io_selfsubjectaccessreviews.yaml"),
+    builtin!("authorization.k8s.io_selfsubjectrulesreviews.yaml"),
+    builtin!("authorization.k8s.io_subjectaccessreviews.yaml"),
+    builtin!("autoscaling_horizontalpodautoscalers.yaml"),
+    builtin!("batch_cronjobs.yaml"),
+    builtin!("batch_jobs.yaml"),
+    builtin!("certificates.k8s.io_certificatesigningrequests.yaml"),
     builtin!("coordination.k8s.io_leases.yaml"),
     builtin!("core_configmaps.yaml"),
     builtin!("core_endpoints.yaml"),
     builtin!("core_events.yaml"),
+    builtin!("core_limitranges.yaml"),
     builtin!("core_namespaces.yaml"),
     builtin!("core_nodes.yaml"),
+    builtin!("core_persistentvolumeclaims.yaml"),
+    builtin!("core_persistentvolumes.yaml"),
     builtin!("core_pods.yaml"),
+    builtin!("core_podtemplates.yaml"),
+    builtin!("core_replicationcontrollers.yaml"),
+    builtin!("core_resourcequotas.yaml"),
     builtin!("core_secrets.yaml"),
     builtin!("core_serviceaccounts.yaml"),
     builtin!("core_services.yaml"),
     builtin!("discovery.k8s.io_endpointslices.yaml"),
     builtin!("events.k8s.io_events.yaml"),
+    builtin!("flowcontrol.apiserver.k8s.io_flowschemas.yaml"),
+    builtin!("flowcontrol.apiserver.k8s.io_prioritylevelconfigurations.yaml"),
+    builtin!("networking.k8s.io_ingressclasses.yaml"),
+    builtin!("networking.k8s.io_ingresses.yaml"),
+    builtin!("networking.k8s.io_ipaddresses.yaml"),
+    builtin!("networking.k8s.io_networkpolicies.yaml"),
+    builtin!("networking.k8s.io_servicecidrs.yaml"),
+    builtin!("node.k8s.io_runtimeclasses.yaml"),
+    builtin!("policy_poddisruptionbudgets.yaml"),
     builtin!("rbac.authorization.k8s.io_clusterrolebindings.yaml"),
     builtin!("rbac.authorization.k8s.io_clusterroles.yaml"),
     builtin!("rbac.authorization.k8s.io_rolebindings.yaml"),
     builtin!("rbac.authorization.k8s.io_roles.yaml"),
+    builtin!("resource.k8s.io_deviceclasses.yaml"),
+    builtin!("resource.k8s.io_resourceclaims.yaml"),
+    builtin!("resource.k8s.io_resourceclaimtemplates.yaml"),
+    builtin!("resource.k8s.io_resourceslices.yaml"),
+    builtin!("scheduling.k8s.io_priorityclasses.yaml"),
+    builtin!("storage.k8s.io_csidrivers.yaml"),
+    builtin!("storage.k8s.io_csinodes.yaml"),
+    builtin!("storage.k8s.io_csistoragecapacities.yaml"),
+    builtin!("storage.k8s.io_storageclasses.yaml"),
+    builtin!("storage.k8s.io_volumeattachments.yaml"),
+    builtin!("storage.k8s.io_volumeattributesclasses.yaml"),
 ];
 
 /// The built-in kinds served at boot, parsed once per process from [`BUILTIN_MANIFESTS`].
@@ -185,6 +236,12 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
     };
     let kind = text(&names["kind"]);
     let plural = text(&names["plural"]);
+    let create_only = crd
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            CREATE_ONLY.replace('/', "~1")
+        ))
+        .is_some_and(|v| v == "true");
     let singular = match names["singular"].as_str() {
         Some(s) if !s.is_empty() => s.to_owned(),
         _ => kind.to_ascii_lowercase(),
@@ -221,6 +278,7 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
                 Some(schema) => SchemaSource::Custom(Arc::new(schema.clone())),
                 None => SchemaSource::None,
             },
+            create_only,
         })
         .collect()
 }
@@ -276,14 +334,19 @@ impl Registry {
         table.get(group)?.get(version)?.get(plural).cloned()
     }
 
-    /// Every group with its versions, core group (`""`) included.
+    /// Every group with its versions, core group (`""`) included; each group's versions
+    /// in Kubernetes' priority order, the preferred one first.
     pub fn groups(&self) -> Vec<(String, Vec<String>)> {
         let Ok(table) = self.table.read() else {
             return Vec::new();
         };
         table
             .iter()
-            .map(|(group, versions)| (group.clone(), versions.keys().cloned().collect()))
+            .map(|(group, versions)| {
+                let mut versions: Vec<String> = versions.keys().cloned().collect();
+                versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
+                (group.clone(), versions)
+            })
             .collect()
     }
 
@@ -292,6 +355,29 @@ impl Registry {
         let table = self.table.read().ok()?;
         Some(table.get(group)?.get(version)?.values().cloned().collect())
     }
+}
+
+/// How Kubernetes ranks API versions: GA over beta over alpha, then the higher major, then
+/// the higher minor (`v2` > `v1` > `v1beta2` > `v1beta1` > `v1alpha1`); anything else last.
+pub fn version_priority(version: &str) -> (u8, u32, u32) {
+    let Some(rest) = version.strip_prefix('v') else {
+        return (0, 0, 0);
+    };
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let Ok(major) = rest[..digits].parse::<u32>() else {
+        return (0, 0, 0);
+    };
+    let (stability, minor) = match &rest[digits..] {
+        "" => (3, 0),
+        tail => match (tail.strip_prefix("beta"), tail.strip_prefix("alpha")) {
+            (Some(n), _) => (2, n.parse().unwrap_or(0)),
+            (_, Some(n)) => (1, n.parse().unwrap_or(0)),
+            _ => return (0, 0, 0),
+        },
+    };
+    (stability, major, minor)
 }
 
 #[cfg(test)]
@@ -318,5 +404,15 @@ mod tests {
             .unwrap();
         assert!(!crds.namespaced);
         assert!(registry.get("", "v1", "nope").is_none());
+    }
+
+    #[test]
+    fn versions_rank_as_kubernetes_ranks_them() {
+        let mut versions = vec!["v1alpha1", "v1", "v1beta2", "v2", "v1beta1", "foo", "v10"];
+        versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
+        assert_eq!(
+            versions,
+            ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]
+        );
     }
 }

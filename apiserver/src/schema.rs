@@ -186,6 +186,23 @@ impl Structural {
     }
 
     /// What the schema says about the value under `key` of an object.
+    /// The Go zero value, as text, of the field at the dotted `path` (`spec.unschedulable`
+    /// → `"false"`): what kube-apiserver's field selectors compare an absent field as.
+    pub fn zero_value(&self, path: &str) -> &'static str {
+        let mut node = self;
+        for key in path.split('.') {
+            match node.child(key) {
+                Child::Known(sub) => node = sub,
+                Child::Preserved | Child::Unknown => return "",
+            }
+        }
+        match node.ty {
+            Type::Boolean => "false",
+            Type::Integer | Type::Number => "0",
+            _ => "",
+        }
+    }
+
     fn child(&self, key: &str) -> Child<'_> {
         if let Some(sub) = self.property(key) {
             return Child::Known(sub);
@@ -213,6 +230,10 @@ pub fn unknown_fields(schema: &Structural, object: &Value) -> Vec<String> {
     let mut found = Vec::new();
     if let Value::Object(map) = object {
         for (key, value) in map {
+            if key == "metadata" {
+                collect_unknown(&OBJECT_META, value, &mut key.clone(), &mut found);
+                continue;
+            }
             if is_root_meta(key) {
                 continue;
             }
@@ -227,6 +248,14 @@ pub fn unknown_fields(schema: &Structural, object: &Value) -> Vec<String> {
     found
 }
 
+/// `metadata` of every object: ObjectMeta's schema, for finding and pruning unknown fields in
+/// the root's (and an embedded resource's) metadata as Go's decoding drops them.
+static OBJECT_META: std::sync::LazyLock<Structural> = std::sync::LazyLock::new(|| {
+    Structural::compile(&crate::crdgen::plain_schema_of::<
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    >())
+});
+
 fn is_root_meta(key: &str) -> bool {
     matches!(key, "apiVersion" | "kind" | "metadata")
 }
@@ -238,6 +267,10 @@ fn collect_unknown(schema: &Structural, value: &Value, path: &mut String, found:
                 let len = path.len();
                 let _ = write!(path, ".{key}");
                 match schema.child(key) {
+                    // An embedded resource's metadata is an ObjectMeta.
+                    Child::Preserved if schema.embedded && key == "metadata" => {
+                        collect_unknown(&OBJECT_META, child, path, found)
+                    }
                     Child::Known(sub) => collect_unknown(sub, child, path, found),
                     Child::Preserved => {}
                     Child::Unknown => found.push(path.clone()),
@@ -265,11 +298,20 @@ pub fn prune_and_default(schema: &Structural, object: &mut Value) {
     if let Value::Object(map) = object {
         map.retain(|key, _| is_root_meta(key) || !matches!(schema.child(key), Child::Unknown));
         for (key, value) in map.iter_mut() {
-            if let (false, Child::Known(sub)) = (is_root_meta(key), schema.child(key)) {
+            if key == "metadata" {
+                prune_metadata(value);
+            } else if let (false, Child::Known(sub)) = (is_root_meta(key), schema.child(key)) {
                 prune_value(sub, value);
             }
         }
         fill_defaults(schema, map, true);
+    }
+}
+
+/// Drops the fields ObjectMeta does not have (without defaulting anything in it).
+fn prune_metadata(value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.retain(|key, _| !matches!(OBJECT_META.child(key), Child::Unknown));
     }
 }
 
@@ -278,8 +320,12 @@ fn prune_value(schema: &Structural, value: &mut Value) {
         Value::Object(map) if schema.ty == Type::Object => {
             map.retain(|key, _| !matches!(schema.child(key), Child::Unknown));
             for (key, child) in map.iter_mut() {
-                if let Child::Known(sub) = schema.child(key) {
-                    prune_value(sub, child);
+                match schema.child(key) {
+                    Child::Known(sub) => prune_value(sub, child),
+                    Child::Preserved if schema.embedded && key == "metadata" => {
+                        prune_metadata(child)
+                    }
+                    _ => {}
                 }
             }
             fill_defaults(schema, map, false);
@@ -539,13 +585,19 @@ mod tests {
         });
         assert_eq!(
             unknown_fields(&schema, &object),
-            vec!["extra", "spec.bogus", "spec.items[1].nope"]
+            vec![
+                "extra",
+                "metadata.whatever",
+                "spec.bogus",
+                "spec.items[1].nope"
+            ]
         );
         prune_and_default(&schema, &mut object);
         assert_eq!(unknown_fields(&schema, &object), Vec::<String>::new());
         assert_eq!(
-            object["metadata"]["whatever"], 1,
-            "root metadata is not pruned"
+            object["metadata"],
+            json!({"name": "a"}),
+            "root metadata keeps ObjectMeta's fields only"
         );
         assert_eq!(object["spec"]["raw"]["free"]["form"], 1);
         assert_eq!(object["spec"]["replicas"], 1, "defaulted");

@@ -97,13 +97,38 @@ impl LabelSelector {
 
 /// A parsed field selector: `path=value` and `path!=value` terms over the object's JSON
 /// (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`,
-/// `involvedObject.name`, …). A field that is absent compares as the empty string, as
-/// kube-apiserver's field sets do.
+/// `involvedObject.name`, …). A field that is absent compares as its type's zero value
+/// (`""`, `"false"`, `"0"`), as kube-apiserver's field sets hold Go values: `spec.unschedulable=false`
+/// matches a node that never set it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FieldSelector(Vec<(String, bool, String)>);
+pub struct FieldSelector(Vec<Term>);
+
+/// One `path=value` or `path!=value`, with what an absent field reads as.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Term {
+    path: String,
+    equal: bool,
+    value: String,
+    zero: &'static str,
+}
 
 impl FieldSelector {
-    /// Parses `metadata.name=x,spec.nodeName!=`.
+    /// Parses a selector for objects of `def`, whose schema gives absent fields their zero
+    /// values.
+    pub fn for_resource(
+        s: &str,
+        def: &crate::registry::ResourceDef,
+    ) -> Result<FieldSelector, ApiError> {
+        let mut selector = FieldSelector::parse(s)?;
+        if let Some(schema) = &def.schema {
+            for term in &mut selector.0 {
+                term.zero = schema.zero_value(&term.path);
+            }
+        }
+        Ok(selector)
+    }
+
+    /// Parses `metadata.name=x,spec.nodeName!=` (absent fields read as `""`).
     pub fn parse(s: &str) -> Result<FieldSelector, ApiError> {
         let mut terms = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -118,7 +143,12 @@ impl FieldSelector {
                     "invalid field selector: {part:?} (expected field=value or field!=value)"
                 )));
             };
-            terms.push((path.trim().to_owned(), equal, value.trim().to_owned()));
+            terms.push(Term {
+                path: path.trim().to_owned(),
+                equal,
+                value: value.trim().to_owned(),
+                zero: "",
+            });
         }
         Ok(FieldSelector(terms))
     }
@@ -127,8 +157,8 @@ impl FieldSelector {
     pub fn name(&self) -> Option<&str> {
         self.0
             .iter()
-            .find(|(path, equal, _)| *equal && path == "metadata.name")
-            .map(|(_, _, v)| v.as_str())
+            .find(|t| t.equal && t.path == "metadata.name")
+            .map(|t| t.value.as_str())
     }
 
     /// Selects everything.
@@ -138,14 +168,14 @@ impl FieldSelector {
 
     /// Whether an object satisfies every term.
     pub fn matches(&self, object: &Value) -> bool {
-        self.0.iter().all(|(path, equal, value)| {
-            let pointer = format!("/{}", path.replace('.', "/"));
+        self.0.iter().all(|term| {
+            let pointer = format!("/{}", term.path.replace('.', "/"));
             let actual = match object.pointer(&pointer) {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
+                Some(Value::Null) | None => term.zero.to_owned(),
                 Some(other) => other.to_string(),
             };
-            (actual == *value) == *equal
+            (actual == term.value) == term.equal
         })
     }
 }
@@ -184,5 +214,21 @@ mod tests {
             Some("p")
         );
         assert!(FieldSelector::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn absent_fields_are_their_zero_value() {
+        let nodes = crate::registry::Registry::new(crate::registry::builtin_resources())
+            .get("", "v1", "nodes")
+            .unwrap();
+        let node = json!({"metadata": {"name": "n1"}, "spec": {}});
+        let m = |s: &str| {
+            FieldSelector::for_resource(s, &nodes)
+                .unwrap()
+                .matches(&node)
+        };
+        assert!(m("spec.unschedulable=false"));
+        assert!(!m("spec.unschedulable=true"));
+        assert!(m("spec.unschedulable!=true,spec.podCIDR="));
     }
 }

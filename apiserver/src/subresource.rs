@@ -18,6 +18,17 @@ fn selector_string(selector: &Value) -> String {
     if let Some(s) = selector.as_str() {
         return s.to_owned();
     }
+    // A ReplicationController's selector is a plain map of labels.
+    if let Some(map) = selector.as_object()
+        && !map.contains_key("matchLabels")
+        && !map.contains_key("matchExpressions")
+    {
+        return map
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let mut parts: Vec<String> = selector["matchLabels"]
         .as_object()
         .map(|m| {

@@ -42,7 +42,7 @@ pub async fn watch(
 ) -> Result<BoxStream<'static, Result<Bytes, Infallible>>, ApiError> {
     let def = target.def.clone();
     let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
-    let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or(""))?;
+    let fields = FieldSelector::for_resource(params.field_selector.as_deref().unwrap_or(""), &def)?;
     let bookmarks = flag(&params.allow_watch_bookmarks);
     let initial_events = flag(&params.send_initial_events);
     let timeout = match params.timeout_seconds.as_deref() {

@@ -140,8 +140,8 @@ async fn create_account(admin: &Client, name: &str) -> ServiceAccount {
 
 fn token_request(seconds: Option<i64>, bound: Option<&Pod>) -> TokenRequest {
     TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: Vec::new(),
+        spec: Some(TokenRequestSpec {
+            audiences: None,
             expiration_seconds: seconds,
             bound_object_ref: bound.map(|pod| BoundObjectReference {
                 api_version: Some("v1".into()),
@@ -149,7 +149,7 @@ fn token_request(seconds: Option<i64>, bound: Option<&Pod>) -> TokenRequest {
                 name: Some(pod.name_any()),
                 uid: pod.uid(),
             }),
-        },
+        }),
         ..TokenRequest::default()
     }
 }
@@ -163,11 +163,13 @@ async fn a_token_request_authenticates_an_in_cluster_client() {
         .create_token_request("robot", &PostParams::default(), &token_request(None, None))
         .await
         .unwrap();
-    assert_eq!(issued.spec.expiration_seconds, Some(3600));
-    assert_eq!(issued.spec.audiences, vec![ISSUER.to_owned()]);
+    let spec = issued.spec.unwrap();
+    assert_eq!(spec.expiration_seconds, Some(3600));
+    assert_eq!(spec.audiences, Some(vec![ISSUER.to_owned()]));
     let status = issued.status.unwrap();
-    assert!(status.expiration_timestamp.0 > jiff::Timestamp::now());
-    let claims = claims_of(&status.token);
+    assert!(status.expiration_timestamp.unwrap().0 > jiff::Timestamp::now());
+    let token = status.token.unwrap();
+    let claims = claims_of(&token);
     assert_eq!(claims["sub"], "system:serviceaccount:default:robot");
     assert_eq!(claims["iss"], ISSUER);
     assert_eq!(claims["aud"], json!([ISSUER]));
@@ -182,7 +184,7 @@ async fn a_token_request_authenticates_an_in_cluster_client() {
     );
 
     // The token is all an in-cluster client has: it reads, writes and watches.
-    let robot = client(&cluster.url, &cluster.ca_pem, &status.token).await;
+    let robot = client(&cluster.url, &cluster.ca_pem, &token).await;
     let configmaps: Api<ConfigMap> = Api::namespaced(robot.clone(), "default");
     let cm: ConfigMap =
         serde_json::from_value(json!({"metadata": {"name": "from-robot"}, "data": {"a": "b"}}))
@@ -212,7 +214,7 @@ async fn a_token_request_authenticates_an_in_cluster_client() {
         .await
         .unwrap();
     let kid = jwks["keys"][0]["kid"].as_str().unwrap();
-    let header = status.token.split('.').next().unwrap();
+    let header = token.split('.').next().unwrap();
     let header: Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(header)
@@ -299,7 +301,8 @@ async fn forged_expired_and_unbound_tokens_are_refused() {
         .unwrap()
         .status
         .unwrap()
-        .token;
+        .token
+        .unwrap();
     assert_eq!(claims_of(&bound)["kubernetes.io"]["pod"]["name"], "p");
     pods.delete("p", &DeleteParams::default().grace_period(0))
         .await
@@ -364,7 +367,8 @@ async fn rbac_grants_service_accounts_what_their_bindings_allow() {
         .unwrap()
         .status
         .unwrap()
-        .token;
+        .token
+        .unwrap();
     let robot = client(&cluster.url, &cluster.ca_pem, &token).await;
     robot.list_core_api_resources("v1").await.unwrap();
     let here: Api<ConfigMap> = Api::namespaced(robot.clone(), "default");

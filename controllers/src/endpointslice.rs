@@ -140,7 +140,7 @@ pub fn add(manager: &mut Manager) {
             // A pod that left (relabelled, deleted) is still listed by its old slices.
             let name = pod.name_any();
             for slice in slices.state() {
-                let listed = slice.endpoints.iter().any(|e| {
+                let listed = slice.endpoints.iter().flatten().any(|e| {
                     e.target_ref.as_ref().and_then(|t| t.name.as_deref()) == Some(name.as_str())
                 });
                 if listed && managed(&slice) && slice.namespace() == pod.namespace() {
@@ -278,6 +278,7 @@ fn plan(existing: Vec<Arc<EndpointSlice>>, desired: Groups) -> Vec<Planned> {
         let kept: Vec<Endpoint> = slice
             .endpoints
             .iter()
+            .flatten()
             .filter_map(|e| wanted.remove(&pod_name(e)))
             .collect();
         planned.push(Planned {
@@ -372,14 +373,14 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
         let ports = (!p.ports.is_empty()).then(|| p.ports.clone());
         let result = match &p.existing {
             Some(slice) => {
-                if slice.endpoints == p.endpoints
+                if slice.endpoints.as_deref().unwrap_or_default() == p.endpoints.as_slice()
                     && slice.ports.as_deref().unwrap_or_default() == p.ports.as_slice()
                     && slice.labels() == &labels
                 {
                     continue;
                 }
                 let mut updated = (**slice).clone();
-                updated.endpoints = p.endpoints.clone();
+                updated.endpoints = Some(p.endpoints.clone());
                 updated.ports = ports;
                 updated.metadata.labels = Some(labels.clone());
                 updated
@@ -402,7 +403,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Controller>) -> Result<Action, En
                         ..Default::default()
                     },
                     address_type: "IPv4".into(),
-                    endpoints: p.endpoints.clone(),
+                    endpoints: Some(p.endpoints.clone()),
                     ports,
                 };
                 api.create(&PostParams::default(), &slice).await
@@ -588,7 +589,7 @@ mod tests {
                     ..Default::default()
                 },
                 address_type: "IPv4".into(),
-                endpoints: names.iter().map(|n| endpoint(n)).collect(),
+                endpoints: Some(names.iter().map(|n| endpoint(n)).collect()),
                 ports: Some(port(80)),
             })
         };

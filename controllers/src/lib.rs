@@ -19,6 +19,7 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod objects;
 pub mod replicaset;
+pub mod rootcacert;
 pub mod scheduler;
 pub mod serviceaccount;
 
@@ -46,6 +47,9 @@ pub enum AddError {
 /// names).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The cluster CA (PEM) the `root-ca-cert-publisher` puts into every namespace; without
+    /// one that loop does not run.
+    pub root_ca: Option<String>,
     /// How long a node's Lease may go unrenewed before the node is `Ready=Unknown` and
     /// tainted unreachable (`--node-monitor-grace-period`, 40 s).
     pub node_monitor_grace_period: Duration,
@@ -60,6 +64,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            root_ca: None,
             node_monitor_grace_period: Duration::from_secs(40),
             node_startup_grace_period: Duration::from_secs(60),
             node_ipam: nodeipam::Config::default(),
@@ -136,6 +141,19 @@ pub const BUILTIN: &[Builtin] = &[
         rules: serviceaccount::RULES,
         add: |m, _| {
             serviceaccount::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "root-ca-cert-publisher",
+        rules: rootcacert::RULES,
+        add: |m, s| {
+            match &s.root_ca {
+                Some(ca) => rootcacert::add(m, ca.clone()),
+                None => tracing::warn!(
+                    "no cluster CA to publish: namespaces get no kube-root-ca.crt ConfigMap"
+                ),
+            }
             Ok(())
         },
     },

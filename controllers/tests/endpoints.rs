@@ -54,7 +54,7 @@ async fn sliced(slices: &Api<EndpointSlice>) -> (Listed, Vec<EndpointSlice>) {
         .items;
     let mut out = Listed::default();
     for s in &items {
-        for e in &s.endpoints {
+        for e in s.endpoints.iter().flatten() {
             let ready = e.conditions.as_ref().and_then(|c| c.ready) == Some(true);
             let set = if ready { &mut out.0 } else { &mut out.1 };
             set.extend(e.addresses.iter().cloned());
@@ -222,7 +222,7 @@ async fn endpoints_follow_the_pods() {
         (owner.kind.as_str(), owner.name.as_str()),
         ("Service", "web")
     );
-    for e in &slice.endpoints {
+    for e in slice.endpoints.iter().flatten() {
         let c = e.conditions.as_ref().unwrap();
         assert_eq!(
             (c.ready, c.serving, c.terminating),

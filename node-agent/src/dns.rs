@@ -748,7 +748,7 @@ impl Zone {
                     })
                 })
                 .collect();
-            for endpoint in &slice.endpoints {
+            for endpoint in slice.endpoints.iter().flatten() {
                 let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
                 if !ready {
                     continue;
@@ -1195,18 +1195,20 @@ mod tests {
                 ..ObjectMeta::default()
             },
             address_type: "IPv4".into(),
-            endpoints: endpoints
-                .iter()
-                .map(|(hostname, address, ready)| Endpoint {
-                    addresses: vec![(*address).into()],
-                    hostname: hostname.map(Into::into),
-                    conditions: Some(EndpointConditions {
-                        ready: *ready,
-                        ..EndpointConditions::default()
-                    }),
-                    ..Endpoint::default()
-                })
-                .collect(),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(hostname, address, ready)| Endpoint {
+                        addresses: vec![(*address).into()],
+                        hostname: hostname.map(Into::into),
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            ..EndpointConditions::default()
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
+            ),
             ports: Some(
                 ports
                     .iter()

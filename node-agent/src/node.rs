@@ -283,7 +283,7 @@ fn node_status(
                 "kernelVersion": host.kernel,
                 "osImage": host.os_image,
                 "containerRuntimeVersion": RUNTIME_VERSION,
-                "kubeletVersion": format!("v1.33.0-orquestra-{}", env!("CARGO_PKG_VERSION")),
+                "kubeletVersion": format!("v1.36.0-orquestra-{}", env!("CARGO_PKG_VERSION")),
                 "kubeProxyVersion": "",
                 "operatingSystem": "linux",
                 "architecture": host.architecture,

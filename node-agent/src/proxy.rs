@@ -248,7 +248,7 @@ fn service_ports(
                 let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()) else {
                     continue;
                 };
-                for e in &slice.endpoints {
+                for e in slice.endpoints.iter().flatten() {
                     if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                         continue;
                     }

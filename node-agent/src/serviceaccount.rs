@@ -88,9 +88,9 @@ pub async fn project(
     let name = account_name(pod);
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
     let request = TokenRequest {
-        spec: TokenRequestSpec {
+        spec: Some(TokenRequestSpec {
             // None: the API server's own audience.
-            audiences: Vec::new(),
+            audiences: None,
             expiration_seconds: Some(EXPIRATION_SECONDS),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
@@ -98,7 +98,7 @@ pub async fn project(
                 name: Some(pod.name_any()),
                 uid: pod.uid(),
             }),
-        },
+        }),
         ..TokenRequest::default()
     };
     let asked = Instant::now();
@@ -108,12 +108,12 @@ pub async fn project(
         .map_err(|e| format!("requesting a token for serviceaccount \"{name}\": {e}"))?;
     let token = issued
         .status
-        .map(|s| s.token)
+        .and_then(|s| s.token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| format!("the token request for serviceaccount \"{name}\" got no token"))?;
     let lifetime = issued
         .spec
-        .expiration_seconds
+        .and_then(|s| s.expiration_seconds)
         .unwrap_or(EXPIRATION_SECONDS)
         .max(1) as u64;
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

@@ -18,9 +18,9 @@ pub struct ControllerArgs {
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all
     /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
     /// deployment, replicaset, daemonset, endpoint, endpointslice, garbagecollector,
-    /// namespace, serviceaccount, nodelifecycle, nodeipam (as built). Controllers of
-    /// Orquestra's own custom resources run only when named, since their CRDs may not be
-    /// installed: staticsite.
+    /// namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle, nodeipam (as built).
+    /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
+    /// may not be installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub controllers: Vec<String>,
     /// How long a node's Lease may go unrenewed before the node is Unknown and tainted
@@ -36,6 +36,11 @@ pub struct ControllerArgs {
     /// The prefix length of each node's `podCIDR`.
     #[arg(long, default_value_t = 24)]
     pub node_cidr_mask_size: u8,
+    /// The cluster CA (PEM) published to every namespace as the ConfigMap `kube-root-ca.crt`.
+    /// Default: `orq server`'s own CA; for `orq operator`, the in-cluster service account's
+    /// `ca.crt`, else the kubeconfig's CA.
+    #[arg(long, value_name = "FILE")]
+    pub root_ca_file: Option<PathBuf>,
 }
 
 /// Controllers of Orquestra's own custom resources, selected by name only: `staticsite`
@@ -67,8 +72,13 @@ impl ControllerArgs {
                 .any(|c| self.controllers.iter().any(|s| s.trim() == c.name))
     }
 
-    /// Adds the selected control loops to `manager`; returns their names.
-    pub fn add_to(&self, manager: &mut Manager) -> anyhow::Result<Vec<&'static str>> {
+    /// Adds the selected control loops to `manager`; returns their names. `default_ca` is
+    /// the CA to publish when `--root-ca-file` names none.
+    pub fn add_to(
+        &self,
+        manager: &mut Manager,
+        default_ca: Option<String>,
+    ) -> anyhow::Result<Vec<&'static str>> {
         let custom_name = |item: &String| {
             let name = item.trim().trim_start_matches('-');
             CUSTOM.iter().any(|c| c.name == name)
@@ -79,7 +89,11 @@ impl ControllerArgs {
             .filter(|c| !custom_name(c))
             .cloned()
             .collect();
-        let mut added = orquestra_controllers::add_selected(manager, &builtin, &self.settings()?)?;
+        let mut settings = self.settings()?;
+        if settings.root_ca.is_none() {
+            settings.root_ca = default_ca;
+        }
+        let mut added = orquestra_controllers::add_selected(manager, &builtin, &settings)?;
         for custom in CUSTOM {
             let named = |item: &str| self.controllers.iter().any(|c| c.trim() == item);
             let name = custom.name;
@@ -98,7 +112,15 @@ impl ControllerArgs {
             self.node_cidr_mask_size,
         )
         .context("--cluster-cidr/--node-cidr-mask-size")?;
+        let root_ca = match &self.root_ca_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading --root-ca-file {}", file.display()))?,
+            ),
+            None => None,
+        };
         Ok(orquestra_controllers::Settings {
+            root_ca,
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_startup_grace_period: self.node_startup_grace_period,
             node_ipam,
@@ -112,6 +134,9 @@ pub fn duration(text: &str) -> Result<Duration, String> {
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{text:?} is not a positive duration like 40s or 1m30s"))
 }
+
+/// Where a pod finds its cluster's CA.
+const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 /// `orq operator` flags.
 #[derive(Debug, Args)]
@@ -140,7 +165,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         )?,
     };
     let mut manager = Manager::new(client);
-    let added = args.controllers.add_to(&mut manager)?;
+    // The CA to publish: the in-cluster one, else the kubeconfig's.
+    let default_ca = std::fs::read_to_string(IN_CLUSTER_CA).ok().or_else(|| {
+        args.kubeconfig
+            .as_deref()
+            .and_then(crate::agent::kubeconfig_ca)
+    });
+    let added = args.controllers.add_to(&mut manager, default_ca)?;
     anyhow::ensure!(!added.is_empty(), "--controllers selects no control loop");
     if args.leader_elect {
         // Unique per process, readable in `kubectl get lease`: host and pid.

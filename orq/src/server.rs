@@ -275,6 +275,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Authenticator::new(identity.token.clone(), api.engine().clone())
                 .with_node_token(identity.node_token.clone()),
         );
+        // The reviews (TokenReview, SubjectAccessReview, …) answer as the layers decide.
+        api.engine().set_access(
+            Some(Arc::clone(&auth)),
+            args.authorization_mode == AuthorizationMode::Rbac,
+        );
         // Layers run outside in: authentication names the caller, then RBAC judges.
         let app = match args.authorization_mode {
             AuthorizationMode::Rbac => {
@@ -293,7 +298,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
-        let added = args.controllers.add_to(&mut manager)?;
+        let own_ca = std::fs::read_to_string(args.data_dir.join("tls/ca.crt")).ok();
+        let added = args.controllers.add_to(&mut manager, own_ca)?;
         tracing::info!(controllers = ?added, "starting the control loops");
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.

@@ -276,7 +276,7 @@ fn against_a_server() {
     let version = k(&["version"]);
     assert!(
         version.contains("Client Version: v")
-            && version.contains("Server Version: v1.33.0+orquestra"),
+            && version.contains("Server Version: v1.36.0+orquestra"),
         "{version}"
     );
     let version: serde_json::Value = serde_json::from_str(&k(&["version", "-o", "json"])).unwrap();
@@ -284,7 +284,7 @@ fn against_a_server() {
         version["serverVersion"]["gitVersion"]
             .as_str()
             .unwrap()
-            .starts_with("v1.33")
+            .starts_with("v1.36")
     );
     let info = k(&["cluster-info"]);
     assert!(
@@ -429,7 +429,12 @@ fn against_a_server() {
         stderr.contains("NotFound") && stderr.contains("missing"),
         "{stderr}"
     );
-    let run = orq(home, Some(&kc), &["get", "cm", "-n", "kube-public"], None);
+    let run = orq(
+        home,
+        Some(&kc),
+        &["get", "secrets", "-n", "kube-public"],
+        None,
+    );
     assert!(run.success && run.stdout.is_empty(), "{}", run.stdout);
     assert_eq!(
         run.stderr.trim(),

@@ -109,7 +109,7 @@ fn exercise(bin: &str) {
 
     let version: serde_json::Value = serde_json::from_str(&k(&["version", "-o", "json"])).unwrap();
     let server_version = version["serverVersion"]["gitVersion"].as_str().unwrap();
-    assert!(server_version.starts_with("v1.33.0+orquestra"), "{version}");
+    assert!(server_version.starts_with("v1.36.0+orquestra"), "{version}");
     let info = k(&["cluster-info"]); // 1.27 colours it
     assert!(
         info.contains("is running at") && info.contains("https://127.0.0.1:"),

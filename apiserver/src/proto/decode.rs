@@ -1,46 +1,16 @@
-//! `application/vnd.kubernetes.protobuf` request bodies, turned into the JSON the engine
-//! handles. kubectl 1.32+ (`create deployment`, `create configmap`, …) and Helm send built-in
-//! objects this way; responses stay JSON, which every client also accepts.
+//! Protobuf → JSON: request bodies (`k8s\0` + `runtime.Unknown` + the object's message)
+//! turned into the JSON the engine handles.
 //!
-//! The envelope is the magic `k8s\0` and a `runtime.Unknown` (type meta + raw message). The
-//! messages are decoded with the wire schema in `proto_schema.json` (field numbers from the
-//! upstream `generated.proto`, JSON names from the Kubernetes API; `scripts/gen-proto-schema.py`).
 //! Go's encoder writes unset value fields too, so empty strings are dropped (`""` means unset
 //! throughout the Kubernetes API) and the zero time becomes absent; zeros and `false` stay.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
 use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::{Field, MAGIC, SCHEMA, bad};
 use crate::error::ApiError;
-
-/// The magic that starts every Kubernetes protobuf body.
-pub const MAGIC: &[u8] = b"k8s\0";
-/// The content type.
-pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
-
-#[derive(Debug, Deserialize)]
-struct Field(String, String, String, bool);
-
-#[derive(Debug, Deserialize)]
-struct Schema {
-    roots: HashMap<String, String>,
-    messages: HashMap<String, HashMap<u32, Field>>,
-}
-
-static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-    serde_json::from_str(include_str!("proto_schema.json")).unwrap_or(Schema {
-        roots: HashMap::new(),
-        messages: HashMap::new(),
-    })
-});
-
-fn bad(message: &str) -> ApiError {
-    ApiError::BadRequest(format!("invalid protobuf body: {message}"))
-}
 
 /// A cursor over protobuf wire data.
 struct Reader<'a> {
@@ -106,7 +76,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a protobuf request body into the object's JSON.
-pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
+pub(super) fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let unknown = body
         .strip_prefix(MAGIC)
         .ok_or_else(|| bad("missing the k8s\\0 prefix"))?;
@@ -361,12 +331,4 @@ fn message_value(name: &str, data: &[u8]) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(object))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_schema_is_current() {
-        crate::assert_generated_current("gen-proto-schema.py", "apiserver/src/proto_schema.json");
-    }
 }
