@@ -88,6 +88,7 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
         ("", "Pod") => {
             if let Some(spec) = object.get_mut("spec") {
                 pod_spec_defaults(spec);
+                requests_from_limits(spec);
             }
             service_account_defaults(object);
         }
@@ -107,6 +108,11 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
         }
         ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => {
             binding_defaults(object)
+        }
+        ("", "LimitRange") => crate::quota::limits::default_items(object),
+        ("", "ReplicationController") => {
+            replication_controller_defaults(object);
+            template_defaults(object);
         }
         _ => {}
     }
@@ -357,6 +363,117 @@ fn pod_spec_defaults(spec: &mut Value) {
             }
         }
     }
+}
+
+/// A ReplicationController's replicas default to 1, and an empty selector or labels to the
+/// template's labels (SetDefaults_ReplicationController).
+fn replication_controller_defaults(object: &mut Value) {
+    let template_labels = object
+        .pointer("/spec/template/metadata/labels")
+        .cloned()
+        .filter(|l| l.as_object().is_some_and(|m| !m.is_empty()));
+    if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.entry("replicas").or_insert(json!(1));
+        let empty = |v: Option<&Value>| v.and_then(Value::as_object).is_none_or(|m| m.is_empty());
+        if let Some(labels) = &template_labels
+            && empty(spec.get("selector"))
+        {
+            spec.insert("selector".into(), labels.clone());
+        }
+    }
+    if let Some(labels) = template_labels {
+        let empty = object
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .is_none_or(|m| m.is_empty());
+        if empty && let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("labels".into(), labels);
+        }
+    }
+}
+
+/// A pod's container that states a limit but no request for a resource requests its limit
+/// (SetDefaults_Pod; templates are left as written).
+fn requests_from_limits(spec: &mut Value) {
+    for list in ["containers", "initContainers"] {
+        for container in spec
+            .get_mut(list)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let Some(limits) = container
+                .pointer("/resources/limits")
+                .and_then(Value::as_object)
+                .cloned()
+            else {
+                continue;
+            };
+            let requests = container["resources"]
+                .as_object_mut()
+                .map(|r| r.entry("requests").or_insert_with(|| json!({})));
+            if let Some(requests) = requests.and_then(Value::as_object_mut) {
+                for (resource, limit) in limits {
+                    requests.entry(resource).or_insert(limit);
+                }
+            }
+        }
+    }
+}
+
+/// What an update may change in a pod's spec, as kube-apiserver's validation allows: the
+/// containers' images, `activeDeadlineSeconds`, added tolerations, removed scheduling gates,
+/// `terminationGracePeriodSeconds`, and a node name set once (the binding). Anything else is
+/// the 422 kube-apiserver answers.
+pub fn check_pod_update(old: &Value, new: &Value) -> Result<(), Cause> {
+    let (Some(old_spec), Some(new_spec)) = (old.get("spec"), new.get("spec")) else {
+        return Ok(());
+    };
+    let mut allowed = old_spec.clone();
+    for list in ["containers", "initContainers"] {
+        let images: Vec<Value> = new_spec[list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["image"].clone())
+            .collect();
+        if let Some(containers) = allowed.get_mut(list).and_then(Value::as_array_mut)
+            && containers.len() == images.len()
+        {
+            for (container, image) in containers.iter_mut().zip(images) {
+                container["image"] = image;
+            }
+        }
+    }
+    for field in [
+        "activeDeadlineSeconds",
+        "tolerations",
+        "schedulingGates",
+        "terminationGracePeriodSeconds",
+        "ephemeralContainers",
+    ] {
+        match new_spec.get(field) {
+            Some(value) => allowed[field] = value.clone(),
+            None => {
+                if let Some(map) = allowed.as_object_mut() {
+                    map.remove(field);
+                }
+            }
+        }
+    }
+    let unset = |v: &Value| v["nodeName"].as_str().is_none_or(str::is_empty);
+    if unset(old_spec) && !unset(new_spec) {
+        allowed["nodeName"] = new_spec["nodeName"].clone();
+    }
+    if allowed == *new_spec {
+        return Ok(());
+    }
+    Err(cause(
+        "FieldValueForbidden",
+        "spec".into(),
+        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`,         `spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only          additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be          set to 1 if it was previously negative)"
+            .into(),
+    ))
 }
 
 /// Defaults of a workload's pod template.

@@ -376,10 +376,16 @@ impl Engine {
         if def.group.is_empty() && def.kind == "Pod" {
             crate::admission::default_tolerations(&mut object, self.default_toleration_seconds);
         }
+        if let Some(ns) = ns.filter(|_| def.namespaced) {
+            crate::quota::apply_limits(self, def, ns, &mut object).await?;
+        }
         validate_meta(def, &object)?;
         conform(def, &mut object)?;
         if crate::crd::is_crd(def) {
             crate::crd::admit(def, &mut object)?;
+        }
+        if let Some(ns) = ns.filter(|_| def.namespaced) {
+            crate::quota::admit_create(self, def, ns, &object, dry_run).await?;
         }
         let name = meta_str(&object, "name").unwrap_or_default().to_owned();
         let key = def.key(ns, &name);
@@ -456,12 +462,25 @@ impl Engine {
             let old = decode(&current)?;
             let mut new = merge_update(def, &old, &body, part)?;
             crate::admission::on_write(def, &mut new);
+            if def.group.is_empty() && def.kind == "Pod" && matches!(part, Part::Main) {
+                crate::admission::check_pod_update(&old, &new).map_err(|cause| {
+                    ApiError::Invalid {
+                        kind: def.kind.clone(),
+                        name: name.clone(),
+                        group: def.group.clone(),
+                        causes: vec![cause],
+                    }
+                })?;
+            }
             if crate::service::is_service(def) {
                 crate::service::keep_allocations(&old, &mut new);
                 crate::service::check_immutable(&old, &new)?;
             }
             validate_meta(def, &new)?;
             conform(def, &mut new)?;
+            if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
+                crate::quota::admit_update(self, def, ns, &old, &new, dry_run).await?;
+            }
             match self.write(def, &key, &name, &current, new, dry_run).await {
                 Err(ApiError::Conflict { .. }) if expected.is_none() => continue,
                 other => return other,

@@ -28,6 +28,8 @@ pub mod openapi;
 pub mod patch;
 pub mod podlog;
 pub mod proto;
+pub mod quantity;
+pub mod quota;
 pub mod registry;
 pub mod request;
 pub mod request_info;

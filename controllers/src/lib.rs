@@ -121,6 +121,14 @@ pub const BUILTIN: &[Builtin] = &[
         },
     },
     Builtin {
+        name: "replicationcontroller",
+        rules: replicaset::RC_RULES,
+        add: |m, _| {
+            replicaset::add_replication_controllers(m);
+            Ok(())
+        },
+    },
+    Builtin {
         name: "garbagecollector",
         rules: garbage::RULES,
         add: |m, _| {

@@ -1,6 +1,9 @@
-//! The ReplicaSet controller: keeps `spec.replicas` pods matching the selector, creating
-//! them from the template and deleting the least valuable first (unscheduled, then not
-//! ready, then the newest), adopting matching orphans, and reporting the counts in status.
+//! The ReplicaSet controller (`replicaset`), and the same loop for the ReplicationControllers
+//! that came before ReplicaSets (`replicationcontroller`): keeps `spec.replicas` pods matching
+//! the selector, creating them from the template and deleting the least valuable first
+//! (unscheduled, then not ready, then the newest), adopting matching orphans, and reporting
+//! the counts in status. The two kinds differ only in how they spell their selector
+//! ([`Replicated`]).
 //!
 //! *Expectations* (as kube-controller-manager's): pods this controller created or deleted but
 //! has not seen in its cache yet are counted as done, so a slow cache never makes it create
@@ -12,12 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 
 use crate::labels::matches;
@@ -43,8 +47,97 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// What the ReplicationController loop's requests need.
+pub const RC_RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["replicationcontrollers"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["replicationcontrollers/status"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+    },
+];
+
 /// The field manager of the controller's writes.
 pub const MANAGER: &str = "replicaset-controller";
+
+/// A kind that keeps a number of pods from a template: ReplicaSet, ReplicationController.
+pub trait Replicated:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// The loop's name (`--controllers`, metrics).
+    const LOOP: &'static str;
+    /// The pods it selects.
+    fn selector(&self) -> LabelSelector;
+    /// How many it wants.
+    fn replicas(&self) -> i32;
+    /// What its pods are made from.
+    fn template(&self) -> Option<PodTemplateSpec>;
+    /// Its status as JSON (for comparing what changed).
+    fn status_json(&self) -> serde_json::Value;
+}
+
+impl Replicated for ReplicaSet {
+    const LOOP: &'static str = "replicaset";
+
+    fn selector(&self) -> LabelSelector {
+        self.spec
+            .as_ref()
+            .map(|s| s.selector.clone())
+            .unwrap_or_default()
+    }
+
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+
+    fn template(&self) -> Option<PodTemplateSpec> {
+        self.spec.as_ref().and_then(|s| s.template.clone())
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.status).unwrap_or_default()
+    }
+}
+
+impl Replicated for ReplicationController {
+    const LOOP: &'static str = "replicationcontroller";
+
+    /// A plain map of labels (the API server defaults it to the template's labels).
+    fn selector(&self) -> LabelSelector {
+        LabelSelector {
+            match_labels: self.spec.as_ref().and_then(|s| s.selector.clone()),
+            match_expressions: None,
+        }
+    }
+
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+
+    fn template(&self) -> Option<PodTemplateSpec> {
+        self.spec.as_ref().and_then(|s| s.template.clone())
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.status).unwrap_or_default()
+    }
+}
 
 /// What can go wrong reconciling one ReplicaSet (retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +161,14 @@ struct Expectations {
 }
 
 /// What the reconciler shares.
-pub struct Controller {
+pub struct Controller<K> {
     client: Client,
     pods: Store<Pod>,
     expectations: Mutex<HashMap<String, Expectations>>,
+    kind: std::marker::PhantomData<K>,
 }
 
-impl std::fmt::Debug for Controller {
+impl<K> std::fmt::Debug for Controller<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaSetController")
             .finish_non_exhaustive()
@@ -83,15 +177,25 @@ impl std::fmt::Debug for Controller {
 
 /// Adds the ReplicaSet controller to `manager`.
 pub fn add(manager: &mut Manager) {
-    let sets = manager.cache::<ReplicaSet>(watcher::Config::default());
+    add_for::<ReplicaSet>(manager);
+}
+
+/// Adds the ReplicationController loop to `manager`.
+pub fn add_replication_controllers(manager: &mut Manager) {
+    add_for::<ReplicationController>(manager);
+}
+
+fn add_for<K: Replicated>(manager: &mut Manager) {
+    let sets = manager.cache::<K>(watcher::Config::default());
     let pods = manager.cache::<Pod>(watcher::Config::default());
-    let context = Arc::new(Controller {
+    let context = Arc::new(Controller::<K> {
         client: manager.client(),
         pods: pods.store(),
         expectations: Mutex::default(),
+        kind: std::marker::PhantomData,
     });
     let candidates = sets.store();
-    let runner = Runner::for_cache("replicaset", &sets)
+    let runner = Runner::for_cache(K::LOOP, &sets)
         .and_then(|r| r.owns(&pods))
         .and_then(|r| {
             // A pod that is gone is news for its owner (kube-runtime's own streams only
@@ -100,7 +204,7 @@ pub fn add(manager: &mut Manager) {
                 let owner = pod
                     .owner_references()
                     .iter()
-                    .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")?;
+                    .find(|o| o.controller == Some(true) && o.kind == K::kind(&()))?;
                 Some(ObjectRef::new(&owner.name).within(&pod.namespace()?))
             })
         })
@@ -118,10 +222,7 @@ pub fn add(manager: &mut Manager) {
                     .filter(|rs| {
                         orphan
                             && rs.namespace() == pod.namespace()
-                            && rs
-                                .spec
-                                .as_ref()
-                                .is_some_and(|s| matches(&s.selector, &labels))
+                            && matches(&rs.selector(), &labels)
                     })
                     .map(|rs| ObjectRef::from_obj(rs.as_ref()))
                     .collect::<Vec<_>>()
@@ -161,13 +262,16 @@ fn value(pod: &Pod) -> (u8, u8, u8, std::cmp::Reverse<String>) {
     )
 }
 
-async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, ReplicaSetError> {
-    if rs.metadata.deletion_timestamp.is_some() {
+async fn reconcile<K: Replicated>(
+    rs: Arc<K>,
+    ctx: Arc<Controller<K>>,
+) -> Result<Action, ReplicaSetError> {
+    if rs.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let namespace = rs.namespace().unwrap_or_default();
     let uid = rs.uid().unwrap_or_default();
-    let spec = rs.spec.clone().unwrap_or_default();
+    let selector = rs.selector();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let all: Vec<Arc<Pod>> = ctx
         .pods
@@ -183,7 +287,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, 
                 .iter()
                 .any(|o| o.controller == Some(true))
             && matches(
-                &spec.selector,
+                &selector,
                 p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
             )
     }) {
@@ -221,9 +325,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, 
         }
         *e = Expectations::default();
     }
-    let want = spec.replicas.unwrap_or(1).max(0) as usize;
+    let want = rs.replicas().max(0) as usize;
     if owned.len() < want {
-        let template = spec.template.clone().unwrap_or_default();
+        let template = rs.template().unwrap_or_default();
         let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -283,13 +387,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, 
         "fullyLabeledReplicas": owned.len() as i32,
         "readyReplicas": ready_count,
         "availableReplicas": ready_count,
-        "observedGeneration": rs.metadata.generation,
+        "observedGeneration": rs.meta().generation,
     });
-    let current = rs
-        .status
-        .as_ref()
-        .and_then(|s| serde_json::to_value(s).ok())
-        .unwrap_or_default();
+    let current = rs.status_json();
     let changed = [
         "replicas",
         "fullyLabeledReplicas",
@@ -300,7 +400,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, 
     .iter()
     .any(|k| current.get(k).cloned().unwrap_or(json!(0)) != status[k]);
     if changed {
-        let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        let sets: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
         sets.patch_status(
             &rs.name_any(),
             &PatchParams {
@@ -318,7 +418,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Controller>) -> Result<Action, 
     Ok(Action::await_change())
 }
 
-impl Controller {
+impl<K> Controller<K> {
     fn remember(&self, uid: &str, creating: Vec<String>, deleting: Vec<String>) {
         let mut expectations = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
         let e = expectations.entry(uid.to_owned()).or_default();

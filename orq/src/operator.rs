@@ -17,8 +17,9 @@ use orquestra_operator::{LeaderElection, Manager};
 pub struct ControllerArgs {
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all
     /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
-    /// deployment, replicaset, daemonset, endpoint, endpointslice, garbagecollector,
-    /// namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle, nodeipam (as built).
+    /// deployment, replicaset, replicationcontroller, daemonset, endpoint, endpointslice,
+    /// garbagecollector, namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle,
+    /// nodeipam (as built).
     /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
     /// may not be installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]

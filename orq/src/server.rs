@@ -227,6 +227,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         .run(api.engine().clone()),
     );
+    // ResourceQuotas' status (used vs hard), as kube-controller-manager's quota controller.
+    let quota_status = tokio::spawn(orquestra_apiserver::quota::status::run(
+        api.engine().clone(),
+    ));
     let handle = axum_server::Handle::new();
     let server = if args.insecure_http {
         tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
@@ -371,6 +375,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
     kubernetes_service.abort();
+    quota_status.abort();
     if let Some(agent) = agent {
         let _ = agent.await;
     }
