@@ -12,11 +12,18 @@ use crate::registry::ResourceDef;
 
 /// Defaults applied to a new object before validation.
 pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
+    // A kind whose status has its own subresource starts without one, whatever the client
+    // sent (kube-apiserver's PrepareForCreate): the status is its controllers' to write.
+    // Nodes keep theirs (the kubelet registers with it).
+    if def.status
+        && !(def.group.is_empty() && def.kind == "Node")
+        && let Some(map) = object.as_object_mut()
+    {
+        map.remove("status");
+    }
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Namespace") => namespace_defaults(object),
-        ("", "Pod") if object.pointer("/status/phase").is_none() => {
-            object["status"] = json!({"phase": "Pending"});
-        }
+        ("", "Pod") => object["status"] = json!({"phase": "Pending"}),
         _ => {}
     }
     on_write(def, object);

@@ -85,7 +85,9 @@ fn encode(object: &Value) -> Result<Bytes, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("cannot encode object: {e}")))
 }
 
-/// A list continue token: the snapshot revision and the last key returned.
+/// A list continue token: the snapshot revision and the last key returned. A revision of 0
+/// continues at the latest revision (the inconsistent token a compacted snapshot's 410
+/// offers).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Continue {
     rv: i64,
@@ -874,6 +876,30 @@ impl Engine {
         }))
     }
 
+    /// How many keys under `prefix` follow `after` at `revision`.
+    async fn count_after(&self, prefix: &str, revision: i64, after: &str) -> Result<u64, ApiError> {
+        let mut count = 0;
+        let mut start_after = Some(after.to_owned());
+        loop {
+            let page = self
+                .store
+                .list(
+                    prefix,
+                    &ListOptions {
+                        revision: Some(revision),
+                        limit: Some(1000),
+                        start_after: start_after.clone(),
+                    },
+                )
+                .await?;
+            count += page.kvs.len() as u64;
+            match (page.more, page.kvs.last()) {
+                (true, Some(last)) => start_after = Some(last.key.clone()),
+                _ => return Ok(count),
+            }
+        }
+    }
+
     async fn list_from_store(&self, target: &Target, params: &Params) -> Result<Value, ApiError> {
         let def = &target.def;
         let labels = LabelSelector::parse(params.label_selector.as_deref().unwrap_or(""))?;
@@ -883,10 +909,12 @@ impl Engine {
         )?;
         let limit = params.limit()?;
         let prefix = target.prefix();
+        let mut pinned = false;
         let (mut revision, mut start_after) = match params.continue_token.as_deref() {
             Some(token) if !token.is_empty() => {
                 let raw = Continue::parse(token)?;
-                (Some(raw.rv), Some(raw.start))
+                pinned = raw.rv != 0;
+                (Some(raw.rv).filter(|rv| *rv != 0), Some(raw.start))
             }
             _ => {
                 let exact = params.resource_version_match.as_deref() == Some("Exact");
@@ -896,7 +924,7 @@ impl Engine {
         let mut items = Vec::new();
         let mut next = None;
         'pages: loop {
-            let page = self
+            let page = match self
                 .store
                 .list(
                     &prefix,
@@ -906,7 +934,22 @@ impl Engine {
                         start_after: start_after.clone(),
                     },
                 )
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                // A snapshot compacted away: offer to continue from the same key at the
+                // latest revision instead.
+                Err(orquestra_store::Error::Compacted { .. }) if pinned && items.is_empty() => {
+                    return Err(ApiError::ExpiredContinue {
+                        continue_token: Continue {
+                            rv: 0,
+                            start: start_after.clone().unwrap_or_default(),
+                        }
+                        .encode(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             revision = Some(page.revision);
             for kv in &page.kvs {
                 if limit.is_some_and(|l| items.len() >= l) {
@@ -930,6 +973,12 @@ impl Engine {
         let revision = revision.unwrap_or_default();
         let mut metadata = json!({"resourceVersion": revision.to_string()});
         if let Some(start) = next {
+            // As kube-apiserver (which asks etcd for the count): how many follow, when no
+            // selector filters them.
+            if labels.is_empty() && fields.is_empty() {
+                let remaining = self.count_after(&prefix, revision, &start).await?;
+                metadata["remainingItemCount"] = json!(remaining);
+            }
             metadata["continue"] = json!(
                 Continue {
                     rv: revision,

@@ -118,6 +118,20 @@ pub enum ApiError {
         /// The oldest still available.
         oldest: i64,
     },
+    /// 410: a LIST's continue token names a snapshot compacted away. `continue_token`
+    /// continues from the same key at the latest revision (an inconsistent list), as
+    /// kube-apiserver offers in the Status's `metadata.continue`.
+    #[error(
+        "The provided continue parameter is too old to display a consistent list result. You \
+         can start a new list without the continue parameter, or use the continue token in \
+         this response to retrieve the remainder of the results. Continuing with the provided \
+         token results in an inconsistent list - objects that were created, modified, or \
+         deleted between the time the first chunk was returned and now may show up in the list."
+    )]
+    ExpiredContinue {
+        /// The token continuing at the latest revision.
+        continue_token: String,
+    },
     /// 413: body too large.
     #[error("the request body is too large")]
     TooLarge,
@@ -232,7 +246,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Expired { .. } => StatusCode::GONE,
+            ApiError::Expired { .. } | ApiError::ExpiredContinue { .. } => StatusCode::GONE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -252,7 +266,7 @@ impl ApiError {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::Forbidden { .. } => "Forbidden",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
-            ApiError::Expired { .. } => "Expired",
+            ApiError::Expired { .. } | ApiError::ExpiredContinue { .. } => "Expired",
             ApiError::TooLarge => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",
@@ -318,6 +332,9 @@ impl ApiError {
         });
         if let Some(details) = details {
             status["details"] = details;
+        }
+        if let ApiError::ExpiredContinue { continue_token } = self {
+            status["metadata"]["continue"] = json!(continue_token);
         }
         status
     }

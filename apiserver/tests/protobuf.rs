@@ -470,3 +470,22 @@ async fn bad_protobuf_bodies_get_a_status_and_the_server_keeps_serving() {
         .unwrap();
     assert_eq!(created.status(), 201);
 }
+
+/// client-go encodes DeleteOptions under the group version of what it deletes
+/// (`apps/v1`, `admissionregistration.k8s.io/v1`): they are read as meta.k8s.io's.
+#[test]
+fn delete_options_decode_under_any_group_version() {
+    let options = meta::DeleteOptions {
+        propagation_policy: Some("Orphan".into()),
+        ..Default::default()
+    };
+    for api_version in ["v1", "apps/v1", "admissionregistration.k8s.io/v1"] {
+        let object = proto::decode(&envelope(
+            api_version,
+            "DeleteOptions",
+            options.encode_to_vec(),
+        ))
+        .unwrap();
+        assert_eq!(object["propagationPolicy"], "Orphan", "{api_version}");
+    }
+}

@@ -107,14 +107,17 @@ pub(super) fn decode(body: &[u8]) -> Result<Value, ApiError> {
             _ => {}
         }
     }
-    let message = SCHEMA
-        .roots
-        .get(&format!("{api_version}/{kind}"))
-        .ok_or_else(|| {
-            ApiError::UnsupportedMediaType(format!(
-                "protobuf bodies are not supported for {api_version}/{kind}; send JSON"
-            ))
-        })?;
+    // client-go sends DeleteOptions under the group version of the resource it deletes.
+    let root = if kind == "DeleteOptions" {
+        "meta.k8s.io/v1/DeleteOptions".to_owned()
+    } else {
+        format!("{api_version}/{kind}")
+    };
+    let message = SCHEMA.roots.get(&root).ok_or_else(|| {
+        ApiError::UnsupportedMediaType(format!(
+            "protobuf bodies are not supported for {api_version}/{kind}; send JSON"
+        ))
+    })?;
     let mut object = message_value(message, raw)?;
     if let Some(map) = object.as_object_mut() {
         map.insert("apiVersion".into(), json!(api_version));
