@@ -109,7 +109,10 @@ pub fn builtin_crds() -> Vec<Value> {
         crd::<apps::v1::ControllerRevision>(kind(NONE, NONE)),
         crd::<batch::v1::Job>(kind(NONE, ALL).status()),
         crd::<batch::v1::CronJob>(kind(&["cj"], ALL).status()),
-        crd::<autoscaling::v2::HorizontalPodAutoscaler>(kind(&["hpa"], ALL).status()),
+        also_served(
+            crd::<autoscaling::v2::HorizontalPodAutoscaler>(kind(&["hpa"], ALL).status()),
+            crd::<autoscaling::v1::HorizontalPodAutoscaler>(kind(&["hpa"], ALL).status()),
+        ),
         crd::<policy::v1::PodDisruptionBudget>(kind(&["pdb"], NONE).status()),
         crd::<storage::v1::StorageClass>(kind(&["sc"], NONE)),
         crd::<storage::v1::VolumeAttachment>(kind(NONE, NONE).status()),
@@ -184,6 +187,16 @@ where
     K::Scope: Scope,
 {
     definition::<K>(how, Some(K::LIST_KIND))
+}
+
+/// `storage`'s CRD serving `other`'s version too (not stored: [`crate::convert`] converts).
+fn also_served(mut storage: Value, other: Value) -> Value {
+    let mut version = other["spec"]["versions"][0].clone();
+    version["storage"] = json!(false);
+    if let Some(versions) = storage["spec"]["versions"].as_array_mut() {
+        versions.push(version);
+    }
+    storage
 }
 
 /// A review: only created, answered from the request and never stored (no list).
@@ -357,7 +370,10 @@ fn fix_up(schema: &mut Value) {
     }
     // The engine drops nulls from every object it is given (as Go's decoding does), so
     // `nullable` (added for every Option by schemars) would only mislead readers.
-    object.remove("nullable");
+    // (The keyword, a boolean — not a property of that name: JSONSchemaProps has one.)
+    if object.get("nullable").is_some_and(Value::is_boolean) {
+        object.remove("nullable");
+    }
     for value in object.values_mut() {
         match value {
             Value::Object(_) => fix_up(value),

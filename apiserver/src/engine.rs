@@ -150,6 +150,22 @@ impl Engine {
         self.rbac.store(rbac, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// `object` (stored in its kind's storage version) as a client of `def`'s version sees
+    /// it ([`crate::convert`]).
+    pub(crate) fn to_client(&self, def: &ResourceDef, object: &mut Value) {
+        crate::convert::for_client(def, object);
+    }
+
+    /// `object` (in `def`'s version) as it is stored: in its kind's storage version.
+    pub(crate) fn to_storage(&self, def: &ResourceDef, object: &mut Value) {
+        if def.storage {
+            return;
+        }
+        if let Some(storage) = self.registry.storage_version(&def.group, &def.plural) {
+            crate::convert::convert(&def.group, &def.kind, object, &storage.api_version());
+        }
+    }
+
     /// The authenticator, if the server authenticates requests.
     pub fn authenticator(&self) -> Option<&crate::identity::Authenticator> {
         self.authenticator.get().map(Arc::as_ref)
@@ -218,7 +234,9 @@ impl Engine {
     /// Reads one object.
     pub async fn get(&self, target: &Target) -> Result<Value, ApiError> {
         let (key, name) = self.named(target)?;
-        decode(&self.stored(&target.def, &key, &name).await?)
+        let mut object = decode(&self.stored(&target.def, &key, &name).await?)?;
+        self.to_client(&target.def, &mut object);
+        Ok(object)
     }
 
     /// The stored key-value of an object, or NotFound.
@@ -401,7 +419,9 @@ impl Engine {
         if crate::service::is_service(def) && !dry_run {
             crate::service::admit_create(self, &mut object).await?;
         }
+        self.to_storage(def, &mut object);
         let bytes = encode(&object)?;
+        self.to_client(def, &mut object);
         if dry_run {
             return match self.store.get(&key, None).await?.1 {
                 Some(_) => Err(ApiError::already_exists(def, &name)),
@@ -461,7 +481,8 @@ impl Engine {
             if expected.is_some_and(|rv| rv != current.mod_revision) {
                 return Err(ApiError::stale(def, &name));
             }
-            let old = decode(&current)?;
+            let mut old = decode(&current)?;
+            self.to_client(def, &mut old);
             let mut new = merge_update(def, &old, &body, part)?;
             crate::admission::on_write(def, &mut new);
             if def.group.is_empty() && def.kind == "Pod" && matches!(part, Part::Main) {
@@ -501,9 +522,14 @@ impl Engine {
         mut new: Value,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
+        // `new` is in `def`'s version; the store holds the storage version.
+        self.to_storage(def, &mut new);
         let bytes = encode(&new)?;
+        self.to_client(def, &mut new);
         if bytes == current.value {
-            return decode(current);
+            let mut unchanged = decode(current)?;
+            self.to_client(def, &mut unchanged);
+            return Ok(unchanged);
         }
         if dry_run {
             set_resource_version(&mut new, current.mod_revision);
@@ -604,6 +630,7 @@ impl Engine {
         loop {
             let current = self.stored(def, &key, &name).await?;
             let mut object = decode(&current)?;
+            self.to_client(def, &mut object);
             if let Some(pre) = options.get("preconditions") {
                 if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
                     if meta_str(&object, "uid") != Some(uid) {
@@ -753,11 +780,10 @@ impl Engine {
         if let Some(list) = self.list_cached(target, params).await? {
             let mut items = Vec::with_capacity(list.items.len());
             for item in &list.items {
-                items.push(
-                    serde_json::from_slice::<Value>(item).map_err(|e| {
-                        ApiError::Internal(format!("cached object is not JSON: {e}"))
-                    })?,
-                );
+                let mut object = serde_json::from_slice::<Value>(item)
+                    .map_err(|e| ApiError::Internal(format!("cached object is not JSON: {e}")))?;
+                self.to_client(&target.def, &mut object);
+                items.push(object);
             }
             return Ok(json!({
                 "kind": format!("{}List", target.def.kind),
@@ -772,6 +798,11 @@ impl Engine {
     /// A LIST as the JSON bytes of its response: from the watch cache without decoding a
     /// single object when it can, else from the store.
     pub async fn list_json(&self, target: &Target, params: &Params) -> Result<Vec<u8>, ApiError> {
+        if !target.def.reads_as_stored() {
+            // Every object converted or defaulted: no bytes to pass through.
+            let list = self.list(target, params).await?;
+            return serde_json::to_vec(&list).map_err(|e| ApiError::Internal(e.to_string()));
+        }
         let Some(list) = self.list_cached(target, params).await? else {
             let list = self.list_from_store(target, params).await?;
             return serde_json::to_vec(&list).map_err(|e| ApiError::Internal(e.to_string()));
@@ -957,7 +988,8 @@ impl Engine {
                     break 'pages;
                 }
                 start_after = Some(kv.key.clone());
-                let object = decode(kv)?;
+                let mut object = decode(kv)?;
+                self.to_client(def, &mut object);
                 if labels.matches(&object) && fields.matches(&object) {
                     items.push(object);
                 }

@@ -132,6 +132,9 @@ pub enum ApiError {
         /// The token continuing at the latest revision.
         continue_token: String,
     },
+    /// 406: the client accepts no form this resource has (a Table of a review).
+    #[error("the server was unable to respond with a content type that the client supports")]
+    NotAcceptable,
     /// 413: body too large.
     #[error("the request body is too large")]
     TooLarge,
@@ -247,6 +250,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Expired { .. } | ApiError::ExpiredContinue { .. } => StatusCode::GONE,
+            ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -267,6 +271,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => "Forbidden",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Expired { .. } | ApiError::ExpiredContinue { .. } => "Expired",
+            ApiError::NotAcceptable => "NotAcceptable",
             ApiError::TooLarge => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",

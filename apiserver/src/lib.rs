@@ -14,6 +14,7 @@ pub mod admission;
 pub mod authorization;
 pub mod body;
 pub mod cache;
+pub mod convert;
 pub mod crd;
 pub mod crdgen;
 pub mod discovery;
@@ -122,8 +123,10 @@ impl ApiServer {
                 get(|| async { json(StatusCode::OK, &discovery::version()) }),
             )
             .route("/api", get(core_groups))
+            .route("/api/", get(core_groups))
             .route("/api/v1", get(core_resources))
             .route("/apis", get(groups))
+            .route("/apis/", get(groups))
             .route("/apis/{group}", get(group))
             .route("/apis/{group}/{version}", get(group_resources))
             .route("/api/v1/{*rest}", any(core_resource))
@@ -538,6 +541,14 @@ async fn serve(
             return Err(ApiError::MethodNotAllowed);
         }
         require_json(headers)?;
+        let accept = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        // A review has no Table or metadata-only form.
+        if Representation::from_accept(accept) != Representation::Full {
+            return Err(ApiError::NotAcceptable);
+        }
         let answer = review::answer(engine, &target, caller, parse_body(&body)?).await?;
         return Ok(json(StatusCode::CREATED, &answer));
     }

@@ -55,6 +55,12 @@ pub struct ResourceDef {
     /// Where the schema as written (with its descriptions) is found, for the OpenAPI
     /// documents; kept out of memory for the large built-in schemas.
     pub openapi: SchemaSource,
+    /// A custom resource whose schema has defaults: objects read from the store get them
+    /// (they may predate the defaults), as kube-apiserver defaults custom resources on read.
+    pub defaults_on_read: bool,
+    /// The version objects are stored in ([`crate::convert`]): a kind served in several
+    /// versions has one storage version; reads and writes through the others convert.
+    pub storage: bool,
     /// Only `create` is served, and nothing is stored: the reviews (TokenReview,
     /// SubjectAccessReview, …) answered from the request. Marked in a built-in manifest by
     /// the annotation [`CREATE_ONLY`].
@@ -95,6 +101,12 @@ impl SchemaSource {
 }
 
 impl ResourceDef {
+    /// Whether objects read from the store are served exactly as stored (no conversion, no
+    /// defaults to fill in): the fast paths that pass stored JSON through.
+    pub fn reads_as_stored(&self) -> bool {
+        self.storage && !self.defaults_on_read
+    }
+
     /// `group/version`, or `version` for the core group.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
@@ -252,7 +264,13 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
         .unwrap_or_default()
         .iter()
         .filter(|v| v["served"].as_bool().unwrap_or(true))
-        .map(|v| ResourceDef {
+        .map(|v| {
+            let schema = v
+                .pointer("/schema/openAPIV3Schema")
+                .map(|schema| Arc::new(Structural::compile(schema)));
+            (v, schema)
+        })
+        .map(|(v, schema)| ResourceDef {
             group: text(&spec["group"]),
             version: text(&v["name"]),
             kind: kind.clone(),
@@ -271,13 +289,13 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
-            schema: v
-                .pointer("/schema/openAPIV3Schema")
-                .map(|schema| Arc::new(Structural::compile(schema))),
+            defaults_on_read: schema.as_deref().is_some_and(crate::schema::has_defaults),
+            schema,
             openapi: match v.pointer("/schema/openAPIV3Schema") {
                 Some(schema) => SchemaSource::Custom(Arc::new(schema.clone())),
                 None => SchemaSource::None,
             },
+            storage: v["storage"].as_bool().unwrap_or(true),
             create_only,
         })
         .collect()
@@ -348,6 +366,17 @@ impl Registry {
                 (group.clone(), versions)
             })
             .collect()
+    }
+
+    /// The definition of `group/plural` in its storage version.
+    pub fn storage_version(&self, group: &str, plural: &str) -> Option<Arc<ResourceDef>> {
+        let table = self.table.read().ok()?;
+        table
+            .get(group)?
+            .values()
+            .filter_map(|resources| resources.get(plural))
+            .find(|def| def.storage)
+            .cloned()
     }
 
     /// The resources of one group version, by plural.

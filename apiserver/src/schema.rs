@@ -308,6 +308,46 @@ pub fn prune_and_default(schema: &Structural, object: &mut Value) {
     }
 }
 
+/// Fills in schema defaults for absent fields without pruning anything: what a custom
+/// resource read from the store gets when its CRD gained defaults after it was written.
+pub fn default_only(schema: &Structural, object: &mut Value) {
+    if let Value::Object(map) = object {
+        for (key, value) in map.iter_mut() {
+            if let (false, Child::Known(sub)) = (is_root_meta(key), schema.child(key)) {
+                default_value(sub, value);
+            }
+        }
+        fill_defaults(schema, map, true);
+    }
+}
+
+fn default_value(schema: &Structural, value: &mut Value) {
+    match value {
+        Value::Object(map) if schema.ty == Type::Object => {
+            for (key, child) in map.iter_mut() {
+                if let Child::Known(sub) = schema.child(key) {
+                    default_value(sub, child);
+                }
+            }
+            fill_defaults(schema, map, false);
+        }
+        Value::Array(items) => {
+            if let Some(sub) = &schema.items {
+                items.iter_mut().for_each(|item| default_value(sub, item));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether a schema (anywhere in it) has a default.
+pub fn has_defaults(schema: &Structural) -> bool {
+    schema.default.is_some()
+        || schema.properties.iter().any(|(_, p)| has_defaults(p))
+        || schema.items.as_deref().is_some_and(has_defaults)
+        || matches!(&schema.additional, Additional::Values(v) if has_defaults(v))
+}
+
 /// Drops the fields ObjectMeta does not have (without defaulting anything in it).
 fn prune_metadata(value: &mut Value) {
     if let Value::Object(map) = value {

@@ -106,7 +106,8 @@ pub async fn watch(
             loop {
                 let page = engine.store.list(&prefix, &options).await?;
                 for kv in &page.kvs {
-                    let object = decode(kv)?;
+                    let mut object = decode(kv)?;
+                    engine.to_client(&def, &mut object);
                     if matches(&object) {
                         initial.push(line("ADDED", &object));
                     }
@@ -130,11 +131,16 @@ pub async fn watch(
     let changes = engine.store.watch(&prefix, start).await?;
     let kind = def.kind.clone();
     let api_version = def.api_version();
+    let decode_for_client = move |kv: &orquestra_store::KeyValue| {
+        let mut object = decode(kv).ok()?;
+        crate::convert::for_client(&def, &mut object);
+        Some(object)
+    };
     let events = changes.filter_map(move |item| {
         let out = match item {
             Ok(WatchEvent::Change(event)) => {
-                let new = decode(&event.kv).ok();
-                let mut old = event.prev.as_ref().and_then(|p| decode(p).ok());
+                let new = decode_for_client(&event.kv);
+                let mut old = event.prev.as_ref().and_then(&decode_for_client);
                 let was = old.as_ref().is_some_and(&matches);
                 match event.kind {
                     EventKind::Delete => old.as_mut().filter(|_| was).map(|o| {
@@ -263,7 +269,7 @@ impl CachedWatch {
     /// `{"type":…,"object":…}` from the cached JSON, re-encoded only for a deletion's
     /// resourceVersion or a Table.
     fn event(&self, kind: &str, entry: &Entry, revision: Option<i64>) -> Bytes {
-        if self.form == Representation::Full && revision.is_none() {
+        if self.form == Representation::Full && revision.is_none() && self.def.reads_as_stored() {
             let mut out = Vec::with_capacity(entry.json.len() + 32);
             out.extend_from_slice(b"{\"type\":\"");
             out.extend_from_slice(kind.as_bytes());
@@ -273,6 +279,7 @@ impl CachedWatch {
             return Bytes::from(out);
         }
         let mut object = entry.decode().unwrap_or_default();
+        crate::convert::for_client(&self.def, &mut object);
         if let Some(revision) = revision {
             set_resource_version(&mut object, revision);
         }

@@ -17,7 +17,9 @@
 //!   then the finalizer;
 //! - marked with `foregroundDeletion`: delete its dependents (Foreground, so the chain
 //!   cascades), and remove the finalizer once no dependent that blocks it
-//!   (`blockOwnerDeletion: true`) is left;
+//!   (`blockOwnerDeletion: true`) is left; a dependent already waiting for its own
+//!   dependents stops blocking, which breaks cycles of references as
+//!   kube-controller-manager does;
 //! - otherwise, with ownerReferences: when every owner is absent — not in the graph, and
 //!   confirmed by a live GET, since the graph may lag behind a new owner; an owner with
 //!   another uid is absent — delete it (Background, preconditioned on its uid and
@@ -282,7 +284,15 @@ async fn build_graph(collector: Arc<Collector>, shutdown: Shutdown) {
                     collector.enqueue(wake).await;
                 }
             }
-            Err(error) => tracing::warn!(%error, "garbage collector: discovery failed"),
+            Err(error) => {
+                // Often a group that went away between listing the groups and reading it (a
+                // CRD being deleted): look again soon, not after the full period.
+                tracing::warn!(%error, "garbage collector: discovery failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.clone() => break,
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(REDISCOVER) => {}
@@ -640,6 +650,23 @@ impl Collector {
         }
     }
 
+    /// Makes `node`'s reference to owner `uid` non-blocking (`blockOwnerDeletion: false`).
+    async fn unblock(&self, node: &GraphNode, uid: &str) -> Result<(), GarbageError> {
+        let owners: Vec<OwnerReference> = node
+            .owners()
+            .iter()
+            .cloned()
+            .map(|mut o| {
+                if o.uid == uid {
+                    o.block_owner_deletion = Some(false);
+                }
+                o
+            })
+            .collect();
+        self.patch_meta(node, "ownerReferences", json!(owners))
+            .await
+    }
+
     /// Removes the references to the owners `uids` from `node`.
     async fn unlink(&self, node: &GraphNode, uids: &[&str]) -> Result<(), GarbageError> {
         let kept: Vec<&OwnerReference> = node
@@ -743,6 +770,13 @@ async fn delete_dependents(owner: &GraphNode, gc: &Collector) -> Result<Action, 
             .iter()
             .any(|o| o.uid == owner.uid() && o.block_owner_deletion == Some(true));
         if dependent.deleting() {
+            // A dependent itself waiting for its own dependents in the foreground may be
+            // waiting, around a cycle of references, for this owner: its reference stops
+            // blocking (kube's cycle breaking), so the cycle unwinds.
+            if blocks && dependent.finalizers().iter().any(|f| f == FOREGROUND) {
+                gc.unblock(&dependent, owner.uid()).await?;
+                continue;
+            }
             blocked |= blocks;
             continue;
         }

@@ -3,7 +3,9 @@
 //! after which the API server removes it.
 //!
 //! Every namespaced resource discovery finds (custom resources included) is listed in the
-//! namespace and each object deleted (Background). Objects that take time to go — pods
+//! namespace and each object deleted (Background) — pods first: nothing else is deleted while
+//! a pod remains (kube's OrderedNamespaceDeletion), so a pod's volumes, secrets and service
+//! account outlive it. Objects that take time to go — pods
 //! stopping on their nodes, objects with finalizers — are waited for by looking again every
 //! few seconds; the namespace's status conditions say what is left
 //! (`NamespaceContentRemaining`: `Some resources are remaining: pods. has 2 resource
@@ -170,19 +172,26 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Controller>) -> Result<Action, N
 /// Deletes every object in namespace `ns` (Background), and counts what is still there.
 async fn delete_content(client: &Client, ns: &str, discovery: &Discovery) -> Content {
     let mut content = Content::default();
-    let resources = discovery
+    let mut resources: Vec<_> = discovery
         .groups()
         .flat_map(|group| group.recommended_resources())
         .filter(|(_, caps)| {
             caps.scope == Scope::Namespaced
                 && caps.supports_operation(verbs::LIST)
                 && caps.supports_operation(verbs::DELETE)
-        });
+        })
+        .collect();
+    // Pods first.
+    let is_pods = |r: &kube::discovery::ApiResource| r.group.is_empty() && r.plural == "pods";
+    resources.sort_by_key(|(r, _)| !is_pods(r));
     let params = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         ..DeleteParams::default()
     };
     for (resource, _) in resources {
+        if !is_pods(&resource) && content.remaining.contains_key("pods.") {
+            break; // the rest waits for the pods to be gone
+        }
         let label = format!("{}.{}", resource.plural, resource.group);
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
         let listed = match api.list_metadata(&ListParams::default()).await {

@@ -249,6 +249,28 @@ fn scalar(kind: &str, wire: &Wire<'_>) -> Result<Value, ApiError> {
     })
 }
 
+/// Go `bool`s (not `*bool`) that Go's encoder always writes and its JSON omits when false:
+/// kept, a CRD's schema would read back with `x-kubernetes-int-or-string: false` and the like.
+const PLAIN_BOOLS: &[(&str, &[&str])] = &[(
+    "JsonSchemaProps",
+    &[
+        "exclusiveMaximum",
+        "exclusiveMinimum",
+        "uniqueItems",
+        "nullable",
+        "x-kubernetes-embedded-resource",
+        "x-kubernetes-int-or-string",
+    ],
+)];
+
+fn omitted_false(message: &str, field: &str, value: &Value) -> bool {
+    let short = message.rsplit('.').next().unwrap_or(message);
+    *value == Value::Bool(false)
+        && PLAIN_BOOLS
+            .iter()
+            .any(|(m, fields)| *m == short && fields.contains(&field))
+}
+
 /// Decodes one message of the schema into JSON.
 fn message_value(name: &str, data: &[u8]) -> Result<Value, ApiError> {
     if let Some(value) = special(name, data)? {
@@ -327,8 +349,8 @@ fn message_value(name: &str, data: &[u8]) -> Result<Value, ApiError> {
             if let Some(items) = items.as_array_mut() {
                 items.push(value);
             }
-        } else if value.is_null() || value == json!("") {
-            // Unset in Go terms: the zero time, an empty string.
+        } else if value.is_null() || value == json!("") || omitted_false(name, json_name, &value) {
+            // Unset in Go terms: the zero time, an empty string, a plain bool left false.
         } else {
             object.insert(json_name.clone(), value);
         }

@@ -1,0 +1,254 @@
+//! Versions of one kind. A kind served in several versions keeps its objects in one, its
+//! storage version, as kube-apiserver does: a write in another version is converted on the
+//! way in, and a read through another version on the way out.
+//!
+//! Most kinds convert by relabelling alone (their versions have one shape, as a CRD's
+//! versions without a conversion webhook do). The HorizontalPodAutoscaler's `autoscaling/v1`
+//! and `autoscaling/v2` differ: v1's `targetCPUUtilizationPercentage` is v2's CPU
+//! `Utilization` metric, and v1's `currentCPUUtilizationPercentage` the current one; what v1
+//! cannot say (other metrics, conditions, behavior) is kept in the annotations kube-apiserver
+//! keeps it in, so a round trip through v1 loses nothing.
+
+use serde_json::{Value, json};
+
+/// The annotations a v1 HorizontalPodAutoscaler carries v2's extra fields in.
+const METRICS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/metrics";
+const CONDITIONS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/conditions";
+const CURRENT_METRICS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/current-metrics";
+const BEHAVIOR_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/behavior";
+
+/// `object`, as stored, converted for a client of `def`'s version (nothing to do when `def` is
+/// the storage version).
+pub fn for_client(def: &crate::registry::ResourceDef, object: &mut Value) {
+    if !def.storage {
+        convert(&def.group, &def.kind, object, &def.api_version());
+    }
+    if let (true, Some(schema)) = (def.defaults_on_read, def.schema.as_deref()) {
+        crate::schema::default_only(schema, object);
+    }
+}
+
+/// Converts `object` (of `group`'s `kind`) to `api_version`, in place.
+pub fn convert(group: &str, kind: &str, object: &mut Value, api_version: &str) {
+    let from = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if from == api_version {
+        return;
+    }
+    if group == "autoscaling" && kind == "HorizontalPodAutoscaler" {
+        match (from.as_str(), api_version) {
+            ("autoscaling/v2", "autoscaling/v1") => hpa_to_v1(object),
+            ("autoscaling/v1", "autoscaling/v2") => hpa_to_v2(object),
+            _ => {}
+        }
+    }
+    object["apiVersion"] = json!(api_version);
+}
+
+fn is_cpu_utilization(metric: &Value) -> bool {
+    metric["type"] == "Resource"
+        && metric["resource"]["name"] == "cpu"
+        && metric["resource"]["target"]["type"] == "Utilization"
+}
+
+fn annotate(object: &mut Value, key: &str, value: &Value) {
+    object["metadata"]["annotations"][key] = json!(value.to_string());
+}
+
+fn take_annotation(object: &mut Value, key: &str) -> Option<Value> {
+    let annotations = object
+        .get_mut("metadata")?
+        .get_mut("annotations")?
+        .as_object_mut()?;
+    let text = annotations.remove(key)?;
+    if annotations.is_empty()
+        && let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        meta.remove("annotations");
+    }
+    serde_json::from_str(text.as_str()?).ok()
+}
+
+/// v2 → v1.
+fn hpa_to_v1(object: &mut Value) {
+    let spec = object["spec"].take();
+    let status = object.get_mut("status").map(Value::take);
+    let metrics = spec["metrics"].as_array().cloned().unwrap_or_default();
+    let (cpu, others): (Vec<Value>, Vec<Value>) = metrics.into_iter().partition(is_cpu_utilization);
+    let mut v1 = json!({
+        "scaleTargetRef": spec["scaleTargetRef"],
+        "maxReplicas": spec["maxReplicas"],
+    });
+    if let Some(min) = spec.get("minReplicas") {
+        v1["minReplicas"] = min.clone();
+    }
+    if let Some(target) = cpu
+        .first()
+        .map(|m| m["resource"]["target"]["averageUtilization"].clone())
+    {
+        v1["targetCPUUtilizationPercentage"] = target;
+    }
+    object["spec"] = v1;
+    if !others.is_empty() {
+        annotate(object, METRICS_ANNOTATION, &json!(others));
+    }
+    if let Some(behavior) = spec.get("behavior") {
+        annotate(object, BEHAVIOR_ANNOTATION, behavior);
+    }
+    if let Some(status) = status.filter(Value::is_object) {
+        let mut v1 = json!({});
+        for field in [
+            "observedGeneration",
+            "lastScaleTime",
+            "currentReplicas",
+            "desiredReplicas",
+        ] {
+            if let Some(value) = status.get(field) {
+                v1[field] = value.clone();
+            }
+        }
+        let current = status["currentMetrics"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let (cpu, others): (Vec<Value>, Vec<Value>) = current
+            .into_iter()
+            .partition(|m| m["type"] == "Resource" && m["resource"]["name"] == "cpu");
+        if let Some(value) = cpu
+            .first()
+            .and_then(|m| m["resource"]["current"].get("averageUtilization"))
+        {
+            v1["currentCPUUtilizationPercentage"] = value.clone();
+        }
+        object["status"] = v1;
+        if !others.is_empty() {
+            annotate(object, CURRENT_METRICS_ANNOTATION, &json!(others));
+        }
+        if let Some(conditions) = status.get("conditions") {
+            annotate(object, CONDITIONS_ANNOTATION, conditions);
+        }
+    }
+}
+
+/// v1 → v2.
+fn hpa_to_v2(object: &mut Value) {
+    let spec = object["spec"].take();
+    let status = object.get_mut("status").map(Value::take);
+    let mut metrics: Vec<Value> = Vec::new();
+    if let Some(target) = spec.get("targetCPUUtilizationPercentage") {
+        metrics.push(json!({"type": "Resource", "resource": {"name": "cpu",
+            "target": {"type": "Utilization", "averageUtilization": target}}}));
+    }
+    if let Some(Value::Array(others)) = take_annotation(object, METRICS_ANNOTATION) {
+        metrics.extend(others);
+    }
+    let mut v2 = json!({
+        "scaleTargetRef": spec["scaleTargetRef"],
+        "maxReplicas": spec["maxReplicas"],
+    });
+    if let Some(min) = spec.get("minReplicas") {
+        v2["minReplicas"] = min.clone();
+    }
+    if !metrics.is_empty() {
+        v2["metrics"] = json!(metrics);
+    }
+    if let Some(behavior) = take_annotation(object, BEHAVIOR_ANNOTATION) {
+        v2["behavior"] = behavior;
+    }
+    object["spec"] = v2;
+    let conditions = take_annotation(object, CONDITIONS_ANNOTATION);
+    let current_others = take_annotation(object, CURRENT_METRICS_ANNOTATION);
+    if let Some(status) = status.filter(Value::is_object) {
+        let mut v2 = json!({});
+        for field in [
+            "observedGeneration",
+            "lastScaleTime",
+            "currentReplicas",
+            "desiredReplicas",
+        ] {
+            if let Some(value) = status.get(field) {
+                v2[field] = value.clone();
+            }
+        }
+        let mut current: Vec<Value> = Vec::new();
+        if let Some(value) = status.get("currentCPUUtilizationPercentage") {
+            current.push(json!({"type": "Resource", "resource": {"name": "cpu",
+                "current": {"averageUtilization": value}}}));
+        }
+        if let Some(Value::Array(others)) = current_others {
+            current.extend(others);
+        }
+        if !current.is_empty() {
+            v2["currentMetrics"] = json!(current);
+        }
+        if let Some(conditions) = conditions {
+            v2["conditions"] = conditions;
+        }
+        object["status"] = v2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2() -> Value {
+        json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "web"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "minReplicas": 1, "maxReplicas": 5,
+                "metrics": [
+                    {"type": "Resource", "resource": {"name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 50}}},
+                    {"type": "Pods", "pods": {"metric": {"name": "qps"},
+                        "target": {"type": "AverageValue", "averageValue": "1k"}}}
+                ],
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}},
+            },
+            "status": {"currentReplicas": 2, "desiredReplicas": 3,
+                "currentMetrics": [{"type": "Resource", "resource": {"name": "cpu",
+                    "current": {"averageUtilization": 40}}}],
+                "conditions": [{"type": "AbleToScale", "status": "True"}]},
+        })
+    }
+
+    #[test]
+    fn an_hpa_reads_as_v1_and_back_without_loss() {
+        let mut object = v2();
+        convert(
+            "autoscaling",
+            "HorizontalPodAutoscaler",
+            &mut object,
+            "autoscaling/v1",
+        );
+        assert_eq!(object["apiVersion"], "autoscaling/v1");
+        assert_eq!(object["spec"]["targetCPUUtilizationPercentage"], 50);
+        assert_eq!(object["spec"]["maxReplicas"], 5);
+        assert!(object["spec"].get("metrics").is_none());
+        assert_eq!(object["status"]["currentCPUUtilizationPercentage"], 40);
+        assert!(object["metadata"]["annotations"][METRICS_ANNOTATION].is_string());
+        convert(
+            "autoscaling",
+            "HorizontalPodAutoscaler",
+            &mut object,
+            "autoscaling/v2",
+        );
+        assert_eq!(object, v2());
+    }
+
+    #[test]
+    fn other_kinds_are_relabelled() {
+        let mut object =
+            json!({"apiVersion": "example.com/v1", "kind": "Widget", "spec": {"a": 1}});
+        convert("example.com", "Widget", &mut object, "example.com/v2");
+        assert_eq!(
+            object,
+            json!({"apiVersion": "example.com/v2", "kind": "Widget", "spec": {"a": 1}})
+        );
+    }
+}
