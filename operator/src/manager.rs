@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use prometheus::Registry;
@@ -81,19 +81,30 @@ struct Leader {
     gauge: prometheus::IntGauge,
 }
 
-/// Where a cache's watch sends the objects it saw deleted.
-type DeletionSender<K> = futures::channel::mpsc::Sender<Arc<K>>;
+/// Where a cache's watch sends the objects it saw change or vanish, one per subscriber.
+type Subscriber<K> = futures::channel::mpsc::Sender<Arc<K>>;
+
+/// Who hears of a cache's changes; taken by the watch when it starts.
+struct Subscribers<K> {
+    changed: Vec<Subscriber<K>>,
+    deleted: Vec<Subscriber<K>>,
+}
 
 /// A cache of one kind, shared by every controller of the manager: one watch feeds the
 /// store that reconcilers read and the streams that trigger them.
+///
+/// The watch fans each change out itself, over one bounded channel per subscriber, rather
+/// than through kube-runtime's shared reflector: its `ReflectHandle` answers `Pending` without
+/// a wake-up when the object it was told of is already gone from the store, so a
+/// subscriber that hears of a pod just deleted stops for good, its buffer fills, and the
+/// backpressure stalls the watch — and every controller on that cache with it.
 pub struct Cache<K: Resource + Clone + 'static>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
     store: Store<K>,
     writer: Arc<Mutex<Option<Writer<K>>>>,
-    /// The subscribers to deletions; taken by the watch when it starts.
-    deleted: Arc<Mutex<Option<Vec<DeletionSender<K>>>>>,
+    subscribers: Arc<Mutex<Option<Subscribers<K>>>>,
 }
 
 impl<K: Resource + Clone + 'static> Clone for Cache<K>
@@ -104,7 +115,7 @@ where
         Cache {
             store: self.store.clone(),
             writer: Arc::clone(&self.writer),
-            deleted: Arc::clone(&self.deleted),
+            subscribers: Arc::clone(&self.subscribers),
         }
     }
 }
@@ -129,24 +140,30 @@ where
         self.store.clone()
     }
 
-    /// A stream of the changed objects, for a controller's trigger (`for_shared_stream`,
-    /// `owns_shared_stream`, `watches_shared_stream`). Only before [`Manager::run`]: every
-    /// subscriber must be known when the watch starts, or it could miss changes. `None`
-    /// afterwards.
-    pub fn subscribe(&self) -> Option<ReflectHandle<K>> {
-        self.writer.lock().ok()?.as_ref()?.subscribe()
+    /// A stream of the changed objects (as the store holds them), for a controller's trigger
+    /// (`for_shared_stream`, `owns_shared_stream`, `watches_shared_stream`); every object
+    /// again after each complete (re)list. Only before [`Manager::run`]: every subscriber
+    /// must be known when the watch starts, or it could miss changes. `None` afterwards.
+    ///
+    /// Poll it steadily: the watch waits for the slowest subscriber once its buffer is full.
+    pub fn subscribe(&self) -> Option<impl futures::Stream<Item = Arc<K>> + Send + 'static>
+    where
+        K: Send + Sync,
+    {
+        let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
+        self.subscribers.lock().ok()?.as_mut()?.changed.push(tx);
+        Some(rx)
     }
 
     /// A stream of the objects deleted (their last state), which [`Cache::subscribe`] does
-    /// not carry: kube-runtime's shared streams only announce objects still in the store.
-    /// Objects that vanished while the watch was down are announced when it relists. Only
-    /// before [`Manager::run`]; `None` afterwards.
+    /// not carry. Objects that vanished while the watch was down are announced when it
+    /// relists. Only before [`Manager::run`]; `None` afterwards.
     pub fn deletions(&self) -> Option<impl futures::Stream<Item = Arc<K>> + Send + 'static>
     where
         K: Send + Sync,
     {
         let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
-        self.deleted.lock().ok()?.as_mut()?.push(tx);
+        self.subscribers.lock().ok()?.as_mut()?.deleted.push(tx);
         Some(rx)
     }
 }
@@ -253,11 +270,14 @@ impl Manager {
         {
             return cache.clone();
         }
-        let (store, writer) = reflector::store_shared::<K>(SUBSCRIBER_BUFFER);
+        let (store, writer) = reflector::store::<K>();
         let cache = Cache {
             store,
             writer: Arc::new(Mutex::new(Some(writer))),
-            deleted: Arc::new(Mutex::new(Some(Vec::new()))),
+            subscribers: Arc::new(Mutex::new(Some(Subscribers {
+                changed: Vec::new(),
+                deleted: Vec::new(),
+            }))),
         };
         let health = Arc::new(CacheHealth {
             kind: K::kind(&Default::default()).into_owned(),
@@ -272,27 +292,36 @@ impl Manager {
                 else {
                     return;
                 };
-                let deleted = driver_cache
-                    .deleted
+                let Subscribers { changed, deleted } = driver_cache
+                    .subscribers
                     .lock()
                     .ok()
-                    .and_then(|mut d| d.take())
-                    .unwrap_or_default();
+                    .and_then(|mut s| s.take())
+                    .unwrap_or(Subscribers {
+                        changed: Vec::new(),
+                        deleted: Vec::new(),
+                    });
                 let store = driver_cache.store.clone();
                 // What the store held when a relist began: whatever the relist no longer
                 // has was deleted meanwhile.
                 let mut before_relist: Vec<Arc<K>> = Vec::new();
                 let events = watcher(api, config)
                     .default_backoff()
-                    .reflect_shared(writer)
+                    .reflect(writer)
                     .then(move |event| {
                         let mut gone: Vec<Arc<K>> = Vec::new();
+                        let mut seen: Vec<Arc<K>> = Vec::new();
                         match &event {
+                            Ok(watcher::Event::Apply(object)) => {
+                                let key = reflector::ObjectRef::from_obj(object);
+                                seen.extend(store.get(&key));
+                            }
                             Ok(watcher::Event::Delete(object)) => {
                                 gone.push(Arc::new(object.clone()));
                             }
                             Ok(watcher::Event::Init) => before_relist = store.state(),
                             Ok(watcher::Event::InitDone) => {
+                                seen = store.state();
                                 gone = std::mem::take(&mut before_relist)
                                     .into_iter()
                                     .filter(|o| {
@@ -304,16 +333,25 @@ impl Manager {
                             _ => {}
                         }
                         // Senders are cheap to clone; a dropped subscriber only fails its send.
-                        let mut senders = if gone.is_empty() {
+                        let mut to_changed = if seen.is_empty() {
+                            Vec::new()
+                        } else {
+                            changed.clone()
+                        };
+                        let mut to_deleted = if gone.is_empty() {
                             Vec::new()
                         } else {
                             deleted.clone()
                         };
                         async move {
                             use futures::SinkExt;
-                            for object in gone {
-                                for tx in &mut senders {
-                                    let _ = tx.send(Arc::clone(&object)).await;
+                            for (objects, senders) in
+                                [(seen, &mut to_changed), (gone, &mut to_deleted)]
+                            {
+                                for object in objects {
+                                    for tx in senders.iter_mut() {
+                                        let _ = tx.send(Arc::clone(&object)).await;
+                                    }
                                 }
                             }
                             event

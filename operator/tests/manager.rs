@@ -229,3 +229,57 @@ async fn deletions_are_announced() {
         Some("v")
     );
 }
+
+/// A subscriber that hears of an object only after it was deleted still gets it (as it
+/// was), and everything after it. (kube-runtime's shared `ReflectHandle` answered `Pending`
+/// without a wake-up for an object already gone from the store: the subscriber stopped for
+/// good, and once its buffer filled, the watch and every controller on the cache with it.)
+#[tokio::test]
+async fn a_subscriber_late_to_a_deleted_object_keeps_flowing() {
+    use futures::StreamExt;
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut manager = Manager::new(client.clone());
+    let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
+    let mut changed = configmaps.subscribe().unwrap();
+    let mut deleted = configmaps.deletions().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+
+    let cm = |name: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    };
+    cms.create(&PostParams::default(), &cm("brief"))
+        .await
+        .unwrap();
+    // Not reading `changed` until "brief" is gone from the cache, then "after" exists.
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let _ = cms.delete("brief", &Default::default()).await;
+            if let Ok(Some(gone)) =
+                tokio::time::timeout(Duration::from_millis(200), deleted.next()).await
+            {
+                break gone;
+            }
+        }
+    })
+    .await
+    .expect("the deletion is announced");
+    assert_eq!(gone.name_any(), "brief");
+    cms.create(&PostParams::default(), &cm("after"))
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    let seen_after = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(object) = changed.next().await {
+            names.push(object.name_any());
+            if object.name_any() == "after" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen_after.is_ok(), "the subscriber stalled after {names:?}");
+    assert_eq!(names.first().map(String::as_str), Some("brief"));
+}
