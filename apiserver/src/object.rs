@@ -166,7 +166,11 @@ pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
         return Ok(());
     };
     crate::schema::prune_and_default(schema, object);
-    let mut causes = crate::schema::validate(schema, object);
+    let mut causes = if matches!(def.openapi, crate::registry::SchemaSource::Builtin(_)) {
+        crate::schema::validate_builtin(schema, object)
+    } else {
+        crate::schema::validate(schema, object)
+    };
     if causes.is_empty() {
         causes = crate::admission::validate(def, object);
     }

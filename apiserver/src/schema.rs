@@ -392,14 +392,25 @@ fn fill_defaults(schema: &Structural, map: &mut Map<String, Value>, root: bool) 
     }
 }
 
+/// [`validate`] for a built-in kind: `required` is not enforced under `status`. Built-in
+/// kinds' status is written by their controllers, and kube-apiserver holds it to its types,
+/// not to the OpenAPI `required` markers (a CRD's status condition may lack a type).
+pub fn validate_builtin(schema: &Structural, object: &Value) -> Vec<Cause> {
+    validate_with(schema, object, true)
+}
+
 /// Every way `object` breaks its schema, as `Invalid` causes.
 pub fn validate(schema: &Structural, object: &Value) -> Vec<Cause> {
+    validate_with(schema, object, false)
+}
+
+fn validate_with(schema: &Structural, object: &Value, lenient_status: bool) -> Vec<Cause> {
     let mut causes = Vec::new();
     if let Value::Object(map) = object {
         check_required(schema, map, "", &mut causes, true);
         for (key, value) in map {
             if let (false, Child::Known(sub)) = (is_root_meta(key), schema.child(key)) {
-                check(sub, value, key, &mut causes);
+                check(sub, value, key, &mut causes, lenient_status);
             }
         }
     }
@@ -452,7 +463,13 @@ fn short(value: &Value) -> String {
     }
 }
 
-fn check(schema: &Structural, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+fn check(
+    schema: &Structural,
+    value: &Value,
+    path: &str,
+    causes: &mut Vec<Cause>,
+    lenient_status: bool,
+) {
     if !schema.ty.admits(value) {
         let detail = format!("{path} in body must be of type {}", schema.ty.name());
         causes.push(invalid(path, &Value::String(type_of(value).into()), detail));
@@ -511,15 +528,19 @@ fn check(schema: &Structural, value: &Value, path: &str, causes: &mut Vec<Cause>
             }
             if let Some(sub) = &schema.items {
                 for (i, item) in items.iter().enumerate() {
-                    check(sub, item, &format!("{path}[{i}]"), causes);
+                    check(sub, item, &format!("{path}[{i}]"), causes, lenient_status);
                 }
             }
         }
         Value::Object(map) => {
-            check_required(schema, map, path, causes, false);
+            let in_status =
+                path == "status" || path.starts_with("status.") || path.starts_with("status[");
+            if !(lenient_status && in_status) {
+                check_required(schema, map, path, causes, false);
+            }
             for (key, child) in map {
                 if let Child::Known(sub) = schema.child(key) {
-                    check(sub, child, &join(path, key), causes);
+                    check(sub, child, &join(path, key), causes, lenient_status);
                 }
             }
         }

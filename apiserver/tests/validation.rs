@@ -551,3 +551,50 @@ async fn strict_field_validation_names_unknown_duplicate_and_metadata_fields() {
         .contains(".spec.template.metadata.unknownSubMeta: field not declared in schema")
     );
 }
+
+/// A built-in kind's status is held to its types, not to the OpenAPI `required` markers:
+/// the conformance suite writes a CRD condition with neither type nor status (as
+/// kube-apiserver accepts it), while the spec's required fields stay required.
+#[tokio::test]
+async fn a_builtin_status_need_not_carry_its_required_fields() {
+    let c = cluster().await;
+    let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gadgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object"}}}]},
+    });
+    let (code, _, created) = post(&c, crds, "", &crd).await;
+    assert_eq!(code, 201, "{created}");
+    let mut with_status = created.clone();
+    with_status["status"] = json!({"conditions": [{"message": "set by a test"}],
+        "acceptedNames": {"plural": "gadgets", "kind": "Gadget"}});
+    let (code, body) = send_raw(
+        &c,
+        "PUT",
+        &format!("{crds}/gadgets.example.com/status"),
+        "application/json",
+        &with_status.to_string(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let mut no_names = created;
+    no_names["spec"]["names"] = json!({"plural": "gadgets"});
+    no_names["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let (code, body) = send_raw(
+        &c,
+        "PUT",
+        &format!("{crds}/gadgets.example.com"),
+        "application/json",
+        &no_names.to_string(),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("spec.names.kind"), "{body}");
+}
