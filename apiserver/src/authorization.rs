@@ -337,7 +337,8 @@ impl Authorizer {
 
 /// Creates the bootstrap roles every cluster has, if missing: `cluster-admin` (everything),
 /// bound to `system:masters` — what `kubectl create clusterrolebinding
-/// --clusterrole=cluster-admin` names — and `system:node`, bound to `system:nodes`.
+/// --clusterrole=cluster-admin` names — `system:node`, bound to `system:nodes`, and
+/// `system:basic-user` (the self reviews), bound to `system:authenticated`.
 pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
     let group = "rbac.authorization.k8s.io";
     let labels = serde_json::json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
@@ -367,9 +368,20 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
         {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
         {"nonResourceURLs": ["*"], "verbs": ["*"]},
     ]);
+    // What any authenticated user may ask about itself (`kubectl auth can-i`, `auth whoami`).
+    let basic_user = serde_json::json!([
+        {"apiGroups": ["authorization.k8s.io"],
+         "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]},
+    ]);
     let objects = role_for_group("cluster-admin", everything, MASTERS)
         .into_iter()
-        .chain(role_for_group("system:node", node_rules(), NODES));
+        .chain(role_for_group("system:node", node_rules(), NODES))
+        .chain(role_for_group(
+            "system:basic-user",
+            basic_user,
+            "system:authenticated",
+        ));
     for (plural, object) in objects {
         let def = engine
             .registry

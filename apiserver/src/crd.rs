@@ -79,6 +79,9 @@ pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
         "spec.versions",
         "Invalid value: must have exactly one version marked as storage version".into(),
     );
+    for (i, version) in versions.iter().enumerate() {
+        causes.extend(selectable_field_causes(i, version));
+    }
     if !causes.is_empty() {
         return Err(ApiError::Invalid {
             kind: def.kind.clone(),
@@ -100,6 +103,78 @@ pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
         "storedVersions": storage,
     });
     Ok(())
+}
+
+/// kube-apiserver's limit on a version's `selectableFields`.
+const MAX_SELECTABLE_FIELDS: usize = 8;
+
+/// What is wrong with the `selectableFields` of `spec.versions[index]`: each must name a
+/// string, boolean or integer field of the schema outside `metadata`, once.
+fn selectable_field_causes(index: usize, version: &Value) -> Vec<Cause> {
+    let Some(fields) = version["selectableFields"].as_array() else {
+        return Vec::new();
+    };
+    let at = format!("spec.versions[{index}].selectableFields");
+    let invalid = |field: String, message: String| Cause {
+        reason: "FieldValueInvalid".into(),
+        message,
+        field,
+    };
+    let Some(schema) = version.pointer("/schema/openAPIV3Schema") else {
+        return vec![invalid(
+            at,
+            "Invalid value: \"\": may only be set when `version.schema.openAPIV3Schema` is not included"
+                .into(),
+        )];
+    };
+    let schema = crate::schema::Structural::compile(schema);
+    let mut causes = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (j, selectable) in fields.iter().enumerate() {
+        let field = format!("{at}[{j}].jsonPath");
+        let path = selectable["jsonPath"].as_str().unwrap_or_default();
+        let Some(dotted) = path.strip_prefix('.').filter(|p| !p.is_empty()) else {
+            let message = if path.is_empty() {
+                "Required value".to_owned()
+            } else {
+                format!("Invalid value: {path:?}: is an invalid path: must start with a '.'")
+            };
+            causes.push(invalid(field, message));
+            continue;
+        };
+        if dotted == "metadata" || dotted.starts_with("metadata.") {
+            causes.push(invalid(
+                field.clone(),
+                format!("Invalid value: {path:?}: must not point to fields in metadata"),
+            ));
+        } else if !schema.is_selectable_scalar(dotted) {
+            causes.push(invalid(
+                field.clone(),
+                format!(
+                    "Invalid value: {path:?}: must point to a field of type string, boolean or \
+                     integer. Enum string fields and strings with formats are allowed."
+                ),
+            ));
+        }
+        if !seen.insert(dotted) {
+            causes.push(Cause {
+                reason: "FieldValueDuplicate".into(),
+                message: format!("Duplicate value: {path:?}"),
+                field,
+            });
+        }
+    }
+    if seen.len() > MAX_SELECTABLE_FIELDS {
+        causes.push(Cause {
+            reason: "FieldValueTooMany".into(),
+            message: format!(
+                "Too many: {}: must have at most {MAX_SELECTABLE_FIELDS} items",
+                seen.len()
+            ),
+            field: at,
+        });
+    }
+    causes
 }
 
 /// Serves the resources of a stored CRD (or stops serving them once it is gone).

@@ -142,6 +142,22 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "kind": "Binding",
             "verbs": ["create"],
         }));
+        entries.push(json!({
+            "name": "pods/eviction",
+            "singularName": "",
+            "namespaced": true,
+            "group": "policy",
+            "version": "v1",
+            "kind": "Eviction",
+            "verbs": ["create"],
+        }));
+        entries.push(json!({
+            "name": "pods/log",
+            "singularName": "",
+            "namespaced": true,
+            "kind": "Pod",
+            "verbs": ["get"],
+        }));
     }
     entries
 }

@@ -141,6 +141,17 @@ pub enum ApiError {
     /// 415: unsupported content type (e.g. strategic merge patch on a custom resource).
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429: not now; the client should retry after `retry_after` seconds (an eviction a
+    /// disruption budget does not allow yet).
+    #[error("{message}")]
+    TooManyRequests {
+        /// The full message.
+        message: String,
+        /// Seconds to wait (`details.retryAfterSeconds`, the `Retry-After` header).
+        retry_after: u32,
+        /// Why (`DisruptionBudget`).
+        causes: Vec<Cause>,
+    },
     /// 500: a failure inside the server that is not the store's.
     #[error("{0}")]
     Internal(String),
@@ -253,6 +264,7 @@ impl ApiError {
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -274,6 +286,7 @@ impl ApiError {
             ApiError::NotAcceptable => "NotAcceptable",
             ApiError::TooLarge => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            ApiError::TooManyRequests { .. } => "TooManyRequests",
             ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",
             ApiError::Timeout(_) => "Timeout",
             ApiError::Unavailable(_) => "ServiceUnavailable",
@@ -323,6 +336,15 @@ impl ApiError {
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason, "message": c.message, "field": c.field
                 })).collect::<Vec<_>>(),
+            })),
+            ApiError::TooManyRequests {
+                retry_after,
+                causes,
+                ..
+            } => Some(json!({
+                "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message}))
+                    .collect::<Vec<_>>(),
+                "retryAfterSeconds": retry_after,
             })),
             _ => None,
         };
@@ -374,6 +396,12 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Storage(_) | ApiError::Unavailable(_)) {
             tracing::error!(error = %self, "request failed in the store");
         }
-        (self.code(), axum::Json(self.status())).into_response()
+        let mut response = (self.code(), axum::Json(self.status())).into_response();
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after).into());
+        }
+        response
     }
 }

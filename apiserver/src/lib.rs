@@ -20,6 +20,7 @@ pub mod crdgen;
 pub mod discovery;
 pub mod engine;
 pub mod error;
+pub mod eviction;
 pub mod identity;
 pub mod kubernetes_service;
 pub mod managed;
@@ -605,6 +606,14 @@ async fn dispatch(
         {
             let binding = parse_body(&body)?;
             let status = subresource::bind(engine, &target, &binding).await?;
+            return Ok(json(StatusCode::CREATED, &status));
+        }
+        Some("eviction") if eviction::is_eviction(&target) => {
+            if method != Method::POST {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            require_json(headers)?;
+            let status = eviction::evict(engine, &target, &parse_body(&body)?, &params).await?;
             return Ok(json(StatusCode::CREATED, &status));
         }
         Some("token") if token::is_token_request(&target) => {

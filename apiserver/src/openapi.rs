@@ -415,11 +415,22 @@ impl Operations<'_> {
                 operation["responses"] =
                     json!({ "200": { "description": "OK", "content": content } });
                 if matches!(action, "post" | "put" | "patch") {
-                    let body_types: &[&str] = if action == "patch" {
+                    // Strategic merge patch only where the server has merge keys for the
+                    // kind: kubectl ≥ 1.27 sends it to whatever advertises it (a custom
+                    // resource's would be refused with a 415).
+                    let strategic =
+                        crate::smp::strategies(&self.def.group, &self.def.kind).is_some();
+                    let body_types: &[&str] = if action == "patch" && strategic {
                         &[
                             "application/json-patch+json",
                             "application/merge-patch+json",
                             "application/strategic-merge-patch+json",
+                            "application/apply-patch+yaml",
+                        ]
+                    } else if action == "patch" {
+                        &[
+                            "application/json-patch+json",
+                            "application/merge-patch+json",
                             "application/apply-patch+yaml",
                         ]
                     } else {

@@ -65,6 +65,11 @@ pub struct ResourceDef {
     /// SubjectAccessReview, …) answered from the request. Marked in a built-in manifest by
     /// the annotation [`CREATE_ONLY`].
     pub create_only: bool,
+    /// The field labels a field selector may name beyond `metadata.name` and
+    /// `metadata.namespace`: a custom resource's `selectableFields` (`spec.color` for the
+    /// JSONPath `.spec.color`); anything else is refused as kube-apiserver refuses it. `None`
+    /// for the built-in kinds, whose selectors may name any field.
+    pub selectable_fields: Option<Vec<String>>,
 }
 
 /// The annotation of a built-in manifest whose kind is only created, never stored.
@@ -224,6 +229,7 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 });
                 from_crd(&crd).into_iter().map(|def| ResourceDef {
                     openapi: SchemaSource::Builtin(text),
+                    selectable_fields: None,
                     ..def
                 })
             })
@@ -297,6 +303,16 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
             },
             storage: v["storage"].as_bool().unwrap_or(true),
             create_only,
+            selectable_fields: Some(
+                v["selectableFields"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|f| f["jsonPath"].as_str())
+                    .map(|path| path.trim_start_matches('.').to_owned())
+                    .collect(),
+            ),
         })
         .collect()
 }

@@ -203,6 +203,19 @@ impl Structural {
         }
     }
 
+    /// Whether `path` (`spec.color`) names a field this schema declares as a string, boolean
+    /// or integer: what a CRD's `selectableFields` may point to.
+    pub fn is_selectable_scalar(&self, path: &str) -> bool {
+        let mut node = self;
+        for key in path.split('.') {
+            match node.property(key) {
+                Some(sub) => node = sub,
+                None => return false,
+            }
+        }
+        matches!(node.ty, Type::String | Type::Boolean | Type::Integer)
+    }
+
     fn child(&self, key: &str) -> Child<'_> {
         if let Some(sub) = self.property(key) {
             return Child::Known(sub);

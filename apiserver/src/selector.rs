@@ -120,9 +120,27 @@ impl FieldSelector {
         def: &crate::registry::ResourceDef,
     ) -> Result<FieldSelector, ApiError> {
         let mut selector = FieldSelector::parse(s)?;
-        if let Some(schema) = &def.schema {
-            for term in &mut selector.0 {
-                term.zero = schema.zero_value(&term.path);
+        match &def.selectable_fields {
+            // A custom resource's absent selectable field reads as "", whatever its type.
+            Some(selectable) => {
+                for term in &selector.0 {
+                    let known = term.path == "metadata.name"
+                        || (def.namespaced && term.path == "metadata.namespace")
+                        || selectable.contains(&term.path);
+                    if !known {
+                        return Err(ApiError::BadRequest(format!(
+                            "field label not supported: {}",
+                            term.path
+                        )));
+                    }
+                }
+            }
+            None => {
+                if let Some(schema) = &def.schema {
+                    for term in &mut selector.0 {
+                        term.zero = schema.zero_value(&term.path);
+                    }
+                }
             }
         }
         Ok(selector)

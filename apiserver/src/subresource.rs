@@ -14,7 +14,7 @@ fn pointer(path: &str) -> String {
 }
 
 /// A LabelSelector object as the string form Scale reports (`app=web,tier in (a)`).
-fn selector_string(selector: &Value) -> String {
+pub(crate) fn selector_string(selector: &Value) -> String {
     if let Some(s) = selector.as_str() {
         return s.to_owned();
     }

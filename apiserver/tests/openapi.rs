@@ -1,5 +1,6 @@
 //! The OpenAPI documents generated from the kinds' schemas: the v3 index and group-version
-//! documents kubectl reads (explain, and whether the server validates fields), and v2.
+//! documents kubectl reads (explain, and whether the server validates fields), and v2; and
+//! aggregated discovery, the one document kubectl ≥ 1.30 and client-go read first.
 
 #![allow(clippy::unwrap_used)]
 
@@ -154,4 +155,128 @@ async fn v2_is_one_swagger_document() {
     )
     .await;
     assert_eq!((status, body.len()), (200, 0));
+}
+
+#[tokio::test]
+async fn aggregated_discovery_is_served_as_kubectl_asks_for_it() {
+    let c = cluster().await;
+    // kubectl 1.33's Accept: v2, then v2beta1, then plain JSON (the legacy documents).
+    let accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,\
+                  application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,\
+                  application/json";
+    let fetch = |path: &'static str, accept: &'static str| {
+        let client = c.client.clone();
+        async move {
+            let request = http::Request::get(path)
+                .header("accept", accept)
+                .body(Vec::new().into())
+                .unwrap();
+            let response = client.send(request).await.unwrap();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let bytes =
+                axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+                    .await
+                    .unwrap();
+            (
+                content_type,
+                serde_json::from_slice::<Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let resource = |doc: &Value, group: &str, version: &str, plural: &str| -> Value {
+        let group = doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["metadata"]["name"] == group)
+            .unwrap_or_else(|| panic!("{group} in {doc}"));
+        let version = group["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == version)
+            .unwrap();
+        version["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == plural)
+            .unwrap()
+            .clone()
+    };
+
+    let (content_type, apis) = fetch("/apis", accept).await;
+    assert_eq!(
+        content_type,
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+    );
+    assert_eq!(
+        (&apis["kind"], &apis["apiVersion"]),
+        (
+            &json!("APIGroupDiscoveryList"),
+            &json!("apidiscovery.k8s.io/v2")
+        )
+    );
+    let deployments = resource(&apis, "apps", "v1", "deployments");
+    assert_eq!(deployments["scope"], "Namespaced");
+    assert_eq!(deployments["shortNames"], json!(["deploy"]));
+    assert_eq!(deployments["responseKind"]["kind"], "Deployment");
+    assert!(
+        deployments["verbs"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("patch"))
+    );
+    let scale = deployments["subresources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subresource"] == "scale")
+        .unwrap();
+    assert_eq!(
+        scale["responseKind"],
+        json!({"group": "autoscaling", "version": "v1", "kind": "Scale"})
+    );
+    // The preferred version leads: autoscaling/v2 before v1.
+    let autoscaling = apis["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["metadata"]["name"] == "autoscaling")
+        .unwrap();
+    assert_eq!(autoscaling["versions"][0]["version"], "v2");
+
+    let (content_type, core) = fetch("/api", accept).await;
+    assert!(
+        content_type.contains("as=APIGroupDiscoveryList"),
+        "{content_type}"
+    );
+    let pods = resource(&core, "", "v1", "pods");
+    let subresources: Vec<&str> = pods["subresources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["subresource"].as_str().unwrap())
+        .collect();
+    for sub in ["status", "log", "eviction", "binding"] {
+        assert!(subresources.contains(&sub), "{sub} in {subresources:?}");
+    }
+
+    // v2beta1 alone still gets v2beta1; plain JSON gets the legacy APIGroupList.
+    let (content_type, beta) = fetch(
+        "/apis",
+        "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList",
+    )
+    .await;
+    assert!(content_type.contains("v=v2beta1"), "{content_type}");
+    assert_eq!(beta["apiVersion"], "apidiscovery.k8s.io/v2beta1");
+    let (content_type, legacy) = fetch("/apis", "application/json").await;
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    assert_eq!(legacy["kind"], "APIGroupList");
 }

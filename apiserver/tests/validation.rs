@@ -598,3 +598,150 @@ async fn a_builtin_status_need_not_carry_its_required_fields() {
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("spec.names.kind"), "{body}");
 }
+
+#[tokio::test]
+async fn a_crds_selectable_fields_are_what_field_selectors_may_name() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+
+    let c = cluster().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd = |name: &str, selectable: Value| -> CustomResourceDefinition {
+        serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{name}.example.com")},
+            "spec": {
+                "group": "example.com", "scope": "Namespaced",
+                "names": {"plural": name, "kind": "Thing"},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "selectableFields": selectable,
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "properties": {
+                            "color": {"type": "string"},
+                            "size": {"type": "integer"},
+                            "shiny": {"type": "boolean"},
+                            "tags": {"type": "array", "items": {"type": "string"}},
+                        }},
+                    }}}}]
+            }
+        }))
+        .unwrap()
+    };
+
+    // Only string, boolean and integer fields outside metadata, each once.
+    let err = crds
+        .create(
+            &PostParams::default(),
+            &crd(
+                "badthings",
+                json!([{"jsonPath": ".spec.tags"}, {"jsonPath": ".metadata.name"},
+                       {"jsonPath": ".spec.color"}, {"jsonPath": ".spec.color"},
+                       {"jsonPath": "spec.size"}]),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("an API error")
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    for fragment in [
+        "selectableFields[0].jsonPath: Invalid value: \".spec.tags\": must point to a field of type string, boolean or integer",
+        "selectableFields[1].jsonPath: Invalid value: \".metadata.name\": must not point to fields in metadata",
+        "selectableFields[3].jsonPath: Duplicate value: \".spec.color\"",
+        "selectableFields[4].jsonPath: Invalid value: \"spec.size\"",
+    ] {
+        assert!(
+            status.message.contains(fragment),
+            "{fragment} in {status:?}"
+        );
+    }
+
+    crds.create(
+        &PostParams::default(),
+        &crd(
+            "things",
+            json!([{"jsonPath": ".spec.color"}, {"jsonPath": ".spec.shiny"}]),
+        ),
+    )
+    .await
+    .unwrap();
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Thing");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "things");
+    let things: Api<DynamicObject> = Api::namespaced_with(c.client.clone(), "default", &resource);
+    let names = |list: Vec<DynamicObject>| -> Vec<String> {
+        list.into_iter().map(|o| o.metadata.name.unwrap()).collect()
+    };
+    let selected = |selector: &'static str| {
+        let things = things.clone();
+        async move {
+            things
+                .list(&ListParams::default().fields(selector))
+                .await
+                .map(|l| names(l.items))
+        }
+    };
+    let mut watch = things
+        .watch(&WatchParams::default().fields("spec.color=blue"), "0")
+        .await
+        .unwrap()
+        .boxed();
+    for (name, spec) in [
+        ("a", json!({"color": "blue", "shiny": true})),
+        ("b", json!({"color": "blue", "size": 2})),
+        ("c", json!({"color": "red"})),
+    ] {
+        let thing = json!({"apiVersion": "example.com/v1", "kind": "Thing",
+                           "metadata": {"name": name}, "spec": spec});
+        things
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(thing).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(selected("spec.color=blue").await.unwrap(), ["a", "b"]);
+    assert_eq!(
+        selected("spec.color=blue,spec.shiny=true").await.unwrap(),
+        ["a"]
+    );
+    // An absent selectable field reads as "".
+    assert_eq!(selected("spec.shiny=").await.unwrap(), ["b", "c"]);
+    assert_eq!(selected("metadata.name!=a").await.unwrap(), ["b", "c"]);
+    // A field that is not selectable is a 400 naming it, for a list and a watch alike.
+    for result in [
+        selected("spec.size=2").await.map(|_| ()),
+        things
+            .watch(&WatchParams::default().fields("spec.size=2"), "0")
+            .await
+            .map(|_| ()),
+    ] {
+        let Err(kube::Error::Api(status)) = result else {
+            panic!("refused: {result:?}")
+        };
+        assert_eq!(
+            (status.code, status.message.as_str()),
+            (400, "field label not supported: spec.size")
+        );
+    }
+
+    // A watch sees what enters the selection as ADDED and what leaves it as DELETED.
+    things
+        .patch(
+            "b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"color": "green"}})),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match watch.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(o) => seen.push(format!("+{}", o.metadata.name.unwrap())),
+            WatchEvent::Deleted(o) => seen.push(format!("-{}", o.metadata.name.unwrap())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["+a", "+b", "-b"]);
+}

@@ -76,7 +76,14 @@ spec:
     served: true
     storage: true
     schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            description: What the widget should be.
+            properties:
+              size: {type: string, description: How big the widget is.}
     additionalPrinterColumns:
     - {name: Size, type: string, jsonPath: .spec.size}
 ";
@@ -115,7 +122,17 @@ fn exercise(bin: &str) {
         info.contains("is running at") && info.contains("https://127.0.0.1:"),
         "{info}"
     );
-    let resources = k(&["api-resources"]);
+    // kubectl ≥ 1.30 discovers through one aggregated document, which it must be given.
+    let (success, resources, log) = kubectl(bin, &kc, &["api-resources", "-v=8"], None);
+    assert!(success, "{log}");
+    if bin != KUBECTL_1_27 {
+        assert!(
+            log.contains(
+                "Content-Type: application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+            ),
+            "aggregated discovery: {log}"
+        );
+    }
     for line in [
         "deployments",
         "deploy",
@@ -402,6 +419,12 @@ fn exercise(bin: &str) {
         "--timeout=20s",
     ]);
     assert!(k(&["api-resources", "--api-group=example.com"]).contains("widgets"));
+    // explain reads a CRD's published schema as soon as it is established.
+    let explained = k(&["explain", "widgets.spec.size"]);
+    assert!(
+        explained.contains("size <string>") && explained.contains("How big the widget is."),
+        "{explained}"
+    );
     assert!(
         ok(bin, &kc, &["apply", "-f", "-"], Some(WIDGET)).contains("widget.example.com/w1 created")
     );
@@ -558,6 +581,32 @@ fn exercise(bin: &str) {
         r#"{"metadata":{"finalizers":null}}"#,
     ]);
     k(&["wait", "--for=delete", "namespace/doomed", "--timeout=60s"]);
+
+    // auth can-i asks a SelfSubjectAccessReview: yes for the admin, no for a service
+    // account nothing was granted to (whose token TokenRequest issues).
+    assert_eq!(k(&["auth", "can-i", "create", "pods"]).trim(), "yes");
+    assert_eq!(
+        k(&["auth", "can-i", "*", "*", "--all-namespaces"]).trim(),
+        "yes"
+    );
+    k(&["create", "serviceaccount", "nobody"]);
+    let token = k(&["create", "token", "nobody"]);
+    let (allowed, stdout, stderr) = kubectl(
+        bin,
+        &kc,
+        &["auth", "can-i", "create", "pods", "--token", token.trim()],
+        None,
+    );
+    assert_eq!((allowed, stdout.trim()), (false, "no"), "{stderr}");
+    // auth whoami (GA from kubectl 1.28) asks a SelfSubjectReview.
+    if bin != KUBECTL_1_27 {
+        let whoami = k(&["auth", "whoami", "--token", token.trim()]);
+        assert!(
+            whoami.contains("system:serviceaccount:default:nobody")
+                && whoami.contains("system:serviceaccounts:default"),
+            "{whoami}"
+        );
+    }
 
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
