@@ -1,14 +1,21 @@
 //! Running a kube-runtime [`Controller`] the way every Orquestra controller runs: metrics
 //! recorded around each reconcile, a panicking reconciler turned into an error (the manager
-//! and the other controllers carry on), per-object exponential backoff on errors, and a
-//! concurrency limit.
+//! and the other controllers carry on), a reconcile that runs past its time limit cancelled
+//! and retried as an error, per-object exponential backoff on errors, and a concurrency
+//! limit.
+//!
+//! A controller that stops working must never stall silently: each runner keeps a
+//! [`Progress`] record — when a reconcile last started or finished, what is in flight, what
+//! waits — and one whose work waits with nothing moving for longer than its stall limit turns
+//! the manager's `/readyz` unready with its name (and says so in the log).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -47,6 +54,14 @@ impl Backoff {
     }
 }
 
+/// How long one reconcile may run before it is cancelled and retried as an error, unless
+/// the runner says otherwise ([`Runner::reconcile_timeout`]).
+pub const DEFAULT_RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long work may wait with no reconcile starting or finishing before the runner reports
+/// itself stalled, unless it says otherwise ([`Runner::stall_after`]).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
+
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError<E: std::error::Error + 'static> {
@@ -56,6 +71,151 @@ pub enum ReconcileError<E: std::error::Error + 'static> {
     /// The reconciler panicked; the panic was contained.
     #[error("reconciler panicked: {0}")]
     Panicked(String),
+    /// The reconcile ran past the runner's time limit and was cancelled.
+    #[error("reconcile cancelled after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// An object in a controller's queue: namespace and name (kube-runtime reports objects it
+/// could not find type-erased, so the queue does not key on the kind).
+type Key = (Option<String>, String);
+
+fn key_of<K: Resource>(item: &ObjectRef<K>) -> Key
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    (item.namespace.clone(), item.name.clone())
+}
+
+/// Whether a runner is getting its work done: what `/readyz` and the stall warning read.
+pub struct Progress {
+    name: String,
+    stall_after_ms: AtomicU64,
+    /// When a reconcile last started or finished (or the runner started).
+    last: Mutex<Instant>,
+    /// When each reconcile in flight started, by a sequence number.
+    active: Mutex<HashMap<u64, Instant>>,
+    next: AtomicU64,
+    /// How many objects wait and since when the longest-waiting one has, if the runner
+    /// sees its queue.
+    waiting: OnceLock<Waiting>,
+    /// Reported stalled at the last check (for logging transitions once).
+    stalled: AtomicBool,
+}
+
+impl Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("name", &self.name)
+            .field("stalled", &self.stalled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Progress {
+    fn new(name: &str) -> Progress {
+        Progress {
+            name: name.to_owned(),
+            stall_after_ms: AtomicU64::new(DEFAULT_STALL_AFTER.as_millis() as u64),
+            last: Mutex::new(Instant::now()),
+            active: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            waiting: OnceLock::new(),
+            stalled: AtomicBool::new(false),
+        }
+    }
+
+    /// The controller's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn moved(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Instant::now();
+        }
+    }
+
+    fn started(self: &Arc<Self>) -> InFlight {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut active) = self.active.lock() {
+            active.insert(id, Instant::now());
+        }
+        self.moved();
+        InFlight {
+            progress: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Why the runner is stalled at `now`, if it is: work has waited (or one reconcile has
+    /// run) longer than the stall limit, and no reconcile started or finished meanwhile.
+    pub fn stalled_at(&self, now: Instant) -> Option<String> {
+        let limit = Duration::from_millis(self.stall_after_ms.load(Ordering::Relaxed));
+        let idle = self
+            .last
+            .lock()
+            .map(|last| now.saturating_duration_since(*last))
+            .unwrap_or_default();
+        if idle < limit {
+            return None;
+        }
+        let running = self
+            .active
+            .lock()
+            .ok()
+            .and_then(|active| active.values().min().copied())
+            .map(|since| now.saturating_duration_since(since))
+            .filter(|d| *d >= limit);
+        if let Some(running) = running {
+            return Some(format!(
+                "controller {}: a reconcile has run for {}s and no other started or finished",
+                self.name,
+                running.as_secs()
+            ));
+        }
+        let waiting = self.waiting.get().and_then(|waiting| waiting());
+        match waiting {
+            Some((count, since)) if now.saturating_duration_since(since) >= limit => Some(format!(
+                "controller {}: {count} objects waiting, the oldest for {}s, and no \
+                     reconcile started or finished for {}s",
+                self.name,
+                now.saturating_duration_since(since).as_secs(),
+                idle.as_secs()
+            )),
+            _ => None,
+        }
+    }
+
+    /// [`Progress::stalled_at`] now, logging when the runner becomes stalled or recovers.
+    pub fn check(&self) -> Result<(), String> {
+        let stalled = self.stalled_at(Instant::now());
+        let was = self.stalled.swap(stalled.is_some(), Ordering::Relaxed);
+        match (&stalled, was) {
+            (Some(why), false) => tracing::error!(controller = %self.name, "stalled: {why}"),
+            (None, true) => tracing::info!(controller = %self.name, "progressing again"),
+            _ => {}
+        }
+        stalled.map_or(Ok(()), Err)
+    }
+}
+
+type Waiting = Arc<dyn Fn() -> Option<(usize, Instant)> + Send + Sync>;
+
+/// A reconcile in flight; its end (however it ends: done, cancelled, dropped at shutdown)
+/// counts as progress.
+struct InFlight {
+    progress: Arc<Progress>,
+    id: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.progress.active.lock() {
+            active.remove(&self.id);
+        }
+        self.progress.moved();
+    }
 }
 
 /// A controller ready to run: a kube-runtime [`Controller`] plus how to run it.
@@ -68,17 +228,20 @@ where
     controller: Controller<K>,
     concurrency: u16,
     backoff: Backoff,
+    timeout: Duration,
+    progress: Arc<Progress>,
     /// The queue seen from outside kube-runtime's scheduler, when the runner built its
     /// controller from caches (and so sees every trigger).
-    queue: Option<Arc<Queue<K>>>,
+    queue: Option<Arc<Queue>>,
 }
 
 /// The workqueue as controller-runtime's metrics describe it: an object is added when a
 /// watch event triggers it (deduplicated while it waits, as client-go's dirty set does) and
-/// leaves when its reconcile starts.
-struct Queue<K: Resource> {
-    pending: Mutex<HashMap<ObjectRef<K>, Instant>>,
-    meters: std::sync::OnceLock<QueueMeters>,
+/// leaves when its reconcile starts, or when kube-runtime drops it because the object is
+/// gone from the cache.
+struct Queue {
+    pending: Mutex<HashMap<Key, Instant>>,
+    meters: OnceLock<QueueMeters>,
 }
 
 struct QueueMeters {
@@ -87,11 +250,8 @@ struct QueueMeters {
     wait: prometheus::Histogram,
 }
 
-impl<K: Resource> Queue<K>
-where
-    K::DynamicType: Eq + Hash + Clone,
-{
-    fn add(&self, item: ObjectRef<K>) {
+impl Queue {
+    fn add(&self, item: Key) {
         let Ok(mut pending) = self.pending.lock() else {
             return;
         };
@@ -102,7 +262,8 @@ where
         }
     }
 
-    fn started(&self, item: &ObjectRef<K>) {
+    /// The item left the queue: its reconcile started, or it was dropped.
+    fn taken(&self, item: &Key) {
         let Ok(mut pending) = self.pending.lock() else {
             return;
         };
@@ -113,6 +274,13 @@ where
             }
             m.depth.set(pending.len() as i64);
         }
+    }
+
+    /// How many wait, and since when the longest-waiting one has.
+    fn oldest(&self) -> Option<(usize, Instant)> {
+        let pending = self.pending.lock().ok()?;
+        let oldest = pending.values().min().copied()?;
+        Some((pending.len(), oldest))
     }
 }
 
@@ -137,8 +305,10 @@ struct Shared<K: Resource, Ctx, F> {
     reconcile: F,
     metrics: ControllerMetrics,
     backoff: Backoff,
+    timeout: Duration,
+    progress: Arc<Progress>,
     failures: Mutex<HashMap<ObjectRef<K>, u32>>,
-    queue: Option<Arc<Queue<K>>>,
+    queue: Option<Arc<Queue>>,
 }
 
 impl<K> Runner<K>
@@ -153,11 +323,14 @@ where
     /// `workqueue_adds_total` and `workqueue_queue_duration_seconds` series stay at zero. Use
     /// [`Runner::for_cache`] to get them.
     pub fn new(name: impl Into<String>, controller: Controller<K>) -> Self {
+        let name = name.into();
         Runner {
-            name: name.into(),
+            progress: Arc::new(Progress::new(&name)),
+            name,
             controller,
             concurrency: 0,
             backoff: Backoff::default(),
+            timeout: DEFAULT_RECONCILE_TIMEOUT,
             queue: None,
         }
     }
@@ -168,17 +341,23 @@ where
     pub fn for_cache(name: impl Into<String>, cache: &crate::Cache<K>) -> Option<Self> {
         let queue = Arc::new(Queue {
             pending: Mutex::new(HashMap::new()),
-            meters: std::sync::OnceLock::new(),
+            meters: OnceLock::new(),
         });
         let meter = Arc::clone(&queue);
         let triggers = cache.subscribe()?.map(move |object: Arc<K>| {
-            meter.add(ObjectRef::from_obj(&*object));
+            meter.add(key_of(&ObjectRef::from_obj(&*object)));
             object
         });
         let controller = Controller::for_shared_stream(triggers, cache.store());
+        let runner = Runner::new(name, controller);
+        let oldest = Arc::clone(&queue);
+        let _ = runner
+            .progress
+            .waiting
+            .set(Arc::new(move || oldest.oldest()));
         Some(Runner {
             queue: Some(queue),
-            ..Runner::new(name, controller)
+            ..runner
         })
     }
 
@@ -200,7 +379,7 @@ where
         let map = move |object: Arc<O>| -> Vec<ObjectRef<K>> {
             let items: Vec<ObjectRef<K>> = mapper(object).into_iter().collect();
             if let Some(queue) = &queue {
-                items.iter().for_each(|item| queue.add(item.clone()));
+                items.iter().for_each(|item| queue.add(key_of(item)));
             }
             items
         };
@@ -227,7 +406,7 @@ where
         let map = move |object: Arc<O>| -> Vec<ObjectRef<K>> {
             let items: Vec<ObjectRef<K>> = mapper(object).into_iter().collect();
             if let Some(queue) = &queue {
-                items.iter().for_each(|item| queue.add(item.clone()));
+                items.iter().for_each(|item| queue.add(key_of(item)));
             }
             items
         };
@@ -256,7 +435,7 @@ where
                     if let Some(ns) = child.meta().namespace.as_deref() {
                         item = item.within(ns);
                     }
-                    queue.add(item);
+                    queue.add(key_of(&item));
                 }
             }
             child
@@ -282,6 +461,27 @@ where
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
+    }
+
+    /// How long one reconcile may run before it is cancelled (its future dropped) and
+    /// retried with backoff as an error ([`DEFAULT_RECONCILE_TIMEOUT`] unless set).
+    pub fn reconcile_timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit;
+        self
+    }
+
+    /// How long work may wait with nothing moving before the runner reports itself stalled
+    /// ([`DEFAULT_STALL_AFTER`] unless set).
+    pub fn stall_after(self, limit: Duration) -> Self {
+        self.progress
+            .stall_after_ms
+            .store(limit.as_millis() as u64, Ordering::Relaxed);
+        self
+    }
+
+    /// The runner's progress record, which the manager's `/readyz` reads.
+    pub fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress)
     }
 
     /// Runs until the controller's streams end (its shutdown signal, if it has one).
@@ -315,15 +515,27 @@ where
             reconcile,
             metrics,
             backoff: self.backoff,
+            timeout: self.timeout,
+            progress: Arc::clone(&self.progress),
             failures: Mutex::new(HashMap::new()),
         });
         let name = self.name;
+        let queue = self.queue;
+        self.progress.moved();
         self.controller
             .with_config(Config::default().concurrency(self.concurrency))
             .run(reconcile_instrumented, error_policy, shared)
             .for_each(|result| {
-                if let Err(error) = result {
-                    tracing::debug!(controller = %name, %error, "reconcile failed");
+                match result {
+                    // Triggered, but gone from the cache before its turn: it leaves the queue
+                    // without a reconcile.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(item)) => {
+                        if let Some(queue) = &queue {
+                            queue.taken(&(item.namespace.clone(), item.name.clone()));
+                        }
+                    }
+                    Err(error) => tracing::debug!(controller = %name, %error, "reconcile failed"),
+                    Ok(_) => {}
                 }
                 futures::future::ready(())
             })
@@ -347,21 +559,38 @@ where
         let name = shared.name.as_str();
         let m = &shared.metrics;
         if let Some(queue) = &shared.queue {
-            queue.started(&ObjectRef::from_obj(&*object));
+            queue.taken(&key_of(&ObjectRef::from_obj(&*object)));
         }
         let workers = m.active_workers.with_label_values(&[name]);
         workers.inc();
+        let in_flight = shared.progress.started();
         let started = Instant::now();
-        let outcome = AssertUnwindSafe((shared.reconcile)(
-            Arc::clone(&object),
-            Arc::clone(&shared.context),
-        ))
-        .catch_unwind()
+        let outcome = tokio::time::timeout(
+            shared.timeout,
+            AssertUnwindSafe((shared.reconcile)(
+                Arc::clone(&object),
+                Arc::clone(&shared.context),
+            ))
+            .catch_unwind(),
+        )
         .await;
+        drop(in_flight);
         let seconds = started.elapsed().as_secs_f64();
         workers.dec();
         m.reconcile_time.with_label_values(&[name]).observe(seconds);
         m.work_duration.with_label_values(&[name]).observe(seconds);
+        let Ok(outcome) = outcome else {
+            m.reconcile_timeouts.with_label_values(&[name]).inc();
+            m.reconcile_errors.with_label_values(&[name]).inc();
+            m.reconcile_total.with_label_values(&[name, "error"]).inc();
+            tracing::warn!(
+                controller = name,
+                object = %ObjectRef::from_obj(&*object),
+                limit = ?shared.timeout,
+                "reconcile ran past its time limit; cancelled, to be retried"
+            );
+            return Err(ReconcileError::TimedOut(shared.timeout));
+        };
         let result = match outcome {
             Ok(Ok(action)) => {
                 if let Ok(mut failures) = shared.failures.lock() {

@@ -21,7 +21,7 @@ pub mod rbac;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use controller::{Backoff, ReconcileError, Runner};
+pub use controller::{Backoff, Progress, ReconcileError, Runner};
 pub use leader::LeaderElection;
-pub use manager::{Cache, Manager};
+pub use manager::{Cache, Health, Manager};
 pub use metrics::ControllerMetrics;

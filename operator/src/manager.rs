@@ -46,7 +46,7 @@ use kube::{Api, Client, Resource};
 use prometheus::Registry;
 use serde::de::DeserializeOwned;
 
-use crate::controller::Runner;
+use crate::controller::{Progress, Runner};
 use crate::leader::{Attempt, Elector, LeaderElection};
 use crate::metrics::ControllerMetrics;
 
@@ -181,8 +181,8 @@ pub struct Manager {
     caches: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     drivers: Vec<Task>,
     controllers: Vec<Task>,
-    /// Per cache: synced and its watch currently healthy.
-    health: Vec<Arc<CacheHealth>>,
+    /// What `/readyz` answers from: the caches' and controllers' health.
+    readiness: Arc<Readiness>,
     leader: Option<Leader>,
 }
 
@@ -220,7 +220,7 @@ impl Manager {
             caches: HashMap::new(),
             drivers: Vec::new(),
             controllers: Vec::new(),
-            health: Vec::new(),
+            readiness: Arc::new(Readiness::default()),
             leader: None,
         }
     }
@@ -256,6 +256,12 @@ impl Manager {
         &self.registry
     }
 
+    /// What the manager's `/readyz` answers, for a process that serves its own health
+    /// endpoint too (`orq server` adds it to its `/readyz`).
+    pub fn health(&self) -> Health {
+        Health(Arc::clone(&self.readiness))
+    }
+
     /// The shared cache of kind `K` (all namespaces), created on first use with `config`;
     /// later calls return the same cache (and ignore `config`).
     pub fn cache<K>(&mut self, config: watcher::Config) -> Cache<K>
@@ -283,7 +289,9 @@ impl Manager {
             kind: K::kind(&Default::default()).into_owned(),
             ..CacheHealth::default()
         });
-        self.health.push(Arc::clone(&health));
+        if let Ok(mut caches) = self.readiness.caches.lock() {
+            caches.push(Arc::clone(&health));
+        }
         let api: Api<K> = Api::all(self.client.clone());
         let driver_cache = cache.clone();
         self.drivers.push(Box::new(move |shutdown: Shutdown| {
@@ -302,82 +310,98 @@ impl Manager {
                         deleted: Vec::new(),
                     });
                 let store = driver_cache.store.clone();
+                let mut writer = writer;
                 // What the store held when a relist began: whatever the relist no longer
                 // has was deleted meanwhile.
                 let mut before_relist: Vec<Arc<K>> = Vec::new();
-                let events = watcher(api, config)
-                    .default_backoff()
-                    .reflect(writer)
-                    .then(move |event| {
-                        let mut gone: Vec<Arc<K>> = Vec::new();
-                        let mut seen: Vec<Arc<K>> = Vec::new();
-                        match &event {
-                            Ok(watcher::Event::Apply(object)) => {
-                                let key = reflector::ObjectRef::from_obj(object);
-                                seen.extend(store.get(&key));
+                // The watcher retries failures itself, with backoff, and never ends; should
+                // its stream end all the same, a new one starts (relisting into the same
+                // store), so a cache never goes quiet for good.
+                loop {
+                    let events = watcher(api.clone(), config.clone())
+                        .default_backoff()
+                        .map(|event| {
+                            if let Ok(event) = &event {
+                                writer.apply_watcher_event(event);
                             }
-                            Ok(watcher::Event::Delete(object)) => {
-                                gone.push(Arc::new(object.clone()));
+                            event
+                        })
+                        .then(|event| {
+                            let mut gone: Vec<Arc<K>> = Vec::new();
+                            let mut seen: Vec<Arc<K>> = Vec::new();
+                            match &event {
+                                Ok(watcher::Event::Apply(object)) => {
+                                    let key = reflector::ObjectRef::from_obj(object);
+                                    seen.extend(store.get(&key));
+                                }
+                                Ok(watcher::Event::Delete(object)) => {
+                                    gone.push(Arc::new(object.clone()));
+                                }
+                                Ok(watcher::Event::Init) => before_relist = store.state(),
+                                Ok(watcher::Event::InitDone) => {
+                                    seen = store.state();
+                                    gone = std::mem::take(&mut before_relist)
+                                        .into_iter()
+                                        .filter(|o| {
+                                            let key = reflector::ObjectRef::from_obj(o.as_ref());
+                                            store.get(&key).is_none()
+                                        })
+                                        .collect();
+                                }
+                                _ => {}
                             }
-                            Ok(watcher::Event::Init) => before_relist = store.state(),
-                            Ok(watcher::Event::InitDone) => {
-                                seen = store.state();
-                                gone = std::mem::take(&mut before_relist)
-                                    .into_iter()
-                                    .filter(|o| {
-                                        let key = reflector::ObjectRef::from_obj(o.as_ref());
-                                        store.get(&key).is_none()
-                                    })
-                                    .collect();
+                            // Senders are cheap to clone; a dropped subscriber only fails its
+                            // send.
+                            let mut to_changed = if seen.is_empty() {
+                                Vec::new()
+                            } else {
+                                changed.clone()
+                            };
+                            let mut to_deleted = if gone.is_empty() {
+                                Vec::new()
+                            } else {
+                                deleted.clone()
+                            };
+                            async move {
+                                use futures::SinkExt;
+                                for (objects, senders) in
+                                    [(seen, &mut to_changed), (gone, &mut to_deleted)]
+                                {
+                                    for object in objects {
+                                        for tx in senders.iter_mut() {
+                                            let _ = tx.send(Arc::clone(&object)).await;
+                                        }
+                                    }
+                                }
+                                event
                             }
-                            _ => {}
-                        }
-                        // Senders are cheap to clone; a dropped subscriber only fails its send.
-                        let mut to_changed = if seen.is_empty() {
-                            Vec::new()
-                        } else {
-                            changed.clone()
-                        };
-                        let mut to_deleted = if gone.is_empty() {
-                            Vec::new()
-                        } else {
-                            deleted.clone()
-                        };
-                        async move {
-                            use futures::SinkExt;
-                            for (objects, senders) in
-                                [(seen, &mut to_changed), (gone, &mut to_deleted)]
-                            {
-                                for object in objects {
-                                    for tx in senders.iter_mut() {
-                                        let _ = tx.send(Arc::clone(&object)).await;
+                        })
+                        .for_each(|event| {
+                            match event {
+                                // Synced from the first complete list on. (Not through
+                                // `Store::wait_until_ready`: kube-runtime 5's ready signal
+                                // wakes only its latest waiter, and the controllers wait on
+                                // it too.)
+                                Ok(watcher::Event::InitDone) => {
+                                    health.synced.store(true, Ordering::Relaxed);
+                                    health.failing.store(false, Ordering::Relaxed);
+                                }
+                                Ok(_) => health.failing.store(false, Ordering::Relaxed),
+                                Err(error) => {
+                                    if !health.failing.swap(true, Ordering::Relaxed) {
+                                        tracing::warn!(kind = %health.kind, %error, "watch failing; retrying with backoff");
                                     }
                                 }
                             }
-                            event
+                            futures::future::ready(())
+                        });
+                    tokio::select! {
+                        () = events => {
+                            tracing::warn!(kind = %health.kind, "watch stream ended; starting a new one");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
-                    })
-                    .for_each(|event| {
-                        match event {
-                            // Synced from the first complete list on. (Not through
-                            // `Store::wait_until_ready`: kube-runtime 5's ready signal wakes
-                            // only its latest waiter, and the controllers wait on it too.)
-                            Ok(watcher::Event::InitDone) => {
-                                health.synced.store(true, Ordering::Relaxed);
-                                health.failing.store(false, Ordering::Relaxed);
-                            }
-                            Ok(_) => health.failing.store(false, Ordering::Relaxed),
-                            Err(error) => {
-                                if !health.failing.swap(true, Ordering::Relaxed) {
-                                    tracing::warn!(kind = %health.kind, %error, "watch failing; retrying with backoff");
-                                }
-                            }
-                        }
-                        futures::future::ready(())
-                    });
-                tokio::select! {
-                    () = events => {}
-                    () = shutdown => {}
+                        () = shutdown.clone() => return,
+                    }
                 }
             }
             .boxed()
@@ -413,6 +437,9 @@ impl Manager {
             tracing::error!("controller metrics failed to register; controller not added");
             return;
         };
+        if let Ok(mut controllers) = self.readiness.controllers.lock() {
+            controllers.push(runner.progress());
+        }
         self.controllers.push(Box::new(move |shutdown: Shutdown| {
             runner
                 .shutdown_on(shutdown)
@@ -449,11 +476,9 @@ impl Manager {
         }
         .boxed()
         .shared();
-        let readiness = Arc::new(Readiness {
-            caches: self.health,
-            api_reachable: AtomicBool::new(false),
-        });
+        let readiness = self.readiness;
         let app = crate::endpoint::router(self.registry.clone(), Arc::clone(&readiness));
+        tokio::spawn(watchdog(Arc::clone(&readiness), signal.clone()));
         tokio::spawn(probe(self.client.clone(), readiness, signal.clone()));
         let server_signal = signal.clone();
         let server = tokio::spawn(async move {
@@ -577,23 +602,76 @@ fn lost(
 /// What `/readyz` answers from.
 #[derive(Debug, Default)]
 pub(crate) struct Readiness {
-    caches: Vec<Arc<CacheHealth>>,
+    caches: Mutex<Vec<Arc<CacheHealth>>>,
+    controllers: Mutex<Vec<Arc<Progress>>>,
     /// The API server answered the last probe.
     api_reachable: AtomicBool,
 }
 
 impl Readiness {
-    /// Ready once every cache has listed, while the API server answers.
+    /// Ready once every cache has listed, while the API server answers and no controller
+    /// is stalled.
     pub(crate) fn check(&self) -> Result<(), String> {
         if !self.api_reachable.load(Ordering::Relaxed) {
             return Err("API server unreachable".into());
         }
-        for cache in &self.caches {
+        for cache in self.caches.lock().iter().flat_map(|c| c.iter()) {
             if !cache.synced.load(Ordering::Relaxed) {
                 return Err(format!("cache of {} not synced", cache.kind));
             }
         }
-        Ok(())
+        self.controllers_progressing()
+    }
+
+    /// Every controller is getting its work done (the first that is not, and why).
+    fn controllers_progressing(&self) -> Result<(), String> {
+        let controllers: Vec<Arc<Progress>> = self
+            .controllers
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        let stalled: Vec<String> = controllers.iter().filter_map(|p| p.check().err()).collect();
+        if stalled.is_empty() {
+            Ok(())
+        } else {
+            Err(stalled.join("; "))
+        }
+    }
+}
+
+/// The manager's readiness, as [`Manager::health`] hands it out.
+#[derive(Clone, Debug)]
+pub struct Health(Arc<Readiness>);
+
+impl Health {
+    /// `Ok` when the manager is ready (its caches synced, the API server answering, no
+    /// controller stalled); otherwise why not, naming the cache or controller.
+    pub fn check(&self) -> Result<(), String> {
+        self.0.check()
+    }
+
+    /// Only the controllers' part: `Ok` unless one is stalled (then its name and why). For a
+    /// process that runs its controllers against its own in-process API server.
+    pub fn controllers(&self) -> Result<(), String> {
+        self.0.controllers_progressing()
+    }
+}
+
+/// How often the watchdog looks at the controllers' progress.
+const WATCHDOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Checks every controller's progress each second until shutdown, so a stall is logged when
+/// it happens, whether or not anyone asks `/readyz`.
+async fn watchdog(readiness: Arc<Readiness>, shutdown: Shutdown) {
+    let watching = async {
+        loop {
+            tokio::time::sleep(WATCHDOG_INTERVAL).await;
+            let _ = readiness.controllers_progressing();
+        }
+    };
+    tokio::select! {
+        () = watching => {}
+        () = shutdown => {}
     }
 }
 

@@ -10,6 +10,7 @@ pub struct ControllerMetrics {
     pub(crate) reconcile_total: IntCounterVec,
     pub(crate) reconcile_errors: IntCounterVec,
     pub(crate) reconcile_panics: IntCounterVec,
+    pub(crate) reconcile_timeouts: IntCounterVec,
     pub(crate) reconcile_time: HistogramVec,
     pub(crate) active_workers: IntGaugeVec,
     pub(crate) max_concurrent: IntGaugeVec,
@@ -47,6 +48,12 @@ impl ControllerMetrics {
             reconcile_panics: counter(
                 "controller_runtime_reconcile_panics_total",
                 "Total number of reconciliation panics per controller.",
+                &["controller"],
+            )?,
+            reconcile_timeouts: counter(
+                "controller_runtime_reconcile_timeouts_total",
+                "Total number of reconciles cancelled for running past the controller's time \
+                 limit.",
                 &["controller"],
             )?,
             reconcile_time: HistogramVec::new(
@@ -105,6 +112,7 @@ impl ControllerMetrics {
         registry.register(Box::new(metrics.reconcile_total.clone()))?;
         registry.register(Box::new(metrics.reconcile_errors.clone()))?;
         registry.register(Box::new(metrics.reconcile_panics.clone()))?;
+        registry.register(Box::new(metrics.reconcile_timeouts.clone()))?;
         registry.register(Box::new(metrics.reconcile_time.clone()))?;
         registry.register(Box::new(metrics.active_workers.clone()))?;
         registry.register(Box::new(metrics.max_concurrent.clone()))?;
@@ -125,6 +133,7 @@ impl ControllerMetrics {
         }
         self.reconcile_errors.with_label_values(&[controller]);
         self.reconcile_panics.with_label_values(&[controller]);
+        self.reconcile_timeouts.with_label_values(&[controller]);
         self.active_workers.with_label_values(&[controller]).set(0);
         self.max_concurrent
             .with_label_values(&[controller])

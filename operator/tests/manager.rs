@@ -283,3 +283,126 @@ async fn a_subscriber_late_to_a_deleted_object_keeps_flowing() {
     assert!(seen_after.is_ok(), "the subscriber stalled after {names:?}");
     assert_eq!(names.first().map(String::as_str), Some("brief"));
 }
+
+/// A reconciler that hangs on ConfigMaps labelled `hang=true` until told to stop hanging.
+async fn maybe_hang(
+    cm: Arc<ConfigMap>,
+    release: Arc<tokio::sync::watch::Receiver<bool>>,
+) -> Result<Action, Never> {
+    if cm.labels().get("hang").map(String::as_str) == Some("true") {
+        let mut release = (*release).clone();
+        let _ = release.wait_for(|released| *released).await;
+    }
+    Ok(Action::await_change())
+}
+
+#[tokio::test]
+async fn a_hung_reconcile_is_cancelled_and_readyz_names_the_stalled_controller() {
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut manager = Manager::new(client.clone());
+    let configmaps = manager.cache::<ConfigMap>(watcher::Config::default());
+    // One worker: while it hangs, everything else waits behind it.
+    let runner = Runner::for_cache("hangs", &configmaps)
+        .unwrap()
+        .concurrency(1)
+        .reconcile_timeout(Duration::from_secs(3))
+        .stall_after(Duration::from_secs(1));
+    let (release, released) = tokio::sync::watch::channel(false);
+    manager.add(runner, maybe_hang, Arc::new(released));
+    let health = manager.health();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+
+    let eventually = |what: &'static str, check: Box<dyn Fn() -> bool + Send>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ready = || async move { get(addr, "/readyz").await };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready().await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "ready at first");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let cm = |name: &str, hang: bool| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {"hang": hang.to_string()}}}))
+        .unwrap()
+    };
+    cms.create(&PostParams::default(), &cm("stuck", true))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &cm("waiting", false))
+        .await
+        .unwrap();
+
+    // Stalled: /readyz names the controller, and so does the manager's health handle.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (code, why) = loop {
+        let (code, why) = ready().await;
+        if code == 503 {
+            break (code, why);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stall reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, 503);
+    assert!(why.contains("controller hangs"), "{why}");
+    assert!(
+        health
+            .controllers()
+            .unwrap_err()
+            .contains("controller hangs")
+    );
+
+    // Cancelled at its time limit, counted, and retried; the object behind it gets its turn.
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = get(addr, "/metrics").await;
+        if metric(
+            &text,
+            "controller_runtime_reconcile_timeouts_total{controller=\"hangs\"}",
+        ) >= 1.0
+            && metric(
+                &text,
+                "controller_runtime_reconcile_total{controller=\"hangs\",result=\"success\"}",
+            ) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cancelled and moved on: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Once the reconciler stops hanging, the runner progresses and is ready again.
+    release.send(true).unwrap();
+    eventually(
+        "ready again",
+        Box::new(move || health.controllers().is_ok()),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready().await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

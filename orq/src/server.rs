@@ -112,6 +112,9 @@ struct AppState {
     registry: Registry,
     revision: IntGauge,
     db_size: IntGauge,
+    /// The built-in controllers' health, once they are started: a stalled one makes the
+    /// server unready.
+    controllers: std::sync::OnceLock<orquestra_operator::Health>,
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -158,6 +161,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         registry: registry.clone(),
         revision,
         db_size,
+        controllers: std::sync::OnceLock::new(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -177,7 +181,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .with_state(Arc::clone(&state));
     let mut api = orquestra_apiserver::ApiServer::with_request_timeout(
         Arc::clone(&store),
         args.request_timeout,
@@ -305,6 +309,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let own_ca = std::fs::read_to_string(args.data_dir.join("tls/ca.crt")).ok();
         let added = args.controllers.add_to(&mut manager, own_ca)?;
         tracing::info!(controllers = ?added, "starting the control loops");
+        let _ = state.controllers.set(manager.health());
         // The manager's own health endpoint stays on loopback; the server's /metrics
         // serves its metrics.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -472,9 +477,12 @@ current-context: orquestra
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
-    match state.store.current_revision().await {
-        Ok(_) => (StatusCode::OK, "ok".into()),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {error}")),
+    if let Err(error) = state.store.current_revision().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {error}"));
+    }
+    match state.controllers.get().map(|h| h.controllers()) {
+        Some(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, why),
+        _ => (StatusCode::OK, "ok".into()),
     }
 }
 

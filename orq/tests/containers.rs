@@ -1715,3 +1715,126 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
         .is_some()
     );
 }
+
+/// Namespaces created and deleted by many clients at once, each given a pod the moment it
+/// exists (before its `default` ServiceAccount can): the control loops keep up — every
+/// surviving namespace gets its ServiceAccount and `kube-root-ca.crt` within seconds, every
+/// deleted one goes — and every pod runs once its account exists (the agent retries).
+#[test]
+fn namespaces_churn_while_pods_start_in_them() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 25;
+    let host = Host::start("churn");
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for client in 0..CLIENTS {
+            let host = &host;
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    let ns = format!("churn-{client}-{i}");
+                    let mut pod =
+                        pod_manifest("sleeper", "Never", Some(&["sleep", "3600"]), Value::Null);
+                    pod["metadata"]["namespace"] = ns.clone().into();
+                    pod["spec"]["terminationGracePeriodSeconds"] = 0.into();
+                    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+                        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+                        pod,
+                    ]});
+                    host.apply(&list);
+                    // Every other namespace goes again at once, its pod with it.
+                    if i % 2 == 1 {
+                        host.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+                    }
+                }
+            });
+        }
+    });
+    let churned = started.elapsed();
+    let surviving: Vec<String> = (0..CLIENTS)
+        .flat_map(|c| {
+            (0..EACH)
+                .filter(|i| i % 2 == 0)
+                .map(move |i| format!("churn-{c}-{i}"))
+        })
+        .collect();
+    let names_in = |what: &str| -> Vec<(String, String)> {
+        let list: Value =
+            serde_json::from_str(&host.kubectl(&["get", what, "-A", "-o", "json"])).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    o["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let missing = |what: &str, name: &str| -> Vec<String> {
+        let have = names_in(what);
+        surviving
+            .iter()
+            .filter(|ns| !have.iter().any(|(n, o)| n == *ns && o == name))
+            .cloned()
+            .collect()
+    };
+
+    // The namespace defaults, within seconds of the churn's end.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (accounts, certs) = (
+            missing("serviceaccounts", "default"),
+            missing("configmaps", "kube-root-ca.crt"),
+        );
+        if accounts.is_empty() && certs.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {churned:?} of churn and 30 s more, no default ServiceAccount in {accounts:?}, \
+             no kube-root-ca.crt in {certs:?}\nserver log:\n{}",
+            host.server_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Every surviving pod runs; every deleted namespace is gone.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let pods: Value =
+            serde_json::from_str(&host.kubectl(&["get", "pods", "-A", "-o", "json"])).unwrap();
+        let not_running: Vec<String> = surviving
+            .iter()
+            .filter(|ns| {
+                !pods["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["metadata"]["namespace"] == ns.as_str() && phase(p) == "Running")
+            })
+            .cloned()
+            .collect();
+        let lingering: Vec<String> = names_in("namespaces")
+            .into_iter()
+            .map(|(_, name)| name)
+            .filter(|name| name.starts_with("churn-") && !surviving.contains(name))
+            .collect();
+        if not_running.is_empty() && lingering.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pods not running in {not_running:?}; namespaces not gone: {lingering:?}\nserver log:\n{}",
+            host.server_log_tail()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
