@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates apiserver/src/proto/schema.json: the protobuf wire schema of every Kubernetes kind
+"""Generates apiserver/src/http/proto/schema.json: the protobuf wire schema of every Kubernetes kind
 (and its list), so the API server reads `application/vnd.kubernetes.protobuf` request bodies
 (client-go, kubectl 1.32+ and Helm send them for built-in types) and writes protobuf responses
 for clients that ask for them.
@@ -25,7 +25,7 @@ import re
 import sys
 
 root = pathlib.Path(__file__).resolve().parent.parent
-target = root / "apiserver" / "src" / "proto" / "schema.json"
+target = root / "apiserver" / "src" / "http" / "proto" / "schema.json"
 OPENAPI_VERSION_DIR = "v1_36"
 
 # k8s-pb's package of each API group (`api.<package>.<version>`, or the whole prefix).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates apiserver/src/smp_keys.json — the strategic-merge-patch strategies and merge keys
+"""Generates apiserver/src/storage/smp_keys.json — the strategic-merge-patch strategies and merge keys
 of every built-in kind — from apiserver/upstream/strategic-merge-keys.json (the upstream
 OpenAPI document's patch strategies and type graph; scripts/gen-smp-upstream.py extracts it
 from a Kubernetes tree). A test fails when the checked-in file is stale.
@@ -13,7 +13,7 @@ import sys
 
 root = pathlib.Path(__file__).resolve().parent.parent
 source = root / "apiserver" / "upstream" / "strategic-merge-keys.json"
-target = root / "apiserver" / "src" / "smp_keys.json"
+target = root / "apiserver" / "src" / "storage" / "smp_keys.json"
 # Deep enough for every strategy upstream has (a PVC template's metadata inside a pod's
 # volumes inside a CronJob's job template is the deepest); recursive types stop here.
 MAX_DEPTH = 14

@@ -8,7 +8,7 @@ which definition each kind (of a stable API version) is.
     gen-smp-upstream.py KUBERNETES_TREE
 
 Run it when moving to a new Kubernetes version; scripts/gen-smp-keys.py then derives the
-per-kind table the server embeds (apiserver/src/smp_keys.json) from what this writes. The
+per-kind table the server embeds (apiserver/src/storage/smp_keys.json) from what this writes. The
 tree is only read here: the extract is checked in, so the build needs no Kubernetes source.
 """
 import json

@@ -1,49 +1,38 @@
 //! Orquestra's Kubernetes-compatible API server.
 //!
-//! One generic engine ([`engine`]) serves every resource the [`registry`] knows, over the
-//! versioned store (`orquestra-store`): CRUD, list with selectors and snapshot-pinned
-//! pagination, watch ([`watch`]), JSON and merge patches ([`patch`]), discovery
-//! ([`discovery`]) and Kubernetes `Status` errors ([`error`]). Kind-specific behaviour is a
-//! small named step in [`admission`].
+//! One generic engine serves every resource the registry knows — the built-in kinds of
+//! Kubernetes 1.36 and the CRDs users add — over the versioned store (`orquestra-store`). The
+//! modules are grouped by the stage of a request they belong to:
 //!
-//! Not yet: strategic merge and server-side apply (refused with 415), tables, OpenAPI,
-//! CRD registration at runtime, the scale subresource and `pods/binding`, TLS and
-//! authentication (see issue 3 in the tracker and docs/api-server.md).
+//! - [`http`]: the wire — request parsing, JSON and protobuf bodies and responses, tables,
+//!   watch streams, discovery, OpenAPI, metrics;
+//! - [`auth`]: who is asking (tokens, certificates, service-account tokens) and whether they
+//!   may (RBAC), and the review kinds that answer those questions;
+//! - [`admission`]: what a write must satisfy before it is stored — defaults, semantic
+//!   checks, structural schemas (pruning, defaulting, validation), limits and quotas;
+//! - [`storage`]: the engine (CRUD, list, watch over the store), its watch cache, version
+//!   conversion, object metadata, patches and field management, selectors;
+//! - [`kinds`]: what particular kinds add — the registry of resources, CRDs, subresources
+//!   (scale, binding, eviction, log), Services and the `kubernetes` Service's endpoints;
+//!
+//! and every failure is a Kubernetes `Status` ([`error`]). The modules are re-exported at
+//! the crate root under their own names (`orquestra_apiserver::engine`, `::registry`, …).
+//! docs/api-server.md says what is served and how it behaves.
 
 pub mod admission;
-pub mod authorization;
-pub mod body;
-pub mod cache;
-pub mod convert;
-pub mod crd;
-pub mod crdgen;
-pub mod discovery;
-pub mod engine;
+pub mod auth;
 pub mod error;
-pub mod eviction;
-pub mod identity;
-pub mod kubernetes_service;
-pub mod managed;
-pub mod metrics;
-pub mod object;
-pub mod openapi;
-pub mod patch;
-pub mod podlog;
-pub mod proto;
-pub mod quantity;
-pub mod quota;
-pub mod registry;
-pub mod request;
-pub mod request_info;
-pub mod review;
-pub mod schema;
-pub mod selector;
-pub mod service;
-pub mod smp;
-pub mod subresource;
-pub mod table;
-pub mod token;
-pub mod watch;
+pub mod http;
+pub mod kinds;
+pub mod storage;
+
+pub use admission::{quota, schema};
+pub use auth::{authorization, identity, review, token};
+pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
+pub use kinds::{
+    crd, crdgen, eviction, kubernetes_service, podlog, quantity, registry, service, subresource,
+};
+pub use storage::{cache, convert, engine, managed, object, patch, selector, smp};
 
 use std::sync::Arc;
 

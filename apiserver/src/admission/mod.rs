@@ -1,6 +1,10 @@
-//! Kind-specific steps, kept small and named so the engine stays generic: the defaults and
-//! semantic checks that k8s-openapi's schemas cannot carry (the schema itself is applied by
-//! [`crate::schema`]).
+//! What a write must satisfy before it is stored, kept in small named steps so the engine
+//! stays generic: the defaults and semantic checks that k8s-openapi's schemas cannot carry
+//! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
+//! and LimitRanges and ResourceQuotas ([`quota`]).
+
+pub mod quota;
+pub mod schema;
 
 use std::collections::BTreeSet;
 

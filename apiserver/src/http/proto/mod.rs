@@ -72,6 +72,9 @@ pub fn has_schema(api_version: &str, kind: &str) -> bool {
 mod tests {
     #[test]
     fn the_schema_is_current() {
-        crate::assert_generated_current("gen-proto-schema.py", "apiserver/src/proto/schema.json");
+        crate::assert_generated_current(
+            "gen-proto-schema.py",
+            "apiserver/src/http/proto/schema.json",
+        );
     }
 }

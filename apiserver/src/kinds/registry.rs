@@ -143,7 +143,7 @@ impl ResourceDef {
 /// `(file, text)` of one manifest under `crds/`.
 macro_rules! builtin {
     ($file:literal) => {
-        ($file, include_str!(concat!("../../crds/", $file)))
+        ($file, include_str!(concat!("../../../crds/", $file)))
     };
 }
 

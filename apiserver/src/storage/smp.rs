@@ -362,6 +362,6 @@ mod tests {
     #[test]
     fn the_table_is_current() {
         // The generator reads apiserver/upstream/strategic-merge-keys.json.
-        crate::assert_generated_current("gen-smp-keys.py", "apiserver/src/smp_keys.json");
+        crate::assert_generated_current("gen-smp-keys.py", "apiserver/src/storage/smp_keys.json");
     }
 }

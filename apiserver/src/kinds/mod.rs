@@ -1,0 +1,13 @@
+//! What particular kinds add to the generic engine: the registry of resources (built-in and
+//! from CRDs), CRD handling and generation, subresources (scale, binding, eviction, log),
+//! Services and the `kubernetes` Service, resource quantities.
+
+pub mod crd;
+pub mod crdgen;
+pub mod eviction;
+pub mod kubernetes_service;
+pub mod podlog;
+pub mod quantity;
+pub mod registry;
+pub mod service;
+pub mod subresource;
