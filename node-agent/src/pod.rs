@@ -107,6 +107,15 @@ pub struct PodWorker {
     service_account: Option<crate::serviceaccount::Projected>,
     /// The `KUBERNETES_SERVICE_*` environment, read once the pod is prepared.
     kubernetes_env: Vec<(String, String)>,
+    /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
+    /// it mounts missing, …): the next try backs off.
+    prepare_failures: u32,
+}
+
+/// The delay before preparing a pod again after `failures` failed attempts: 1 s doubling to
+/// the kubelet's 10 s, so a pod starts soon after the object it waited for appears.
+fn prepare_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(10))
 }
 
 impl std::fmt::Debug for PodWorker {
@@ -148,6 +157,7 @@ impl PodWorker {
             reported_running: false,
             service_account: None,
             kubernetes_env: Vec::new(),
+            prepare_failures: 0,
         }
     }
 
@@ -209,8 +219,10 @@ impl PodWorker {
                         ("ContainerCreating".into(), message.clone()),
                     );
                 }
-                return Next::After(Duration::from_secs(2));
+                self.prepare_failures = self.prepare_failures.saturating_add(1);
+                return Next::After(prepare_backoff(self.prepare_failures));
             }
+            self.prepare_failures = 0;
             self.lifecycle = Lifecycle::Initializing;
         }
         self.refresh_token(pod).await;
@@ -1407,6 +1419,12 @@ pub fn remove_pod_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preparing_again_backs_off_to_ten_seconds() {
+        let delays: Vec<u64> = (1..=7).map(|n| prepare_backoff(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10, 10]);
+    }
 
     #[test]
     fn container_ids_are_stable_and_distinct() {
