@@ -664,6 +664,89 @@ async fn services_get_unique_cluster_ips_and_node_ports() {
 }
 
 #[tokio::test]
+async fn a_service_changing_type_gets_and_gives_back_its_allocations() {
+    use k8s_openapi::api::core::v1::Service;
+
+    let c = cluster().await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    let external: Service = serde_json::from_value(json!({"metadata": {"name": "ext"},
+        "spec": {"type": "ExternalName", "externalName": "example.com"}}))
+    .unwrap();
+    let created = services
+        .create(&PostParams::default(), &external)
+        .await
+        .unwrap();
+    assert_eq!(
+        created.spec.unwrap().cluster_ip,
+        None,
+        "ExternalName: no IP"
+    );
+
+    // ExternalName → NodePort: a cluster IP and a node port, as kube-apiserver allocates them.
+    let change = |spec: serde_json::Value| Patch::Merge(json!({"spec": spec}));
+    let node_port = services
+        .patch(
+            "ext",
+            &PatchParams::default(),
+            &change(json!({"type": "NodePort", "externalName": null,
+                           "ports": [{"name": "http", "port": 80, "targetPort": 9376}]})),
+        )
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    let ip = node_port.cluster_ip.clone().unwrap();
+    assert!(ip.starts_with("10.43."), "{ip}");
+    assert_eq!(node_port.cluster_ips, Some(vec![ip.clone()]));
+    let port = node_port.ports.unwrap()[0].node_port.unwrap();
+    assert!((30000..=32767).contains(&port));
+
+    // NodePort → ClusterIP: the node port goes back, the IP stays.
+    let cluster_ip = services
+        .patch(
+            "ext",
+            &PatchParams::default(),
+            &change(json!({"type": "ClusterIP"})),
+        )
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(cluster_ip.cluster_ip.as_deref(), Some(ip.as_str()));
+    assert_eq!(cluster_ip.ports.unwrap()[0].node_port, None);
+    let taker: Service = serde_json::from_value(json!({"metadata": {"name": "taker"},
+        "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": port}]}}))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &taker)
+        .await
+        .expect("the freed node port is free");
+
+    // → ExternalName: the cluster IP goes back too.
+    let back = services
+        .patch(
+            "ext",
+            &PatchParams::default(),
+            &change(
+                json!({"type": "ExternalName", "externalName": "example.org",
+                           "clusterIP": "", "clusterIPs": null}),
+            ),
+        )
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!((back.cluster_ip, back.cluster_ips), (None, None));
+    let reuse: Service = serde_json::from_value(json!({"metadata": {"name": "reuse"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &reuse)
+        .await
+        .expect("the freed cluster IP is free");
+}
+
+#[tokio::test]
 async fn an_oversized_body_is_a_413_status() {
     let c = cluster().await;
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");

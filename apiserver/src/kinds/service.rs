@@ -142,8 +142,9 @@ async fn allocate<T: std::fmt::Display + Copy>(
     Ok(None)
 }
 
-/// Defaults a new Service and allocates its cluster IP and node ports.
-pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), ApiError> {
+/// The defaults kube-apiserver gives every Service written: type ClusterIP,
+/// `sessionAffinity: None`, TCP ports whose target is the port. Returns the type.
+fn defaults(object: &mut Value) -> String {
     if !object["spec"].is_object() {
         object["spec"] = json!({});
     }
@@ -165,9 +166,28 @@ pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), Api
             }
         }
     }
+    kind
+}
+
+/// Defaults a new Service and allocates its cluster IP and node ports.
+pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), ApiError> {
+    let kind = defaults(object);
     if kind == "ExternalName" {
         return Ok(());
     }
+    allocate_cluster_ip(engine, object).await?;
+    if kind == "NodePort" || kind == "LoadBalancer" {
+        if let Err(error) = allocate_node_ports(engine, object, &[]).await {
+            release(engine, object).await;
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Gives `object` the cluster IP it asks for (`spec.clusterIP`), `None` (headless), or a free
+/// one, with `clusterIPs` and the IP family fields to match.
+async fn allocate_cluster_ip(engine: &Engine, object: &mut Value) -> Result<(), ApiError> {
     let cidr = engine.service_cidr;
     let (network, bits) = (cidr.network, cidr.bits);
     let base = u32::from(network);
@@ -222,54 +242,169 @@ pub async fn admit_create(engine: &Engine, object: &mut Value) -> Result<(), Api
         object["spec"]["ipFamilies"] = json!(["IPv4"]);
         object["spec"]["ipFamilyPolicy"] = json!("SingleStack");
     }
-    if kind == "NodePort" || kind == "LoadBalancer" {
-        let count = object["spec"]["ports"].as_array().map_or(0, Vec::len);
-        for i in 0..count {
-            // 0 is how an unset node port arrives in protobuf.
-            match object["spec"]["ports"][i]["nodePort"]
-                .as_u64()
-                .filter(|p| *p != 0)
-            {
-                Some(port) => {
-                    if !NODE_PORTS.contains(&(port as u16)) || port > u16::MAX as u64 {
-                        return Err(invalid(
-                            object,
-                            &format!("spec.ports[{i}].nodePort"),
-                            format!(
-                                "Invalid value: {port}: provided port is not in the valid range. The range of valid ports is 30000-32767"
-                            ),
-                        ));
-                    }
-                    if !take(engine, &format!("{PORT_PREFIX}{port}"), object).await? {
-                        release(engine, object).await;
-                        return Err(invalid(
-                            object,
-                            &format!("spec.ports[{i}].nodePort"),
-                            format!("Invalid value: {port}: provided port is already allocated"),
-                        ));
-                    }
+    Ok(())
+}
+
+/// Gives every port of a NodePort or LoadBalancer Service a node port: the one it names
+/// (taken unless `held` says the Service holds it already) or a free one.
+async fn allocate_node_ports(
+    engine: &Engine,
+    object: &mut Value,
+    held: &[u64],
+) -> Result<(), ApiError> {
+    let count = object["spec"]["ports"].as_array().map_or(0, Vec::len);
+    for i in 0..count {
+        // 0 is how an unset node port arrives in protobuf.
+        match object["spec"]["ports"][i]["nodePort"]
+            .as_u64()
+            .filter(|p| *p != 0)
+        {
+            Some(port) if held.contains(&port) => {}
+            Some(port) => {
+                if port > u64::from(u16::MAX) || !NODE_PORTS.contains(&(port as u16)) {
+                    return Err(invalid(
+                        object,
+                        &format!("spec.ports[{i}].nodePort"),
+                        format!(
+                            "Invalid value: {port}: provided port is not in the valid range. The range of valid ports is 30000-32767"
+                        ),
+                    ));
                 }
-                None => {
-                    let candidates: Vec<u16> = NODE_PORTS.collect();
-                    let port = allocate(engine, object, PORT_PREFIX, &candidates)
-                        .await?
-                        .ok_or_else(|| {
-                            invalid(
-                                object,
-                                "spec.ports",
-                                "Internal error: no free node port".into(),
-                            )
-                        })?;
-                    object["spec"]["ports"][i]["nodePort"] = json!(port);
+                if !take(engine, &format!("{PORT_PREFIX}{port}"), object).await? {
+                    return Err(invalid(
+                        object,
+                        &format!("spec.ports[{i}].nodePort"),
+                        format!("Invalid value: {port}: provided port is already allocated"),
+                    ));
                 }
+            }
+            None => {
+                let candidates: Vec<u16> = NODE_PORTS.collect();
+                let port = allocate(engine, object, PORT_PREFIX, &candidates)
+                    .await?
+                    .ok_or_else(|| {
+                        invalid(
+                            object,
+                            "spec.ports",
+                            "Internal error: no free node port".into(),
+                        )
+                    })?;
+                object["spec"]["ports"][i]["nodePort"] = json!(port);
             }
         }
     }
     Ok(())
 }
 
-/// Keeps what an update may not change (or may leave out): the cluster IPs and node ports.
+/// The allocation keys a Service holds: its cluster IP and node ports.
+fn allocations(object: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Some(ip) = object
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| *ip != "None" && !ip.is_empty())
+    {
+        keys.push(format!("{IP_PREFIX}{ip}"));
+    }
+    for port in object["spec"]["ports"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if let Some(p) = port["nodePort"].as_u64().filter(|p| *p != 0) {
+            keys.push(format!("{PORT_PREFIX}{p}"));
+        }
+    }
+    keys
+}
+
+/// What an update changed in a Service's allocations: the keys it newly took (to give back
+/// if the write fails) and those the old version held that the new one does not (to free
+/// once the write succeeds).
+#[derive(Debug, Default)]
+pub struct Reallocation {
+    taken: Vec<String>,
+    dropped: Vec<String>,
+}
+
+impl Reallocation {
+    /// The write failed: gives back what the update took.
+    pub async fn undo(self, engine: &Engine, object: &Value) {
+        free(engine, object, self.taken).await;
+    }
+
+    /// The write succeeded: frees what the old version held and the new one does not.
+    pub async fn done(self, engine: &Engine, object: &Value) {
+        free(engine, object, self.dropped).await;
+    }
+}
+
+/// Allocates what an updated Service newly needs, as kube-apiserver does when a Service
+/// changes type or ports: a cluster IP when it stops being ExternalName, node ports for the
+/// ports of a NodePort or LoadBalancer Service; a Service that becomes ExternalName drops its
+/// cluster IPs, and one that becomes ClusterIP its node ports.
+pub async fn admit_update(
+    engine: &Engine,
+    old: &Value,
+    new: &mut Value,
+    dry_run: bool,
+) -> Result<Reallocation, ApiError> {
+    let kind = defaults(new);
+    if kind == "ExternalName" {
+        if let Some(spec) = new["spec"].as_object_mut() {
+            for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+                spec.remove(field);
+            }
+        }
+    }
+    if !matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
+        for port in new["spec"]["ports"].as_array_mut().into_iter().flatten() {
+            if let Some(port) = port.as_object_mut() {
+                port.remove("nodePort");
+            }
+        }
+    }
+    let before = allocations(old);
+    if dry_run {
+        return Ok(Reallocation::default());
+    }
+    if kind != "ExternalName" && new["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) {
+        allocate_cluster_ip(engine, new).await?;
+    }
+    if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
+        let held: Vec<u64> = old["spec"]["ports"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p["nodePort"].as_u64())
+            .collect();
+        if let Err(error) = allocate_node_ports(engine, new, &held).await {
+            let taken: Vec<String> = allocations(new)
+                .into_iter()
+                .filter(|k| !before.contains(k))
+                .collect();
+            free(engine, new, taken).await;
+            return Err(error);
+        }
+    }
+    let after = allocations(new);
+    Ok(Reallocation {
+        taken: after
+            .iter()
+            .filter(|k| !before.contains(k))
+            .cloned()
+            .collect(),
+        dropped: before.into_iter().filter(|k| !after.contains(k)).collect(),
+    })
+}
+
+/// Keeps what an update may not change (or may leave out): the cluster IPs and node ports —
+/// unless the Service becomes ExternalName, which has none.
 pub fn keep_allocations(old: &Value, new: &mut Value) {
+    if new["spec"]["type"] == "ExternalName" {
+        return;
+    }
     for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
         if new["spec"][field].is_null() || new["spec"][field] == "" {
             if let Some(v) = old.pointer(&format!("/spec/{field}")) {
@@ -314,23 +449,11 @@ pub fn check_immutable(old: &Value, new: &Value) -> Result<(), ApiError> {
 /// Frees a Service's cluster IP and node ports (best effort: a leftover key only wastes one
 /// address).
 pub async fn release(engine: &Engine, object: &Value) {
-    let mut keys = Vec::new();
-    if let Some(ip) = object
-        .pointer("/spec/clusterIP")
-        .and_then(Value::as_str)
-        .filter(|ip| *ip != "None" && !ip.is_empty())
-    {
-        keys.push(format!("{IP_PREFIX}{ip}"));
-    }
-    for port in object["spec"]["ports"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        if let Some(p) = port["nodePort"].as_u64() {
-            keys.push(format!("{PORT_PREFIX}{p}"));
-        }
-    }
+    free(engine, object, allocations(object)).await;
+}
+
+/// Frees `keys` that `object` holds.
+async fn free(engine: &Engine, object: &Value, keys: Vec<String>) {
     let me = owner(object);
     for key in keys {
         // Only what this Service holds: never another Service's allocation.

@@ -504,7 +504,21 @@ impl Engine {
             if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
                 crate::quota::admit_update(self, def, ns, &old, &new, dry_run).await?;
             }
-            match self.write(def, &key, &name, &current, new, dry_run).await {
+            // A Service that changes type or ports: what it newly needs is allocated last,
+            // so a refusal above leaves nothing taken.
+            let reallocation = if crate::service::is_service(def) && matches!(part, Part::Main) {
+                Some(crate::service::admit_update(self, &old, &mut new, dry_run).await?)
+            } else {
+                None
+            };
+            let written = self.write(def, &key, &name, &current, new, dry_run).await;
+            if let Some(reallocation) = reallocation {
+                match &written {
+                    Ok(object) => reallocation.done(self, object).await,
+                    Err(_) => reallocation.undo(self, &old).await,
+                }
+            }
+            match written {
                 Err(ApiError::Conflict { .. }) if expected.is_none() => continue,
                 other => return other,
             }
