@@ -36,7 +36,7 @@ pub struct ServerArgs {
     #[arg(long, env = "ORQ_DATASTORE")]
     datastore: Option<String>,
     /// Keep at least this many of the latest store revisions when compacting.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 1_000)]
     compaction_keep_revisions: i64,
     /// Keep store history written within this many seconds, and compact this often.
     #[arg(long, default_value_t = 300)]

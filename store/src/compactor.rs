@@ -26,11 +26,14 @@ pub struct CompactionPolicy {
 }
 
 impl Default for CompactionPolicy {
-    /// Kubernetes' cadence: every 5 minutes, keeping 5 minutes; plus the last 10 000 revisions
-    /// so that a burst of writes does not expire the resume points of lagging watchers.
+    /// Kubernetes' cadence: every 5 minutes, keeping 5 minutes; plus the last 1,000 revisions
+    /// (k3s' kine keeps as many) so that a burst of writes does not expire the resume points
+    /// of lagging watchers. Not more: a continue token or watch resume point must expire
+    /// within about 10 minutes even on a quiet cluster, as on kube-apiserver (the conformance
+    /// suite waits that long for a 410).
     fn default() -> Self {
         CompactionPolicy {
-            keep_revisions: 10_000,
+            keep_revisions: 1_000,
             keep_for: Duration::from_secs(300),
             interval: Duration::from_secs(300),
         }
