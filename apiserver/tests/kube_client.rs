@@ -747,6 +747,97 @@ async fn a_service_changing_type_gets_and_gives_back_its_allocations() {
 }
 
 #[tokio::test]
+async fn a_status_write_takes_the_metadata_of_most_built_in_kinds_but_not_of_custom_resources() {
+    use k8s_openapi::api::networking::v1::Ingress;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+
+    let c = cluster().await;
+    // An Ingress (kube's ingress status strategy resets only the spec).
+    let ingresses: Api<Ingress> = Api::namespaced(c.client.clone(), "default");
+    let ingress: Ingress = serde_json::from_value(json!({"metadata": {"name": "web"},
+        "spec": {"defaultBackend": {"service": {"name": "web", "port": {"number": 80}}}}}))
+    .unwrap();
+    ingresses
+        .create(&PostParams::default(), &ingress)
+        .await
+        .unwrap();
+    let patched = ingresses
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"patchedstatus": "true"}},
+                "spec": {"defaultBackend": {"service": {"name": "other"}}},
+                "status": {"loadBalancer": {"ingress": [{"ip": "169.1.1.1"}]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        patched
+            .annotations()
+            .get("patchedstatus")
+            .map(String::as_str),
+        Some("true")
+    );
+    let spec = patched.spec.unwrap();
+    assert_eq!(
+        spec.default_backend.unwrap().service.unwrap().name,
+        "web",
+        "spec kept"
+    );
+    assert_eq!(
+        patched
+            .status
+            .unwrap()
+            .load_balancer
+            .unwrap()
+            .ingress
+            .unwrap()[0]
+            .ip
+            .as_deref(),
+        Some("169.1.1.1")
+    );
+
+    // A custom resource: only the status.
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": {"name": "gizmos.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "gizmos", "kind": "Gizmo"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true}}}]}
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Gizmo"),
+        "gizmos",
+    );
+    let gizmos: Api<DynamicObject> = Api::namespaced_with(c.client.clone(), "default", &resource);
+    let gizmo: DynamicObject = serde_json::from_value(json!({"apiVersion": "example.com/v1",
+        "kind": "Gizmo", "metadata": {"name": "g"}, "spec": {"size": 1}}))
+    .unwrap();
+    gizmos.create(&PostParams::default(), &gizmo).await.unwrap();
+    let patched = gizmos
+        .patch_status(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"patchedstatus": "true"}},
+                                 "status": {"ready": true}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(patched.annotations().get("patchedstatus").is_none());
+    assert_eq!(patched.data["status"]["ready"], true);
+}
+
+#[tokio::test]
 async fn an_oversized_body_is_a_413_status() {
     let c = cluster().await;
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");

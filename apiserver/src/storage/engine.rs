@@ -1059,6 +1059,53 @@ fn copy_status(to: &mut Value, from: &Value) {
     }
 }
 
+/// Whether a write to `/status` also takes the labels, annotations, finalizers and owner
+/// references it carries, as kube-apiserver's status strategies do for most built-in kinds
+/// (they reset only the spec). Custom resources and the kinds whose strategies reset the
+/// metadata too take nothing but the status.
+fn status_keeps_metadata(def: &ResourceDef) -> bool {
+    const RESET: &[(&str, &str)] = &[
+        ("flowcontrol.apiserver.k8s.io", "flowschemas"),
+        (
+            "flowcontrol.apiserver.k8s.io",
+            "prioritylevelconfigurations",
+        ),
+        (
+            "admissionregistration.k8s.io",
+            "validatingadmissionpolicies",
+        ),
+        ("admissionregistration.k8s.io", "mutatingadmissionpolicies"),
+        ("storage.k8s.io", "volumeattachments"),
+        ("networking.k8s.io", "servicecidrs"),
+        ("resource.k8s.io", "resourceclaims"),
+        ("resource.k8s.io", "devicetaintrules"),
+        ("internal.apiserver.k8s.io", "storageversions"),
+        ("scheduling.k8s.io", "podgroups"),
+    ];
+    matches!(def.openapi, crate::registry::SchemaSource::Builtin(_))
+        && !RESET
+            .iter()
+            .any(|(group, plural)| def.group == *group && def.plural == *plural)
+}
+
+/// Takes the mutable metadata (labels, annotations, finalizers, owner references) of `from`
+/// into `to`: present ones replace, absent ones are removed.
+fn copy_mutable_metadata(to: &mut Value, from: &Value) {
+    let Some(meta) = to.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for field in ["labels", "annotations", "finalizers", "ownerReferences"] {
+        match from.pointer(&format!("/metadata/{field}")) {
+            Some(value) if !value.is_null() => {
+                meta.insert(field.into(), value.clone());
+            }
+            _ => {
+                meta.remove(field);
+            }
+        }
+    }
+}
+
 /// What part of an object a PUT writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Part {
@@ -1110,6 +1157,9 @@ fn merge_update(
         Part::Status => {
             let mut new = old.clone();
             copy_status(&mut new, body);
+            if status_keeps_metadata(def) {
+                copy_mutable_metadata(&mut new, body);
+            }
             new
         }
         Part::Finalize => {
