@@ -549,6 +549,8 @@ async fn scale_subresource_and_pod_binding() {
             .as_deref(),
         Some("node-1")
     );
+    // Binding is not a new generation of the pod (kube-apiserver: a bound pod is still 1).
+    assert_eq!(pods.get("p").await.unwrap().metadata.generation, Some(1));
     let again = bind(binding).await.unwrap_err();
     assert_eq!(
         reason(again),
@@ -835,6 +837,30 @@ async fn a_status_write_takes_the_metadata_of_most_built_in_kinds_but_not_of_cus
         .unwrap();
     assert!(patched.annotations().get("patchedstatus").is_none());
     assert_eq!(patched.data["status"]["ready"], true);
+}
+
+#[tokio::test]
+async fn a_json_patch_may_add_below_an_empty_status() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+
+    let c = cluster().await;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(c.client.clone(), "default");
+    let budget: PodDisruptionBudget = serde_json::from_value(json!({"metadata": {"name": "b"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "b"}}}}))
+    .unwrap();
+    budgets
+        .create(&PostParams::default(), &budget)
+        .await
+        .unwrap();
+    // kube-apiserver always has `status: {}` (a Go struct): adding below it works there.
+    let patch = json!([{"op": "add", "path": "/status/disruptionsAllowed", "value": 1}]);
+    let request =
+        http::Request::patch("/apis/policy/v1/namespaces/default/poddisruptionbudgets/b/status")
+            .header("content-type", "application/json-patch+json")
+            .body(serde_json::to_vec(&patch).unwrap())
+            .unwrap();
+    let patched: PodDisruptionBudget = c.client.request(request).await.unwrap();
+    assert_eq!(patched.status.unwrap().disruptions_allowed, Some(1));
 }
 
 #[tokio::test]

@@ -367,6 +367,14 @@ fn pods_find_the_api_server_through_the_kubernetes_service() {
         |_| true,
     );
     assert_eq!(endpoints["subsets"][0]["addresses"][0]["ip"], "192.0.2.10");
+    // The default ServiceCIDR, Ready, names the range cluster IPs come from.
+    let cidr = wait_json(
+        &server,
+        "/apis/networking.k8s.io/v1/servicecidrs/kubernetes",
+        |c| c["status"]["conditions"][0]["status"] == "True",
+    );
+    assert_eq!(cidr["spec"]["cidrs"], serde_json::json!(["10.43.0.0/16"]));
+    assert_eq!(cidr["status"]["conditions"][0]["type"], "Ready");
     // The serving certificate covers every name in-cluster clients dial.
     let sans = std::fs::read_to_string(dir.path().join("tls/server.sans")).unwrap();
     for name in [

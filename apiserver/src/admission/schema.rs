@@ -203,6 +203,11 @@ impl Structural {
         }
     }
 
+    /// Whether the schema declares `name` as an object property (`spec`, `status`).
+    pub fn declares_object(&self, name: &str) -> bool {
+        self.property(name).is_some_and(|p| p.ty == Type::Object)
+    }
+
     /// Whether `path` (`spec.color`) names a field this schema declares as a string, boolean
     /// or integer: what a CRD's `selectableFields` may point to.
     pub fn is_selectable_scalar(&self, path: &str) -> bool {

@@ -1,6 +1,8 @@
 //! The `default/kubernetes` Service and its Endpoints and EndpointSlice: how pods find the
 //! API server (`KUBERNETES_SERVICE_HOST`, `kubernetes.default.svc`), kept by the server
-//! itself as kube-apiserver's own controller does.
+//! itself as kube-apiserver's own controller does; and the default ServiceCIDR `kubernetes`
+//! (the range Services' cluster IPs come from, Ready), as its default-service-CIDR
+//! controller keeps it.
 //!
 //! The Service has the first address of the service CIDR (the allocator keeps it free) and
 //! port 443 (`https`) → the server's port; its Endpoints and EndpointSlice point at the
@@ -54,8 +56,23 @@ impl KubernetesService {
         // The Service: only its ports are ours to correct (its cluster IP cannot change).
         ensure(
             engine,
+            "networking.k8s.io",
+            "servicecidrs",
+            None,
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                "metadata": {"name": NAME},
+                "spec": {"cidrs": [engine.service_cidr.to_string()]},
+            }),
+            &[],
+        )
+        .await?;
+        ready_service_cidr(engine).await?;
+        ensure(
+            engine,
             "",
             "services",
+            Some(NAMESPACE),
             json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": NAME, "namespace": NAMESPACE,
@@ -72,6 +89,7 @@ impl KubernetesService {
             engine,
             "",
             "endpoints",
+            Some(NAMESPACE),
             json!({
                 "apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": NAME, "namespace": NAMESPACE,
@@ -90,6 +108,7 @@ impl KubernetesService {
             engine,
             "discovery.k8s.io",
             "endpointslices",
+            Some(NAMESPACE),
             json!({
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": NAME, "namespace": NAMESPACE,
@@ -105,12 +124,49 @@ impl KubernetesService {
     }
 }
 
-/// Creates `desired` if it is missing; otherwise copies the `owned` fields (JSON pointers)
-/// into the object when they differ.
+/// Marks the default ServiceCIDR Ready, as kube's default-service-CIDR controller does.
+async fn ready_service_cidr(engine: &Engine) -> Result<(), ApiError> {
+    let Some(def) = engine
+        .registry
+        .get("networking.k8s.io", "v1", "servicecidrs")
+    else {
+        return Ok(());
+    };
+    let target = Target {
+        def,
+        namespace: None,
+        name: Some(NAME.into()),
+        subresource: Some("status".into()),
+    };
+    let mut cidr = engine.get(&target).await?;
+    let ready = cidr
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+    if ready {
+        return Ok(());
+    }
+    cidr["status"] = json!({"conditions": [{
+        "type": "Ready", "status": "True", "reason": "",
+        "message": "Kubernetes default Service CIDR is ready",
+        "lastTransitionTime": crate::object::now(),
+    }]});
+    match engine.update(&target, cidr, false).await {
+        Ok(_) | Err(ApiError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates `desired` (in `namespace`, or cluster-scoped) if it is missing; otherwise copies
+/// the `owned` fields (JSON pointers) into the object when they differ.
 async fn ensure(
     engine: &Engine,
     group: &str,
     plural: &str,
+    namespace: Option<&str>,
     desired: Value,
     owned: &[&str],
 ) -> Result<(), ApiError> {
@@ -120,17 +176,14 @@ async fn ensure(
         .ok_or(ApiError::NoRoute)?;
     let target = Target {
         def: def.clone(),
-        namespace: Some(NAMESPACE.into()),
+        namespace: namespace.map(str::to_owned),
         name: Some(NAME.into()),
         subresource: None,
     };
     let mut current = match engine.get(&target).await {
         Ok(current) => current,
         Err(ApiError::NotFound { .. }) => {
-            return match engine
-                .create(&def, Some(NAMESPACE), desired.clone(), false)
-                .await
-            {
+            return match engine.create(&def, namespace, desired.clone(), false).await {
                 Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
                 Err(e) => Err(e),
             };

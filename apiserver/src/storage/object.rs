@@ -295,12 +295,19 @@ pub fn drop_empty_metadata(object: &mut Value) {
     }
 }
 
-/// Everything but `metadata` and `status`: what `generation` counts changes of.
+/// Everything but `metadata` and `status`: what `generation` counts changes of. A pod's
+/// `spec.nodeName` is not counted: only its binding sets it, which kube-apiserver writes
+/// without a new generation (a bound pod is still generation 1).
 pub fn spec_of(object: &Value) -> Value {
     let mut copy = object.clone();
     if let Some(map) = copy.as_object_mut() {
         map.remove("metadata");
         map.remove("status");
+    }
+    if object["kind"] == "Pod"
+        && let Some(spec) = copy.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.remove("nodeName");
     }
     copy
 }
