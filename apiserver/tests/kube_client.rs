@@ -864,6 +864,84 @@ async fn a_json_patch_may_add_below_an_empty_status() {
 }
 
 #[tokio::test]
+async fn a_pod_gets_its_runtime_class_overhead_and_scheduling_or_is_refused() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::node::v1::RuntimeClass;
+
+    let c = cluster().await;
+    let classes: Api<RuntimeClass> = Api::all(c.client.clone());
+    let class: RuntimeClass = serde_json::from_value(json!({"metadata": {"name": "kata"},
+        "handler": "kata", "overhead": {"podFixed": {"cpu": "10m", "memory": "1Mi"}},
+        "scheduling": {"nodeSelector": {"sandbox": "yes"},
+                       "tolerations": [{"key": "sandbox", "operator": "Exists"}]}}))
+    .unwrap();
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod = |name: &str, class: &str, extra: serde_json::Value| -> Pod {
+        let mut spec = json!({"runtimeClassName": class,
+            "containers": [{"name": "c", "image": "busybox"}]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let created = pods
+        .create(&PostParams::default(), &pod("p", "kata", json!({})))
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    let overhead = created.overhead.unwrap();
+    assert_eq!(overhead["cpu"].0, "10m");
+    assert_eq!(overhead["memory"].0, "1Mi");
+    assert_eq!(created.node_selector.unwrap()["sandbox"], "yes");
+    assert!(
+        created
+            .tolerations
+            .unwrap()
+            .iter()
+            .any(|t| t.key.as_deref() == Some("sandbox"))
+    );
+
+    // A class that does not exist, an overhead that differs, a selector that conflicts: 403.
+    for (name, class, extra, why) in [
+        (
+            "missing",
+            "nope",
+            json!({}),
+            "pod rejected: RuntimeClass \"nope\" not found",
+        ),
+        (
+            "greedy",
+            "kata",
+            json!({"overhead": {"cpu": "1"}}),
+            "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead",
+        ),
+        (
+            "elsewhere",
+            "kata",
+            json!({"nodeSelector": {"sandbox": "no"}}),
+            "pod rejected: conflict: runtimeClass.scheduling.nodeSelector selector conflicts with pod.spec.nodeSelector",
+        ),
+    ] {
+        let err = pods
+            .create(&PostParams::default(), &pod(name, class, extra))
+            .await
+            .unwrap_err();
+        let kube::Error::Api(status) = err else {
+            panic!("an API error")
+        };
+        assert_eq!(
+            (status.code, status.message),
+            (403, format!("pods \"{name}\" is forbidden: {why}"))
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_oversized_body_is_a_413_status() {
     let c = cluster().await;
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");

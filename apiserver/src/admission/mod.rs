@@ -1,9 +1,11 @@
 //! What a write must satisfy before it is stored, kept in small named steps so the engine
 //! stays generic: the defaults and semantic checks that k8s-openapi's schemas cannot carry
 //! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
-//! and LimitRanges and ResourceQuotas ([`quota`]).
+//! RuntimeClasses' overhead and scheduling ([`runtime_class`]), and LimitRanges and
+//! ResourceQuotas ([`quota`]).
 
 pub mod quota;
+pub mod runtime_class;
 pub mod schema;
 
 use std::collections::BTreeSet;
