@@ -942,6 +942,67 @@ async fn a_pod_gets_its_runtime_class_overhead_and_scheduling_or_is_refused() {
 }
 
 #[tokio::test]
+async fn immutable_data_stays_and_config_keys_are_checked() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::storage::v1::CSINode;
+
+    let c = cluster().await;
+    let maps: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let mut frozen = configmap("frozen", json!({"a": "1"}));
+    frozen.immutable = Some(true);
+    maps.create(&PostParams::default(), &frozen).await.unwrap();
+    for patch in [json!({"data": {"a": "2"}}), json!({"immutable": false})] {
+        let err = maps
+            .patch("frozen", &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap_err();
+        let kube::Error::Api(status) = err else {
+            panic!("an API error")
+        };
+        assert_eq!(status.code, 422, "{status:?}");
+        assert!(
+            status
+                .message
+                .contains("field is immutable when `immutable` is set"),
+            "{status:?}"
+        );
+    }
+    // Labels may still change.
+    maps.patch(
+        "frozen",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+    )
+    .await
+    .unwrap();
+
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), "default");
+    let bad: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "s"}, "data": {"": "eA=="}})).unwrap();
+    let err = secrets
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("an API error")
+    };
+    assert_eq!(status.code, 422);
+    assert!(
+        status
+            .message
+            .contains("a valid config key must consist of"),
+        "{status:?}"
+    );
+
+    // A list Go sends as null when empty is not "required" (a CSINode with no drivers).
+    let nodes: Api<CSINode> = Api::all(c.client.clone());
+    let node: CSINode =
+        serde_json::from_value(json!({"metadata": {"name": "n1"}, "spec": {"drivers": null}}))
+            .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+}
+
+#[tokio::test]
 async fn an_oversized_body_is_a_413_status() {
     let c = cluster().await;
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");

@@ -163,7 +163,74 @@ pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
         ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => {
             validate_workload(object, &mut causes);
         }
+        ("", "ConfigMap" | "Secret") => validate_config_keys(object, &mut causes),
         _ => {}
+    }
+    causes
+}
+
+/// A ConfigMap's or Secret's keys must be valid config keys (kube's `IsConfigMapKey`).
+fn validate_config_keys(object: &Value, causes: &mut Vec<Cause>) {
+    for field in ["data", "binaryData", "stringData"] {
+        for key in object[field]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
+            let valid = !key.is_empty()
+                && key.len() <= 253
+                && key != "."
+                && key != ".."
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    format!("{field}[{key}]"),
+                    format!(
+                        "Invalid value: {key:?}: a valid config key must consist of alphanumeric \
+                         characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or \
+                         'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A ConfigMap or Secret marked `immutable` keeps its data (and a Secret its type), and
+/// stays immutable — kube's `field is immutable when \`immutable\` is set`.
+pub fn check_immutable_data(def: &ResourceDef, old: &Value, new: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let secret = match (def.group.as_str(), def.kind.as_str()) {
+        ("", "ConfigMap") => false,
+        ("", "Secret") => true,
+        _ => return causes,
+    };
+    if old["immutable"] != true {
+        return causes;
+    }
+    let forbidden = |field: &str| {
+        cause(
+            "FieldValueForbidden",
+            field.to_owned(),
+            "Forbidden: field is immutable when `immutable` is set".into(),
+        )
+    };
+    if new["immutable"] != true {
+        causes.push(forbidden("immutable"));
+    }
+    let fields: &[&str] = if secret {
+        &["data", "type"]
+    } else {
+        &["data", "binaryData"]
+    };
+    for field in fields {
+        if old[*field] != new[*field] {
+            causes.push(forbidden(field));
+        }
     }
     causes
 }

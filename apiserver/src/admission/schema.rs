@@ -410,9 +410,11 @@ fn fill_defaults(schema: &Structural, map: &mut Map<String, Value>, root: bool) 
     }
 }
 
-/// [`validate`] for a built-in kind: `required` is not enforced under `status`. Built-in
-/// kinds' status is written by their controllers, and kube-apiserver holds it to its types,
-/// not to the OpenAPI `required` markers (a CRD's status condition may lack a type).
+/// [`validate`] for a built-in kind: `required` is not enforced under `status`, nor for
+/// lists anywhere. Built-in kinds' status is written by their controllers, and
+/// kube-apiserver holds it to its types, not to the OpenAPI `required` markers (a CRD's
+/// status condition may lack a type); and a required list left empty is `null` in Go's JSON
+/// (a CSINode with no drivers), which kube-apiserver accepts.
 pub fn validate_builtin(schema: &Structural, object: &Value) -> Vec<Cause> {
     validate_with(schema, object, true)
 }
@@ -425,7 +427,7 @@ pub fn validate(schema: &Structural, object: &Value) -> Vec<Cause> {
 fn validate_with(schema: &Structural, object: &Value, lenient_status: bool) -> Vec<Cause> {
     let mut causes = Vec::new();
     if let Value::Object(map) = object {
-        check_required(schema, map, "", &mut causes, true);
+        check_required(schema, map, "", &mut causes, true, lenient_status);
         for (key, value) in map {
             if let (false, Child::Known(sub)) = (is_root_meta(key), schema.child(key)) {
                 check(sub, value, key, &mut causes, lenient_status);
@@ -441,9 +443,13 @@ fn check_required(
     path: &str,
     causes: &mut Vec<Cause>,
     root: bool,
+    builtin: bool,
 ) {
     for name in &schema.required {
         if root && is_root_meta(name) {
+            continue;
+        }
+        if builtin && schema.property(name).is_some_and(|p| p.ty == Type::Array) {
             continue;
         }
         if !map.contains_key(name) {
@@ -554,7 +560,7 @@ fn check(
             let in_status =
                 path == "status" || path.starts_with("status.") || path.starts_with("status[");
             if !(lenient_status && in_status) {
-                check_required(schema, map, path, causes, false);
+                check_required(schema, map, path, causes, false, lenient_status);
             }
             for (key, child) in map {
                 if let Child::Known(sub) = schema.child(key) {

@@ -500,6 +500,15 @@ impl Engine {
                 crate::service::keep_allocations(&old, &mut new);
                 crate::service::check_immutable(&old, &new)?;
             }
+            let causes = crate::admission::check_immutable_data(def, &old, &new);
+            if !causes.is_empty() {
+                return Err(ApiError::Invalid {
+                    kind: def.kind.clone(),
+                    name: name.clone(),
+                    group: def.group.clone(),
+                    causes,
+                });
+            }
             validate_meta(def, &new)?;
             conform(def, &mut new)?;
             if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
