@@ -1003,6 +1003,25 @@ async fn immutable_data_stays_and_config_keys_are_checked() {
 }
 
 #[tokio::test]
+async fn kinds_without_a_spec_have_no_new_generations() {
+    let c = cluster().await;
+    let maps: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let created = maps
+        .create(&PostParams::default(), &configmap("g", json!({"a": "1"})))
+        .await
+        .unwrap();
+    let changed = maps
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"a": "2"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.metadata.generation, created.metadata.generation);
+}
+
+#[tokio::test]
 async fn an_oversized_body_is_a_413_status() {
     let c = cluster().await;
     let api: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");

@@ -1240,7 +1240,15 @@ fn merge_update(
         .get("generation")
         .and_then(Value::as_i64)
         .unwrap_or(1);
-    let changed = spec_of(old) != spec_of(&new);
+    // A built-in kind without a spec (Event, ConfigMap, Secret, …) has no generations in
+    // kube-apiserver: its strategy never bumps one.
+    let builtin = matches!(def.openapi, crate::registry::SchemaSource::Builtin(_));
+    let has_spec = !builtin
+        || def
+            .schema
+            .as_ref()
+            .is_some_and(|s| s.declares_object("spec"));
+    let changed = has_spec && spec_of(old) != spec_of(&new);
     let meta = metadata_mut(&mut new)?;
     meta.insert(
         "generation".into(),
