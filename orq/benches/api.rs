@@ -304,7 +304,9 @@ async fn list_typed_ms(client: &Client, ns: &str, expect: usize) -> f64 {
         let started = Instant::now();
         let list = api.list(&ListParams::default()).await.unwrap();
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
-        assert_eq!(list.items.len(), expect);
+        // orq server also publishes kube-root-ca.crt into every namespace (no
+        // kube-controller-manager runs beside the anchor).
+        assert!((expect..=expect + 1).contains(&list.items.len()));
     }
     median(samples)
 }
