@@ -93,19 +93,13 @@ pub async fn admit(engine: &Engine, def: &ResourceDef, pod: &mut Value) -> Resul
 
 /// Whether two resource lists name the same quantities (`1000m` is `1`).
 fn same_quantities(a: &Value, b: &Value) -> bool {
-    let parse = |v: &Value| -> Option<Vec<(String, crate::quantity::Quantity)>> {
-        let mut list: Vec<_> = v
-            .as_object()?
-            .iter()
-            .map(|(k, q)| Some((k.clone(), crate::quantity::Quantity::parse(q.as_str()?)?)))
-            .collect::<Option<_>>()?;
-        list.sort_by(|x, y| x.0.cmp(&y.0));
-        Some(list)
+    let quantities = |v: &Value| {
+        crate::quota::parse_list(v)
+            .into_iter()
+            .map(|(name, (quantity, _))| (name, quantity))
+            .collect::<Vec<_>>()
     };
-    match (parse(a), parse(b)) {
-        (Some(a), Some(b)) => a == b,
-        _ => a == b,
-    }
+    quantities(a) == quantities(b)
 }
 
 /// kube's refusal: `pods "x" is forbidden: pod rejected: …`.

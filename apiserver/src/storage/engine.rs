@@ -718,23 +718,20 @@ impl Engine {
                     );
                     meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
                 }
-                if policy.as_deref() == Some("Foreground") {
+                // The garbage collector's finalizer for the policy.
+                let finalizer = match policy.as_deref() {
+                    Some("Foreground") => Some("foregroundDeletion"),
+                    Some("Orphan") => Some("orphan"),
+                    _ => None,
+                };
+                if let Some(finalizer) = finalizer {
                     let finalizers = meta
                         .entry("finalizers")
                         .or_insert_with(|| json!([]))
                         .as_array_mut()
                         .ok_or_else(|| ApiError::BadRequest("finalizers must be a list".into()))?;
-                    if !finalizers.iter().any(|f| f == "foregroundDeletion") {
-                        finalizers.push(json!("foregroundDeletion"));
-                    }
-                } else if policy.as_deref() == Some("Orphan") {
-                    let finalizers = meta
-                        .entry("finalizers")
-                        .or_insert_with(|| json!([]))
-                        .as_array_mut()
-                        .ok_or_else(|| ApiError::BadRequest("finalizers must be a list".into()))?;
-                    if !finalizers.iter().any(|f| f == "orphan") {
-                        finalizers.push(json!("orphan"));
+                    if !finalizers.iter().any(|f| f == finalizer) {
+                        finalizers.push(json!(finalizer));
                     }
                 }
                 if terminating {

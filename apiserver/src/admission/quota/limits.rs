@@ -44,21 +44,6 @@ pub fn default_items(limit_range: &mut Value) {
     }
 }
 
-fn resource_map(value: &Value) -> BTreeMap<String, (Quantity, String)> {
-    value
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            Some((k.clone(), (Quantity::parse(&text)?, text)))
-        })
-        .collect()
-}
-
 /// Fills a new pod's missing container requests and limits from the `Container` items'
 /// defaults of `limit_ranges`.
 pub fn default_pod(limit_ranges: &[Value], pod: &mut Value) {
@@ -135,7 +120,7 @@ fn check(
     limits: &BTreeMap<String, Quantity>,
     problems: &mut Vec<String>,
 ) {
-    for (resource, (bound, text)) in resource_map(&item["min"]) {
+    for (resource, (bound, text)) in super::parse_list(&item["min"]) {
         match (requests.get(&resource), limits.get(&resource)) {
             (None, _) => problems.push(format!(
                 "minimum {resource} usage per {kind} is {text}.  No request is specified"
@@ -149,7 +134,7 @@ fn check(
             _ => {}
         }
     }
-    for (resource, (bound, text)) in resource_map(&item["max"]) {
+    for (resource, (bound, text)) in super::parse_list(&item["max"]) {
         match (requests.get(&resource), limits.get(&resource)) {
             (_, None) => problems.push(format!(
                 "maximum {resource} usage per {kind} is {text}.  No limit is specified"
@@ -163,7 +148,7 @@ fn check(
             _ => {}
         }
     }
-    for (resource, (ratio, text)) in resource_map(&item["maxLimitRequestRatio"]) {
+    for (resource, (ratio, text)) in super::parse_list(&item["maxLimitRequestRatio"]) {
         let stated = |q: Option<&Quantity>| q.copied().filter(|q| !q.is_zero());
         match (stated(requests.get(&resource)), stated(limits.get(&resource))) {
             (None, _) => problems.push(format!(
@@ -188,7 +173,7 @@ fn check(
 pub fn validate_pod(limit_ranges: &[Value], pod: &Value) -> Vec<String> {
     let mut problems = Vec::new();
     let container_resources = |c: &Value, which: &str| -> BTreeMap<String, Quantity> {
-        resource_map(&c["resources"][which])
+        super::parse_list(&c["resources"][which])
             .into_iter()
             .map(|(k, (q, _))| (k, q))
             .collect()
@@ -224,7 +209,7 @@ pub fn validate_pod(limit_ranges: &[Value], pod: &Value) -> Vec<String> {
 pub fn validate_claim(limit_ranges: &[Value], claim: &Value) -> Vec<String> {
     let mut problems = Vec::new();
     let requests: BTreeMap<String, Quantity> =
-        resource_map(&claim["spec"]["resources"]["requests"])
+        super::parse_list(&claim["spec"]["resources"]["requests"])
             .into_iter()
             .map(|(k, (q, _))| (k, q))
             .collect();
@@ -233,7 +218,7 @@ pub fn validate_claim(limit_ranges: &[Value], claim: &Value) -> Vec<String> {
         .flat_map(|lr| lr["spec"]["limits"].as_array().into_iter().flatten())
         .filter(|item| item["type"] == "PersistentVolumeClaim")
     {
-        for (resource, (bound, text)) in resource_map(&item["min"]) {
+        for (resource, (bound, text)) in super::parse_list(&item["min"]) {
             match requests.get(&resource) {
                 None => problems.push(format!(
                     "minimum {resource} usage per PersistentVolumeClaim is {text}.  No request is specified"
@@ -244,7 +229,7 @@ pub fn validate_claim(limit_ranges: &[Value], claim: &Value) -> Vec<String> {
                 _ => {}
             }
         }
-        for (resource, (bound, text)) in resource_map(&item["max"]) {
+        for (resource, (bound, text)) in super::parse_list(&item["max"]) {
             match requests.get(&resource) {
                 None => problems.push(format!(
                     "maximum {resource} usage per PersistentVolumeClaim is {text}.  No request is specified"
