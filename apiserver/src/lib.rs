@@ -338,6 +338,47 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// An update (PUT, or PATCH once applied) by `manager`: the fields it changes from
 /// `current` (the object as read, if the caller already has it) are recorded as that
 /// manager's in managedFields (main resource only), then the engine writes it.
+/// Whether the client asked for protobuf first (client-go's clientsets do).
+fn wants_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(proto::respond::prefers_protobuf)
+}
+
+/// A LIST in protobuf written from the watch cache's per-object messages (each encoded once
+/// per version of the object), so it costs what the JSON one does; `None` when the general
+/// path (JSON, re-encoded by the negotiation layer) must answer.
+async fn list_protobuf(
+    engine: &Engine,
+    target: &Target,
+    params: &Params,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let def = &target.def;
+    let api_version = def.api_version();
+    let list_kind = format!("{}List", def.kind);
+    if !proto::has_schema(&api_version, &list_kind) {
+        return Ok(None);
+    }
+    let Some(list) = engine.list_cached_as_stored(target, params).await? else {
+        return Ok(None);
+    };
+    let mut items = Vec::with_capacity(list.items.len());
+    for entry in &list.items {
+        match entry.protobuf(|object| proto::encode_message(object).ok()) {
+            Some(message) => items.push(message),
+            None => return Ok(None),
+        }
+    }
+    Ok(proto::encode_list(
+        &api_version,
+        &list_kind,
+        &list.metadata,
+        items.iter().map(|b| &b[..]),
+    )
+    .ok())
+}
+
 async fn update_recorded(
     engine: &Engine,
     target: &Target,
@@ -673,6 +714,16 @@ async fn dispatch(
                 .into_response())
         }
         (Method::GET, false) => {
+            if form == Representation::Full && wants_protobuf(headers) {
+                if let Some(body) = list_protobuf(engine, &target, &params).await? {
+                    return Ok((
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, proto::CONTENT_TYPE)],
+                        body,
+                    )
+                        .into_response());
+                }
+            }
             if form == Representation::Full {
                 let body = engine.list_json(&target, &params).await?;
                 return Ok((

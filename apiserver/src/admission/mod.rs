@@ -326,6 +326,67 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
         &format!("{path}.dnsPolicy"),
         causes,
     );
+    validate_sysctls(spec, path, causes);
+}
+
+/// A pod's sysctls: each name a sysctl name (dot- or slash-separated segments of lower-case
+/// alphanumerics, `-` and `_`, at most 253 characters), no name twice, and no namespaced
+/// sysctl of a namespace the pod shares with the host — kube's `validateSysctls`. Whether
+/// the node allows a sysctl is the node's call, not the API's.
+fn validate_sysctls(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    const PATTERN: &str = "^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$";
+    let segment_ok = |segment: &str| {
+        let bytes = segment.as_bytes();
+        let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        bytes.first().is_some_and(inner)
+            && bytes.last().is_some_and(inner)
+            && bytes.iter().all(|b| inner(b) || matches!(b, b'-' | b'_'))
+    };
+    let sysctls = &spec["securityContext"]["sysctls"];
+    let mut seen = BTreeSet::new();
+    for (i, sysctl) in sysctls.as_array().into_iter().flatten().enumerate() {
+        let at = format!("{path}.securityContext.sysctls[{i}].name");
+        let name = sysctl["name"].as_str().unwrap_or_default();
+        if name.is_empty() {
+            causes.push(cause("FieldValueRequired", at, "Required value".into()));
+            continue;
+        }
+        if name.len() > 253 || !name.split(['.', '/']).all(segment_ok) {
+            causes.push(cause(
+                "FieldValueInvalid",
+                at.clone(),
+                format!(
+                    "Invalid value: {name:?}: must have at most 253 characters and match \
+                     regex {PATTERN}"
+                ),
+            ));
+        } else if !seen.insert(name) {
+            causes.push(cause(
+                "FieldValueDuplicate",
+                at.clone(),
+                format!("Duplicate value: {name:?}"),
+            ));
+        }
+        let dotted = name.replace('/', ".");
+        let ipc = dotted.starts_with("kernel.shm")
+            || dotted.starts_with("kernel.msg")
+            || dotted == "kernel.sem"
+            || dotted.starts_with("fs.mqueue.");
+        let shared = if dotted.starts_with("net.") && spec["hostNetwork"] == true {
+            Some("hostNetwork")
+        } else if ipc && spec["hostIPC"] == true {
+            Some("hostIPC")
+        } else {
+            None
+        };
+        if let Some(host) = shared {
+            causes.push(cause(
+                "FieldValueInvalid",
+                at,
+                format!("Invalid value: {name:?}: may not be specified when '{host}' is true"),
+            ));
+        }
+    }
 }
 
 fn one_of(value: &Value, allowed: &[&str], field: &str, causes: &mut Vec<Cause>) {
@@ -660,5 +721,47 @@ mod tests {
         let mut all = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
         default_tolerations(&mut all, 300);
         assert_eq!(all["spec"]["tolerations"].as_array().unwrap().len(), 1);
+    }
+
+    /// The conformance spec "should reject invalid sysctls": two malformed names named, the
+    /// well-formed ones (unsafe or not: the node decides) not.
+    #[test]
+    fn malformed_sysctl_names_are_invalid() {
+        let sysctls = |names: &[&str], extra: Value| {
+            let mut spec = json!({"containers": [{"name": "c", "image": "i"}],
+                "securityContext": {"sysctls": names.iter()
+                    .map(|n| json!({"name": n, "value": "1"})).collect::<Vec<_>>()}});
+            if let (Some(spec), Value::Object(extra)) = (spec.as_object_mut(), extra) {
+                spec.extend(extra);
+            }
+            let mut causes = Vec::new();
+            validate_pod_spec(&spec, "spec", &mut causes);
+            causes
+                .into_iter()
+                .map(|c| format!("{}: {}", c.field, c.message))
+                .collect::<Vec<_>>()
+        };
+        let causes = sysctls(
+            &["foo-", "kernel.shmmax", "safe-and-unsafe", "bar.."],
+            json!({}),
+        );
+        assert_eq!(causes.len(), 2, "{causes:?}");
+        assert!(
+            causes[0].starts_with("spec.securityContext.sysctls[0].name: Invalid value: \"foo-\"")
+        );
+        assert!(
+            causes[1].starts_with("spec.securityContext.sysctls[3].name: Invalid value: \"bar..\"")
+        );
+        assert!(
+            sysctls(
+                &["kernel/shm_rmid_forced", "net.ipv4.ip_forward"],
+                json!({})
+            )
+            .is_empty()
+        );
+        let dup = sysctls(&["kernel.msgmax", "kernel.msgmax", ""], json!({}));
+        assert!(dup[0].contains("Duplicate value") && dup[1].ends_with("Required value"));
+        let host = sysctls(&["net.core.somaxconn"], json!({"hostNetwork": true}));
+        assert!(host[0].ends_with("may not be specified when 'hostNetwork' is true"));
     }
 }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +34,10 @@ pub struct Entry {
     pub json: Bytes,
     /// `{"metadata": {"labels": …}}`, for label selectors without decoding `json`.
     labels: Option<Arc<Value>>,
+    /// The object's protobuf message, made on first use and shared by every clone, so a
+    /// protobuf LIST is written by concatenation as a JSON one is (kube-apiserver caches
+    /// serializations the same way). `None` inside: the kind has no protobuf form.
+    protobuf: Arc<OnceLock<Option<Bytes>>>,
 }
 
 impl Entry {
@@ -46,7 +50,16 @@ impl Entry {
         Some(Entry {
             json: Bytes::from(serde_json::to_vec(&object).ok()?),
             labels,
+            protobuf: Arc::default(),
         })
+    }
+
+    /// The object's protobuf message: `encode` (given the decoded object) runs once per
+    /// cached version of the object, later calls reuse what it returned.
+    pub fn protobuf(&self, encode: impl FnOnce(&Value) -> Option<Vec<u8>>) -> Option<Bytes> {
+        self.protobuf
+            .get_or_init(|| self.decode().as_ref().and_then(encode).map(Bytes::from))
+            .clone()
     }
 
     /// Whether the object's labels satisfy `selector`.

@@ -109,10 +109,13 @@ impl Continue {
     }
 }
 
-/// A list answered from the watch cache: its metadata and the objects' JSON.
-struct CachedList {
-    metadata: Value,
-    items: Vec<Bytes>,
+/// A list answered from the watch cache: its metadata and the objects as cached.
+#[derive(Debug)]
+pub struct CachedList {
+    /// The list's `ListMeta`.
+    pub metadata: Value,
+    /// The objects, as stored (so as served: see [`Engine::list_cached_as_stored`]).
+    pub items: Vec<crate::cache::Entry>,
 }
 
 impl Engine {
@@ -801,7 +804,7 @@ impl Engine {
         if let Some(list) = self.list_cached(target, params).await? {
             let mut items = Vec::with_capacity(list.items.len());
             for item in &list.items {
-                let mut object = serde_json::from_slice::<Value>(item)
+                let mut object = serde_json::from_slice::<Value>(&item.json)
                     .map_err(|e| ApiError::Internal(format!("cached object is not JSON: {e}")))?;
                 self.to_client(&target.def, &mut object);
                 items.push(object);
@@ -828,7 +831,7 @@ impl Engine {
             let list = self.list_from_store(target, params).await?;
             return serde_json::to_vec(&list).map_err(|e| ApiError::Internal(e.to_string()));
         };
-        let size: usize = list.items.iter().map(|i| i.len() + 1).sum();
+        let size: usize = list.items.iter().map(|i| i.json.len() + 1).sum();
         let mut out = Vec::with_capacity(size + 256);
         out.extend_from_slice(b"{\"kind\":");
         serde_json::to_writer(&mut out, &format!("{}List", target.def.kind))
@@ -844,10 +847,24 @@ impl Engine {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(item);
+            out.extend_from_slice(&item.json);
         }
         out.extend_from_slice(b"]}");
         Ok(out)
+    }
+
+    /// A LIST from the watch cache whose objects are served exactly as stored (no
+    /// conversion or defaulting on read), for encoders that write lists from the cached
+    /// objects; `None` when the kind or the request needs the general path.
+    pub async fn list_cached_as_stored(
+        &self,
+        target: &Target,
+        params: &Params,
+    ) -> Result<Option<CachedList>, ApiError> {
+        if !target.def.reads_as_stored() {
+            return Ok(None);
+        }
+        self.list_cached(target, params).await
     }
 
     /// Answers a LIST from the watch cache, or `None` when only the store can: an exact
@@ -924,7 +941,7 @@ impl Engine {
         }
         Ok(Some(CachedList {
             metadata,
-            items: snapshot.entries.into_iter().map(|e| e.json).collect(),
+            items: snapshot.entries,
         }))
     }
 

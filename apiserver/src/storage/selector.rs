@@ -136,6 +136,24 @@ impl FieldSelector {
                 }
             }
             None => {
+                let labels = builtin_field_labels(&def.group, &def.kind);
+                for term in &mut selector.0 {
+                    let label = term.path.as_str();
+                    if label == "metadata.name" || label == "metadata.namespace" {
+                        continue;
+                    }
+                    let Some((_, path)) = labels.iter().find(|(l, _)| *l == label) else {
+                        return Err(ApiError::BadRequest(if labels.is_empty() {
+                            format!(
+                                "{label:?} is not a known field selector: only \
+                                 \"metadata.name\", \"metadata.namespace\""
+                            )
+                        } else {
+                            format!("field label not supported: {label}")
+                        }));
+                    };
+                    term.path = (*path).to_owned();
+                }
                 if let Some(schema) = &def.schema {
                     for term in &mut selector.0 {
                         term.zero = schema.zero_value(&term.path);
@@ -198,6 +216,72 @@ impl FieldSelector {
     }
 }
 
+/// The field labels kube-apiserver accepts for a built-in kind besides `metadata.name` and
+/// `metadata.namespace` (its field label conversion functions), each with the JSON path it
+/// reads. Kinds without any accept only those two, as kube's default conversion does.
+fn builtin_field_labels(group: &str, kind: &str) -> &'static [(&'static str, &'static str)] {
+    match (group, kind) {
+        ("", "Pod") => &[
+            ("spec.nodeName", "spec.nodeName"),
+            ("spec.restartPolicy", "spec.restartPolicy"),
+            ("spec.schedulerName", "spec.schedulerName"),
+            ("spec.serviceAccountName", "spec.serviceAccountName"),
+            ("spec.hostNetwork", "spec.hostNetwork"),
+            ("status.phase", "status.phase"),
+            ("status.podIP", "status.podIP"),
+            ("status.podIPs", "status.podIP"),
+            ("status.nominatedNodeName", "status.nominatedNodeName"),
+            // Old v1 clients' name for spec.nodeName.
+            ("spec.host", "spec.nodeName"),
+        ],
+        ("", "Node") => &[("spec.unschedulable", "spec.unschedulable")],
+        ("", "ReplicationController") => &[("status.replicas", "status.replicas")],
+        ("", "Event") => &[
+            ("involvedObject.kind", "involvedObject.kind"),
+            ("involvedObject.namespace", "involvedObject.namespace"),
+            ("involvedObject.name", "involvedObject.name"),
+            ("involvedObject.uid", "involvedObject.uid"),
+            ("involvedObject.apiVersion", "involvedObject.apiVersion"),
+            (
+                "involvedObject.resourceVersion",
+                "involvedObject.resourceVersion",
+            ),
+            ("involvedObject.fieldPath", "involvedObject.fieldPath"),
+            ("reason", "reason"),
+            ("reportingComponent", "reportingComponent"),
+            ("source", "source.component"),
+            ("type", "type"),
+        ],
+        ("events.k8s.io", "Event") => &[
+            ("regarding.kind", "regarding.kind"),
+            ("regarding.namespace", "regarding.namespace"),
+            ("regarding.name", "regarding.name"),
+            ("regarding.uid", "regarding.uid"),
+            ("regarding.apiVersion", "regarding.apiVersion"),
+            ("regarding.resourceVersion", "regarding.resourceVersion"),
+            ("regarding.fieldPath", "regarding.fieldPath"),
+            ("reason", "reason"),
+            ("reportingController", "reportingController"),
+            ("type", "type"),
+        ],
+        ("", "Namespace") => &[("status.phase", "status.phase")],
+        ("", "Secret") => &[("type", "type")],
+        ("", "Service") => &[
+            ("spec.clusterIP", "spec.clusterIP"),
+            ("spec.type", "spec.type"),
+        ],
+        ("batch", "Job") => &[("status.successful", "status.succeeded")],
+        ("certificates.k8s.io", "CertificateSigningRequest") => {
+            &[("spec.signerName", "spec.signerName")]
+        }
+        ("resource.k8s.io", "ResourceSlice") => &[
+            ("spec.nodeName", "spec.nodeName"),
+            ("spec.driver", "spec.driver"),
+        ],
+        _ => &[],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +331,51 @@ mod tests {
         };
         assert!(m("spec.unschedulable=false"));
         assert!(!m("spec.unschedulable=true"));
-        assert!(m("spec.unschedulable!=true,spec.podCIDR="));
+        assert!(m("spec.unschedulable!=true,metadata.name=n1"));
+    }
+
+    /// Built-in kinds accept the field labels kube-apiserver does, with its aliases, and
+    /// refuse any other with its message.
+    #[test]
+    fn built_in_kinds_refuse_unknown_field_labels() {
+        let registry = crate::registry::Registry::new(crate::registry::builtin_resources());
+        let def = |group: &str, plural: &str| registry.get(group, "v1", plural).unwrap();
+        let error = |def: &crate::registry::ResourceDef, s: &str| {
+            FieldSelector::for_resource(s, def).unwrap_err().to_string()
+        };
+        let nodes = def("", "nodes");
+        assert!(error(&nodes, "spec.podCIDR=").contains("field label not supported: spec.podCIDR"));
+        let config_maps = def("", "configmaps");
+        assert!(
+            error(&config_maps, "data.key=x")
+                .contains(r#""data.key" is not a known field selector: only "metadata.name", "metadata.namespace""#)
+        );
+        assert!(FieldSelector::for_resource("metadata.namespace=a", &config_maps).is_ok());
+        let pods = def("", "pods");
+        let pod = json!({"spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
+        let m = |s: &str| FieldSelector::for_resource(s, &pods).unwrap().matches(&pod);
+        assert!(m(
+            "spec.host=n1,status.phase=Running,spec.hostNetwork=false"
+        ));
+        let events = def("", "events");
+        let event = json!({"source": {"component": "kubelet"}, "involvedObject": {"uid": "u"}});
+        let e = |s: &str| {
+            FieldSelector::for_resource(s, &events)
+                .unwrap()
+                .matches(&event)
+        };
+        assert!(e("source=kubelet,involvedObject.uid=u"));
+        let jobs = def("batch", "jobs");
+        let job = json!({"status": {"succeeded": 2}});
+        assert!(
+            FieldSelector::for_resource("status.successful=2", &jobs)
+                .unwrap()
+                .matches(&job)
+        );
+        assert!(
+            FieldSelector::for_resource("status.successful=0", &jobs)
+                .unwrap()
+                .matches(&json!({"status": {}}))
+        );
     }
 }

@@ -30,20 +30,91 @@ pub enum EncodeError {
 /// `runtime.Unknown`.
 pub fn encode(object: &Value) -> Result<Vec<u8>, EncodeError> {
     let text = |key: &str| object.get(key).and_then(Value::as_str).unwrap_or_default();
-    let (api_version, kind) = (text("apiVersion"), text("kind"));
-    let root = SCHEMA
+    let raw = encode_message(object)?;
+    Ok(envelope(text("apiVersion"), text("kind"), &raw))
+}
+
+/// The message of `object` (which names its `apiVersion` and `kind`) without the envelope:
+/// what a list holds for each item, so a server can keep it and write lists by
+/// concatenation.
+pub fn encode_message(object: &Value) -> Result<Vec<u8>, EncodeError> {
+    let text = |key: &str| object.get(key).and_then(Value::as_str).unwrap_or_default();
+    let root = root(text("apiVersion"), text("kind"))?;
+    let mut raw = Vec::with_capacity(256);
+    message(root, object, &mut raw)?;
+    Ok(raw)
+}
+
+/// A whole list (`api_version`/`list_kind`, e.g. `v1`/`ConfigMapList`) from its `ListMeta`
+/// as JSON and its items' messages as [`encode_message`] wrote them.
+pub fn encode_list<'a>(
+    api_version: &str,
+    list_kind: &str,
+    metadata: &Value,
+    items: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, EncodeError> {
+    let name = root(api_version, list_kind)?;
+    let fields = SCHEMA
+        .messages
+        .get(name)
+        .ok_or_else(|| EncodeError::NoSchema(name.to_owned()))?;
+    let tag_of = |json_name: &str| {
+        fields
+            .iter()
+            .find(|(_, field)| field.0 == json_name)
+            .map(|(tag, field)| (*tag, field.2.as_str()))
+            .ok_or_else(|| mismatch(name, json_name, "no such field"))
+    };
+    let (metadata_tag, metadata_type) = tag_of("metadata")?;
+    let (items_tag, _) = tag_of("items")?;
+    let mut meta = Vec::new();
+    message(metadata_type, metadata, &mut meta)?;
+    // Written once, straight into the envelope: the raw message's length is known first.
+    let items: Vec<&[u8]> = items.into_iter().collect();
+    let field_len = |tag: u32, len: usize| {
+        let mut head = Vec::new();
+        key(tag, 2, &mut head);
+        varint(len as u64, &mut head);
+        head.len() + len
+    };
+    let raw_len = field_len(metadata_tag, meta.len())
+        + items
+            .iter()
+            .map(|item| field_len(items_tag, item.len()))
+            .sum::<usize>();
+    let mut type_meta = Vec::new();
+    string_field(1, api_version, &mut type_meta);
+    string_field(2, list_kind, &mut type_meta);
+    let mut out = Vec::with_capacity(raw_len + type_meta.len() + 32);
+    out.extend_from_slice(MAGIC);
+    bytes_field(1, &type_meta, &mut out);
+    key(2, 2, &mut out);
+    varint(raw_len as u64, &mut out);
+    bytes_field(metadata_tag, &meta, &mut out);
+    for item in items {
+        bytes_field(items_tag, item, &mut out);
+    }
+    Ok(out)
+}
+
+fn root(api_version: &str, kind: &str) -> Result<&'static str, EncodeError> {
+    SCHEMA
         .roots
         .get(&format!("{api_version}/{kind}"))
-        .ok_or_else(|| EncodeError::NoSchema(format!("{api_version}/{kind}")))?;
-    let mut raw = Vec::new();
-    message(root, object, &mut raw)?;
+        .map(String::as_str)
+        .ok_or_else(|| EncodeError::NoSchema(format!("{api_version}/{kind}")))
+}
+
+/// `k8s\0` + `runtime.Unknown{typeMeta, raw}`.
+fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
     let mut type_meta = Vec::new();
     string_field(1, api_version, &mut type_meta);
     string_field(2, kind, &mut type_meta);
-    let mut out = MAGIC.to_vec();
+    let mut out = Vec::with_capacity(raw.len() + type_meta.len() + 16);
+    out.extend_from_slice(MAGIC);
     bytes_field(1, &type_meta, &mut out);
-    bytes_field(2, &raw, &mut out);
-    Ok(out)
+    bytes_field(2, raw, &mut out);
+    out
 }
 
 /// One watch event as client-go's protobuf watch decoder reads it: a 4-byte big-endian
@@ -110,10 +181,14 @@ fn message(name: &str, value: &Value, out: &mut Vec<u8>) -> Result<(), EncodeErr
     let Value::Object(map) = value else {
         return Err(mismatch(name, "", "not an object"));
     };
-    let mut tags: Vec<&u32> = fields.keys().collect();
-    tags.sort_unstable();
-    for &tag in tags {
-        let Field(json_name, kind, typ, repeated) = &fields[&tag];
+    let tags = SCHEMA
+        .ordered
+        .get(name)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for tag in tags {
+        let Field(json_name, kind, typ, repeated) = &fields[tag];
+        let tag = *tag;
         if json_name.is_empty() {
             // A Go struct embedded inline: its fields are this object's.
             let mut inner = Vec::new();

@@ -21,7 +21,7 @@ mod encode;
 mod example;
 pub mod respond;
 
-pub use encode::{EncodeError, encode, watch_frame};
+pub use encode::{EncodeError, encode, encode_list, encode_message, watch_frame};
 /// For tests: an object of a kind with every field set.
 #[doc(hidden)]
 pub use example::example;
@@ -37,19 +37,29 @@ pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
 #[derive(Debug, Deserialize)]
 struct Field(String, String, String, bool);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Schema {
     /// `apiVersion/Kind` → message.
     roots: HashMap<String, String>,
     /// Message → tag → field.
     messages: HashMap<String, HashMap<u32, Field>>,
+    /// Message → its tags in ascending order (the encoder's order), derived once on load.
+    #[serde(skip)]
+    ordered: HashMap<String, Vec<u32>>,
 }
 
 static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-    serde_json::from_str(include_str!("schema.json")).unwrap_or(Schema {
-        roots: HashMap::new(),
-        messages: HashMap::new(),
-    })
+    let mut schema: Schema = serde_json::from_str(include_str!("schema.json")).unwrap_or_default();
+    schema.ordered = schema
+        .messages
+        .iter()
+        .map(|(name, fields)| {
+            let mut tags: Vec<u32> = fields.keys().copied().collect();
+            tags.sort_unstable();
+            (name.clone(), tags)
+        })
+        .collect();
+    schema
 });
 
 fn bad(message: &str) -> ApiError {
