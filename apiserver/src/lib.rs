@@ -115,10 +115,15 @@ impl ApiServer {
             .route("/api", get(core_groups))
             .route("/api/", get(core_groups))
             .route("/api/v1", get(core_resources))
+            .route("/api/v1/", get(core_resources))
             .route("/apis", get(groups))
             .route("/apis/", get(groups))
+            // With a trailing slash too, as kube-apiserver serves them (the e2e Discovery
+            // spec asks for `/apis/<group>/`).
             .route("/apis/{group}", get(group))
+            .route("/apis/{group}/", get(group))
             .route("/apis/{group}/{version}", get(group_resources))
+            .route("/apis/{group}/{version}/", get(group_resources))
             .route("/api/v1/{*rest}", any(core_resource))
             .route("/apis/{group}/{version}/{*rest}", any(group_resource))
             .route("/openapi/v2", get(openapi_v2))

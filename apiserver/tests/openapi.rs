@@ -119,6 +119,10 @@ async fn v3_documents_describe_built_in_and_custom_kinds() {
         "/apis/example.com/v1/widgets/{name}",
         "Widget"
     ));
+    // Type meta at the root, as kube-apiserver publishes it (`kubectl explain` lists them).
+    for field in ["apiVersion", "kind", "metadata"] {
+        assert!(widget["properties"][field].is_object(), "{field}");
+    }
 
     let (status, _) = get(
         &c,
@@ -155,6 +159,85 @@ async fn v2_is_one_swagger_document() {
     )
     .await;
     assert_eq!((status, body.len()), (200, 0));
+}
+
+/// CRDs in v2 as kube-apiserver publishes them (the CustomResourcePublishOpenAPI specs):
+/// type meta and metadata added, also inside embedded resources; a schema that preserves
+/// unknown fields at its root is a bare object, so kubectl accepts any field.
+#[tokio::test]
+async fn v2_publishes_custom_resources_as_kube_apiserver_does() {
+    let c = cluster().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    for (kind, schema) in [
+        (
+            "Open",
+            json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        ),
+        (
+            "Closed",
+            json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+                "template": {"type": "object", "x-kubernetes-embedded-resource": true,
+                             "properties": {"data": {"type": "string"}}}}}}}),
+        ),
+    ] {
+        let plural = format!("{}s", kind.to_lowercase());
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "metadata": {"name": format!("{plural}.example.com")},
+            "spec": {
+                "group": "example.com", "scope": "Namespaced",
+                "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                              "schema": {"openAPIV3Schema": schema}}]
+            }
+        }))
+        .unwrap();
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let mut doc = Value::Null;
+    for _ in 0..50 {
+        doc = get_json(&c, "/openapi/v2").await;
+        if doc["definitions"]["com.example.v1.Closed"].is_object()
+            && doc["definitions"]["com.example.v1.Open"].is_object()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let open = &doc["definitions"]["com.example.v1.Open"];
+    assert_eq!(open["type"], "object");
+    assert!(open.get("properties").is_none(), "{open}");
+    assert!(open.get("x-kubernetes-preserve-unknown-fields").is_none());
+    assert_eq!(open["x-kubernetes-group-version-kind"][0]["kind"], "Open");
+    let closed = &doc["definitions"]["com.example.v1.Closed"];
+    assert_eq!(closed["properties"]["apiVersion"]["type"], "string");
+    assert!(
+        closed["properties"]["kind"]["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Kind is a string value")
+    );
+    let template = &closed["properties"]["spec"]["properties"]["template"];
+    assert!(template["properties"]["metadata"].is_object());
+    assert_eq!(template["required"], json!(["kind", "apiVersion"]));
+}
+
+/// The legacy discovery documents also answer with a trailing slash, as kube-apiserver's do
+/// (the e2e Discovery spec reads `/apis/<group>/` for every group).
+#[tokio::test]
+async fn discovery_paths_answer_with_a_trailing_slash() {
+    let c = cluster().await;
+    for (path, kind) in [
+        ("/api/", "APIVersions"),
+        ("/api/v1/", "APIResourceList"),
+        ("/apis/", "APIGroupList"),
+        ("/apis/admissionregistration.k8s.io/", "APIGroup"),
+        ("/apis/apps/v1/", "APIResourceList"),
+    ] {
+        let (status, body) = get(&c, path, "application/json").await;
+        assert_eq!(status, 200, "{path}");
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["kind"], kind, "{path}");
+    }
 }
 
 #[tokio::test]

@@ -165,6 +165,91 @@ fn to_v2(schema: &mut Value) {
     }
 }
 
+const PRESERVE: &str = "x-kubernetes-preserve-unknown-fields";
+
+/// The `metadata` property of a kind's schema: a reference to ObjectMeta.
+fn metadata_property(flavour: Flavour) -> Value {
+    json!({
+        "allOf": [flavour.reference(OBJECT_META)],
+        "description": "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata",
+    })
+}
+
+/// A custom resource's schema as kube-apiserver publishes it: `apiVersion`, `kind` and
+/// `metadata` at the root (what `kubectl explain` lists), and the same inside every
+/// `x-kubernetes-embedded-resource` object, where they are required — except, in v2, below
+/// `x-kubernetes-preserve-unknown-fields`, where kubectl would then refuse unknown fields.
+fn add_type_meta(schema: &mut Value, flavour: Flavour) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    let properties = map
+        .entry("properties")
+        .or_insert_with(|| json!({}))
+        .as_object_mut();
+    if let Some(properties) = properties {
+        properties.insert(
+            "apiVersion".into(),
+            json!({
+                "type": "string",
+                "description": "APIVersion defines the versioned schema of this representation of an object. Servers should convert recognized schemas to the latest internal value, and may reject unrecognized values. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources",
+            }),
+        );
+        properties.insert(
+            "kind".into(),
+            json!({
+                "type": "string",
+                "description": "Kind is a string value representing the REST resource this object represents. Servers may infer this from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds",
+            }),
+        );
+        properties.insert("metadata".into(), metadata_property(flavour));
+    }
+    add_embedded_type_meta(schema, flavour, true);
+}
+
+fn add_embedded_type_meta(schema: &mut Value, flavour: Flavour, root: bool) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    for key in ["properties", "additionalProperties"] {
+        match map.get_mut(key) {
+            Some(Value::Object(children)) if key == "properties" => children
+                .values_mut()
+                .for_each(|child| add_embedded_type_meta(child, flavour, false)),
+            Some(child @ Value::Object(_)) => add_embedded_type_meta(child, flavour, false),
+            _ => {}
+        }
+    }
+    if let Some(items) = map.get_mut("items") {
+        add_embedded_type_meta(items, flavour, false);
+    }
+    let preserves = map.get(PRESERVE) == Some(&Value::Bool(true));
+    let embedded = map.get("x-kubernetes-embedded-resource") == Some(&Value::Bool(true));
+    if root || !embedded || (preserves && flavour == Flavour::V2) {
+        return;
+    }
+    let properties = map.entry("properties").or_insert_with(|| json!({}));
+    if let Value::Object(properties) = properties {
+        properties.insert(
+            "apiVersion".into(),
+            json!({"type": "string", "description": "apiVersion defines the versioned schema of this representation of an object. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources"}),
+        );
+        properties.insert(
+            "kind".into(),
+            json!({"type": "string", "description": "kind is a string value representing the type of this object. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"}),
+        );
+        properties.insert("metadata".into(), metadata_property(flavour));
+    }
+    let required = map.entry("required").or_insert_with(|| json!([]));
+    if let Value::Array(required) = required {
+        for field in ["kind", "apiVersion"] {
+            if !required.iter().any(|r| r == field) {
+                required.push(json!(field));
+            }
+        }
+    }
+}
+
 /// Adds a resource's kind, its list and its paths.
 fn add_resource(
     def: &ResourceDef,
@@ -177,17 +262,21 @@ fn add_resource(
     let mut schema = def.openapi.load(&def.version).unwrap_or_else(
         || json!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true }),
     );
-    if flavour == Flavour::V2 {
-        to_v2(&mut schema);
-    }
-    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
-        properties.insert(
-            "metadata".into(),
-            json!({
-                "allOf": [flavour.reference(OBJECT_META)],
-                "description": "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata",
-            }),
-        );
+    let custom = matches!(def.openapi, SchemaSource::Custom(_));
+    if flavour == Flavour::V2 && custom && schema[PRESERVE] == true {
+        // As kube-apiserver publishes such a CRD in v2: a bare object, since kubectl's
+        // client-side validation would refuse every field a listed property leaves out.
+        schema = json!({ "type": "object" });
+    } else {
+        if flavour == Flavour::V2 {
+            to_v2(&mut schema);
+        }
+        if custom {
+            add_type_meta(&mut schema, flavour);
+        } else if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut)
+        {
+            properties.insert("metadata".into(), metadata_property(flavour));
+        }
     }
     schema["x-kubernetes-group-version-kind"] = json!([gvk]);
     definitions.insert(name.clone(), schema);
