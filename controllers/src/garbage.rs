@@ -45,7 +45,7 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
     PropagationPolicy,
 };
-use kube::discovery::{Discovery, Scope, verbs};
+use kube::discovery::{Scope, verbs};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -307,7 +307,7 @@ async fn build_graph(collector: Arc<Collector>, shutdown: Shutdown) {
 /// Every resource that can be listed, watched and deleted, in its preferred version, with
 /// whether it is namespaced.
 async fn discover(client: &Client) -> Result<Vec<(ApiResource, bool)>, kube::Error> {
-    let discovery = Discovery::new(client.clone()).run().await?;
+    let discovery = crate::discovery::discover(client).await?;
     Ok(discovery
         .groups()
         .flat_map(|group| group.recommended_resources())

@@ -9,6 +9,7 @@
 
 pub mod daemonset;
 pub mod deployment;
+mod discovery;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod events;

@@ -124,7 +124,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Controller>) -> Result<Action, N
         return Ok(Action::await_change());
     }
     let name = ns.name_any();
-    let discovery = match Discovery::new(ctx.client.clone()).run().await {
+    let discovery = match crate::discovery::discover(&ctx.client).await {
         Ok(discovery) => discovery,
         Err(source) => {
             let message = format!("Discovery failed for some groups: {source}");
