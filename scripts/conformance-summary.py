@@ -4,8 +4,9 @@ every failure with the first line of its message, grouped by SIG.
 
     conformance-summary.py REPORT_DIR
 
-Reads the Ginkgo JSON reports REPORT_DIR/{parallel,serial}.json. Specs the focus selected but
-that did not finish (the run's time limit, an interrupted process) count as "not run".
+Reads the Ginkgo JSON reports REPORT_DIR/{parallel,serial}.json. Specs that did not finish (the
+run's time limit, an interrupted process) count as "not run", as do those a narrower FOCUS or
+SKIP left out.
 """
 import collections
 import json
@@ -43,7 +44,13 @@ def main():
     report_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     rows = collections.defaultdict(collections.Counter)
     failures = collections.defaultdict(list)
+    # Each pass's report lists every spec, those of the other pass as skipped: a spec's
+    # outcome is the one from the pass that ran it.
+    outcome = {}
     for _, text, spec in specs(report_dir):
+        if text not in outcome or spec.get("State") not in ("skipped", "pending"):
+            outcome[text] = spec
+    for text, spec in sorted(outcome.items()):
         sig = (re.search(r"\[sig-[\w-]+\]", text) or [""])[0] or "[no sig]"
         state = spec.get("State")
         if state == "passed":

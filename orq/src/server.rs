@@ -35,8 +35,9 @@ pub struct ServerArgs {
     /// Default: `sqlite://DATA_DIR/state.db`.
     #[arg(long, env = "ORQ_DATASTORE")]
     datastore: Option<String>,
-    /// Keep at least this many of the latest store revisions when compacting.
-    #[arg(long, default_value_t = 1_000)]
+    /// Keep at least this many of the latest store revisions when compacting (0: only the
+    /// time bound, as kube-apiserver over etcd).
+    #[arg(long, default_value_t = 0)]
     compaction_keep_revisions: i64,
     /// Keep store history written within this many seconds, and compact this often.
     #[arg(long, default_value_t = 300)]
