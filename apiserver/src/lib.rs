@@ -181,27 +181,58 @@ async fn openapi_v2(State(engine): State<Engine>, headers: HeaderMap) -> Respons
         )
             .into_response();
     }
+    let etag = format!("\"{}\"", openapi::v2_etag(&engine.registry));
+    if let Some(unchanged) = not_modified(&headers, &etag) {
+        return unchanged;
+    }
     let document = tokio::task::spawn_blocking(move || openapi::v2(&engine.registry)).await;
     match document {
-        Ok(document) => json(StatusCode::OK, &document),
+        Ok(document) => with_etag(json(StatusCode::OK, &document), &etag),
         Err(e) => ApiError::Internal(format!("building the OpenAPI document: {e}")).into_response(),
     }
 }
 
+/// A 304 when the client's `If-None-Match` names `etag`.
+fn not_modified(headers: &HeaderMap, etag: &str) -> Option<Response> {
+    let asked = headers.get(header::IF_NONE_MATCH)?.to_str().ok()?;
+    asked
+        .split(',')
+        .any(|tag| tag.trim().trim_start_matches("W/") == etag)
+        .then(|| with_etag(StatusCode::NOT_MODIFIED.into_response(), etag))
+}
+
+fn with_etag(mut response: Response, etag: &str) -> Response {
+    if let Ok(value) = header::HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}
+
 /// `/openapi/v3/api/v1`, `/openapi/v3/apis/<group>/<version>` (a `?hash=` is ignored).
-async fn openapi_v3(State(engine): State<Engine>, Path(path): Path<String>) -> Response {
+async fn openapi_v3(
+    State(engine): State<Engine>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let parts: Vec<&str> = path.split('/').collect();
     let (group, version) = match parts.as_slice() {
         ["api", version] => (String::new(), (*version).to_owned()),
         ["apis", group, version] => ((*group).to_owned(), (*version).to_owned()),
         _ => return ApiError::NoRoute.into_response(),
     };
+    let Some(etag) = openapi::v3_etag(&engine.registry, &group, &version) else {
+        return ApiError::NoRoute.into_response();
+    };
+    let etag = format!("\"{etag}\"");
+    if let Some(unchanged) = not_modified(&headers, &etag) {
+        return unchanged;
+    }
     let document = tokio::task::spawn_blocking(move || {
         openapi::v3_group_version(&engine.registry, &group, &version)
     })
     .await;
     match document {
-        Ok(Some(document)) => json(StatusCode::OK, &document),
+        Ok(Some(document)) => with_etag(json(StatusCode::OK, &document), &etag),
         Ok(None) => ApiError::NoRoute.into_response(),
         Err(e) => ApiError::Internal(format!("building the OpenAPI document: {e}")).into_response(),
     }

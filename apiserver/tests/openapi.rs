@@ -221,6 +221,64 @@ async fn v2_publishes_custom_resources_as_kube_apiserver_does() {
     assert_eq!(template["required"], json!(["kind", "apiVersion"]));
 }
 
+/// The documents carry an ETag: asked again with it, the answer is a 304 (nothing built);
+/// once a CRD changes what the document holds, the tag changes and the document comes anew.
+#[tokio::test]
+async fn documents_answer_304_to_their_etag_until_a_kind_changes() {
+    let c = cluster().await;
+    let fetch = |path: &'static str, etag: Option<String>| {
+        let client = c.client.clone();
+        async move {
+            let mut request = http::Request::get(path).header("accept", "application/json");
+            if let Some(etag) = etag {
+                request = request.header("if-none-match", etag);
+            }
+            let response = client
+                .send(request.body(Vec::new().into()).unwrap())
+                .await
+                .unwrap();
+            let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+            (response.status().as_u16(), etag)
+        }
+    };
+    let (status, etag) = fetch("/openapi/v2", None).await;
+    assert_eq!(status, 200);
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(
+        fetch("/openapi/v2", Some(etag.clone())).await,
+        (304, etag.clone())
+    );
+    let (status, v3) = fetch("/openapi/v3/apis/apps/v1", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        fetch("/openapi/v3/apis/apps/v1", Some(v3.clone())).await.0,
+        304
+    );
+
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": {"name": "gadgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+                 "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "schema": {"openAPIV3Schema": {"type": "object"}}}]}
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let mut changed = None;
+    for _ in 0..50 {
+        let (status, tag) = fetch("/openapi/v2", Some(etag.clone())).await;
+        if status == 200 {
+            changed = Some(tag);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(changed.is_some_and(|tag| tag != etag));
+    // Another group's document is unchanged.
+    assert_eq!(fetch("/openapi/v3/apis/apps/v1", Some(v3)).await.0, 304);
+}
+
 /// The legacy discovery documents also answer with a trailing slash, as kube-apiserver's do
 /// (the e2e Discovery spec reads `/apis/<group>/` for every group).
 #[tokio::test]
