@@ -608,6 +608,51 @@ fn exercise(bin: &str) {
         );
     }
 
+    // describe quota shows what is used against what is allowed, as the quota controller
+    // counts it (the namespace's kube-root-ca.crt and one ConfigMap of ours), and admission
+    // refuses what would go over.
+    k(&["create", "namespace", "quota"]);
+    k(&[
+        "-n",
+        "quota",
+        "create",
+        "quota",
+        "q",
+        "--hard=configmaps=2,pods=4",
+    ]);
+    k(&[
+        "-n",
+        "quota",
+        "create",
+        "configmap",
+        "a",
+        "--from-literal=k=v",
+    ]);
+    let mut described = String::new();
+    for _ in 0..100 {
+        described = k(&["-n", "quota", "describe", "quota", "q"]);
+        if described
+            .lines()
+            .any(|l| l.split_whitespace().eq(["configmaps", "2", "2"]))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        described.contains("Resource")
+            && described
+                .lines()
+                .any(|l| l.split_whitespace().eq(["configmaps", "2", "2"]))
+            && described
+                .lines()
+                .any(|l| l.split_whitespace().eq(["pods", "0", "4"])),
+        "{described}"
+    );
+    let (created, _, stderr) =
+        kubectl(bin, &kc, &["-n", "quota", "create", "configmap", "b"], None);
+    assert!(!created && stderr.contains("exceeded quota"), "{stderr}");
+
     // delete waits until the object is gone.
     assert!(k(&["delete", "cm", "demo", "--wait"]).contains("deleted"));
     let (success, _, stderr) = kubectl(bin, &kc, &["get", "cm", "demo"], None);
