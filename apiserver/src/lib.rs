@@ -27,7 +27,7 @@ pub mod kinds;
 pub mod storage;
 
 pub use admission::{quota, schema};
-pub use auth::{authorization, identity, review, token};
+pub use auth::{authorization, identity, impersonation, review, token};
 pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
 pub use kinds::{
     crd, crdgen, eviction, kubernetes_service, podlog, quantity, registry, service, subresource,

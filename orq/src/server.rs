@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use orquestra_apiserver::authorization::{Authorizer, authorize};
 use orquestra_apiserver::identity::{Authenticator, Identity, authenticate};
+use orquestra_apiserver::impersonation::{Impersonation, impersonate};
 use orquestra_apiserver::kubernetes_service::KubernetesService;
 use orquestra_apiserver::token::TokenIssuer;
 use orquestra_store::{CompactionPolicy, Compactor, Store};
@@ -289,14 +290,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Some(Arc::clone(&auth)),
             args.authorization_mode == AuthorizationMode::Rbac,
         );
-        // Layers run outside in: authentication names the caller, then RBAC judges.
-        let app = match args.authorization_mode {
+        // Layers run outside in: authentication names the caller, impersonation may make it
+        // someone else, then RBAC judges.
+        let (app, authorizer) = match args.authorization_mode {
             AuthorizationMode::Rbac => {
                 let authorizer = Arc::new(Authorizer::new(api.engine().clone()));
-                app.layer(axum::middleware::from_fn_with_state(authorizer, authorize))
+                let app = app.layer(axum::middleware::from_fn_with_state(
+                    Arc::clone(&authorizer),
+                    authorize,
+                ));
+                (app, Some(authorizer))
             }
-            AuthorizationMode::AlwaysAllow => app,
+            AuthorizationMode::AlwaysAllow => (app, None),
         };
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(Impersonation { authorizer }),
+            impersonate,
+        ));
         let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()))

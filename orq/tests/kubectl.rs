@@ -608,6 +608,50 @@ fn exercise(bin: &str) {
         );
     }
 
+    // --as/--as-group impersonate: the admin may, RBAC then judges the impersonated user;
+    // a service account without the `impersonate` verb may not.
+    let (listed, _, stderr) = kubectl(bin, &kc, &["get", "pods", "--as", "jane"], None);
+    assert!(
+        !listed && stderr.contains(r#"User "jane" cannot list resource "pods""#),
+        "{stderr}"
+    );
+    assert_eq!(
+        k(&[
+            "auth",
+            "can-i",
+            "list",
+            "pods",
+            "--as",
+            "jane",
+            "--as-group",
+            "system:masters"
+        ])
+        .trim(),
+        "yes"
+    );
+    if bin != KUBECTL_1_27 {
+        let whoami = k(&["auth", "whoami", "--as", "jane", "--as-group", "devs"]);
+        assert!(
+            whoami.contains("jane")
+                && whoami.contains("devs")
+                && whoami.contains("system:authenticated"),
+            "{whoami}"
+        );
+    }
+    let (listed, _, stderr) = kubectl(
+        bin,
+        &kc,
+        &["get", "pods", "--token", token.trim(), "--as", "jane"],
+        None,
+    );
+    assert!(
+        !listed
+            && stderr.contains(
+                r#"User "system:serviceaccount:default:nobody" cannot impersonate resource "users""#
+            ),
+        "{stderr}"
+    );
+
     // describe quota shows what is used against what is allowed, as the quota controller
     // counts it (the namespace's kube-root-ca.crt and one ConfigMap of ours), and admission
     // refuses what would go over.

@@ -485,7 +485,7 @@ fn covers(rule: &PolicyRule, attributes: &Attributes<'_>) -> bool {
 
 /// kube-apiserver's refusal message: `pods is forbidden: User "u" cannot list resource
 /// "pods" in API group "" in the namespace "default"`.
-fn forbidden(user: &User, attributes: &Attributes<'_>) -> ApiError {
+pub(crate) fn forbidden(user: &User, attributes: &Attributes<'_>) -> ApiError {
     match attributes {
         Attributes::Resource(info) => {
             let resource = info.resource_path();

@@ -4,5 +4,6 @@
 
 pub mod authorization;
 pub mod identity;
+pub mod impersonation;
 pub mod review;
 pub mod token;
