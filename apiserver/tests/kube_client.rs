@@ -1350,3 +1350,31 @@ async fn delete_collection_deletes_what_the_selector_matches() {
         "the finalizer holds its object, marked for deletion; the other label is untouched"
     );
 }
+
+/// Marking an object for deletion is a new generation, once (kube-apiserver's graceful
+/// delete; the e2e "custom-set generation on new pods and graceful delete" spec): a bound
+/// pod's graceful delete takes it from 1 to 2, and a shorter grace period later does not.
+#[tokio::test]
+async fn a_graceful_delete_is_a_new_generation_once() {
+    let c = cluster().await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod = serde_json::from_value(json!({
+        "metadata": {"name": "graceful", "generation": 100},
+        "spec": {"nodeName": "elsewhere", "containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    pods.delete("graceful", &DeleteParams::default().grace_period(60))
+        .await
+        .unwrap();
+    let marked = pods.get("graceful").await.unwrap();
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(marked.metadata.generation, Some(2));
+    pods.delete("graceful", &DeleteParams::default().grace_period(30))
+        .await
+        .unwrap();
+    let shortened = pods.get("graceful").await.unwrap();
+    assert_eq!(shortened.metadata.deletion_grace_period_seconds, Some(30));
+    assert_eq!(shortened.metadata.generation, Some(2));
+}

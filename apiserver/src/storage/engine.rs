@@ -713,6 +713,17 @@ impl Engine {
                     .get("deletionGracePeriodSeconds")
                     .and_then(Value::as_i64)
                     .is_some_and(|g| grace < g);
+                if !meta.contains_key("deletionTimestamp") {
+                    // Marked for deletion the first time: a new generation, as kube-apiserver
+                    // gives one (controllers act differently on an object being deleted).
+                    if let Some(generation) = meta
+                        .get("generation")
+                        .and_then(Value::as_i64)
+                        .filter(|g| *g > 0)
+                    {
+                        meta.insert("generation".into(), json!(generation + 1));
+                    }
+                }
                 if !meta.contains_key("deletionTimestamp") || shorter {
                     let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
                     meta.insert(
