@@ -40,7 +40,7 @@ pub struct ServerArgs {
     /// time bound, as kube-apiserver over etcd).
     #[arg(long, default_value_t = 0)]
     compaction_keep_revisions: i64,
-    /// Keep store history written within this many seconds, and compact this often.
+    /// Keep store history written within this many seconds (compacting every fifth of it).
     #[arg(long, default_value_t = 300)]
     compaction_interval_seconds: u64,
     /// Serve over plain HTTP without authentication (local experiments only). By default
@@ -173,7 +173,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let policy = CompactionPolicy {
         keep_revisions: args.compaction_keep_revisions,
         keep_for: Duration::from_secs(args.compaction_interval_seconds),
-        interval: Duration::from_secs(args.compaction_interval_seconds),
+        // Often enough that history is dropped soon after it is old enough.
+        interval: Duration::from_secs((args.compaction_interval_seconds / 5).max(1)),
     };
     let compactor =
         tokio::spawn(Compactor::new(Arc::clone(&store), policy).run(stopped(stop_rx.clone())));
