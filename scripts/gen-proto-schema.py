@@ -54,8 +54,20 @@ EXTRA_ROOTS = {
 }
 
 
+# Kinds promoted to v1 whose v1 messages k8s-pb does not have yet: v1 has the v1beta1 wire
+# messages field for field (checked against upstream's generated.proto of release 1.36), so
+# the v1 kinds use them until k8s-pb catches up (then its own v1 messages take over).
+ADMISSION_V1BETA1 = "api.admissionregistration.v1beta1"
+PROMOTED = {
+    f"admissionregistration.k8s.io/v1/{kind}": f"{ADMISSION_V1BETA1}.{kind}"
+    for kind in ["MutatingAdmissionPolicy", "MutatingAdmissionPolicyList",
+                 "MutatingAdmissionPolicyBinding", "MutatingAdmissionPolicyBindingList"]
+}
+
+
 def roots(messages: dict) -> dict:
-    found = dict(EXTRA_ROOTS)
+    found = {k: v for k, v in PROMOTED.items() if v in messages}
+    found.update(EXTRA_ROOTS)
     for msg, fields in messages.items():
         module, kind = msg.rsplit(".", 1)
         package, version = module.rsplit(".", 1)
