@@ -301,7 +301,7 @@ async fn reconcile<K: Replicated>(
             )
             .await;
     }
-    let mut owned: Vec<Arc<Pod>> = all
+    let (mut owned, released): (Vec<Arc<Pod>>, Vec<Arc<Pod>>) = all
         .into_iter()
         .filter(|p| {
             active(p)
@@ -309,7 +309,31 @@ async fn reconcile<K: Replicated>(
                     .iter()
                     .any(|o| o.controller == Some(true) && o.uid == uid)
         })
-        .collect();
+        .partition(|p| {
+            matches(
+                &selector,
+                p.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            )
+        });
+    // Release owned pods the selector no longer matches (their labels changed): they lose
+    // this owner reference and are replaced, as kube-controller-manager's ReplicaSet
+    // controller does. The uid precondition keeps a same-named successor untouched.
+    for pod in &released {
+        let others: Vec<_> = pod
+            .owner_references()
+            .iter()
+            .filter(|o| o.uid != uid)
+            .cloned()
+            .collect();
+        let patch = json!({"metadata": {"uid": pod.uid(), "ownerReferences": others}});
+        let _ = api
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+    }
     // Expectations: what we did that the cache has not shown yet.
     {
         let mut expectations = ctx.expectations.lock().unwrap_or_else(|e| e.into_inner());

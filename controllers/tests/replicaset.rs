@@ -1,6 +1,7 @@
 //! The ReplicaSet controller with the scheduler against the real API server in-process and
 //! simulated nodes: pods created to the count and Ready, a deleted pod replaced, scaling
-//! down deletes the surplus, a matching orphan is adopted.
+//! down deletes the surplus, a matching orphan is adopted, a pod that stops matching is
+//! released.
 
 #![allow(clippy::unwrap_used)]
 
@@ -128,4 +129,23 @@ async fn replicas_are_kept() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A pod whose labels stop matching is released (no owner reference left) and replaced.
+    let leaving = active_pods(&pods).await[0].metadata.name.clone().unwrap();
+    pods.patch(
+        &leaving,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "elsewhere"}}})),
+    )
+    .await
+    .unwrap();
+    wait_for(&pods, &leaving, Duration::from_secs(30), |p| {
+        p.metadata
+            .owner_references
+            .as_ref()
+            .is_none_or(|o| o.is_empty())
+    })
+    .await
+    .unwrap();
+    wait_count(&pods, 2).await;
 }
