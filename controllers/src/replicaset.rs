@@ -262,6 +262,20 @@ fn value(pod: &Pod) -> (u8, u8, u8, std::cmp::Reverse<String>) {
     )
 }
 
+/// Replaces a pod's owner references (adoption, release), on that very pod (uid
+/// precondition: a same-named successor is left alone). A failure is retried by the next
+/// reconcile, which sees the pod as it still is.
+async fn set_owners(api: &Api<Pod>, pod: &Pod, owners: serde_json::Value) {
+    let patch = json!({"metadata": {"uid": pod.uid(), "ownerReferences": owners}});
+    let _ = api
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await;
+}
+
 async fn reconcile<K: Replicated>(
     rs: Arc<K>,
     ctx: Arc<Controller<K>>,
@@ -292,14 +306,7 @@ async fn reconcile<K: Replicated>(
             )
     }) {
         let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
-        let patch = json!({"metadata": {"ownerReferences": owner}});
-        let _ = api
-            .patch(
-                &orphan.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await;
+        set_owners(&api, orphan, json!(owner)).await;
     }
     let (mut owned, released): (Vec<Arc<Pod>>, Vec<Arc<Pod>>) = all
         .into_iter()
@@ -317,7 +324,7 @@ async fn reconcile<K: Replicated>(
         });
     // Release owned pods the selector no longer matches (their labels changed): they lose
     // this owner reference and are replaced, as kube-controller-manager's ReplicaSet
-    // controller does. The uid precondition keeps a same-named successor untouched.
+    // controller does.
     for pod in &released {
         let others: Vec<_> = pod
             .owner_references()
@@ -325,14 +332,7 @@ async fn reconcile<K: Replicated>(
             .filter(|o| o.uid != uid)
             .cloned()
             .collect();
-        let patch = json!({"metadata": {"uid": pod.uid(), "ownerReferences": others}});
-        let _ = api
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await;
+        set_owners(&api, pod, json!(others)).await;
     }
     // Expectations: what we did that the cache has not shown yet.
     {

@@ -71,12 +71,8 @@ pub fn encode_list<'a>(
     message(metadata_type, metadata, &mut meta)?;
     // Written once, straight into the envelope: the raw message's length is known first.
     let items: Vec<&[u8]> = items.into_iter().collect();
-    let field_len = |tag: u32, len: usize| {
-        let mut head = Vec::new();
-        key(tag, 2, &mut head);
-        varint(len as u64, &mut head);
-        head.len() + len
-    };
+    let field_len =
+        |tag: u32, len: usize| varint_len((u64::from(tag) << 3) | 2) + varint_len(len as u64) + len;
     let raw_len = field_len(metadata_tag, meta.len())
         + items
             .iter()
@@ -139,6 +135,11 @@ fn varint(mut value: u64, out: &mut Vec<u8>) {
         value >>= 7;
     }
     out.push(value as u8);
+}
+
+/// How many bytes [`varint`] writes for `value`.
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn key(tag: u32, wire: u8, out: &mut Vec<u8>) {
@@ -405,6 +406,24 @@ mod tests {
         let frame = watch_frame("ADDED", &cm).unwrap();
         let length = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
         assert_eq!(length, frame.len() - 4);
+    }
+
+    #[test]
+    fn varint_lengths_match_what_is_written() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            varint(value, &mut out);
+            assert_eq!(varint_len(value), out.len(), "{value}");
+        }
     }
 
     #[test]
