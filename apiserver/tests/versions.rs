@@ -99,3 +99,144 @@ async fn an_hpa_is_served_as_v2_and_v1() {
     assert_eq!(group["preferredVersion"]["version"], "v2");
     assert_eq!(group["versions"].as_array().unwrap().len(), 2);
 }
+
+/// One resource, two APIs: an `events.k8s.io/v1` Event is a core `v1` Event under other
+/// field names. Written through either, it is read, listed, selected, patched, watched and
+/// deleted through both, as the conformance "Events API" specs check.
+#[tokio::test]
+async fn events_are_one_resource_in_two_groups() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{DeleteParams, Patch, PatchParams};
+
+    let c = common::cluster().await;
+    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
+    let core: Api<CoreEvent> = Api::namespaced(c.client.clone(), "default");
+    let rv = core
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let written: Event = serde_json::from_value(json!({
+        "metadata": {"name": "e1", "labels": {"test": "true"}},
+        "regarding": {"kind": "Pod", "name": "web", "namespace": "default"},
+        "eventTime": "2017-09-19T13:49:16.000000Z",
+        "note": "This is e1", "action": "Do", "reason": "Test", "type": "Normal",
+        "reportingController": "test-controller", "reportingInstance": "test-node",
+    }))
+    .unwrap();
+    let created = events
+        .create(&PostParams::default(), &written)
+        .await
+        .unwrap();
+    assert_eq!(created.note.as_deref(), Some("This is e1"));
+
+    // Through the core API: the same object, under core names; `source` falls back to the
+    // reporting controller.
+    let as_core = core.get("e1").await.unwrap();
+    assert_eq!(as_core.message.as_deref(), Some("This is e1"));
+    assert_eq!(as_core.involved_object.name.as_deref(), Some("web"));
+    assert_eq!(
+        as_core.reporting_component.as_deref(),
+        Some("test-controller")
+    );
+    let by = |s: &str| ListParams::default().fields(s);
+    let names = |list: Vec<CoreEvent>| -> Vec<String> {
+        list.into_iter().map(|e| e.metadata.name.unwrap()).collect()
+    };
+    assert_eq!(
+        names(
+            core.list(&by("source=test-controller"))
+                .await
+                .unwrap()
+                .items
+        ),
+        ["e1"]
+    );
+    let selected = events
+        .list(&by(
+            "reportingController=test-controller,regarding.name=web",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(selected.items.len(), 1);
+    assert!(
+        events
+            .list(&by("regarding.name=db"))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let all: Api<Event> = Api::all(c.client.clone());
+    assert_eq!(
+        all.list(&ListParams::default().labels("test=true"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // A strategic merge patch through events.k8s.io; the read-back equals what was sent.
+    let patched = events
+        .patch(
+            "e1",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"series": {"count": 2, "lastObservedTime": "2017-09-19T13:49:11.000000Z"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let mut expected = created.clone();
+    expected.series = patched.series.clone();
+    expected.metadata.resource_version = None;
+    expected.metadata.managed_fields = None;
+    let mut got = events.get("e1").await.unwrap();
+    assert_eq!(got.series.as_ref().unwrap().count, 2);
+    got.metadata.resource_version = None;
+    got.metadata.managed_fields = None;
+    assert_eq!(got, expected);
+
+    // Written through the core API, watched through events.k8s.io.
+    let mut watch = events
+        .watch(&WatchParams::default().fields("reason=Pulled"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let old: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"name": "e2"},
+        "involvedObject": {"kind": "Pod", "name": "web", "namespace": "default"},
+        "reason": "Pulled", "message": "pulled", "type": "Normal", "count": 3,
+        "source": {"component": "kubelet"},
+    }))
+    .unwrap();
+    core.create(&PostParams::default(), &old).await.unwrap();
+    let seen = loop {
+        if let WatchEvent::Added(e) = watch.try_next().await.unwrap().unwrap() {
+            break e;
+        }
+    };
+    assert_eq!(seen.metadata.name.as_deref(), Some("e2"));
+    assert_eq!(seen.deprecated_count, Some(3));
+    assert_eq!(
+        seen.deprecated_source.unwrap().component.as_deref(),
+        Some("kubelet")
+    );
+
+    // Deleted through events.k8s.io, gone from both.
+    events
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("test=true"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        names(core.list(&ListParams::default()).await.unwrap().items),
+        ["e2"]
+    );
+}

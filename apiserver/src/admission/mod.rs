@@ -164,9 +164,93 @@ pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
             validate_workload(object, &mut causes);
         }
         ("", "ConfigMap" | "Secret") => validate_config_keys(object, &mut causes),
+        ("", "Event") => validate_event(object, false, &mut causes),
+        ("events.k8s.io", "Event") => validate_event(object, true, &mut causes),
         _ => {}
     }
     causes
+}
+
+/// An Event, as kube's event validation checks it. An event with an `eventTime` (a "new"
+/// event, as every `events.k8s.io` one is) says who reported it and what happened, within
+/// length limits; an old one's namespace agrees with its object's. Through `events.k8s.io`
+/// the time, a `Normal`/`Warning` type and a well-formed series are required as well.
+fn validate_event(object: &Value, events_api: bool, causes: &mut Vec<Cause>) {
+    let name = |core: &'static str, events: &'static str| if events_api { events } else { core };
+    let text = |field: &str| object[field].as_str().unwrap_or_default();
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let involved = name("involvedObject", "regarding");
+    let involved_namespace = object[involved]["namespace"].as_str().unwrap_or_default();
+    let mismatch = || {
+        cause(
+            "FieldValueInvalid",
+            format!("{involved}.namespace"),
+            format!("Invalid value: {involved_namespace:?}: does not match event.namespace"),
+        )
+    };
+    let required = |field: &str| cause("FieldValueRequired", field.into(), "Required value".into());
+    let too_long = |field: &str, limit: usize| {
+        cause(
+            "FieldValueInvalid",
+            field.into(),
+            format!("Invalid value: \"\": can have at most {limit} characters"),
+        )
+    };
+    let timed = object["eventTime"].as_str().is_some_and(|t| !t.is_empty());
+    if !timed {
+        if events_api {
+            causes.push(required("eventTime"));
+        } else if (involved_namespace.is_empty() && !matches!(namespace, "" | "default"))
+            || (!involved_namespace.is_empty() && involved_namespace != namespace)
+        {
+            causes.push(mismatch());
+        }
+    } else {
+        if involved_namespace.is_empty() && !matches!(namespace, "default" | "kube-system") {
+            causes.push(mismatch());
+        }
+        let controller = name("reportingComponent", "reportingController");
+        for (field, limit) in [
+            (controller, 316),
+            ("reportingInstance", 128),
+            ("action", 128),
+            ("reason", 128),
+        ] {
+            match text(field).len() {
+                0 => causes.push(required(field)),
+                n if n > limit => causes.push(too_long(field, limit)),
+                _ => {}
+            }
+        }
+        if text(name("message", "note")).len() > 1024 {
+            causes.push(too_long(name("message", "note"), 1024));
+        }
+    }
+    if events_api {
+        let type_ = text("type");
+        if type_ != "Normal" && type_ != "Warning" {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "type".into(),
+                format!("Invalid value: \"\": has invalid value: {type_}"),
+            ));
+        }
+        if let Some(series) = object.get("series").filter(|s| s.is_object()) {
+            if series["count"].as_i64().unwrap_or(0) < 2 {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    "series.count".into(),
+                    "Invalid value: \"\": should be at least 2".into(),
+                ));
+            }
+            if series["lastObservedTime"]
+                .as_str()
+                .is_none_or(str::is_empty)
+            {
+                causes.push(required("series.lastObservedTime"));
+            }
+        }
+    }
 }
 
 /// A ConfigMap's or Secret's keys must be valid config keys (kube's `IsConfigMapKey`).
@@ -763,5 +847,36 @@ mod tests {
         assert!(dup[0].contains("Duplicate value") && dup[1].ends_with("Required value"));
         let host = sysctls(&["net.core.somaxconn"], json!({"hostNetwork": true}));
         assert!(host[0].ends_with("may not be specified when 'hostNetwork' is true"));
+    }
+
+    /// Events as kube validates them: an `events.k8s.io` event names its time, reporter and
+    /// action; an old core event's namespace agrees with its object's.
+    #[test]
+    fn events_are_validated_per_api() {
+        let fields = |object: Value, events_api: bool| {
+            let mut causes = Vec::new();
+            validate_event(&object, events_api, &mut causes);
+            causes.into_iter().map(|c| c.field).collect::<Vec<_>>()
+        };
+        let good = json!({"metadata": {"namespace": "ns"}, "regarding": {"namespace": "ns"},
+            "eventTime": "2017-09-19T13:49:16.000000Z", "note": "n", "action": "Do",
+            "reason": "Test", "type": "Normal", "reportingController": "ctl",
+            "reportingInstance": "node"});
+        assert!(fields(good.clone(), true).is_empty());
+        let mut bad = good.clone();
+        bad["type"] = json!("Odd");
+        bad["action"] = json!("");
+        bad["series"] = json!({"count": 1});
+        assert_eq!(
+            fields(bad, true),
+            ["action", "type", "series.count", "series.lastObservedTime"]
+        );
+        let untimed = json!({"metadata": {"namespace": "ns"}, "type": "Normal"});
+        assert_eq!(fields(untimed.clone(), true), ["eventTime"]);
+        // A core event without a time: only the namespaces are checked.
+        assert_eq!(fields(untimed, false), ["involvedObject.namespace"]);
+        let old = json!({"metadata": {"namespace": "ns"}, "involvedObject": {"namespace": "ns"},
+            "reason": "Pulled", "message": "m"});
+        assert!(fields(old, false).is_empty());
     }
 }

@@ -106,9 +106,10 @@ pub async fn watch(
             loop {
                 let page = engine.store.list(&prefix, &options).await?;
                 for kv in &page.kvs {
+                    // Selectors name fields of the stored form (as the watch cache's do).
                     let mut object = decode(kv)?;
-                    engine.to_client(&def, &mut object);
                     if matches(&object) {
+                        engine.to_client(&def, &mut object);
                         initial.push(line("ADDED", &object));
                     }
                 }
@@ -131,30 +132,32 @@ pub async fn watch(
     let changes = engine.store.watch(&prefix, start).await?;
     let kind = def.kind.clone();
     let api_version = def.api_version();
-    let decode_for_client = move |kv: &orquestra_store::KeyValue| {
-        let mut object = decode(kv).ok()?;
+    // Selectors name fields of the stored form; the client sees its own version.
+    let for_client = move |mut object: Value| {
         crate::convert::for_client(&def, &mut object);
-        Some(object)
+        object
     };
     let events = changes.filter_map(move |item| {
         let out = match item {
             Ok(WatchEvent::Change(event)) => {
-                let new = decode_for_client(&event.kv);
-                let mut old = event.prev.as_ref().and_then(&decode_for_client);
+                let new = decode(&event.kv).ok();
+                let old = event.prev.as_ref().and_then(|kv| decode(kv).ok());
                 let was = old.as_ref().is_some_and(&matches);
                 match event.kind {
-                    EventKind::Delete => old.as_mut().filter(|_| was).map(|o| {
-                        set_resource_version(o, event.kv.mod_revision);
-                        line("DELETED", o)
+                    EventKind::Delete => old.filter(|_| was).map(|o| {
+                        let mut o = for_client(o);
+                        set_resource_version(&mut o, event.kv.mod_revision);
+                        line("DELETED", &o)
                     }),
-                    EventKind::Create | EventKind::Update => {
-                        new.and_then(|new| match (was, matches(&new)) {
-                            (true, true) => Some(line("MODIFIED", &new)),
-                            (false, true) => Some(line("ADDED", &new)),
-                            (true, false) => Some(line("DELETED", &new)),
-                            (false, false) => None,
-                        })
-                    }
+                    EventKind::Create | EventKind::Update => new.and_then(|new| {
+                        let kind = match (was, matches(&new)) {
+                            (true, true) => "MODIFIED",
+                            (false, true) => "ADDED",
+                            (true, false) => "DELETED",
+                            (false, false) => return None,
+                        };
+                        Some(line(kind, &for_client(new)))
+                    }),
                 }
             }
             Ok(WatchEvent::Progress(revision)) => bookmarks.then(|| {

@@ -123,11 +123,11 @@ impl ResourceDef {
 
     /// The store key prefix of all its objects: `/registry/<group>/<plural>/`.
     pub fn key_prefix(&self) -> String {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
+        let group = match crate::convert::stored_in(&self.group, &self.plural) {
+            Some((group, _)) => group,
+            None => &self.group,
         };
+        let group = if group.is_empty() { "core" } else { group };
         format!("/registry/{group}/{}/", self.plural)
     }
 
@@ -230,6 +230,9 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 from_crd(&crd).into_iter().map(|def| ResourceDef {
                     openapi: SchemaSource::Builtin(text),
                     selectable_fields: None,
+                    // Kept in another group's storage version: converted both ways.
+                    storage: def.storage
+                        && crate::convert::stored_in(&def.group, &def.plural).is_none(),
                     ..def
                 })
             })
@@ -444,6 +447,9 @@ mod tests {
         let deploy = registry.get("apps", "v1", "deployments").unwrap();
         assert_eq!(deploy.api_version(), "apps/v1");
         assert!(deploy.scale.is_some() && deploy.status);
+        let events = registry.get("events.k8s.io", "v1", "events").unwrap();
+        assert_eq!(events.key(Some("ns"), "e"), "/registry/core/events/ns/e");
+        assert!(!events.storage);
         let crds = registry
             .get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
             .unwrap();

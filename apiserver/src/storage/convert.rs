@@ -8,6 +8,10 @@
 //! `Utilization` metric, and v1's `currentCPUUtilizationPercentage` the current one; what v1
 //! cannot say (other metrics, conditions, behavior) is kept in the annotations kube-apiserver
 //! keeps it in, so a round trip through v1 loses nothing.
+//!
+//! One resource is served by two groups: `events.k8s.io/v1` Events are core `v1` Events
+//! under other field names ([`SHARED_STORAGE`]), kept in one place, so an event written
+//! through either API is read, listed, watched and selected through both.
 
 use serde_json::{Value, json};
 
@@ -16,6 +20,35 @@ const METRICS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/metrics";
 const CONDITIONS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/conditions";
 const CURRENT_METRICS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/current-metrics";
 const BEHAVIOR_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/behavior";
+
+/// `(group, plural)`.
+type GroupResource = (&'static str, &'static str);
+/// `(group, version)`.
+type GroupVersion = (&'static str, &'static str);
+
+/// Resources kept in another group's storage, as kube-apiserver keeps them: the served
+/// `(group, plural)`, and the `(group, version)` its objects are stored in.
+pub const SHARED_STORAGE: &[(GroupResource, GroupVersion)] =
+    &[(("events.k8s.io", "events"), ("", "v1"))];
+
+/// Where `group/plural`'s objects are stored, if in another group: `(group, version)`.
+pub fn stored_in(group: &str, plural: &str) -> Option<(&'static str, &'static str)> {
+    SHARED_STORAGE
+        .iter()
+        .find(|((g, p), _)| *g == group && *p == plural)
+        .map(|(_, stored)| *stored)
+}
+
+/// Core v1 Event fields and their `events.k8s.io/v1` names (the rest are named alike).
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
 
 /// `object`, as stored, converted for a client of `def`'s version (nothing to do when `def` is
 /// the storage version).
@@ -45,7 +78,29 @@ pub fn convert(group: &str, kind: &str, object: &mut Value, api_version: &str) {
             _ => {}
         }
     }
+    if kind == "Event" {
+        match (from.as_str(), api_version) {
+            ("v1", "events.k8s.io/v1") => rename(object, EVENT_FIELDS.iter().copied()),
+            ("events.k8s.io/v1", "v1") => rename(
+                object,
+                EVENT_FIELDS.iter().map(|(core, events)| (*events, *core)),
+            ),
+            _ => {}
+        }
+    }
     object["apiVersion"] = json!(api_version);
+}
+
+/// Renames top-level fields `from` → `to`.
+fn rename<'a>(object: &mut Value, names: impl Iterator<Item = (&'a str, &'a str)>) {
+    let Some(fields) = object.as_object_mut() else {
+        return;
+    };
+    for (from, to) in names {
+        if let Some(value) = fields.remove(from) {
+            fields.insert(to.to_owned(), value);
+        }
+    }
 }
 
 fn is_cpu_utilization(metric: &Value) -> bool {
@@ -239,6 +294,30 @@ mod tests {
             "autoscaling/v2",
         );
         assert_eq!(object, v2());
+    }
+
+    #[test]
+    fn an_event_reads_through_both_apis() {
+        let core = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": "e", "namespace": "ns"},
+            "involvedObject": {"kind": "Pod", "name": "web", "namespace": "ns"},
+            "reason": "Started", "message": "Started container", "type": "Normal",
+            "source": {"component": "kubelet"}, "count": 2,
+            "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:01Z",
+            "eventTime": null, "reportingComponent": "kubelet", "reportingInstance": "n1",
+        });
+        let mut object = core.clone();
+        convert("", "Event", &mut object, "events.k8s.io/v1");
+        assert_eq!(object["apiVersion"], "events.k8s.io/v1");
+        assert_eq!(object["regarding"]["name"], "web");
+        assert_eq!(object["note"], "Started container");
+        assert_eq!(object["reportingController"], "kubelet");
+        assert_eq!(object["deprecatedSource"]["component"], "kubelet");
+        assert_eq!(object["deprecatedCount"], 2);
+        assert!(object.get("involvedObject").is_none() && object.get("message").is_none());
+        convert("events.k8s.io", "Event", &mut object, "v1");
+        assert_eq!(object, core);
     }
 
     #[test]

@@ -164,7 +164,11 @@ impl Engine {
         if def.storage {
             return;
         }
-        if let Some(storage) = self.registry.storage_version(&def.group, &def.plural) {
+        let storage = match crate::convert::stored_in(&def.group, &def.plural) {
+            Some((group, version)) => self.registry.get(group, version, &def.plural),
+            None => self.registry.storage_version(&def.group, &def.plural),
+        };
+        if let Some(storage) = storage {
             crate::convert::convert(&def.group, &def.kind, object, &storage.api_version());
         }
     }
@@ -1037,9 +1041,10 @@ impl Engine {
                     break 'pages;
                 }
                 start_after = Some(kv.key.clone());
+                // Selectors name fields of the stored form (as the watch cache's do).
                 let mut object = decode(kv)?;
-                self.to_client(def, &mut object);
                 if labels.matches(&object) && fields.matches(&object) {
+                    self.to_client(def, &mut object);
                     items.push(object);
                 }
             }

@@ -156,7 +156,8 @@ impl FieldSelector {
                 }
                 if let Some(schema) = &def.schema {
                     for term in &mut selector.0 {
-                        term.zero = schema.zero_value(&term.path);
+                        let first = term.path.split('|').next().unwrap_or_default();
+                        term.zero = schema.zero_value(first);
                     }
                 }
             }
@@ -205,12 +206,19 @@ impl FieldSelector {
     /// Whether an object satisfies every term.
     pub fn matches(&self, object: &Value) -> bool {
         self.0.iter().all(|term| {
-            let pointer = format!("/{}", term.path.replace('.', "/"));
-            let actual = match object.pointer(&pointer) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => term.zero.to_owned(),
-                Some(other) => other.to_string(),
-            };
+            // `a|b`: the first of the fields that is set and not empty.
+            let actual = term
+                .path
+                .split('|')
+                .find_map(
+                    |path| match object.pointer(&format!("/{}", path.replace('.', "/"))) {
+                        Some(Value::String(s)) if s.is_empty() => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(Value::Null) | None => None,
+                        Some(other) => Some(other.to_string()),
+                    },
+                )
+                .unwrap_or_else(|| term.zero.to_owned());
             (actual == term.value) == term.equal
         })
     }
@@ -249,19 +257,25 @@ fn builtin_field_labels(group: &str, kind: &str) -> &'static [(&'static str, &'s
             ("involvedObject.fieldPath", "involvedObject.fieldPath"),
             ("reason", "reason"),
             ("reportingComponent", "reportingComponent"),
-            ("source", "source.component"),
+            // An event's source is its reporting component when it names none (one
+            // written through events.k8s.io).
+            ("source", "source.component|reportingComponent"),
             ("type", "type"),
         ],
+        // Stored as core v1 Events: the labels name the core fields.
         ("events.k8s.io", "Event") => &[
-            ("regarding.kind", "regarding.kind"),
-            ("regarding.namespace", "regarding.namespace"),
-            ("regarding.name", "regarding.name"),
-            ("regarding.uid", "regarding.uid"),
-            ("regarding.apiVersion", "regarding.apiVersion"),
-            ("regarding.resourceVersion", "regarding.resourceVersion"),
-            ("regarding.fieldPath", "regarding.fieldPath"),
+            ("regarding.kind", "involvedObject.kind"),
+            ("regarding.namespace", "involvedObject.namespace"),
+            ("regarding.name", "involvedObject.name"),
+            ("regarding.uid", "involvedObject.uid"),
+            ("regarding.apiVersion", "involvedObject.apiVersion"),
+            (
+                "regarding.resourceVersion",
+                "involvedObject.resourceVersion",
+            ),
+            ("regarding.fieldPath", "involvedObject.fieldPath"),
             ("reason", "reason"),
-            ("reportingController", "reportingController"),
+            ("reportingController", "reportingComponent"),
             ("type", "type"),
         ],
         ("", "Namespace") => &[("status.phase", "status.phase")],
@@ -365,6 +379,26 @@ mod tests {
                 .matches(&event)
         };
         assert!(e("source=kubelet,involvedObject.uid=u"));
+        // Written through events.k8s.io: no source, a reporting controller; both APIs'
+        // labels select the stored (core) form.
+        let stored = json!({"reportingComponent": "ctl", "involvedObject": {"kind": "Pod"}});
+        let core = |s: &str| {
+            FieldSelector::for_resource(s, &events)
+                .unwrap()
+                .matches(&stored)
+        };
+        assert!(core(
+            "source=ctl,reportingComponent=ctl,involvedObject.kind=Pod"
+        ));
+        let events_v1 = def("events.k8s.io", "events");
+        let v1 = |s: &str| {
+            FieldSelector::for_resource(s, &events_v1)
+                .unwrap()
+                .matches(&stored)
+        };
+        assert!(v1("reportingController=ctl,regarding.kind=Pod"));
+        assert!(!v1("reportingController=other"));
+        assert!(error(&events_v1, "note=x").contains("field label not supported: note"));
         let jobs = def("batch", "jobs");
         let job = json!({"status": {"succeeded": 2}});
         assert!(
