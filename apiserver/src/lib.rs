@@ -30,7 +30,8 @@ pub use admission::{quota, schema};
 pub use auth::{authorization, identity, impersonation, review, token};
 pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
 pub use kinds::{
-    crd, crdgen, eviction, kubernetes_service, podlog, quantity, registry, service, subresource,
+    crd, crdgen, eviction, kubernetes_service, podlog, quantity, registry, service, stream,
+    subresource,
 };
 pub use storage::{cache, convert, engine, managed, object, patch, selector, smp};
 
@@ -307,8 +308,9 @@ async fn core_resource(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     caller: Caller,
-    body: Result<Bytes, BytesRejection>,
+    http: axum::extract::Request,
 ) -> Response {
+    use axum::extract::FromRequest as _;
     let caller = caller.map(|axum::Extension(user)| user);
     let request = Request {
         engine: &engine,
@@ -316,6 +318,16 @@ async fn core_resource(
         caller: caller.as_ref(),
         headers: &headers,
     };
+    // An upgrade (`pods/exec`, `attach`, `portforward`) keeps the connection to relay.
+    if headers.contains_key(header::UPGRADE)
+        && let Ok(target) = Target::parse(&engine.registry, "", "v1", &rest)
+        && stream::is_stream(&target)
+    {
+        return stream::serve(&engine, &target, query.as_deref().unwrap_or(""), http)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
+    let body = Bytes::from_request(http, &()).await;
     serve(request, "", "v1", &rest, query, body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
@@ -618,6 +630,12 @@ async fn serve(
         }
         let answer = review::answer(engine, &target, caller, parse_body(&body)?).await?;
         return Ok(json(StatusCode::CREATED, &answer));
+    }
+    if stream::is_stream(&target) {
+        return Err(ApiError::BadRequest(
+            "Upgrade request required: use a client that streams (kubectl, client-go, kube-rs)"
+                .into(),
+        ));
     }
     // Logs stream for as long as they follow: no request timeout.
     if podlog::is_pod_log(&target) {

@@ -1,5 +1,6 @@
 //! The agent's own HTTPS endpoint (the kubelet's port 10250): containers' logs for the API
-//! server's `pods/log`, the agent's metrics, and a health check.
+//! server's `pods/log`, `exec` streams for its `pods/exec` ([`crate::stream`]), the agent's
+//! metrics, and a health check.
 //!
 //! Served over TLS with a self-signed certificate kept in the data dir. Every request but
 //! `/healthz` needs `Authorization: Bearer <token>` with the token the agent itself uses
@@ -80,6 +81,7 @@ impl Endpoint {
                 "/containerLogs/{namespace}/{pod}/{container}",
                 get(container_logs),
             )
+            .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
             .route("/metrics", get(metrics))
             .with_state((ctx, registry))
             .layer(axum::middleware::from_fn(
@@ -129,6 +131,20 @@ async fn metrics(State((_, registry)): State<AppState>) -> Response {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// `GET|POST /exec/{namespace}/{pod}/{container}?command=…`: see [`crate::stream`].
+async fn exec(
+    State((ctx, _)): State<AppState>,
+    path: UrlPath<(String, String, String)>,
+    query: axum::extract::RawQuery,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    crate::stream::exec(ctx, path, query, headers, upgrade).await
 }
 
 fn bad_request(message: String) -> Response {

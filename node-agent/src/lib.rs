@@ -3,7 +3,8 @@
 //! level-based worker ([`pod`]) — images pulled into a content-addressed store ([`image`]),
 //! a network namespace per pod ([`network`]), containers run through youki's libcontainer in
 //! a single-threaded shim process per container ([`shim`], [`container`]) — and reports
-//! their status. A [`simulated`] runtime runs many fake nodes whose pods start instantly.
+//! their status; it serves `kubectl exec` into them ([`stream`]) and their logs from its
+//! own HTTPS endpoint ([`endpoint`]). A [`simulated`] runtime runs many fake nodes whose pods start instantly.
 //!
 //! The agent talks to the cluster only through a kube `Client`.
 
@@ -28,6 +29,7 @@ pub mod resolve;
 pub mod serviceaccount;
 pub mod shim;
 pub mod simulated;
+pub mod stream;
 
 pub use agent::{AgentConfig, run};
 pub use node::{Heartbeat, HostInfo, NodeConfig};

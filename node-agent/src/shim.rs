@@ -490,45 +490,77 @@ impl LogWriter {
     }
 }
 
+/// Set by `SIGTERM`/`SIGHUP`/`SIGINT` to `orq shim-exec`: the agent ends the command.
+static EXEC_ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn end_exec(_: libc::c_int) {
+    EXEC_ENDED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Runs `args` inside running container `id` (libcontainer's tenant container: the
-/// container's namespaces, cgroup, user and environment) and returns its exit code — what
-/// `orq shim-exec` exits with. Killed after `timeout`. Must be called before any thread
-/// exists in this process.
-pub fn exec(root: &Path, id: &str, args: Vec<String>, timeout: Duration) -> i32 {
+/// container's namespaces, cgroup, user and environment, plus `env`) and returns its exit
+/// code — what `orq shim-exec` exits with. The command inherits this process's stdio. It is
+/// killed after `timeout` (none if zero) or when this process is told to end (`SIGTERM`,
+/// `SIGHUP`, `SIGINT`: the client went away), so nothing outlives the helper. A command that
+/// cannot be run exits 127 if it was not found and 126 otherwise, as shells and runc report.
+/// Must be called before any thread exists in this process.
+pub fn exec(
+    root: &Path,
+    id: &str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) -> i32 {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { signal(sig, SigHandler::Handler(end_exec)) };
+    }
+    let program = args.first().cloned().unwrap_or_default();
     let built = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
         .with_root_path(root)
         .and_then(|b| b.validate_id())
         .and_then(|b| {
             b.as_tenant()
                 .with_container_args(args)
+                .with_env(env.into_iter().collect())
                 .with_detach(false)
                 .build()
         });
     let pid = match built {
         Ok(pid) => pid,
         Err(e) => {
-            eprintln!("exec failed: {e}");
-            return 126;
+            let message = e.to_string();
+            eprintln!("exec {program:?} failed: {message}");
+            let not_found = message.contains("not found")
+                || message.contains("No such file")
+                || message.contains("ENOENT");
+            return if not_found { 127 } else { 126 };
         }
     };
-    let deadline = Instant::now() + timeout;
+    let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return code,
             Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
             Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 eprintln!("waiting for the exec'd process: {e}");
                 return 126;
             }
         }
-        if Instant::now() >= deadline {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        if timed_out || EXEC_ENDED.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
-            eprintln!("timed out after {}ms", timeout.as_millis());
-            return 124;
+            if timed_out {
+                eprintln!("timed out after {}ms", timeout.as_millis());
+                return 124;
+            }
+            return 128 + Signal::SIGKILL as i32;
         }
         std::thread::sleep(Duration::from_millis(5));
     }

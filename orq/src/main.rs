@@ -46,7 +46,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
-    /// Runs a command inside a running container (internal: the node agent's exec probes).
+    /// Runs a command inside a running container (internal: the node agent's exec probes
+    /// and `kubectl exec`).
     #[command(hide = true)]
     ShimExec {
         /// libcontainer's state root.
@@ -55,9 +56,12 @@ enum Command {
         /// The container's ID.
         #[arg(long)]
         id: String,
-        /// Kill the command after this many milliseconds.
+        /// Kill the command after this many milliseconds (0: never).
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Set `NAME=VALUE` in the command's environment (repeatable).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -156,17 +160,19 @@ fn main() -> anyhow::Result<()> {
         root,
         id,
         timeout_ms,
+        env,
         command,
     } = command
     {
-        // Same single-threaded rule as the shim; libcontainer's logs stay out of the way.
+        // Same single-threaded rule as the shim; libcontainer's logs stay out of the way (the
+        // command's stderr is the user's): its failure is reported once, by `exec`.
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new("off"))
             .with_writer(std::io::stderr)
             .init();
         let timeout = std::time::Duration::from_millis(timeout_ms);
         std::process::exit(orquestra_node_agent::shim::exec(
-            &root, &id, command, timeout,
+            &root, &id, command, env, timeout,
         ));
     }
     if let Command::Completion { shell } = command {
@@ -247,4 +253,12 @@ fn crdgen(out: &std::path::Path) -> anyhow::Result<()> {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// `NAME=VALUE`, for `--env`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))
 }

@@ -1,5 +1,6 @@
 //! What particular kinds add to the generic engine: the registry of resources (built-in and
-//! from CRDs), CRD handling and generation, subresources (scale, binding, eviction, log),
+//! from CRDs), CRD handling and generation, subresources (scale, binding, eviction, log, the
+//! exec/attach/portforward streams),
 //! Services and the `kubernetes` Service, resource quantities.
 
 pub mod crd;
@@ -10,4 +11,5 @@ pub mod podlog;
 pub mod quantity;
 pub mod registry;
 pub mod service;
+pub mod stream;
 pub mod subresource;

@@ -9,7 +9,6 @@
 use axum::body::Body;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 
 use crate::engine::Engine;
 use crate::error::ApiError;
@@ -33,72 +32,11 @@ pub async fn serve(engine: &Engine, target: &Target, query: &str) -> Result<Resp
     let namespace = target.namespace.clone().unwrap_or_default();
     let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
-    let containers: Vec<String> = ["/spec/containers", "/spec/initContainers"]
-        .iter()
-        .flat_map(|p| {
-            pod.pointer(p)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|c| c["name"].as_str().map(str::to_owned))
-        .collect();
-    let container = match params.iter().find(|(k, _)| k == "container") {
-        Some((_, c)) => {
-            if !containers.contains(c) {
-                return Err(ApiError::BadRequest(format!(
-                    "container {c} is not valid for pod {name}"
-                )));
-            }
-            c.clone()
-        }
-        None => {
-            let main: Vec<&str> = pod
-                .pointer("/spec/containers")
-                .and_then(Value::as_array)
-                .map(|cs| cs.iter().filter_map(|c| c["name"].as_str()).collect())
-                .unwrap_or_default();
-            match main.as_slice() {
-                [only] => only.to_string(),
-                _ => {
-                    return Err(ApiError::BadRequest(format!(
-                        "a container name must be specified for pod {name}, choose one of: [{}]",
-                        main.join(" ")
-                    )));
-                }
-            }
-        }
-    };
+    let container = crate::stream::container_of(&pod, &name, &params)?;
     params.retain(|(k, _)| k != "container");
-    let node_name = pod
-        .pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::BadRequest(format!("pod {name} does not have a host assigned")))?;
-    let node_target = Target::parse(&engine.registry, "", "v1", &format!("nodes/{node_name}"))?;
-    let node = engine.get(&node_target).await?;
-    let address = node
-        .pointer("/status/addresses")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .find(|a| a["type"] == "InternalIP")
-                .or_else(|| a.first())
-        })
-        .and_then(|a| a["address"].as_str())
-        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no address")))?;
-    let port = node
-        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-        .and_then(Value::as_i64)
-        .filter(|p| *p > 0)
-        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no agent port")))?;
-    let host = if address.contains(':') {
-        format!("[{address}]")
-    } else {
-        address.to_owned()
-    };
+    let (node_name, base) = crate::stream::node_agent_url(engine, &pod, &name).await?;
     let query = serde_urlencoded::to_string(&params).unwrap_or_default();
-    let url = format!("https://{host}:{port}/containerLogs/{namespace}/{name}/{container}?{query}");
+    let url = format!("{base}/containerLogs/{namespace}/{name}/{container}?{query}");
     let mut request = engine.node_client()?.get(&url);
     if let Some(token) = engine.kubelet_token.get() {
         request = request.bearer_auth(token);
