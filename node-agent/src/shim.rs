@@ -490,6 +490,35 @@ impl LogWriter {
     }
 }
 
+/// The process of container `id`'s spec with `args`, `env` added and a terminal: a file
+/// for libcontainer's tenant builder, removed when dropped.
+fn terminal_process(
+    root: &Path,
+    id: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<tempfile::NamedTempFile, String> {
+    let container = libcontainer::container::Container::load(root.join(id))
+        .map_err(|e| format!("loading container {id}: {e}"))?;
+    let spec: serde_json::Value = fs::read(container.bundle().join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| format!("reading the spec of container {id}"))?;
+    let mut process = spec["process"].clone();
+    process["args"] = serde_json::json!(args);
+    process["terminal"] = serde_json::json!(true);
+    let mut vars: Vec<serde_json::Value> = process["env"].as_array().cloned().unwrap_or_default();
+    vars.extend(
+        env.iter()
+            .map(|(k, v)| serde_json::json!(format!("{k}={v}"))),
+    );
+    process["env"] = serde_json::json!(vars);
+    let mut file = tempfile::NamedTempFile::new_in(root).map_err(|e| e.to_string())?;
+    file.write_all(&serde_json::to_vec(&process).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    Ok(file)
+}
+
 /// Set by `SIGTERM`/`SIGHUP`/`SIGINT` to `orq shim-exec`: the agent ends the command.
 static EXEC_ENDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -510,6 +539,7 @@ pub fn exec(
     args: Vec<String>,
     env: Vec<(String, String)>,
     timeout: Duration,
+    console_socket: Option<&Path>,
 ) -> i32 {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
@@ -519,16 +549,33 @@ pub fn exec(
         let _ = unsafe { signal(sig, SigHandler::Handler(end_exec)) };
     }
     let program = args.first().cloned().unwrap_or_default();
+    // With a terminal, the command is the container's own process (user, capabilities, cwd)
+    // with a pseudo-terminal made in the container's devpts, whose master goes to the socket.
+    let process = match console_socket {
+        Some(_) => match terminal_process(root, id, &args, &env) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                eprintln!("exec {program:?} failed: {e}");
+                return 126;
+            }
+        },
+        None => None,
+    };
     let built = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
         .with_root_path(root)
         .and_then(|b| b.validate_id())
+        .map(|b| b.with_console_socket(console_socket))
         .and_then(|b| {
             b.as_tenant()
                 .with_container_args(args)
                 .with_env(env.into_iter().collect())
-                .with_detach(false)
+                .with_process(process.as_ref().map(|p| p.path()))
+                // libcontainer takes a console socket only when detached; the command is
+                // still this process's child, waited for below.
+                .with_detach(console_socket.is_some())
                 .build()
         });
+    drop(process);
     let pid = match built {
         Ok(pid) => pid,
         Err(e) => {

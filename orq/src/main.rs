@@ -62,6 +62,9 @@ enum Command {
         /// Set `NAME=VALUE` in the command's environment (repeatable).
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// Run the command on a terminal whose master is sent to this Unix socket.
+        #[arg(long)]
+        console_socket: Option<std::path::PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -161,6 +164,7 @@ fn main() -> anyhow::Result<()> {
         id,
         timeout_ms,
         env,
+        console_socket,
         command,
     } = command
     {
@@ -172,7 +176,12 @@ fn main() -> anyhow::Result<()> {
             .init();
         let timeout = std::time::Duration::from_millis(timeout_ms);
         std::process::exit(orquestra_node_agent::shim::exec(
-            &root, &id, command, env, timeout,
+            &root,
+            &id,
+            command,
+            env,
+            timeout,
+            console_socket.as_deref(),
         ));
     }
     if let Command::Completion { shell } = command {

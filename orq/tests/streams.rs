@@ -1,7 +1,7 @@
 //! Streams into real containers (root): `kubectl exec` through the API server's `pods/exec`
 //! relay to the node agent, which runs the command in the container with libcontainer —
-//! over WebSocket (kubectl 1.33), with stdin piped, with the command's exit code returned,
-//! and the bad cases answered clearly with nothing left running.
+//! over WebSocket (kubectl 1.33), with stdin piped, under a real pseudo-terminal, with the
+//! command's exit code returned, and the bad cases answered clearly with nothing left running.
 
 #![allow(clippy::unwrap_used)]
 
@@ -154,4 +154,23 @@ fn kubectl_exec_over_websocket() {
         "the command outlived its client:\n{}",
         text(&out.stdout)
     );
+
+    // A real terminal: `script` gives kubectl one; the shell inside has its own.
+    let script = format!(
+        "{KUBECTL_1_33} --kubeconfig {} exec -it sh -- sh -c 'tty; stty size; exit 3'",
+        host.data_dir().join("kubeconfig.yaml").display()
+    );
+    let out = host
+        .nsenter("script")
+        .args(["-qefc", &script, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("/dev/pts/"),
+        "{shown}\n{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{shown}");
 }

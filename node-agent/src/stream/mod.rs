@@ -178,15 +178,16 @@ pub async fn exec(
                 .unwrap_or("channel.k8s.io")
                 .to_owned();
             // Started once the client is there, so a failed upgrade leaves nothing behind.
-            match Session::start(&spec) {
+            match Session::start(&spec).await {
                 Ok(mut session) => {
                     if !options.stdout {
                         session.stdout = None;
                     }
-                    if !options.stderr {
+                    // With a terminal, "stderr" is the helper's messages, shown as output.
+                    if !options.stderr && !options.tty {
                         session.stderr = None;
                     }
-                    websocket::relay(socket, protocol, options.command, session).await;
+                    websocket::relay(socket, protocol, options.command, options.tty, session).await;
                 }
                 Err(e) => {
                     let message = StreamError::Start(e).to_string();

@@ -42,6 +42,56 @@ pub struct TerminalSize {
     pub height: u16,
 }
 
+/// A helper's exit status as an exit code (128 + the signal if one killed it).
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    match status {
+        Ok(status) => status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(255),
+        Err(_) => 255,
+    }
+}
+
+/// The file descriptor sent on `stream` (`SCM_RIGHTS`): a terminal's master.
+async fn receive_fd(stream: tokio::net::UnixStream) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd as _;
+    loop {
+        stream.readable().await?;
+        let received = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut name = [0u8; 64];
+            let mut iov = [std::io::IoSliceMut::new(&mut name)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let message = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            for cmsg in message.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = cmsg
+                    && let Some(fd) = fds.first()
+                {
+                    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+                    return Ok(Some(unsafe { OwnedFd::from_raw_fd(*fd) }));
+                }
+            }
+            Ok(None)
+        });
+        match received {
+            Ok(Some(fd)) => return Ok(fd),
+            Ok(None) => {
+                return Err(std::io::Error::other("the console socket sent no terminal"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Resizes a session's terminal.
 #[derive(Debug)]
 pub struct Resizer(OwnedFd);
@@ -73,6 +123,8 @@ pub struct Session {
     pub stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
     /// The terminal, for resizing.
     terminal: Option<OwnedFd>,
+    /// The exit code, if the helper has already exited.
+    exited: Option<i32>,
 }
 
 impl std::fmt::Debug for Session {
@@ -87,7 +139,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Starts the helper. Errors are the agent's own (the helper could not be run); the
     /// command's failures (not found, not executable) are its exit code and stderr.
-    pub fn start(spec: &ExecSpec) -> std::io::Result<Session> {
+    pub async fn start(spec: &ExecSpec) -> std::io::Result<Session> {
         let (program, prefix) = spec
             .helper
             .split_first()
@@ -100,71 +152,88 @@ impl Session {
             .arg("--id")
             .arg(&spec.container_id)
             .arg("--timeout-ms")
-            .arg("0");
-        if spec.tty {
-            // What a terminal program expects, as container runtimes set it.
-            command.arg("--env").arg("TERM=xterm");
-        }
-        command.arg("--").args(&spec.command);
-        if spec.tty {
-            let pty = nix::pty::openpty(None, None).map_err(std::io::Error::from)?;
-            let slave = std::fs::File::from(pty.slave);
+            .arg("0")
+            .kill_on_drop(false);
+        if !spec.tty {
             command
-                .stdin(slave.try_clone()?)
-                .stdout(slave.try_clone()?)
-                .stderr(slave);
-            // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
-            unsafe {
-                command.pre_exec(|| {
-                    nix::unistd::setsid().map_err(std::io::Error::from)?;
-                    // The terminal on stdin becomes the session's controlling terminal, so
-                    // the shell gets job control and ^C reaches its foreground group.
-                    if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = command.kill_on_drop(false).spawn()?;
-            let master = std::fs::File::from(pty.master);
-            let reader = tokio::fs::File::from_std(master.try_clone()?);
-            let writer = tokio::fs::File::from_std(master.try_clone()?);
+                .arg("--")
+                .args(&spec.command)
+                .stdin(if spec.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn()?;
+            let stdin = child
+                .stdin
+                .take()
+                .map(|s| Box::new(s) as Box<dyn AsyncWrite + Send + Unpin>);
+            let stdout = child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
+            let stderr = child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
             return Ok(Session {
                 child,
-                stdin: Some(Box::new(writer)),
-                stdout: Some(Box::new(reader)),
-                stderr: None,
-                terminal: Some(OwnedFd::from(master)),
+                stdin,
+                stdout,
+                stderr,
+                terminal: None,
+                exited: None,
             });
         }
+        // A terminal: made by libcontainer in the container's own devpts (so the command's
+        // `tty` names a device it can see), its master sent to a socket of ours, as runc's
+        // console socket.
+        let dir = tempfile::Builder::new().prefix("orq-tty").tempdir()?;
+        let path = dir.path().join("console.sock");
+        let listener = tokio::net::UnixListener::bind(&path)?;
         command
-            .stdin(if spec.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .arg("--console-socket")
+            .arg(&path)
+            // What a terminal program expects, as container runtimes set it.
+            .arg("--env")
+            .arg("TERM=xterm")
+            .arg("--")
+            .args(&spec.command)
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
+            .stderr(Stdio::piped());
         let mut child = command.spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .map(|s| Box::new(s) as Box<dyn AsyncWrite + Send + Unpin>);
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
-        let stderr = child
+        // The helper's own messages (a command not found) are shown on the terminal's stream.
+        let messages = child
             .stderr
             .take()
             .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
+        let (master, exited) = tokio::select! {
+            accepted = listener.accept() => (Some(receive_fd(accepted?.0).await?), None),
+            status = child.wait() => (None, Some(exit_code(status))),
+        };
+        let Some(master) = master else {
+            return Ok(Session {
+                child,
+                stdin: None,
+                stdout: messages,
+                stderr: None,
+                terminal: None,
+                exited,
+            });
+        };
+        let master = std::fs::File::from(master);
+        let reader = tokio::fs::File::from_std(master.try_clone()?);
+        let writer = tokio::fs::File::from_std(master.try_clone()?);
         Ok(Session {
             child,
-            stdin,
-            stdout,
-            stderr,
-            terminal: None,
+            stdin: Some(Box::new(writer)),
+            stdout: Some(Box::new(reader)),
+            stderr: messages,
+            terminal: Some(OwnedFd::from(master)),
+            exited,
         })
     }
 
@@ -176,13 +245,9 @@ impl Session {
 
     /// Waits for the command; its exit code (128 + the signal if one killed it).
     pub async fn wait(&mut self) -> i32 {
-        use std::os::unix::process::ExitStatusExt as _;
-        match self.child.wait().await {
-            Ok(status) => status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(255),
-            Err(_) => 255,
+        match self.exited {
+            Some(code) => code,
+            None => exit_code(self.child.wait().await),
         }
     }
 

@@ -57,11 +57,13 @@ pub fn exit_message(protocol: &str, command: &[String], code: i32) -> Option<Vec
 }
 
 /// Relays `session` over `socket` until the command has exited and its output is sent, or
-/// the client goes away (then the command is ended).
+/// the client goes away (then the command is ended). With a `tty` there is one output
+/// stream: what the session has as stderr goes out as stdout.
 pub async fn relay(
     socket: WebSocket,
     protocol: String,
     command: Vec<String>,
+    tty: bool,
     mut session: Session,
 ) {
     let (mut sink, mut incoming) = socket.split();
@@ -87,7 +89,8 @@ pub async fn relay(
     let mut pumps = Vec::new();
     for (channel, stream) in [
         (STDOUT, session.stdout.take()),
-        (STDERR, session.stderr.take()),
+        // A terminal has one output stream.
+        (if tty { STDOUT } else { STDERR }, session.stderr.take()),
     ] {
         let Some(mut stream) = stream else { continue };
         let tx = out_tx.clone();
