@@ -137,6 +137,18 @@ fn kubectl_exec_over_websocket() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The open stream counts as a long-running request until it ends.
+    let streams = |host: &Host| -> f64 {
+        host.kubectl(&["get", "--raw", "/metrics"])
+            .lines()
+            .filter(|l| {
+                l.starts_with("apiserver_longrunning_requests{")
+                    && l.contains("subresource=\"exec\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(streams(&host), 1.0);
     child.kill().unwrap();
     child.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -145,6 +157,15 @@ fn kubectl_exec_over_websocket() {
             std::time::Instant::now() < deadline,
             "helpers left behind: {:?}",
             helpers_left(&host)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while streams(&host) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still counted: {:?}",
+            streams(&host)
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -120,6 +120,19 @@ impl Drop for Active {
     }
 }
 
+/// In the response of an upgraded request: resolves (or is dropped) when the stream it
+/// opened ends, which is how long the request counts as long-running.
+#[derive(Clone, Debug)]
+pub struct StreamOpen(pub Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>);
+
+impl StreamOpen {
+    /// A marker and the sender whose drop ends the stream's count.
+    pub fn new() -> (StreamOpen, tokio::sync::oneshot::Sender<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (StreamOpen(Arc::new(std::sync::Mutex::new(Some(rx)))), tx)
+    }
+}
+
 /// Middleware recording every API request.
 pub async fn record(
     State(metrics): State<Arc<ApiMetrics>>,
@@ -139,6 +152,17 @@ pub async fn record(
         let active = Active::new(metrics.longrunning.with_label_values(&labels));
         let response = next.run(request).await;
         count(&metrics, &labels, &response);
+        // An upgraded stream (`pods/exec`) is counted until its relay ends.
+        if let Some(open) = response.extensions().get::<StreamOpen>() {
+            let ended = open.0.lock().ok().and_then(|mut e| e.take());
+            if let Some(ended) = ended {
+                tokio::spawn(async move {
+                    let _ = ended.await;
+                    drop(active);
+                });
+                return response;
+            }
+        }
         // Counted until the stream ends (or the client goes away and hyper drops it).
         let (parts, body) = response.into_parts();
         let body = Body::from_stream(body.into_data_stream().map(move |chunk| {

@@ -197,7 +197,10 @@ pub async fn serve(
         }
     }
     let client = hyper::upgrade::on(&mut request);
+    let (open, ended) = crate::metrics::StreamOpen::new();
     tokio::spawn(async move {
+        // Dropped when the relay ends: the request stops counting as long-running.
+        let _ended = ended;
         let (agent, client) = match (answer.upgrade().await, client.await) {
             (Ok(agent), Ok(client)) => (agent, client),
             (Err(e), _) => {
@@ -214,6 +217,7 @@ pub async fn serve(
         let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
     });
     response
+        .extension(open)
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))
         .map(IntoResponse::into_response)
