@@ -158,6 +158,10 @@ pub enum ApiError {
     /// 504: the request did not finish in time.
     #[error("{0}")]
     Timeout(String),
+    /// 503: a backend the request is relayed to (a proxied pod or service, a service with
+    /// no endpoints) cannot be reached.
+    #[error("{0}")]
+    ServiceUnavailable(String),
     /// 500: the store failed.
     #[error("storage error: {0}")]
     Storage(#[source] orquestra_store::Error),
@@ -267,7 +271,9 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::ServiceUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -289,7 +295,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "TooManyRequests",
             ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",
             ApiError::Timeout(_) => "Timeout",
-            ApiError::Unavailable(_) => "ServiceUnavailable",
+            ApiError::Unavailable(_) | ApiError::ServiceUnavailable(_) => "ServiceUnavailable",
         }
     }
 

@@ -30,7 +30,7 @@ pub use admission::{quota, schema};
 pub use auth::{authorization, identity, impersonation, review, token};
 pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
 pub use kinds::{
-    crd, crdgen, eviction, kubernetes_service, podlog, quantity, registry, service, stream,
+    crd, crdgen, eviction, kubernetes_service, podlog, proxy, quantity, registry, service, stream,
     subresource,
 };
 pub use storage::{cache, convert, engine, managed, object, patch, selector, smp};
@@ -318,6 +318,12 @@ async fn core_resource(
         caller: caller.as_ref(),
         headers: &headers,
     };
+    // Proxies relay the request as it is, body and all.
+    if let Some(proxy) = proxy::ProxyRequest::parse(http.uri().path()) {
+        return proxy::serve(&engine, proxy, http)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
     // An upgrade (`pods/exec`, `attach`, `portforward`) keeps the connection to relay.
     if headers.contains_key(header::UPGRADE)
         && let Ok(target) = Target::parse(&engine.registry, "", "v1", &rest)

@@ -195,3 +195,266 @@ fn kubectl_exec_over_websocket() {
     );
     assert_eq!(out.status.code(), Some(3), "{shown}");
 }
+
+/// Runs `f` on a Tokio runtime whose threads all live in the host's network namespace
+/// (where its server listens).
+fn in_host<T: Send>(host: &Host, f: impl AsyncFnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let netns = std::sync::Arc::new(std::fs::File::open(host.netns.path()).unwrap());
+    let enter = move || {
+        // SAFETY: setns on the calling thread only; the descriptor is valid.
+        assert_eq!(
+            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(enter.clone())
+        .enable_all()
+        .build()
+        .unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                enter();
+                runtime.block_on(f())
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// kube-rs' `Api::exec` (its `ws` feature: WebSocket, `v5.channel.k8s.io`): output, stdin,
+/// and a non-zero exit code in the status.
+#[test]
+fn kube_rs_exec() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, AttachParams};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let host = Host::start("kubeexec");
+    host.apply(&pod_manifest(
+        "sh",
+        "Never",
+        Some(&["sleep", "3600"]),
+        serde_json::json!({}),
+    ));
+    host.wait_pod("sh", Duration::from_secs(60), |p| phase(p) == "Running");
+    let kubeconfig = host.data_dir().join("kubeconfig.yaml");
+    in_host(&host, async move || {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let pods: Api<Pod> = Api::default_namespaced(kube::Client::try_from(config).unwrap());
+        let limit = Duration::from_secs(20);
+
+        let mut attached = pods
+            .exec(
+                "sh",
+                ["sh", "-c", "echo out; echo err >&2; exit 7"],
+                &AttachParams::default().stderr(true),
+            )
+            .await
+            .unwrap();
+        let (mut stdout, mut stderr) = (attached.stdout().unwrap(), attached.stderr().unwrap());
+        let status = attached.take_status().unwrap();
+        let (mut out, mut err) = (String::new(), String::new());
+        let read = async {
+            stdout.read_to_string(&mut out).await.unwrap();
+            stderr.read_to_string(&mut err).await.unwrap();
+            status.await.unwrap()
+        };
+        let status = tokio::time::timeout(limit, read)
+            .await
+            .expect("exec timed out");
+        assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"));
+        assert_eq!(status.reason.as_deref(), Some("NonZeroExitCode"));
+        let causes = status.details.unwrap().causes.unwrap();
+        assert_eq!(causes[0].message.as_deref(), Some("7"));
+
+        let mut attached = pods
+            .exec(
+                "sh",
+                ["cat"],
+                &AttachParams::default().stdin(true).stderr(false),
+            )
+            .await
+            .unwrap();
+        let mut stdin = attached.stdin().unwrap();
+        let mut stdout = attached.stdout().unwrap();
+        let status = attached.take_status().unwrap();
+        let mut out = String::new();
+        let run = async {
+            stdin.write_all(b"through stdin\n").await.unwrap();
+            // The end of stdin (a dropped half of kube's pipe does not end it).
+            stdin.shutdown().await.unwrap();
+            stdout.read_to_string(&mut out).await.unwrap();
+            status.await.unwrap()
+        };
+        let status = tokio::time::timeout(limit, run)
+            .await
+            .expect("exec with stdin timed out");
+        assert_eq!(out, "through stdin\n");
+        assert_eq!(status.status.as_deref(), Some("Success"));
+    });
+}
+
+/// `curl` inside the host's namespace: `(status code, body)`; extra arguments first.
+fn curl(host: &Host, args: &[&str], url: &str) -> (u16, String) {
+    let out = host
+        .nsenter("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let out = text(&out.stdout);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// `kubectl proxy` reaching a pod (its default port and a named one, HTML links rewritten,
+/// a redirect to the trailing slash, a POST with its body and query), a service (by
+/// port number and through its endpoints), and the node's agent; the bad cases are
+/// `Status` errors.
+#[test]
+fn kubectl_proxy_reaches_pods_services_and_nodes() {
+    let host = Host::start("proxy");
+    let mut pod = pod_manifest(
+        "web",
+        "Never",
+        Some(&[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w/cgi-bin && exec httpd -f -p 8080 -h /tmp/w",
+        ]),
+        serde_json::json!({"ports": [{"containerPort": 8080, "name": "http"}]}),
+    );
+    pod["metadata"]["labels"] = serde_json::json!({"app": "web"});
+    host.apply(&pod);
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    }));
+    host.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "nobody"},
+        "spec": {"selector": {"app": "nobody"}, "ports": [{"port": 80}]},
+    }));
+    host.wait_pod("web", Duration::from_secs(60), |p| phase(p) == "Running");
+    let k = |args: &[&str], input: &[u8]| kubectl(&host, KUBECTL_1_33, args, input);
+    let page = "<html><body><a href=\"/rewriteme\">test</a> \
+                <a href=\"https://example.com/x\">away</a></body></html>";
+    let script = "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+                  echo \"$REQUEST_METHOD $QUERY_STRING\"\nhead -c \"$CONTENT_LENGTH\"\n";
+    for (path, content, mode) in [
+        ("/tmp/w/index.html", page, "644"),
+        ("/tmp/w/plain.txt", "plain\n", "644"),
+        ("/tmp/w/cgi-bin/echo", script, "755"),
+    ] {
+        let out = k(
+            &[
+                "exec",
+                "-i",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                &format!("cat > {path} && chmod {mode} {path}"),
+            ],
+            content.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
+    let proxy = host::Proc(
+        host.nsenter(KUBECTL_1_33)
+            .arg("--kubeconfig")
+            .arg(host.data_dir().join("kubeconfig.yaml"))
+            .args(["proxy", "--port=8001"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    host.wait_http("http://127.0.0.1:8001/api");
+    let base = "http://127.0.0.1:8001/api/v1";
+    let pod_proxy = "/api/v1/namespaces/default/pods/web/proxy";
+
+    // The pod, on its first declared port: the page's own links go through the proxy.
+    let (code, body) = curl(
+        &host,
+        &[],
+        &format!("{base}/namespaces/default/pods/web/proxy/"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&format!("<a href=\"{pod_proxy}/rewriteme\">test</a>"))
+            && body.contains("<a href=\"https://example.com/x\">away</a>"),
+        "{body}"
+    );
+    // `…/proxy` without the slash redirects to it, the query kept.
+    let (code, body) = curl(
+        &host,
+        &["-o", "/dev/null", "-w", "%{redirect_url}\n%{http_code}"],
+        &format!("{base}/namespaces/default/pods/web/proxy?a=b"),
+    );
+    assert_eq!(code, 301, "{body}");
+    assert!(body.ends_with(&format!("{pod_proxy}/?a=b")), "{body}");
+    // A named port, the scheme spelled out; a POST's method, query and body arrive.
+    let (code, body) = curl(
+        &host,
+        &[],
+        &format!("{base}/namespaces/default/pods/http:web:8080/proxy/plain.txt"),
+    );
+    assert_eq!((code, body.as_str()), (200, "plain\n"));
+    let (code, body) = curl(
+        &host,
+        &["-X", "POST", "--data-binary", "posted body"],
+        &format!("{base}/namespaces/default/pods/web/proxy/cgi-bin/echo?x=1"),
+    );
+    assert_eq!((code, body.as_str()), (200, "POST x=1\nposted body"));
+
+    // The service, by its only port and by its number, through its endpoints.
+    for id in ["web", "web:80"] {
+        let (code, body) = curl(
+            &host,
+            &[],
+            &format!("{base}/namespaces/default/services/{id}/proxy/plain.txt"),
+        );
+        assert_eq!((code, body.as_str()), (200, "plain\n"), "{id}");
+    }
+    // The node: its agent's own endpoint.
+    let (code, body) = curl(&host, &[], &format!("{base}/nodes/n1/proxy/healthz"));
+    assert_eq!((code, body.as_str()), (200, "ok"));
+
+    // Bad input: nothing listens, no endpoints, no such port, no such pod.
+    let status = |url: &str| {
+        let (code, body) = curl(&host, &[], url);
+        let status: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{url}: not a Status ({e}): {body}"));
+        assert_eq!(status["kind"], "Status", "{body}");
+        (code, status["message"].as_str().unwrap_or("").to_owned())
+    };
+    let (code, message) = status(&format!("{base}/namespaces/default/pods/web:9999/proxy/"));
+    assert_eq!(code, 503, "{message}");
+    assert!(
+        message.contains("error trying to reach service"),
+        "{message}"
+    );
+    let (code, message) = status(&format!("{base}/namespaces/default/services/nobody/proxy/"));
+    assert_eq!(code, 503, "{message}");
+    assert!(message.contains("no endpoints available"), "{message}");
+    let (code, message) = status(&format!("{base}/namespaces/default/services/web:81/proxy/"));
+    assert_eq!(code, 503, "{message}");
+    assert!(message.contains("no service port 81"), "{message}");
+    let (code, _) = status(&format!("{base}/namespaces/default/pods/nope/proxy/"));
+    assert_eq!(code, 404);
+    let (code, message) = status(&format!("{base}/namespaces/default/pods/ftp:web:21/proxy/"));
+    assert_eq!(code, 400, "{message}");
+
+    drop(proxy);
+}

@@ -158,6 +158,29 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "kind": "Pod",
             "verbs": ["get"],
         }));
+        for (sub, kind) in [
+            ("attach", "PodAttachOptions"),
+            ("exec", "PodExecOptions"),
+            ("portforward", "PodPortForwardOptions"),
+        ] {
+            entries.push(json!({
+                "name": format!("pods/{sub}"),
+                "singularName": "",
+                "namespaced": true,
+                "kind": kind,
+                "verbs": ["create", "get"],
+            }));
+        }
+    }
+    // The proxies, with the verbs kube-apiserver lists for them.
+    if def.group.is_empty() && matches!(def.plural.as_str(), "pods" | "services" | "nodes") {
+        entries.push(json!({
+            "name": format!("{}/proxy", def.plural),
+            "singularName": "",
+            "namespaced": def.namespaced,
+            "kind": format!("{}ProxyOptions", def.kind),
+            "verbs": ["create", "delete", "get", "patch", "update"],
+        }));
     }
     entries
 }

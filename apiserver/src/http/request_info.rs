@@ -62,8 +62,10 @@ impl RequestInfo {
         let named = name.is_some();
         let verb = match (method, named) {
             (&Method::GET, false) if flag("watch") => "WATCH",
-            (&Method::GET, false) => "LIST",
-            (&Method::GET, true) => "GET",
+            (&Method::GET | &Method::HEAD, false) => "LIST",
+            (&Method::GET | &Method::HEAD, true) => "GET",
+            // Only proxies serve OPTIONS; RBAC rules name the verb as it is.
+            (&Method::OPTIONS, _) => "OPTIONS",
             (&Method::POST, _) => "POST",
             (&Method::PUT, _) => "PUT",
             (&Method::PATCH, _) => "PATCH",
@@ -110,6 +112,7 @@ impl RequestInfo {
             "PATCH" => "patch",
             "DELETE" => "delete",
             "DELETECOLLECTION" => "deletecollection",
+            "OPTIONS" => "options",
             _ => "",
         }
     }

@@ -1,6 +1,6 @@
 //! What particular kinds add to the generic engine: the registry of resources (built-in and
 //! from CRDs), CRD handling and generation, subresources (scale, binding, eviction, log, the
-//! exec/attach/portforward streams),
+//! exec/attach/portforward streams, the pod/service/node proxies),
 //! Services and the `kubernetes` Service, resource quantities.
 
 pub mod crd;
@@ -8,6 +8,7 @@ pub mod crdgen;
 pub mod eviction;
 pub mod kubernetes_service;
 pub mod podlog;
+pub mod proxy;
 pub mod quantity;
 pub mod registry;
 pub mod service;

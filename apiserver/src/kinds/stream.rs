@@ -97,29 +97,53 @@ pub(crate) async fn node_agent_url(
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::BadRequest(format!("pod {name} does not have a host assigned")))?;
-    let node_target = Target::parse(&engine.registry, "", "v1", &format!("nodes/{node_name}"))?;
-    let node = engine.get(&node_target).await?;
-    let address = node
-        .pointer("/status/addresses")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .find(|a| a["type"] == "InternalIP")
-                .or_else(|| a.first())
-        })
-        .and_then(|a| a["address"].as_str())
-        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no address")))?;
-    let port = node
-        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-        .and_then(Value::as_i64)
-        .filter(|p| *p > 0)
-        .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no agent port")))?;
-    let host = if address.contains(':') {
-        format!("[{address}]")
-    } else {
-        address.to_owned()
-    };
-    Ok((node_name.to_owned(), format!("https://{host}:{port}")))
+    let node = NodeEndpoint::of(engine, node_name).await?;
+    Ok((node_name.to_owned(), node.agent_url()))
+}
+
+/// Where a node is reached: the address it reports and its agent's port.
+pub(crate) struct NodeEndpoint {
+    /// The node's `InternalIP` (or first) address, bracketed when IPv6.
+    pub host: String,
+    /// `status.daemonEndpoints.kubeletEndpoint.Port`.
+    pub port: u16,
+}
+
+impl NodeEndpoint {
+    /// Reads node `node_name`'s reported address and agent port.
+    pub(crate) async fn of(engine: &Engine, node_name: &str) -> Result<NodeEndpoint, ApiError> {
+        let node_target = Target::parse(&engine.registry, "", "v1", &format!("nodes/{node_name}"))?;
+        let node = engine.get(&node_target).await?;
+        let address = node
+            .pointer("/status/addresses")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["type"] == "InternalIP")
+                    .or_else(|| a.first())
+            })
+            .and_then(|a| a["address"].as_str())
+            .ok_or_else(|| ApiError::BadRequest(format!("node {node_name} reports no address")))?;
+        let port = node
+            .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+            .and_then(Value::as_i64)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("node {node_name} reports no agent port"))
+            })?;
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address.to_owned()
+        };
+        Ok(NodeEndpoint { host, port })
+    }
+
+    /// `https://host:port` of the node's agent.
+    pub(crate) fn agent_url(&self) -> String {
+        format!("https://{}:{}", self.host, self.port)
+    }
 }
 
 /// Serves an upgrade request for `pods/{exec,attach,portforward}`.
@@ -190,13 +214,24 @@ pub async fn serve(
             _ => unreachable(&format!("{status}: {message}")),
         });
     }
+    Ok(relay(&mut request, answer, SWITCH_HEADERS))
+}
+
+/// Answers the client's upgrade request with the backend's `101` (its `headers` that the
+/// client needs) and joins the two upgraded connections byte for byte until either closes.
+/// The request counts as long-running until then.
+pub(crate) fn relay(
+    request: &mut Request,
+    answer: reqwest::Response,
+    headers: &[&str],
+) -> Response {
     let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
-    for name in SWITCH_HEADERS {
+    for name in headers {
         for value in answer.headers().get_all(*name) {
             response = response.header(*name, value.clone());
         }
     }
-    let client = hyper::upgrade::on(&mut request);
+    let client = hyper::upgrade::on(request);
     let (open, ended) = crate::metrics::StreamOpen::new();
     tokio::spawn(async move {
         // Dropped when the relay ends: the request stops counting as long-running.
@@ -204,7 +239,7 @@ pub async fn serve(
         let (agent, client) = match (answer.upgrade().await, client.await) {
             (Ok(agent), Ok(client)) => (agent, client),
             (Err(e), _) => {
-                tracing::debug!(error = %e, "the node agent's stream did not upgrade");
+                tracing::debug!(error = %e, "the backend's stream did not upgrade");
                 return;
             }
             (_, Err(e)) => {
@@ -219,6 +254,5 @@ pub async fn serve(
     response
         .extension(open)
         .body(Body::empty())
-        .map_err(|e| ApiError::Internal(e.to_string()))
-        .map(IntoResponse::into_response)
+        .unwrap_or_else(|e| ApiError::Internal(e.to_string()).into_response())
 }

@@ -183,8 +183,9 @@ impl Engine {
         self.rbac.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The HTTPS client for node agents (self-signed certificates, not verified — as
-    /// kube-apiserver without `--kubelet-certificate-authority`).
+    /// The client for node agents and proxied pods and services: certificates are not
+    /// verified (agents' are self-signed; kube-apiserver's proxy transport skips the check
+    /// too), redirects are not followed.
     pub(crate) fn node_client(&self) -> Result<reqwest::Client, ApiError> {
         if let Some(client) = self.node_client.get() {
             return Ok(client.clone());
@@ -192,6 +193,8 @@ impl Engine {
         let client = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
             .connect_timeout(std::time::Duration::from_secs(5))
+            // Proxied answers go back as they are: a redirect is the client's to follow.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ApiError::Internal(format!("building the node agent client: {e}")))?;
         Ok(self.node_client.get_or_init(|| client).clone())
