@@ -138,13 +138,9 @@ async fn exec(
     State((ctx, _)): State<AppState>,
     path: UrlPath<(String, String, String)>,
     query: axum::extract::RawQuery,
-    headers: axum::http::HeaderMap,
-    upgrade: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    request: Request,
 ) -> Response {
-    crate::stream::exec(ctx, path, query, headers, upgrade).await
+    crate::stream::exec(ctx, path, query, request).await
 }
 
 fn bad_request(message: String) -> Response {

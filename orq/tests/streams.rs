@@ -17,6 +17,8 @@ mod host;
 
 /// kubectl 1.33: exec and attach over WebSocket (`v5.channel.k8s.io`).
 const KUBECTL_1_33: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
+/// kubectl 1.27: exec and attach over SPDY/3.1 (`v4.channel.k8s.io`).
+const KUBECTL_1_27: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
 
 /// Runs kubectl `bin` inside the host's namespace with `input` on stdin.
 fn kubectl(host: &Host, bin: &str, args: &[&str], input: &[u8]) -> Output {
@@ -61,7 +63,18 @@ fn helpers_left(host: &Host) -> Vec<String> {
 
 #[test]
 fn kubectl_exec_over_websocket() {
-    let host = Host::start("exec");
+    exec_scenarios("exec", KUBECTL_1_33);
+}
+
+#[test]
+fn kubectl_exec_over_spdy() {
+    exec_scenarios("spdyexec", KUBECTL_1_27);
+}
+
+/// kubectl `bin`'s exec: output, stdin, exit codes, a terminal, the bad cases, and a client
+/// that goes away.
+fn exec_scenarios(tag: &str, bin: &str) {
+    let host = Host::start(tag);
     host.apply(&pod_manifest(
         "sh",
         "Never",
@@ -69,7 +82,7 @@ fn kubectl_exec_over_websocket() {
         serde_json::json!({}),
     ));
     host.wait_pod("sh", Duration::from_secs(60), |p| phase(p) == "Running");
-    let k = |args: &[&str], input: &[u8]| kubectl(&host, KUBECTL_1_33, args, input);
+    let k = |args: &[&str], input: &[u8]| kubectl(&host, bin, args, input);
 
     // A command's output and exit code 0.
     let out = k(
@@ -80,7 +93,7 @@ fn kubectl_exec_over_websocket() {
     assert_eq!(text(&out.stdout), "hello\n");
     assert!(text(&out.stderr).contains("oops"), "{}", text(&out.stderr));
 
-    // Stdin piped through, to its end (v5's half-close).
+    // Stdin piped through, to its end (WebSocket v5's half-close, or SPDY's FIN).
     let input: Vec<u8> = (0..200_000).map(|i| b"abcdefgh\n"[i % 9]).collect();
     let out = k(&["exec", "-i", "sh", "--", "wc", "-c"], &input);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -121,7 +134,7 @@ fn kubectl_exec_over_websocket() {
 
     // A client that goes away mid-stream: its command is ended, its helper gone.
     let mut child = host
-        .nsenter(KUBECTL_1_33)
+        .nsenter(bin)
         .arg("--kubeconfig")
         .arg(host.data_dir().join("kubeconfig.yaml"))
         .args(["exec", "sh", "--", "sleep", "300"])
@@ -178,7 +191,7 @@ fn kubectl_exec_over_websocket() {
 
     // A real terminal: `script` gives kubectl one; the shell inside has its own.
     let script = format!(
-        "{KUBECTL_1_33} --kubeconfig {} exec -it sh -- sh -c 'tty; stty size; exit 3'",
+        "{bin} --kubeconfig {} exec -it sh -- sh -c 'tty; stty size; exit 3'",
         host.data_dir().join("kubeconfig.yaml").display()
     );
     let out = host

@@ -5,15 +5,19 @@
 //! - [`session`]: the command itself, run in the container by the `orq shim-exec` helper,
 //!   on pipes or a pseudo-terminal;
 //! - [`websocket`]: the WebSocket channel protocol (`v5.channel.k8s.io` and older) that
-//!   kubectl ≥ 1.30, client-go and kube-rs speak.
+//!   kubectl ≥ 1.30, client-go and kube-rs speak;
+//! - [`spdy`]: SPDY/3.1 connections, and [`remotecommand`]: exec over them, for
+//!   kubectl ≤ 1.29 and client-go's fallback.
 
+pub mod remotecommand;
 pub mod session;
+pub mod spdy;
 pub mod websocket;
 
 use std::sync::Arc;
 
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path as UrlPath, RawQuery};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequest as _, Path as UrlPath, RawQuery, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -130,32 +134,87 @@ pub fn running_container(
     }
 }
 
-/// `GET|POST /exec/{namespace}/{pod}/{container}?command=…`, upgraded to a stream.
+/// The protocol a SPDY client and this server share: the first the client offers (in its
+/// order) that is served; `channel.k8s.io` when it offers none, as the kubelet does.
+pub fn negotiate(headers: &HeaderMap, served: &[&str]) -> Result<String, StreamError> {
+    let offered: Vec<String> = headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(served.last().copied().unwrap_or_default().to_owned());
+    }
+    offered
+        .iter()
+        .find(|p| served.contains(&p.as_str()))
+        .cloned()
+        .ok_or_else(|| {
+            StreamError::BadRequest(format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, \
+                 server supports {served:?}"
+            ))
+        })
+}
+
+/// Whether a request asks to upgrade to SPDY/3.1.
+pub fn wants_spdy(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("spdy/3.1"))
+}
+
+/// Answers a SPDY upgrade with `101` (and the negotiated protocol) and runs `serve` on the
+/// upgraded connection.
+pub fn upgrade_spdy<F, Fut>(mut request: Request, protocol: String, serve: F) -> Response
+where
+    F: FnOnce(spdy::Connection, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let upgrading = hyper::upgrade::on(&mut request);
+    let chosen = protocol.clone();
+    tokio::spawn(async move {
+        match upgrading.await {
+            Ok(upgraded) => {
+                let conn = spdy::Connection::serve(hyper_util::rt::TokioIo::new(upgraded));
+                serve(conn, chosen).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "the SPDY upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("X-Stream-Protocol-Version", protocol)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `GET|POST /exec/{namespace}/{pod}/{container}?command=…`, upgraded to a stream:
+/// WebSocket ([`websocket`]) or SPDY ([`remotecommand`]).
 pub async fn exec(
     ctx: Arc<Context>,
     UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request,
 ) -> Response {
     let options = match ExecOptions::parse(query.as_deref().unwrap_or("")) {
         Ok(options) => options,
         Err(e) => return e.into_response(),
     };
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            let asked = headers
-                .get(header::UPGRADE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let message = if asked.is_empty() {
-                "exec needs an upgraded connection (WebSocket)".to_owned()
-            } else {
-                format!("unsupported upgrade {asked:?}: {rejection}")
-            };
-            return StreamError::BadRequest(message).into_response();
+    let spdy = wants_spdy(request.headers());
+    let spdy_protocol = if spdy {
+        match negotiate(request.headers(), &remotecommand::PROTOCOLS) {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
         }
+    } else {
+        None
     };
     let container_id = match running_container(&ctx, &namespace, &pod, &container) {
         Ok(id) => id,
@@ -168,6 +227,28 @@ pub async fn exec(
         command: options.command.clone(),
         stdin: options.stdin,
         tty: options.tty,
+    };
+    if let Some(protocol) = spdy_protocol {
+        return upgrade_spdy(request, protocol, move |conn, protocol| {
+            remotecommand::relay(conn, protocol, options, spec)
+        });
+    }
+    let asked = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let upgrade = match WebSocketUpgrade::from_request(request, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let message = if asked.is_empty() {
+                "exec needs an upgraded connection (WebSocket or SPDY/3.1)".to_owned()
+            } else {
+                format!("unsupported upgrade {asked:?}: {rejection}")
+            };
+            return StreamError::BadRequest(message).into_response();
+        }
     };
     upgrade
         .protocols(websocket::PROTOCOLS)
