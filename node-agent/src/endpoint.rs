@@ -82,6 +82,10 @@ impl Endpoint {
                 get(container_logs),
             )
             .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+            .route(
+                "/portforward/{namespace}/{pod}",
+                get(portforward).post(portforward),
+            )
             .route("/metrics", get(metrics))
             .with_state((ctx, registry))
             .layer(axum::middleware::from_fn(
@@ -141,6 +145,15 @@ async fn exec(
     request: Request,
 ) -> Response {
     crate::stream::exec(ctx, path, query, request).await
+}
+
+async fn portforward(
+    State((ctx, _)): State<AppState>,
+    path: UrlPath<(String, String)>,
+    query: axum::extract::RawQuery,
+    request: Request,
+) -> Response {
+    crate::stream::portforward(ctx, path, query, request).await
 }
 
 fn bad_request(message: String) -> Response {

@@ -471,3 +471,248 @@ fn kubectl_proxy_reaches_pods_services_and_nodes() {
 
     drop(proxy);
 }
+
+/// A pod serving `/tmp/w` over HTTP on port 8080, with a CGI script at `/cgi-bin/md5` that
+/// answers the MD5 of what is posted to it, and a 64 MiB file `/big`.
+fn start_web_pod(host: &Host, bin: &str) {
+    let mut pod = pod_manifest(
+        "web",
+        "Never",
+        Some(&[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w/cgi-bin && dd if=/dev/urandom of=/tmp/w/big bs=1048576 count=64 \
+             2>/dev/null && exec httpd -f -p 8080 -h /tmp/w",
+        ]),
+        serde_json::json!({"ports": [{"containerPort": 8080, "name": "http"}]}),
+    );
+    pod["metadata"]["labels"] = serde_json::json!({"app": "web"});
+    host.apply(&pod);
+    host.wait_pod("web", Duration::from_secs(60), |p| phase(p) == "Running");
+    let script = "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+                  head -c \"$CONTENT_LENGTH\" | md5sum\n";
+    let out = kubectl(
+        host,
+        bin,
+        &[
+            "exec",
+            "-i",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "cat > /tmp/w/cgi-bin/md5 && chmod 755 /tmp/w/cgi-bin/md5 && echo plain > \
+             /tmp/w/plain.txt",
+        ],
+        script.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The big file is written before httpd starts: wait for it to serve.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = kubectl(host, bin, &["exec", "web", "--", "ls", "/tmp/w/big"], b"");
+        if out.status.success() && host.pod("web")["status"]["podIP"].is_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no /big");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The established TCP connections inside pod `name`'s network namespace.
+fn pod_connections(host: &Host, name: &str) -> Vec<String> {
+    let uid = host.pod(name)["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/orq-{uid}"))
+        .args(["ss", "-Htn", "state", "established"])
+        .output()
+        .unwrap();
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kubectl_port_forward_over_websocket_tunnel() {
+    port_forward_scenarios("pfws", KUBECTL_1_33);
+}
+
+#[test]
+fn kubectl_port_forward_over_spdy() {
+    port_forward_scenarios("pfspdy", KUBECTL_1_27);
+}
+
+/// kubectl `bin`'s port-forward: two concurrent connections, 64 MiB each way intact, a
+/// port nothing listens on, and nothing left open once kubectl is gone.
+fn port_forward_scenarios(tag: &str, bin: &str) {
+    let host = Host::start(tag);
+    start_web_pod(&host, bin);
+    let expected = text(
+        &kubectl(
+            &host,
+            bin,
+            &["exec", "web", "--", "md5sum", "/tmp/w/big"],
+            b"",
+        )
+        .stdout,
+    );
+    let expected = expected.split_whitespace().next().unwrap().to_owned();
+
+    let forward = host::Proc(
+        host.nsenter(bin)
+            .arg("--kubeconfig")
+            .arg(host.data_dir().join("kubeconfig.yaml"))
+            .args(["port-forward", "pod/web", "18080:8080", "18081:9999"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    host.wait_http("http://127.0.0.1:18080/plain.txt");
+
+    // Two connections at once: a 64 MiB download and a 64 MiB upload, both intact.
+    let download = {
+        let netns = host.netns.path();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={netns}"))
+                .args([
+                    "sh",
+                    "-c",
+                    "curl -sf --max-time 120 http://127.0.0.1:18080/big | md5sum",
+                ])
+                .output()
+                .unwrap();
+            text(&out.stdout)
+        })
+    };
+    let payload = host.dir.path().join("payload");
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&payload, &data).unwrap();
+    let uploaded_md5 = {
+        use std::io::Write;
+        let mut md5 = std::process::Command::new("md5sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        md5.stdin.take().unwrap().write_all(&data).unwrap();
+        text(&md5.wait_with_output().unwrap().stdout)
+    };
+    let (code, body) = curl(
+        &host,
+        &[
+            "--max-time",
+            "120",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &format!("@{}", payload.display()),
+        ],
+        "http://127.0.0.1:18080/cgi-bin/md5",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body.split_whitespace().next(),
+        uploaded_md5.split_whitespace().next(),
+        "the upload arrived changed"
+    );
+    let downloaded = download.join().unwrap();
+    assert_eq!(
+        downloaded.split_whitespace().next(),
+        Some(expected.as_str()),
+        "the download arrived changed"
+    );
+
+    // A port nothing listens on: the connection fails, kubectl says why.
+    let (code, _) = curl(&host, &[], "http://127.0.0.1:18081/");
+    assert_ne!(code, 200);
+
+    // kubectl gone: nothing stays open in the pod.
+    let mut forward = forward;
+    forward.0.kill().unwrap();
+    let status = forward.0.wait().unwrap();
+    let mut stderr = String::new();
+    use std::io::Read as _;
+    forward
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("error forwarding port 9999 to pod"),
+        "{stderr}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = pod_connections(&host, "web");
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections left open in the pod: {open:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kube-rs' `Api::portforward` (WebSocket channels): a request and its answer through the
+/// forwarded port; a port nothing listens on reports the error.
+#[test]
+fn kube_rs_port_forward() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::Api;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let host = Host::start("kubepf");
+    start_web_pod(&host, KUBECTL_1_33);
+    let kubeconfig = host.data_dir().join("kubeconfig.yaml");
+    in_host(&host, async move || {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let pods: Api<Pod> = Api::default_namespaced(kube::Client::try_from(config).unwrap());
+        let limit = Duration::from_secs(20);
+
+        let mut forwarder = pods.portforward("web", &[8080, 9999]).await.unwrap();
+        let mut stream = forwarder.take_stream(8080).unwrap();
+        let refused = forwarder.take_error(9999).unwrap();
+        let exchange = async {
+            stream
+                .write_all(b"GET /plain.txt HTTP/1.0\r\nHost: web\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let answer = tokio::time::timeout(limit, exchange)
+            .await
+            .expect("port-forward timed out");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("plain\n"), "{answer}");
+        let error = tokio::time::timeout(limit, refused)
+            .await
+            .expect("no error for the closed port");
+        assert!(
+            error.is_some_and(|e| e.contains("error forwarding port 9999")),
+            "the closed port's error"
+        );
+        drop(stream);
+        forwarder.abort();
+    });
+}

@@ -1,14 +1,17 @@
-//! Streams into containers, as the kubelet's streaming server serves them: `exec` (and, to
-//! come, `attach` and `portforward`) on the agent's endpoint, reached through the API
-//! server's `pods/exec` relay.
+//! Streams into pods, as the kubelet's streaming server serves them: `exec` and
+//! `portforward` (and, to come, `attach`) on the agent's endpoint, reached through the API
+//! server's `pods/exec` and `pods/portforward` relays.
 //!
 //! - [`session`]: the command itself, run in the container by the `orq shim-exec` helper,
 //!   on pipes or a pseudo-terminal;
 //! - [`websocket`]: the WebSocket channel protocol (`v5.channel.k8s.io` and older) that
 //!   kubectl ≥ 1.30, client-go and kube-rs speak;
 //! - [`spdy`]: SPDY/3.1 connections, and [`remotecommand`]: exec over them, for
-//!   kubectl ≤ 1.29 and client-go's fallback.
+//!   kubectl ≤ 1.29 and client-go's fallback;
+//! - [`portforward`]: TCP connections into a pod's network namespace, over SPDY (kubectl),
+//!   SPDY tunneled in a WebSocket (kubectl ≥ 1.31) or WebSocket channels (kube-rs).
 
+pub mod portforward;
 pub mod remotecommand;
 pub mod session;
 pub mod spdy;
@@ -276,6 +279,68 @@ pub async fn exec(
                 }
             }
         })
+}
+
+/// `GET|POST /portforward/{namespace}/{pod}`, upgraded to SPDY or a WebSocket.
+pub async fn portforward(
+    ctx: Arc<Context>,
+    UrlPath((namespace, pod)): UrlPath<(String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Response {
+    let Some(uid) = ctx.pod_uid(&namespace, &pod) else {
+        return StreamError::NoPod { namespace, pod }.into_response();
+    };
+    let netns = std::path::Path::new("/run/netns").join(crate::network::Network::netns_name(&uid));
+    let target = portforward::Target {
+        pod: format!("{namespace}/{pod}"),
+        uid,
+        // A pod on the host's network has no namespace of its own.
+        netns: netns.exists().then_some(netns),
+    };
+    if wants_spdy(request.headers()) {
+        let protocol = match negotiate(request.headers(), &[portforward::SPDY_PROTOCOL]) {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
+        return upgrade_spdy(request, protocol, move |conn, _| {
+            portforward::serve_spdy(conn, target)
+        });
+    }
+    let upgrade = match WebSocketUpgrade::from_request(request, &()).await {
+        Ok(upgrade) => upgrade.protocols(portforward::WEBSOCKET_PROTOCOLS),
+        Err(rejection) => {
+            return StreamError::BadRequest(format!(
+                "port-forward needs an upgraded connection (SPDY/3.1 or WebSocket): {rejection}"
+            ))
+            .into_response();
+        }
+    };
+    // The tunnel carries its ports in SPDY headers; the channel protocol in the query.
+    let tunneled = upgrade
+        .selected_protocol()
+        .is_some_and(|p| p == portforward::TUNNEL_PROTOCOL);
+    let ports = if tunneled {
+        Vec::new()
+    } else {
+        match portforward::parse_ports(query.as_deref().unwrap_or("")) {
+            Ok(ports) => ports,
+            Err(e) => return e.into_response(),
+        }
+    };
+    upgrade.on_upgrade(move |socket| async move {
+        let protocol = socket
+            .protocol()
+            .and_then(|p| p.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if protocol == portforward::TUNNEL_PROTOCOL {
+            portforward::serve_tunneled(socket, target).await;
+        } else {
+            let base64 = protocol == "v4.base64.channel.k8s.io";
+            portforward::serve_channels(socket, base64, ports, target).await;
+        }
+    })
 }
 
 #[cfg(test)]
