@@ -17,6 +17,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod events;
 pub mod health;
+pub mod hook;
 pub mod image;
 pub mod logs;
 pub mod metrics;

@@ -33,6 +33,7 @@ use sha2::Digest;
 use crate::agent::Context;
 use crate::container::{self, ContainerConfig, ContainerState};
 use crate::events::EventType;
+use crate::hook::{self, Hook};
 use crate::image::{Image, ImageError};
 use crate::network::PodNetwork;
 use crate::probe::{self, Kind, Tracker};
@@ -353,12 +354,7 @@ impl PodWorker {
                     next = Some(next.map_or(tracker.due, |n| n.min(tracker.due)));
                     continue;
                 }
-                let target = probe::Target {
-                    pod_ip: self.pod_ip(),
-                    shim_exec: self.ctx.shim_exec(),
-                    state_root: self.ctx.runtime.state_root.clone(),
-                    container_id: container_id(&self.uid, &c.name, attempt.number),
-                };
+                let target = self.hook_target(c, attempt.number);
                 let outcome = probe::run(probe, c, &target).await;
                 let failed = outcome.as_ref().err().cloned();
                 let Some(tracker) = self.probes.get_mut(&tkey) else {
@@ -389,8 +385,9 @@ impl PodWorker {
                         ),
                     )
                     .await;
-                    let _ = container::signal(&attempt.dir, Signal::SIGTERM);
                     let deadline = Instant::now() + grace;
+                    self.stop_container(Some(pod), Some(c), &attempt, deadline)
+                        .await;
                     self.killing.insert(key.clone(), deadline);
                     next = Some(next.map_or(deadline, |n| n.min(deadline)));
                     break;
@@ -645,6 +642,7 @@ impl PodWorker {
                 )
                 .await;
                 self.prune_attempts(&c.name, attempt);
+                self.post_start(pod, c, attempt, &attempt_dir).await;
                 Next::After(self.ctx.config.sync_period)
             }
             Err(message) => {
@@ -661,6 +659,83 @@ impl PodWorker {
                 Next::After(Duration::from_secs(2))
             }
         }
+    }
+
+    /// Runs `c`'s `postStart` hook, if it has one, on the attempt just started; a hook that
+    /// fails kills the container (it restarts as the pod's policy says).
+    async fn post_start(&mut self, pod: &Pod, c: &Container, attempt: u32, dir: &Path) {
+        let Some(handler) = Hook::PostStart.of(c) else {
+            return;
+        };
+        let target = self.hook_target(c, attempt);
+        if let Err(message) = hook::run(handler, c, &target, hook::POST_START_LIMIT).await {
+            self.event(
+                pod,
+                EventType::Warning,
+                Hook::PostStart.failed_reason(),
+                &format!("PostStartHook failed: {message}"),
+            )
+            .await;
+            let grace = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+                .unwrap_or(30)
+                .max(0) as u64;
+            let _ = container::signal(dir, Signal::SIGTERM);
+            self.killing.insert(
+                (c.name.clone(), attempt),
+                Instant::now() + Duration::from_secs(grace),
+            );
+        }
+    }
+
+    /// Where `c`'s hooks (and probes) reach it.
+    fn hook_target(&self, c: &Container, attempt: u32) -> probe::Target {
+        probe::Target {
+            pod_ip: self.pod_ip(),
+            shim_exec: self.ctx.shim_exec(),
+            state_root: self.ctx.runtime.state_root.clone(),
+            container_id: container_id(&self.uid, &c.name, attempt),
+        }
+    }
+
+    /// Stops a running container: its `preStop` hook first (within `deadline`), then
+    /// SIGTERM. The hook runs in the background so the pod's other containers stop at the
+    /// same time; SIGKILL at the deadline is the caller's.
+    async fn stop_container(
+        &self,
+        pod: Option<&Pod>,
+        c: Option<&Container>,
+        attempt: &Attempt,
+        deadline: Instant,
+    ) {
+        let handler = c.and_then(|c| Hook::PreStop.of(c).map(|h| (c, h)));
+        let Some((c, handler)) = handler else {
+            let _ = container::signal(&attempt.dir, Signal::SIGTERM);
+            return;
+        };
+        let target = self.hook_target(c, attempt.number);
+        let (c, handler) = (c.clone(), handler.clone());
+        let dir = attempt.dir.clone();
+        let events = pod.map(|p| (self.ctx.clone(), p.clone()));
+        tokio::spawn(async move {
+            let limit = deadline.saturating_duration_since(Instant::now());
+            if let Err(message) = hook::run(&handler, &c, &target, limit).await {
+                tracing::info!(container = %c.name, %message, "preStop hook failed");
+                if let Some((ctx, pod)) = events {
+                    ctx.events
+                        .publish(
+                            &pod,
+                            EventType::Warning,
+                            Hook::PreStop.failed_reason(),
+                            &format!("PreStopHook failed: {message}"),
+                        )
+                        .await;
+                }
+            }
+            let _ = container::signal(&dir, Signal::SIGTERM);
+        });
     }
 
     /// The image for `c` as its pull policy says, or the back-off to wait.
@@ -907,6 +982,7 @@ impl PodWorker {
             _ => {
                 let deadline = Instant::now() + grace;
                 self.lifecycle = Lifecycle::Terminating { deadline };
+                let spec = pod.and_then(|p| p.spec.clone()).unwrap_or_default();
                 for (name, attempt) in self.all_latest() {
                     if let ContainerState::Running(_) = attempt.state {
                         if let Some(pod) = pod {
@@ -918,7 +994,8 @@ impl PodWorker {
                             )
                             .await;
                         }
-                        let _ = container::signal(&attempt.dir, Signal::SIGTERM);
+                        let c = spec.containers.iter().find(|c| c.name == name);
+                        self.stop_container(pod, c, &attempt, deadline).await;
                     }
                 }
                 deadline

@@ -131,7 +131,12 @@ pub async fn run(probe: &Probe, container: &Container, target: &Target) -> Resul
             if http.scheme.as_deref() == Some("HTTPS") {
                 return Err("HTTPS probes are not supported yet".into());
             }
-            http_probe(&host, port, &path, &headers).await
+            let code = http_get(&host, port, &path, &headers).await?;
+            if (200..400).contains(&code) {
+                Ok(())
+            } else {
+                Err(format!("HTTP probe failed with statuscode: {code}"))
+            }
         } else if let Some(tcp) = &probe.tcp_socket {
             let host = tcp.host.clone().unwrap_or_else(|| target.pod_ip.clone());
             let port = port(&tcp.port, container)?;
@@ -152,7 +157,7 @@ pub async fn run(probe: &Probe, container: &Container, target: &Target) -> Resul
 }
 
 /// A port number, or a named `containerPort`.
-fn port(port: &IntOrString, container: &Container) -> Result<u16, String> {
+pub(crate) fn port(port: &IntOrString, container: &Container) -> Result<u16, String> {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("invalid port {n}")),
         IntOrString::String(name) => container
@@ -165,13 +170,13 @@ fn port(port: &IntOrString, container: &Container) -> Result<u16, String> {
     }
 }
 
-/// GET `http://host:port/path`: 200–399 passes.
-async fn http_probe(
+/// GET `http://host:port/path`: the answer's status code.
+pub(crate) async fn http_get(
     host: &str,
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<u16, String> {
     let url = format!("http://{host}:{port}{path}");
     let mut stream = tokio::net::TcpStream::connect((host, port))
         .await
@@ -206,15 +211,11 @@ async fn http_probe(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))?;
-    if (200..400).contains(&code) {
-        Ok(())
-    } else {
-        Err(format!("HTTP probe failed with statuscode: {code}"))
-    }
+    Ok(code)
 }
 
 /// Runs `command` in the container through the shim; exit 0 passes.
-async fn exec_probe(
+pub(crate) async fn exec_probe(
     command: Vec<String>,
     target: &Target,
     timeout: Duration,
@@ -307,8 +308,9 @@ mod tests {
                     .await;
             }
         });
-        assert_eq!(http_probe("127.0.0.1", port, "/", &[]).await, Ok(()));
-        let failed = http_probe("127.0.0.1", port, "/", &[]).await.unwrap_err();
-        assert!(failed.contains("500"), "{failed}");
+        assert_eq!(http_get("127.0.0.1", port, "/", &[]).await, Ok(200));
+        assert_eq!(http_get("127.0.0.1", port, "/", &[]).await, Ok(500));
+        let refused = http_get("127.0.0.1", port, "/", &[]).await.unwrap_err();
+        assert!(refused.contains("dial tcp"), "{refused}");
     }
 }

@@ -716,3 +716,85 @@ fn kube_rs_port_forward() {
         forwarder.abort();
     });
 }
+
+/// Lifecycle hooks on the exec path: `postStart` runs in the container before anything
+/// else reaches it, `preStop` (exec or sleep) holds up deletion for as long as it runs, and
+/// a failing `postStart` kills the container, which restarts.
+#[test]
+fn lifecycle_hooks_run_in_the_container() {
+    let host = Host::start("hooks");
+    let trapping = [
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+    ];
+    let with_hooks = |name: &str, lifecycle: serde_json::Value| {
+        let mut pod = pod_manifest(
+            name,
+            "Always",
+            Some(&trapping),
+            serde_json::json!({"lifecycle": lifecycle}),
+        );
+        pod["spec"]["terminationGracePeriodSeconds"] = serde_json::json!(30);
+        pod
+    };
+    host.apply(&with_hooks(
+        "exechook",
+        serde_json::json!({
+            "postStart": {"exec": {"command": ["sh", "-c", "echo started > /tmp/poststart"]}},
+            "preStop": {"exec": {"command": ["sh", "-c", "sleep 3"]}},
+        }),
+    ));
+    host.apply(&with_hooks(
+        "sleephook",
+        serde_json::json!({"preStop": {"sleep": {"seconds": 2}}}),
+    ));
+    host.apply(&with_hooks("nohook", serde_json::json!({})));
+    host.apply(&with_hooks(
+        "badhook",
+        serde_json::json!({"postStart": {"exec": {"command": ["false"]}}}),
+    ));
+    for name in ["exechook", "sleephook", "nohook"] {
+        host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == "Running");
+    }
+    let k = |args: &[&str]| kubectl(&host, KUBECTL_1_33, args, b"");
+    let out = k(&["exec", "exechook", "--", "cat", "/tmp/poststart"]);
+    assert_eq!(text(&out.stdout), "started\n", "{}", text(&out.stderr));
+
+    // Deleting waits for the preStop hook, then the container stops on SIGTERM at once.
+    let deletion = |name: &str| {
+        let started = std::time::Instant::now();
+        let out = k(&["delete", "pod", name, "--wait=true", "--timeout=60s"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        started.elapsed()
+    };
+    let took = deletion("nohook");
+    assert!(took < Duration::from_secs(3), "no hook: {took:?}");
+    let took = deletion("exechook");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "exec preStop: {took:?}"
+    );
+    let took = deletion("sleephook");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "sleep preStop: {took:?}"
+    );
+
+    // A postStart that fails: the container is killed and started again.
+    let pod = host.wait_pod("badhook", Duration::from_secs(60), |p| {
+        p["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .is_some_and(|n| n >= 1)
+    });
+    assert!(pod["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1));
+    let events = host.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=FailedPostStartHook",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.trim().is_empty(), "no FailedPostStartHook event");
+}
