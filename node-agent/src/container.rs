@@ -346,6 +346,7 @@ impl Runtime {
         bundle: &Path,
         spec: &Value,
         log: &Path,
+        stdin: crate::shim::StdinMode,
     ) -> Result<Started, String> {
         fs::create_dir_all(bundle).map_err(|e| e.to_string())?;
         fs::create_dir_all(&self.state_root).map_err(|e| e.to_string())?;
@@ -363,6 +364,7 @@ impl Runtime {
             root: self.state_root.clone(),
             log: log.to_owned(),
             log_max_bytes: 10 << 20,
+            stdin,
         };
         let (program, prefix) = self
             .shim

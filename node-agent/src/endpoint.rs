@@ -83,6 +83,10 @@ impl Endpoint {
             )
             .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
             .route(
+                "/attach/{namespace}/{pod}/{container}",
+                get(attach).post(attach),
+            )
+            .route(
                 "/portforward/{namespace}/{pod}",
                 get(portforward).post(portforward),
             )
@@ -145,6 +149,15 @@ async fn exec(
     request: Request,
 ) -> Response {
     crate::stream::exec(ctx, path, query, request).await
+}
+
+async fn attach(
+    State((ctx, _)): State<AppState>,
+    path: UrlPath<(String, String, String)>,
+    query: axum::extract::RawQuery,
+    request: Request,
+) -> Response {
+    crate::stream::attach(ctx, path, query, request).await
 }
 
 async fn portforward(

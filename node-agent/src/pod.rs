@@ -38,7 +38,7 @@ use crate::image::{Image, ImageError};
 use crate::network::PodNetwork;
 use crate::probe::{self, Kind, Tracker};
 use crate::resolve::{self, ConfigError, Sources};
-use crate::shim::{Exited, Started, now_rfc3339};
+use crate::shim::{Exited, Started, StdinMode, now_rfc3339};
 
 /// The first restart delay of a crashing container; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
@@ -628,7 +628,15 @@ impl PodWorker {
         let log = self.log_path(&c.name, attempt);
         let ctx = Arc::clone(&self.ctx);
         let op = Instant::now();
-        let started = ctx.runtime.start(&id, &attempt_dir, &spec, &log).await;
+        let stdin = match (c.stdin, c.stdin_once) {
+            (Some(true), Some(true)) => StdinMode::Once,
+            (Some(true), _) => StdinMode::Open,
+            _ => StdinMode::Null,
+        };
+        let started = ctx
+            .runtime
+            .start(&id, &attempt_dir, &spec, &log, stdin)
+            .await;
         ctx.metrics
             .runtime_operation("start_container", op.elapsed(), started.is_err());
         match started {

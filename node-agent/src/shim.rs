@@ -74,6 +74,30 @@ pub struct ShimArgs {
     pub log: PathBuf,
     /// Rotate the log when it grows past this many bytes.
     pub log_max_bytes: u64,
+    /// The container's stdin (its `stdin`/`stdinOnce`).
+    pub stdin: StdinMode,
+}
+
+/// A container's stdin, as its spec asks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StdinMode {
+    /// `/dev/null` (`stdin: false`).
+    #[default]
+    Null,
+    /// A pipe attachers write to, open for the container's life (`stdin: true`).
+    Open,
+    /// A pipe closed when the first attach session ends (`stdinOnce: true`).
+    Once,
+}
+
+impl StdinMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            StdinMode::Null => "null",
+            StdinMode::Open => "open",
+            StdinMode::Once => "once",
+        }
+    }
 }
 
 impl ShimArgs {
@@ -90,6 +114,8 @@ impl ShimArgs {
             self.log.clone().into(),
             "--log-max-bytes".into(),
             self.log_max_bytes.to_string().into(),
+            "--stdin".into(),
+            self.stdin.as_str().into(),
         ]
     }
 
@@ -97,6 +123,7 @@ impl ShimArgs {
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Self, String> {
         let mut args = args.into_iter();
         let (mut id, mut bundle, mut root, mut log, mut max) = (None, None, None, None, None);
+        let mut stdin = StdinMode::Null;
         while let Some(flag) = args.next() {
             let value = args
                 .next()
@@ -109,6 +136,14 @@ impl ShimArgs {
                 Some("--log-max-bytes") => {
                     max = value.to_str().and_then(|v| v.parse().ok());
                 }
+                Some("--stdin") => {
+                    stdin = match value.to_str() {
+                        Some("null") => StdinMode::Null,
+                        Some("open") => StdinMode::Open,
+                        Some("once") => StdinMode::Once,
+                        _ => return Err(format!("--stdin {value:?}: null, open or once")),
+                    }
+                }
                 _ => return Err(format!("unknown flag {flag:?}")),
             }
         }
@@ -118,6 +153,7 @@ impl ShimArgs {
             root: root.ok_or("--root is required")?,
             log: log.ok_or("--log is required")?,
             log_max_bytes: max.unwrap_or(10 << 20),
+            stdin,
         })
     }
 }
@@ -200,11 +236,29 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
             nix::sys::signal::Signal::SIGINT,
             nix::sys::signal::SigHandler::SigIgn,
         );
+        // An attacher or a container that goes away is an error on the write, not a death.
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
     }
     let mut report = fs::File::from(report);
     let (out_r, out_w) = nix::unistd::pipe().map_err(io::Error::from)?;
     let (err_r, err_w) = nix::unistd::pipe().map_err(io::Error::from)?;
-    let started = match start(args, null, out_w, err_w) {
+    let (container_stdin, stdin_writer) = match args.stdin {
+        StdinMode::Null => (OwnedFd::from(null), None),
+        StdinMode::Open | StdinMode::Once => {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+            (r, Some(w))
+        }
+    };
+    let mut attach = Attach::bind(
+        &args.bundle.join(ATTACH_SOCKET),
+        stdin_writer,
+        args.stdin == StdinMode::Once,
+    )?;
+    let started = match start(args, container_stdin, out_w, err_w) {
         Ok(started) => started,
         Err(message) => {
             let _ = write!(report, "err {message}");
@@ -220,7 +274,8 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
 
     let mut writer = LogWriter::open(&args.log, args.log_max_bytes)?;
     let pid = Pid::from_raw(started.pid);
-    let status = copy_until_exit(pid, [out_r, err_r], &mut writer)?;
+    let status = copy_until_exit(pid, [out_r, err_r], &mut writer, &mut attach)?;
+    attach.finish();
     let oom_killed = oom_kills(&args.bundle) > 0;
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, code) => (code, None),
@@ -251,13 +306,13 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
 }
 
 /// Creates and starts the container; the error is a message for the pod's status.
-fn start(args: &ShimArgs, stdin: fs::File, out: OwnedFd, err: OwnedFd) -> Result<Started, String> {
+fn start(args: &ShimArgs, stdin: OwnedFd, out: OwnedFd, err: OwnedFd) -> Result<Started, String> {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
     let mut container = ContainerBuilder::new(args.id.clone(), SyscallType::Linux)
         .with_root_path(&args.root)
         .map_err(|e| e.to_string())?
-        .with_stdin(OwnedFd::from(stdin))
+        .with_stdin(stdin)
         .with_stdout(out)
         .with_stderr(err)
         .validate_id()
@@ -286,7 +341,12 @@ fn start(args: &ShimArgs, stdin: fs::File, out: OwnedFd, err: OwnedFd) -> Result
 
 /// Copies the container's stdout and stderr into the log until its init exits (and the
 /// pipes drain), then returns how it exited.
-fn copy_until_exit(pid: Pid, pipes: [OwnedFd; 2], log: &mut LogWriter) -> io::Result<WaitStatus> {
+fn copy_until_exit(
+    pid: Pid,
+    pipes: [OwnedFd; 2],
+    log: &mut LogWriter,
+    attach: &mut Attach,
+) -> io::Result<WaitStatus> {
     for fd in &pipes {
         set_nonblocking(fd)?;
     }
@@ -325,9 +385,16 @@ fn copy_until_exit(pid: Pid, pipes: [OwnedFd; 2], log: &mut LogWriter) -> io::Re
             .zip(open)
             .filter(|(_, o)| *o)
             .map(|(fd, _)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            .chain(
+                attach
+                    .readable()
+                    .into_iter()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            )
             .collect();
         let _ = poll(&mut fds, PollTimeout::from(100u8));
         drop(fds);
+        attach.service();
         for (i, fd) in pipes.iter().enumerate() {
             if !open[i] {
                 continue;
@@ -338,12 +405,206 @@ fn copy_until_exit(pid: Pid, pipes: [OwnedFd; 2], log: &mut LogWriter) -> io::Re
                         open[i] = false;
                         break;
                     }
-                    Ok(n) => log.write(i, &buf[..n])?,
+                    Ok(n) => {
+                        log.write(i, &buf[..n])?;
+                        attach.broadcast(i as u8 + 1, &buf[..n]);
+                    }
                     Err(nix::errno::Errno::EAGAIN) => break,
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(e.into()),
                 }
             }
+        }
+    }
+}
+
+/// The socket in the bundle through which the agent attaches to the container's stdio.
+pub const ATTACH_SOCKET: &str = "attach.sock";
+
+/// Frames on the attach socket: a kind byte, a big-endian `u32` length, the data. The shim
+/// sends [`ATTACH_STDOUT`] and [`ATTACH_STDERR`] output as the container writes it (what
+/// was written before an attacher came is in the log); an attacher sends
+/// [`ATTACH_STDIN`] data and [`ATTACH_STDIN_END`].
+pub const ATTACH_STDOUT: u8 = 1;
+/// See [`ATTACH_STDOUT`].
+pub const ATTACH_STDERR: u8 = 2;
+/// See [`ATTACH_STDOUT`].
+pub const ATTACH_STDIN: u8 = 0;
+/// See [`ATTACH_STDOUT`].
+pub const ATTACH_STDIN_END: u8 = 3;
+/// An attacher that falls this far behind the container's output is dropped.
+const ATTACH_BACKLOG: usize = 4 << 20;
+
+/// One attached client of the shim.
+struct Attacher {
+    stream: std::os::unix::net::UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    sent_stdin: bool,
+    gone: bool,
+}
+
+/// The container's stdio as attachers reach it: output fanned out to every attacher, their
+/// input into the container's stdin (a pipe the shim holds open, so attachers come and go
+/// without the container seeing an end — unless `stdinOnce`, when the first attach session
+/// to end closes it). All non-blocking, serviced from the shim's one poll loop.
+struct Attach {
+    listener: std::os::unix::net::UnixListener,
+    attachers: Vec<Attacher>,
+    stdin: Option<fs::File>,
+    once: bool,
+    pending: Vec<u8>,
+    close_stdin: bool,
+}
+
+impl Attach {
+    fn bind(path: &Path, stdin: Option<OwnedFd>, once: bool) -> io::Result<Attach> {
+        let _ = fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        if let Some(fd) = &stdin {
+            set_nonblocking(fd)?;
+        }
+        Ok(Attach {
+            listener,
+            attachers: Vec::new(),
+            stdin: stdin.map(fs::File::from),
+            once,
+            pending: Vec::new(),
+            close_stdin: false,
+        })
+    }
+
+    /// What to poll for input: the listener and the attachers.
+    fn readable(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        std::iter::once(self.listener.as_fd())
+            .chain(self.attachers.iter().map(|a| a.stream.as_fd()))
+            .collect()
+    }
+
+    /// Accepts, reads attachers' frames, feeds stdin, flushes output; drops the gone.
+    fn service(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_ok() {
+                self.attachers.push(Attacher {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    sent_stdin: false,
+                    gone: false,
+                });
+            }
+        }
+        let mut buf = [0u8; 16 * 1024];
+        for a in &mut self.attachers {
+            loop {
+                match a.stream.read(&mut buf) {
+                    Ok(0) => {
+                        a.gone = true;
+                        break;
+                    }
+                    Ok(n) => a.input.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        a.gone = true;
+                        break;
+                    }
+                }
+                // Stop reading while the container does not keep up with its stdin.
+                if self.pending.len() > ATTACH_BACKLOG {
+                    break;
+                }
+            }
+            while a.input.len() >= 5 {
+                let len =
+                    u32::from_be_bytes([a.input[1], a.input[2], a.input[3], a.input[4]]) as usize;
+                if a.input.len() < 5 + len {
+                    break;
+                }
+                let kind = a.input[0];
+                if kind == ATTACH_STDIN && self.stdin.is_some() {
+                    self.pending.extend_from_slice(&a.input[5..5 + len]);
+                }
+                if matches!(kind, ATTACH_STDIN | ATTACH_STDIN_END) {
+                    a.sent_stdin = true;
+                }
+                if kind == ATTACH_STDIN_END && self.once {
+                    self.close_stdin = true;
+                }
+                a.input.drain(..5 + len);
+            }
+            if a.gone && a.sent_stdin && self.once {
+                self.close_stdin = true;
+            }
+            flush(a);
+        }
+        self.attachers.retain(|a| !a.gone);
+        if let Some(stdin) = &mut self.stdin {
+            while !self.pending.is_empty() {
+                match stdin.write(&self.pending) {
+                    Ok(n) => {
+                        self.pending.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The container closed its stdin.
+                    Err(_) => {
+                        self.pending.clear();
+                        self.close_stdin = true;
+                    }
+                }
+            }
+        }
+        if self.close_stdin && self.pending.is_empty() {
+            self.stdin = None;
+        }
+    }
+
+    /// Queues output of `kind` for every attacher.
+    fn broadcast(&mut self, kind: u8, data: &[u8]) {
+        for a in &mut self.attachers {
+            if a.output.len() > ATTACH_BACKLOG {
+                a.gone = true;
+                continue;
+            }
+            a.output.push(kind);
+            a.output
+                .extend_from_slice(&(data.len() as u32).to_be_bytes());
+            a.output.extend_from_slice(data);
+            flush(a);
+        }
+    }
+
+    /// The container is gone: what is queued goes out (briefly), then the attachers are
+    /// closed, which ends their sessions.
+    fn finish(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self
+            .attachers
+            .iter()
+            .any(|a| !a.output.is_empty() && !a.gone)
+            && Instant::now() < deadline
+        {
+            for a in &mut self.attachers {
+                flush(a);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.attachers.clear();
+    }
+}
+
+/// Writes what an attacher can take now.
+fn flush(a: &mut Attacher) {
+    while !a.output.is_empty() && !a.gone {
+        match a.stream.write(&a.output) {
+            Ok(n) => {
+                a.output.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => a.gone = true,
         }
     }
 }
@@ -625,10 +886,12 @@ mod tests {
             root: "/r".into(),
             log: "/l".into(),
             log_max_bytes: 5,
+            stdin: StdinMode::Once,
         };
         let parsed = ShimArgs::parse(args.to_args()).unwrap();
         assert_eq!(parsed.id, "abc");
         assert_eq!(parsed.log_max_bytes, 5);
+        assert_eq!(parsed.stdin, StdinMode::Once);
         assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
     }
 

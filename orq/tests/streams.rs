@@ -99,6 +99,55 @@ fn exec_scenarios(tag: &str, bin: &str) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "200000");
 
+    // `kubectl cp` (tar through exec) both ways: a file in, a directory out, intact.
+    let local = host.dir.path().join(format!("cp-{tag}"));
+    std::fs::create_dir_all(local.join("tree/sub")).unwrap();
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(local.join("blob"), &blob).unwrap();
+    std::fs::write(local.join("tree/sub/note"), "a note\n").unwrap();
+    let kubeconfig = host.data_dir().join("kubeconfig.yaml");
+    let cp = |from: &str, to: &str| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", host.netns.path()))
+            .arg(bin)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["cp", from, to])
+            .current_dir(&local)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cp {from} {to}: {}",
+            text(&out.stderr)
+        );
+    };
+    cp("blob", "sh:/tmp/blob");
+    cp("tree", "sh:/tmp/tree");
+    let out = k(
+        &[
+            "exec",
+            "sh",
+            "--",
+            "md5sum",
+            "/tmp/blob",
+            "/tmp/tree/sub/note",
+        ],
+        b"",
+    );
+    assert!(
+        text(&out.stdout).contains("/tmp/tree/sub/note"),
+        "{}",
+        text(&out.stdout)
+    );
+    cp("sh:/tmp/blob", "blob.back");
+    cp("sh:/tmp/tree", "tree.back");
+    assert_eq!(std::fs::read(local.join("blob.back")).unwrap(), blob);
+    assert_eq!(
+        std::fs::read_to_string(local.join("tree.back/sub/note")).unwrap(),
+        "a note\n"
+    );
+
     // The command's exit code is kubectl's.
     let out = k(&["exec", "sh", "--", "sh", "-c", "exit 7"], b"");
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
@@ -797,4 +846,55 @@ fn lifecycle_hooks_run_in_the_container() {
         "name",
     ]);
     assert!(!events.trim().is_empty(), "no FailedPostStartHook event");
+}
+
+/// `kubectl attach -i` to containers' own stdio through their shims: with `stdinOnce` the
+/// end of the client's input closes the container's stdin (kubectl 1.33, WebSocket); without
+/// it the container reads what it is sent and its output comes back (kubectl 1.27, SPDY).
+#[test]
+fn kubectl_attach_to_a_containers_stdio() {
+    let host = Host::start("attach");
+    let with_stdin = |name: &str, once: bool, script: &str| {
+        pod_manifest(
+            name,
+            "Never",
+            Some(&["sh", "-c", script]),
+            serde_json::json!({"stdin": true, "stdinOnce": once}),
+        )
+    };
+    host.apply(&with_stdin("once", true, "cat; echo stdin closed"));
+    host.apply(&with_stdin(
+        "open",
+        false,
+        "read line; echo got $line; echo bye >&2",
+    ));
+    for name in ["once", "open"] {
+        host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == "Running");
+    }
+
+    let out = kubectl(
+        &host,
+        KUBECTL_1_33,
+        &["attach", "-i", "once"],
+        b"abcd1234\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "abcd1234\nstdin closed\n",
+        "{}",
+        text(&out.stderr)
+    );
+    host.wait_pod("once", Duration::from_secs(30), |p| phase(p) == "Succeeded");
+
+    let out = kubectl(&host, KUBECTL_1_27, &["attach", "-i", "open"], b"x\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "got x\n", "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("bye"), "{}", text(&out.stderr));
+
+    // Bad input: a finished container, one that does not exist.
+    let out = kubectl(&host, KUBECTL_1_33, &["attach", "once"], b"");
+    assert!(!out.status.success());
+    let out = kubectl(&host, KUBECTL_1_33, &["attach", "open", "-c", "nope"], b"");
+    assert!(!out.status.success());
 }

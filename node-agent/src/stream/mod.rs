@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::agent::Context;
 use crate::container::ContainerState;
-use session::{ExecSpec, Session};
+use session::{ExecSpec, Opener};
 
 /// Why a stream could not be opened: the agent's answer (the API server passes it on).
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +81,17 @@ pub struct ExecOptions {
 }
 
 impl ExecOptions {
-    /// Parses the query.
+    /// Parses an `exec` query: a command is required.
     pub fn parse(query: &str) -> Result<ExecOptions, StreamError> {
+        let options = Self::parse_streams(query)?;
+        if options.command.is_empty() {
+            return Err(StreamError::BadRequest("you must specify a command".into()));
+        }
+        Ok(options)
+    }
+
+    /// Parses a query's streams (and command, if any): an `attach` query.
+    pub fn parse_streams(query: &str) -> Result<ExecOptions, StreamError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
             .map_err(|e| StreamError::BadRequest(format!("invalid query: {e}")))?;
         let flag = |name: &str| {
@@ -101,9 +110,6 @@ impl ExecOptions {
             stderr: flag("stderr") || flag("error"),
             tty: flag("tty"),
         };
-        if options.command.is_empty() {
-            return Err(StreamError::BadRequest("you must specify a command".into()));
-        }
         if !options.stdin && !options.stdout && !options.stderr {
             return Err(StreamError::BadRequest(
                 "you must specify at least 1 of stdin, stdout, stderr".into(),
@@ -120,6 +126,16 @@ pub fn running_container(
     pod: &str,
     container: &str,
 ) -> Result<String, StreamError> {
+    running_attempt(ctx, namespace, pod, container).map(|(id, _)| id)
+}
+
+/// The libcontainer ID and bundle directory of `container`'s running attempt.
+pub fn running_attempt(
+    ctx: &Context,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(String, std::path::PathBuf), StreamError> {
     let uid = ctx
         .pod_uid(namespace, pod)
         .ok_or_else(|| StreamError::NoPod {
@@ -131,8 +147,11 @@ pub fn running_container(
         .into_iter()
         .max()
         .ok_or_else(|| StreamError::NoContainer(container.to_owned()))?;
-    match crate::container::state(&dir.join(attempt.to_string())) {
-        ContainerState::Running(_) => Ok(crate::pod::container_id(&uid, container, attempt)),
+    let bundle = dir.join(attempt.to_string());
+    match crate::container::state(&bundle) {
+        ContainerState::Running(_) => {
+            Ok((crate::pod::container_id(&uid, container, attempt), bundle))
+        }
         _ => Err(StreamError::NotRunning(container.to_owned())),
     }
 }
@@ -231,9 +250,20 @@ pub async fn exec(
         stdin: options.stdin,
         tty: options.tty,
     };
+    serve_stream(request, spdy_protocol, options, Opener::Exec(spec)).await
+}
+
+/// Serves an exec or attach stream over SPDY (when `spdy_protocol` was negotiated) or a
+/// WebSocket.
+async fn serve_stream(
+    request: Request,
+    spdy_protocol: Option<String>,
+    options: ExecOptions,
+    opener: Opener,
+) -> Response {
     if let Some(protocol) = spdy_protocol {
         return upgrade_spdy(request, protocol, move |conn, protocol| {
-            remotecommand::relay(conn, protocol, options, spec)
+            remotecommand::relay(conn, protocol, options, opener)
         });
     }
     let asked = request
@@ -246,7 +276,7 @@ pub async fn exec(
         Ok(upgrade) => upgrade,
         Err(rejection) => {
             let message = if asked.is_empty() {
-                "exec needs an upgraded connection (WebSocket or SPDY/3.1)".to_owned()
+                "streams need an upgraded connection (WebSocket or SPDY/3.1)".to_owned()
             } else {
                 format!("unsupported upgrade {asked:?}: {rejection}")
             };
@@ -262,7 +292,7 @@ pub async fn exec(
                 .unwrap_or("channel.k8s.io")
                 .to_owned();
             // Started once the client is there, so a failed upgrade leaves nothing behind.
-            match Session::start(&spec).await {
+            match opener.open().await {
                 Ok(mut session) => {
                     if !options.stdout {
                         session.stdout = None;
@@ -279,6 +309,43 @@ pub async fn exec(
                 }
             }
         })
+}
+
+/// `GET|POST /attach/{namespace}/{pod}/{container}?stdin=…`: the running container's own
+/// stdio, through its shim, over SPDY or a WebSocket.
+pub async fn attach(
+    ctx: Arc<Context>,
+    UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Response {
+    let options = match ExecOptions::parse_streams(query.as_deref().unwrap_or("")) {
+        Ok(options) => options,
+        Err(e) => return e.into_response(),
+    };
+    if options.tty {
+        return StreamError::BadRequest(format!(
+            "container {container} did not allocate a TTY: attach without one"
+        ))
+        .into_response();
+    }
+    let spdy_protocol = if wants_spdy(request.headers()) {
+        match negotiate(request.headers(), &remotecommand::PROTOCOLS) {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
+    let bundle = match running_attempt(&ctx, &namespace, &pod, &container) {
+        Ok((_, bundle)) => bundle,
+        Err(e) => return e.into_response(),
+    };
+    let opener = Opener::Attach {
+        socket: bundle.join(crate::shim::ATTACH_SOCKET),
+        stdin: options.stdin,
+    };
+    serve_stream(request, spdy_protocol, options, opener).await
 }
 
 /// `GET|POST /portforward/{namespace}/{pod}`, upgraded to SPDY or a WebSocket.

@@ -1,4 +1,4 @@
-//! `exec` over SPDY (`v4.channel.k8s.io` … `channel.k8s.io`), as the kubelet's
+//! `exec` and `attach` over SPDY (`v4.channel.k8s.io` … `channel.k8s.io`), as the kubelet's
 //! remotecommand server serves kubectl ≤ 1.29 and client-go's fallback.
 //!
 //! The client opens one stream per channel, named by its `streamtype` header: `error`,
@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::ExecOptions;
-use super::session::{ExecSpec, Session, TerminalSize};
+use super::session::{Opener, TerminalSize};
 use super::spdy::{Connection, SpdyStream};
 use super::websocket::exit_message;
 
@@ -51,7 +51,7 @@ impl Streams {
 }
 
 /// Waits for the client's streams, runs the command, relays it, and closes.
-pub async fn relay(mut conn: Connection, protocol: String, options: ExecOptions, spec: ExecSpec) {
+pub async fn relay(mut conn: Connection, protocol: String, options: ExecOptions, opener: Opener) {
     let mut streams = Streams::default();
     let collected = tokio::time::timeout(STREAM_CREATION_TIMEOUT, async {
         while !streams.complete(&options, &protocol) {
@@ -80,7 +80,7 @@ pub async fn relay(mut conn: Connection, protocol: String, options: ExecOptions,
         return;
     }
     let error = streams.error.take().map(|s| s.out);
-    let mut session = match Session::start(&spec).await {
+    let mut session = match opener.open().await {
         Ok(session) => session,
         Err(e) => {
             if let Some(error) = error {

@@ -31,6 +31,31 @@ pub struct ExecSpec {
     pub tty: bool,
 }
 
+/// What a stream session opens: a command run in the container, or the container's own
+/// stdio.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opener {
+    /// `exec`.
+    Exec(ExecSpec),
+    /// `attach`: the shim's attach socket, and whether the client sends stdin.
+    Attach {
+        /// The socket.
+        socket: PathBuf,
+        /// The client sends stdin.
+        stdin: bool,
+    },
+}
+
+impl Opener {
+    /// Opens the session.
+    pub async fn open(&self) -> std::io::Result<Session> {
+        match self {
+            Opener::Exec(spec) => Session::start(spec).await,
+            Opener::Attach { socket, stdin } => Session::attach(socket, *stdin).await,
+        }
+    }
+}
+
 /// The terminal size a client asks for (the resize channel's JSON).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct TerminalSize {
@@ -114,7 +139,13 @@ impl Resizer {
 
 /// A running command's streams, taken by whoever relays them.
 pub struct Session {
-    child: Child,
+    /// The exec helper; `None` for an attach session.
+    child: Option<Child>,
+    /// An attach session's relay tasks, and the signal that the container's side ended.
+    attached: Option<(
+        Vec<tokio::task::JoinHandle<()>>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
     /// Writes to the command's stdin (absent unless asked for).
     pub stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     /// The command's stdout (its terminal, with a TTY).
@@ -130,7 +161,7 @@ pub struct Session {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("pid", &self.child.id())
+            .field("pid", &self.child.as_ref().and_then(Child::id))
             .field("tty", &self.terminal.is_some())
             .finish_non_exhaustive()
     }
@@ -179,7 +210,8 @@ impl Session {
                 .take()
                 .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
             return Ok(Session {
-                child,
+                child: Some(child),
+                attached: None,
                 stdin,
                 stdout,
                 stderr,
@@ -216,7 +248,8 @@ impl Session {
         };
         let Some(master) = master else {
             return Ok(Session {
-                child,
+                child: Some(child),
+                attached: None,
                 stdin: None,
                 stdout: messages,
                 stderr: None,
@@ -228,7 +261,8 @@ impl Session {
         let reader = tokio::fs::File::from_std(master.try_clone()?);
         let writer = tokio::fs::File::from_std(master.try_clone()?);
         Ok(Session {
-            child,
+            child: Some(child),
+            attached: None,
             stdin: Some(Box::new(writer)),
             stdout: Some(Box::new(reader)),
             stderr: messages,
@@ -243,29 +277,114 @@ impl Session {
         Some(Resizer(fd))
     }
 
-    /// Waits for the command; its exit code (128 + the signal if one killed it).
+    /// Waits for the command; its exit code (128 + the signal if one killed it). An attach
+    /// session ends when the container does (or its shim closes the socket): 0.
     pub async fn wait(&mut self) -> i32 {
-        match self.exited {
-            Some(code) => code,
-            None => exit_code(self.child.wait().await),
+        if let Some(code) = self.exited {
+            return code;
         }
+        if let Some(child) = &mut self.child {
+            return exit_code(child.wait().await);
+        }
+        if let Some((_, ended)) = &mut self.attached {
+            let _ = ended.await;
+        }
+        0
     }
 
-    /// Ends the command early: the helper kills it and exits. Reaped in the background.
+    /// Ends the session early. An exec's helper kills its command and exits (reaped in the
+    /// background); an attach session just lets go of the container, which runs on.
     pub fn terminate(mut self) {
-        if let Some(pid) = self.child.id() {
+        if let Some((tasks, _)) = self.attached.take() {
+            for task in tasks {
+                task.abort();
+            }
+        }
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
         tokio::spawn(async move {
-            if tokio::time::timeout(std::time::Duration::from_secs(5), self.child.wait())
+            if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
                 .await
                 .is_err()
             {
-                let _ = self.child.kill().await;
+                let _ = child.kill().await;
             }
         });
+    }
+
+    /// Attaches to a running container's stdio through its shim's socket
+    /// ([`crate::shim::ATTACH_SOCKET`]): its output from now on, and, with `stdin`, input
+    /// to its stdin (the end of the client's stdin is passed on).
+    pub async fn attach(socket: &std::path::Path, stdin: bool) -> std::io::Result<Session> {
+        use crate::shim::{ATTACH_STDERR, ATTACH_STDIN, ATTACH_STDIN_END, ATTACH_STDOUT};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = tokio::net::UnixStream::connect(socket).await?;
+        let (mut from_shim, mut to_shim) = stream.into_split();
+        let (stdout_w, stdout_r) = tokio::io::duplex(64 * 1024);
+        let (stderr_w, stderr_r) = tokio::io::duplex(64 * 1024);
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let output = tokio::spawn(async move {
+            let (mut stdout_w, mut stderr_w) = (stdout_w, stderr_w);
+            let mut head = [0u8; 5];
+            while from_shim.read_exact(&mut head).await.is_ok() {
+                let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                let mut data = vec![0u8; len];
+                if from_shim.read_exact(&mut data).await.is_err() {
+                    break;
+                }
+                // A reader that is gone (the client does not want this stream) is skipped.
+                let _ = match head[0] {
+                    ATTACH_STDOUT => stdout_w.write_all(&data).await,
+                    ATTACH_STDERR => stderr_w.write_all(&data).await,
+                    _ => Ok(()),
+                };
+            }
+            let _ = ended_tx.send(());
+        });
+        let mut tasks = vec![output];
+        let stdin_writer = if stdin {
+            let (writer, mut reader) = tokio::io::duplex(64 * 1024);
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    let (kind, n) = match reader.read(&mut buf).await {
+                        Ok(0) | Err(_) => (ATTACH_STDIN_END, 0),
+                        Ok(n) => (ATTACH_STDIN, n),
+                    };
+                    let mut frame = Vec::with_capacity(5 + n);
+                    frame.push(kind);
+                    frame.extend_from_slice(&(n as u32).to_be_bytes());
+                    frame.extend_from_slice(&buf[..n]);
+                    if to_shim.write_all(&frame).await.is_err() || kind == ATTACH_STDIN_END {
+                        break;
+                    }
+                }
+                // Keep the connection open: closing it would end a `stdinOnce` stdin again.
+                std::future::pending::<()>().await;
+            }));
+            Some(Box::new(writer) as Box<dyn AsyncWrite + Send + Unpin>)
+        } else {
+            tasks.push(tokio::spawn(async move {
+                let _keep = to_shim;
+                std::future::pending::<()>().await;
+            }));
+            None
+        };
+        Ok(Session {
+            child: None,
+            attached: Some((tasks, ended)),
+            stdin: stdin_writer,
+            stdout: Some(Box::new(stdout_r)),
+            stderr: Some(Box::new(stderr_r)),
+            terminal: None,
+            exited: None,
+        })
     }
 }
