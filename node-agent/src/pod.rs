@@ -280,6 +280,14 @@ impl PodWorker {
                 }
             }
         }
+        // Ephemeral containers (`kubectl debug`): started once, never restarted.
+        for c in ephemeral_containers(&spec) {
+            if self.latest(&c.name).is_none()
+                && let Next::After(d) = self.start(pod, &c, 0).await
+            {
+                wake = wake.min(d);
+            }
+        }
         if let Some(due) = self.run_probes(pod).await {
             wake = wake.min(due);
         }
@@ -1193,6 +1201,13 @@ impl PodWorker {
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = Value::Array(init_statuses);
         }
+        let ephemeral: Vec<Value> = ephemeral_containers(&spec)
+            .iter()
+            .map(|c| self.container_status(c, "ContainerCreating", false))
+            .collect();
+        if !ephemeral.is_empty() {
+            status["ephemeralContainerStatuses"] = Value::Array(ephemeral);
+        }
         if self.network.is_some() || spec.host_network == Some(true) {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{"ip": ip}]);
@@ -1349,6 +1364,22 @@ impl PodWorker {
     async fn event(&self, pod: &Pod, type_: EventType, reason: &str, message: &str) {
         self.ctx.events.publish(pod, type_, reason, message).await;
     }
+}
+
+/// A pod's ephemeral containers as containers (the fields they share; an ephemeral
+/// container has no ports, probes or resources of its own).
+fn ephemeral_containers(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Container> {
+    spec.ephemeral_containers
+        .iter()
+        .flatten()
+        .filter_map(|e| serde_json::to_value(e).ok())
+        .filter_map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("targetContainerName");
+            }
+            serde_json::from_value(v).ok()
+        })
+        .collect()
 }
 
 /// The monotonic instant of an RFC 3339 time in the past (now, if unparsable).

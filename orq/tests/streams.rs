@@ -898,3 +898,73 @@ fn kubectl_attach_to_a_containers_stdio() {
     let out = kubectl(&host, KUBECTL_1_33, &["attach", "open", "-c", "nope"], b"");
     assert!(!out.status.success());
 }
+
+/// `kubectl debug -i` adds an ephemeral container to a running pod (through
+/// `pods/ephemeralcontainers`), the agent starts it in the pod, and kubectl attaches to it;
+/// ephemeral containers cannot be removed afterwards.
+#[test]
+fn kubectl_debug_with_an_ephemeral_container() {
+    let host = Host::start("debug");
+    host.apply(&pod_manifest(
+        "target",
+        "Never",
+        Some(&["sleep", "3600"]),
+        serde_json::json!({}),
+    ));
+    host.wait_pod("target", Duration::from_secs(60), |p| phase(p) == "Running");
+    let out = kubectl(
+        &host,
+        KUBECTL_1_33,
+        &[
+            "debug",
+            "target",
+            "-i",
+            "--image",
+            host::IMAGE,
+            "--container",
+            "dbg",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got $x; hostname",
+        ],
+        b"ping\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("got ping\ntarget\n"),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let pod = host.wait_pod("target", Duration::from_secs(30), |p| {
+        p["status"]["ephemeralContainerStatuses"][0]["state"]["terminated"].is_object()
+    });
+    assert_eq!(
+        pod["status"]["ephemeralContainerStatuses"][0]["name"],
+        "dbg"
+    );
+    assert_eq!(phase(&pod), "Running", "the pod runs on");
+
+    // Ephemeral containers stay: removing one is refused.
+    let out = kubectl(
+        &host,
+        KUBECTL_1_33,
+        &[
+            "patch",
+            "pod",
+            "target",
+            "--subresource=ephemeralcontainers",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/ephemeralContainers/0"}]"#,
+        ],
+        b"",
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("may not be removed"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1158,6 +1158,8 @@ enum Part {
     Status,
     /// `namespaces/<name>/finalize`: only `spec.finalizers`.
     Finalize,
+    /// `pods/<name>/ephemeralcontainers`: only `spec.ephemeralContainers`.
+    EphemeralContainers,
 }
 
 impl Part {
@@ -1165,9 +1167,77 @@ impl Part {
         match subresource {
             Some("status") => Part::Status,
             Some("finalize") if is_namespace(def) => Part::Finalize,
+            Some("ephemeralcontainers") if is_pod(def) => Part::EphemeralContainers,
             _ => Part::Main,
         }
     }
+}
+
+/// Whether `def` is the Pod resource.
+pub(crate) fn is_pod(def: &ResourceDef) -> bool {
+    def.group.is_empty() && def.plural == "pods"
+}
+
+/// A pod's ephemeral containers may be added, never changed or removed, and their names
+/// are unique among all of the pod's containers (kube's `ValidateEphemeralContainers`).
+fn merge_ephemeral_containers(old: &Value, body: &Value) -> Result<Value, ApiError> {
+    let invalid = |message: String| ApiError::Invalid {
+        kind: "Pod".into(),
+        name: old["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+        group: String::new(),
+        causes: vec![crate::error::Cause {
+            reason: "FieldValueInvalid".into(),
+            message,
+            field: "spec.ephemeralContainers".into(),
+        }],
+    };
+    let before = old
+        .pointer("/spec/ephemeralContainers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let after = body
+        .pointer("/spec/ephemeralContainers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for existing in &before {
+        let name = existing["name"].as_str().unwrap_or("");
+        match after.iter().find(|c| c["name"] == existing["name"]) {
+            None => {
+                return Err(invalid(format!(
+                    "existing ephemeral containers \"{name}\" may not be removed"
+                )));
+            }
+            Some(now) if now != existing => {
+                return Err(invalid(format!(
+                    "existing ephemeral containers \"{name}\" may not be changed"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let mut names: Vec<&str> = ["/spec/containers", "/spec/initContainers"]
+        .iter()
+        .filter_map(|p| old.pointer(p).and_then(Value::as_array))
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    for c in &after {
+        let name = c["name"].as_str().unwrap_or("");
+        if name.is_empty() || c["image"].as_str().unwrap_or("").is_empty() {
+            return Err(invalid(
+                "an ephemeral container needs a name and an image".into(),
+            ));
+        }
+        if names.contains(&name) {
+            return Err(invalid(format!("Duplicate value: \"{name}\"")));
+        }
+        names.push(name);
+    }
+    let mut new = old.clone();
+    new["spec"]["ephemeralContainers"] = Value::Array(after);
+    Ok(new)
 }
 
 /// Whether `def` is the Namespace resource.
@@ -1226,6 +1296,7 @@ fn merge_update(
             }
             new
         }
+        Part::EphemeralContainers => merge_ephemeral_containers(old, body)?,
         Part::Main => {
             let mut new = body.clone();
             if def.status {
