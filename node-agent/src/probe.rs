@@ -144,8 +144,10 @@ pub async fn run(probe: &Probe, container: &Container, target: &Target) -> Resul
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("dial tcp {host}:{port}: {e}"))
-        } else if probe.grpc.is_some() {
-            Err("gRPC probes are not supported yet".into())
+        } else if let Some(grpc) = &probe.grpc {
+            let port =
+                u16::try_from(grpc.port).map_err(|_| format!("invalid port {}", grpc.port))?;
+            grpc_probe(&target.pod_ip, port, grpc.service.clone(), timeout).await
         } else {
             Err("the probe has no handler".into())
         }
@@ -212,6 +214,68 @@ pub(crate) async fn http_get(
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))?;
     Ok(code)
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// The gRPC health checking protocol's `Check` (plaintext, as the kubelet's gRPC probe):
+/// `SERVING` passes.
+async fn grpc_probe(
+    host: &str,
+    port: u16,
+    service: Option<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let address = format!("{host}:{port}");
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!(
+            "timeout: failed to connect service \"{address}\" within {}s: {e}",
+            timeout.as_secs()
+        )
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| unreachable(&e))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.map_err(|e| unreachable(&e))?;
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: service.unwrap_or_default(),
+    });
+    let path = axum::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+    let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
+    match client.unary(request, path, codec).await {
+        Ok(answer) if answer.get_ref().status == 1 => Ok(()),
+        Ok(answer) => {
+            let status = match answer.get_ref().status {
+                0 => "UNKNOWN",
+                2 => "NOT_SERVING",
+                3 => "SERVICE_UNKNOWN",
+                _ => "UNKNOWN",
+            };
+            Err(format!("service unhealthy (responded with \"{status}\")"))
+        }
+        Err(status) => Err(format!(
+            "rpc error: code = {:?} desc = {}",
+            status.code(),
+            status.message()
+        )),
+    }
 }
 
 /// Runs `command` in the container through the shim; exit 0 passes.
@@ -312,5 +376,52 @@ mod tests {
         assert_eq!(http_get("127.0.0.1", port, "/", &[]).await, Ok(500));
         let refused = http_get("127.0.0.1", port, "/", &[]).await.unwrap_err();
         assert!(refused.contains("dial tcp"), "{refused}");
+    }
+
+    /// A gRPC health server on h2 answering `Check` with `status`.
+    async fn health_server(status: u8) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(socket).await.unwrap();
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        assert_eq!(request.uri().path(), "/grpc.health.v1.Health/Check");
+                        let response = axum::http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(response, false).unwrap();
+                        // One message: no compression, 2 bytes: field 1 = status.
+                        let message = bytes::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+                        send.send_data(message, false).unwrap();
+                        let mut trailers = axum::http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        send.send_trailers(trailers).unwrap();
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_speak_the_health_protocol() {
+        let serving = health_server(1).await;
+        let limit = Duration::from_secs(2);
+        assert_eq!(grpc_probe("127.0.0.1", serving, None, limit).await, Ok(()));
+        let not_serving = health_server(2).await;
+        let failed = grpc_probe("127.0.0.1", not_serving, Some("x".into()), limit)
+            .await
+            .unwrap_err();
+        assert!(failed.contains("NOT_SERVING"), "{failed}");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let failed = grpc_probe("127.0.0.1", port, None, limit)
+            .await
+            .unwrap_err();
+        assert!(failed.contains("failed to connect"), "{failed}");
     }
 }
