@@ -231,6 +231,31 @@ impl PodWorker {
         if self.lifecycle == Lifecycle::Initializing {
             for init in spec.init_containers.iter().flatten() {
                 let latest = self.latest(&init.name);
+                // A sidecar (`restartPolicy: Always`) starts in order, and the next one
+                // waits only for it to have started (its startup probe passed); it keeps
+                // running beside the main containers, restarted whenever it exits.
+                if is_sidecar(init) {
+                    match latest.as_ref().map(|a| &a.state) {
+                        None => return self.start(pod, init, 0).await,
+                        Some(ContainerState::Running(_)) => {
+                            let number = latest.as_ref().map_or(0, |a| a.number);
+                            if !self.started_and_ready(init, number).0 {
+                                let due = self.run_probes(pod).await;
+                                return Next::After(
+                                    due.unwrap_or(self.ctx.config.sync_period)
+                                        .min(self.ctx.config.sync_period),
+                                );
+                            }
+                            continue;
+                        }
+                        Some(ContainerState::Created) => {
+                            return Next::After(self.ctx.config.sync_period);
+                        }
+                        Some(ContainerState::Exited(..) | ContainerState::Lost(_)) => {
+                            return self.restart(pod, init, latest).await;
+                        }
+                    }
+                }
                 match latest.as_ref().map(|a| &a.state) {
                     Some(ContainerState::Exited(_, exited)) if exited.exit_code == 0 => continue,
                     Some(ContainerState::Running(_) | ContainerState::Created) => {
@@ -252,6 +277,31 @@ impl PodWorker {
         // Running: start what never ran, restart what exited as the policy says.
         let mut wake = self.ctx.config.sync_period;
         let mut done = Vec::new();
+        let main_done = spec.containers.iter().all(|c| {
+            self.latest(&c.name).is_some_and(|a| {
+                matches!(
+                    a.state,
+                    ContainerState::Exited(..) | ContainerState::Lost(_)
+                )
+            })
+        }) && policy != "Always";
+        for sidecar in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| is_sidecar(c))
+        {
+            let latest = self.latest(&sidecar.name);
+            if main_done {
+                continue;
+            }
+            if let Some(ContainerState::Exited(..) | ContainerState::Lost(_)) =
+                latest.as_ref().map(|a| &a.state)
+                && let Next::After(d) = self.restart(pod, sidecar, latest).await
+            {
+                wake = wake.min(d);
+            }
+        }
         for c in &spec.containers {
             let latest = self.latest(&c.name);
             match latest.as_ref().map(|a| &a.state) {
@@ -292,6 +342,22 @@ impl PodWorker {
             wake = wake.min(due);
         }
         if !spec.containers.is_empty() && done.len() == spec.containers.len() {
+            // The main containers are done: the sidecars stop (SIGTERM, as on deletion),
+            // and the pod finishes once they have.
+            let sidecars: Vec<Attempt> = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| is_sidecar(c))
+                .filter_map(|c| self.latest(&c.name))
+                .filter(|a| matches!(a.state, ContainerState::Running(_)))
+                .collect();
+            if !sidecars.is_empty() {
+                for attempt in &sidecars {
+                    let _ = container::signal(&attempt.dir, Signal::SIGTERM);
+                }
+                return Next::After(Duration::from_millis(200));
+            }
             let phase = if done.iter().all(|c| *c == 0) {
                 "Succeeded"
             } else {
@@ -311,8 +377,16 @@ impl PodWorker {
             Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
         let now = Instant::now();
         let mut next: Option<Instant> = None;
-        let live: std::collections::HashSet<(String, u32)> = spec
-            .containers
+        // Main containers and sidecars are probed alike.
+        let probed: Vec<Container> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| is_sidecar(c))
+            .chain(&spec.containers)
+            .cloned()
+            .collect();
+        let live: std::collections::HashSet<(String, u32)> = probed
             .iter()
             .filter_map(|c| {
                 let a = self.latest(&c.name)?;
@@ -321,7 +395,7 @@ impl PodWorker {
             .collect();
         self.probes
             .retain(|(name, n, _), _| live.contains(&(name.clone(), *n)));
-        for c in &spec.containers {
+        for c in &probed {
             let Some(attempt) = self.latest(&c.name) else {
                 continue;
             };
@@ -1251,7 +1325,7 @@ impl PodWorker {
                 (
                     json!({"running": {"startedAt": s.started_at}}),
                     previous.as_ref().and_then(terminated),
-                    ready && !init,
+                    ready && (!init || is_sidecar(c)),
                     started,
                 )
             }
@@ -1364,6 +1438,12 @@ impl PodWorker {
     async fn event(&self, pod: &Pod, type_: EventType, reason: &str, message: &str) {
         self.ctx.events.publish(pod, type_, reason, message).await;
     }
+}
+
+/// Whether an init container is a sidecar: `restartPolicy: Always`, it runs beside the
+/// main containers instead of before them.
+fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
 }
 
 /// A pod's ephemeral containers as containers (the fields they share; an ephemeral

@@ -968,3 +968,50 @@ fn kubectl_debug_with_an_ephemeral_container() {
         text(&out.stderr)
     );
 }
+
+/// Sidecars (init containers with `restartPolicy: Always`): the main container starts once
+/// the sidecar's startup probe passes, the sidecar runs beside it (restarted if it exits),
+/// and when the main container is done the sidecar is stopped and the pod succeeds.
+#[test]
+fn sidecar_containers_run_beside_the_main_ones() {
+    let host = Host::start("sidecar");
+    let mut pod = pod_manifest(
+        "withsidecar",
+        "Never",
+        Some(&[
+            "sh",
+            "-c",
+            "sleep 3; wget -qO- http://127.0.0.1:8080/ && exit 0; exit 1",
+        ]),
+        serde_json::json!({}),
+    );
+    pod["spec"]["initContainers"] = serde_json::json!([{
+        "name": "side",
+        "image": host::IMAGE,
+        "restartPolicy": "Always",
+        "command": ["sh", "-c", "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait"],
+        "startupProbe": {"httpGet": {"port": 8080, "path": "/"}, "periodSeconds": 1},
+    }]);
+    host.apply(&pod);
+    let running = host.wait_pod("withsidecar", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    });
+    let side = &running["status"]["initContainerStatuses"][0];
+    assert_eq!(side["name"], "side");
+    assert!(side["state"]["running"].is_object(), "{side}");
+    assert_eq!(side["started"], true, "{side}");
+    // The main container reached the sidecar, finished, and the sidecar was stopped.
+    let done = host.wait_pod("withsidecar", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    assert_eq!(
+        done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"], 0,
+        "{:#}",
+        done["status"]
+    );
+    assert!(
+        done["status"]["initContainerStatuses"][0]["state"]["terminated"].is_object(),
+        "{:#}",
+        done["status"]
+    );
+}
