@@ -15,6 +15,17 @@ pub struct Metrics {
     operation_errors: IntCounterVec,
     operation_duration: HistogramVec,
     image_pull: Histogram,
+    inflight: prometheus::IntGaugeVec,
+}
+
+/// Counts one in-flight request in `kubelet_http_inflight_requests` until dropped.
+#[derive(Debug)]
+pub struct Inflight(prometheus::IntGauge);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 const BUCKETS: &[f64] = &[
@@ -62,6 +73,14 @@ impl Metrics {
                 "kubelet_image_pull_duration_seconds",
                 "Duration in seconds to pull an image.",
             )?,
+            inflight: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "kubelet_http_inflight_requests",
+                    "Number of the HTTP requests in flight on the agent's endpoint (streams \
+                     until they end).",
+                ),
+                &["method", "path", "server_type", "long_running"],
+            )?,
         };
         registry.register(Box::new(metrics.pod_start.clone()))?;
         registry.register(Box::new(metrics.pod_worker.clone()))?;
@@ -69,6 +88,7 @@ impl Metrics {
         registry.register(Box::new(metrics.operation_errors.clone()))?;
         registry.register(Box::new(metrics.operation_duration.clone()))?;
         registry.register(Box::new(metrics.image_pull.clone()))?;
+        registry.register(Box::new(metrics.inflight.clone()))?;
         Ok(metrics)
     }
 
@@ -81,6 +101,16 @@ impl Metrics {
         self.operation_duration
             .with_label_values(&[operation])
             .observe(took.as_secs_f64());
+    }
+
+    /// A long-running request (`exec`, `attach`, `portforward`) is open until the returned
+    /// guard is dropped; `path` is its first path segment, as the kubelet labels it.
+    pub fn stream_open(&self, method: &str, path: &str) -> Inflight {
+        let gauge = self
+            .inflight
+            .with_label_values(&[method, path, "readwrite", "true"]);
+        gauge.inc();
+        Inflight(gauge)
     }
 
     /// A pod first reported Running, `took` after the agent first saw it.

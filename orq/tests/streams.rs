@@ -211,6 +211,17 @@ fn exec_scenarios(tag: &str, bin: &str) {
             .sum()
     };
     assert_eq!(streams(&host), 1.0);
+    // … and on the agent, read through the node's proxy subresource.
+    let agent_streams = |host: &Host| -> f64 {
+        host.kubectl(&["get", "--raw", "/api/v1/nodes/n1/proxy/metrics"])
+            .lines()
+            .filter(|l| {
+                l.starts_with("kubelet_http_inflight_requests{") && l.contains("path=\"exec\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(agent_streams(&host), 1.0);
     child.kill().unwrap();
     child.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -223,7 +234,7 @@ fn exec_scenarios(tag: &str, bin: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while streams(&host) != 0.0 {
+    while streams(&host) != 0.0 || agent_streams(&host) != 0.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "still counted: {:?}",

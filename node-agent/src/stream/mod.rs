@@ -250,7 +250,8 @@ pub async fn exec(
         stdin: options.stdin,
         tty: options.tty,
     };
-    serve_stream(request, spdy_protocol, options, Opener::Exec(spec)).await
+    let open = ctx.metrics.stream_open(request.method().as_str(), "exec");
+    serve_stream(request, spdy_protocol, options, Opener::Exec(spec), open).await
 }
 
 /// Serves an exec or attach stream over SPDY (when `spdy_protocol` was negotiated) or a
@@ -260,10 +261,12 @@ async fn serve_stream(
     spdy_protocol: Option<String>,
     options: ExecOptions,
     opener: Opener,
+    open: crate::metrics::Inflight,
 ) -> Response {
     if let Some(protocol) = spdy_protocol {
-        return upgrade_spdy(request, protocol, move |conn, protocol| {
-            remotecommand::relay(conn, protocol, options, opener)
+        return upgrade_spdy(request, protocol, move |conn, protocol| async move {
+            let _open = open;
+            remotecommand::relay(conn, protocol, options, opener).await;
         });
     }
     let asked = request
@@ -286,6 +289,7 @@ async fn serve_stream(
     upgrade
         .protocols(websocket::PROTOCOLS)
         .on_upgrade(move |socket| async move {
+            let _open = open;
             let protocol = socket
                 .protocol()
                 .and_then(|p| p.to_str().ok())
@@ -345,7 +349,8 @@ pub async fn attach(
         socket: bundle.join(crate::shim::ATTACH_SOCKET),
         stdin: options.stdin,
     };
-    serve_stream(request, spdy_protocol, options, opener).await
+    let open = ctx.metrics.stream_open(request.method().as_str(), "attach");
+    serve_stream(request, spdy_protocol, options, opener, open).await
 }
 
 /// `GET|POST /portforward/{namespace}/{pod}`, upgraded to SPDY or a WebSocket.
@@ -370,10 +375,17 @@ pub async fn portforward(
             Ok(p) => p,
             Err(e) => return e.into_response(),
         };
-        return upgrade_spdy(request, protocol, move |conn, _| {
-            portforward::serve_spdy(conn, target)
+        let open = ctx
+            .metrics
+            .stream_open(request.method().as_str(), "portforward");
+        return upgrade_spdy(request, protocol, move |conn, _| async move {
+            let _open = open;
+            portforward::serve_spdy(conn, target).await;
         });
     }
+    let open = ctx
+        .metrics
+        .stream_open(request.method().as_str(), "portforward");
     let upgrade = match WebSocketUpgrade::from_request(request, &()).await {
         Ok(upgrade) => upgrade.protocols(portforward::WEBSOCKET_PROTOCOLS),
         Err(rejection) => {
@@ -396,6 +408,7 @@ pub async fn portforward(
         }
     };
     upgrade.on_upgrade(move |socket| async move {
+        let _open = open;
         let protocol = socket
             .protocol()
             .and_then(|p| p.to_str().ok())
