@@ -101,6 +101,14 @@ enum Command {
     Logs(client::logs::LogsArgs),
     /// Show an object's details: metadata, state, conditions and its Events.
     Describe(client::describe::DescribeArgs),
+    /// Run a command in a Pod's container (`-i` passes stdin, `-t` a terminal); exits with
+    /// the command's code.
+    Exec(client::exec::ExecArgs),
+    /// Forward local ports to a Pod's ports until interrupted.
+    #[command(name = "port-forward")]
+    PortForward(client::exec::PortForwardArgs),
+    /// Copy files or directories into or out of a Pod's container (`tar` through exec).
+    Cp(client::exec::CpArgs),
     /// Print a shell completion script: `source <(orq completion bash)`.
     Completion {
         /// The shell.
@@ -123,6 +131,9 @@ impl Command {
                 | Command::Run(_)
                 | Command::Logs(_)
                 | Command::Describe(_)
+                | Command::Exec(_)
+                | Command::PortForward(_)
+                | Command::Cp(_)
                 | Command::Completion { .. }
         )
     }
@@ -202,7 +213,11 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(async move {
-                match command {
+                let done = match command {
+                    // The command's own exit code.
+                    Command::Exec(args) => return client::exec::run(args).await,
+                    Command::PortForward(args) => client::exec::port_forward(args).await,
+                    Command::Cp(args) => client::exec::cp(args).await,
                     Command::ClusterInfo(args) => client::info::cluster_info(args).await,
                     Command::Version(args) => client::info::version(args).await,
                     Command::Get(args) => client::get::run(args).await,
@@ -212,13 +227,21 @@ fn main() -> anyhow::Result<()> {
                     Command::Logs(args) => client::logs::run(args).await,
                     Command::Describe(args) => client::describe::run(args).await,
                     _ => Ok(()),
-                }
+                };
+                done.map(|()| 0)
             });
-        if let Err(error) = result {
-            eprintln!("error: {error:#}");
-            std::process::exit(1);
+        match result {
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                std::process::exit(1);
+            }
+            // Exit at once: a read of stdin may still be blocked in a helper thread.
+            Ok(code) => {
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::process::exit(code);
+            }
         }
-        return Ok(());
     }
     tracing_subscriber::fmt().with_env_filter(filter()).init();
     tokio::runtime::Builder::new_multi_thread()
@@ -241,6 +264,9 @@ fn main() -> anyhow::Result<()> {
                 | Command::Run(_)
                 | Command::Logs(_)
                 | Command::Describe(_)
+                | Command::Exec(_)
+                | Command::PortForward(_)
+                | Command::Cp(_)
                 | Command::Completion { .. } => Ok(()),
                 // Ran (and exited) above.
                 Command::Shim { .. } | Command::ShimExec { .. } => Ok(()),

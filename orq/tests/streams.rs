@@ -22,11 +22,17 @@ const KUBECTL_1_27: &str = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
 
 /// Runs kubectl `bin` inside the host's namespace with `input` on stdin.
 fn kubectl(host: &Host, bin: &str, args: &[&str], input: &[u8]) -> Output {
+    let kubeconfig = host.data_dir().join("kubeconfig.yaml");
+    let mut full = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+    full.extend_from_slice(args);
+    kubectl_like(host, bin, &full, input)
+}
+
+/// Runs `bin args` inside the host's namespace with `input` on stdin.
+fn kubectl_like(host: &Host, bin: &str, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
     let mut child = host
         .nsenter(bin)
-        .arg("--kubeconfig")
-        .arg(host.data_dir().join("kubeconfig.yaml"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1025,4 +1031,70 @@ fn sidecar_containers_run_beside_the_main_ones() {
         "{:#}",
         done["status"]
     );
+}
+
+/// `orq exec`, `orq cp` and `orq port-forward`: the same streams for hosts without kubectl.
+#[test]
+fn orq_exec_cp_and_port_forward() {
+    let host = Host::start("orqstreams");
+    host.apply(&pod_manifest("web", "Never", None, serde_json::json!({})));
+    host.wait_pod("web", Duration::from_secs(60), |p| phase(p) == "Running");
+    let kubeconfig = host.data_dir().join("kubeconfig.yaml");
+    let orq = |args: &[&str], input: &[u8]| {
+        let mut full = vec![args[0], "--kubeconfig", kubeconfig.to_str().unwrap()];
+        full.extend_from_slice(&args[1..]);
+        kubectl_like(&host, env!("CARGO_BIN_EXE_orq"), &full, input)
+    };
+
+    let out = orq(
+        &[
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo err >&2; exit 5",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+    let out = orq(&["exec", "-i", "web", "--", "wc", "-c"], &[b'x'; 100_000]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "100000");
+
+    let local = host.dir.path().join("orq-cp");
+    std::fs::create_dir_all(local.join("d")).unwrap();
+    std::fs::write(local.join("d/f"), "copied\n").unwrap();
+    let d = local.join("d");
+    let back = local.join("back");
+    let out = orq(&["cp", d.to_str().unwrap(), "web:/tmp/d"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = orq(&["exec", "web", "--", "cat", "/tmp/d/f"], b"");
+    assert_eq!(text(&out.stdout), "copied\n", "{}", text(&out.stderr));
+    let out = orq(&["cp", "web:/tmp/d", back.to_str().unwrap()], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(back.join("f")).unwrap(), "copied\n");
+
+    let _forward = host::Proc(
+        host.nsenter(env!("CARGO_BIN_EXE_orq"))
+            .args(["port-forward", "--kubeconfig", kubeconfig.to_str().unwrap()])
+            .args(["web", "18090:8080"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    host.wait_http("http://127.0.0.1:18090/index.html");
+    assert_eq!(
+        host.curl("http://127.0.0.1:18090/index.html").as_deref(),
+        Some("hello from orquestra\n")
+    );
+
+    // Bad input: no such pod, a command that is not there.
+    let out = orq(&["exec", "nope", "--", "true"], b"");
+    assert!(!out.status.success());
+    let out = orq(&["exec", "web", "--", "no-such-command"], b"");
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
 }

@@ -1,5 +1,6 @@
 //! Client commands: kubectl's everyday verbs (`get`, `apply`, `delete`, `run`, `logs`,
-//! `describe`, `cluster-info`, `version`) for hosts without kubectl.
+//! `describe`, `exec`, `port-forward`, `cp`, `cluster-info`, `version`) for hosts without
+//! kubectl.
 //!
 //! This module owns finding and loading the kubeconfig, resolving what the user typed as a
 //! KIND through the server's discovery documents, and turning client errors into messages
@@ -10,6 +11,7 @@
 pub mod apply;
 pub mod delete;
 pub mod describe;
+pub mod exec;
 pub mod get;
 pub mod info;
 pub mod logs;
