@@ -1,0 +1,8 @@
+//! Running containers: images pulled into a content-addressed store ([`image`], with
+//! registry credentials from [`auth`]), bundles and their OCI specs ([`container`]), and the
+//! single-threaded per-container shim around youki's libcontainer ([`shim`]).
+
+pub mod auth;
+pub mod container;
+pub mod image;
+pub mod shim;
