@@ -880,11 +880,11 @@ fn kubectl_attach_to_a_containers_stdio() {
         )
     };
     host.apply(&with_stdin("once", true, "cat; echo stdin closed"));
-    host.apply(&with_stdin(
-        "open",
-        false,
-        "read line; echo got $line; echo bye >&2",
-    ));
+    // A container name long enough to put its shim's socket path past 108 bytes.
+    let long = "a-container-name-long-enough-to-push-its-socket-path-past-108b";
+    let mut open = with_stdin("open", false, "read line; echo got $line; echo bye >&2");
+    open["spec"]["containers"][0]["name"] = serde_json::json!(long);
+    host.apply(&open);
     for name in ["once", "open"] {
         host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == "Running");
     }

@@ -253,11 +253,7 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
             (r, Some(w))
         }
     };
-    let mut attach = Attach::bind(
-        &args.bundle.join(ATTACH_SOCKET),
-        stdin_writer,
-        args.stdin == StdinMode::Once,
-    )?;
+    let mut attach = Attach::bind(&args.bundle, stdin_writer, args.stdin == StdinMode::Once);
     let started = match start(args, container_stdin, out_w, err_w) {
         Ok(started) => started,
         Err(message) => {
@@ -449,7 +445,8 @@ struct Attacher {
 /// without the container seeing an end — unless `stdinOnce`, when the first attach session
 /// to end closes it). All non-blocking, serviced from the shim's one poll loop.
 struct Attach {
-    listener: std::os::unix::net::UnixListener,
+    /// `None` when the socket could not be made (the container runs, unattachable).
+    listener: Option<std::os::unix::net::UnixListener>,
     attachers: Vec<Attacher>,
     stdin: Option<fs::File>,
     once: bool,
@@ -458,33 +455,46 @@ struct Attach {
 }
 
 impl Attach {
-    fn bind(path: &Path, stdin: Option<OwnedFd>, once: bool) -> io::Result<Attach> {
-        let _ = fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
-        if let Some(fd) = &stdin {
-            set_nonblocking(fd)?;
+    fn bind(bundle: &Path, stdin: Option<OwnedFd>, once: bool) -> Attach {
+        let listener = match socket_path(bundle, |path| {
+            let _ = fs::remove_file(path);
+            std::os::unix::net::UnixListener::bind(path)
+        })
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("shim: the attach socket: {e}; the container cannot be attached to");
+                None
+            }
+        };
+        if let Some(fd) = &stdin
+            && let Err(e) = set_nonblocking(fd)
+        {
+            eprintln!("shim: the stdin pipe: {e}");
         }
-        Ok(Attach {
+        Attach {
             listener,
             attachers: Vec::new(),
             stdin: stdin.map(fs::File::from),
             once,
             pending: Vec::new(),
             close_stdin: false,
-        })
+        }
     }
 
     /// What to poll for input: the listener and the attachers.
     fn readable(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
-        std::iter::once(self.listener.as_fd())
+        self.listener
+            .iter()
+            .map(|l| l.as_fd())
             .chain(self.attachers.iter().map(|a| a.stream.as_fd()))
             .collect()
     }
 
     /// Accepts, reads attachers' frames, feeds stdin, flushes output; drops the gone.
     fn service(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        while let Some(Ok((stream, _))) = self.listener.as_ref().map(|l| l.accept()) {
             if stream.set_nonblocking(true).is_ok() {
                 self.attachers.push(Attacher {
                     stream,
@@ -593,6 +603,16 @@ impl Attach {
         }
         self.attachers.clear();
     }
+}
+
+/// Runs `f` on the path of `bundle`'s attach socket, named through `/proc/self/fd` so that
+/// a deep bundle directory does not exceed a socket path's 108 bytes.
+pub fn socket_path<T>(bundle: &Path, f: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    let dir = fs::File::open(bundle)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}/{ATTACH_SOCKET}", dir.as_raw_fd()));
+    let result = f(&short);
+    drop(dir);
+    result
 }
 
 /// Writes what an attacher can take now.

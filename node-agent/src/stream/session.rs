@@ -325,7 +325,12 @@ impl Session {
     pub async fn attach(socket: &std::path::Path, stdin: bool) -> std::io::Result<Session> {
         use crate::shim::{ATTACH_STDERR, ATTACH_STDIN, ATTACH_STDIN_END, ATTACH_STDOUT};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let stream = tokio::net::UnixStream::connect(socket).await?;
+        // Connected through /proc/self/fd: a deep bundle's path is longer than a socket's.
+        let stream = crate::shim::socket_path(socket.parent().unwrap_or(socket), |path| {
+            std::os::unix::net::UnixStream::connect(path)
+        })?;
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(stream)?;
         let (mut from_shim, mut to_shim) = stream.into_split();
         let (stdout_w, stdout_r) = tokio::io::duplex(64 * 1024);
         let (stderr_w, stderr_r) = tokio::io::duplex(64 * 1024);
