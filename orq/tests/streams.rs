@@ -166,6 +166,13 @@ fn exec_scenarios(tag: &str, bin: &str) {
     // not running.
     let out = k(&["exec", "sh", "--", "no-such-command"], b"");
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    let out = k(&["exec", "sh", "--", "/etc/passwd"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "not executable: {}",
+        text(&out.stderr)
+    );
     let out = k(&["exec", "sh", "-c", "nope", "--", "true"], b"");
     assert!(!out.status.success());
     assert!(
