@@ -970,6 +970,27 @@ fn kubectl_debug_with_an_ephemeral_container() {
     );
     assert_eq!(phase(&pod), "Running", "the pod runs on");
 
+    // `debug -it`: the ephemeral container runs on a terminal the client attaches to
+    // (`script` gives kubectl one, fed what is "typed").
+    let script = format!(
+        "{KUBECTL_1_33} --kubeconfig {} debug -it target --image {} --container tty -- \
+         sh -c 'read x; tty; echo got $x'",
+        host.data_dir().join("kubeconfig.yaml").display(),
+        host::IMAGE
+    );
+    let out = kubectl_like(
+        &host,
+        "script",
+        &["-qefc", &script, "/dev/null"],
+        b"hello\n",
+    );
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("/dev/pts/") && shown.contains("got hello"),
+        "{shown}\n{}",
+        text(&out.stderr)
+    );
+
     // Ephemeral containers stay: removing one is refused.
     let out = kubectl(
         &host,

@@ -717,7 +717,7 @@ impl PodWorker {
         };
         let started = ctx
             .runtime
-            .start(&id, &attempt_dir, &spec, &log, stdin)
+            .start(&id, &attempt_dir, &spec, &log, stdin, c.tty == Some(true))
             .await;
         ctx.metrics
             .runtime_operation("start_container", op.elapsed(), started.is_err());
@@ -1037,7 +1037,16 @@ impl PodWorker {
         let caps = sc.and_then(|s| s.capabilities.as_ref());
         Ok(ContainerConfig {
             args,
-            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                // What terminal programs expect, as container runtimes set it for a TTY
+                // (unless the image or the pod set it).
+                .chain(
+                    (c.tty == Some(true) && !env.iter().any(|(k, _)| k == "TERM"))
+                        .then(|| "TERM=xterm".to_owned()),
+                )
+                .collect(),
             cwd: c
                 .working_dir
                 .clone()
@@ -1061,6 +1070,7 @@ impl PodWorker {
             read_only_rootfs: sc
                 .and_then(|s| s.read_only_root_filesystem)
                 .unwrap_or(false),
+            tty: c.tty == Some(true),
         })
     }
 

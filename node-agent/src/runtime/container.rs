@@ -92,6 +92,8 @@ pub struct ContainerConfig {
     pub cap_drop: Vec<String>,
     /// `readOnlyRootFilesystem`.
     pub read_only_rootfs: bool,
+    /// The process runs on a terminal (`tty`).
+    pub tty: bool,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -261,7 +263,7 @@ impl ContainerConfig {
             "root": {"path": rootfs, "readonly": self.read_only_rootfs},
             "mounts": mounts,
             "process": {
-                "terminal": false,
+                "terminal": self.tty,
                 "user": {"uid": self.uid, "gid": self.gid, "additionalGids": self.additional_gids},
                 "args": self.args,
                 "env": self.env,
@@ -347,6 +349,7 @@ impl Runtime {
         spec: &Value,
         log: &Path,
         stdin: crate::shim::StdinMode,
+        tty: bool,
     ) -> Result<Started, String> {
         fs::create_dir_all(bundle).map_err(|e| e.to_string())?;
         fs::create_dir_all(&self.state_root).map_err(|e| e.to_string())?;
@@ -365,6 +368,7 @@ impl Runtime {
             log: log.to_owned(),
             log_max_bytes: 10 << 20,
             stdin,
+            tty,
         };
         let (program, prefix) = self
             .shim

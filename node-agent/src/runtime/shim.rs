@@ -76,6 +76,8 @@ pub struct ShimArgs {
     pub log_max_bytes: u64,
     /// The container's stdin (its `stdin`/`stdinOnce`).
     pub stdin: StdinMode,
+    /// The container's process runs on a terminal (its `tty`): one output stream, resizable.
+    pub tty: bool,
 }
 
 /// A container's stdin, as its spec asks.
@@ -116,6 +118,8 @@ impl ShimArgs {
             self.log_max_bytes.to_string().into(),
             "--stdin".into(),
             self.stdin.as_str().into(),
+            "--tty".into(),
+            self.tty.to_string().into(),
         ]
     }
 
@@ -124,6 +128,7 @@ impl ShimArgs {
         let mut args = args.into_iter();
         let (mut id, mut bundle, mut root, mut log, mut max) = (None, None, None, None, None);
         let mut stdin = StdinMode::Null;
+        let mut tty = false;
         while let Some(flag) = args.next() {
             let value = args
                 .next()
@@ -136,6 +141,7 @@ impl ShimArgs {
                 Some("--log-max-bytes") => {
                     max = value.to_str().and_then(|v| v.parse().ok());
                 }
+                Some("--tty") => tty = value.to_str() == Some("true"),
                 Some("--stdin") => {
                     stdin = match value.to_str() {
                         Some("null") => StdinMode::Null,
@@ -154,6 +160,7 @@ impl ShimArgs {
             log: log.ok_or("--log is required")?,
             log_max_bytes: max.unwrap_or(10 << 20),
             stdin,
+            tty,
         })
     }
 }
@@ -253,8 +260,44 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
             (r, Some(w))
         }
     };
+    // A terminal: libcontainer makes it in the container and sends its master to a console
+    // socket of ours (a short path: a socket's is at most 108 bytes).
+    let console = if args.tty {
+        let path = std::env::temp_dir().join(format!("orq-console-{}.sock", std::process::id()));
+        let _ = fs::remove_file(&path);
+        Some((std::os::unix::net::UnixListener::bind(&path)?, path))
+    } else {
+        None
+    };
+    let console_path = console.as_ref().map(|(_, p)| p.clone());
+    let started = start(args, container_stdin, out_w, err_w, console_path.as_deref());
+    let master = match (&console, &started) {
+        (Some((listener, path)), Ok(_)) => {
+            let master = receive_master(listener);
+            let _ = fs::remove_file(path);
+            match master {
+                Ok(master) => Some(master),
+                Err(e) => {
+                    let _ = write!(report, "err the container's terminal: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        (Some((_, path)), Err(_)) => {
+            let _ = fs::remove_file(path);
+            None
+        }
+        _ => None,
+    };
+    // With a terminal, what attachers type goes to its master; the container's stdin is it.
+    let stdin_writer = match &master {
+        Some(master) if args.stdin != StdinMode::Null => Some(master.try_clone()?),
+        Some(_) => None,
+        None => stdin_writer,
+    };
     let mut attach = Attach::bind(&args.bundle, stdin_writer, args.stdin == StdinMode::Once);
-    let started = match start(args, container_stdin, out_w, err_w) {
+    attach.terminal = master.as_ref().map(|m| m.try_clone()).transpose()?;
+    let started = match started {
         Ok(started) => started,
         Err(message) => {
             let _ = write!(report, "err {message}");
@@ -270,7 +313,12 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
 
     let mut writer = LogWriter::open(&args.log, args.log_max_bytes)?;
     let pid = Pid::from_raw(started.pid);
-    let status = copy_until_exit(pid, [out_r, err_r], &mut writer, &mut attach)?;
+    // On a terminal the container's output is one stream, read from the master.
+    let outputs = match master {
+        Some(master) => vec![(master, 0)],
+        None => vec![(out_r, 0), (err_r, 1)],
+    };
+    let status = copy_until_exit(pid, outputs, &mut writer, &mut attach)?;
     attach.finish();
     let oom_killed = oom_kills(&args.bundle) > 0;
     let (exit_code, signal) = match status {
@@ -302,7 +350,13 @@ fn child(args: &ShimArgs, report: OwnedFd) -> io::Result<()> {
 }
 
 /// Creates and starts the container; the error is a message for the pod's status.
-fn start(args: &ShimArgs, stdin: OwnedFd, out: OwnedFd, err: OwnedFd) -> Result<Started, String> {
+fn start(
+    args: &ShimArgs,
+    stdin: OwnedFd,
+    out: OwnedFd,
+    err: OwnedFd,
+    console_socket: Option<&Path>,
+) -> Result<Started, String> {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
     let mut container = ContainerBuilder::new(args.id.clone(), SyscallType::Linux)
@@ -311,6 +365,7 @@ fn start(args: &ShimArgs, stdin: OwnedFd, out: OwnedFd, err: OwnedFd) -> Result<
         .with_stdin(stdin)
         .with_stdout(out)
         .with_stderr(err)
+        .with_console_socket(console_socket)
         .validate_id()
         .map_err(|e| e.to_string())?
         .as_init(&args.bundle)
@@ -339,14 +394,16 @@ fn start(args: &ShimArgs, stdin: OwnedFd, out: OwnedFd, err: OwnedFd) -> Result<
 /// pipes drain), then returns how it exited.
 fn copy_until_exit(
     pid: Pid,
-    pipes: [OwnedFd; 2],
+    outputs: Vec<(OwnedFd, usize)>,
     log: &mut LogWriter,
     attach: &mut Attach,
 ) -> io::Result<WaitStatus> {
-    for fd in &pipes {
+    for (fd, _) in &outputs {
         set_nonblocking(fd)?;
     }
-    let mut open = [true, true];
+    let pipes: Vec<&OwnedFd> = outputs.iter().map(|(fd, _)| fd).collect();
+    let streams: Vec<usize> = outputs.iter().map(|(_, s)| *s).collect();
+    let mut open = vec![true; pipes.len()];
     let mut status = None;
     let mut drain_deadline = None;
     let mut buf = vec![0u8; 64 * 1024];
@@ -378,7 +435,7 @@ fn copy_until_exit(
         }
         let mut fds: Vec<PollFd> = pipes
             .iter()
-            .zip(open)
+            .zip(open.iter().copied())
             .filter(|(_, o)| *o)
             .map(|(fd, _)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
             .chain(
@@ -402,11 +459,16 @@ fn copy_until_exit(
                         break;
                     }
                     Ok(n) => {
-                        log.write(i, &buf[..n])?;
-                        attach.broadcast(i as u8 + 1, &buf[..n]);
+                        log.write(streams[i], &buf[..n])?;
+                        attach.broadcast(streams[i] as u8 + 1, &buf[..n]);
                     }
                     Err(nix::errno::Errno::EAGAIN) => break,
                     Err(nix::errno::Errno::EINTR) => continue,
+                    // A terminal's master reads EIO once the container's side is gone.
+                    Err(nix::errno::Errno::EIO) => {
+                        open[i] = false;
+                        break;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -428,6 +490,8 @@ pub const ATTACH_STDERR: u8 = 2;
 pub const ATTACH_STDIN: u8 = 0;
 /// See [`ATTACH_STDOUT`].
 pub const ATTACH_STDIN_END: u8 = 3;
+/// A terminal's new size: width and height, big-endian `u16`s.
+pub const ATTACH_RESIZE: u8 = 4;
 /// An attacher that falls this far behind the container's output is dropped.
 const ATTACH_BACKLOG: usize = 4 << 20;
 
@@ -452,6 +516,8 @@ struct Attach {
     once: bool,
     pending: Vec<u8>,
     close_stdin: bool,
+    /// The container's terminal, resized by [`ATTACH_RESIZE`] frames.
+    terminal: Option<OwnedFd>,
 }
 
 impl Attach {
@@ -480,6 +546,7 @@ impl Attach {
             once,
             pending: Vec::new(),
             close_stdin: false,
+            terminal: None,
         }
     }
 
@@ -542,6 +609,21 @@ impl Attach {
                 if kind == ATTACH_STDIN_END && self.once {
                     self.close_stdin = true;
                 }
+                if kind == ATTACH_RESIZE
+                    && len == 4
+                    && let Some(terminal) = &self.terminal
+                {
+                    let size = libc::winsize {
+                        ws_col: u16::from_be_bytes([a.input[5], a.input[6]]),
+                        ws_row: u16::from_be_bytes([a.input[7], a.input[8]]),
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+                    unsafe {
+                        libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ as _, &size);
+                    }
+                }
                 a.input.drain(..5 + len);
             }
             if a.gone && a.sent_stdin && self.once {
@@ -603,6 +685,44 @@ impl Attach {
         }
         self.attachers.clear();
     }
+}
+
+/// The terminal master libcontainer sends on the console socket (`SCM_RIGHTS`), waiting at
+/// most 10 s for it.
+fn receive_master(listener: &std::os::unix::net::UnixListener) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd as _;
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 256];
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let message = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    for cmsg in message.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg
+            && let Some(fd) = fds.first()
+        {
+            // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(*fd) });
+        }
+    }
+    Err(io::Error::other("the console socket sent no terminal"))
 }
 
 /// Runs `f` on the path of `bundle`'s attach socket, named through `/proc/self/fd` so that
@@ -907,11 +1027,13 @@ mod tests {
             log: "/l".into(),
             log_max_bytes: 5,
             stdin: StdinMode::Once,
+            tty: true,
         };
         let parsed = ShimArgs::parse(args.to_args()).unwrap();
         assert_eq!(parsed.id, "abc");
         assert_eq!(parsed.log_max_bytes, 5);
         assert_eq!(parsed.stdin, StdinMode::Once);
+        assert!(parsed.tty);
         assert!(ShimArgs::parse(vec!["--bogus".into(), "x".into()]).is_err());
     }
 

@@ -327,12 +327,6 @@ pub async fn attach(
         Ok(options) => options,
         Err(e) => return e.into_response(),
     };
-    if options.tty {
-        return StreamError::BadRequest(format!(
-            "container {container} did not allocate a TTY: attach without one"
-        ))
-        .into_response();
-    }
     let spdy_protocol = if wants_spdy(request.headers()) {
         match negotiate(request.headers(), &remotecommand::PROTOCOLS) {
             Ok(p) => Some(p),

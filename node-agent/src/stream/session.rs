@@ -117,22 +117,38 @@ async fn receive_fd(stream: tokio::net::UnixStream) -> std::io::Result<OwnedFd> 
     }
 }
 
-/// Resizes a session's terminal.
+/// Resizes a session's terminal: an exec's pseudo-terminal directly, an attached
+/// container's through its shim.
 #[derive(Debug)]
-pub struct Resizer(OwnedFd);
+pub enum Resizer {
+    /// The terminal's master.
+    Terminal(OwnedFd),
+    /// Frames to the shim's attach socket.
+    Shim(tokio::sync::mpsc::UnboundedSender<Vec<u8>>),
+}
 
 impl Resizer {
     /// Sets the terminal's size.
     pub fn resize(&self, size: TerminalSize) {
-        let size = libc::winsize {
-            ws_row: size.height,
-            ws_col: size.width,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-        unsafe {
-            libc::ioctl(self.0.as_raw_fd(), libc::TIOCSWINSZ as _, &size);
+        match self {
+            Resizer::Terminal(fd) => {
+                let size = libc::winsize {
+                    ws_row: size.height,
+                    ws_col: size.width,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+                unsafe {
+                    libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ as _, &size);
+                }
+            }
+            Resizer::Shim(frames) => {
+                let mut frame = vec![crate::shim::ATTACH_RESIZE, 0, 0, 0, 4];
+                frame.extend_from_slice(&size.width.to_be_bytes());
+                frame.extend_from_slice(&size.height.to_be_bytes());
+                let _ = frames.send(frame);
+            }
         }
     }
 }
@@ -154,6 +170,8 @@ pub struct Session {
     pub stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
     /// The terminal, for resizing.
     terminal: Option<OwnedFd>,
+    /// An attach session's frames to the shim (resizes).
+    to_shim: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
     /// The exit code, if the helper has already exited.
     exited: Option<i32>,
 }
@@ -216,6 +234,7 @@ impl Session {
                 stdout,
                 stderr,
                 terminal: None,
+                to_shim: None,
                 exited: None,
             });
         }
@@ -254,6 +273,7 @@ impl Session {
                 stdout: messages,
                 stderr: None,
                 terminal: None,
+                to_shim: None,
                 exited,
             });
         };
@@ -267,14 +287,18 @@ impl Session {
             stdout: Some(Box::new(reader)),
             stderr: messages,
             terminal: Some(OwnedFd::from(master)),
+            to_shim: None,
             exited,
         })
     }
 
     /// A handle that resizes the terminal (none without a TTY).
     pub fn resizer(&self) -> Option<Resizer> {
+        if let Some(frames) = &self.to_shim {
+            return Some(Resizer::Shim(frames.clone()));
+        }
         let fd = self.terminal.as_ref()?.try_clone().ok()?;
-        Some(Resizer(fd))
+        Some(Resizer::Terminal(fd))
     }
 
     /// Waits for the command; its exit code (128 + the signal if one killed it). An attach
@@ -353,9 +377,21 @@ impl Session {
             }
             let _ = ended_tx.send(());
         });
-        let mut tasks = vec![output];
+        // Everything sent to the shim goes through one writer: stdin and resizes.
+        let (frames, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = outgoing.recv().await {
+                if to_shim.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            // Keep the connection open: closing it would end a `stdinOnce` stdin again.
+            std::future::pending::<()>().await;
+        });
+        let mut tasks = vec![output, writer];
         let stdin_writer = if stdin {
             let (writer, mut reader) = tokio::io::duplex(64 * 1024);
+            let frames = frames.clone();
             tasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 32 * 1024];
                 loop {
@@ -367,19 +403,13 @@ impl Session {
                     frame.push(kind);
                     frame.extend_from_slice(&(n as u32).to_be_bytes());
                     frame.extend_from_slice(&buf[..n]);
-                    if to_shim.write_all(&frame).await.is_err() || kind == ATTACH_STDIN_END {
+                    if frames.send(frame).is_err() || kind == ATTACH_STDIN_END {
                         break;
                     }
                 }
-                // Keep the connection open: closing it would end a `stdinOnce` stdin again.
-                std::future::pending::<()>().await;
             }));
             Some(Box::new(writer) as Box<dyn AsyncWrite + Send + Unpin>)
         } else {
-            tasks.push(tokio::spawn(async move {
-                let _keep = to_shim;
-                std::future::pending::<()>().await;
-            }));
             None
         };
         Ok(Session {
@@ -389,6 +419,7 @@ impl Session {
             stdout: Some(Box::new(stdout_r)),
             stderr: Some(Box::new(stderr_r)),
             terminal: None,
+            to_shim: Some(frames),
             exited: None,
         })
     }
