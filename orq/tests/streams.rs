@@ -970,6 +970,34 @@ fn kubectl_debug_with_an_ephemeral_container() {
     );
     assert_eq!(phase(&pod), "Running", "the pod runs on");
 
+    // `--target`: the ephemeral container sees the target container's processes.
+    let out = kubectl(
+        &host,
+        KUBECTL_1_33,
+        &[
+            "debug",
+            "target",
+            "-i",
+            "--image",
+            host::IMAGE,
+            "--container",
+            "peek",
+            "--target",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "read x; ps",
+        ],
+        b"go\n",
+    );
+    assert!(
+        text(&out.stdout).contains("sleep 3600"),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
     // `debug -it`: the ephemeral container runs on a terminal the client attaches to
     // (`script` gives kubectl one, fed what is "typed").
     let script = format!(

@@ -780,6 +780,26 @@ impl PodWorker {
         }
     }
 
+    /// For an ephemeral container with a `targetContainerName` (`kubectl debug --target`),
+    /// the running target's PID namespace, which it joins to see the target's processes.
+    fn target_pid_namespace(&self, pod: &Pod, name: &str) -> Option<PathBuf> {
+        let target = pod
+            .spec
+            .as_ref()?
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)?
+            .target_container_name
+            .clone()?;
+        match self.latest(&target)?.state {
+            ContainerState::Running(started) => {
+                Some(PathBuf::from(format!("/proc/{}/ns/pid", started.pid)))
+            }
+            _ => None,
+        }
+    }
+
     /// Where `c`'s hooks (and probes) reach it.
     fn hook_target(&self, c: &Container, attempt: u32) -> probe::Target {
         probe::Target {
@@ -1071,6 +1091,7 @@ impl PodWorker {
                 .and_then(|s| s.read_only_root_filesystem)
                 .unwrap_or(false),
             tty: c.tty == Some(true),
+            pid_namespace: self.target_pid_namespace(pod, &c.name),
         })
     }
 

@@ -94,6 +94,8 @@ pub struct ContainerConfig {
     pub read_only_rootfs: bool,
     /// The process runs on a terminal (`tty`).
     pub tty: bool,
+    /// Join this PID namespace (an ephemeral container's target's) instead of a new one.
+    pub pid_namespace: Option<PathBuf>,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -174,8 +176,12 @@ impl ContainerConfig {
     /// The OCI runtime spec (`config.json`) for a bundle whose root filesystem is `rootfs`.
     pub fn oci_spec(&self, rootfs: &Path) -> Value {
         let caps = self.capabilities();
+        let pid = match &self.pid_namespace {
+            Some(path) => json!({"type": "pid", "path": path}),
+            None => json!({"type": "pid"}),
+        };
         let mut namespaces = vec![
-            json!({"type": "pid"}),
+            pid,
             json!({"type": "ipc"}),
             json!({"type": "mount"}),
             json!({"type": "cgroup"}),
