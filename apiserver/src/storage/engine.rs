@@ -1209,7 +1209,7 @@ fn merge_ephemeral_containers(old: &Value, body: &Value) -> Result<Value, ApiErr
                     "existing ephemeral containers \"{name}\" may not be removed"
                 )));
             }
-            Some(now) if now != existing => {
+            Some(now) if essence(now) != essence(existing) => {
                 return Err(invalid(format!(
                     "existing ephemeral containers \"{name}\" may not be changed"
                 )));
@@ -1238,6 +1238,47 @@ fn merge_ephemeral_containers(old: &Value, body: &Value) -> Result<Value, ApiErr
     let mut new = old.clone();
     new["spec"]["ephemeralContainers"] = Value::Array(after);
     Ok(new)
+}
+
+/// What of an ephemeral container may not change, with empty values dropped: a client's
+/// round trip adds defaults and empty structs (`resources: {}`) that change nothing.
+fn essence(container: &Value) -> Value {
+    fn prune(v: &Value) -> Option<Value> {
+        match v {
+            Value::Null => None,
+            Value::Object(o) => {
+                let kept: serde_json::Map<String, Value> = o
+                    .iter()
+                    .filter_map(|(k, v)| prune(v).map(|v| (k.clone(), v)))
+                    .collect();
+                (!kept.is_empty()).then_some(Value::Object(kept))
+            }
+            Value::Array(a) if a.is_empty() => None,
+            Value::Array(a) => Some(Value::Array(a.iter().filter_map(prune).collect())),
+            Value::Bool(false) => None,
+            other => Some(other.clone()),
+        }
+    }
+    let fields = [
+        "name",
+        "image",
+        "command",
+        "args",
+        "env",
+        "envFrom",
+        "workingDir",
+        "volumeMounts",
+        "stdin",
+        "stdinOnce",
+        "tty",
+        "targetContainerName",
+        "securityContext",
+    ];
+    let picked: serde_json::Map<String, Value> = fields
+        .iter()
+        .filter_map(|f| prune(container.get(*f)?).map(|v| ((*f).to_owned(), v)))
+        .collect();
+    Value::Object(picked)
 }
 
 /// Whether `def` is the Namespace resource.
@@ -1396,4 +1437,44 @@ fn pod_grace_period(
                 .unwrap_or(30)
         })
         .max(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_containers_are_added_never_changed_or_removed() {
+        let old = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "main", "image": "i"}],
+            "ephemeralContainers": [{"name": "dbg", "image": "busybox", "command": ["sh"]}],
+        }});
+        // A client's round trip adds empty structs and false flags: not a change.
+        let body = json!({"spec": {"ephemeralContainers": [
+            {"name": "dbg", "image": "busybox", "command": ["sh"], "resources": {},
+             "stdin": false, "terminationMessagePolicy": "File"},
+            {"name": "dbg2", "image": "busybox"},
+        ]}});
+        let new = merge_ephemeral_containers(&old, &body).unwrap();
+        assert_eq!(
+            new["spec"]["ephemeralContainers"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(new["spec"]["containers"], old["spec"]["containers"]);
+
+        let changed = json!({"spec": {"ephemeralContainers": [
+            {"name": "dbg", "image": "alpine", "command": ["sh"]},
+        ]}});
+        let e = merge_ephemeral_containers(&old, &changed).unwrap_err();
+        assert!(e.to_string().contains("may not be changed"), "{e}");
+        let removed = json!({"spec": {"ephemeralContainers": []}});
+        let e = merge_ephemeral_containers(&old, &removed).unwrap_err();
+        assert!(e.to_string().contains("may not be removed"), "{e}");
+        let clash = json!({"spec": {"ephemeralContainers": [
+            {"name": "dbg", "image": "busybox", "command": ["sh"]},
+            {"name": "main", "image": "busybox"},
+        ]}});
+        let e = merge_ephemeral_containers(&old, &clash).unwrap_err();
+        assert!(e.to_string().contains("Duplicate value"), "{e}");
+    }
 }
