@@ -542,6 +542,45 @@ fn kubectl_proxy_reaches_pods_services_and_nodes() {
     let (code, message) = status(&format!("{base}/namespaces/default/pods/ftp:web:21/proxy/"));
     assert_eq!(code, 400, "{message}");
 
+    // Upgrades pass through a proxy too: the conformance "remote command execution over
+    // websockets" exchange (`channel.k8s.io`, output on channel 1), through a `kubectl
+    // proxy` that lets exec through.
+    let exec_proxy = host::Proc(
+        host.nsenter(KUBECTL_1_33)
+            .arg("--kubeconfig")
+            .arg(host.data_dir().join("kubeconfig.yaml"))
+            .args(["proxy", "--port=8002", "--reject-paths=^/nothing$"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    host.wait_http("http://127.0.0.1:8002/api");
+    let output = in_host(&host, async || {
+        use futures::StreamExt as _;
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+        let url = "ws://127.0.0.1:8002/api/v1/namespaces/default/pods/web/exec?\
+                   command=echo&command=remote+execution+test&stdout=1&stderr=1&container=main";
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "channel.k8s.io".parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut stdout = Vec::new();
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Binary(data) if data.first() == Some(&1) => {
+                    stdout.extend_from_slice(&data[1..])
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        String::from_utf8(stdout).unwrap()
+    });
+    assert_eq!(output, "remote execution test\n");
+    drop(exec_proxy);
+
     drop(proxy);
 }
 
