@@ -9,9 +9,11 @@ set -euo pipefail
 # iproute2 and nftables (pod networking), and for its end-to-end tests a registry
 # (docker-registry), image tools (umoci builds, skopeo pushes), busybox-static (the test
 # image's userland), curl, runc (the baseline of the runtime benchmark) and wrk (the
-# service proxy benchmark's load).
+# service proxy benchmark's load), libseccomp-dev and pkg-config (libcontainer links
+# libseccomp for containers' seccomp profiles).
 packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus iproute2 nftables
-  docker-registry umoci skopeo busybox-static curl runc util-linux wrk binutils)
+  docker-registry umoci skopeo busybox-static curl runc util-linux wrk binutils libseccomp-dev
+  pkg-config)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1541,3 +1541,86 @@ fn namespaces_churn_while_pods_start_in_them() {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// Seccomp: `RuntimeDefault` filters (the process is in seccomp filter mode and `unshare`
+/// fails with EPERM), `Unconfined` does not, a `Localhost` profile comes from the agent's
+/// `seccomp/` directory, and a missing one is the pod's `CreateContainerConfigError`.
+#[test]
+fn seccomp_profiles_filter_system_calls() {
+    let host = Host::start("seccomp");
+    let script = "grep -E 'Seccomp:|NoNewPrivs:' /proc/self/status; \
+                  unshare -U true && echo unshare=ok || echo unshare=refused";
+    let with_profile = |name: &str, profile: Value| {
+        let mut pod = pod_manifest(
+            name,
+            "Never",
+            Some(&["sh", "-c", script]),
+            serde_json::json!({}),
+        );
+        pod["spec"]["securityContext"] = serde_json::json!({"seccompProfile": profile});
+        pod
+    };
+    let profiles = host.data_dir().join("agent/seccomp/profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    std::fs::write(
+        profiles.join("no-unshare.json"),
+        r#"{"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["unshare"], "action": "SCMP_ACT_ERRNO"}]}"#,
+    )
+    .unwrap();
+    host.apply(&with_profile(
+        "default",
+        serde_json::json!({"type": "RuntimeDefault"}),
+    ));
+    host.apply(&with_profile(
+        "unconfined",
+        serde_json::json!({"type": "Unconfined"}),
+    ));
+    // allowPrivilegeEscalation: false too (the restricted pod security level's pair).
+    let mut restricted = with_profile("restricted", serde_json::json!({"type": "RuntimeDefault"}));
+    restricted["spec"]["containers"][0]["securityContext"] =
+        serde_json::json!({"allowPrivilegeEscalation": false});
+    host.apply(&restricted);
+    host.apply(&with_profile(
+        "local",
+        serde_json::json!({"type": "Localhost", "localhostProfile": "profiles/no-unshare.json"}),
+    ));
+    host.apply(&with_profile(
+        "missing",
+        serde_json::json!({"type": "Localhost", "localhostProfile": "profiles/nope.json"}),
+    ));
+    let logs = |name: &str| {
+        host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == "Succeeded");
+        host.kubectl(&["logs", name])
+    };
+    let out = logs("default");
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("unshare=refused"),
+        "{out}"
+    );
+    assert!(out.contains("NoNewPrivs:\t0"), "{out}");
+    let out = logs("restricted");
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("unshare=refused"),
+        "{out}"
+    );
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    let out = logs("unconfined");
+    assert!(
+        out.contains("Seccomp:\t0") && out.contains("unshare=ok"),
+        "{out}"
+    );
+    let out = logs("local");
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("unshare=refused"),
+        "{out}"
+    );
+    let pod = host.wait_pod("missing", Duration::from_secs(60), |p| {
+        state(p)["waiting"]["reason"] == "CreateContainerConfigError"
+    });
+    let message = state(&pod)["waiting"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("nope.json"), "{message}");
+}

@@ -1006,7 +1006,7 @@ impl PodWorker {
                 Some(resolve::volumes(&sources, pod, &self.dir, &pod_ip, &host_ip).await?);
         }
         let volumes = self.volumes.clone().unwrap_or_default();
-        resolve::check_seccomp(pod, c)?;
+        let seccomp = resolve::seccomp(pod, c, &self.ctx.config.data_dir.join("seccomp"))?;
         let env = resolve::env(
             &sources,
             pod,
@@ -1092,6 +1092,8 @@ impl PodWorker {
                 .unwrap_or(false),
             tty: c.tty == Some(true),
             pid_namespace: self.target_pid_namespace(pod, &c.name),
+            seccomp,
+            no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
         })
     }
 

@@ -424,24 +424,36 @@ fn lookup_by_uid(passwd: &str, uid: u32) -> Option<u32> {
     })
 }
 
-/// Refuses seccomp profiles: this build of libcontainer has no libseccomp, and running a
-/// container that asked for a profile without one would be a silent downgrade.
-pub fn check_seccomp(pod: &Pod, container: &Container) -> Result<(), ConfigError> {
-    let profile = container
-        .security_context
+/// The seccomp filter of `container` (its `seccompProfile`, else the pod's): none for
+/// `Unconfined`, none given, or a privileged container; the runtime's default; or a
+/// `Localhost` profile from `profiles` (the agent's `seccomp/` directory).
+pub fn seccomp(
+    pod: &Pod,
+    container: &Container,
+    profiles: &std::path::Path,
+) -> Result<Option<serde_json::Value>, ConfigError> {
+    let sc = container.security_context.as_ref();
+    if sc.and_then(|s| s.privileged) == Some(true) {
+        return Ok(None);
+    }
+    let profile = sc.and_then(|c| c.seccomp_profile.as_ref()).or(pod
+        .spec
         .as_ref()
-        .and_then(|c| c.seccomp_profile.as_ref())
-        .or(pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.security_context.as_ref())
-            .and_then(|s| s.seccomp_profile.as_ref()));
-    match profile.map(|p| p.type_.as_str()) {
-        None | Some("Unconfined") => Ok(()),
-        Some(other) => Err(err(format!(
-            "seccompProfile {other} is not supported on this node (its runtime is built without \
-             libseccomp); use Unconfined or run the pod elsewhere"
-        ))),
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.seccomp_profile.as_ref()));
+    let Some(profile) = profile else {
+        return Ok(None);
+    };
+    match profile.type_.as_str() {
+        "Unconfined" => Ok(None),
+        "RuntimeDefault" => Ok(Some(crate::runtime::seccomp::runtime_default())),
+        "Localhost" => {
+            let relative = profile.localhost_profile.as_deref().unwrap_or("");
+            crate::runtime::seccomp::localhost(profiles, relative)
+                .map(Some)
+                .map_err(err)
+        }
+        other => Err(err(format!("unknown seccompProfile type {other:?}"))),
     }
 }
 

@@ -96,6 +96,10 @@ pub struct ContainerConfig {
     pub tty: bool,
     /// Join this PID namespace (an ephemeral container's target's) instead of a new one.
     pub pid_namespace: Option<PathBuf>,
+    /// The seccomp filter (`linux.seccomp`), if any.
+    pub seccomp: Option<Value>,
+    /// `allowPrivilegeEscalation: false`: the process cannot gain privileges (setuid).
+    pub no_new_privileges: bool,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -277,10 +281,17 @@ impl ContainerConfig {
                 "capabilities": {
                     "bounding": caps, "effective": caps, "permitted": caps,
                 },
-                "noNewPrivileges": false,
+                // `noNewPrivileges` is left out rather than false: libcontainer loads a
+                // seccomp filter while still privileged only when the key is absent.
             },
             "linux": linux,
         });
+        if let Some(seccomp) = &self.seccomp {
+            spec["linux"]["seccomp"] = seccomp.clone();
+        }
+        if self.no_new_privileges {
+            spec["process"]["noNewPrivileges"] = json!(true);
+        }
         if self.netns.is_some() {
             spec["hostname"] = json!(self.hostname);
         }
