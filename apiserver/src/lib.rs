@@ -324,6 +324,15 @@ async fn core_resource(
             .await
             .unwrap_or_else(IntoResponse::into_response);
     }
+    // `pods/log` as a WebSocket.
+    if headers.contains_key(header::UPGRADE)
+        && let Ok(target) = Target::parse(&engine.registry, "", "v1", &rest)
+        && podlog::is_pod_log(&target)
+    {
+        return podlog::serve_websocket(&engine, &target, query.as_deref().unwrap_or(""), http)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
     // An upgrade (`pods/exec`, `attach`, `portforward`) keeps the connection to relay.
     if headers.contains_key(header::UPGRADE)
         && let Ok(target) = Target::parse(&engine.registry, "", "v1", &rest)

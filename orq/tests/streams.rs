@@ -579,6 +579,34 @@ fn kubectl_proxy_reaches_pods_services_and_nodes() {
         String::from_utf8(stdout).unwrap()
     });
     assert_eq!(output, "remote execution test\n");
+    // `pods/log` as a WebSocket (`binary.k8s.io`), as the conformance logs spec reads it.
+    host.apply(&pod_manifest(
+        "talker",
+        "Never",
+        Some(&["sh", "-c", "echo container is alive; sleep 3600"]),
+        serde_json::json!({}),
+    ));
+    host.wait_pod("talker", Duration::from_secs(60), |p| phase(p) == "Running");
+    let logged = in_host(&host, async || {
+        use futures::StreamExt as _;
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+        let url = "ws://127.0.0.1:8002/api/v1/namespaces/default/pods/talker/log?container=main";
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "binary.k8s.io".parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut log = Vec::new();
+        while let Some(Ok(message)) = socket.next().await {
+            match message {
+                Message::Binary(data) => log.extend_from_slice(&data),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        String::from_utf8(log).unwrap()
+    });
+    assert_eq!(logged, "container is alive\n");
     drop(exec_proxy);
 
     drop(proxy);

@@ -1,6 +1,7 @@
 //! `pods/log`: the API server finds the pod's node and proxies the request to that node
 //! agent's HTTPS endpoint (`/containerLogs/{namespace}/{pod}/{container}`), streaming the
-//! answer back — as kube-apiserver proxies to the kubelet.
+//! answer back — as kube-apiserver proxies to the kubelet. A WebSocket upgrade
+//! (`binary.k8s.io`, `base64.binary.k8s.io`) gets the same stream as messages.
 //!
 //! The agent's certificate is self-signed and not verified (kube-apiserver's default without
 //! `--kubelet-certificate-authority`); the request carries the bearer token the agents
@@ -62,4 +63,47 @@ pub async fn serve(engine: &Engine, target: &Target, query: &str) -> Result<Resp
         Body::from_stream(response.bytes_stream()),
     )
         .into_response())
+}
+
+/// Serves `pods/log` as a WebSocket (`binary.k8s.io`: each message the next bytes of the
+/// log; `base64.binary.k8s.io`: the same, base64 in text messages). Errors are answered
+/// before anything upgrades.
+pub async fn serve_websocket(
+    engine: &Engine,
+    target: &Target,
+    query: &str,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    use axum::extract::FromRequest as _;
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use futures::{SinkExt as _, StreamExt as _};
+    let upgrade = WebSocketUpgrade::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {e}")))?;
+    let log = serve(engine, target, query).await?;
+    let mut body = log.into_body().into_data_stream();
+    Ok(upgrade
+        .protocols(["binary.k8s.io", "base64.binary.k8s.io"])
+        .on_upgrade(move |socket| async move {
+            let base64 = socket
+                .protocol()
+                .is_some_and(|p| p.as_bytes() == b"base64.binary.k8s.io");
+            let (mut sink, _incoming) = socket.split();
+            while let Some(Ok(chunk)) = body.next().await {
+                let message = if base64 {
+                    use base64::Engine as _;
+                    Message::Text(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(&chunk)
+                            .into(),
+                    )
+                } else {
+                    Message::Binary(chunk)
+                };
+                if sink.send(message).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        }))
 }
