@@ -55,24 +55,8 @@ pub async fn run(
             let command = exec.command.clone().unwrap_or_default();
             probe::exec_probe(command, target, limit).await
         } else if let Some(http) = &handler.http_get {
-            if http.scheme.as_deref() == Some("HTTPS") {
-                return Err("HTTPS lifecycle hooks are not supported yet".into());
-            }
-            let host = http
-                .host
-                .clone()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| target.pod_ip.clone());
-            let port = probe::port(&http.port, container)?;
-            let path = http.path.clone().unwrap_or_else(|| "/".into());
-            let headers: Vec<(String, String)> = http
-                .http_headers
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
             // Any answer will do: the kubelet only fails a hook it could not deliver.
-            probe::http_get(&host, port, &path, &headers)
+            probe::http_get_action(http, container, target, "lifecycle hooks")
                 .await
                 .map(|_| ())
         } else if let Some(sleep) = &handler.sleep {

@@ -119,19 +119,7 @@ pub async fn run(probe: &Probe, container: &Container, target: &Target) -> Resul
         if let Some(exec) = &probe.exec {
             exec_probe(exec.command.clone().unwrap_or_default(), target, timeout).await
         } else if let Some(http) = &probe.http_get {
-            let host = http.host.clone().unwrap_or_else(|| target.pod_ip.clone());
-            let port = port(&http.port, container)?;
-            let path = http.path.clone().unwrap_or_else(|| "/".into());
-            let headers: Vec<(String, String)> = http
-                .http_headers
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            if http.scheme.as_deref() == Some("HTTPS") {
-                return Err("HTTPS probes are not supported yet".into());
-            }
-            let code = http_get(&host, port, &path, &headers).await?;
+            let code = http_get_action(http, container, target, "probes").await?;
             if (200..400).contains(&code) {
                 Ok(())
             } else {
@@ -170,6 +158,34 @@ pub(crate) fn port(port: &IntOrString, container: &Container) -> Result<u16, Str
             .and_then(|p| u16::try_from(p.container_port).ok())
             .ok_or_else(|| format!("the container has no port named {name:?}")),
     }
+}
+
+/// An `httpGet` action (a probe's or a lifecycle hook's): its host (the pod's address by
+/// default), port (a number or a named container port), path and headers; the answer's
+/// status code. `what` names the caller in the refusal of HTTPS.
+pub(crate) async fn http_get_action(
+    http: &k8s_openapi::api::core::v1::HTTPGetAction,
+    container: &Container,
+    target: &Target,
+    what: &str,
+) -> Result<u16, String> {
+    if http.scheme.as_deref() == Some("HTTPS") {
+        return Err(format!("HTTPS {what} are not supported yet"));
+    }
+    let host = http
+        .host
+        .clone()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| target.pod_ip.clone());
+    let port = port(&http.port, container)?;
+    let path = http.path.clone().unwrap_or_else(|| "/".into());
+    let headers: Vec<(String, String)> = http
+        .http_headers
+        .iter()
+        .flatten()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    http_get(&host, port, &path, &headers).await
 }
 
 /// GET `http://host:port/path`: the answer's status code.

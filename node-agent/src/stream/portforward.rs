@@ -216,20 +216,13 @@ async fn forward_pair(error: SpdyStream, data: SpdyStream, target: Target) {
             return;
         }
     };
-    let (mut from_pod, mut to_pod) = socket.into_split();
+    let (mut from_pod, to_pod) = socket.into_split();
     let SpdyStream {
-        mut incoming,
+        incoming,
         out: data_out,
         ..
     } = data;
-    let upload = tokio::spawn(async move {
-        while let Some(chunk) = incoming.recv().await {
-            if to_pod.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = to_pod.shutdown().await;
-    });
+    let upload = upload(incoming, to_pod);
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match from_pod.read(&mut buf).await {
@@ -245,6 +238,22 @@ async fn forward_pair(error: SpdyStream, data: SpdyStream, target: Target) {
     error.out.finish().await;
     // The client's half ends when it ends it (or the connection goes).
     let _ = upload.await;
+}
+
+/// Copies the client's half of a connection into the pod's socket until the client ends
+/// it, then shuts the socket down for writing (as the kubelet's runtimes do).
+fn upload(
+    mut incoming: mpsc::Receiver<Bytes>,
+    mut to_pod: tokio::net::tcp::OwnedWriteHalf,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(chunk) = incoming.recv().await {
+            if to_pod.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_pod.shutdown().await;
+    })
 }
 
 /// Runs SPDY tunneled in `socket`'s binary messages.
@@ -317,7 +326,7 @@ pub async fn serve_channels(socket: WebSocket, base64: bool, ports: Vec<u16>, ta
     let mut forwards = Vec::new();
     for (i, port) in ports.iter().copied().enumerate() {
         let (data, error) = ((2 * i) as u8, (2 * i + 1) as u8);
-        let (up_tx, mut up_rx) = mpsc::channel::<Bytes>(16);
+        let (up_tx, up_rx) = mpsc::channel::<Bytes>(16);
         uploads.push(up_tx);
         let out = out_tx.clone();
         let target = target.clone();
@@ -333,15 +342,8 @@ pub async fn serve_channels(socket: WebSocket, base64: bool, ports: Vec<u16>, ta
                     return;
                 }
             };
-            let (mut from_pod, mut to_pod) = socket.into_split();
-            let upload = tokio::spawn(async move {
-                while let Some(chunk) = up_rx.recv().await {
-                    if to_pod.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = to_pod.shutdown().await;
-            });
+            let (mut from_pod, to_pod) = socket.into_split();
+            let upload = upload(up_rx, to_pod);
             let mut buf = vec![0u8; 32 * 1024];
             loop {
                 match from_pod.read(&mut buf).await {
