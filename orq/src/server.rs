@@ -53,6 +53,15 @@ pub struct ServerArgs {
     /// non-loopback one, else the host's primary IPv4 (the default route's source address).
     #[arg(long, env = "ORQ_ADVERTISE_ADDRESS")]
     advertise_address: Option<IpAddr>,
+    /// The longest lifetime of the service account tokens the server issues (`1h`, `90s`):
+    /// longer TokenRequests are shortened to it, and the node agents renew pods' tokens at
+    /// 80 % of it. Default: as requested (pods' tokens live an hour).
+    #[arg(
+        long,
+        env = "ORQ_SERVICE_ACCOUNT_MAX_TOKEN_EXPIRATION",
+        value_name = "DURATION"
+    )]
+    service_account_max_token_expiration: Option<jiff::SignedDuration>,
     /// How API requests are authorized, as kube-apiserver's flag: `RBAC` (Roles and
     /// ClusterRoles bound to a caller decide; the admin token, in `system:masters`, may do
     /// anything) or `AlwaysAllow` (every authenticated request).
@@ -224,8 +233,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tracing::warn!(%advertise, "advertising a loopback address: pods cannot reach the API server (set --advertise-address)");
     }
     // Service account tokens keep their key in the data dir, so they survive restarts.
-    let issuer = TokenIssuer::load_or_create(&args.data_dir)
+    let mut issuer = TokenIssuer::load_or_create(&args.data_dir)
         .context("loading the service account signing key")?;
+    if let Some(max) = args.service_account_max_token_expiration {
+        issuer = issuer.with_max_expiration(max.as_secs());
+    }
     api.engine().set_token_issuer(issuer);
     let kubernetes_service = tokio::spawn(
         KubernetesService {

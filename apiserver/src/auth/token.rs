@@ -136,6 +136,9 @@ pub struct TokenIssuer {
     point: Vec<u8>,
     key_id: String,
     audiences: Vec<String>,
+    /// The longest lifetime a token is issued with (kube-apiserver's
+    /// `--service-account-max-token-expiration`): longer requests are shortened to it.
+    max_expiration: Option<i64>,
 }
 
 impl std::fmt::Debug for TokenIssuer {
@@ -191,7 +194,15 @@ impl TokenIssuer {
             point,
             key_id: b64url(digest.as_ref()),
             audiences: vec![ISSUER.to_owned()],
+            max_expiration: None,
         })
+    }
+
+    /// Issues tokens for at most `seconds`, however long a TokenRequest asks for (the
+    /// response says the lifetime given, so clients renew in time).
+    pub fn with_max_expiration(mut self, seconds: i64) -> TokenIssuer {
+        self.max_expiration = Some(seconds.max(1));
+        self
     }
 
     /// The audiences the API server accepts (kube-apiserver's `--api-audiences`).
@@ -303,6 +314,9 @@ pub async fn request(
             ),
         ));
     }
+    let seconds = issuer
+        .max_expiration
+        .map_or(seconds, |max| seconds.min(max));
     let uid = account
         .pointer("/metadata/uid")
         .and_then(Value::as_str)

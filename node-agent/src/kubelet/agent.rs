@@ -186,6 +186,13 @@ impl Context {
                 .iter()
                 .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
                 .filter_map(|c| c.image.clone())
+                // Image volumes' images are in use too.
+                .chain(pod.spec.iter().flat_map(|s| {
+                    s.volumes
+                        .iter()
+                        .flatten()
+                        .filter_map(|v| v.image.as_ref()?.reference.clone())
+                }))
                 .collect();
             self.pod_specs
                 .write()

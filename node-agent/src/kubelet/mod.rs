@@ -1,11 +1,13 @@
 //! The kubelet proper: the agent's loop over the pods bound to its node ([`agent`]), the
 //! node's registration and heartbeat ([`node`]), one level-based worker per pod ([`pod`])
 //! with its probes ([`probe`]), lifecycle hooks ([`hook`]), resolved configuration
-//! ([`resolve`]), service account tokens ([`serviceaccount`]) and events ([`events`]); the
+//! ([`resolve`]), the downward API ([`downward`]), volumes ([`volume`]), service account
+//! tokens ([`serviceaccount`]) and events ([`events`]); the
 //! node's health conditions ([`health`]); containers' logs ([`logs`]) and the agent's HTTPS
 //! endpoint ([`endpoint`]); and a [`simulated`] runtime of many fake nodes.
 
 pub mod agent;
+pub mod downward;
 pub mod endpoint;
 pub mod events;
 pub mod health;
@@ -17,3 +19,4 @@ pub mod probe;
 pub mod resolve;
 pub mod serviceaccount;
 pub mod simulated;
+pub mod volume;

@@ -39,6 +39,7 @@ use crate::network::PodNetwork;
 use crate::probe::{self, Kind, Tracker};
 use crate::resolve::{self, ConfigError, Sources};
 use crate::shim::{Exited, Started, StdinMode, now_rfc3339};
+use crate::volume::{self, PodVolumes};
 
 /// The first restart delay of a crashing container; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
@@ -91,7 +92,7 @@ pub struct PodWorker {
     dir: PathBuf,
     lifecycle: Lifecycle,
     network: Option<PodNetwork>,
-    volumes: Option<BTreeMap<String, PathBuf>>,
+    volumes: Option<PodVolumes>,
     /// Why a container is not running, when the worker knows better than the disk.
     waiting: HashMap<String, (String, String)>,
     restart_backoff: HashMap<String, Backoff>,
@@ -206,9 +207,8 @@ impl PodWorker {
     async fn converge(&mut self, pod: &Pod) -> Next {
         let spec = pod.spec.clone().unwrap_or_default();
         if self.lifecycle == Lifecycle::Preparing {
-            if let Err(message) = self.prepare(pod).await {
-                self.event(pod, EventType::Warning, "FailedCreatePodSandBox", &message)
-                    .await;
+            if let Err((reason, message)) = self.prepare(pod).await {
+                self.event(pod, EventType::Warning, reason, &message).await;
                 for c in spec
                     .init_containers
                     .iter()
@@ -227,6 +227,7 @@ impl PodWorker {
             self.lifecycle = Lifecycle::Initializing;
         }
         self.refresh_token(pod).await;
+        self.refresh_volumes(pod).await;
         let policy = spec.restart_policy.as_deref().unwrap_or("Always");
         if self.lifecycle == Lifecycle::Initializing {
             for init in spec.init_containers.iter().flatten() {
@@ -496,9 +497,89 @@ impl PodWorker {
         (started, started && passing(Kind::Readiness))
     }
 
-    /// The sandbox: network namespace and address (unless `hostNetwork`), `/etc` files,
-    /// volumes.
-    async fn prepare(&mut self, pod: &Pod) -> Result<(), String> {
+    /// The sandbox (network namespace and address unless `hostNetwork`, `/etc` files, the
+    /// service account's files), then the volumes. A failure is the event's reason
+    /// (`FailedCreatePodSandBox`, `FailedMount`) and message.
+    async fn prepare(&mut self, pod: &Pod) -> Result<(), (&'static str, String)> {
+        self.prepare_sandbox(pod)
+            .await
+            .map_err(|message| ("FailedCreatePodSandBox", message))?;
+        if self.volumes.is_none() {
+            let mut images = BTreeMap::new();
+            for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+                let Some(source) = &v.image else { continue };
+                // Pulled like a container's image (policy, credentials, back-off), under a
+                // name no container can have.
+                let puller = Container {
+                    name: format!("volume:{}", v.name),
+                    image: source.reference.clone(),
+                    image_pull_policy: source.pull_policy.clone(),
+                    ..Container::default()
+                };
+                match self.ensure_image(pod, &puller).await {
+                    Ok(image) => {
+                        images.insert(v.name.clone(), self.ctx.images.layer_dirs(&image));
+                    }
+                    Err(_) => {
+                        let why = self
+                            .waiting
+                            .get(&puller.name)
+                            .map(|w| w.1.clone())
+                            .unwrap_or_default();
+                        return Err((
+                            "FailedMount",
+                            format!("MountVolume.SetUp failed for volume \"{}\" : {why}", v.name),
+                        ));
+                    }
+                }
+            }
+            let addresses = self.addresses();
+            let node = crate::downward::Allocatable::of_host(&self.ctx.config.data_dir);
+            let inputs = volume::Inputs {
+                client: &self.ctx.client,
+                addresses: &addresses,
+                node: &node,
+            };
+            let volumes = PodVolumes::set_up(&inputs, pod, &self.dir, &images)
+                .await
+                .map_err(|e| ("FailedMount", e.to_string()))?;
+            self.volumes = Some(volumes);
+        }
+        Ok(())
+    }
+
+    /// Brings the pod's configMap, secret, downwardAPI and projected volumes up to date with
+    /// their sources (every [`volume::REFRESH_PERIOD`]).
+    async fn refresh_volumes(&mut self, pod: &Pod) {
+        let addresses = self.addresses();
+        let node = crate::downward::Allocatable::of_host(&self.ctx.config.data_dir);
+        let Some(volumes) = self.volumes.as_mut() else {
+            return;
+        };
+        let inputs = volume::Inputs {
+            client: &self.ctx.client,
+            addresses: &addresses,
+            node: &node,
+        };
+        let (changed, errors) = volumes.refresh(&inputs, pod).await;
+        if !changed.is_empty() {
+            tracing::debug!(pod = %pod.name_any(), volumes = ?changed, "volumes updated");
+        }
+        for e in errors {
+            self.event(pod, EventType::Warning, "FailedMount", &e.to_string())
+                .await;
+        }
+    }
+
+    /// The addresses the downward API reports.
+    fn addresses(&self) -> crate::downward::Addresses {
+        crate::downward::Addresses {
+            pod_ip: self.pod_ip(),
+            host_ip: self.ctx.config.node_ip.clone(),
+        }
+    }
+
+    async fn prepare_sandbox(&mut self, pod: &Pod) -> Result<(), String> {
         fs::create_dir_all(self.dir.join("etc")).map_err(|e| e.to_string())?;
         let host_network = pod
             .spec
@@ -1000,12 +1081,13 @@ impl PodWorker {
             self.ctx.client.clone(),
             &pod.namespace().unwrap_or_default(),
         );
-        let (pod_ip, host_ip) = (self.pod_ip(), self.ctx.config.node_ip.clone());
-        if self.volumes.is_none() {
-            self.volumes =
-                Some(resolve::volumes(&sources, pod, &self.dir, &pod_ip, &host_ip).await?);
-        }
-        let volumes = self.volumes.clone().unwrap_or_default();
+        let addresses = self.addresses();
+        let node = crate::downward::Allocatable::of_host(&self.ctx.config.data_dir);
+        let volumes = self
+            .volumes
+            .as_ref()
+            .map(|v| v.paths().clone())
+            .unwrap_or_default();
         let seccomp = resolve::seccomp(pod, c, &self.ctx.config.data_dir.join("seccomp"))?;
         let env = resolve::env(
             &sources,
@@ -1013,12 +1095,12 @@ impl PodWorker {
             c,
             &image.config,
             &self.kubernetes_env,
-            &pod_ip,
-            &host_ip,
+            &addresses,
+            &node,
         )
         .await?;
         let args = resolve::process_args(c, &image.config, &env)?;
-        let mut mounts = resolve::mounts(c, &volumes)?;
+        let mut mounts = volume::mounts(c, &volumes, &env)?;
         let _ = container::remove_container_dir(attempt_dir);
         let layers = self.ctx.images.layer_dirs(image);
         let rootfs = container::mount_rootfs(&layers, attempt_dir)

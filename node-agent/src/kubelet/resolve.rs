@@ -1,20 +1,21 @@
 //! From a pod's container spec and its image to what the runtime runs: the process (image
 //! entrypoint/cmd vs `command`/`args`, `$(VAR)` references), the environment (incl.
-//! `valueFrom` and `envFrom` from ConfigMaps, Secrets and the pod's own fields), the user,
-//! the volumes materialized on the node and where they are mounted, and the limits.
+//! `valueFrom` and `envFrom` from ConfigMaps, Secrets and the downward API), the user, the
+//! seccomp profile and the limits. (Volumes and their mounts are [`crate::volume`]'s.)
 //!
-//! A problem here is the user's (a missing ConfigMap key, a mount of an undeclared volume)
+//! A problem here is the user's (a missing ConfigMap key, `runAsNonRoot` with a root image)
 //! and ends up as `CreateContainerConfigError` in the pod's status, with this module's
 //! message.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
 use kube::{Api, Client, ResourceExt};
 
-use crate::container::{BindMount, Resources};
+use crate::container::Resources;
+use crate::downward::{self, Addresses, Allocatable};
 use crate::image::ImageConfig;
 use orquestra_operator::quantity;
 
@@ -98,45 +99,6 @@ impl Sources {
     }
 }
 
-/// The pod's own fields a `fieldRef` can name.
-pub fn field_ref(
-    pod: &Pod,
-    path: &str,
-    pod_ip: &str,
-    host_ip: &str,
-) -> Result<String, ConfigError> {
-    let spec = pod.spec.as_ref();
-    let meta_map = |map: Option<&BTreeMap<String, String>>, key: &str| {
-        map.and_then(|m| m.get(key)).cloned().unwrap_or_default()
-    };
-    let bracket = |prefix: &str| {
-        path.strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix("']"))
-            .map(str::to_owned)
-    };
-    Ok(match path {
-        "metadata.name" => pod.name_any(),
-        "metadata.namespace" => pod.namespace().unwrap_or_default(),
-        "metadata.uid" => pod.uid().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
-        "status.podIP" => pod_ip.to_owned(),
-        "status.podIPs" => pod_ip.to_owned(),
-        "status.hostIP" | "status.hostIPs" => host_ip.to_owned(),
-        _ => {
-            if let Some(key) = bracket("metadata.labels['") {
-                meta_map(pod.metadata.labels.as_ref(), &key)
-            } else if let Some(key) = bracket("metadata.annotations['") {
-                meta_map(pod.metadata.annotations.as_ref(), &key)
-            } else {
-                return Err(err(format!("unsupported fieldRef {path:?}")));
-            }
-        }
-    })
-}
-
 /// The container's environment: the image's, then `services` (the Services' variables),
 /// then `envFrom`, then `env` (later wins), with `$(VAR)` references in `env` values
 /// expanded against what precedes them.
@@ -146,8 +108,8 @@ pub async fn env(
     container: &Container,
     image: &ImageConfig,
     services: &[(String, String)],
-    pod_ip: &str,
-    host_ip: &str,
+    addresses: &Addresses,
+    node: &Allocatable,
 ) -> Result<Vec<(String, String)>, ConfigError> {
     let mut vars: Vec<(String, String)> = Vec::new();
     let set = |vars: &mut Vec<(String, String)>, k: String, v: String| match vars
@@ -201,7 +163,7 @@ pub async fn env(
             }
             Some(from) => {
                 if let Some(f) = &from.field_ref {
-                    field_ref(pod, &f.field_path, pod_ip, host_ip)?
+                    downward::field_ref(pod, &f.field_path, addresses)?
                 } else if let Some(key) = &from.config_map_key_ref {
                     let optional = key.optional.unwrap_or(false);
                     let data = sources.config_map(&key.name, optional).await?;
@@ -233,7 +195,18 @@ pub async fn env(
                         }
                     }
                 } else if let Some(r) = &from.resource_field_ref {
-                    resource_field(container, &r.resource)?
+                    let target = match r.container_name.as_deref().filter(|n| !n.is_empty()) {
+                        Some(name) => downward::container(pod, name).ok_or_else(|| {
+                            err(format!("env {}: no container named {name:?}", var.name))
+                        })?,
+                        None => container,
+                    };
+                    downward::resource_field(
+                        target,
+                        &r.resource,
+                        r.divisor.as_ref().map(|d| d.0.as_str()),
+                        node,
+                    )?
                 } else {
                     return Err(err(format!("env {}: empty valueFrom", var.name)));
                 }
@@ -242,32 +215,6 @@ pub async fn env(
         set(&mut vars, var.name.clone(), value);
     }
     Ok(vars)
-}
-
-fn resource_field(container: &Container, resource: &str) -> Result<String, ConfigError> {
-    let res = container.resources.as_ref();
-    let (kind, name) = resource
-        .split_once('.')
-        .ok_or_else(|| err(format!("unsupported resourceFieldRef {resource:?}")))?;
-    let map = match kind {
-        "limits" => res.and_then(|r| r.limits.as_ref()),
-        "requests" => res.and_then(|r| r.requests.as_ref()),
-        _ => return Err(err(format!("unsupported resourceFieldRef {resource:?}"))),
-    };
-    let q = map.and_then(|m| m.get(name)).map(|q| q.0.clone());
-    Ok(match (name, q) {
-        ("cpu", Some(q)) => {
-            let milli = quantity::millicores(&q).unwrap_or(0);
-            ((milli + 999) / 1000).max(1).to_string()
-        }
-        (_, Some(q)) => quantity::bytes(&q).unwrap_or(0).to_string(),
-        ("cpu", None) => num_cpus().to_string(),
-        (_, None) => "0".into(),
-    })
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Kubernetes' `$(VAR)` expansion: defined names are replaced, `$$` escapes, anything else
@@ -480,191 +427,6 @@ pub fn resources(container: &Container) -> Resources {
     }
 }
 
-/// Materializes the pod's volumes under `pod_dir/volumes` and returns each one's host path.
-pub async fn volumes(
-    sources: &Sources,
-    pod: &Pod,
-    pod_dir: &Path,
-    pod_ip: &str,
-    host_ip: &str,
-) -> Result<BTreeMap<String, PathBuf>, ConfigError> {
-    let mut out = BTreeMap::new();
-    let io = |what: &str, e: std::io::Error| err(format!("{what}: {e}"));
-    for volume in pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.volumes.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        let dir = pod_dir.join("volumes").join(&volume.name);
-        let path = if volume.empty_dir.is_some() {
-            fs::create_dir_all(&dir).map_err(|e| io("emptyDir", e))?;
-            dir
-        } else if let Some(host) = &volume.host_path {
-            let path = PathBuf::from(&host.path);
-            match host.type_.as_deref().unwrap_or("") {
-                "DirectoryOrCreate" => fs::create_dir_all(&path).map_err(|e| io("hostPath", e))?,
-                "FileOrCreate" if !path.exists() => {
-                    fs::write(&path, b"").map_err(|e| io("hostPath", e))?;
-                }
-                "Directory" if !path.is_dir() => {
-                    return Err(err(format!(
-                        "hostPath type check failed: {} is not a directory",
-                        host.path
-                    )));
-                }
-                "File" if !path.is_file() => {
-                    return Err(err(format!(
-                        "hostPath type check failed: {} is not a file",
-                        host.path
-                    )));
-                }
-                _ => {}
-            }
-            path
-        } else if let Some(cm) = &volume.config_map {
-            let data = sources
-                .config_map(&cm.name, cm.optional.unwrap_or(false))
-                .await?;
-            let items = cm.items.as_ref().map(|items| {
-                items
-                    .iter()
-                    .map(|i| (i.key.clone(), i.path.clone(), i.mode))
-                    .collect::<Vec<_>>()
-            });
-            write_files(&dir, &data, items, cm.default_mode.unwrap_or(0o644))?;
-            dir
-        } else if let Some(secret) = &volume.secret {
-            let name = secret.secret_name.clone().unwrap_or_default();
-            let data = sources
-                .secret(&name, secret.optional.unwrap_or(false))
-                .await?;
-            let items = secret.items.as_ref().map(|items| {
-                items
-                    .iter()
-                    .map(|i| (i.key.clone(), i.path.clone(), i.mode))
-                    .collect::<Vec<_>>()
-            });
-            write_files(&dir, &data, items, secret.default_mode.unwrap_or(0o644))?;
-            dir
-        } else if let Some(downward) = &volume.downward_api {
-            let mut data = BTreeMap::new();
-            let mut items = Vec::new();
-            for item in downward.items.iter().flatten() {
-                let value = if let Some(f) = &item.field_ref {
-                    if f.field_path == "metadata.labels" || f.field_path == "metadata.annotations" {
-                        let map = if f.field_path == "metadata.labels" {
-                            pod.metadata.labels.clone()
-                        } else {
-                            pod.metadata.annotations.clone()
-                        };
-                        map.unwrap_or_default()
-                            .iter()
-                            .map(|(k, v)| format!("{k}=\"{v}\"\n"))
-                            .collect()
-                    } else {
-                        field_ref(pod, &f.field_path, pod_ip, host_ip)?
-                    }
-                } else {
-                    String::new()
-                };
-                data.insert(item.path.clone(), value.into_bytes());
-                items.push((item.path.clone(), item.path.clone(), item.mode));
-            }
-            write_files(
-                &dir,
-                &data,
-                Some(items),
-                downward.default_mode.unwrap_or(0o644),
-            )?;
-            dir
-        } else if volume.projected.is_some() {
-            // Service account tokens (the usual projected volume) need the token API, which
-            // the API server does not serve yet: an empty directory keeps such pods running.
-            fs::create_dir_all(&dir).map_err(|e| io("projected", e))?;
-            dir
-        } else {
-            return Err(err(format!(
-                "volume {:?}: unsupported volume type (supported: emptyDir, hostPath, configMap, secret, downwardAPI)",
-                volume.name
-            )));
-        };
-        out.insert(volume.name.clone(), path);
-    }
-    Ok(out)
-}
-
-/// Writes `data` (all keys, or the listed `(key, path, mode)` items) into `dir`, replacing
-/// what was there.
-fn write_files(
-    dir: &Path,
-    data: &BTreeMap<String, Vec<u8>>,
-    items: Option<Vec<(String, String, Option<i32>)>>,
-    default_mode: i32,
-) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |e: std::io::Error| err(format!("writing volume files into {}: {e}", dir.display()));
-    let _ = fs::remove_dir_all(dir);
-    fs::create_dir_all(dir).map_err(io)?;
-    let items =
-        items.unwrap_or_else(|| data.keys().map(|k| (k.clone(), k.clone(), None)).collect());
-    for (key, path, mode) in items {
-        let Some(value) = data.get(&key) else {
-            return Err(err(format!("configmap or secret key {key:?} not found")));
-        };
-        if path.split('/').any(|p| p == ".." || p.is_empty()) {
-            return Err(err(format!("invalid item path {path:?}")));
-        }
-        let file = dir.join(&path);
-        if let Some(parent) = file.parent() {
-            fs::create_dir_all(parent).map_err(io)?;
-        }
-        fs::write(&file, value).map_err(io)?;
-        fs::set_permissions(
-            &file,
-            fs::Permissions::from_mode(mode.unwrap_or(default_mode) as u32),
-        )
-        .map_err(io)?;
-    }
-    Ok(())
-}
-
-/// The container's bind mounts for its `volumeMounts`.
-pub fn mounts(
-    container: &Container,
-    volumes: &BTreeMap<String, PathBuf>,
-) -> Result<Vec<BindMount>, ConfigError> {
-    let mut out = Vec::new();
-    for m in container.volume_mounts.iter().flatten() {
-        let source = volumes.get(&m.name).ok_or_else(|| {
-            err(format!(
-                "volumeMount {:?} refers to a volume the pod does not declare",
-                m.name
-            ))
-        })?;
-        let source = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            Some(sub) => {
-                if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
-                    return Err(err(format!("invalid subPath {sub:?}")));
-                }
-                let path = source.join(sub);
-                if !path.exists() {
-                    fs::create_dir_all(&path).map_err(|e| err(format!("subPath {sub:?}: {e}")))?;
-                }
-                path
-            }
-            None => source.clone(),
-        };
-        out.push(BindMount {
-            source,
-            destination: m.mount_path.clone(),
-            read_only: m.read_only.unwrap_or(false),
-        });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,15 +463,5 @@ mod tests {
             ["/bin/sh"]
         );
         assert!(process_args(&c(None, None), &ImageConfig::default(), &env).is_err());
-    }
-
-    #[test]
-    fn mounts_of_undeclared_volumes_are_config_errors() {
-        let container: Container = serde_json::from_value(serde_json::json!({
-            "name": "c", "volumeMounts": [{"name": "missing", "mountPath": "/data"}]
-        }))
-        .unwrap();
-        let e = mounts(&container, &BTreeMap::new()).unwrap_err();
-        assert!(e.0.contains("missing"), "{e}");
     }
 }

@@ -893,11 +893,12 @@ impl LogWriter {
 
 /// The process of container `id`'s spec with `args`, `env` added and a terminal: a file
 /// for libcontainer's tenant builder, removed when dropped.
-fn terminal_process(
+fn exec_process(
     root: &Path,
     id: &str,
     args: &[String],
     env: &[(String, String)],
+    terminal: bool,
 ) -> Result<tempfile::NamedTempFile, String> {
     let container = libcontainer::container::Container::load(root.join(id))
         .map_err(|e| format!("loading container {id}: {e}"))?;
@@ -907,7 +908,7 @@ fn terminal_process(
         .ok_or_else(|| format!("reading the spec of container {id}"))?;
     let mut process = spec["process"].clone();
     process["args"] = serde_json::json!(args);
-    process["terminal"] = serde_json::json!(true);
+    process["terminal"] = serde_json::json!(terminal);
     let mut vars: Vec<serde_json::Value> = process["env"].as_array().cloned().unwrap_or_default();
     vars.extend(
         env.iter()
@@ -950,17 +951,16 @@ pub fn exec(
         let _ = unsafe { signal(sig, SigHandler::Handler(end_exec)) };
     }
     let program = args.first().cloned().unwrap_or_default();
-    // With a terminal, the command is the container's own process (user, capabilities, cwd)
-    // with a pseudo-terminal made in the container's devpts, whose master goes to the socket.
-    let process = match console_socket {
-        Some(_) => match terminal_process(root, id, &args, &env) {
-            Ok(path) => Some(path),
-            Err(e) => {
-                eprintln!("exec {program:?} failed: {e}");
-                return 126;
-            }
-        },
-        None => None,
+    // The command is the container's own process (user and groups, capabilities, cwd,
+    // rlimits, no-new-privileges) with `args` and the extra `env`: libcontainer's tenant
+    // defaults would run it as root with the default capabilities. With a terminal, a
+    // pseudo-terminal is made in the container's devpts, whose master goes to the socket.
+    let process = match exec_process(root, id, &args, &env, console_socket.is_some()) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("exec {program:?} failed: {e}");
+            return 126;
+        }
     };
     let built = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
         .with_root_path(root)
@@ -970,7 +970,7 @@ pub fn exec(
             b.as_tenant()
                 .with_container_args(args)
                 .with_env(env.into_iter().collect())
-                .with_process(process.as_ref().map(|p| p.path()))
+                .with_process(Some(process.path()))
                 // libcontainer takes a console socket only when detached; the command is
                 // still this process's child, waited for below.
                 .with_detach(console_socket.is_some())

@@ -70,6 +70,7 @@ pub fn build_image(layout: &Path) {
         "sh", "httpd", "echo", "sleep", "cat", "dd", "head", "env", "hostname", "id", "ls", "true",
         "false", "touch", "test", "nc", "wget", "seq", "mkdir", "chmod", "printf", "rm",
         "nslookup", "tail", "wc", "tar", "ps", "stty", "tty", "md5sum", "kill", "unshare", "grep",
+        "stat", "readlink", "ln", "df", "cut", "tr",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
