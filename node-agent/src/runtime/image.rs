@@ -94,6 +94,10 @@ pub struct Image {
     pub config: ImageConfig,
     /// Total size of the compressed layers, in bytes.
     pub size: u64,
+    /// Never garbage-collected: images loaded with `orq image import` (an air-gapped node's
+    /// only copy, as k3s pins its imported airgap images).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 impl Image {
@@ -128,6 +132,7 @@ impl Image {
                 user: exec.user.unwrap_or_default(),
             },
             size: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
+            pinned: false,
         })
     }
 
@@ -269,8 +274,9 @@ impl ImageStore {
 
     /// Image garbage collection by disk threshold (the kubelet's `imageGCHighThresholdPercent`
     /// / `imageGCLowThresholdPercent`): when the filesystem holding the store is more than
-    /// `high` full (0–1), removes images no container uses — least recently pulled first —
-    /// until it is at most `low` full or nothing unused is left. Returns what it removed.
+    /// `high` full (0–1), removes images no container uses — least recently pulled first,
+    /// never a pinned one — until it is at most `low` full or nothing unused is left.
+    /// Returns what it removed.
     pub fn collect_garbage(
         &self,
         in_use: &std::collections::HashSet<String>,
@@ -295,7 +301,7 @@ impl ImageStore {
             .collect();
         let mut candidates: Vec<(std::time::SystemTime, String)> = Vec::new();
         for image in self.list()? {
-            if in_use.contains(&image.reference) {
+            if image.pinned || in_use.contains(&image.reference) {
                 continue;
             }
             let modified = fs::metadata(self.record_path(&image.reference))
@@ -502,8 +508,9 @@ impl ImageStore {
                 serde_json::from_slice(&manifest_bytes)
                     .map_err(|e| invalid(format!("manifest {manifest_digest}: {e}")))?;
             let config = fs::read(blob(&manifest.config.digest)?)?;
-            let image = Image::from_manifest(&reference, &manifest_digest, &manifest, &config)
+            let mut image = Image::from_manifest(&reference, &manifest_digest, &manifest, &config)
                 .map_err(invalid)?;
+            image.pinned = true;
             for (layer, diff_id) in manifest.layers.iter().zip(&image.layers) {
                 if self.root.join("layers").join(hex_of(diff_id)).is_dir() {
                     continue;
@@ -763,6 +770,7 @@ mod tests {
             layers: vec![],
             config: ImageConfig::default(),
             size: 0,
+            pinned: false,
         };
         assert_eq!(image.image_id(), "127.0.0.1:5000/web@sha256:ab");
     }
@@ -771,7 +779,11 @@ mod tests {
     fn garbage_collection_keeps_images_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::open(dir.path()).unwrap();
-        for (name, layer) in [("a.example/x:1", "11"), ("a.example/y:1", "22")] {
+        for (name, layer, pinned) in [
+            ("a.example/x:1", "11", false),
+            ("a.example/y:1", "22", false),
+            ("a.example/imported:1", "33", true),
+        ] {
             fs::create_dir_all(dir.path().join("layers").join(layer)).unwrap();
             let image = Image {
                 reference: name.into(),
@@ -779,6 +791,7 @@ mod tests {
                 layers: vec![format!("sha256:{layer}")],
                 config: ImageConfig::default(),
                 size: 1,
+                pinned,
             };
             write_atomically(
                 &store.record_path(name),
@@ -789,12 +802,14 @@ mod tests {
         let in_use: std::collections::HashSet<String> = ["a.example/x:1".to_owned()].into();
         // Below the threshold: nothing happens.
         assert!(store.collect_garbage(&in_use, 1.0, 1.0).unwrap().is_empty());
-        // Over it (any disk is more than 0 % full): the unused image and its layer go.
+        // Over it (any disk is more than 0 % full): the unused image and its layer go; the
+        // pinned (imported) one stays.
         let removed = store.collect_garbage(&in_use, 0.0, 0.0).unwrap();
         assert_eq!(removed, ["a.example/y:1"]);
+        assert!(dir.path().join("layers/33").exists());
         assert!(dir.path().join("layers/11").exists());
         assert!(!dir.path().join("layers/22").exists());
-        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.list().unwrap().len(), 2);
     }
 
     #[test]
