@@ -29,10 +29,52 @@ pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
     }
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Namespace") => namespace_defaults(object),
-        ("", "Pod") => object["status"] = json!({"phase": "Pending"}),
+        ("", "Pod") => {
+            let qos = qos_class(&object["spec"]);
+            object["status"] = json!({"phase": "Pending", "qosClass": qos});
+        }
         _ => {}
     }
     on_write(def, object);
+}
+
+/// A pod's quality-of-service class, set once at creation (kube-apiserver's
+/// `PrepareForCreate`; it never changes, not even on an in-place resize): `BestEffort` when
+/// no container (init ones included) requests or limits CPU or memory, `Guaranteed` when
+/// every container limits both and requests exactly its limits (unset requests default to
+/// the limits), else `Burstable`.
+pub fn qos_class(spec: &Value) -> &'static str {
+    use crate::kinds::quantity::Quantity;
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec.get(*k).and_then(Value::as_array))
+        .flatten();
+    let (mut any, mut guaranteed) = (false, true);
+    for c in containers {
+        let get = |kind: &str, name: &str| {
+            c.pointer(&format!("/resources/{kind}/{name}"))
+                .and_then(|q| match q {
+                    Value::String(s) => Quantity::parse(s),
+                    Value::Number(n) => Quantity::parse(&n.to_string()),
+                    _ => None,
+                })
+                .filter(|q| !q.is_zero())
+        };
+        for name in ["cpu", "memory"] {
+            let (limit, request) = (get("limits", name), get("requests", name));
+            any |= limit.is_some() || request.is_some();
+            match (limit, request) {
+                (Some(l), Some(r)) if l.milli() != r.milli() => guaranteed = false,
+                (Some(_), _) => {}
+                (None, _) => guaranteed = false,
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
 }
 
 /// The ServiceAccount admission plugin's default: a new pod naming no service account runs
@@ -782,6 +824,40 @@ fn rolling_update_defaults(spec: &mut serde_json::Map<String, Value>, field: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quality_of_service_classes() {
+        let res = |r: Value| json!({"containers": [{"name": "c", "resources": r}]});
+        assert_eq!(
+            qos_class(&json!({"containers": [{"name": "c"}]})),
+            "BestEffort"
+        );
+        let both = json!({"cpu": "100m", "memory": "100Mi"});
+        assert_eq!(
+            qos_class(&res(json!({"limits": both, "requests": both}))),
+            "Guaranteed"
+        );
+        // Requests written differently but equal are still equal.
+        assert_eq!(
+            qos_class(&res(json!({"limits": {"cpu": "1", "memory": "1Gi"},
+                                  "requests": {"cpu": "1000m", "memory": "1024Mi"}}))),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&res(json!({"requests": {"cpu": "1"}}))),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&res(
+                json!({"limits": {"cpu": "1"}, "requests": {"cpu": "1"}})
+            )),
+            "Burstable"
+        );
+        // An init container counts too.
+        let mut spec = res(json!({"limits": both, "requests": both}));
+        spec["initContainers"] = json!([{"name": "i", "resources": {"requests": {"cpu": "1"}}}]);
+        assert_eq!(qos_class(&spec), "Burstable");
+    }
 
     #[test]
     fn pods_tolerate_lost_nodes_for_a_while() {

@@ -19,4 +19,5 @@ pub mod probe;
 pub mod resolve;
 pub mod serviceaccount;
 pub mod simulated;
+pub mod termination;
 pub mod volume;

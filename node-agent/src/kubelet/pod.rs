@@ -1102,6 +1102,16 @@ impl PodWorker {
         let args = resolve::process_args(c, &image.config, &env)?;
         let mut mounts = volume::mounts(c, &volumes, &env)?;
         let _ = container::remove_container_dir(attempt_dir);
+        if let Some(path) = crate::termination::path_in_container(c) {
+            let _ = fs::create_dir_all(attempt_dir);
+            let file = crate::termination::create(attempt_dir)
+                .map_err(|e| ConfigError(format!("creating the termination message file: {e}")))?;
+            mounts.push(container::BindMount {
+                source: file,
+                destination: path,
+                read_only: false,
+            });
+        }
         let layers = self.ctx.images.layer_dirs(image);
         let rootfs = container::mount_rootfs(&layers, attempt_dir)
             .map_err(|e| ConfigError(format!("mounting the root filesystem: {e}")))?;
@@ -1385,7 +1395,21 @@ impl PodWorker {
             "hostIPs": [{"ip": self.ctx.config.node_ip}],
             "startTime": self.start_time,
             "containerStatuses": statuses,
-            "qosClass": qos_class(&spec.containers),
+            // Set by the API server at creation, and never changed.
+            "qosClass": pod
+                .status
+                .as_ref()
+                .and_then(|s| s.qos_class.clone())
+                .unwrap_or_else(|| {
+                    let all: Vec<Container> = spec
+                        .init_containers
+                        .iter()
+                        .flatten()
+                        .chain(&spec.containers)
+                        .cloned()
+                        .collect();
+                    qos_class(&all).to_owned()
+                }),
         });
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = Value::Array(init_statuses);
@@ -1420,11 +1444,16 @@ impl PodWorker {
             .map(|i| i.image_id())
             .unwrap_or_default();
         let terminated = |a: &Attempt| match &a.state {
-            ContainerState::Exited(started, exited) => Some(terminated_json(
-                started,
-                exited,
-                &container_id(&self.uid, &c.name, a.number),
-            )),
+            ContainerState::Exited(started, exited) => {
+                let mut t =
+                    terminated_json(started, exited, &container_id(&self.uid, &c.name, a.number));
+                let log = self.log_path(&c.name, a.number);
+                let message = crate::termination::message(c, &a.dir, &log, exited.exit_code);
+                if !message.is_empty() {
+                    t["message"] = json!(message);
+                }
+                Some(t)
+            }
             ContainerState::Lost(started) => Some(json!({
                 "exitCode": 137, "reason": "ContainerStatusUnknown",
                 "message": "The container could not be located when the pod was terminated",
@@ -1453,7 +1482,14 @@ impl PodWorker {
                     false,
                 )
             }
-            Some((ContainerState::Exited(..) | ContainerState::Lost(_), a)) => (
+            Some((ContainerState::Exited(_, exited), a)) => (
+                json!({"terminated": terminated(a)}),
+                previous.as_ref().and_then(terminated),
+                // A completed init container is ready (it did its job), as the kubelet says.
+                init && !is_sidecar(c) && exited.exit_code == 0,
+                false,
+            ),
+            Some((ContainerState::Lost(_), a)) => (
                 json!({"terminated": terminated(a)}),
                 previous.as_ref().and_then(terminated),
                 false,

