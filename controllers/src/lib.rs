@@ -1,8 +1,9 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
 //! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`],
 //! [`daemonset`]), the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
-//! ([`nodeipam`]), garbage collection, namespace and node lifecycle, and the `default`
-//! ServiceAccount of every namespace ([`serviceaccount`]). [`BUILTIN`]
+//! ([`nodeipam`]), garbage collection, namespace and node lifecycle, the `default`
+//! ServiceAccount of every namespace ([`serviceaccount`]), and storage: the PersistentVolume
+//! binder ([`persistentvolume`]) and the built-in local-path provisioner ([`localpath`]). [`BUILTIN`]
 //! names them for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
@@ -15,10 +16,12 @@ pub mod endpointslice;
 pub mod events;
 pub mod garbage;
 pub mod labels;
+pub mod localpath;
 pub mod namespace;
 pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod objects;
+pub mod persistentvolume;
 pub mod replicaset;
 pub mod rootcacert;
 pub mod scheduler;
@@ -187,6 +190,22 @@ pub const BUILTIN: &[Builtin] = &[
         rules: nodeipam::RULES,
         add: |m, s| {
             nodeipam::add_with(m, s.node_ipam);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "persistentvolume-binder",
+        rules: persistentvolume::RULES,
+        add: |m, _| {
+            persistentvolume::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "local-path-provisioner",
+        rules: localpath::RULES,
+        add: |m, _| {
+            localpath::add(m);
             Ok(())
         },
     },

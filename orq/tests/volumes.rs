@@ -366,3 +366,143 @@ fn bad_volumes_wait_or_fail_with_their_reason() {
             == "CreateContainerConfigError"
     });
 }
+
+#[test]
+fn persistent_volume_claims_bind_keep_data_and_are_reclaimed() {
+    let host = Host::start("volpvc");
+    // The default class, as k3s ships one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host
+        .kubectl_try(&["get", "storageclass", "local-path", "-o", "json"])
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no local-path StorageClass");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let class: Value =
+        serde_json::from_str(&host.kubectl(&["get", "storageclass", "local-path", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        class["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+    assert_eq!(class["volumeBindingMode"], "WaitForFirstConsumer");
+
+    // A claim naming no class gets the default and waits for its first pod.
+    let claim = |name: &str, class: Option<&str>| {
+        let mut claim = json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}},
+        });
+        if let Some(class) = class {
+            claim["spec"]["storageClassName"] = json!(class);
+        }
+        claim
+    };
+    host.apply(&claim("data", None));
+    let get_claim = |name: &str| -> Value {
+        serde_json::from_str(&host.kubectl(&["get", "pvc", name, "-o", "json"])).unwrap()
+    };
+    assert_eq!(get_claim("data")["spec"]["storageClassName"], "local-path");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !events_about(&host, "data").contains("WaitForFirstConsumer") {
+        assert!(Instant::now() < deadline, "{}", events_about(&host, "data"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get_claim("data")["status"]["phase"], "Pending");
+
+    // One pod writes (scheduled: the scheduler picks the node, the volume is made there),
+    // the next reads what it wrote.
+    let pod = |name: &str, script: &str, claim: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+            },
+        })
+    };
+    host.apply(&pod("writer", "echo kept > /data/file", "data"));
+    host.wait_pod("writer", Duration::from_secs(90), |p| {
+        phase(p) == "Succeeded"
+    });
+    let bound = get_claim("data");
+    assert_eq!(bound["status"]["phase"], "Bound", "{bound:#}");
+    let volume = bound["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let pv: Value =
+        serde_json::from_str(&host.kubectl(&["get", "pv", &volume, "-o", "json"])).unwrap();
+    assert_eq!(pv["status"]["phase"], "Bound");
+    assert_eq!(pv["spec"]["claimRef"]["name"], "data");
+    let dir = std::path::PathBuf::from(pv["spec"]["hostPath"]["path"].as_str().unwrap());
+    assert!(
+        dir.starts_with(host.data_dir().join("agent/storage")),
+        "{}",
+        dir.display()
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("file")).unwrap(), "kept\n");
+    host.apply(&pod("reader", "cat /data/file", "data"));
+    host.wait_pod("reader", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    assert_eq!(host.kubectl(&["logs", "reader"]), "kept\n");
+
+    // The claim gone, the volume is Released and (Delete) reclaimed: directory and all.
+    host.kubectl(&["delete", "pod", "writer", "reader", "--wait=true"]);
+    host.kubectl(&["delete", "pvc", "data", "--wait=true"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host.kubectl_try(&["get", "pv", &volume]).is_some() || dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "volume {volume} not reclaimed: {}",
+            host.kubectl(&["get", "pv", "-o", "wide"])
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // Retain keeps the volume (Released) and its data.
+    host.apply(&json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "keep"},
+        "provisioner": "orquestra.io/local-path", "reclaimPolicy": "Retain",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    }));
+    host.apply(&claim("kept", Some("keep")));
+    host.apply(&pod("keeper", "echo still here > /data/file", "kept"));
+    host.wait_pod("keeper", Duration::from_secs(90), |p| {
+        phase(p) == "Succeeded"
+    });
+    let volume = get_claim("kept")["spec"]["volumeName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    host.kubectl(&["delete", "pod", "keeper", "--wait=true"]);
+    host.kubectl(&["delete", "pvc", "kept", "--wait=true"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let released = loop {
+        let pv: Value =
+            serde_json::from_str(&host.kubectl(&["get", "pv", &volume, "-o", "json"])).unwrap();
+        if pv["status"]["phase"] == "Released" {
+            break pv;
+        }
+        assert!(Instant::now() < deadline, "{:#}", pv["status"]);
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = std::path::PathBuf::from(released["spec"]["hostPath"]["path"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("file")).unwrap(),
+        "still here\n"
+    );
+    assert!(host.kubectl_try(&["get", "pv", &volume]).is_some());
+
+    // A class that does not exist: Pending, with the reason.
+    host.apply(&claim("lost", Some("nope")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !events_about(&host, "lost").contains(r#"storageclass.storage.k8s.io "nope" not found"#) {
+        assert!(Instant::now() < deadline, "{}", events_about(&host, "lost"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get_claim("lost")["status"]["phase"], "Pending");
+}

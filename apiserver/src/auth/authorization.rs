@@ -54,6 +54,13 @@ fn node_rules() -> serde_json::Value {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        // Pods' claims and volumes; the local-path volumes a node holds, which it reclaims
+        // (deletes) once released.
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["persistentvolumes"],
+         "verbs": ["get", "list", "watch", "delete"]},
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["clustertrustbundles"],
+         "verbs": ["get", "list", "watch"]},
     ])
 }
 

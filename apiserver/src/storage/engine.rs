@@ -407,6 +407,7 @@ impl Engine {
             crate::admission::default_tolerations(&mut object, self.default_toleration_seconds);
         }
         crate::admission::runtime_class::admit(self, def, &mut object).await?;
+        crate::admission::storage_class::admit(self, def, &mut object).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             crate::quota::apply_limits(self, def, ns, &mut object).await?;
         }

@@ -339,6 +339,8 @@ pub async fn run(
     node.port = endpoint.port();
     node.taints = config.register_with_taints.clone();
     node.manages_network = config.kube_proxy;
+    let local_root = crate::volume::local::root(&config.data_dir);
+    node.local_path_root = Some(local_root.display().to_string());
     // What of the agent works; the heartbeat shows it on the Node.
     let health = Health::new();
     let heartbeat = Heartbeat::new(client.clone(), node, host).with_health(health.clone());
@@ -379,12 +381,18 @@ pub async fn run(
     } else {
         None
     };
+    let reclaimer = tokio::spawn(crate::volume::local::reclaim(
+        ctx.client.clone(),
+        ctx.config.node_name.clone(),
+        local_root,
+    ));
     tracing::info!(node = %ctx.config.node_name, pod_cidr = %cidr, "node agent running");
     tokio::select! {
         () = dispatch(Arc::clone(&ctx)) => {}
         () = shutdown => {}
     }
     serving.abort();
+    reclaimer.abort();
     for task in services.into_iter().flatten() {
         task.abort();
     }

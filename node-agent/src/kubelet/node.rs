@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// The agent programs the node's network (bridge, DNS, service proxy, routes), so the
     /// Node reports `NetworkUnavailable` for it.
     pub manages_network: bool,
+    /// Where this node's local-path volumes live, advertised in the Node's
+    /// `orquestra.io/local-path-root` annotation for the provisioner.
+    pub local_path_root: Option<String>,
 }
 
 /// A taint a node registers with: `key[=value]:Effect`, as kubelet's flag takes it.
@@ -115,6 +118,7 @@ impl NodeConfig {
             status_refresh: Duration::from_secs(300),
             taints: Vec::new(),
             manages_network: false,
+            local_path_root: None,
         }
     }
 }
@@ -176,7 +180,7 @@ impl HostInfo {
 
 /// The Node object the agent applies (spec and metadata).
 fn node_object(config: &NodeConfig, host: &HostInfo) -> Value {
-    json!({
+    let mut node = json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {
             "name": config.name,
@@ -188,7 +192,11 @@ fn node_object(config: &NodeConfig, host: &HostInfo) -> Value {
                 "beta.kubernetes.io/arch": host.architecture,
             },
         },
-    })
+    });
+    if let Some(root) = &config.local_path_root {
+        node["metadata"]["annotations"] = json!({crate::volume::local::ANN_ROOT: root});
+    }
+    node
 }
 
 /// The status the agent applies: capacity, allocatable, conditions, addresses, nodeInfo.

@@ -19,6 +19,7 @@
 //! `fsGroup`, group-readable (and writable for an `emptyDir`), directories set-gid.
 
 pub mod atomic;
+pub mod local;
 pub mod projection;
 
 use std::collections::BTreeMap;

@@ -3,7 +3,8 @@
 //!
 //! For a pending pod it **filters** the nodes — Ready, not cordoned, taints tolerated,
 //! `nodeSelector` and required node affinity matched, CPU, memory and pod-count requests
-//! fitting what is allocatable minus what is already placed, host ports free — then
+//! fitting what is allocatable minus what is already placed, host ports free, the pod's
+//! PersistentVolumeClaims satisfiable there ([`volumes`]) — then
 //! **scores** the survivors (fewest pods of the same owner first, so replicas spread; then
 //! least allocated) and **binds** through `pods/binding`. A pod that fits nowhere gets a
 //! `FailedScheduling` event naming the reasons per node, and is retried when any node
@@ -15,7 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+pub mod volumes;
+
+use k8s_openapi::api::core::v1::{
+    Node, PersistentVolume, PersistentVolumeClaim, Pod, Taint, Toleration,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -37,6 +43,21 @@ pub const RULES: &[Rule] = &[
         api_groups: &[""],
         resources: &["pods/binding"],
         verbs: &["create"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["persistentvolumes", "persistentvolumeclaims"],
+        verbs: READ,
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["persistentvolumeclaims"],
+        verbs: &["patch"],
+    },
+    Rule {
+        api_groups: &["storage.k8s.io"],
+        resources: &["storageclasses"],
+        verbs: READ,
     },
     Rule {
         api_groups: &[""],
@@ -76,6 +97,8 @@ pub struct Scheduler {
     client: Client,
     pods: Store<Pod>,
     nodes: Store<Node>,
+    /// Claims, volumes and classes, for the pods' PersistentVolumeClaims.
+    storage: volumes::VolumeStores,
     /// Pod UID → (node, requests, owner, when): bound by us, maybe not yet seen bound in
     /// the cache.
     assumed: Mutex<HashMap<String, Assumed>>,
@@ -186,6 +209,9 @@ impl std::fmt::Debug for Scheduler {
 pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
     let pods = manager.cache::<Pod>(watcher::Config::default());
     let nodes = manager.cache::<Node>(watcher::Config::default());
+    let claims = manager.cache::<PersistentVolumeClaim>(watcher::Config::default());
+    let pvs = manager.cache::<PersistentVolume>(watcher::Config::default());
+    let classes = manager.cache::<StorageClass>(watcher::Config::default());
     let registry = manager.registry().clone();
     let metrics = Metrics {
         attempts: IntCounterVec::new(
@@ -215,6 +241,11 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
         client: manager.client(),
         pods: pods.store(),
         nodes: nodes.store(),
+        storage: volumes::VolumeStores {
+            claims: claims.store(),
+            volumes: pvs.store(),
+            classes: classes.store(),
+        },
         assumed: Mutex::default(),
         metrics,
         cycle: tokio::sync::Mutex::new(None),
@@ -225,6 +256,16 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
     let nodes_changed = Arc::clone(&context.nodes_changed);
     let pending = pods.store();
     let (freed, pending_after_delete) = (Arc::clone(&context.nodes_changed), pods.store());
+    let pending_of = |pods: Store<Pod>| {
+        move || {
+            pods.state()
+                .into_iter()
+                .filter(|p| is_pending(p))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (on_claim, on_volume) = (pending_of(pods.store()), pending_of(pods.store()));
     // Cycles run one at a time; 64 reconciles in flight keep that many bindings going.
     let runner = Runner::for_cache("scheduler", &pods)
         .map(|r| r.concurrency(64))
@@ -256,6 +297,9 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
                     .collect::<Vec<_>>()
             })
         })
+        // A claim appearing or getting bound may let a waiting pod go somewhere.
+        .and_then(|r| r.watches(&claims, move |_: Arc<PersistentVolumeClaim>| on_claim()))
+        .and_then(|r| r.watches(&pvs, move |_: Arc<PersistentVolume>| on_volume()))
         .expect("the caches were just created, before run");
     manager.add(runner, reconcile, context);
     Ok(())
@@ -378,6 +422,19 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
     }
     let profile = "default-scheduler";
     let begun = Instant::now();
+    let needs = match volumes::ClaimNeeds::of(&pod, &ctx.storage) {
+        Ok(needs) => needs,
+        Err(reason) => {
+            let nodes = ctx.nodes.state().len();
+            ctx.failed_scheduling(&pod, &format!("0/{nodes} nodes are available: {reason}."))
+                .await;
+            ctx.metrics
+                .attempts
+                .with_label_values(&["unschedulable", profile])
+                .inc();
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
     let wanted = requests(&pod);
     let owner = controller_uid(&pod);
     // The scheduling cycle: decide against the snapshot and assume the pod there. The
@@ -414,7 +471,14 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
             examined += 1;
             let at = (start + i) % count;
             let (node, used) = (&snapshot.nodes[at], Some(&snapshot.usage[at]));
-            match fits(&pod, node, &wanted, used) {
+            let fit = fits(&pod, node, &wanted, used).and_then(|()| {
+                if needs.allows(&node.node) {
+                    Ok(())
+                } else {
+                    Err("node(s) had volume node affinity conflict".to_owned())
+                }
+            });
+            match fit {
                 Err(reason) => *reasons.entry(reason).or_default() += 1,
                 Ok(()) => {
                     feasible += 1;
@@ -481,7 +545,15 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
-    // The binding cycle.
+    // The binding cycle: the claims waiting for this pod learn its node first.
+    if let Err(source) = needs.select(&ctx.client, &node).await {
+        ctx.forget(&uid).await;
+        return Err(SchedulerError::Bind {
+            pod: pod.name_any(),
+            node,
+            source,
+        });
+    }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
     let binding = json!({
         "apiVersion": "v1", "kind": "Binding",
@@ -705,11 +777,18 @@ pub fn placeable(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> boo
             a.required_during_scheduling_ignored_during_execution
                 .as_ref()
         });
-    let Some(required) = required else {
-        return true;
-    };
+    required.is_none_or(|required| selector_matches(required, node))
+}
+
+/// Whether `node` matches a NodeSelector: any term matching, a term matching when all its
+/// `matchExpressions` (on the node's labels) and `matchFields` (`metadata.name`, the only
+/// field kube supports) do. Pods' required node affinity and volumes' node affinity read
+/// alike.
+pub fn selector_matches(selector: &k8s_openapi::api::core::v1::NodeSelector, node: &Node) -> bool {
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
     let name = node.name_any();
-    required.node_selector_terms.iter().any(|term| {
+    selector.node_selector_terms.iter().any(|term| {
         term.match_expressions.iter().flatten().all(|e| {
             crate::labels::requirement(
                 &e.operator,
