@@ -81,7 +81,16 @@ def roots(messages: dict) -> dict:
 
 
 # JSON names serde spells differently from the Go field.
-OVERRIDES = {"JsonSchemaProps.r#ref": "$ref", "JsonSchemaProps.schema": "$schema"}
+# Also the fields of Go structs embedded inline whose own struct k8s-openapi does not have
+# (VolumeSource in Volume, PersistentVolumeSource in PersistentVolumeSpec): camelCasing the
+# Rust name misses their acronyms.
+OVERRIDES = {
+    "JsonSchemaProps.r#ref": "$ref",
+    "JsonSchemaProps.schema": "$schema",
+    "VolumeSource.downward_api": "downwardAPI",
+    "VolumeSource.scale_io": "scaleIO",
+    "PersistentVolumeSource.scale_io": "scaleIO",
+}
 
 
 def crate_src(name: str) -> pathlib.Path:

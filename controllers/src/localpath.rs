@@ -323,6 +323,9 @@ mod tests {
         assert_eq!(local::PROVISIONER, PROVISIONER);
         let class = storage_class();
         assert_eq!(class.provisioner, PROVISIONER);
-        assert_eq!(class.volume_binding_mode.as_deref(), Some("WaitForFirstConsumer"));
+        assert_eq!(
+            class.volume_binding_mode.as_deref(),
+            Some("WaitForFirstConsumer")
+        );
     }
 }
