@@ -165,8 +165,15 @@ def main():
     version = lambda pkg: out("dpkg-query", "-W", "-f", "${Version}", pkg)
 
     busybox = Rootfs(work, "busybox")
-    images.register(manifest.name("BusyBox"), busybox, "real",
-                    f"Debian busybox-static {version('busybox-static')}", ["--config.cmd", "sh"])
+    # Debian's busybox 1.35 ash drops environment variables whose names are not shell
+    # identifiers (`data-1`, from envFrom) before it runs a command; the upstream image's
+    # busybox passes them on, as the ConfigMap/Secret envFrom specs check with `sh -c env`.
+    # bash (as sh, in POSIX mode) passes them on too.
+    (busybox.root / "bin/sh").unlink()
+    busybox.add("/bin/bash", "/bin/sh")
+    images.register(manifest.name("BusyBox"), busybox, "stand-in",
+                    f"Debian busybox-static {version('busybox-static')}, bash as sh",
+                    ["--config.cmd", "sh"])
 
     pause = Rootfs(work, "pause", busybox=False)
     pause_tag = manifest.name("Pause")[1]

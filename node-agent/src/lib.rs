@@ -23,7 +23,7 @@ pub mod stream;
 
 // The modules keep the paths they had before the crate was grouped into folders.
 pub use kubelet::{
-    agent, downward, endpoint, events, health, hook, logs, node, pod, probe, resolve,
+    agent, downward, endpoint, events, health, hook, hosts, links, logs, node, pod, probe, resolve,
     serviceaccount, simulated, termination, volume,
 };
 pub use network::{dns, proxy};

@@ -114,3 +114,53 @@ fn termination_messages_init_statuses_and_qos() {
         .clone();
     assert_eq!(initialized["status"], "True");
 }
+
+#[test]
+fn names_hosts_and_service_environment() {
+    let host = Host::start("podnames");
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "fooservice"},
+        "spec": {"ports": [{"port": 8765, "name": "http"}], "selector": {"app": "none"}},
+    }));
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "named"},
+        "spec": {
+            "nodeName": "n1", "restartPolicy": "Never",
+            "hostname": "db", "subdomain": "peers", "setHostnameAsFQDN": true,
+            "hostAliases": [{"ip": "123.45.67.89", "hostnames": ["foo", "bar"]}],
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c",
+                "cat /etc/hosts; hostname; env | grep -E '^(FOOSERVICE|KUBERNETES_SERVICE)_' | sort"]}],
+        },
+    }));
+    host.wait_pod("named", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    let out = host.kubectl(&["logs", "named"]);
+    assert!(out.contains("123.45.67.89\tfoo\tbar\n"), "{out}");
+    assert!(
+        out.contains("\tdb.peers.default.svc.cluster.local\tdb\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\ndb.peers.default.svc.cluster.local\n"),
+        "{out}"
+    );
+    assert!(out.contains("FOOSERVICE_SERVICE_PORT=8765\n"), "{out}");
+    assert!(out.contains("FOOSERVICE_SERVICE_PORT_HTTP=8765\n"), "{out}");
+    assert!(out.contains("KUBERNETES_SERVICE_HOST="), "{out}");
+    // enableServiceLinks: false keeps only the API server's.
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unlinked"},
+        "spec": {
+            "nodeName": "n1", "restartPolicy": "Never", "enableServiceLinks": false,
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sh", "-c",
+                "env | grep -E '^(FOOSERVICE|KUBERNETES_SERVICE)_HOST' | sort"]}],
+        },
+    }));
+    host.wait_pod("unlinked", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    let out = host.kubectl(&["logs", "unlinked"]);
+    assert!(!out.contains("FOOSERVICE"), "{out}");
+    assert!(out.contains("KUBERNETES_SERVICE_HOST="), "{out}");
+}

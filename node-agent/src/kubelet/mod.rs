@@ -12,6 +12,8 @@ pub mod endpoint;
 pub mod events;
 pub mod health;
 pub mod hook;
+pub mod hosts;
+pub mod links;
 pub mod logs;
 pub mod node;
 pub mod pod;

@@ -107,8 +107,6 @@ pub struct PodWorker {
     reported_running: bool,
     /// The service account files, once written (`None`: not yet, or not automounted).
     service_account: Option<crate::serviceaccount::Projected>,
-    /// The `KUBERNETES_SERVICE_*` environment, read once the pod is prepared.
-    kubernetes_env: Vec<(String, String)>,
     /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
     /// it mounts missing, …): the next try backs off.
     prepare_failures: u32,
@@ -158,7 +156,6 @@ impl PodWorker {
             created: Instant::now(),
             reported_running: false,
             service_account: None,
-            kubernetes_env: Vec::new(),
             prepare_failures: 0,
         }
     }
@@ -599,17 +596,15 @@ impl PodWorker {
                 .map_err(|e| format!("setting up the pod network: {e}"))?;
             self.network = Some(network);
         }
-        let hostname = pod.name_any();
-        let ip = self.pod_ip();
-        let hosts = format!(
-            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{hostname}\n"
-        );
+        let domain = crate::agent::CLUSTER_DOMAIN;
+        let hostname = crate::hosts::kernel_hostname(pod, domain);
+        let node_hosts = host_network.then(|| fs::read_to_string("/etc/hosts").unwrap_or_default());
+        let hosts = crate::hosts::hosts_file(pod, &[self.pod_ip()], domain, node_hosts.as_deref());
         fs::write(self.dir.join("etc/hosts"), hosts).map_err(|e| e.to_string())?;
         fs::write(self.dir.join("etc/hostname"), format!("{hostname}\n"))
             .map_err(|e| e.to_string())?;
         fs::write(self.dir.join("etc/resolv.conf"), self.resolv_conf(pod))
             .map_err(|e| e.to_string())?;
-        self.kubernetes_env = crate::serviceaccount::kubernetes_env(&self.ctx.client).await;
         if self.service_account.is_none()
             && crate::serviceaccount::automount(&self.ctx.client, pod).await?
         {
@@ -1094,7 +1089,7 @@ impl PodWorker {
             pod,
             c,
             &image.config,
-            &self.kubernetes_env,
+            &crate::links::pod_env(&self.ctx.client, pod).await,
             &addresses,
             &node,
         )
@@ -1167,7 +1162,7 @@ impl PodWorker {
             uid,
             gid,
             additional_gids: groups,
-            hostname: pod.name_any(),
+            hostname: crate::hosts::kernel_hostname(pod, crate::agent::CLUSTER_DOMAIN),
             netns: self.network.as_ref().map(|n| n.netns.clone()),
             mounts,
             cgroups_path: format!(

@@ -130,7 +130,11 @@ pub async fn env(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         );
     }
-    set(&mut vars, "HOSTNAME".into(), pod.name_any());
+    set(
+        &mut vars,
+        "HOSTNAME".into(),
+        crate::hosts::kernel_hostname(pod, crate::agent::CLUSTER_DOMAIN),
+    );
     for (k, v) in services {
         set(&mut vars, k.clone(), v.clone());
     }

@@ -1,7 +1,7 @@
 //! What an in-cluster client (kube-rs `Client::try_default()`, client-go's
 //! `rest.InClusterConfig()`) looks for in a pod: the service account directory
-//! `/var/run/secrets/kubernetes.io/serviceaccount` (`token`, `ca.crt`, `namespace`) and the
-//! `KUBERNETES_SERVICE_HOST`/`_PORT` environment.
+//! `/var/run/secrets/kubernetes.io/serviceaccount` (`token`, `ca.crt`, `namespace`). (The
+//! `KUBERNETES_SERVICE_HOST`/`_PORT` environment is [`crate::links`]'.)
 //!
 //! The token comes from the TokenRequest API, bound to the pod (it stops working once the pod
 //! is gone), for the API server's audience, for [`EXPIRATION_SECONDS`]; the pod worker asks
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
@@ -126,63 +126,4 @@ pub async fn project(
         dir: dir.to_owned(),
         due: asked + Duration::from_secs(lifetime * 8 / 10),
     })
-}
-
-/// The environment every container gets for the `default/kubernetes` Service (its cluster
-/// IP; empty when there is none): `KUBERNETES_SERVICE_HOST`/`_PORT`/`_PORT_HTTPS` and the
-/// Docker-link style `KUBERNETES_PORT*` variables, as the kubelet sets them.
-pub async fn kubernetes_env(client: &Client) -> Vec<(String, String)> {
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let service = match services.get_opt("kubernetes").await {
-        Ok(Some(service)) => service,
-        Ok(None) => return Vec::new(),
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the kubernetes Service");
-            return Vec::new();
-        }
-    };
-    let Some(spec) = service.spec else {
-        return Vec::new();
-    };
-    let Some(ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else {
-        return Vec::new();
-    };
-    let ports = spec.ports.unwrap_or_default();
-    let Some(first) = ports.first() else {
-        return Vec::new();
-    };
-    let mut env = vec![
-        ("KUBERNETES_SERVICE_HOST".to_owned(), ip.clone()),
-        ("KUBERNETES_SERVICE_PORT".to_owned(), first.port.to_string()),
-    ];
-    for port in &ports {
-        if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
-            env.push((
-                format!(
-                    "KUBERNETES_SERVICE_PORT_{}",
-                    name.to_uppercase().replace('-', "_")
-                ),
-                port.port.to_string(),
-            ));
-        }
-    }
-    let protocol = |p: &k8s_openapi::api::core::v1::ServicePort| {
-        p.protocol.clone().unwrap_or_else(|| "TCP".into())
-    };
-    env.push((
-        "KUBERNETES_PORT".to_owned(),
-        format!("{}://{ip}:{}", protocol(first).to_lowercase(), first.port),
-    ));
-    for port in &ports {
-        let proto = protocol(port);
-        let prefix = format!("KUBERNETES_PORT_{}_{}", port.port, proto.to_uppercase());
-        env.push((
-            prefix.clone(),
-            format!("{}://{ip}:{}", proto.to_lowercase(), port.port),
-        ));
-        env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
-        env.push((format!("{prefix}_PORT"), port.port.to_string()));
-        env.push((format!("{prefix}_ADDR"), ip.clone()));
-    }
-    env
 }
