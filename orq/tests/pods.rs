@@ -113,6 +113,34 @@ fn termination_messages_init_statuses_and_qos() {
         .unwrap()
         .clone();
     assert_eq!(initialized["status"], "True");
+
+    // Safe sysctls are set in the pod's namespaces; others are refused with the reason.
+    let sysctl_pod = |name: &str, sysctl: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {
+                "nodeName": "n1", "restartPolicy": "Never",
+                "securityContext": {"sysctls": [{"name": sysctl, "value": "1"}]},
+                "containers": [{"name": "main", "image": IMAGE,
+                    "command": ["cat", "/proc/sys/kernel/shm_rmid_forced"]}],
+            },
+        })
+    };
+    host.apply(&sysctl_pod("sysctl", "kernel.shm_rmid_forced"));
+    host.wait_pod("sysctl", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
+    assert_eq!(host.kubectl(&["logs", "sysctl"]), "1\n");
+    host.apply(&sysctl_pod("unsafe", "kernel.msgmax"));
+    let refused = host.wait_pod("unsafe", Duration::from_secs(60), |p| {
+        p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+            == "CreateContainerConfigError"
+    });
+    let message = refused["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("kernel.msgmax"), "{message}");
 }
 
 #[test]

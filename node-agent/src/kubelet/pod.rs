@@ -1181,6 +1181,7 @@ impl PodWorker {
             pid_namespace: self.target_pid_namespace(pod, &c.name),
             seccomp,
             no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
+            sysctls: resolve::sysctls(pod)?,
         })
     }
 

@@ -375,6 +375,54 @@ fn lookup_by_uid(passwd: &str, uid: u32) -> Option<u32> {
     })
 }
 
+/// The sysctls the kubelet allows by default (its "safe" set: namespaced, and unable to
+/// affect other pods or the node).
+pub const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+];
+
+/// The pod's `securityContext.sysctls`, checked as the kubelet's sysctl admission does:
+/// only the safe set, and no `net.*` one for a pod on the node's network (it would change
+/// the node's). Names may use `/` for `.` (`net/ipv4/tcp_syncookies`).
+pub fn sysctls(pod: &Pod) -> Result<BTreeMap<String, String>, ConfigError> {
+    let spec = pod.spec.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let mut out = BTreeMap::new();
+    for sysctl in spec
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.sysctls.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let name = sysctl.name.replace('/', ".");
+        if !SAFE_SYSCTLS.contains(&name.as_str()) {
+            return Err(err(format!(
+                "forbidden sysctl: \"{}\" not allowlisted",
+                sysctl.name
+            )));
+        }
+        if host_network && name.starts_with("net.") {
+            return Err(err(format!(
+                "forbidden sysctl: \"{}\" not allowed with host net enabled",
+                sysctl.name
+            )));
+        }
+        out.insert(name, sysctl.value.clone());
+    }
+    Ok(out)
+}
+
 /// The seccomp filter of `container` (its `seccompProfile`, else the pod's): none for
 /// `Unconfined`, none given, or a privileged container; the runtime's default; or a
 /// `Localhost` profile from `profiles` (the agent's `seccomp/` directory).

@@ -100,6 +100,8 @@ pub struct ContainerConfig {
     pub seccomp: Option<Value>,
     /// `allowPrivilegeEscalation: false`: the process cannot gain privileges (setuid).
     pub no_new_privileges: bool,
+    /// Namespaced kernel parameters set in the container's namespaces (`linux.sysctl`).
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -291,6 +293,9 @@ impl ContainerConfig {
         }
         if self.no_new_privileges {
             spec["process"]["noNewPrivileges"] = json!(true);
+        }
+        if !self.sysctls.is_empty() {
+            spec["linux"]["sysctl"] = json!(self.sysctls);
         }
         if self.netns.is_some() {
             spec["hostname"] = json!(self.hostname);
