@@ -695,7 +695,7 @@ async fn dispatch(
     match target.subresource.as_deref() {
         None => {}
         Some("status") if target.def.status => {}
-        Some("ephemeralcontainers") if crate::engine::is_pod(&target.def) => {}
+        Some("ephemeralcontainers" | "resize") if crate::engine::is_pod(&target.def) => {}
         Some("scale") if target.def.scale.is_some() => {
             return serve_scale(engine, &target, method, &params, headers, &body).await;
         }

@@ -23,8 +23,8 @@ pub mod stream;
 
 // The modules keep the paths they had before the crate was grouped into folders.
 pub use kubelet::{
-    agent, downward, endpoint, events, health, hook, hosts, links, logs, node, pod, probe, resolve,
-    serviceaccount, simulated, termination, volume,
+    agent, downward, endpoint, events, health, hook, hosts, links, logs, node, pod, probe, resize,
+    resolve, serviceaccount, simulated, termination, volume,
 };
 pub use network::{dns, proxy};
 pub use runtime::{auth, container, image, shim};

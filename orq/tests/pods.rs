@@ -192,3 +192,130 @@ fn names_hosts_and_service_environment() {
     assert!(!out.contains("FOOSERVICE"), "{out}");
     assert!(out.contains("KUBERNETES_SERVICE_HOST="), "{out}");
 }
+
+#[test]
+fn resize_changes_the_cgroup_in_place() {
+    let host = Host::start("podresize");
+    let resources = |cpu: &str, memory: &str| json!({"limits": {"cpu": cpu, "memory": memory}, "requests": {"cpu": cpu, "memory": memory}});
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "resized"},
+        "spec": {
+            "nodeName": "n1", "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {"name": "inplace", "image": IMAGE, "command": ["sleep", "3600"],
+                 "resources": resources("100m", "64Mi")},
+                {"name": "restarts", "image": IMAGE, "command": ["sleep", "3600"],
+                 "resources": resources("100m", "64Mi"),
+                 "resizePolicy": [{"resourceName": "memory", "restartPolicy": "RestartContainer"}]},
+            ],
+        },
+    }));
+    host.wait_pod("resized", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    });
+    // What the container sees of its own cgroup, v1 or v2.
+    let cgroup = |container: &str| {
+        host.kubectl(&["exec", "resized", "-c", container, "--", "sh", "-c",
+            "if [ -f /sys/fs/cgroup/cgroup.controllers ]; then \
+               cat /sys/fs/cgroup/memory.max; cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
+             else cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; fi"])
+    };
+    assert_eq!(cgroup("inplace"), format!("{}\n10000\n", 64 << 20));
+    let patch = json!({"spec": {"containers": [
+        {"name": "inplace", "resources": resources("200m", "128Mi")},
+        {"name": "restarts", "resources": resources("100m", "96Mi")},
+    ]}});
+    host.kubectl(&[
+        "patch",
+        "pod",
+        "resized",
+        "--subresource",
+        "resize",
+        "--type",
+        "strategic",
+        "-p",
+        &patch.to_string(),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cgroup("inplace") != format!("{}\n20000\n", 128 << 20) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            cgroup("inplace")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let pod = host.wait_pod("resized", Duration::from_secs(30), |p| {
+        let statuses = p["status"]["containerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        p["status"]["observedGeneration"] == p["metadata"]["generation"]
+            && statuses.iter().all(|s| s["state"]["running"].is_object())
+            && statuses
+                .iter()
+                .any(|s| s["name"] == "restarts" && s["restartCount"] == 1)
+    });
+    let statuses = pod["status"]["containerStatuses"].as_array().unwrap();
+    let inplace = statuses.iter().find(|s| s["name"] == "inplace").unwrap();
+    assert_eq!(inplace["restartCount"], 0, "resized in place: {inplace:#}");
+    assert_eq!(inplace["resources"]["limits"]["memory"], "128Mi");
+    assert_eq!(inplace["allocatedResources"]["cpu"], "200m");
+    assert_eq!(cgroup("restarts"), format!("{}\n10000\n", 96 << 20));
+    assert_eq!(pod["metadata"]["generation"], 2);
+
+    // Beyond the node: Infeasible, and the containers keep what they have.
+    host.kubectl(&[
+        "patch", "pod", "resized", "--subresource", "resize", "--type", "strategic", "-p",
+        &json!({"spec": {"containers": [{"name": "inplace", "resources": resources("100000", "128Mi")}]}})
+            .to_string(),
+    ]);
+    let pod = host.wait_pod("resized", Duration::from_secs(30), |p| {
+        p["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "PodResizePending"))
+    });
+    let pending = pod["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodResizePending")
+        .unwrap()
+        .clone();
+    assert_eq!(pending["reason"], "Infeasible");
+    assert!(
+        pending["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Node didn't have enough capacity: cpu"),
+        "{pending}"
+    );
+    assert_eq!(cgroup("inplace"), format!("{}\n20000\n", 128 << 20));
+
+    // A resize that would change the QoS class is refused by the API server.
+    let refused = host
+        .nsenter("kubectl")
+        .arg("--kubeconfig")
+        .arg(host.data_dir().join("kubeconfig.yaml"))
+        .args([
+            "patch",
+            "pod",
+            "resized",
+            "--subresource",
+            "resize",
+            "--type",
+            "strategic",
+            "-p",
+        ])
+        .arg(
+            json!({"spec": {"containers": [{"name": "inplace",
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"},
+                              "limits": {"cpu": "200m", "memory": "128Mi"}}}]}})
+            .to_string(),
+        )
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Pod QOS Class may not change"), "{stderr}");
+}

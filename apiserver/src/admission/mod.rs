@@ -1,10 +1,12 @@
 //! What a write must satisfy before it is stored, kept in small named steps so the engine
 //! stays generic: the defaults and semantic checks that k8s-openapi's schemas cannot carry
 //! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
-//! RuntimeClasses' overhead and scheduling ([`runtime_class`]), claims' default
+//! RuntimeClasses' overhead and scheduling ([`runtime_class`]), in-place pod resizes
+//! ([`resize`]), claims' default
 //! StorageClass ([`storage_class`]), and LimitRanges and ResourceQuotas ([`quota`]).
 
 pub mod quota;
+pub mod resize;
 pub mod runtime_class;
 pub mod schema;
 pub mod storage_class;

@@ -158,13 +158,15 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "kind": "Pod",
             "verbs": ["get"],
         }));
-        entries.push(json!({
-            "name": "pods/ephemeralcontainers",
-            "singularName": "",
-            "namespaced": true,
-            "kind": "Pod",
-            "verbs": ["get", "patch", "update"],
-        }));
+        for sub in ["ephemeralcontainers", "resize"] {
+            entries.push(json!({
+                "name": format!("pods/{sub}"),
+                "singularName": "",
+                "namespaced": true,
+                "kind": "Pod",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         for (sub, kind) in [
             ("attach", "PodAttachOptions"),
             ("exec", "PodExecOptions"),

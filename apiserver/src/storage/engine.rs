@@ -1161,6 +1161,8 @@ enum Part {
     Finalize,
     /// `pods/<name>/ephemeralcontainers`: only `spec.ephemeralContainers`.
     EphemeralContainers,
+    /// `pods/<name>/resize`: only the containers' CPU and memory `resources`.
+    Resize,
 }
 
 impl Part {
@@ -1169,6 +1171,7 @@ impl Part {
             Some("status") => Part::Status,
             Some("finalize") if is_namespace(def) => Part::Finalize,
             Some("ephemeralcontainers") if is_pod(def) => Part::EphemeralContainers,
+            Some("resize") if is_pod(def) => Part::Resize,
             _ => Part::Main,
         }
     }
@@ -1339,6 +1342,7 @@ fn merge_update(
             new
         }
         Part::EphemeralContainers => merge_ephemeral_containers(old, body)?,
+        Part::Resize => crate::admission::resize::merge(old, body)?,
         Part::Main => {
             let mut new = body.clone();
             if def.status {

@@ -18,6 +18,7 @@ pub mod logs;
 pub mod node;
 pub mod pod;
 pub mod probe;
+pub mod resize;
 pub mod resolve;
 pub mod serviceaccount;
 pub mod simulated;

@@ -107,6 +107,8 @@ pub struct PodWorker {
     reported_running: bool,
     /// The service account files, once written (`None`: not yet, or not automounted).
     service_account: Option<crate::serviceaccount::Projected>,
+    /// Why the pod's resize cannot be done (`PodResizePending`, reason `Infeasible`).
+    resize_infeasible: Option<String>,
     /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
     /// it mounts missing, …): the next try backs off.
     prepare_failures: u32,
@@ -157,6 +159,7 @@ impl PodWorker {
             reported_running: false,
             service_account: None,
             prepare_failures: 0,
+            resize_infeasible: None,
         }
     }
 
@@ -336,6 +339,7 @@ impl PodWorker {
                 wake = wake.min(d);
             }
         }
+        self.resize(pod).await;
         if let Some(due) = self.run_probes(pod).await {
             wake = wake.min(due);
         }
@@ -365,6 +369,90 @@ impl PodWorker {
             self.release_sandbox().await;
         }
         Next::After(wake)
+    }
+
+    /// In-place resize: brings each running container (and sidecar) to its spec's CPU and
+    /// memory — its cgroup updated, or the container restarted where its `resizePolicy`
+    /// asks — unless the pod no longer fits the node at all.
+    async fn resize(&mut self, pod: &Pod) {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let running: Vec<(Container, Attempt)> = spec
+            .containers
+            .iter()
+            .chain(
+                spec.init_containers
+                    .iter()
+                    .flatten()
+                    .filter(|c| is_sidecar(c)),
+            )
+            .filter_map(|c| {
+                let a = self.latest(&c.name)?;
+                matches!(a.state, ContainerState::Running(_)).then(|| (c.clone(), a))
+            })
+            .filter(|(c, a)| {
+                crate::resize::step(c, crate::resize::recorded(&a.dir).as_ref())
+                    != crate::resize::Step::None
+            })
+            .collect();
+        if running.is_empty() {
+            self.resize_infeasible = None;
+            return;
+        }
+        let node = crate::downward::Allocatable::of_host(&self.ctx.config.data_dir);
+        if let Err(why) = crate::resize::feasible(pod, &node) {
+            if self.resize_infeasible.as_deref() != Some(&why) {
+                self.event(pod, EventType::Warning, "ResizeInfeasible", &why)
+                    .await;
+            }
+            self.resize_infeasible = Some(why);
+            return;
+        }
+        self.resize_infeasible = None;
+        for (c, attempt) in running {
+            match crate::resize::step(&c, crate::resize::recorded(&attempt.dir).as_ref()) {
+                crate::resize::Step::None => {}
+                crate::resize::Step::Update => {
+                    let Some(path) = crate::shim::cgroups_path(&attempt.dir) else {
+                        continue;
+                    };
+                    match crate::resize::actuate(&path, &resolve::resources(&c)) {
+                        Ok(()) => {
+                            let _ = crate::resize::record(&attempt.dir, c.resources.as_ref());
+                            self.event(
+                                pod,
+                                EventType::Normal,
+                                "ResizeCompleted",
+                                &format!("Container {} resized", c.name),
+                            )
+                            .await;
+                        }
+                        Err(e) => {
+                            self.event(
+                                pod,
+                                EventType::Warning,
+                                "ResizeError",
+                                &format!("resizing container {}: {e}", c.name),
+                            )
+                            .await;
+                        }
+                    }
+                }
+                crate::resize::Step::Restart => {
+                    // Stopped and started again at once, with the new resources: a resize
+                    // restart is not a failure, whatever the pod's restart policy.
+                    let _ = container::signal(&attempt.dir, Signal::SIGKILL);
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < deadline
+                        && self
+                            .latest(&c.name)
+                            .is_some_and(|a| matches!(a.state, ContainerState::Running(_)))
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    self.start(pod, &c, attempt.number + 1).await;
+                }
+            }
+        }
     }
 
     /// Runs the probes that are due on running containers; kills a container whose
@@ -782,6 +870,9 @@ impl PodWorker {
                 return Next::After(Duration::from_secs(2));
             }
         };
+        if let Err(e) = crate::resize::record(&attempt_dir, c.resources.as_ref()) {
+            tracing::warn!(container = %c.name, error = %e, "recording the container's resources");
+        }
         let spec = config.oci_spec(&attempt_dir.join("rootfs"));
         let log = self.log_path(&c.name, attempt);
         let ctx = Arc::clone(&self.ctx);
@@ -1373,7 +1464,8 @@ impl PodWorker {
             }
             _ => "Pending",
         };
-        let conditions = vec![
+        let generation = pod.metadata.generation.unwrap_or(1);
+        let mut conditions = vec![
             transition(
                 "PodReadyToStartContainers",
                 self.network.is_some() || spec.host_network == Some(true),
@@ -1383,8 +1475,18 @@ impl PodWorker {
             transition("ContainersReady", all_ready && phase == "Running"),
             transition("PodScheduled", true),
         ];
+        if let Some(why) = &self.resize_infeasible {
+            let mut pending = transition("PodResizePending", true);
+            pending["reason"] = json!("Infeasible");
+            pending["message"] = json!(why);
+            conditions.push(pending);
+        }
+        for condition in &mut conditions {
+            condition["observedGeneration"] = json!(generation);
+        }
         let ip = self.pod_ip();
         let mut status = json!({
+            "observedGeneration": generation,
             "phase": phase,
             "conditions": conditions,
             "hostIP": self.ctx.config.node_ip,
@@ -1512,6 +1614,17 @@ impl PodWorker {
             "state": state,
             "lastState": last.map(|t| json!({"terminated": t})).unwrap_or(json!({})),
         });
+        // The resources a running container actually has (after any in-place resize).
+        if let Some(a) = latest
+            .as_ref()
+            .filter(|a| matches!(a.state, ContainerState::Running(_)))
+            && let Some(actual) = crate::resize::recorded(&a.dir)
+        {
+            status["resources"] = json!(actual);
+            if let Some(requests) = &actual.requests {
+                status["allocatedResources"] = json!(requests);
+            }
+        }
         if let Some(a) = latest {
             if !matches!(a.state, ContainerState::Created) {
                 status["containerID"] = json!(format!(

@@ -214,6 +214,14 @@ impl ContainerConfig {
             json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                    "options": ["nosuid", "noexec", "nodev"]}),
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
+            // The container's own cgroup (its limits, its usage), read-only unless privileged,
+            // as container runtimes mount it: what in-place resize checks read.
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": if self.privileged {
+                json!(["nosuid", "noexec", "nodev", "relatime"])
+            } else {
+                json!(["nosuid", "noexec", "nodev", "relatime", "ro"])
+            }}),
         ];
         for m in &self.mounts {
             let mut options = vec!["rbind", "rprivate"];
