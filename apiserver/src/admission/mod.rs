@@ -36,6 +36,10 @@ pub fn default_on_create(def: &ResourceDef, object: &mut Value) {
             let qos = qos_class(&object["spec"]);
             object["status"] = json!({"phase": "Pending", "qosClass": qos});
         }
+        // Claims and volumes start Pending; the binder moves them on.
+        ("", "PersistentVolumeClaim" | "PersistentVolume") => {
+            object["status"] = json!({"phase": "Pending"});
+        }
         _ => {}
     }
     on_write(def, object);

@@ -1475,6 +1475,42 @@ impl PodWorker {
             transition("ContainersReady", all_ready && phase == "Running"),
             transition("PodScheduled", true),
         ];
+        // The kubelet's reasons for a condition that is not (yet) true.
+        let names_where = |list: &[Value], pick: &dyn Fn(&Value) -> bool| {
+            list.iter()
+                .filter(|s| pick(s))
+                .filter_map(|s| s["name"].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let incomplete = names_where(&init_statuses, &|s| {
+            s["state"]["terminated"]["exitCode"] != 0
+                && !(s["started"] == true && s["ready"] == true)
+        });
+        let unready = names_where(&statuses, &|s| s["ready"] != true);
+        for condition in &mut conditions {
+            if condition["status"] != "False" {
+                continue;
+            }
+            let (reason, message) = match condition["type"].as_str() {
+                Some("Initialized") => (
+                    "ContainersNotInitialized",
+                    format!("containers with incomplete status: [{incomplete}]"),
+                ),
+                Some("Ready" | "ContainersReady") if matches!(phase, "Succeeded" | "Failed") => {
+                    ("PodCompleted", String::new())
+                }
+                Some("Ready" | "ContainersReady") => (
+                    "ContainersNotReady",
+                    format!("containers with unready status: [{unready}]"),
+                ),
+                _ => continue,
+            };
+            condition["reason"] = json!(reason);
+            if !message.is_empty() {
+                condition["message"] = json!(message);
+            }
+        }
         if let Some(why) = &self.resize_infeasible {
             let mut pending = transition("PodResizePending", true);
             pending["reason"] = json!("Infeasible");
