@@ -11,7 +11,10 @@
 //!    runtime) vs `runc run` on the same bundle, sequentially, p50/p99 and the ratio;
 //! 2. pod startup latency — API create to `Running` observed by a watch, image present —
 //!    p50/p99 over 100 pods created one after another;
-//! 3. the agent's RSS idle and with 50 pods running.
+//! 3. the agent's RSS idle and with 50 pods running;
+//! 4. pod startup with five volumes (two ConfigMaps, two Secrets, one projected volume of a
+//!    ConfigMap, a Secret, the downward API and a service account token) side by side with
+//!    the same pod without them: 40 of each, interleaved.
 
 #![allow(clippy::unwrap_used)] // a benchmark fails loudly
 
@@ -174,11 +177,66 @@ fn bench(netns: &str) {
                 with_50 = rss_mib(agent_pid);
             }
         }
-        watcher.abort();
         let (p50, p99) = (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.99));
         println!("pod startup: API create → Running seen by a watch, image present, 100 pods one after another");
         println!("  p50 {p50:.0} ms  p99 {p99:.0} ms  max {:.0} ms", latencies.last().unwrap());
         println!("agent RSS: idle {idle:.1} MiB, with 50 pods running {with_50:.1} MiB");
+
+        // 4. Five volumes vs none, interleaved.
+        let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(client.clone(), "default");
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), "default");
+        for i in 0..3 {
+            config_maps
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({
+                        "metadata": {"name": format!("cm{i}")},
+                        "data": {"a": "1", "b": "2", "c": "3"},
+                    }))
+                    .unwrap(),
+                )
+                .await
+                .unwrap();
+            secrets
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({
+                        "metadata": {"name": format!("secret{i}")},
+                        "stringData": {"x": "1", "y": "2"},
+                    }))
+                    .unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        let (mut plain, mut mounted) = (Vec::new(), Vec::new());
+        for i in 0..40 {
+            for (name, with_volumes) in [(format!("q{i}"), false), (format!("v{i}"), true)] {
+                let spec = if with_volumes { pod_with_volumes(&name) } else { pod(&name) };
+                let t0 = Instant::now();
+                pods.create(&PostParams::default(), &spec).await.unwrap();
+                loop {
+                    let (done, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                        .await
+                        .expect("a pod did not start within 60 s")
+                        .unwrap();
+                    if done == name {
+                        let ms = at.duration_since(t0).as_secs_f64() * 1000.0;
+                        if with_volumes { mounted.push(ms) } else { plain.push(ms) }
+                        break;
+                    }
+                }
+            }
+        }
+        watcher.abort();
+        let (n50, n99) = (percentile(&mut plain, 0.5), percentile(&mut plain, 0.99));
+        let (v50, v99) = (percentile(&mut mounted, 0.5), percentile(&mut mounted, 0.99));
+        println!("pod startup with 5 configMap/secret/projected volumes vs none, 40 each interleaved");
+        println!("  no volumes : p50 {n50:.0} ms  p99 {n99:.0} ms");
+        println!("  5 volumes  : p50 {v50:.0} ms  p99 {v99:.0} ms");
+        println!("  ratio      : p50 {:.2}  p99 {:.2}", v50 / n50, v99 / n99);
     });
     drop(runtime);
     drop(agent);
@@ -201,6 +259,32 @@ fn pod(name: &str) -> Pod {
         }]},
     }))
     .unwrap()
+}
+
+/// [`pod`] with five volumes: two ConfigMaps, two Secrets, and a projected volume of a
+/// ConfigMap, a Secret, the downward API and a service account token.
+fn pod_with_volumes(name: &str) -> Pod {
+    let mut pod = serde_json::to_value(pod(name)).unwrap();
+    pod["spec"]["volumes"] = json!([
+        {"name": "cm0", "configMap": {"name": "cm0"}},
+        {"name": "cm1", "configMap": {"name": "cm1"}},
+        {"name": "s0", "secret": {"secretName": "secret0"}},
+        {"name": "s1", "secret": {"secretName": "secret1"}},
+        {"name": "all", "projected": {"sources": [
+            {"configMap": {"name": "cm2"}},
+            {"secret": {"name": "secret2"}},
+            {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            {"serviceAccountToken": {"path": "token", "audience": "bench", "expirationSeconds": 3600}},
+        ]}},
+    ]);
+    pod["spec"]["containers"][0]["volumeMounts"] = json!([
+        {"name": "cm0", "mountPath": "/cm0"},
+        {"name": "cm1", "mountPath": "/cm1"},
+        {"name": "s0", "mountPath": "/s0"},
+        {"name": "s1", "mountPath": "/s1"},
+        {"name": "all", "mountPath": "/all"},
+    ]);
+    serde_json::from_value(pod).unwrap()
 }
 
 async fn wait_running(pods: &Api<Pod>, name: &str) {
