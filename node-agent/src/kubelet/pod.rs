@@ -1450,7 +1450,19 @@ impl PodWorker {
             })
             .collect();
         let all_ready = statuses.iter().all(|s| s["ready"] == true);
-        let initialized = !initializing;
+        // Initialized once past initializing with every (non-sidecar) init container done
+        // successfully: a pod that failed in an init container never was.
+        let initialized = !initializing
+            && spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| !is_sidecar(c))
+                .all(|c| {
+                    init_statuses.iter().any(|s| {
+                        s["name"] == c.name.as_str() && s["state"]["terminated"]["exitCode"] == 0
+                    })
+                });
         let phase = match &self.lifecycle {
             Lifecycle::Finished { phase } => *phase,
             Lifecycle::Preparing | Lifecycle::Initializing => "Pending",
@@ -1559,6 +1571,7 @@ impl PodWorker {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{"ip": ip}]);
         }
+        whole_seconds(&mut status);
         status
     }
 
@@ -1738,6 +1751,38 @@ impl PodWorker {
 
 /// Whether an init container is a sidecar: `restartPolicy: Always`, it runs beside the
 /// main containers instead of before them.
+/// The status's times to whole seconds: `metav1.Time` is second-precision in Kubernetes
+/// (kube-apiserver drops fractions when it decodes), so the pod reads the same whether
+/// fetched as JSON or protobuf, and an unchanged status compares equal.
+fn whole_seconds(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let time_field = matches!(
+                    key.as_str(),
+                    "lastTransitionTime"
+                        | "lastProbeTime"
+                        | "startTime"
+                        | "startedAt"
+                        | "finishedAt"
+                );
+                match v {
+                    Value::String(s) if time_field => {
+                        if let Some((whole, rest)) = s.split_once('.')
+                            && rest.ends_with('Z')
+                        {
+                            *s = format!("{whole}Z");
+                        }
+                    }
+                    other => whole_seconds(other),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_seconds),
+        _ => {}
+    }
+}
+
 fn is_sidecar(c: &Container) -> bool {
     c.restart_policy.as_deref() == Some("Always")
 }
