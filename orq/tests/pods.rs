@@ -319,3 +319,36 @@ fn resize_changes_the_cgroup_in_place() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("Pod QOS Class may not change"), "{stderr}");
 }
+
+#[test]
+fn active_deadline_fails_the_pod() {
+    let host = Host::start("poddeadline");
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bounded"},
+        "spec": {
+            "nodeName": "n1", "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": IMAGE, "command": ["sleep", "3600"]}],
+        },
+    }));
+    host.wait_pod("bounded", Duration::from_secs(60), |p| {
+        phase(p) == "Running"
+    });
+    // Set (shortened) on the running pod, as the conformance spec does.
+    host.kubectl(&[
+        "patch",
+        "pod",
+        "bounded",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"activeDeadlineSeconds":3}}"#,
+    ]);
+    let pod = host.wait_pod("bounded", Duration::from_secs(30), |p| phase(p) == "Failed");
+    assert_eq!(
+        pod["status"]["reason"], "DeadlineExceeded",
+        "{:#}",
+        pod["status"]
+    );
+    let state = &pod["status"]["containerStatuses"][0]["state"];
+    assert!(state["terminated"].is_object(), "{state}");
+}

@@ -107,6 +107,8 @@ pub struct PodWorker {
     reported_running: bool,
     /// The service account files, once written (`None`: not yet, or not automounted).
     service_account: Option<crate::serviceaccount::Projected>,
+    /// Why the pod failed as a whole (`status.reason`/`message`): `DeadlineExceeded`.
+    failure: Option<(&'static str, String)>,
     /// Why the pod's resize cannot be done (`PodResizePending`, reason `Infeasible`).
     resize_infeasible: Option<String>,
     /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
@@ -160,6 +162,7 @@ impl PodWorker {
             service_account: None,
             prepare_failures: 0,
             resize_infeasible: None,
+            failure: None,
         }
     }
 
@@ -195,9 +198,40 @@ impl PodWorker {
                     .unwrap_or_else(now_rfc3339),
             );
         }
+        // activeDeadlineSeconds: counted from the pod's start on this node; past it, every
+        // container is killed and the pod fails (as the kubelet's active deadline handler).
+        let deadline = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.active_deadline_seconds)
+            .zip(self.start_time.as_deref().map(instant_of))
+            .map(|(secs, started)| started + Duration::from_secs(secs.max(0) as u64));
+        if let Some(at) = deadline
+            && Instant::now() >= at
+            && !matches!(self.lifecycle, Lifecycle::Finished { .. })
+        {
+            for (_, attempt) in self.all_latest() {
+                if matches!(attempt.state, ContainerState::Running(_)) {
+                    let _ = container::signal(&attempt.dir, Signal::SIGKILL);
+                }
+            }
+            let message = "Pod was active on the node longer than the specified deadline";
+            self.event(pod, EventType::Normal, "DeadlineExceeded", message)
+                .await;
+            self.failure = Some(("DeadlineExceeded", message.to_owned()));
+            self.lifecycle = Lifecycle::Finished { phase: "Failed" };
+            // Let the containers' exit records land before the sandbox goes.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.release_sandbox().await;
+        }
         let next = match self.lifecycle {
             Lifecycle::Finished { .. } => Next::After(Duration::from_secs(10)),
-            _ => self.converge(pod).await,
+            _ => match (self.converge(pod).await, deadline) {
+                (Next::After(d), Some(at)) => {
+                    Next::After(d.min(at.saturating_duration_since(Instant::now())))
+                }
+                (next, _) => next,
+            },
         };
         self.report(pod).await;
         next
@@ -1570,6 +1604,10 @@ impl PodWorker {
         if self.network.is_some() || spec.host_network == Some(true) {
             status["podIP"] = json!(ip);
             status["podIPs"] = json!([{"ip": ip}]);
+        }
+        if let Some((reason, message)) = &self.failure {
+            status["reason"] = json!(reason);
+            status["message"] = json!(message);
         }
         whole_seconds(&mut status);
         status
