@@ -507,7 +507,7 @@ fn init_containers_volumes_and_environment() {
             ],
             "containers": [{
                 "name": "main", "image": IMAGE,
-                "command": ["sh", "-c", "cat /work/seen; cat /config/file.txt; echo; echo $GREETING $PASSWORD $POD_NAME $NODE $(hostname); cat /info/labels; id -u"],
+                "command": ["sh", "-c", "cat /work/seen; cat /config/file.txt; echo; echo $GREETING $PASSWORD $POD_NAME $NODE $(hostname); cat /info/labels; echo; id -u"],
                 "env": [
                     {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
                     {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
