@@ -352,3 +352,43 @@ fn active_deadline_fails_the_pod() {
     let state = &pod["status"]["containerStatuses"][0]["state"];
     assert!(state["terminated"].is_object(), "{state}");
 }
+
+#[test]
+fn runtime_classes_run_known_handlers_only() {
+    let host = Host::start("podrtc");
+    for (name, handler) in [("runc", "runc"), ("kata", "kata")] {
+        host.apply(&json!({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": {"name": name}, "handler": handler,
+            "overhead": {"podFixed": {"cpu": "10m", "memory": "1Mi"}},
+        }));
+    }
+    let pod = |name: &str, class: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "n1", "restartPolicy": "Never", "runtimeClassName": class,
+                     "containers": [{"name": "main", "image": IMAGE, "command": ["true"]}]},
+        })
+    };
+    host.apply(&pod("ok", "runc"));
+    let ok = host.wait_pod("ok", Duration::from_secs(60), |p| phase(p) == "Succeeded");
+    assert_eq!(ok["spec"]["overhead"]["cpu"], "10m", "the class's overhead");
+    host.apply(&pod("refused", "kata"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = host.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=refused,reason=FailedCreatePodSandBox",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        if events.contains("no runtime for \"kata\" is configured") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{events}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(phase(&host.pod("refused")), "Pending");
+}

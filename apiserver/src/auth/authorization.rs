@@ -61,6 +61,8 @@ fn node_rules() -> serde_json::Value {
          "verbs": ["get", "list", "watch", "delete"]},
         {"apiGroups": ["certificates.k8s.io"], "resources": ["clustertrustbundles"],
          "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"],
+         "verbs": ["get", "list", "watch"]},
     ])
 }
 

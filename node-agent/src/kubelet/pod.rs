@@ -699,6 +699,7 @@ impl PodWorker {
     }
 
     async fn prepare_sandbox(&mut self, pod: &Pod) -> Result<(), String> {
+        crate::resolve::runtime_handler(&self.ctx.client, pod).await?;
         fs::create_dir_all(self.dir.join("etc")).map_err(|e| e.to_string())?;
         let host_network = pod
             .spec

@@ -375,6 +375,37 @@ fn lookup_by_uid(passwd: &str, uid: u32) -> Option<u32> {
     })
 }
 
+/// The RuntimeClass handlers this node runs: every container here runs through
+/// libcontainer, which is what `runc` (the name charts and RuntimeClasses use) means too.
+pub const RUNTIME_HANDLERS: &[&str] = &["runc", "libcontainer"];
+
+/// Checks the handler of the pod's `runtimeClassName`, if any: a class this node has no
+/// runtime for keeps the pod from starting (`FailedCreatePodSandBox`), as the kubelet does.
+pub async fn runtime_handler(client: &Client, pod: &Pod) -> Result<(), String> {
+    let Some(class) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.runtime_class_name.as_deref())
+        .filter(|c| !c.is_empty())
+    else {
+        return Ok(());
+    };
+    let classes: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client.clone());
+    let handler = match classes.get_opt(class).await {
+        Ok(Some(rc)) => rc.handler,
+        Ok(None) => return Err(format!("RuntimeClass \"{class}\" not found")),
+        Err(e) => return Err(format!("reading RuntimeClass \"{class}\": {e}")),
+    };
+    if RUNTIME_HANDLERS.contains(&handler.as_str()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "failed to get sandbox runtime: no runtime for \"{handler}\" is configured (this node runs: {})",
+            RUNTIME_HANDLERS.join(", ")
+        ))
+    }
+}
+
 /// The sysctls the kubelet allows by default (its "safe" set: namespaced, and unable to
 /// affect other pods or the node).
 pub const SAFE_SYSCTLS: &[&str] = &[
