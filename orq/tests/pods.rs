@@ -391,4 +391,26 @@ fn runtime_classes_run_known_handlers_only() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(phase(&host.pod("refused")), "Pending");
+
+    // AppArmor on a host without it: refused with the kubelet's reason, not ignored.
+    if !std::path::Path::new("/sys/module/apparmor/parameters/enabled").exists() {
+        host.apply(&json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "armored"},
+            "spec": {"nodeName": "n1", "restartPolicy": "Never",
+                     "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}},
+                     "containers": [{"name": "main", "image": IMAGE, "command": ["true"]}]},
+        }));
+        let pod = host.wait_pod("armored", Duration::from_secs(60), |p| {
+            p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                == "CreateContainerConfigError"
+        });
+        let message = pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.contains("AppArmor is not enabled on the host"),
+            "{message}"
+        );
+    }
 }

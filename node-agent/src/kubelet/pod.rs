@@ -1308,6 +1308,7 @@ impl PodWorker {
             seccomp,
             no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
             sysctls: resolve::sysctls(pod)?,
+            apparmor_profile: resolve::apparmor(pod, c, resolve::host_has_apparmor())?,
         })
     }
 

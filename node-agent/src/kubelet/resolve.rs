@@ -406,6 +406,74 @@ pub async fn runtime_handler(client: &Client, pod: &Pod) -> Result<(), String> {
     }
 }
 
+/// Whether the host enforces AppArmor.
+pub fn host_has_apparmor() -> bool {
+    fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|v| v.trim() == "Y")
+}
+
+/// The AppArmor profile for `container` (its `securityContext.appArmorProfile`, else the
+/// pod's, else the deprecated `container.apparmor.security.beta.kubernetes.io/<name>`
+/// annotation): `None` for none or `Unconfined`; a `Localhost` profile's name where the host
+/// enforces AppArmor. Refused, with the kubelet's message, where the host has no AppArmor;
+/// and `RuntimeDefault` everywhere: Orquestra installs no default profile, and running
+/// unconfined instead would be a silent downgrade.
+pub fn apparmor(
+    pod: &Pod,
+    container: &Container,
+    host: bool,
+) -> Result<Option<String>, ConfigError> {
+    let of = |p: Option<&k8s_openapi::api::core::v1::AppArmorProfile>| {
+        p.map(|p| (p.type_.clone(), p.localhost_profile.clone()))
+    };
+    let annotation = pod
+        .annotations()
+        .get(&format!(
+            "container.apparmor.security.beta.kubernetes.io/{}",
+            container.name
+        ))
+        .map(|v| match v.as_str() {
+            "runtime/default" => ("RuntimeDefault".to_owned(), None),
+            "unconfined" => ("Unconfined".to_owned(), None),
+            other => (
+                "Localhost".to_owned(),
+                Some(other.trim_start_matches("localhost/").to_owned()),
+            ),
+        });
+    let profile = of(container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.app_armor_profile.as_ref()))
+    .or_else(|| {
+        of(pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.app_armor_profile.as_ref()))
+    })
+    .or(annotation);
+    let Some((kind, localhost)) = profile else {
+        return Ok(None);
+    };
+    if kind == "Unconfined" {
+        return Ok(None);
+    }
+    if !host {
+        return Err(err(
+            "Cannot enforce AppArmor: AppArmor is not enabled on the host",
+        ));
+    }
+    match kind.as_str() {
+        "Localhost" => match localhost.filter(|l| !l.is_empty()) {
+            Some(name) => Ok(Some(name)),
+            None => Err(err("appArmorProfile Localhost needs a localhostProfile")),
+        },
+        "RuntimeDefault" => Err(err(
+            "appArmorProfile RuntimeDefault is not supported: Orquestra installs no default AppArmor profile (use Localhost with a loaded profile, or Unconfined)",
+        )),
+        other => Err(err(format!("unknown appArmorProfile type {other:?}"))),
+    }
+}
+
 /// The sysctls the kubelet allows by default (its "safe" set: namespaced, and unable to
 /// affect other pods or the node).
 pub const SAFE_SYSCTLS: &[&str] = &[
@@ -513,6 +581,33 @@ pub fn resources(container: &Container) -> Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apparmor_profiles_by_host() {
+        let pod = |profile: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p"},
+                "spec": {"securityContext": {"appArmorProfile": profile},
+                         "containers": [{"name": "c"}]},
+            }))
+            .unwrap()
+        };
+        let c = Container {
+            name: "c".into(),
+            ..Container::default()
+        };
+        let local = pod(serde_json::json!({"type": "Localhost", "localhostProfile": "k8s-nginx"}));
+        assert_eq!(
+            apparmor(&local, &c, true).unwrap().as_deref(),
+            Some("k8s-nginx")
+        );
+        let e = apparmor(&local, &c, false).unwrap_err();
+        assert!(e.0.contains("AppArmor is not enabled on the host"), "{e}");
+        let unconfined = pod(serde_json::json!({"type": "Unconfined"}));
+        assert_eq!(apparmor(&unconfined, &c, false).unwrap(), None);
+        let default = pod(serde_json::json!({"type": "RuntimeDefault"}));
+        assert!(apparmor(&default, &c, true).is_err());
+    }
 
     #[test]
     fn dollar_expansion() {

@@ -102,6 +102,8 @@ pub struct ContainerConfig {
     pub no_new_privileges: bool,
     /// Namespaced kernel parameters set in the container's namespaces (`linux.sysctl`).
     pub sysctls: std::collections::BTreeMap<String, String>,
+    /// The AppArmor profile the process runs under (`process.apparmorProfile`), if any.
+    pub apparmor_profile: Option<String>,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -304,6 +306,9 @@ impl ContainerConfig {
         }
         if !self.sysctls.is_empty() {
             spec["linux"]["sysctl"] = json!(self.sysctls);
+        }
+        if let Some(profile) = &self.apparmor_profile {
+            spec["process"]["apparmorProfile"] = json!(profile);
         }
         if self.netns.is_some() {
             spec["hostname"] = json!(self.hostname);
