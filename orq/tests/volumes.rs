@@ -506,3 +506,24 @@ fn persistent_volume_claims_bind_keep_data_and_are_reclaimed() {
     }
     assert_eq!(get_claim("lost")["status"]["phase"], "Pending");
 }
+
+#[test]
+fn an_empty_dir_over_its_size_limit_evicts_the_pod() {
+    let host = Host::start("volevict");
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "filler"},
+        "spec": {
+            "nodeName": "n1", "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "dd if=/dev/zero of=/scratch/big bs=1M count=8; sleep 3600"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "4Mi"}}],
+        },
+    }));
+    let pod = host.wait_pod("filler", Duration::from_secs(60), |p| phase(p) == "Failed");
+    assert_eq!(pod["status"]["reason"], "Evicted", "{:#}", pod["status"]);
+    assert_eq!(
+        pod["status"]["message"],
+        "Usage of EmptyDir volume \"scratch\" exceeds the limit \"4Mi\". "
+    );
+}

@@ -107,6 +107,8 @@ pub struct PodWorker {
     reported_running: bool,
     /// The service account files, once written (`None`: not yet, or not automounted).
     service_account: Option<crate::serviceaccount::Projected>,
+    /// When the emptyDir size limits were last checked.
+    evicted_at: Instant,
     /// Why the pod failed as a whole (`status.reason`/`message`): `DeadlineExceeded`.
     failure: Option<(&'static str, String)>,
     /// Why the pod's resize cannot be done (`PodResizePending`, reason `Infeasible`).
@@ -163,6 +165,7 @@ impl PodWorker {
             prepare_failures: 0,
             resize_infeasible: None,
             failure: None,
+            evicted_at: Instant::now(),
         }
     }
 
@@ -262,6 +265,10 @@ impl PodWorker {
         }
         self.refresh_token(pod).await;
         self.refresh_volumes(pod).await;
+        if matches!(self.lifecycle, Lifecycle::Finished { .. }) {
+            // Evicted (an emptyDir over its size limit).
+            return Next::After(Duration::from_secs(10));
+        }
         let policy = spec.restart_policy.as_deref().unwrap_or("Always");
         if self.lifecycle == Lifecycle::Initializing {
             for init in spec.init_containers.iter().flatten() {
@@ -681,6 +688,16 @@ impl PodWorker {
             node: &node,
         };
         let (changed, errors) = volumes.refresh(&inputs, pod).await;
+        if !changed.is_empty()
+            || !errors.is_empty()
+            || self.evicted_at.elapsed() > volume::REFRESH_PERIOD
+        {
+            self.evicted_at = Instant::now();
+            if let Some(message) = volumes.over_limit(pod) {
+                self.evict(pod, message).await;
+                return;
+            }
+        }
         if !changed.is_empty() {
             tracing::debug!(pod = %pod.name_any(), volumes = ?changed, "volumes updated");
         }
@@ -688,6 +705,22 @@ impl PodWorker {
             self.event(pod, EventType::Warning, "FailedMount", &e.to_string())
                 .await;
         }
+    }
+
+    /// Evicts the pod, as the kubelet's eviction manager does: every container killed, the
+    /// pod `Failed` with reason `Evicted` and `message`.
+    async fn evict(&mut self, pod: &Pod, message: String) {
+        for (_, attempt) in self.all_latest() {
+            if matches!(attempt.state, ContainerState::Running(_)) {
+                let _ = container::signal(&attempt.dir, Signal::SIGKILL);
+            }
+        }
+        self.event(pod, EventType::Warning, "Evicted", &message)
+            .await;
+        self.failure = Some(("Evicted", message));
+        self.lifecycle = Lifecycle::Finished { phase: "Failed" };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.release_sandbox().await;
     }
 
     /// The addresses the downward API reports.

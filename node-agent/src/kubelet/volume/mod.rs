@@ -187,10 +187,55 @@ impl PodVolumes {
         (changed, errors)
     }
 
+    /// The first on-disk `emptyDir` grown past its `sizeLimit`, as the kubelet's eviction
+    /// manager words it (`Usage of EmptyDir volume "x" exceeds the limit "1Mi".`). Its
+    /// usage is the bytes of its files (a tmpfs one is capped by its size instead).
+    pub fn over_limit(&self, pod: &Pod) -> Option<String> {
+        for volume in pod_volumes(pod) {
+            let Some(empty) = &volume.empty_dir else {
+                continue;
+            };
+            if empty.medium.as_deref() == Some("Memory") {
+                continue;
+            }
+            let Some(limit) = empty.size_limit.as_ref() else {
+                continue;
+            };
+            let Some(bytes) = orquestra_operator::quantity::bytes(&limit.0) else {
+                continue;
+            };
+            let Some(dir) = self.paths.get(&volume.name) else {
+                continue;
+            };
+            if disk_usage(dir) > bytes as u64 {
+                return Some(format!(
+                    "Usage of EmptyDir volume \"{}\" exceeds the limit \"{}\". ",
+                    volume.name, limit.0
+                ));
+            }
+        }
+        None
+    }
+
     /// Volume name → path on the node.
     pub fn paths(&self) -> &BTreeMap<String, PathBuf> {
         &self.paths
     }
+}
+
+/// The bytes of the files under `dir` (not following links).
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) if m.is_file() => m.blocks() * 512,
+            _ => 0,
+        })
+        .sum()
 }
 
 fn pod_volumes(pod: &Pod) -> impl Iterator<Item = &Volume> {
