@@ -312,6 +312,23 @@ fn bad_volumes_wait_or_fail_with_their_reason() {
     }
     assert_eq!(phase(&host.pod("wrongtype")), "Pending");
 
+    // An image volume: the image's files, read-only.
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "imagevol"},
+        "spec": {
+            "nodeName": "n1", "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "cat /img/www/index.html; touch /img/x 2>/dev/null || echo read-only"],
+                "volumeMounts": [{"name": "img", "mountPath": "/img"}]}],
+            "volumes": [{"name": "img", "image": {"reference": IMAGE, "pullPolicy": "IfNotPresent"}}],
+        },
+    }));
+    host.wait_pod("imagevol", Duration::from_secs(60), |p| phase(p) == "Succeeded");
+    assert_eq!(
+        host.kubectl(&["logs", "imagevol"]),
+        "hello from orquestra\nread-only\n"
+    );
+
     // subPath: a link out of the volume is refused; subPathExpr expands the container's
     // environment; an expansion to an absolute path is refused.
     host.apply(&json!({
