@@ -323,7 +323,9 @@ fn bad_volumes_wait_or_fail_with_their_reason() {
             "volumes": [{"name": "img", "image": {"reference": IMAGE, "pullPolicy": "IfNotPresent"}}],
         },
     }));
-    host.wait_pod("imagevol", Duration::from_secs(60), |p| phase(p) == "Succeeded");
+    host.wait_pod("imagevol", Duration::from_secs(60), |p| {
+        phase(p) == "Succeeded"
+    });
     assert_eq!(
         host.kubectl(&["logs", "imagevol"]),
         "hello from orquestra\nread-only\n"
