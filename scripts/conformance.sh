@@ -112,23 +112,33 @@ start() {
   mkdir -p "$DATA_DIR"
   rm -f "$DATA_DIR/kubeconfig.yaml"
   gw=$(python3 -c 'import ipaddress,sys; i=ipaddress.ip_interface(sys.argv[1]); print(next(h for h in i.network.hosts() if h != i.ip))' "$NODE_IP")
+  # A registry inside the namespaces mirrors registry.k8s.io (the images are pushed to it on
+  # `run`), so pulls with `imagePullPolicy: Always` have a registry to ask, as on a cluster
+  # that can reach registry.k8s.io.
+  mkdir -p "$CONF_DIR/registry"
+  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n' \
+    "$CONF_DIR/registry" >"$CONF_DIR/registry.yml"
   # The namespaces' first process sets up a node address whose default route leads nowhere
-  # (so nothing leaves the machine: images come from `orq image import`), runs the server,
-  # and when it exits cleans up the node inside the namespaces, which then go with it.
+  # (so nothing leaves the machine: images come from `orq image import` and the mirror), runs
+  # the registry and the server, and when the server exits cleans up the node inside the
+  # namespaces, which then go with it.
   # shellcheck disable=SC2016
   setsid unshare --net --mount --propagation private -- /bin/sh -c '
-    node_ip=$1 gw=$2 orq=$3 data=$4; shift 4
+    node_ip=$1 gw=$2 orq=$3 data=$4 registry_config=$5; shift 5
     ip link set lo up
     ip link add orqnode0 type veth peer name orqnode1
     ip addr add "$node_ip" dev orqnode0
     ip link set orqnode1 up && ip link set orqnode0 up
     ip route add default via "$gw" dev orqnode0 onlink
-    "$orq" server --data-dir "$data" "$@" &
+    docker-registry serve "$registry_config" >/dev/null 2>&1 &
+    registry=$!
+    "$orq" server --data-dir "$data" --registry-mirror registry.k8s.io=http://127.0.0.1:5000 "$@" &
     server=$!
     trap "kill -TERM $server" TERM INT
     wait $server; wait $server
+    kill $registry
     "$orq" agent --cleanup --agent-data-dir "$data/agent"
-  ' holder "$NODE_IP" "$gw" "$orq" "$DATA_DIR" ${ORQ_SERVER_FLAGS:-} \
+  ' holder "$NODE_IP" "$gw" "$orq" "$DATA_DIR" "$CONF_DIR/registry.yml" ${ORQ_SERVER_FLAGS:-} \
     </dev/null >"$CONF_DIR/server.log" 2>&1 &
   echo $! >"$HOLDER"
   local deadline=$((SECONDS + 120))
@@ -157,6 +167,11 @@ import_images() {
   while IFS=$'\t' read -r dir repo tags _; do
     [ -n "$dir" ] || continue
     "$orq" image --agent-data-dir "$DATA_DIR/agent" import "$CONF_DIR/images/$dir" --name "$repo" >/dev/null
+    # And into the registry.k8s.io mirror.
+    for tag in ${tags//,/ }; do
+      in_ns skopeo copy --quiet --dest-tls-verify=false "oci:$CONF_DIR/images/$dir:$tag" \
+        "docker://127.0.0.1:5000/${repo#registry.k8s.io/}:$tag"
+    done
     echo "imported $repo:{$tags}"
   done <"$CONF_DIR/images/images.tsv"
 }

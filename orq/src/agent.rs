@@ -86,6 +86,11 @@ pub struct NodeArgs {
     /// registries always are, everything else is HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
+    /// A registry mirror, `REGISTRY=ENDPOINT` (repeatable, tried in order before the
+    /// registry; `http://` endpoints over plain HTTP), as k3s' `registries.yaml` mirrors:
+    /// `--registry-mirror registry.k8s.io=http://10.0.0.5:5000`.
+    #[arg(long = "registry-mirror", value_name = "REGISTRY=ENDPOINT")]
+    registry_mirrors: Vec<String>,
     /// Taints the Node is created with, `key[=value]:Effect` (comma-separated or
     /// repeated), e.g. `orquestra.dev/runtime=libcontainer:NoSchedule`.
     #[arg(
@@ -153,6 +158,7 @@ pub fn config(
         config.listen = listen;
     }
     config.insecure_registries = node.insecure_registries.clone();
+    config.registry_mirrors = node.registry_mirrors.clone();
     config.kube_proxy = !node.disable_kube_proxy;
     config.register_with_taints = node.register_with_taints.clone();
     Ok(config)

@@ -25,6 +25,13 @@ pub struct ImageArgs {
     /// A registry (`host[:port]`) to pull from over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", global = true)]
     insecure_registries: Vec<String>,
+    /// A registry mirror, `REGISTRY=ENDPOINT` (repeatable), asked before the registry.
+    #[arg(
+        long = "registry-mirror",
+        value_name = "REGISTRY=ENDPOINT",
+        global = true
+    )]
+    registry_mirrors: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,7 +70,8 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<()> {
     let root = args.data_dir.join("images");
     let store = ImageStore::open(&root)
         .with_context(|| format!("opening the image store {}", root.display()))?
-        .with_insecure_registries(args.insecure_registries);
+        .with_insecure_registries(args.insecure_registries)
+        .with_mirrors(&args.registry_mirrors)?;
     match args.command {
         ImageCommand::Import { path, name } => {
             let images = store

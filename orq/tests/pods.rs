@@ -414,3 +414,38 @@ fn runtime_classes_run_known_handlers_only() {
         );
     }
 }
+
+#[test]
+fn registry_mirrors_serve_pulls() {
+    // `mirror.invalid` resolves nowhere: its images come from the test's registry, named as
+    // its mirror; the test registry's own mirror listens nowhere, so its images come from it.
+    let host = Host::start_with(
+        "podmirror",
+        "127.0.0.1:6443",
+        |_| {},
+        &[
+            "--registry-mirror",
+            "mirror.invalid=http://127.0.0.1:5000",
+            "--registry-mirror",
+            "127.0.0.1:5000=127.0.0.1:5999",
+        ],
+    );
+    for (name, image) in [
+        ("mirrored", "mirror.invalid/busybox:v1"),
+        ("fallback", IMAGE),
+    ] {
+        host.apply(&json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "n1", "restartPolicy": "Never",
+                     "containers": [{"name": "main", "image": image, "imagePullPolicy": "Always",
+                                     "command": ["echo", "pulled"]}]},
+        }));
+        host.wait_pod(name, Duration::from_secs(60), |p| phase(p) == "Succeeded");
+        assert_eq!(host.kubectl(&["logs", name]), "pulled\n");
+    }
+    let pod = host.pod("mirrored");
+    assert_eq!(
+        pod["status"]["containerStatuses"][0]["image"], "mirror.invalid/busybox:v1",
+        "the pod's image keeps the name it asked for"
+    );
+}

@@ -61,6 +61,8 @@ pub struct AgentConfig {
     pub listen: std::net::SocketAddr,
     /// Registries (`host[:port]`) pulled from over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// Registry mirrors, `REGISTRY=ENDPOINT`, asked before the registry itself.
+    pub registry_mirrors: Vec<String>,
     /// The bearer token the endpoint requires (the one the agent uses against the API
     /// server, which presents it when proxying `pods/log`); `None` leaves it open.
     pub endpoint_token: Option<String>,
@@ -96,6 +98,7 @@ impl AgentConfig {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], 10250)),
             endpoint_token: None,
             insecure_registries: Vec::new(),
+            registry_mirrors: Vec::new(),
             kube_proxy: true,
             register_with_taints: Vec::new(),
             cluster_ca: None,
@@ -321,7 +324,8 @@ pub async fn run(
     let pods_dir = config.data_dir.join("pods");
     fs::create_dir_all(&pods_dir).map_err(state(pods_dir.clone()))?;
     let images = ImageStore::open(config.data_dir.join("images"))?
-        .with_insecure_registries(config.insecure_registries.clone());
+        .with_insecure_registries(config.insecure_registries.clone())
+        .with_mirrors(&config.registry_mirrors)?;
     let runtime = Runtime {
         shim: config.shim.clone(),
         state_root: config.data_dir.join("run/libcontainer"),

@@ -183,6 +183,9 @@ pub struct ImageStore {
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Registries (`host[:port]`) spoken to over plain HTTP besides loopback ones.
     insecure: Vec<String>,
+    /// Registry → the mirrors (`host[:port]`) asked first, in order: k3s' `registries.yaml`
+    /// mirrors, for air-gapped nodes and pull-through caches.
+    mirrors: HashMap<String, Vec<String>>,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -210,7 +213,57 @@ impl ImageStore {
             clients: Mutex::default(),
             pulls: Mutex::default(),
             insecure: Vec::new(),
+            mirrors: HashMap::new(),
         })
+    }
+
+    /// Pulls of images from a registry ask its mirrors first, in order, then the registry
+    /// itself. Each mirror is `REGISTRY=ENDPOINT` (`registry.k8s.io=http://10.0.0.5:5000`;
+    /// an `http://` endpoint is spoken to over plain HTTP). Mirrors are asked anonymously:
+    /// the pod's credentials are for the registry it names.
+    pub fn with_mirrors(mut self, mirrors: &[String]) -> Result<Self, ImageError> {
+        for mirror in mirrors {
+            let (registry, endpoint) =
+                mirror
+                    .split_once('=')
+                    .ok_or_else(|| ImageError::InvalidName {
+                        reference: mirror.clone(),
+                        message: "a mirror is REGISTRY=ENDPOINT".into(),
+                    })?;
+            let (host, plain) = match endpoint.strip_prefix("http://") {
+                Some(host) => (host, true),
+                None => (endpoint.strip_prefix("https://").unwrap_or(endpoint), false),
+            };
+            let host = host.trim_end_matches('/').to_owned();
+            if plain {
+                self.insecure.push(host.clone());
+            }
+            self.mirrors
+                .entry(registry.to_owned())
+                .or_default()
+                .push(host);
+        }
+        Ok(self)
+    }
+
+    /// Where `parsed` may be pulled from: its registry's mirrors, then the registry.
+    fn sources(&self, parsed: &Reference) -> Vec<Reference> {
+        let mirrored = self.mirrors.get(parsed.registry()).into_iter().flatten();
+        mirrored
+            .map(|host| match parsed.digest() {
+                Some(digest) => Reference::with_digest(
+                    host.clone(),
+                    parsed.repository().to_owned(),
+                    digest.to_owned(),
+                ),
+                None => Reference::with_tag(
+                    host.clone(),
+                    parsed.repository().to_owned(),
+                    parsed.tag().unwrap_or("latest").to_owned(),
+                ),
+            })
+            .chain(std::iter::once(parsed.clone()))
+            .collect()
     }
 
     /// Registries (`host[:port]`) to pull from over plain HTTP, like Docker's
@@ -349,11 +402,29 @@ impl ImageStore {
             reference: name.clone(),
             message,
         };
-        let client = self.client(parsed.resolve_registry());
-        let (manifest, digest) = client
-            .pull_image_manifest(&parsed, auth)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        // The first source (a mirror, then the registry) that has the manifest serves the
+        // whole pull.
+        let mut tried = Vec::new();
+        let mut found = None;
+        for source in self.sources(&parsed) {
+            let mirror = source.registry() != parsed.registry();
+            let anonymous = RegistryAuth::Anonymous;
+            let client = self.client(source.resolve_registry());
+            match client
+                .pull_image_manifest(&source, if mirror { &anonymous } else { auth })
+                .await
+            {
+                Ok((manifest, digest)) => {
+                    found = Some((source, client, manifest, digest));
+                    break;
+                }
+                Err(e) if mirror => tried.push(format!("mirror {}: {e}", source.registry())),
+                Err(e) => tried.push(e.to_string()),
+            }
+        }
+        let Some((parsed, client, manifest, digest)) = found else {
+            return Err(failed(tried.join("; ")));
+        };
         if let Some(image) = self.get(&name)?
             && image.digest == digest
         {
