@@ -100,6 +100,7 @@ fn projected_volumes_follow_their_sources_and_tokens_renew() {
                     {"name": "info", "mountPath": "/info"},
                     {"name": "all", "mountPath": "/all"},
                     {"name": "mem", "mountPath": "/mem"},
+                    {"name": "unsized", "mountPath": "/unsized"},
                 ],
             }],
             "volumes": [
@@ -118,6 +119,7 @@ fn projected_volumes_follow_their_sources_and_tokens_renew() {
                     {"serviceAccountToken": {"audience": "vault", "expirationSeconds": 600, "path": "token"}},
                 ]}},
                 {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                {"name": "unsized", "emptyDir": {"medium": "Memory"}},
             ],
         },
     }));
@@ -171,6 +173,15 @@ fn projected_volumes_follow_their_sources_and_tokens_renew() {
         )
         .replace('\t', " "),
         "644 1000\n16384\n"
+    );
+    // Without a sizeLimit, the pod's memory limit caps it (the kubelet's default).
+    assert_eq!(
+        sh(
+            &host,
+            "reader",
+            "df -k /unsized | tail -1 | tr -s ' ' | cut -d' ' -f2"
+        ),
+        "65536\n"
     );
 
     // A ConfigMap edit reaches the running pod, through both volumes.

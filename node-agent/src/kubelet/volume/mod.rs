@@ -96,7 +96,8 @@ impl PodVolumes {
         for volume in pod_volumes(pod) {
             let dir = volumes.root.join(&volume.name);
             let path = if let Some(empty) = &volume.empty_dir {
-                empty_dir(&dir, empty).map_err(|e| mount_err(volume, e))?;
+                empty_dir(&dir, empty, memory_limit(pod, inputs.node))
+                    .map_err(|e| mount_err(volume, e))?;
                 if let Some(gid) = fs_group {
                     set_ownership(&dir, gid, false).map_err(|e| mount_err(volume, e))?;
                 }
@@ -314,9 +315,32 @@ fn set_ownership(dir: &Path, gid: u32, read_only: bool) -> io::Result<()> {
 
 /// An `emptyDir`: a world-writable directory (any user the containers run as may write
 /// it), on a tmpfs for `medium: Memory`.
+/// What a memory-backed `emptyDir` may hold at most (the kubelet's
+/// `SizeMemoryBackedVolumes`): the pod's memory limit — the sum of its containers' when
+/// every one has one — else the node's allocatable memory.
+fn memory_limit(pod: &Pod, node: &crate::downward::Allocatable) -> i64 {
+    let containers = pod.spec.iter().flat_map(|s| &s.containers);
+    let limits: Option<Vec<i64>> = containers
+        .map(|c| {
+            c.resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .and_then(|l| l.get("memory"))
+                .and_then(|q| orquestra_operator::quantity::bytes(&q.0))
+        })
+        .collect();
+    match limits {
+        Some(limits) if !limits.is_empty() => limits.iter().sum(),
+        _ => node.memory,
+    }
+}
+
+/// An `emptyDir`; `pod_memory` caps a memory-backed one whose `sizeLimit` is unset or
+/// larger.
 fn empty_dir(
     dir: &Path,
     source: &k8s_openapi::api::core::v1::EmptyDirVolumeSource,
+    pod_memory: i64,
 ) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     match source.medium.as_deref().unwrap_or("") {
@@ -324,12 +348,17 @@ fn empty_dir(
         "Memory" => {
             if !crate::container::is_mountpoint(dir) {
                 let mut options = String::from("mode=0777");
-                if let Some(size) = source
+                let limit = source
                     .size_limit
                     .as_ref()
                     .and_then(|q| orquestra_operator::quantity::bytes(&q.0))
-                    .filter(|s| *s > 0)
-                {
+                    .filter(|s| *s > 0);
+                let size = match limit {
+                    Some(limit) if pod_memory > 0 => limit.min(pod_memory),
+                    Some(limit) => limit,
+                    None => pod_memory,
+                };
+                if size > 0 {
                     options.push_str(&format!(",size={size}"));
                 }
                 nix::mount::mount(
