@@ -191,6 +191,25 @@ fn names_hosts_and_service_environment() {
     let out = host.kubectl(&["logs", "unlinked"]);
     assert!(!out.contains("FOOSERVICE"), "{out}");
     assert!(out.contains("KUBERNETES_SERVICE_HOST="), "{out}");
+
+    // The pod's containers share one IPC namespace, not the node's.
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ipc"},
+        "spec": {"nodeName": "n1", "terminationGracePeriodSeconds": 1, "containers": [
+            {"name": "a", "image": IMAGE, "command": ["sleep", "3600"]},
+            {"name": "b", "image": IMAGE, "command": ["sleep", "3600"]},
+        ]},
+    }));
+    host.wait_pod("ipc", Duration::from_secs(60), |p| phase(p) == "Running");
+    let ns = |c: &str| host.kubectl(&["exec", "ipc", "-c", c, "--", "readlink", "/proc/1/ns/ipc"]);
+    assert_eq!(ns("a"), ns("b"));
+    assert_ne!(
+        ns("a").trim(),
+        std::fs::read_link("/proc/self/ns/ipc")
+            .unwrap()
+            .display()
+            .to_string()
+    );
 }
 
 #[test]

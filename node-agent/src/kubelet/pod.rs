@@ -723,6 +723,12 @@ impl PodWorker {
         self.release_sandbox().await;
     }
 
+    /// The pod's IPC namespace file (`None` for `hostIPC` pods, which use the node's).
+    fn ipc_namespace(&self, pod: &Pod) -> Option<PathBuf> {
+        let host = pod.spec.as_ref().and_then(|s| s.host_ipc).unwrap_or(false);
+        (!host).then(|| self.dir.join("ipc"))
+    }
+
     /// The addresses the downward API reports.
     fn addresses(&self) -> crate::downward::Addresses {
         crate::downward::Addresses {
@@ -734,6 +740,26 @@ impl PodWorker {
     async fn prepare_sandbox(&mut self, pod: &Pod) -> Result<(), String> {
         crate::resolve::runtime_handler(&self.ctx.client, pod).await?;
         fs::create_dir_all(self.dir.join("etc")).map_err(|e| e.to_string())?;
+        // One IPC namespace for all the pod's containers (System V IPC and POSIX message
+        // queues between them), kept as a bind-mounted nsfs file as `ip netns` keeps
+        // network namespaces; `hostIPC` pods use the node's.
+        if let Some(ipc) = self.ipc_namespace(pod)
+            && !container::is_mountpoint(&ipc)
+        {
+            fs::write(&ipc, b"").map_err(|e| format!("creating {}: {e}", ipc.display()))?;
+            let made = tokio::process::Command::new("unshare")
+                .arg(format!("--ipc={}", ipc.display()))
+                .arg("true")
+                .output()
+                .await
+                .map_err(|e| format!("unshare: {e}"))?;
+            if !made.status.success() {
+                return Err(format!(
+                    "creating the pod's IPC namespace: {}",
+                    String::from_utf8_lossy(&made.stderr).trim()
+                ));
+            }
+        }
         let host_network = pod
             .spec
             .as_ref()
@@ -1342,6 +1368,8 @@ impl PodWorker {
             no_new_privileges: sc.and_then(|s| s.allow_privilege_escalation) == Some(false),
             sysctls: resolve::sysctls(pod)?,
             apparmor_profile: resolve::apparmor(pod, c, resolve::host_has_apparmor())?,
+            ipc_namespace: self.ipc_namespace(pod),
+            host_ipc: spec.host_ipc.unwrap_or(false),
         })
     }
 

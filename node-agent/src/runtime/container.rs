@@ -104,6 +104,10 @@ pub struct ContainerConfig {
     pub sysctls: std::collections::BTreeMap<String, String>,
     /// The AppArmor profile the process runs under (`process.apparmorProfile`), if any.
     pub apparmor_profile: Option<String>,
+    /// Join this IPC namespace (the pod's, shared by its containers) instead of a new one.
+    pub ipc_namespace: Option<PathBuf>,
+    /// `hostIPC`: the node's IPC namespace.
+    pub host_ipc: bool,
 }
 
 /// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
@@ -188,12 +192,12 @@ impl ContainerConfig {
             Some(path) => json!({"type": "pid", "path": path}),
             None => json!({"type": "pid"}),
         };
-        let mut namespaces = vec![
-            pid,
-            json!({"type": "ipc"}),
-            json!({"type": "mount"}),
-            json!({"type": "cgroup"}),
-        ];
+        let mut namespaces = vec![pid, json!({"type": "mount"}), json!({"type": "cgroup"})];
+        match (&self.ipc_namespace, self.host_ipc) {
+            (_, true) => {}
+            (Some(path), false) => namespaces.push(json!({"type": "ipc", "path": path})),
+            (None, false) => namespaces.push(json!({"type": "ipc"})),
+        }
         // hostNetwork (no netns): the host's network and, as the kubelet does, its hostname.
         if let Some(path) = &self.netns {
             namespaces.push(json!({"type": "network", "path": path}));
