@@ -50,7 +50,8 @@ impl Sources {
         }
     }
 
-    async fn config_map(
+    /// The ConfigMap's data and binary data; empty when it is missing and `optional`.
+    pub(crate) async fn config_map(
         &self,
         name: &str,
         optional: bool,
@@ -74,7 +75,8 @@ impl Sources {
         }
     }
 
-    async fn secret(
+    /// The Secret's data; empty when it is missing and `optional`.
+    pub(crate) async fn secret(
         &self,
         name: &str,
         optional: bool,

@@ -76,22 +76,22 @@ fn replace(dir: &Path, name: &str, contents: &[u8]) -> Result<(), String> {
     fs::rename(&tmp, dir.join(name)).map_err(io)
 }
 
-/// Asks for a token for the pod's service account, bound to the pod, and writes it with the
-/// cluster CA (`ca`, PEM) and the namespace into `dir`.
-pub async fn project(
+/// Asks the TokenRequest API for a token of the pod's service account, bound to the pod,
+/// for `audience` (the API server's when `None`), for `expiration_seconds`; returns it and
+/// the lifetime the server gave (which may be shorter).
+pub async fn request_token(
     client: &Client,
     pod: &Pod,
-    dir: &Path,
-    ca: Option<&str>,
-) -> Result<Projected, String> {
-    let namespace = pod.namespace().unwrap_or_default();
+    audience: Option<&str>,
+    expiration_seconds: i64,
+) -> Result<(String, u64), String> {
     let name = account_name(pod);
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    let accounts: Api<ServiceAccount> =
+        Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
-            // None: the API server's own audience.
-            audiences: None,
-            expiration_seconds: Some(EXPIRATION_SECONDS),
+            audiences: audience.map(|a| vec![a.to_owned()]),
+            expiration_seconds: Some(expiration_seconds),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),
@@ -101,7 +101,6 @@ pub async fn project(
         }),
         ..TokenRequest::default()
     };
-    let asked = Instant::now();
     let issued = accounts
         .create_token_request(&name, &PostParams::default(), &request)
         .await
@@ -114,8 +113,23 @@ pub async fn project(
     let lifetime = issued
         .spec
         .and_then(|s| s.expiration_seconds)
-        .unwrap_or(EXPIRATION_SECONDS)
+        .unwrap_or(expiration_seconds)
         .max(1) as u64;
+    Ok((token, lifetime))
+}
+
+/// Asks for a token for the pod's service account, bound to the pod, and writes it with the
+/// cluster CA (`ca`, PEM) and the namespace into `dir`.
+pub async fn project(
+    client: &Client,
+    pod: &Pod,
+    dir: &Path,
+    ca: Option<&str>,
+) -> Result<Projected, String> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let asked = Instant::now();
+    // None: the API server's own audience.
+    let (token, lifetime) = request_token(client, pod, None, EXPIRATION_SECONDS).await?;
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     replace(dir, "token", token.as_bytes())?;
     replace(dir, "namespace", namespace.as_bytes())?;

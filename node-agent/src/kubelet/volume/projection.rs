@@ -8,17 +8,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, ServiceAccount, Volume,
-};
-use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{DownwardAPIVolumeFile, KeyToPath, Pod, Volume};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 
 use super::atomic::FileProjection;
 use crate::downward::{self, Addresses, Allocatable};
-use crate::resolve::ConfigError;
+use crate::resolve::{ConfigError, Sources};
 
 /// The files' mode when the volume sets none (`0644`).
 pub const DEFAULT_MODE: i32 = 0o644;
@@ -267,6 +264,7 @@ fn add_items(
     Ok(())
 }
 
+/// Adds the ConfigMap `name`'s keys (or `items`) to `files`.
 async fn config_map(
     client: &Client,
     namespace: &str,
@@ -277,22 +275,13 @@ async fn config_map(
     files: &mut BTreeMap<String, FileProjection>,
 ) -> Result<(), ConfigError> {
     let optional = optional.unwrap_or(false);
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let Some(cm) = get(&api, "configmap", name, optional).await? else {
-        return Ok(());
-    };
-    let mut data: BTreeMap<String, Vec<u8>> = cm
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.into_bytes()))
-        .collect();
-    for (k, v) in cm.binary_data.unwrap_or_default() {
-        data.insert(k, v.0);
-    }
+    let data = Sources::new(client.clone(), namespace)
+        .config_map(name, optional)
+        .await?;
     add_items("configMap", &data, items, mode, optional, files)
 }
 
+/// Adds the Secret `name`'s keys (or `items`) to `files`.
 async fn secret_files(
     client: &Client,
     namespace: &str,
@@ -303,38 +292,10 @@ async fn secret_files(
     files: &mut BTreeMap<String, FileProjection>,
 ) -> Result<(), ConfigError> {
     let optional = optional.unwrap_or(false);
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let Some(secret) = get(&api, "secret", name, optional).await? else {
-        return Ok(());
-    };
-    let mut data: BTreeMap<String, Vec<u8>> = secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect();
-    for (k, v) in secret.string_data.unwrap_or_default() {
-        data.insert(k, v.into_bytes());
-    }
+    let data = Sources::new(client.clone(), namespace)
+        .secret(name, optional)
+        .await?;
     add_items("secret", &data, items, mode, optional, files)
-}
-
-/// Reads `name`; a missing object is `None` when optional and an error naming it otherwise.
-async fn get<K>(
-    api: &Api<K>,
-    kind: &str,
-    name: &str,
-    optional: bool,
-) -> Result<Option<K>, ConfigError>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.get_opt(name).await {
-        Ok(Some(object)) => Ok(Some(object)),
-        Ok(None) if optional => Ok(None),
-        Ok(None) => Err(err(format!("{kind} \"{name}\" not found"))),
-        Err(e) => Err(err(format!("reading {kind} \"{name}\": {e}"))),
-    }
 }
 
 fn downward_files(
@@ -388,45 +349,11 @@ pub async fn service_account_token(
     audience: Option<&str>,
     expiration_seconds: i64,
 ) -> Result<(String, Instant), ConfigError> {
-    let namespace = pod.namespace().unwrap_or_default();
-    let name = crate::serviceaccount::account_name(pod);
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: audience.map(|a| vec![a.to_owned()]),
-            expiration_seconds: Some(expiration_seconds),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.name_any()),
-                uid: pod.uid(),
-            }),
-        }),
-        ..TokenRequest::default()
-    };
     let asked = Instant::now();
-    let issued = accounts
-        .create_token_request(&name, &PostParams::default(), &request)
-        .await
-        .map_err(|e| {
-            err(format!(
-                "requesting a token for serviceaccount \"{name}\": {e}"
-            ))
-        })?;
-    let token = issued
-        .status
-        .and_then(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            err(format!(
-                "the token request for serviceaccount \"{name}\" got no token"
-            ))
-        })?;
-    let lifetime = issued
-        .spec
-        .and_then(|s| s.expiration_seconds)
-        .unwrap_or(expiration_seconds)
-        .max(1) as u64;
+    let (token, lifetime) =
+        crate::serviceaccount::request_token(client, pod, audience, expiration_seconds)
+            .await
+            .map_err(err)?;
     let renew = Duration::from_secs((lifetime * 8 / 10).min(24 * 3600));
     Ok((token, asked + renew))
 }
