@@ -1,31 +1,29 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
-//! with (`orquestra-operator`): the [`scheduler`], the workload controllers ([`replicaset`],
-//! [`daemonset`]), the service controllers ([`endpoints`], [`endpointslice`]) and node IPAM
-//! ([`nodeipam`]), garbage collection, namespace and node lifecycle, the `default`
-//! ServiceAccount of every namespace ([`serviceaccount`]), and storage: the PersistentVolume
-//! binder ([`persistentvolume`]) and the built-in local-path provisioner ([`localpath`]). [`BUILTIN`]
-//! names them for `--controllers`, as kube-controller-manager does.
+//! with (`orquestra-operator`), grouped by what they look after: the [`scheduler`],
+//! [`workloads`] (ReplicaSets, Deployments, DaemonSets, …), [`services`] (Endpoints,
+//! EndpointSlices), [`nodes`] (lifecycle, IPAM), [`storage`] (the PersistentVolume binder,
+//! the local-path provisioner) and [`cluster`] housekeeping (garbage collection, namespaces,
+//! ServiceAccounts, the root CA). [`BUILTIN`] names them for `--controllers`, as
+//! kube-controller-manager does.
 
 #![deny(missing_docs)]
 
-pub mod daemonset;
-pub mod deployment;
+pub mod cluster;
 mod discovery;
-pub mod endpoints;
-pub mod endpointslice;
 pub mod events;
-pub mod garbage;
 pub mod labels;
-pub mod localpath;
-pub mod namespace;
-pub mod nodeipam;
-pub mod nodelifecycle;
+pub mod nodes;
 pub mod objects;
-pub mod persistentvolume;
-pub mod replicaset;
-pub mod rootcacert;
 pub mod scheduler;
-pub mod serviceaccount;
+pub mod services;
+pub mod storage;
+pub mod workloads;
+
+use cluster::{garbage, namespace, rootcacert, serviceaccount};
+use nodes::{nodeipam, nodelifecycle};
+use services::{endpoints, endpointslice};
+use storage::{localpath, persistentvolume};
+use workloads::{daemonset, deployment, replicaset};
 
 use std::time::Duration;
 

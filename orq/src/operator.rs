@@ -108,7 +108,7 @@ impl ControllerArgs {
 
     /// The settings the control loops take; an invalid CIDR is an error here, at start.
     pub fn settings(&self) -> anyhow::Result<orquestra_controllers::Settings> {
-        let node_ipam = orquestra_controllers::nodeipam::Config::new(
+        let node_ipam = orquestra_controllers::nodes::nodeipam::Config::new(
             &self.cluster_cidr,
             self.node_cidr_mask_size,
         )

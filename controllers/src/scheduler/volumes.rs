@@ -21,7 +21,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use crate::persistentvolume::{ANN_SELECTED_NODE, class_of};
+use crate::storage::persistentvolume::{ANN_SELECTED_NODE, class_of};
 
 /// The caches the volume checks read.
 #[derive(Clone)]

@@ -3,7 +3,7 @@
 //! and reclaims the ones it holds — a volume labelled [`LABEL_NODE`] with this node's name
 //! that is `Released` with reclaim policy `Delete` has its directory removed, then the
 //! volume itself. `Retain` keeps both, as the administrator's to clean. (The provisioning
-//! is the server's: `orquestra_controllers::localpath`.)
+//! is the server's: `orquestra_controllers::storage::localpath`.)
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -30,7 +30,7 @@ use kube::{Client, Resource, ResourceExt};
 use orquestra_operator::{Manager, Runner};
 use serde_json::json;
 
-use crate::endpoints::{
+use crate::services::endpoints::{
     HEADLESS, headless, hostname, pod_ip, pod_ready, publish_not_ready, resolve_port, selecting,
     selector, selects, target_ref, terminal,
 };

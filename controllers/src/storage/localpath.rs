@@ -25,7 +25,7 @@ use orquestra_operator::{Manager, Runner};
 use serde_json::json;
 
 use crate::events::{self, EventType};
-use crate::persistentvolume::{
+use crate::storage::persistentvolume::{
     ANN_PROVISIONED_BY, ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER, class_of,
 };
 

@@ -12,7 +12,7 @@
 //! It writes only when the content changed, and never from a stale cache: a create of an
 //! existing name and an update at an old `resourceVersion` both fail and are retried.
 //!
-//! The helpers shared with the [`crate::endpointslice`] controller (which pods a Service
+//! The helpers shared with the [`crate::services::endpointslice`] controller (which pods a Service
 //! selects, and what a named `targetPort` resolves to) live here.
 
 use orquestra_operator::rbac::{READ, Rule};
