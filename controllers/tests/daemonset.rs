@@ -116,7 +116,7 @@ async fn one_pod_per_eligible_node() {
     .await;
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::scheduler::add(&mut manager).unwrap();
-    orquestra_controllers::daemonset::add(&mut manager);
+    orquestra_controllers::workloads::daemonset::add(&mut manager);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tokio::spawn(manager.run_on(listener, std::future::pending()));
 

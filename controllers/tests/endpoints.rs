@@ -118,9 +118,9 @@ async fn endpoints_follow_the_pods() {
         .unwrap();
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::scheduler::add(&mut manager).unwrap();
-    orquestra_controllers::replicaset::add(&mut manager);
-    orquestra_controllers::endpoints::add(&mut manager);
-    orquestra_controllers::endpointslice::add(&mut manager);
+    orquestra_controllers::workloads::replicaset::add(&mut manager);
+    orquestra_controllers::services::endpoints::add(&mut manager);
+    orquestra_controllers::services::endpointslice::add(&mut manager);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tokio::spawn(manager.run_on(listener, std::future::pending()));
 

@@ -24,7 +24,7 @@ async fn start() -> (TestApi, Client) {
     let api = TestApi::start().await.unwrap();
     let client = api.client();
     let mut manager = Manager::new(client.clone());
-    orquestra_controllers::garbage::add(&mut manager);
+    orquestra_controllers::cluster::garbage::add(&mut manager);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tokio::spawn(manager.run_on(listener, std::future::pending()));
     (api, client)

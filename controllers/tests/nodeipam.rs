@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Event, Node};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
-use orquestra_controllers::nodeipam::{self, Config};
+use orquestra_controllers::nodes::nodeipam::{self, Config};
 use orquestra_operator::Manager;
 use orquestra_operator::testing::TestApi;
 use serde_json::json;

@@ -54,7 +54,7 @@ async fn replicas_are_kept() {
         .unwrap();
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::scheduler::add(&mut manager).unwrap();
-    orquestra_controllers::replicaset::add(&mut manager);
+    orquestra_controllers::workloads::replicaset::add(&mut manager);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     tokio::spawn(manager.run_on(listener, std::future::pending()));
 
