@@ -215,6 +215,14 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
+    Builtin {
+        name: "job",
+        rules: workloads::job::RULES,
+        add: |m, _| {
+            workloads::job::add(m);
+            Ok(())
+        },
+    },
 ];
 
 /// The names of the built-in control loops.

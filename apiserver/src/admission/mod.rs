@@ -3,8 +3,9 @@
 //! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
 //! RuntimeClasses' overhead and scheduling ([`runtime_class`]), in-place pod resizes
 //! ([`resize`]), claims' default
-//! StorageClass ([`storage_class`]), and LimitRanges and ResourceQuotas ([`quota`]).
+//! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), and LimitRanges and ResourceQuotas ([`quota`]).
 
+pub mod batch;
 pub mod quota;
 pub mod resize;
 pub mod runtime_class;
@@ -168,6 +169,8 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
             daemonset_defaults(object);
             template_defaults(object);
         }
+        ("batch", "Job") => batch::job_defaults(object),
+        ("batch", "CronJob") => batch::cronjob_defaults(object),
         ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => {
             binding_defaults(object)
         }
@@ -213,6 +216,8 @@ pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
             validate_workload(object, &mut causes);
         }
         ("", "ConfigMap" | "Secret") => validate_config_keys(object, &mut causes),
+        ("batch", "Job") => batch::validate_job(object, &mut causes),
+        ("batch", "CronJob") => batch::validate_cronjob(object, &mut causes),
         ("", "Event") => validate_event(object, false, &mut causes),
         ("events.k8s.io", "Event") => validate_event(object, true, &mut causes),
         _ => {}
@@ -333,10 +338,15 @@ fn validate_config_keys(object: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
-/// A ConfigMap or Secret marked `immutable` keeps its data (and a Secret its type), and
-/// stays immutable — kube's `field is immutable when \`immutable\` is set`.
+/// What an update may not change: a ConfigMap or Secret marked `immutable` keeps its data
+/// (and a Secret its type), and stays immutable — kube's `field is immutable when
+/// \`immutable\` is set`; a Job keeps its selector, completion mode and, once started, its
+/// template ([`batch::validate_job_update`]).
 pub fn check_immutable_data(def: &ResourceDef, old: &Value, new: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
+    if (def.group.as_str(), def.kind.as_str()) == ("batch", "Job") {
+        return batch::validate_job_update(old, new);
+    }
     let secret = match (def.group.as_str(), def.kind.as_str()) {
         ("", "ConfigMap") => false,
         ("", "Secret") => true,
@@ -538,6 +548,31 @@ fn one_of(value: &Value, allowed: &[&str], field: &str, causes: &mut Vec<Cause>)
     }
 }
 
+/// Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`.
+fn selector_matches(selector: &Value, labels: &Value) -> bool {
+    let match_labels = selector["matchLabels"].as_object();
+    let expressions = selector["matchExpressions"].as_array();
+    match_labels
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && expressions.into_iter().flatten().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let value = labels.get(key).and_then(Value::as_str);
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(&v)),
+                Some("NotIn") => !value.is_some_and(|v| values.contains(&v)),
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
 /// A workload: a non-empty selector that selects its own template, and a valid template.
 fn validate_workload(object: &Value, causes: &mut Vec<Cause>) {
     let spec = &object["spec"];
@@ -552,25 +587,7 @@ fn validate_workload(object: &Value, causes: &mut Vec<Cause>) {
         ));
     } else {
         let labels = &spec["template"]["metadata"]["labels"];
-        let matches = match_labels
-            .into_iter()
-            .flatten()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && expressions.into_iter().flatten().all(|e| {
-                let key = e["key"].as_str().unwrap_or_default();
-                let value = labels.get(key).and_then(Value::as_str);
-                let values: Vec<&str> = e["values"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_str).collect())
-                    .unwrap_or_default();
-                match e["operator"].as_str() {
-                    Some("In") => value.is_some_and(|v| values.contains(&v)),
-                    Some("NotIn") => !value.is_some_and(|v| values.contains(&v)),
-                    Some("Exists") => value.is_some(),
-                    Some("DoesNotExist") => value.is_none(),
-                    _ => false,
-                }
-            });
+        let matches = selector_matches(selector, labels);
         if !matches {
             causes.push(cause(
                 "FieldValueInvalid",

@@ -1,7 +1,8 @@
 //! The workload controllers: what keeps pods from templates — ReplicaSets and
 //! ReplicationControllers ([`replicaset`]), Deployments rolling ReplicaSets ([`deployment`]),
-//! DaemonSets ([`daemonset`]).
+//! DaemonSets ([`daemonset`]), Jobs run to completion ([`job`]).
 
 pub mod daemonset;
 pub mod deployment;
+pub mod job;
 pub mod replicaset;

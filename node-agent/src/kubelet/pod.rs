@@ -1415,6 +1415,27 @@ impl PodWorker {
             let left = deadline.saturating_duration_since(Instant::now());
             return Next::After(left.clamp(Duration::from_millis(50), Duration::from_millis(200)));
         }
+        // A deleted pod ends in a terminal phase before it goes (as the kubelet's status
+        // manager does since 1.27): `Succeeded` if every container exited 0, else `Failed`.
+        // Whoever holds a finalizer on it (a Job tracking its pods) reads how it ended.
+        if let Some(pod) = pod
+            && !matches!(self.lifecycle, Lifecycle::Finished { .. })
+        {
+            let spec = pod.spec.clone().unwrap_or_default();
+            let succeeded = !spec.containers.is_empty()
+                && spec.containers.iter().all(|c| {
+                    matches!(self.latest(&c.name).map(|a| a.state),
+                        Some(ContainerState::Exited(_, exited)) if exited.exit_code == 0)
+                });
+            let terminating = std::mem::replace(
+                &mut self.lifecycle,
+                Lifecycle::Finished {
+                    phase: if succeeded { "Succeeded" } else { "Failed" },
+                },
+            );
+            self.report(pod).await;
+            self.lifecycle = terminating;
+        }
         self.release_sandbox().await;
         self.ctx.network.teardown_pod(&self.uid).await.ok();
         remove_pod_cgroups(&self.uid);

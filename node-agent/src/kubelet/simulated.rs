@@ -4,8 +4,10 @@
 //!
 //! Each node registers and heartbeats like a real one. One watch over all Pods picks the
 //! ones bound to these nodes; a pod not yet Running gets a Running status (every container
-//! running and ready, a pod IP, the usual conditions); a pod being deleted gets the final
-//! delete a kubelet sends once its containers are gone.
+//! running and ready, a pod IP, the usual conditions); a running pod annotated with
+//! [`EXIT_CODE`] then finishes (`Succeeded` or `Failed`, as a Job's pods do); a pod being
+//! deleted ends `Failed` and gets the final delete a kubelet sends once its containers are
+//! gone.
 
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -144,6 +146,10 @@ pub async fn run_with(
     }
 }
 
+/// The annotation that makes a simulated pod's containers exit, with this code, once it
+/// runs (Job pods in tests and benchmarks); without it a pod runs until deleted.
+pub const EXIT_CODE: &str = "sim.orquestra.dev/exit-code";
+
 /// Brings one pod to where a kubelet with instant containers would have it.
 async fn sync_pod(client: &Client, nodes: &BTreeSet<String>, pod: &Pod) -> Result<(), kube::Error> {
     let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
@@ -154,7 +160,21 @@ async fn sync_pod(client: &Client, nodes: &BTreeSet<String>, pod: &Pod) -> Resul
     }
     let ns = pod.namespace().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let terminal = matches!(phase, Some("Succeeded" | "Failed"));
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
     if pod.metadata.deletion_timestamp.is_some() {
+        // As the real agent: a deleted pod ends Failed before it goes, for whoever holds a
+        // finalizer on it.
+        if !terminal {
+            let failed = json!({"status": {"phase": "Failed"}});
+            let _ = api
+                .patch_status(&pod.name_any(), &params, &Patch::Merge(failed))
+                .await;
+        }
         api.delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
             .await
             .map(|_| ())
@@ -164,9 +184,15 @@ async fn sync_pod(client: &Client, nodes: &BTreeSet<String>, pod: &Pod) -> Resul
             })?;
         return Ok(());
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase == Some("Running") {
+    let exit_code = pod
+        .annotations()
+        .get(EXIT_CODE)
+        .and_then(|c| c.parse::<i32>().ok());
+    if terminal || (phase == Some("Running") && exit_code.is_none()) {
         return Ok(());
+    }
+    if let (Some("Running"), Some(code)) = (phase, exit_code) {
+        return finish(&api, pod, code, &params).await;
     }
     let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let uid = pod.uid().unwrap_or_default();
@@ -200,15 +226,48 @@ async fn sync_pod(client: &Client, nodes: &BTreeSet<String>, pod: &Pod) -> Resul
             "qosClass": "BestEffort",
         }
     });
-    api.patch_status(
-        &pod.name_any(),
-        &PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..PatchParams::default()
-        },
-        &Patch::Merge(status),
-    )
-    .await?;
+    api.patch_status(&pod.name_any(), &params, &Patch::Merge(status))
+        .await?;
+    Ok(())
+}
+
+/// A running pod whose containers all exit with `code`: `Succeeded` for 0, else `Failed`.
+async fn finish(
+    api: &Api<Pod>,
+    pod: &Pod,
+    code: i32,
+    params: &PatchParams,
+) -> Result<(), kube::Error> {
+    let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let containers: Vec<serde_json::Value> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "name": c.name, "image": c.image, "imageID": c.image_id,
+                "containerID": c.container_id, "ready": false, "started": false,
+                "restartCount": c.restart_count,
+                "state": {"terminated": {"exitCode": code, "finishedAt": now,
+                    "reason": if code == 0 { "Completed" } else { "Error" }}},
+            })
+        })
+        .collect();
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    let not_ready = |type_: &str| json!({"type": type_, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now, "lastProbeTime": null});
+    let status = json!({"status": {
+        "phase": phase,
+        "containerStatuses": containers,
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now, "lastProbeTime": null},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now, "lastProbeTime": null},
+            not_ready("ContainersReady"), not_ready("Ready"),
+        ],
+    }});
+    api.patch_status(&pod.name_any(), params, &Patch::Merge(status))
+        .await?;
     Ok(())
 }
 
