@@ -223,6 +223,25 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
+    Builtin {
+        name: "cronjob",
+        rules: workloads::cronjob::RULES,
+        add: |m, _| {
+            workloads::cronjob::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "ttl-after-finished",
+        rules: workloads::ttlafterfinished::RULES,
+        add: |m, _| {
+            workloads::ttlafterfinished::add(m);
+            Ok(())
+        },
+    },
+
+
+
 ];
 
 /// The names of the built-in control loops.

@@ -3,13 +3,15 @@
 //! reached with the two-step conditions and no pod left holding the tracking finalizer, a
 //! failing Job stopped by its backoff limit, an Indexed Job's indexes and hostnames, a
 //! suspended Job that runs once resumed, a deleted Job's pods let go, and the API server's
-//! `Invalid` for a template that restarts `Always`.
+//! `Invalid` for a template that restarts `Always`; CronJobs every minute under each
+//! concurrency policy with their history limit, a finished Job expired by its TTL, and a
+//! schedule that does not parse.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -27,7 +29,13 @@ async fn start() -> (TestApi, Client) {
     let mut manager = Manager::new(client.clone());
     orquestra_controllers::add_selected(
         &mut manager,
-        &["scheduler".into(), "job".into(), "garbagecollector".into()],
+        &[
+            "scheduler".into(),
+            "job".into(),
+            "cronjob".into(),
+            "ttl-after-finished".into(),
+            "garbagecollector".into(),
+        ],
         &Default::default(),
     )
     .unwrap();
@@ -261,4 +269,123 @@ async fn a_template_that_restarts_always_is_invalid() {
         "{}",
         status.message
     );
+}
+
+fn cronjob(name: &str, policy: &str, exits: bool) -> CronJob {
+    let mut template = json!({"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}});
+    if exits {
+        template["metadata"] = json!({"annotations": {EXIT_CODE: "0"}});
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"schedule": "*/1 * * * *", "concurrencyPolicy": policy, "successfulJobsHistoryLimit": 0,
+                 "jobTemplate": {"spec": {"template": template}}},
+    }))
+    .unwrap()
+}
+
+async fn jobs_of(client: &Client, cronjob: &str) -> Vec<String> {
+    Api::<Job>::namespaced(client.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.name == cronjob)
+                && j.metadata.deletion_timestamp.is_none()
+        })
+        .filter_map(|j| j.metadata.name)
+        .collect()
+}
+
+/// Sleeps until `seconds` past the next whole minute.
+async fn past_next_minute(seconds: u64) {
+    let now = jiff::Timestamp::now().as_second() as u64;
+    let next = (now / 60 + 1) * 60 + seconds;
+    tokio::time::sleep(Duration::from_secs(next - now)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cronjobs_follow_their_concurrency_policy() {
+    let (_api, client) = start().await;
+    let cronjobs: Api<CronJob> = Api::namespaced(client.clone(), "default");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "default");
+
+    // A schedule that does not parse is Invalid, naming the field.
+    let mut bad = cronjob("bad", "Allow", true);
+    bad.spec.schedule = "61 * * * *".into();
+    let err = cronjobs
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("not an API error: {err}")
+    };
+    assert_eq!(status.code, 422);
+    assert!(
+        status.message.contains("spec.schedule"),
+        "{}",
+        status.message
+    );
+
+    // Every minute: Forbid and Replace with Jobs that never finish, Allow with Jobs that do
+    // and no history kept.
+    for (name, policy, exits) in [
+        ("allow", "Allow", true),
+        ("forbid", "Forbid", false),
+        ("replace", "Replace", false),
+    ] {
+        cronjobs
+            .create(&PostParams::default(), &cronjob(name, policy, exits))
+            .await
+            .unwrap();
+    }
+    past_next_minute(5).await;
+    let forbid = jobs_of(&client, "forbid").await;
+    let replace = jobs_of(&client, "replace").await;
+    assert_eq!(forbid.len(), 1, "the first run: {forbid:?}");
+    assert_eq!(replace.len(), 1, "the first run: {replace:?}");
+    let cj = cronjobs.get("forbid").await.unwrap();
+    assert_eq!(cj.status.unwrap().active.unwrap().len(), 1);
+    // The next minute: Forbid skips it, Replace swaps its Job for a new one.
+    past_next_minute(5).await;
+    assert_eq!(
+        jobs_of(&client, "forbid").await,
+        forbid,
+        "Forbid ran again while one was active"
+    );
+    let replaced = jobs_of(&client, "replace").await;
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert_ne!(replaced, replace, "Replace kept the old Job");
+    // Allow: its runs finished, and with no history kept they are gone.
+    let allow = cronjobs.get("allow").await.unwrap();
+    assert!(allow.status.unwrap().last_successful_time.is_some());
+    assert!(jobs_of(&client, "allow").await.is_empty());
+
+    // A finished Job with a TTL goes once it expires.
+    jobs.create(
+        &PostParams::default(),
+        &job("short", 0, json!({"ttlSecondsAfterFinished": 2})),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut saw_finished = false;
+    loop {
+        match jobs.get_opt("short").await.unwrap() {
+            Some(j) => saw_finished |= condition(&j, "Complete").is_some(),
+            None if saw_finished => break,
+            None => panic!("the Job went before it was seen finished"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished Job was never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -122,6 +122,9 @@ pub struct Context {
     pods: Store<Pod>,
     jobs: Store<Job>,
     expectations: Mutex<HashMap<String, Expectations>>,
+    /// The resourceVersion of each Job's last status write: a cache older than it must not
+    /// be acted on (it would not show pods already counted).
+    written: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -139,6 +142,7 @@ pub fn add(manager: &mut Manager) {
         pods: pods.store(),
         jobs: jobs.store(),
         expectations: Mutex::default(),
+        written: Mutex::default(),
     });
     let candidates = jobs.store();
     let runner = Runner::for_cache("job", &jobs)
@@ -391,6 +395,32 @@ impl Context {
         e.since = Some(Instant::now());
     }
 
+    /// Whether the cached Job is older than this controller's last status write.
+    fn behind(&self, uid: &str, job: &Job) -> bool {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = job.resource_version().and_then(|rv| rv.parse::<u64>().ok());
+        matches!((written.get(uid), cached), (Some(w), Some(c)) if c < *w)
+    }
+
+    /// Drops what was remembered about a Job that is done with.
+    fn forget(&self, uid: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+        self.expectations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    fn wrote(&self, uid: &str, job: &Job) {
+        if let Some(rv) = job.resource_version().and_then(|rv| rv.parse::<u64>().ok()) {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.insert(uid.to_owned(), rv);
+        }
+    }
+
     /// Whether earlier creations and deletions have all reached the cache.
     fn settled(&self, uid: &str, owned: &[Arc<Pod>]) -> bool {
         let mut expectations = self.expectations.lock().unwrap_or_else(|e| e.into_inner());
@@ -577,6 +607,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
 
     // A Job being deleted, or finished, keeps nothing from going.
     if job.meta().deletion_timestamp.is_some() || finished(&job).is_some() {
+        ctx.forget(&uid);
         for pod in owned.iter().filter(|p| tracked(p)) {
             strip(&api, pod).await.map_err(|source| JobError::Api {
                 action: format!("removing the tracking finalizer of pod {}", pod.name_any()),
@@ -629,8 +660,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
             )
             .await;
     }
-    if !ctx.settled(&uid, &owned) {
-        return Ok(Action::requeue(Duration::from_millis(500)));
+    if !ctx.settled(&uid, &owned) || ctx.behind(&uid, &job) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
 
     let status = job.status.clone().unwrap_or_default();
@@ -744,20 +775,25 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
     let write_status = |patch: Value| {
         let jobs = jobs.clone();
         let name = name.clone();
+        let ctx = ctx.clone();
+        let uid = uid.clone();
         async move {
-            jobs.patch_status(
-                &name,
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..PatchParams::default()
-                },
-                &Patch::Merge(json!({"status": patch})),
-            )
-            .await
-            .map_err(|source| JobError::Api {
-                action: format!("updating the status of job {name}"),
-                source,
-            })
+            let written = jobs
+                .patch_status(
+                    &name,
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(json!({"status": patch})),
+                )
+                .await
+                .map_err(|source| JobError::Api {
+                    action: format!("updating the status of job {name}"),
+                    source,
+                })?;
+            ctx.wrote(&uid, &written);
+            Ok::<(), JobError>(())
         }
     };
     if before

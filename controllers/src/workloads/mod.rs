@@ -1,8 +1,11 @@
 //! The workload controllers: what keeps pods from templates — ReplicaSets and
 //! ReplicationControllers ([`replicaset`]), Deployments rolling ReplicaSets ([`deployment`]),
-//! DaemonSets ([`daemonset`]), Jobs run to completion ([`job`]).
+//! DaemonSets ([`daemonset`]), Jobs run to completion ([`job`]) on a schedule ([`cronjob`])
+//! and expired once finished ([`ttlafterfinished`]).
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod job;
 pub mod replicaset;
+pub mod ttlafterfinished;
