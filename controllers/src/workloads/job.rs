@@ -125,6 +125,9 @@ pub struct Context {
     /// The resourceVersion of each Job's last status write: a cache older than it must not
     /// be acted on (it would not show pods already counted).
     written: Mutex<HashMap<String, u64>>,
+    /// Per Job, the pods whose finalizer this controller removed but whose cached copy may
+    /// still show it: not to be counted again.
+    released: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -143,6 +146,7 @@ pub fn add(manager: &mut Manager) {
         jobs: jobs.store(),
         expectations: Mutex::default(),
         written: Mutex::default(),
+        released: Mutex::default(),
     });
     let candidates = jobs.store();
     let runner = Runner::for_cache("job", &jobs)
@@ -412,6 +416,27 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
+        self.released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
+    /// The pods of the Job released earlier that the cache still shows tracked.
+    fn releasing(&self, uid: &str, owned: &[Arc<Pod>]) -> BTreeSet<String> {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        let set = released.entry(uid.to_owned()).or_default();
+        set.retain(|pod| {
+            owned
+                .iter()
+                .any(|p| p.uid().as_deref() == Some(pod.as_str()) && tracked(p))
+        });
+        set.clone()
+    }
+
+    fn released(&self, uid: &str, pod: String) {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        released.entry(uid.to_owned()).or_default().insert(pod);
     }
 
     fn wrote(&self, uid: &str, job: &Job) {
@@ -703,7 +728,11 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
     );
     let mut sorted = owned.clone();
     sorted.sort_by_key(|p| finished_at(p));
-    for pod in sorted.iter().filter(|p| tracked(p)) {
+    let releasing = ctx.releasing(&uid, &owned);
+    for pod in sorted
+        .iter()
+        .filter(|p| tracked(p) && !p.uid().is_some_and(|u| releasing.contains(&u)))
+    {
         let pod_uid = pod.uid().unwrap_or_default();
         let index = index_of(pod);
         if phase(pod) == "Succeeded" && !uncounted_failed.contains(&pod_uid) {
@@ -820,11 +849,14 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
             action: format!("removing the tracking finalizer of pod {}", pod.name_any()),
             source,
         })?;
-        released_now.insert(pod.uid().unwrap_or_default());
+        let pod_uid = pod.uid().unwrap_or_default();
+        ctx.released(&uid, pod_uid.clone());
+        released_now.insert(pod_uid);
     }
     // Recorded pods that hold no finalizer any more are counted.
     let still_tracked = |u: &String| {
         !released_now.contains(u)
+            && !releasing.contains(u)
             && owned
                 .iter()
                 .any(|p| p.uid().as_ref() == Some(u) && tracked(p))
