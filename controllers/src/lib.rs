@@ -23,7 +23,7 @@ use cluster::{garbage, namespace, rootcacert, serviceaccount};
 use nodes::{nodeipam, nodelifecycle};
 use services::{endpoints, endpointslice};
 use storage::{localpath, persistentvolume};
-use workloads::{daemonset, deployment, replicaset};
+use workloads::{daemonset, deployment, replicaset, statefulset};
 
 use std::time::Duration;
 
@@ -239,7 +239,14 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
-
+    Builtin {
+        name: "statefulset",
+        rules: statefulset::RULES,
+        add: |m, _| {
+            statefulset::add(m);
+            Ok(())
+        },
+    },
 
 
 ];

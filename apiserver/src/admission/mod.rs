@@ -10,6 +10,7 @@ pub mod quota;
 pub mod resize;
 pub mod runtime_class;
 pub mod schema;
+pub mod statefulset;
 pub mod storage_class;
 
 use std::collections::BTreeSet;
@@ -169,6 +170,7 @@ pub fn on_write(def: &ResourceDef, object: &mut Value) {
             daemonset_defaults(object);
             template_defaults(object);
         }
+        ("apps", "StatefulSet") => statefulset::defaults(object),
         ("batch", "Job") => batch::job_defaults(object),
         ("batch", "CronJob") => batch::cronjob_defaults(object),
         ("rbac.authorization.k8s.io", "RoleBinding" | "ClusterRoleBinding") => {
@@ -212,7 +214,7 @@ pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Pod") => validate_pod_spec(&object["spec"], "spec", &mut causes),
-        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => {
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
             validate_workload(object, &mut causes);
         }
         ("", "ConfigMap" | "Secret") => validate_config_keys(object, &mut causes),

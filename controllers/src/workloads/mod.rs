@@ -1,11 +1,13 @@
 //! The workload controllers: what keeps pods from templates — ReplicaSets and
 //! ReplicationControllers ([`replicaset`]), Deployments rolling ReplicaSets ([`deployment`]),
-//! DaemonSets ([`daemonset`]), Jobs run to completion ([`job`]) on a schedule ([`cronjob`])
-//! and expired once finished ([`ttlafterfinished`]).
+//! DaemonSets ([`daemonset`]), StatefulSets' ordered pods with stable names and storage
+//! ([`statefulset`]), Jobs run to completion ([`job`]) on a schedule ([`cronjob`]) and expired once
+//! finished ([`ttlafterfinished`]).
 
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod job;
 pub mod replicaset;
+pub mod statefulset;
 pub mod ttlafterfinished;

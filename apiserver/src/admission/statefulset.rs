@@ -1,0 +1,98 @@
+//! A StatefulSet's defaults, as kube-apiserver's `SetDefaults_StatefulSet`: one replica,
+//! `OrderedReady` pod management, a `RollingUpdate` strategy with partition 0, ten revisions
+//! of history, claims kept (`Retain`) when the set is deleted or scaled down, and the pod
+//! template's defaults. Idempotent, so an update that leaves a defaulted field out does not
+//! read as a change.
+
+use serde_json::{Value, json};
+
+/// Fills in what a StatefulSet leaves out.
+pub fn defaults(object: &mut Value) {
+    if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.entry("replicas").or_insert(json!(1));
+        spec.entry("podManagementPolicy")
+            .or_insert(json!("OrderedReady"));
+        spec.entry("revisionHistoryLimit").or_insert(json!(10));
+        let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
+        if let Some(strategy) = strategy.as_object_mut() {
+            let kind = strategy
+                .entry("type")
+                .or_insert(json!("RollingUpdate"))
+                .clone();
+            if kind == "RollingUpdate" {
+                let rolling = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
+                if let Some(rolling) = rolling.as_object_mut() {
+                    rolling.entry("partition").or_insert(json!(0));
+                }
+            }
+        }
+        let policy = spec
+            .entry("persistentVolumeClaimRetentionPolicy")
+            .or_insert_with(|| json!({}));
+        if let Some(policy) = policy.as_object_mut() {
+            policy.entry("whenDeleted").or_insert(json!("Retain"));
+            policy.entry("whenScaled").or_insert(json!("Retain"));
+        }
+        for claim in spec
+            .get_mut("volumeClaimTemplates")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(claim_spec) = claim.get_mut("spec").and_then(Value::as_object_mut) {
+                claim_spec
+                    .entry("volumeMode")
+                    .or_insert(json!("Filesystem"));
+            }
+        }
+    }
+    super::template_defaults(object);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_kube_defaults_once() {
+        let mut set = json!({"spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {}}],
+        }});
+        defaults(&mut set);
+        let spec = &set["spec"];
+        assert_eq!(spec["replicas"], 1);
+        assert_eq!(spec["podManagementPolicy"], "OrderedReady");
+        assert_eq!(spec["revisionHistoryLimit"], 10);
+        assert_eq!(
+            spec["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        );
+        assert_eq!(
+            spec["persistentVolumeClaimRetentionPolicy"],
+            json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+        );
+        assert_eq!(
+            spec["volumeClaimTemplates"][0]["spec"]["volumeMode"],
+            "Filesystem"
+        );
+        assert_eq!(spec["template"]["spec"]["restartPolicy"], "Always");
+        let once = set.clone();
+        defaults(&mut set);
+        assert_eq!(set, once);
+
+        let mut on_delete = json!({"spec": {"updateStrategy": {"type": "OnDelete"},
+            "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete"}}});
+        defaults(&mut on_delete);
+        assert_eq!(
+            on_delete["spec"]["updateStrategy"],
+            json!({"type": "OnDelete"})
+        );
+        assert_eq!(
+            on_delete["spec"]["persistentVolumeClaimRetentionPolicy"],
+            json!({"whenDeleted": "Retain", "whenScaled": "Delete"})
+        );
+    }
+}
