@@ -1,6 +1,6 @@
 //! Pod semantics with real containers (root), as the kubelet's: termination messages,
 //! init container statuses, QoS classes, users and groups, sysctls, host aliases and
-//! hostnames, and in-place resizes — `orq server` with its node agent in a network namespace
+//! hostnames, in-place resizes, and host ports the node refuses to give twice — `orq server` with its node agent in a network namespace
 //! of the test's own, busybox from a real registry, the real kubectl.
 
 #![allow(clippy::unwrap_used)]
@@ -370,6 +370,46 @@ fn active_deadline_fails_the_pod() {
     );
     let state = &pod["status"]["containerStatuses"][0]["state"];
     assert!(state["terminated"].is_object(), "{state}");
+}
+
+#[test]
+fn host_ports_in_use_reject_the_pod() {
+    let host = Host::start("podports");
+    let pod = |name: &str, host_ip: Option<&str>| {
+        let mut port = json!({"containerPort": 21017, "hostPort": 21017});
+        if let Some(ip) = host_ip {
+            port["hostIP"] = json!(ip);
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": "n1", "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": IMAGE, "command": ["sleep", "3600"],
+                    "ports": [port]}]},
+        })
+    };
+    host.apply(&pod("holder", None));
+    host.wait_pod("holder", Duration::from_secs(60), |p| phase(p) == "Running");
+    // Bound straight to the node (no scheduler to keep it away): the node refuses it, as
+    // the kubelet's admission does — 0.0.0.0 overlaps every address.
+    host.apply(&pod("second", Some("127.0.0.1")));
+    let rejected = host.wait_pod("second", Duration::from_secs(30), |p| phase(p) == "Failed");
+    assert_eq!(
+        rejected["status"]["reason"], "NodePorts",
+        "{:#}",
+        rejected["status"]
+    );
+    assert!(
+        rejected["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("didn't have free ports"),
+        "{:#}",
+        rejected["status"]
+    );
+    // Once the holder is gone the port is free again.
+    host.kubectl(&["delete", "pod", "holder", "--wait=true"]);
+    host.apply(&pod("third", None));
+    host.wait_pod("third", Duration::from_secs(60), |p| phase(p) == "Running");
 }
 
 #[test]

@@ -39,6 +39,42 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The pod CIDR used when neither the flag nor the Node's `spec.podCIDR` gives one.
 pub const DEFAULT_POD_CIDR: &str = "10.88.0.0/16";
 
+/// A host port a pod's container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    port: i32,
+    protocol: String,
+    ip: String,
+}
+
+impl HostPort {
+    fn of(pod: &Pod) -> Vec<HostPort> {
+        pod.spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                let port = p.host_port.filter(|h| *h > 0)?;
+                Some(HostPort {
+                    port,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    ip: p
+                        .host_ip
+                        .clone()
+                        .filter(|ip| !ip.is_empty())
+                        .unwrap_or_else(|| "0.0.0.0".into()),
+                })
+            })
+            .collect()
+    }
+
+    fn clashes(&self, other: &HostPort) -> bool {
+        self.port == other.port
+            && self.protocol == other.protocol
+            && (self.ip == other.ip || self.ip == "0.0.0.0" || other.ip == "0.0.0.0")
+    }
+}
+
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -154,6 +190,8 @@ pub struct Context {
     pods: std::sync::RwLock<HashMap<(String, String), String>>,
     /// UID → the images its containers name, for image garbage collection.
     pod_specs: std::sync::RwLock<HashMap<String, Vec<String>>>,
+    /// The host ports of the pods admitted here and not finished, by pod UID.
+    host_ports: std::sync::Mutex<HashMap<String, Vec<HostPort>>>,
     /// Set once the node side of the pod network (bridge, NAT) is in place: done on the
     /// first pod that needs it, so a node without pods leaves the host's network alone.
     node_network: tokio::sync::OnceCell<()>,
@@ -208,7 +246,42 @@ impl Context {
         }
     }
 
+    /// The kubelet's admission of a pod's host ports (its `NodePorts` predicate): a pod
+    /// that asks for a port and protocol another admitted pod holds on an overlapping
+    /// address (`0.0.0.0` overlaps every address) is rejected with the kubelet's message.
+    /// `already_running` pods (admitted before an agent restart) are taken as they are.
+    pub fn admit_ports(&self, uid: &str, pod: &Pod, already_running: bool) -> Result<(), String> {
+        let wanted = HostPort::of(pod);
+        let mut held = self.host_ports.lock().unwrap_or_else(|e| e.into_inner());
+        if !already_running
+            && let Some(clash) = held
+                .iter()
+                .filter(|(other, _)| *other != uid)
+                .flat_map(|(_, ports)| ports)
+                .find(|h| wanted.iter().any(|w| w.clashes(h)))
+        {
+            tracing::info!(pod = %pod.name_any(), port = clash.port, "rejected: host port taken");
+            return Err(
+                "Pod was rejected: Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports"
+                    .into(),
+            );
+        }
+        if !wanted.is_empty() {
+            held.insert(uid.to_owned(), wanted);
+        }
+        Ok(())
+    }
+
+    /// Frees a pod's host ports (it finished or went).
+    pub fn release_ports(&self, uid: &str) {
+        self.host_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+
     fn forget(&self, uid: &str) {
+        self.release_ports(uid);
         self.pod_specs
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -375,6 +448,7 @@ pub async fn run(
         node_network: tokio::sync::OnceCell::new(),
         pods: std::sync::RwLock::default(),
         pod_specs: std::sync::RwLock::default(),
+        host_ports: std::sync::Mutex::default(),
     });
     registry.register(Box::new(crate::metrics::Running::new(Arc::downgrade(
         &ctx,

@@ -113,6 +113,8 @@ pub struct PodWorker {
     failure: Option<(&'static str, String)>,
     /// Why the pod's resize cannot be done (`PodResizePending`, reason `Infeasible`).
     resize_infeasible: Option<String>,
+    /// Whether the node admitted the pod (its host ports are free).
+    admitted: bool,
     /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
     /// it mounts missing, …): the next try backs off.
     prepare_failures: u32,
@@ -163,6 +165,7 @@ impl PodWorker {
             reported_running: false,
             service_account: None,
             prepare_failures: 0,
+            admitted: false,
             resize_infeasible: None,
             failure: None,
             evicted_at: Instant::now(),
@@ -191,6 +194,22 @@ impl PodWorker {
                 .unwrap_or(30)
                 .max(0) as u64;
             return self.terminate(Some(pod), Duration::from_secs(grace)).await;
+        }
+        if !self.admitted && !matches!(self.lifecycle, Lifecycle::Finished { .. }) {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            let running = matches!(phase, Some("Running"));
+            match self.ctx.admit_ports(&self.uid, pod, running) {
+                Ok(()) => self.admitted = true,
+                Err(message) => {
+                    self.event(pod, EventType::Warning, "NodePorts", &message)
+                        .await;
+                    self.failure = Some(("NodePorts", message));
+                    self.lifecycle = Lifecycle::Finished { phase: "Failed" };
+                }
+            }
+        }
+        if matches!(self.lifecycle, Lifecycle::Finished { .. }) {
+            self.ctx.release_ports(&self.uid);
         }
         if self.start_time.is_none() {
             self.start_time = Some(
