@@ -20,10 +20,10 @@ pub mod storage;
 pub mod workloads;
 
 use cluster::{garbage, namespace, rootcacert, serviceaccount};
-use nodes::{nodeipam, nodelifecycle};
+use nodes::{nodeipam, nodelifecycle, tainteviction};
 use services::{endpoints, endpointslice};
 use storage::{localpath, persistentvolume};
-use workloads::{daemonset, deployment, replicaset, statefulset};
+use workloads::{daemonset, deployment, disruption, replicaset, statefulset};
 
 use std::time::Duration;
 
@@ -239,6 +239,7 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
+
     Builtin {
         name: "statefulset",
         rules: statefulset::RULES,
@@ -247,8 +248,22 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
-
-
+    Builtin {
+        name: "disruption",
+        rules: disruption::RULES,
+        add: |m, _| {
+            disruption::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "taint-eviction-controller",
+        rules: tainteviction::RULES,
+        add: |m, _| {
+            tainteviction::add(m);
+            Ok(())
+        },
+    },
 ];
 
 /// The names of the built-in control loops.

@@ -1,5 +1,6 @@
-//! The node lifecycle controller with the scheduler and the workload controllers against the
-//! real API server in-process and simulated nodes: a node whose Lease stops being renewed is
+//! The node lifecycle controller (with the taint eviction controller acting on its taints), the
+//! scheduler and the workload controllers against the real API server in-process and
+//! simulated nodes: a node whose Lease stops being renewed is
 //! marked Unknown and tainted unreachable, its pods are evicted after their
 //! `tolerationSeconds` and recreated on the other nodes within `grace + tolerationSeconds +
 //! 10 s`; a pod tolerating the taint forever stays; the node coming back is untainted.
@@ -96,6 +97,7 @@ async fn a_lost_node_is_tainted_and_its_pods_move() {
             "replicaset".into(),
             "deployment".into(),
             "nodelifecycle".into(),
+            "taint-eviction-controller".into(),
         ],
         &settings,
     )

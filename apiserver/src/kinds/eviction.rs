@@ -49,6 +49,21 @@ pub async fn evict(
         Some(Value::Object(o)) => Value::Object(o.clone()),
         _ => json!({}),
     };
+    // As kube-apiserver: an eviction never bypasses the store's checks.
+    if options["ignoreStoreReadErrorWithClusterBreakingPotential"] == json!(true) {
+        return Err(ApiError::Invalid {
+            kind: "Eviction".into(),
+            name,
+            group: "policy".into(),
+            causes: vec![Cause {
+                reason: "FieldValueInvalid".into(),
+                message: "Invalid value: true: can not be set for pod eviction, try after \
+                          removing the option"
+                    .into(),
+                field: "deleteOptions.ignoreStoreReadErrorWithClusterBreakingPotential".into(),
+            }],
+        });
+    }
     let dry_run = dry_run(&mut options, params)?;
     let delete_params = Params {
         dry_run: dry_run.then(|| "All".to_owned()),

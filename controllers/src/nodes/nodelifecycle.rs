@@ -13,10 +13,11 @@
 //! so its pods are evicted. A node whose agent reports `Ready=False` is tainted
 //! `node.kubernetes.io/not-ready` the same way. A node that is Ready again loses both.
 //!
-//! Eviction follows the NoExecute taints: a pod that does not tolerate one is deleted at
-//! once; one that tolerates them all for `tolerationSeconds` (the API server gives every pod
-//! 300 s for these two taints by default) is deleted that long after the taint was added;
-//! its controller then creates a replacement elsewhere. When every node is down at once
+//! The `NoExecute` taints are what evicts the node's pods: the taint eviction controller
+//! ([`super::tainteviction`]) deletes those that do not tolerate them, or after their
+//! `tolerationSeconds` (the API server gives every pod 300 s for these two taints by
+//! default); their controllers then create replacements elsewhere. When every node (of more
+//! than one) is down at once, no node gets — or keeps — a `NoExecute` lifecycle taint, so
 //! nothing is evicted (kube's "full disruption": the problem is more likely the control
 //! plane's network than every node).
 //!
@@ -32,10 +33,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -44,7 +45,6 @@ use orquestra_operator::{Manager, Runner};
 use serde_json::json;
 
 use crate::events::{EventType, publish};
-use crate::scheduler::tolerates;
 
 /// What this control loop's requests need (see [`orquestra_operator::rbac`]).
 pub const RULES: &[Rule] = &[
@@ -65,11 +65,6 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_groups: &[""],
-        resources: &["pods"],
-        verbs: &["get", "list", "watch", "delete"],
-    },
-    Rule {
-        api_groups: &[""],
         resources: &["events"],
         verbs: &["create"],
     },
@@ -86,7 +81,7 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// What can go wrong reconciling one node (retried with backoff).
 #[derive(Debug, thiserror::Error)]
 pub enum NodeLifecycleError {
-    /// The node's status or taints could not be written, or a pod deleted.
+    /// The node's status or taints could not be written.
     #[error("{action}: {source}")]
     Api {
         /// What was being done.
@@ -199,7 +194,6 @@ pub struct Controller {
     client: Client,
     nodes: Store<Node>,
     leases: Store<Lease>,
-    pods: Store<Pod>,
     grace: Grace,
     health: Mutex<HealthTable>,
 }
@@ -217,12 +211,10 @@ impl std::fmt::Debug for Controller {
 pub fn add(manager: &mut Manager, grace: Grace) {
     let nodes = manager.cache::<Node>(watcher::Config::default());
     let leases = manager.cache::<Lease>(watcher::Config::default());
-    let pods = manager.cache::<Pod>(watcher::Config::default());
     let context = Arc::new(Controller {
         client: manager.client(),
         nodes: nodes.store(),
         leases: leases.store(),
-        pods: pods.store(),
         grace,
         health: Mutex::default(),
     });
@@ -258,46 +250,10 @@ fn taints(node: &Node) -> Vec<Taint> {
         .unwrap_or_default()
 }
 
-/// How long `pod` may stay on a node with `taints`: `None` forever, `Some(ZERO)` not at all,
-/// counted from when each NoExecute taint was added.
-fn eviction_due(pod: &Pod, taints: &[Taint]) -> Option<Timestamp> {
-    let tolerations = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.tolerations.clone())
-        .unwrap_or_default();
-    let mut due: Option<Timestamp> = None;
-    for taint in taints.iter().filter(|t| t.effect == "NoExecute") {
-        let added = taint
-            .time_added
-            .as_ref()
-            .map(|t| t.0)
-            .unwrap_or_else(Timestamp::now);
-        let matching: Vec<&Toleration> =
-            tolerations.iter().filter(|t| tolerates(t, taint)).collect();
-        let at = if matching.is_empty() {
-            Some(added)
-        } else if matching.iter().any(|t| t.toleration_seconds.is_none()) {
-            None
-        } else {
-            let seconds = matching
-                .iter()
-                .filter_map(|t| t.toleration_seconds)
-                .min()
-                .unwrap_or(0)
-                .max(0);
-            Some(added + Duration::from_secs(seconds as u64))
-        };
-        if let Some(at) = at {
-            due = Some(due.map_or(at, |d| d.min(at)));
-        }
-    }
-    due
-}
-
 /// The node's taints with the lifecycle ones as its Ready condition (or silence) says: a
-/// node that has not posted a Ready condition yet gets none.
-fn wanted_taints(node: &Node, lost: bool) -> Vec<Taint> {
+/// node that has not posted a Ready condition yet gets none; in a full disruption
+/// (`no_execute` false) only the `NoSchedule` ones.
+fn wanted_taints(node: &Node, lost: bool, no_execute: bool) -> Vec<Taint> {
     let status = ready_condition(node).map(|c| c.status.as_str());
     let mut taints: Vec<Taint> = taints(node)
         .into_iter()
@@ -311,7 +267,12 @@ fn wanted_taints(node: &Node, lost: bool) -> Vec<Taint> {
         _ => None,
     };
     if let Some(key) = key {
-        for effect in ["NoSchedule", "NoExecute"] {
+        let effects: &[&str] = if no_execute {
+            &["NoSchedule", "NoExecute"]
+        } else {
+            &["NoSchedule"]
+        };
+        for &effect in effects {
             // Keep the original timeAdded: tolerationSeconds count from it.
             let existing = current
                 .iter()
@@ -398,7 +359,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Controller>) -> Result<Action, Node
         .await;
         node = Arc::new(updated);
     }
-    let wanted = wanted_taints(&node, lost);
+    let wanted = wanted_taints(&node, lost, !full_disruption(&ctx));
     if wanted != taints(&node) {
         let mut updated = (*node).clone();
         updated.spec.get_or_insert_with(Default::default).taints = Some(wanted.clone());
@@ -411,50 +372,13 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Controller>) -> Result<Action, Node
                 source,
             })?;
     }
-    let mut next =
-        (!lost).then(|| verdict.grace.saturating_sub(verdict.silent) + Duration::from_millis(500));
-    // Evict what does not tolerate the NoExecute taints (unless every node is down).
-    if wanted.iter().any(|t| t.effect == "NoExecute") && !self::full_disruption(&ctx) {
-        for pod in ctx.pods.state().into_iter().filter(|p| {
-            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-                && p.metadata.deletion_timestamp.is_none()
-        }) {
-            let Some(due) = eviction_due(&pod, &wanted) else {
-                continue;
-            };
-            if due > now {
-                let wait = now.duration_until(due).unsigned_abs() + Duration::from_millis(100);
-                next = Some(next.map_or(wait, |n| n.min(wait)));
-                continue;
-            }
-            let namespace = pod.namespace().unwrap_or_default();
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-            match api.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {
-                    publish(
-                        &ctx.client,
-                        MANAGER,
-                        pod.as_ref(),
-                        EventType::Normal,
-                        "TaintManagerEviction",
-                        &format!("Marking for deletion Pod {namespace}/{}", pod.name_any()),
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(NodeLifecycleError::Api {
-                        action: format!("evicting pod {namespace}/{}", pod.name_any()),
-                        source,
-                    });
-                }
-            }
-        }
-    }
-    Ok(match next {
-        Some(wait) => Action::requeue(wait),
-        None => Action::await_change(),
-    })
+    // A live node is looked at again when its grace would run out; a lost one now and then,
+    // to notice a full disruption starting or ending.
+    Ok(Action::requeue(if lost {
+        verdict.grace.max(Duration::from_secs(1))
+    } else {
+        verdict.grace.saturating_sub(verdict.silent) + Duration::from_millis(500)
+    }))
 }
 
 /// Every node (of more than one) is down: more likely the control plane's own trouble.
@@ -466,22 +390,6 @@ fn full_disruption(ctx: &Controller) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn taint(key: &str, seconds_ago: i64) -> Taint {
-        Taint {
-            key: key.into(),
-            effect: "NoExecute".into(),
-            time_added: Some(Time(
-                Timestamp::now() - Duration::from_secs(seconds_ago as u64),
-            )),
-            value: None,
-        }
-    }
-
-    fn pod(tolerations: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({"spec": {"containers": [], "tolerations": tolerations}}))
-            .unwrap()
-    }
 
     const GRACE: Grace = Grace {
         monitor: Duration::from_secs(40),
@@ -528,7 +436,7 @@ mod tests {
         );
         assert!(!table.observe(&fresh, None, at(t0, 59), GRACE).lost());
         assert!(
-            wanted_taints(&fresh, false).is_empty(),
+            wanted_taints(&fresh, false, true).is_empty(),
             "no taint before a Ready condition"
         );
         // It posts Ready (with a heartbeat from an old clock) and a Lease: the normal grace now,
@@ -541,7 +449,7 @@ mod tests {
             GRACE,
         );
         assert_eq!((v.silent, v.grace), (Duration::ZERO, GRACE.monitor));
-        assert!(wanted_taints(&ready, false).is_empty());
+        assert!(wanted_taints(&ready, false, true).is_empty());
     }
 
     #[test]
@@ -551,7 +459,7 @@ mod tests {
         table.observe(&silent, None, at(t0, 0), GRACE);
         let v = table.observe(&silent, None, at(t0, 61), GRACE);
         assert!(v.lost(), "{v:?}");
-        let taints: Vec<_> = wanted_taints(&silent, v.lost())
+        let taints: Vec<_> = wanted_taints(&silent, v.lost(), true)
             .into_iter()
             .map(|t| (t.key, t.effect))
             .collect();
@@ -618,7 +526,7 @@ mod tests {
             .status = "Unknown".into();
         assert!(table.observe(&unknown, None, at(t0, 78), GRACE).lost());
         assert_eq!(
-            wanted_taints(&unknown, false).len(),
+            wanted_taints(&unknown, false, true).len(),
             2,
             "Unknown is unreachable"
         );
@@ -626,7 +534,7 @@ mod tests {
         let back = node(Some("2026-01-01T00:02:00Z"));
         let v = table.observe(&back, None, at(t0, 90), GRACE);
         assert_eq!((v.silent, v.lost()), (Duration::ZERO, false));
-        assert!(wanted_taints(&back, false).is_empty());
+        assert!(wanted_taints(&back, false, true).is_empty());
         assert!(
             !table
                 .observe(
@@ -640,20 +548,20 @@ mod tests {
     }
 
     #[test]
-    fn eviction_follows_toleration_seconds() {
-        let taints = [taint(UNREACHABLE, 10)];
-        let now = Timestamp::now();
-        // No toleration: due since the taint was added.
-        assert!(eviction_due(&pod(json!([])), &taints).unwrap() <= now);
-        // 300 s: due in about 290 s.
-        let due = eviction_due(
-            &pod(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}])),
-            &taints,
-        )
-        .unwrap();
-        let left = now.duration_until(due).as_secs_f64();
-        assert!((285.0..=291.0).contains(&left), "{left}");
-        // Tolerated forever: never.
-        assert!(eviction_due(&pod(json!([{"operator": "Exists"}])), &taints).is_none());
+    fn no_noexecute_taint_in_a_full_disruption() {
+        let mut unknown = node(Some("2026-01-01T00:00:00Z"));
+        unknown
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()[0]
+            .status = "Unknown".into();
+        let effects: Vec<String> = wanted_taints(&unknown, true, false)
+            .into_iter()
+            .map(|t| t.effect)
+            .collect();
+        assert_eq!(effects, ["NoSchedule"]);
     }
 }

@@ -2,11 +2,13 @@
 //! ReplicationControllers ([`replicaset`]), Deployments rolling ReplicaSets ([`deployment`]),
 //! DaemonSets ([`daemonset`]), StatefulSets' ordered pods with stable names and storage
 //! ([`statefulset`]), Jobs run to completion ([`job`]) on a schedule ([`cronjob`]) and expired once
-//! finished ([`ttlafterfinished`]).
+//! finished ([`ttlafterfinished`]); and what guards them: PodDisruptionBudgets' status
+//! ([`disruption`]).
 
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod job;
 pub mod replicaset;
 pub mod statefulset;
