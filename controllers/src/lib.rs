@@ -61,6 +61,9 @@ pub struct Settings {
     /// The range node IPAM hands each node's `podCIDR` out of (`--cluster-cidr`,
     /// `--node-cidr-mask-size`).
     pub node_ipam: nodeipam::Config,
+    /// How often each HorizontalPodAutoscaler is evaluated
+    /// (`--horizontal-pod-autoscaler-sync-period`, 15 s).
+    pub horizontal_pod_autoscaler_sync_period: Duration,
 }
 
 impl Default for Settings {
@@ -70,6 +73,7 @@ impl Default for Settings {
             node_monitor_grace_period: Duration::from_secs(40),
             node_startup_grace_period: Duration::from_secs(60),
             node_ipam: nodeipam::Config::default(),
+            horizontal_pod_autoscaler_sync_period: Duration::from_secs(15),
         }
     }
 }
@@ -239,7 +243,14 @@ pub const BUILTIN: &[Builtin] = &[
             Ok(())
         },
     },
-
+    Builtin {
+        name: "horizontalpodautoscaling",
+        rules: workloads::autoscaler::RULES,
+        add: |m, s| {
+            workloads::autoscaler::add(m, s.horizontal_pod_autoscaler_sync_period);
+            Ok(())
+        },
+    },
     Builtin {
         name: "statefulset",
         rules: statefulset::RULES,

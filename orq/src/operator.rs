@@ -17,9 +17,10 @@ use orquestra_operator::{LeaderElection, Manager};
 pub struct ControllerArgs {
     /// Which control loops run, like kube-controller-manager's `--controllers`: `*` for all
     /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
-    /// deployment, replicaset, replicationcontroller, daemonset, endpoint, endpointslice,
+    /// deployment, replicaset, replicationcontroller, daemonset, statefulset, job, cronjob,
+    /// ttl-after-finished, horizontalpodautoscaling, disruption, endpoint, endpointslice,
     /// garbagecollector, namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle,
-    /// nodeipam (as built).
+    /// taint-eviction-controller, nodeipam, persistentvolume-binder, local-path-provisioner.
     /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
     /// may not be installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]
@@ -31,6 +32,10 @@ pub struct ControllerArgs {
     /// How long a node that has never posted its status may stay silent before the same.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub node_startup_grace_period: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated (kube-controller-manager's
+    /// `--horizontal-pod-autoscaler-sync-period`).
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub horizontal_pod_autoscaler_sync_period: Duration,
     /// The range each node's `podCIDR` is allocated from.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: String,
@@ -125,6 +130,7 @@ impl ControllerArgs {
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_startup_grace_period: self.node_startup_grace_period,
             node_ipam,
+            horizontal_pod_autoscaler_sync_period: self.horizontal_pod_autoscaler_sync_period,
         })
     }
 }

@@ -2,9 +2,10 @@
 //! ReplicationControllers ([`replicaset`]), Deployments rolling ReplicaSets ([`deployment`]),
 //! DaemonSets ([`daemonset`]), StatefulSets' ordered pods with stable names and storage
 //! ([`statefulset`]), Jobs run to completion ([`job`]) on a schedule ([`cronjob`]) and expired once
-//! finished ([`ttlafterfinished`]); and what guards them: PodDisruptionBudgets' status
+//! finished ([`ttlafterfinished`]), replicas that follow load ([`autoscaler`]); and what guards them: PodDisruptionBudgets' status
 //! ([`disruption`]).
 
+pub mod autoscaler;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
