@@ -149,3 +149,67 @@ async fn replicas_are_kept() {
     .unwrap();
     wait_count(&pods, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exceeded_quota_shows_as_replica_failure() {
+    use k8s_openapi::api::core::v1::{ReplicationController, ResourceQuota};
+    let api = TestApi::start().await.unwrap();
+    let client = api.client();
+    let mut manager = Manager::new(client.clone());
+    orquestra_controllers::workloads::replicaset::add_replication_controllers(&mut manager);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(manager.run_on(listener, std::future::pending()));
+
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), "default");
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "two"}, "spec": {"hard": {"pods": "2"}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The quota's usage is counted before pods are refused.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rcs: Api<ReplicationController> = Api::namespaced(client.clone(), "default");
+    rcs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "condition-test"},
+            "spec": {"replicas": 3, "selector": {"name": "condition-test"},
+                     "template": {"metadata": {"labels": {"name": "condition-test"}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let failing = |rc: &ReplicationController| {
+        rc.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.type_ == "ReplicaFailure" && c.reason.as_deref() == Some("FailedCreate")
+                })
+            })
+    };
+    wait_for(&rcs, "condition-test", Duration::from_secs(30), failing)
+        .await
+        .unwrap();
+    // Scaled within the quota: the condition goes.
+    rcs.patch(
+        "condition-test",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .unwrap();
+    wait_for(&rcs, "condition-test", Duration::from_secs(60), |rc| {
+        !failing(rc)
+    })
+    .await
+    .unwrap();
+}

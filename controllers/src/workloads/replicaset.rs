@@ -350,6 +350,9 @@ async fn reconcile<K: Replicated>(
         *e = Expectations::default();
     }
     let want = rs.replicas().max(0) as usize;
+    // A failed create or delete shows as the `ReplicaFailure` condition (an exceeded quota,
+    // say) until a sync succeeds, as kube's controller reports it.
+    let mut failure: Option<(ReplicaSetError, &str)> = None;
     if owned.len() < want {
         let template = rs.template().unwrap_or_default();
         let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
@@ -370,19 +373,22 @@ async fn reconcile<K: Replicated>(
         let creates = (0..missing).map(|_| api.create(&params, &pod));
         let results = futures::future::join_all(creates).await;
         let mut created = Vec::new();
-        let mut failure = None;
+        let mut create_failure = None;
         for result in results {
             match result {
                 Ok(p) => created.push(p.name_any()),
-                Err(e) => failure = Some(e),
+                Err(e) => create_failure = Some(e),
             }
         }
         ctx.remember(&uid, created, Vec::new());
-        if let Some(source) = failure {
-            return Err(ReplicaSetError::Api {
-                action: format!("creating pods for {}", rs.name_any()),
-                source,
-            });
+        if let Some(source) = create_failure {
+            failure = Some((
+                ReplicaSetError::Api {
+                    action: format!("creating pods for {}", rs.name_any()),
+                    source,
+                },
+                "FailedCreate",
+            ));
         }
     } else if owned.len() > want {
         owned.sort_by_key(|p| value(p));
@@ -395,10 +401,14 @@ async fn reconcile<K: Replicated>(
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(source) => {
-                    return Err(ReplicaSetError::Api {
-                        action: format!("deleting pod {name}"),
-                        source,
-                    });
+                    failure = Some((
+                        ReplicaSetError::Api {
+                            action: format!("deleting pod {name}"),
+                            source,
+                        },
+                        "FailedDelete",
+                    ));
+                    break;
                 }
             }
         }
@@ -406,23 +416,45 @@ async fn reconcile<K: Replicated>(
     }
     // Status from what the cache shows.
     let ready_count = owned.iter().filter(|p| ready(p)).count() as i32;
+    let current = rs.status_json();
+    let mut conditions: Vec<serde_json::Value> = current["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c["type"] != "ReplicaFailure")
+        .collect();
+    let had_failure = current["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "ReplicaFailure"));
+    if let Some((error, reason)) = &failure {
+        let kept = current["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "ReplicaFailure").cloned());
+        conditions.push(kept.unwrap_or_else(|| {
+            json!({"type": "ReplicaFailure", "status": "True", "reason": reason,
+                   "message": error.to_string(),
+                   "lastTransitionTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()})
+        }));
+    }
     let status = json!({
         "replicas": owned.len() as i32,
         "fullyLabeledReplicas": owned.len() as i32,
         "readyReplicas": ready_count,
         "availableReplicas": ready_count,
         "observedGeneration": rs.meta().generation,
+        "conditions": if conditions.is_empty() { serde_json::Value::Null } else { json!(conditions) },
     });
-    let current = rs.status_json();
-    let changed = [
-        "replicas",
-        "fullyLabeledReplicas",
-        "readyReplicas",
-        "availableReplicas",
-        "observedGeneration",
-    ]
-    .iter()
-    .any(|k| current.get(k).cloned().unwrap_or(json!(0)) != status[k]);
+    let changed = had_failure != failure.is_some()
+        || [
+            "replicas",
+            "fullyLabeledReplicas",
+            "readyReplicas",
+            "availableReplicas",
+            "observedGeneration",
+        ]
+        .iter()
+        .any(|k| current.get(k).cloned().unwrap_or(json!(0)) != status[k]);
     if changed {
         let sets: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
         sets.patch_status(
@@ -439,7 +471,10 @@ async fn reconcile<K: Replicated>(
             source,
         })?;
     }
-    Ok(Action::await_change())
+    match failure {
+        Some((error, _)) => Err(error),
+        None => Ok(Action::await_change()),
+    }
 }
 
 impl<K> Controller<K> {
