@@ -207,17 +207,27 @@ fn merge_list(
         return Ok(replace_list(&rest));
     }
     let Some(key) = strategy.key.as_deref() else {
-        // A set of scalars.
-        let mut result = original.to_vec();
+        // A set of scalars, ordered as kube orders it (below).
+        let mut from_patch: Vec<Value> = Vec::new();
         for item in patch {
-            if !result.contains(item) {
-                result.push(item.clone());
+            if !from_patch.contains(item) {
+                from_patch.push(item.clone());
             }
         }
-        return Ok(result);
+        let server_only: Vec<Value> = original
+            .iter()
+            .filter(|o| !patch.contains(o))
+            .cloned()
+            .collect();
+        return Ok(merge_sorted(server_only, from_patch, original, |v| {
+            v.clone()
+        }));
     };
     let element = format!("{path}[]");
-    let mut result = original.to_vec();
+    // The patch's elements, merged into their originals, in the patch's order; then the
+    // originals the patch does not name woven in (kube's normalizeElementOrder).
+    let mut from_patch: Vec<Value> = Vec::new();
+    let mut named = vec![false; original.len()];
     for item in patch {
         let Value::Object(p) = item else {
             return Err(bad(format!("the elements of {path:?} must be objects")));
@@ -225,32 +235,62 @@ fn merge_list(
         let id = p
             .get(key)
             .ok_or_else(|| bad(format!("an element of {path:?} has no merge key {key:?}")))?;
-        let position = result.iter().position(|o| o.get(key) == Some(id));
-        match (p.get("$patch").and_then(Value::as_str), position) {
-            (Some("delete"), Some(i)) => {
-                result.remove(i);
-            }
-            (Some("delete"), None) => {}
-            (_, Some(i)) => {
-                let merged = match &result[i] {
-                    Value::Object(o) => merge_map(schema, &element, o, p)?,
-                    _ => merge_map(schema, &element, &Map::new(), p)?,
-                };
-                match merged {
-                    Some(m) => result[i] = Value::Object(m),
-                    None => {
-                        result.remove(i);
-                    }
-                }
-            }
-            (_, None) => {
-                if let Some(m) = merge_map(schema, &element, &Map::new(), p)? {
-                    result.push(Value::Object(m));
-                }
+        let position = original.iter().position(|o| o.get(key) == Some(id));
+        if let Some(i) = position {
+            named[i] = true;
+        }
+        if p.get("$patch").and_then(Value::as_str) == Some("delete") {
+            continue;
+        }
+        let base = match position.map(|i| &original[i]) {
+            Some(Value::Object(o)) => o.clone(),
+            _ => Map::new(),
+        };
+        if let Some(m) = merge_map(schema, &element, &base, p)? {
+            match from_patch.iter().position(|o| o.get(key) == Some(id)) {
+                Some(j) => from_patch[j] = Value::Object(m),
+                None => from_patch.push(Value::Object(m)),
             }
         }
     }
-    Ok(result)
+    let server_only: Vec<Value> = original
+        .iter()
+        .zip(&named)
+        .filter(|(_, named)| !**named)
+        .map(|(o, _)| o.clone())
+        .collect();
+    Ok(merge_sorted(server_only, from_patch, original, |v| {
+        v.get(key).cloned().unwrap_or(Value::Null)
+    }))
+}
+
+/// kube's `mergeSortedSlice`: the original-only elements (`left`) woven into the patch's
+/// (`right`): a left element goes before a right one only when both are in the original
+/// and it came first there — so new elements lead, and untouched ones keep their places
+/// around the ones the patch changed.
+fn merge_sorted(
+    left: Vec<Value>,
+    right: Vec<Value>,
+    original: &[Value],
+    identity: impl Fn(&Value) -> Value,
+) -> Vec<Value> {
+    let index = |v: &Value| {
+        let id = identity(v);
+        original.iter().position(|o| identity(o) == id)
+    };
+    let mut out = Vec::with_capacity(left.len() + right.len());
+    let (mut left, mut right) = (left.into_iter().peekable(), right.into_iter().peekable());
+    loop {
+        let take_left = match (left.peek(), right.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(l), Some(r)) => matches!((index(l), index(r)), (Some(li), Some(ri)) if li < ri),
+        };
+        let next = if take_left { left.next() } else { right.next() };
+        out.extend(next);
+    }
+    out
 }
 
 /// Orders `items` as `order` lists them (by merge key, or by value for scalars); items the
@@ -313,9 +353,24 @@ mod tests {
         assert_eq!(
             merged,
             json!({"spec": {"containers": [
-                {"name": "a", "image": "a:2", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]},
+                {"name": "a", "image": "a:2", "env": [{"name": "Y", "value": "2"}, {"name": "X", "value": "1"}]},
                 {"name": "b", "image": "b:1"}
             ]}})
+        );
+        // A new element leads; untouched ones keep their places around changed ones (kube's
+        // mergeSortedSlice) — a StatefulSet patched with a container of a new name has it
+        // first.
+        let original =
+            json!({"spec": {"containers": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}});
+        let patch = json!({"spec": {"containers": [{"name": "b", "image": "x"}, {"name": "new"}]}});
+        assert_eq!(
+            apply(pod(), &original, &patch).unwrap(),
+            json!({"spec": {"containers": [{"name": "a"}, {"name": "b", "image": "x"}, {"name": "new"}, {"name": "c"}]}})
+        );
+        let patch = json!({"spec": {"containers": [{"name": "new"}]}});
+        assert_eq!(
+            apply(pod(), &original, &patch).unwrap(),
+            json!({"spec": {"containers": [{"name": "new"}, {"name": "a"}, {"name": "b"}, {"name": "c"}]}})
         );
     }
 
@@ -337,7 +392,7 @@ mod tests {
         assert_eq!(
             merged,
             json!({
-                "metadata": {"finalizers": ["b", "c"], "labels": {"y": "2"}},
+                "metadata": {"finalizers": ["c", "b"], "labels": {"y": "2"}},
                 "spec": {"containers": [{"name": "c"}, {"name": "b"}], "tolerations": [{"key": "other"}]}
             })
         );
