@@ -480,10 +480,19 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Controller>) -> Result<Action, D
         .into_iter()
         .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
         .collect();
-    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    // Each ReplicaSet's pods are available after its own minReadySeconds, as its status
+    // counts them (the deployment's own sets carry the deployment's; an adopted one may
+    // have none, and its ready pods are available at once).
     let counts = sets
         .iter()
-        .map(|rs| (rs.uid().unwrap_or_default(), count(&pods, rs, min_ready)))
+        .map(|rs| {
+            let own = rs
+                .spec
+                .as_ref()
+                .and_then(|s| s.min_ready_seconds)
+                .unwrap_or(0);
+            (rs.uid().unwrap_or_default(), count(&pods, rs, own))
+        })
         .collect();
     let mut view = View {
         ctx: &ctx,

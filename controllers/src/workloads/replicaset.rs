@@ -90,10 +90,19 @@ pub trait Replicated:
     fn template(&self) -> Option<PodTemplateSpec>;
     /// Its status as JSON (for comparing what changed).
     fn status_json(&self) -> serde_json::Value;
+    /// How long a pod must be ready before it counts as available.
+    fn min_ready_seconds(&self) -> i32;
 }
 
 impl Replicated for ReplicaSet {
     const LOOP: &'static str = "replicaset";
+
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+    }
 
     fn selector(&self) -> LabelSelector {
         self.spec
@@ -117,6 +126,13 @@ impl Replicated for ReplicaSet {
 
 impl Replicated for ReplicationController {
     const LOOP: &'static str = "replicationcontroller";
+
+    fn min_ready_seconds(&self) -> i32 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0)
+    }
 
     /// A plain map of labels (the API server defaults it to the template's labels).
     fn selector(&self) -> LabelSelector {
@@ -416,6 +432,25 @@ async fn reconcile<K: Replicated>(
     }
     // Status from what the cache shows.
     let ready_count = owned.iter().filter(|p| ready(p)).count() as i32;
+    // Available: ready for minReadySeconds; look again when the next one will be.
+    let min_ready = jiff::SignedDuration::from_secs(i64::from(rs.min_ready_seconds().max(0)));
+    let now = jiff::Timestamp::now();
+    let mut next_available: Option<Duration> = None;
+    let available_count = owned
+        .iter()
+        .filter(|p| {
+            let Some(since) = ready_since(p) else {
+                return false;
+            };
+            let at = since + min_ready;
+            if at <= now {
+                return true;
+            }
+            let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default();
+            next_available = Some(next_available.map_or(wait, |n| n.min(wait)));
+            false
+        })
+        .count() as i32;
     let current = rs.status_json();
     let mut conditions: Vec<serde_json::Value> = current["conditions"]
         .as_array()
@@ -441,7 +476,7 @@ async fn reconcile<K: Replicated>(
         "replicas": owned.len() as i32,
         "fullyLabeledReplicas": owned.len() as i32,
         "readyReplicas": ready_count,
-        "availableReplicas": ready_count,
+        "availableReplicas": available_count,
         "observedGeneration": rs.meta().generation,
         "conditions": if conditions.is_empty() { serde_json::Value::Null } else { json!(conditions) },
     });
@@ -473,8 +508,25 @@ async fn reconcile<K: Replicated>(
     }
     match failure {
         Some((error, _)) => Err(error),
-        None => Ok(Action::await_change()),
+        None => Ok(next_available
+            .map(|d| Action::requeue(d + Duration::from_millis(100)))
+            .unwrap_or_else(Action::await_change)),
     }
+}
+
+/// When the pod last became Ready (now, if it is Ready without a time).
+fn ready_since(pod: &Pod) -> Option<jiff::Timestamp> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")
+        .map(|c| {
+            c.last_transition_time
+                .as_ref()
+                .map_or_else(jiff::Timestamp::now, |t| t.0)
+        })
 }
 
 impl<K> Controller<K> {
