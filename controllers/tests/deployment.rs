@@ -525,3 +525,78 @@ async fn thousand_replicas_spread_over_a_hundred_nodes() {
     );
     assert!(max - min <= 2, "uneven spread: {min}..{max} pods per node");
 }
+
+/// The ReplicaSets of the Deployment `name`, by revision: `(revision, spec.replicas)`.
+async fn set_sizes(client: &Client) -> BTreeMap<String, i32> {
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    sets.list(&ListParams::default().labels("app=prop"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|rs| {
+            (
+                rs.annotations()
+                    .get("deployment.kubernetes.io/revision")
+                    .cloned()
+                    .unwrap_or_default(),
+                rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_mid_rollout_is_proportional() {
+    let (_api, client, _registry) = cluster(3).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "prop"},
+        "spec": {"replicas": 10, "selector": {"matchLabels": {"app": "prop"}},
+                 "strategy": {"rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}},
+                 "template": {"metadata": {"labels": {"app": "prop"}},
+                              "spec": {"containers": [{"name": "app", "image": "busybox"}]}}},
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    wait_for(&deployments, "prop", Duration::from_secs(30), |d| {
+        d.status.as_ref().and_then(|s| s.available_replicas) == Some(10)
+    })
+    .await
+    .unwrap();
+    // A template whose pods can never be placed: the rollout stalls at 8 old + 5 new.
+    deployments
+        .patch(
+            "prop",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"template": {"spec": {"nodeSelector": {"nowhere": "true"}}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stalled = BTreeMap::from([("1".to_string(), 8), ("2".to_string(), 5)]);
+    while set_sizes(&client).await != stalled {
+        assert!(Instant::now() < deadline, "{:?}", set_sizes(&client).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Resized to 30 mid-rollout: 8 + 20·8/13 = 20 and 5 + 20·5/13 = 13, as kube does.
+    deployments
+        .patch(
+            "prop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 30}})),
+        )
+        .await
+        .unwrap();
+    let resized = BTreeMap::from([("1".to_string(), 20), ("2".to_string(), 13)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while set_sizes(&client).await != resized {
+        assert!(Instant::now() < deadline, "{:?}", set_sizes(&client).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

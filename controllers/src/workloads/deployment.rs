@@ -411,6 +411,120 @@ impl View<'_> {
     }
 }
 
+/// Whether `replicas` changed since the active ReplicaSets were last sized (their
+/// `desired-replicas` annotation says otherwise): kube's "scaling event".
+fn scaling_event(view: &View<'_>, replicas: i32) -> bool {
+    view.sets.iter().filter(|rs| replicas_of(rs) > 0).any(|rs| {
+        rs.annotations()
+            .get("deployment.kubernetes.io/desired-replicas")
+            .and_then(|v| v.parse::<i32>().ok())
+            .is_some_and(|desired| desired != replicas)
+    })
+}
+
+/// kube's `scale`: a Deployment resized mid-rollout (or paused) resizes its ReplicaSets in
+/// proportion to their sizes — each by its share of `replicas + maxSurge` against the
+/// `max-replicas` it was last sized for, leftovers to the largest — so a rollout in
+/// progress keeps its ratio; a lone active set simply takes the new count, and a saturated
+/// new set sends the old ones to zero. Returns whether anything was written.
+async fn scale_proportionally(
+    view: &View<'_>,
+    new: Option<&ReplicaSet>,
+    replicas: i32,
+) -> Result<bool, DeploymentError> {
+    let new_uid = new.and_then(|n| n.uid());
+    let active: Vec<&Arc<ReplicaSet>> = view.sets.iter().filter(|rs| replicas_of(rs) > 0).collect();
+    let lone = match (active.len(), new) {
+        (1, _) => Some(active[0].as_ref()),
+        (0, Some(n)) => Some(n),
+        (0, None) => view
+            .sets
+            .iter()
+            .max_by_key(|rs| rs.creation_timestamp().map(|t| t.0))
+            .map(|rs| rs.as_ref()),
+        _ => None,
+    };
+    if let Some(rs) = lone {
+        return view.scale(rs, replicas, None).await;
+    }
+    if let Some(n) = new {
+        let desired = n
+            .annotations()
+            .get("deployment.kubernetes.io/desired-replicas")
+            .and_then(|v| v.parse::<i32>().ok());
+        let saturated = replicas_of(n) == replicas
+            && desired == Some(replicas)
+            && n.status.as_ref().and_then(|s| s.available_replicas) == Some(replicas);
+        if saturated {
+            let mut wrote = false;
+            for rs in active.iter().filter(|rs| rs.uid() != new_uid) {
+                wrote |= view.scale(rs, 0, None).await?;
+            }
+            return Ok(wrote);
+        }
+    }
+    let recreate = view.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+    if recreate {
+        return Ok(false);
+    }
+    let surge = surge_and_unavailable(&view.spec).0;
+    let allowed = if replicas > 0 { replicas + surge } else { 0 };
+    let current: i32 = active.iter().map(|rs| replicas_of(rs)).sum();
+    let to_add = allowed - current;
+    let mut sorted = active.clone();
+    // Largest first; among equals the newer when growing, the older when shrinking.
+    sorted.sort_by(|a, b| {
+        let by_size = replicas_of(b).cmp(&replicas_of(a));
+        let (ta, tb) = (
+            a.creation_timestamp().map(|t| t.0),
+            b.creation_timestamp().map(|t| t.0),
+        );
+        by_size.then(if to_add > 0 { tb.cmp(&ta) } else { ta.cmp(&tb) })
+    });
+    let status_replicas = view
+        .d
+        .status
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(current);
+    let mut added = 0;
+    let mut sizes: Vec<i32> = Vec::with_capacity(sorted.len());
+    for rs in &sorted {
+        let size = replicas_of(rs);
+        let proportion = if size == 0 || to_add == 0 || to_add == added {
+            0
+        } else {
+            let fraction = if replicas == 0 {
+                -size
+            } else {
+                let annotated = rs
+                    .annotations()
+                    .get("deployment.kubernetes.io/max-replicas")
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .filter(|a| *a > 0)
+                    .unwrap_or(status_replicas.max(1));
+                (f64::from(size) * f64::from(allowed) / f64::from(annotated)).round() as i32 - size
+            };
+            let left = to_add - added;
+            if to_add > 0 {
+                fraction.min(left)
+            } else {
+                fraction.max(left)
+            }
+        };
+        added += proportion;
+        sizes.push(size + proportion);
+    }
+    if let Some(first) = sizes.first_mut() {
+        *first = (*first + to_add - added).max(0);
+    }
+    let mut wrote = false;
+    for (rs, size) in sorted.iter().zip(sizes) {
+        wrote |= view.scale(rs, size, None).await?;
+    }
+    Ok(wrote)
+}
+
 async fn reconcile(d: Arc<Deployment>, ctx: Arc<Controller>) -> Result<Action, DeploymentError> {
     if d.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -525,13 +639,9 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Controller>) -> Result<Action, D
 
     let mut requeue = view.counts.values().filter_map(|c| c.next).min();
     let mut collision_count = d.status.as_ref().and_then(|s| s.collision_count);
-    let (new, revision) = if paused {
-        // Paused: no rollout; a lone ReplicaSet still follows `replicas`.
-        if let Some(new) = &new
-            && view.sets.len() == 1
-        {
-            view.scale(new, replicas, None).await?;
-        }
+    let (new, revision) = if paused || (scaling_event(&view, replicas) && new.is_some()) {
+        // Paused, or resized mid-rollout: no rollout step, the sets resized in proportion.
+        scale_proportionally(&view, new.as_deref(), replicas).await?;
         let revision = new.as_deref().map(revision_of).unwrap_or(0);
         (new, revision)
     } else {
