@@ -413,6 +413,31 @@ fn host_ports_in_use_reject_the_pod() {
 }
 
 #[test]
+fn privileged_containers_get_every_capability_the_node_has() {
+    let host = Host::start("podpriv");
+    host.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "priv"},
+        "spec": {"nodeName": "n1", "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": IMAGE,
+                "command": ["sh", "-c", "grep CapEff /proc/self/status"],
+                "securityContext": {"privileged": true}}]},
+    }));
+    let pod = host.wait_pod("priv", Duration::from_secs(60), |p| {
+        matches!(phase(p), "Succeeded" | "Failed")
+    });
+    assert_eq!(phase(&pod), "Succeeded", "{:#}", pod["status"]);
+    // The container's effective set is the node's bounding set (whatever the host withholds
+    // — CAP_SYS_RESOURCE on some sandboxes — it does not ask for).
+    let ours = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:").map(|v| v.trim().to_owned()))
+        .unwrap();
+    let logs = host.kubectl(&["logs", "priv"]);
+    assert!(logs.contains(&ours), "{logs} vs the node's {ours}");
+}
+
+#[test]
 fn runtime_classes_run_known_handlers_only() {
     let host = Host::start("podrtc");
     for (name, handler) in [("runc", "runc"), ("kata", "kata")] {

@@ -110,7 +110,7 @@ pub struct ContainerConfig {
     pub host_ipc: bool,
 }
 
-/// Every capability the kernel knows, for privileged containers and `add: [ALL]`.
+/// Every capability, in the kernel's numbering (the index is the bit).
 const ALL_CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -150,7 +150,36 @@ const ALL_CAPABILITIES: &[&str] = &[
     "CAP_WAKE_ALARM",
     "CAP_BLOCK_SUSPEND",
     "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
+
+/// The capabilities a privileged container (or `add: [ALL]`) gets: every one this process
+/// may hand on — its bounding set — as containerd's `WithAllCurrentCapabilities` does. A
+/// host (or an outer container) that withholds one, `CAP_SYS_RESOURCE` say, would make
+/// the container's start fail asking for it.
+fn all_capabilities() -> Vec<String> {
+    static CURRENT: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    CURRENT
+        .get_or_init(|| {
+            let bounding = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|status| {
+                    status.lines().find_map(|l| {
+                        u64::from_str_radix(l.strip_prefix("CapBnd:")?.trim(), 16).ok()
+                    })
+                })
+                .unwrap_or(u64::MAX);
+            ALL_CAPABILITIES
+                .iter()
+                .enumerate()
+                .filter(|(bit, _)| bounding & (1 << bit) != 0)
+                .map(|(_, c)| (*c).to_string())
+                .collect()
+        })
+        .clone()
+}
 
 impl ContainerConfig {
     /// The capability set after `privileged`, `cap_add` and `cap_drop`.
@@ -164,14 +193,14 @@ impl ContainerConfig {
             }
         };
         let mut caps: Vec<String> = if self.privileged {
-            ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+            all_capabilities()
         } else {
             DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect()
         };
         for add in self.cap_add.iter().map(norm) {
             if add == "ALL" {
-                caps = ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect();
-            } else if ALL_CAPABILITIES.contains(&add.as_str()) && !caps.contains(&add) {
+                caps = all_capabilities();
+            } else if all_capabilities().contains(&add) && !caps.contains(&add) {
                 caps.push(add);
             }
         }
@@ -520,7 +549,21 @@ mod tests {
         assert!(config.capabilities().is_empty());
         config.privileged = true;
         config.cap_drop = vec![];
-        assert!(config.capabilities().contains(&"CAP_SYS_ADMIN".to_owned()));
+        let all = config.capabilities();
+        assert!(all.contains(&"CAP_SYS_ADMIN".to_owned()));
+        // Only what this process may grant: nothing outside its bounding set.
+        let bounding = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| u64::from_str_radix(l.strip_prefix("CapBnd:")?.trim(), 16).ok())
+            .unwrap();
+        for cap in &all {
+            let bit = ALL_CAPABILITIES.iter().position(|c| c == cap).unwrap();
+            assert!(
+                bounding & (1 << bit) != 0,
+                "{cap} is not in this process's bounding set"
+            );
+        }
     }
 
     #[test]
