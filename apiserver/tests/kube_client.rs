@@ -1378,3 +1378,39 @@ async fn a_graceful_delete_is_a_new_generation_once() {
     assert_eq!(shortened.metadata.deletion_grace_period_seconds, Some(30));
     assert_eq!(shortened.metadata.generation, Some(2));
 }
+
+/// A watch of a kind nothing writes still moves: bookmarks carry the store's revision, so
+/// the watcher's resourceVersion does not fall behind compaction.
+#[tokio::test]
+async fn quiet_watches_get_bookmarks_at_the_stores_revision() {
+    let c = cluster().await;
+    let quiet: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let busy: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    let start = quiet.list(&ListParams::default()).await.unwrap();
+    let from = start.metadata.resource_version.unwrap();
+    let mut events = quiet
+        .watch(&WatchParams::default().timeout(60), &from)
+        .await
+        .unwrap()
+        .boxed();
+    // Other kinds move the store on.
+    let written = busy
+        .create(&PostParams::default(), &configmap("moving", json!({})))
+        .await
+        .unwrap();
+    let moved: u64 = written.resource_version().unwrap().parse().unwrap();
+    let bookmark = tokio::time::timeout(Duration::from_secs(45), async {
+        while let Some(event) = events.try_next().await.unwrap() {
+            if let WatchEvent::Bookmark(b) = event {
+                let rv: u64 = b.metadata.resource_version.parse().unwrap();
+                if rv >= moved {
+                    return rv;
+                }
+            }
+        }
+        panic!("the watch ended without a bookmark");
+    })
+    .await
+    .expect("no bookmark within 45 s");
+    assert!(bookmark >= moved);
+}

@@ -348,6 +348,9 @@ impl WatchCache {
     }
 }
 
+/// How often every watch gets a progress notice (a bookmark, to clients that asked).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Fills the cache from a list, then applies the watch from that list's revision until the
 /// watch ends.
 async fn mirror(
@@ -382,7 +385,25 @@ async fn mirror(
         state.revision = revision;
     }
     tx.send_replace(revision);
-    while let Some(item) = stream.next().await {
+    // A bookmark for every watch now and then, even of kinds nothing writes: a quiet watch's
+    // resourceVersion then moves with the store, so it does not fall behind compaction and
+    // end in `410 Expired` and a relist (kube-apiserver's watch cache does the same).
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress.tick().await;
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            _ = progress.tick() => {
+                if let Ok(state) = state.read() {
+                    let _ = feed.send(Notice::Progress(state.revision));
+                }
+                continue;
+            }
+        };
         let item = item?;
         let revision = item.revision();
         match item {
