@@ -844,14 +844,26 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, JobError>
         .await?;
     }
     let mut released_now = BTreeSet::new();
-    for pod in &release {
-        strip(&api, pod).await.map_err(|source| JobError::Api {
-            action: format!("removing the tracking finalizer of pod {}", pod.name_any()),
-            source,
-        })?;
-        let pod_uid = pod.uid().unwrap_or_default();
-        ctx.released(&uid, pod_uid.clone());
-        released_now.insert(pod_uid);
+    // Released all at once; the ones whose patch failed stay recorded and are retried.
+    let stripped = futures::future::join_all(release.iter().map(|pod| strip(&api, pod))).await;
+    let mut strip_failure = None;
+    for (pod, result) in release.iter().zip(stripped) {
+        match result {
+            Ok(()) => {
+                let pod_uid = pod.uid().unwrap_or_default();
+                ctx.released(&uid, pod_uid.clone());
+                released_now.insert(pod_uid);
+            }
+            Err(source) => {
+                strip_failure = Some(JobError::Api {
+                    action: format!("removing the tracking finalizer of pod {}", pod.name_any()),
+                    source,
+                })
+            }
+        }
+    }
+    if let Some(error) = strip_failure {
+        return Err(error);
     }
     // Recorded pods that hold no finalizer any more are counted.
     let still_tracked = |u: &String| {
