@@ -170,7 +170,7 @@ fn indexed_jobs_retry_failed_indexes_and_cronjobs_forbid_overlap() {
     std::thread::sleep(until_next_minute(10));
     assert_eq!(
         cronjob_jobs(&host),
-        [first_job.clone()],
+        std::slice::from_ref(&first_job),
         "Forbid started a second run"
     );
     let cj = get(&host, "cronjob", "every-minute");
