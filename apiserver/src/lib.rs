@@ -82,6 +82,7 @@ impl ApiServer {
         let mut engine = Engine::new(store, registry);
         engine.request_timeout = timeout;
         engine.ensure_boot_namespaces().await?;
+        admission::priority::ensure_system_classes(&engine).await?;
         authorization::ensure_bootstrap_roles(&engine).await?;
         crd::sync(engine.clone()).await?;
         Ok(ApiServer { engine })

@@ -6,6 +6,7 @@
 //! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), and LimitRanges and ResourceQuotas ([`quota`]).
 
 pub mod batch;
+pub mod priority;
 pub mod quota;
 pub mod resize;
 pub mod runtime_class;
@@ -348,6 +349,9 @@ pub fn check_immutable_data(def: &ResourceDef, old: &Value, new: &Value) -> Vec<
     let mut causes = Vec::new();
     if (def.group.as_str(), def.kind.as_str()) == ("batch", "Job") {
         return batch::validate_job_update(old, new);
+    }
+    if (def.group.as_str(), def.kind.as_str()) == ("scheduling.k8s.io", "PriorityClass") {
+        return priority::validate_class_update(old, new);
     }
     let secret = match (def.group.as_str(), def.kind.as_str()) {
         ("", "ConfigMap") => false,

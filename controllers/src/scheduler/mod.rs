@@ -1,48 +1,80 @@
 //! The scheduler (`default-scheduler`, also answering to `orquestra`): assigns each pod
-//! without a node to one, as a reconcile loop on the controller framework.
+//! without a node to one, as a reconcile loop on the controller framework, the way
+//! kube-scheduler does.
 //!
-//! For a pending pod it **filters** the nodes — Ready, not cordoned, taints tolerated,
-//! `nodeSelector` and required node affinity matched, CPU, memory and pod-count requests
-//! fitting what is allocatable minus what is already placed, host ports free, the pod's
-//! PersistentVolumeClaims satisfiable there ([`volumes`]) — then
-//! **scores** the survivors (fewest pods of the same owner first, so replicas spread; then
-//! least allocated) and **binds** through `pods/binding`. A pod that fits nowhere gets a
-//! `FailedScheduling` event naming the reasons per node, and is retried when any node
-//! changes or a placed pod goes (and every 30 s). Pods bound but not yet seen bound in the cache are *assumed*
-//! on their node, so a slow cache never double-books.
+//! A scheduling cycle, one at a time under a lock, reads a [`snapshot`] of the nodes and
+//! what is placed on them:
+//! - [`queue`]: gated pods wait; a pod lets pending pods of higher priority go first.
+//! - [`filter`] and [`volumes`]: node-local checks — Ready, not cordoned, taints tolerated,
+//!   `nodeSelector` and required node affinity, CPU/memory/extended resources/pod count
+//!   fitting what is allocatable minus what is placed *and* what higher-priority nominated
+//!   pods wait for, host ports free, PersistentVolumeClaims satisfiable.
+//! - [`interpod`]: pod affinity and anti-affinity (both ways) and topology spread.
+//! - [`score`]: spread by owner and least allocated, under the pod's normalized preferences.
+//! - [`preempt`]: a pod that fits nowhere evicts lower-priority pods where that makes room,
+//!   and is nominated to that node.
+//!
+//! The decision is *assumed* in the snapshot (so a slow cache never double-books) and the
+//! binding (`pods/binding`) runs outside the lock. A pod that fits nowhere gets a
+//! `FailedScheduling` event and `PodScheduled=False`, and is retried when any node changes
+//! or a placed pod goes (and every 30 s).
 
 use orquestra_operator::rbac::{READ, Rule};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod filter;
+pub mod interpod;
+pub mod preempt;
+pub mod queue;
+pub mod score;
+pub mod snapshot;
 pub mod volumes;
 
-use k8s_openapi::api::core::v1::{
-    Node, PersistentVolume, PersistentVolumeClaim, Pod, Taint, Toleration,
-};
+pub use filter::{UNSCHEDULABLE, placeable, selector_matches, tolerates};
+pub use snapshot::{NodeInfo, Requests, requests};
+
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use orquestra_operator::quantity;
 use orquestra_operator::{Manager, Runner};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
 use serde_json::json;
+
+use snapshot::{Parsed, Placed, Snapshot, Usage};
 
 /// What this control loop's requests need (see [`orquestra_operator::rbac`]).
 pub const RULES: &[Rule] = &[
     Rule {
         api_groups: &[""],
-        resources: &["pods", "nodes"],
+        resources: &["pods", "nodes", "namespaces"],
         verbs: READ,
     },
     Rule {
         api_groups: &[""],
         resources: &["pods/binding"],
         verbs: &["create"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods/status"],
+        verbs: &["patch", "update"],
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["delete"],
+    },
+    Rule {
+        api_groups: &["policy"],
+        resources: &["poddisruptionbudgets"],
+        verbs: READ,
     },
     Rule {
         api_groups: &[""],
@@ -69,6 +101,9 @@ pub const RULES: &[Rule] = &[
 /// The names pods may ask for in `spec.schedulerName`.
 pub const NAMES: &[&str] = &["default-scheduler", "orquestra"];
 
+/// The name the scheduler reports as (events, preemption conditions).
+pub const SCHEDULER: &str = "default-scheduler";
+
 /// What can go wrong scheduling one pod (retried with backoff).
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -82,6 +117,24 @@ pub enum SchedulerError {
         /// The API error.
         source: kube::Error,
     },
+    /// Evicting the victims of a preemption failed.
+    #[error("preempting on {node} for {pod}: {source}")]
+    Preempt {
+        /// The preemptor.
+        pod: String,
+        /// The node.
+        node: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Writing the pod's status (PodScheduled) failed.
+    #[error("updating the status of {pod}: {source}")]
+    Status {
+        /// The pod.
+        pod: String,
+        /// The API error.
+        source: kube::Error,
+    },
 }
 
 /// The scheduler's metrics, under kube-scheduler's names.
@@ -90,6 +143,23 @@ struct Metrics {
     attempts: IntCounterVec,
     duration: HistogramVec,
     pending: IntGauge,
+    preemption_attempts: prometheus::IntCounter,
+    preemption_victims: prometheus::Histogram,
+}
+
+/// A pod decided on, maybe not yet seen bound in the cache.
+#[derive(Debug)]
+struct Assumed {
+    node: String,
+    placed: Placed,
+    at: Instant,
+}
+
+/// A preemptor waiting for its victims to go: the room on `node` is held for it.
+#[derive(Debug)]
+struct Nomination {
+    node: String,
+    placed: Placed,
 }
 
 /// What the reconciler shares.
@@ -97,11 +167,19 @@ pub struct Scheduler {
     client: Client,
     pods: Store<Pod>,
     nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    budgets: Store<PodDisruptionBudget>,
     /// Claims, volumes and classes, for the pods' PersistentVolumeClaims.
     storage: volumes::VolumeStores,
-    /// Pod UID → (node, requests, owner, when): bound by us, maybe not yet seen bound in
-    /// the cache.
+    /// Pod UID → the decision, maybe not yet seen bound in the cache.
     assumed: Mutex<HashMap<String, Assumed>>,
+    /// Pod UID → the node a preemption made room on.
+    nominated: Mutex<HashMap<String, Nomination>>,
+    /// Pods whose last attempt found no node (they do not hold up lower priorities), until
+    /// the next node change or freed room.
+    unschedulable: Mutex<HashSet<String>>,
+    /// Pod UID → when it first deferred to higher-priority pods.
+    deferred: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
     /// One scheduling cycle at a time (as kube-scheduler): a decision sees every binding
     /// decided before it — through the snapshot, which each decision updates.
@@ -110,26 +188,17 @@ pub struct Scheduler {
     nodes_changed: Arc<std::sync::atomic::AtomicBool>,
     /// Where the next cycle starts looking among the nodes.
     next_start: std::sync::atomic::AtomicUsize,
-    /// Pod UID → what a placed pod takes and its owner, parsed once rather than at every
-    /// snapshot (a pod's requests do not change once it is created).
+    /// Pod UID → what a placed pod takes, parsed once rather than at every snapshot (a
+    /// pod's requests do not change once it is created).
     placed: Mutex<Placements>,
 }
 
-/// The placed pods' requests, as of the last snapshot.
+/// The placed pods' parsed requests, as of the last snapshot.
 #[derive(Debug, Default)]
 struct Placements {
     /// Counts snapshots; a pod whose `seen` is behind is gone from the cache.
     epoch: u64,
-    pods: HashMap<String, Placed>,
-}
-
-/// What a placed pod takes from its node, its controller's UID, and the snapshot that last
-/// saw it.
-#[derive(Debug)]
-struct Placed {
-    wanted: Requests,
-    owner: Option<String>,
-    seen: u64,
+    pods: HashMap<String, (Arc<Parsed>, u64)>,
 }
 
 /// How many feasible nodes a cycle looks for before it scores them: all of up to 100 nodes,
@@ -143,61 +212,10 @@ fn feasible_enough(nodes: usize) -> usize {
     (nodes * percent / 100).max(100)
 }
 
-/// A pod the scheduler decided on: its node, requests and owner, and when.
-type Assumed = (String, Requests, Option<String>, Instant);
-
 /// How long a snapshot of the nodes and their usage serves before it is taken again. Within
 /// it, the scheduler's own decisions are added as they are made; others' changes (a pod
 /// deleted, a node added) are seen at the next snapshot.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(500);
-
-/// What the cluster looked like at the start of a stretch of cycles: each node parsed once,
-/// and what is placed on it (bound pods plus assumed ones).
-#[derive(Debug)]
-struct Snapshot {
-    taken: Instant,
-    nodes: Vec<NodeInfo>,
-    /// What is placed on each node, by its index in `nodes`: a cycle looks at hundreds of
-    /// nodes, so no hashing of names there.
-    usage: Vec<Usage>,
-    pending: usize,
-}
-
-/// A node as the filters read it, its quantities parsed once per snapshot.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    node: Arc<Node>,
-    name: String,
-    ready: bool,
-    cpu: Option<i64>,
-    memory: Option<i64>,
-    pods: Option<i64>,
-}
-
-impl NodeInfo {
-    /// Parses `node` for the filters and scores.
-    pub fn new(node: Arc<Node>) -> NodeInfo {
-        let status = node.status.as_ref();
-        let ready = status
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
-        let allocatable = status.and_then(|s| s.allocatable.as_ref());
-        let alloc = |name: &str, parse: fn(&str) -> Option<i64>| {
-            allocatable
-                .and_then(|a| a.get(name))
-                .and_then(|q| parse(&q.0))
-        };
-        NodeInfo {
-            name: node.name_any(),
-            ready,
-            cpu: alloc("cpu", quantity::millicores),
-            memory: alloc("memory", quantity::bytes),
-            pods: alloc("pods", |q| q.parse().ok()),
-            node,
-        }
-    }
-}
 
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -205,10 +223,13 @@ impl std::fmt::Debug for Scheduler {
     }
 }
 
-/// Adds the scheduler to `manager`: caches of Pods and Nodes, and its runner.
+/// Adds the scheduler to `manager`: caches of Pods, Nodes and what the filters read, and
+/// its runner.
 pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
     let pods = manager.cache::<Pod>(watcher::Config::default());
     let nodes = manager.cache::<Node>(watcher::Config::default());
+    let namespaces = manager.cache::<Namespace>(watcher::Config::default());
+    let budgets = manager.cache::<PodDisruptionBudget>(watcher::Config::default());
     let claims = manager.cache::<PersistentVolumeClaim>(watcher::Config::default());
     let pvs = manager.cache::<PersistentVolume>(watcher::Config::default());
     let classes = manager.cache::<StorageClass>(watcher::Config::default());
@@ -233,29 +254,44 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
             "scheduler_pending_pods",
             "Number of pending pods (not yet bound to a node).",
         )?,
+        preemption_attempts: prometheus::IntCounter::new(
+            "scheduler_preemption_attempts_total",
+            "Total preemption attempts in the cluster till now",
+        )?,
+        preemption_victims: prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "scheduler_preemption_victims",
+                "Number of selected preemption victims",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 7)?),
+        )?,
     };
     registry.register(Box::new(metrics.attempts.clone()))?;
     registry.register(Box::new(metrics.duration.clone()))?;
     registry.register(Box::new(metrics.pending.clone()))?;
+    registry.register(Box::new(metrics.preemption_attempts.clone()))?;
+    registry.register(Box::new(metrics.preemption_victims.clone()))?;
     let context = Arc::new(Scheduler {
         client: manager.client(),
         pods: pods.store(),
         nodes: nodes.store(),
+        namespaces: namespaces.store(),
+        budgets: budgets.store(),
         storage: volumes::VolumeStores {
             claims: claims.store(),
             volumes: pvs.store(),
             classes: classes.store(),
         },
         assumed: Mutex::default(),
+        nominated: Mutex::default(),
+        unschedulable: Mutex::default(),
+        deferred: Mutex::default(),
         metrics,
         cycle: tokio::sync::Mutex::new(None),
         nodes_changed: Arc::default(),
         next_start: Default::default(),
         placed: Mutex::default(),
     });
-    let nodes_changed = Arc::clone(&context.nodes_changed);
-    let pending = pods.store();
-    let (freed, pending_after_delete) = (Arc::clone(&context.nodes_changed), pods.store());
     let pending_of = |pods: Store<Pod>| {
         move || {
             pods.state()
@@ -265,20 +301,17 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
                 .collect::<Vec<_>>()
         }
     };
+    let (on_node, on_delete) = (pending_of(pods.store()), pending_of(pods.store()));
     let (on_claim, on_volume) = (pending_of(pods.store()), pending_of(pods.store()));
+    let (node_ctx, delete_ctx) = (Arc::clone(&context), Arc::clone(&context));
     // Cycles run one at a time; 64 reconciles in flight keep that many bindings going.
     let runner = Runner::for_cache("scheduler", &pods)
         .map(|r| r.concurrency(64))
         .and_then(|r| {
             // Any node change may make room: look at every pending pod again.
             r.watches(&nodes, move |_node: Arc<Node>| {
-                nodes_changed.store(true, std::sync::atomic::Ordering::SeqCst);
-                pending
-                    .state()
-                    .into_iter()
-                    .filter(|p| is_pending(p))
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
+                node_ctx.room_changed();
+                on_node()
             })
         })
         .and_then(|r| {
@@ -286,15 +319,11 @@ pub fn add(manager: &mut Manager) -> Result<(), prometheus::Error> {
             // snapshot and look at every pending pod again, rather than in 30 s.
             r.watches_deleted(&pods, move |gone: Arc<Pod>| {
                 if is_pending(&gone) {
+                    delete_ctx.forget_pending(&gone.uid().unwrap_or_default());
                     return Vec::new();
                 }
-                freed.store(true, std::sync::atomic::Ordering::SeqCst);
-                pending_after_delete
-                    .state()
-                    .into_iter()
-                    .filter(|p| is_pending(p))
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
+                delete_ctx.room_changed();
+                on_delete()
             })
         })
         // A claim appearing or getting bound may let a waiting pod go somewhere.
@@ -321,113 +350,52 @@ fn is_pending(pod: &Pod) -> bool {
         )
 }
 
-/// CPU (millicores), memory (bytes) and host ports a pod asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Requests {
-    /// Millicores.
-    pub cpu: i64,
-    /// Bytes.
-    pub memory: i64,
-    /// `hostPort`/protocol pairs.
-    pub ports: Vec<(i32, String)>,
+/// What one scheduling cycle decided.
+enum Decision {
+    /// Bind to this node.
+    Bind(String),
+    /// Evict these pods on this node, and wait.
+    Preempt(String, Vec<Placed>, String),
+    /// Nowhere: the FailedScheduling message.
+    Unschedulable(String),
+    /// Let higher-priority pods go first.
+    Defer,
 }
 
-/// A pod's effective requests: the sum over containers, or the largest init container's if
-/// larger (init containers run one at a time).
-pub fn requests(pod: &Pod) -> Requests {
-    let get = |c: &k8s_openapi::api::core::v1::Container| {
-        let r = c.resources.as_ref().and_then(|r| r.requests.as_ref());
-        let q = |name: &str, parse: fn(&str) -> Option<i64>| {
-            r.and_then(|r| r.get(name))
-                .and_then(|q| parse(&q.0))
-                .unwrap_or(0)
-        };
-        (q("cpu", quantity::millicores), q("memory", quantity::bytes))
-    };
-    let Some(spec) = pod.spec.as_ref() else {
-        return Requests::default();
-    };
-    let (mut cpu, mut memory) = (0, 0);
-    let mut ports = Vec::new();
-    for c in &spec.containers {
-        let (c_cpu, c_mem) = get(c);
-        cpu += c_cpu;
-        memory += c_mem;
-        for p in c.ports.iter().flatten() {
-            if let Some(host_port) = p.host_port.filter(|p| *p > 0) {
-                ports.push((
-                    host_port,
-                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                ));
-            }
-        }
-    }
-    for c in spec.init_containers.iter().flatten() {
-        let (c_cpu, c_mem) = get(c);
-        cpu = cpu.max(c_cpu);
-        memory = memory.max(c_mem);
-    }
-    Requests { cpu, memory, ports }
-}
-
-/// What a node offers and what is placed on it.
-#[derive(Debug, Default)]
-struct Usage {
-    cpu: i64,
-    memory: i64,
-    pods: i64,
-    ports: Vec<(i32, String)>,
-    /// Pods per owner UID, for spreading.
-    owners: HashMap<String, i64>,
-}
-
-impl Usage {
-    fn add(&mut self, r: &Requests, owner: Option<&str>) {
-        self.cpu += r.cpu;
-        self.memory += r.memory;
-        self.pods += 1;
-        self.ports.extend(r.ports.iter().cloned());
-        if let Some(owner) = owner {
-            match self.owners.get_mut(owner) {
-                Some(count) => *count += 1,
-                None => {
-                    self.owners.insert(owner.to_owned(), 1);
-                }
-            }
-        }
-    }
-}
-
-fn controller_uid(pod: &Pod) -> Option<String> {
-    crate::objects::controller_uid(pod).map(str::to_owned)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, SchedulerError> {
     let uid = pod.uid().unwrap_or_default();
     if !is_pending(&pod) {
-        ctx.assumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&uid);
+        lock(&ctx.assumed).remove(&uid);
+        ctx.forget_pending(&uid);
         return Ok(Action::await_change());
     }
-    if ctx
-        .assumed
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&uid)
-    {
+    if queue::gated(&pod) {
+        // Not scheduled until the gates are removed (an update, which reconciles again).
+        let message = "Scheduling is blocked due to non-empty scheduling gates";
+        queue::mark_unscheduled(&ctx.client, &pod, queue::GATED, message)
+            .await
+            .map_err(|source| SchedulerError::Status {
+                pod: pod.name_any(),
+                source,
+            })?;
+        return Ok(Action::await_change());
+    }
+    if lock(&ctx.assumed).contains_key(&uid) {
         // Decided a moment ago; the cache has not caught up.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let profile = "default-scheduler";
+    let profile = SCHEDULER;
     let begun = Instant::now();
     let needs = match volumes::ClaimNeeds::of(&pod, &ctx.storage) {
         Ok(needs) => needs,
         Err(reason) => {
             let nodes = ctx.nodes.state().len();
-            ctx.failed_scheduling(&pod, &format!("0/{nodes} nodes are available: {reason}."))
-                .await;
+            let message = format!("0/{nodes} nodes are available: {reason}.");
+            ctx.failed_scheduling(&pod, &message).await;
             ctx.metrics
                 .attempts
                 .with_label_values(&["unschedulable", profile])
@@ -435,104 +403,14 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
-    let wanted = requests(&pod);
-    let owner = controller_uid(&pod);
-    // The scheduling cycle: decide against the snapshot and assume the pod there. The
-    // binding runs after the lock is released, so cycles do not wait for the API.
-    let mut cycle = ctx.cycle.lock().await;
-    let nodes_changed = ctx
-        .nodes_changed
-        .swap(false, std::sync::atomic::Ordering::SeqCst);
-    let mut fresh = !nodes_changed
-        && cycle
-            .as_ref()
-            .is_some_and(|s| s.taken.elapsed() < SNAPSHOT_TTL);
-    let decision = loop {
-        if !fresh {
-            *cycle = Some(ctx.snapshot());
-        }
-        let Some(snapshot) = cycle.as_mut() else {
-            unreachable!("the snapshot was just taken");
-        };
-        ctx.metrics.pending.set(snapshot.pending as i64);
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        let mut best: Option<(i64, usize)> = None;
-        // As kube-scheduler: in a large cluster, stop looking once enough feasible nodes are
-        // found, starting where the last cycle stopped so every node gets its turn.
-        let count = snapshot.nodes.len();
-        let enough = feasible_enough(count);
-        let start = ctx.next_start.load(std::sync::atomic::Ordering::Relaxed) % count.max(1);
-        let mut feasible = 0;
-        let mut examined = 0;
-        for i in 0..count {
-            if feasible >= enough {
-                break;
-            }
-            examined += 1;
-            let at = (start + i) % count;
-            let (node, used) = (&snapshot.nodes[at], Some(&snapshot.usage[at]));
-            let fit = fits(&pod, node, &wanted, used).and_then(|()| {
-                if needs.allows(&node.node) {
-                    Ok(())
-                } else {
-                    Err("node(s) had volume node affinity conflict".to_owned())
-                }
-            });
-            match fit {
-                Err(reason) => *reasons.entry(reason).or_default() += 1,
-                Ok(()) => {
-                    feasible += 1;
-                    let score = score(node, &wanted, used, owner.as_deref());
-                    // Ties go to the first found: the rotating start spreads them.
-                    if best.is_none_or(|(s, _)| score > s) {
-                        best = Some((score, at));
-                    }
-                }
-            }
-        }
-        ctx.next_start.store(
-            (start + examined) % count.max(1),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        if best.is_none() && fresh {
-            // Nowhere, by a snapshot that may be stale (a pod since deleted, a node since
-            // added): look again at the cluster as it is now before giving up.
-            fresh = false;
-            continue;
-        }
-        break match best {
-            Some((_, at)) => {
-                let node = snapshot.nodes[at].name.clone();
-                snapshot.usage[at].add(&wanted, owner.as_deref());
-                snapshot.pending = snapshot.pending.saturating_sub(1);
-                ctx.assumed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(uid.clone(), (node.clone(), wanted, owner, Instant::now()));
-                Ok(node)
-            }
-            None => {
-                let summary = reasons
-                    .iter()
-                    .map(|(reason, count)| format!("{count} {reason}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Err(format!(
-                    "0/{} nodes are available: {}.",
-                    snapshot.nodes.len(),
-                    if summary.is_empty() {
-                        "no nodes registered".to_owned()
-                    } else {
-                        summary
-                    }
-                ))
-            }
-        };
+    let me = Placed {
+        pod: Arc::clone(&pod),
+        parsed: Arc::new(Parsed::of(&pod)),
     };
-    drop(cycle);
-    let node = match decision {
-        Ok(node) => node,
-        Err(message) => {
+    let node = match ctx.decide(&pod, &uid, &me, &needs).await {
+        Decision::Bind(node) => node,
+        Decision::Defer => return Ok(Action::requeue(Duration::from_millis(100))),
+        Decision::Unschedulable(message) => {
             ctx.failed_scheduling(&pod, &message).await;
             ctx.metrics
                 .attempts
@@ -542,7 +420,31 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
                 .duration
                 .with_label_values(&["unschedulable", profile])
                 .observe(begun.elapsed().as_secs_f64());
+            queue::mark_unscheduled(&ctx.client, &pod, "Unschedulable", &message)
+                .await
+                .map_err(|source| SchedulerError::Status {
+                    pod: pod.name_any(),
+                    source,
+                })?;
             return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Decision::Preempt(node, victims, message) => {
+            ctx.failed_scheduling(&pod, &message).await;
+            ctx.metrics.preemption_attempts.inc();
+            ctx.metrics.preemption_victims.observe(victims.len() as f64);
+            ctx.metrics
+                .attempts
+                .with_label_values(&["unschedulable", profile])
+                .inc();
+            preempt::execute(&ctx.client, SCHEDULER, &pod, &node, &victims)
+                .await
+                .map_err(|source| SchedulerError::Preempt {
+                    pod: pod.name_any(),
+                    node: node.clone(),
+                    source,
+                })?;
+            // The victims going wakes every pending pod; look again anyway in a while.
+            return Ok(Action::requeue(Duration::from_secs(1)));
         }
     };
     // The binding cycle: the claims waiting for this pod learn its node first.
@@ -598,27 +500,300 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Scheduler>) -> Result<Action, Schedul
     }
 }
 
+/// Whether `pod` has pod (anti-)affinity or spread terms of its own.
+fn has_terms(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.topology_spread_constraints
+            .as_ref()
+            .is_some_and(|t| !t.is_empty())
+            || s.affinity
+                .as_ref()
+                .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
+    })
+}
+
 impl Scheduler {
+    /// One scheduling cycle for `pod` (`me`): filter, score, assume — or find what to
+    /// preempt.
+    async fn decide(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        me: &Placed,
+        needs: &volumes::ClaimNeeds,
+    ) -> Decision {
+        let wanted = &me.parsed.wanted;
+        let priority = me.parsed.priority;
+        let mut cycle = self.cycle.lock().await;
+        let nodes_changed = self
+            .nodes_changed
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let mut fresh = !nodes_changed
+            && cycle
+                .as_ref()
+                .is_some_and(|s| s.taken.elapsed() < SNAPSHOT_TTL);
+        loop {
+            if !fresh {
+                *cycle = None;
+            }
+            let snapshot = cycle.get_or_insert_with(|| self.snapshot());
+            self.metrics.pending.set(snapshot.pending.len() as i64);
+            // Higher priorities first.
+            let since = lock(&self.deferred).get(uid).copied();
+            let defer = {
+                let unschedulable = lock(&self.unschedulable);
+                let assumed = lock(&self.assumed);
+                queue::defer(&snapshot.pending, priority, since, |u| {
+                    u == uid || unschedulable.contains(u) || assumed.contains_key(u)
+                })
+            };
+            if defer {
+                lock(&self.deferred)
+                    .entry(uid.to_owned())
+                    .or_insert_with(Instant::now);
+                return Decision::Defer;
+            }
+            let constraints = if has_terms(pod) || !snapshot.with_affinity.is_empty() {
+                interpod::Constraints::of(pod, snapshot)
+            } else {
+                interpod::Constraints::none()
+            };
+            let (held, mine) = self.held(snapshot, uid, priority);
+            let check = |at: usize| -> Result<(), String> {
+                let (node, used) = (&snapshot.nodes[at], &snapshot.usage[at]);
+                filter::node_allows(pod, node)?;
+                match held.get(&at) {
+                    Some(waiting) => {
+                        let mut used = used.clone();
+                        for p in &waiting.placed {
+                            used.add(p.clone());
+                        }
+                        filter::resources_fit(node, wanted, &used)?;
+                    }
+                    None => filter::resources_fit(node, wanted, used)?,
+                }
+                if !needs.allows(&node.node) {
+                    return Err("node(s) had volume node affinity conflict".to_owned());
+                }
+                constraints.allows(node).map_err(str::to_owned)
+            };
+            let scoring = constraints.scores() || score::prefers_nodes(pod) || snapshot.soft_taints;
+            let owner = me.parsed.owner.as_deref();
+            let count = snapshot.nodes.len();
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            let mut failed = Vec::new();
+            let mut chosen = None;
+            // A preemptor goes where it made room, if it fits there now.
+            if let Some(at) = mine
+                && check(at).is_ok()
+            {
+                chosen = Some(at);
+            }
+            if chosen.is_none() {
+                let mut raw: Vec<score::Raw> = Vec::new();
+                let mut best: Option<(i64, usize)> = None;
+                // As kube-scheduler: in a large cluster, stop looking once enough feasible
+                // nodes are found, starting where the last cycle stopped so every node gets
+                // its turn.
+                let enough = feasible_enough(count);
+                let start =
+                    self.next_start.load(std::sync::atomic::Ordering::Relaxed) % count.max(1);
+                let (mut feasible, mut examined) = (0, 0);
+                for i in 0..count {
+                    if feasible >= enough {
+                        break;
+                    }
+                    examined += 1;
+                    let at = (start + i) % count;
+                    match check(at) {
+                        Err(reason) => {
+                            if filter::resolvable(&reason) {
+                                failed.push(at);
+                            }
+                            *reasons.entry(reason).or_default() += 1;
+                        }
+                        Ok(()) => {
+                            feasible += 1;
+                            let node = &snapshot.nodes[at];
+                            let base = score::base(node, wanted, Some(&snapshot.usage[at]), owner);
+                            if scoring {
+                                let (pod_affinity, spread) = constraints.raw_scores(node);
+                                raw.push(score::Raw {
+                                    at,
+                                    base,
+                                    node_affinity: score::node_affinity(pod, node),
+                                    pod_affinity,
+                                    spread,
+                                    taints: -score::intolerable(pod, node),
+                                });
+                            } else if best.is_none_or(|(s, _)| base > s) {
+                                // Ties go to the first found: the rotating start spreads them.
+                                best = Some((base, at));
+                            }
+                        }
+                    }
+                }
+                self.next_start.store(
+                    (start + examined) % count.max(1),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                chosen = if scoring {
+                    score::pick(&raw)
+                } else {
+                    best.map(|(_, at)| at)
+                };
+            }
+            if chosen.is_none() && fresh {
+                // Nowhere, by a snapshot that may be stale (a pod since deleted, a node since
+                // added): look again at the cluster as it is now before giving up.
+                fresh = false;
+                continue;
+            }
+            if let Some(at) = chosen {
+                let node = snapshot.nodes[at].name.clone();
+                snapshot.place(at, me.clone());
+                lock(&self.assumed).insert(
+                    uid.to_owned(),
+                    Assumed {
+                        node: node.clone(),
+                        placed: me.clone(),
+                        at: Instant::now(),
+                    },
+                );
+                self.forget_pending(uid);
+                return Decision::Bind(node);
+            }
+            let summary = reasons
+                .iter()
+                .map(|(reason, count)| format!("{count} {reason}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut message = format!(
+                "0/{count} nodes are available: {}.",
+                if summary.is_empty() {
+                    "no nodes registered".to_owned()
+                } else {
+                    summary
+                }
+            );
+            lock(&self.unschedulable).insert(uid.to_owned());
+            if !preempt::eligible(pod, priority, mine, snapshot) {
+                return Decision::Unschedulable(message);
+            }
+            let budgets = preempt::Budgets::new(self.budgets.state());
+            match preempt::select(pod, wanted, priority, snapshot, &failed, &held, &budgets) {
+                Some(candidate) => {
+                    let node = snapshot.nodes[candidate.at].name.clone();
+                    let mut nominated = lock(&self.nominated);
+                    // Lower-priority pods waiting for room there lose their claim.
+                    nominated.retain(|_, n| n.node != node || n.placed.parsed.priority >= priority);
+                    nominated.insert(
+                        uid.to_owned(),
+                        Nomination {
+                            node: node.clone(),
+                            placed: me.clone(),
+                        },
+                    );
+                    return Decision::Preempt(node, candidate.victims, message);
+                }
+                None => {
+                    let helpless = count - failed.len();
+                    message.push_str(&format!(
+                        " preemption: 0/{count} nodes are available: {} No preemption victims \
+                         found for incoming pod{}.",
+                        failed.len(),
+                        if helpless > 0 {
+                            format!(", {helpless} Preemption is not helpful for scheduling")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    return Decision::Unschedulable(message);
+                }
+            }
+        }
+    }
+
+    /// The room nominated pods of at least `priority` (other than `uid`) wait for, per node
+    /// index; and the node `uid` itself is nominated to.
+    fn held(
+        &self,
+        snapshot: &Snapshot,
+        uid: &str,
+        priority: i32,
+    ) -> (HashMap<usize, Usage>, Option<usize>) {
+        let nominated = lock(&self.nominated);
+        let mut held: HashMap<usize, Usage> = HashMap::new();
+        let mut mine = None;
+        for (u, n) in nominated.iter() {
+            let Some(&at) = snapshot.index.get(&n.node) else {
+                continue;
+            };
+            if u == uid {
+                mine = Some(at);
+            } else if n.placed.parsed.priority >= priority {
+                held.entry(at).or_default().add(n.placed.clone());
+            }
+        }
+        (held, mine)
+    }
+
+    /// A node changed or a placed pod went: every pod may fit somewhere now.
+    fn room_changed(&self) {
+        self.nodes_changed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        lock(&self.unschedulable).clear();
+    }
+
+    /// Forgets what the queue and preemption kept about pending pod `uid` (bound or gone).
+    fn forget_pending(&self, uid: &str) {
+        lock(&self.nominated).remove(uid);
+        lock(&self.unschedulable).remove(uid);
+        lock(&self.deferred).remove(uid);
+    }
+
     /// Takes a snapshot: the nodes, and what is placed on each — bound pods from the cache
     /// plus the assumed ones it does not show yet.
     fn snapshot(&self) -> Snapshot {
         let nodes: Vec<NodeInfo> = self.nodes.state().into_iter().map(NodeInfo::new).collect();
-        let index: HashMap<&str, usize> = nodes
+        let index: HashMap<String, usize> = nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.name.as_str(), i))
+            .map(|(i, n)| (n.name.clone(), i))
             .collect();
-        let mut usage: Vec<Usage> = std::iter::repeat_with(Usage::default)
-            .take(nodes.len())
-            .collect();
+        let soft_taints = nodes.iter().any(|n| {
+            n.node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.effect == "PreferNoSchedule"))
+        });
+        let mut snapshot = Snapshot {
+            taken: Instant::now(),
+            usage: std::iter::repeat_with(Usage::default)
+                .take(nodes.len())
+                .collect(),
+            nodes,
+            index,
+            with_affinity: Vec::new(),
+            namespaces: interpod::namespace_labels(&self.namespaces.state()),
+            pending: Vec::new(),
+            soft_taints,
+        };
         let pods = self.pods.state();
-        let mut pending: usize = 0;
-        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut placed = lock(&self.placed);
         placed.epoch += 1;
         let epoch = placed.epoch;
-        for pod in &pods {
-            if is_pending(pod) {
-                pending += 1;
+        let mut pending_uids = HashSet::new();
+        for pod in pods {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if is_pending(&pod) {
+                if !queue::gated(&pod) {
+                    snapshot
+                        .pending
+                        .push((snapshot::priority(&pod), uid.clone()));
+                }
+                pending_uids.insert(uid);
                 continue;
             }
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -626,64 +801,54 @@ impl Scheduler {
                 pod.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             );
-            if let Some(node) = node.filter(|n| !n.is_empty())
-                && !terminal
-            {
-                let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-                // Pods on a node that is gone take nothing from the nodes there are.
-                let used = index.get(node).map(|&at| &mut usage[at]);
-                if let Some(p) = placed.pods.get_mut(uid) {
-                    p.seen = epoch;
-                    if let Some(used) = used {
-                        used.add(&p.wanted, p.owner.as_deref());
-                    }
-                } else {
-                    let p = Placed {
-                        wanted: requests(pod),
-                        owner: controller_uid(pod),
-                        seen: epoch,
-                    };
-                    if let Some(used) = used {
-                        used.add(&p.wanted, p.owner.as_deref());
-                    }
-                    placed.pods.insert(uid.to_owned(), p);
+            let Some(node) = node.filter(|n| !n.is_empty() && !terminal) else {
+                continue;
+            };
+            let parsed = match placed.pods.get_mut(&uid) {
+                Some((parsed, seen)) => {
+                    *seen = epoch;
+                    Arc::clone(parsed)
                 }
+                None => {
+                    let parsed = Arc::new(Parsed::of(&pod));
+                    placed.pods.insert(uid, (Arc::clone(&parsed), epoch));
+                    parsed
+                }
+            };
+            // Pods on a node that is gone take nothing from the nodes there are.
+            if let Some(&at) = snapshot.index.get(node) {
+                snapshot.place(at, Placed { pod, parsed });
             }
         }
-        placed.pods.retain(|_, p| p.seen == epoch);
-        let mut assumed = self.assumed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.pods.retain(|_, (_, seen)| *seen == epoch);
+        let mut assumed = lock(&self.assumed);
         // Forget assumptions the cache has confirmed, or that are too old to matter.
-        assumed.retain(|uid, (_, _, _, at)| {
-            !placed.pods.contains_key(uid) && at.elapsed() < Duration::from_secs(60)
+        assumed.retain(|uid, a| {
+            !placed.pods.contains_key(uid) && a.at.elapsed() < Duration::from_secs(60)
         });
-        for (node, r, owner, _) in assumed.values() {
-            if let Some(&at) = index.get(node.as_str()) {
-                usage[at].add(r, owner.as_deref());
+        for a in assumed.values() {
+            if let Some(&at) = snapshot.index.get(&a.node) {
+                snapshot.place(at, a.placed.clone());
             }
-            pending = pending.saturating_sub(1);
         }
-        drop(index);
-        Snapshot {
-            taken: Instant::now(),
-            nodes,
-            usage,
-            pending,
-        }
+        drop(assumed);
+        drop(placed);
+        // Nominations of pods no longer pending are void.
+        lock(&self.nominated).retain(|uid, _| pending_uids.contains(uid));
+        snapshot.pending.sort_by_key(|p| std::cmp::Reverse(p.0));
+        snapshot
     }
 
     /// Drops the assumption about pod `uid` and the snapshot that counted it.
     async fn forget(&self, uid: &str) {
-        self.assumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid);
+        lock(&self.assumed).remove(uid);
         *self.cycle.lock().await = None;
     }
 
     async fn failed_scheduling(&self, pod: &Pod, message: &str) {
         crate::events::publish(
             &self.client,
-            "default-scheduler",
+            SCHEDULER,
             pod,
             crate::events::EventType::Warning,
             "FailedScheduling",
@@ -693,160 +858,10 @@ impl Scheduler {
     }
 }
 
-/// Whether `pod` may go to `node`; the reason (kube-scheduler's wording) if not.
-fn fits(pod: &Pod, info: &NodeInfo, wanted: &Requests, used: Option<&Usage>) -> Result<(), String> {
-    if !info.ready {
-        return Err("node(s) were not ready".into());
-    }
-    let node = info.node.as_ref();
-    let spec = node.spec.as_ref();
-    let tolerations = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.tolerations.as_deref())
-        .unwrap_or_default();
-    // A cordoned node takes only pods tolerating its taint (DaemonSet pods do).
-    if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
-        let cordon = Taint {
-            key: UNSCHEDULABLE.into(),
-            effect: "NoSchedule".into(),
-            ..Taint::default()
-        };
-        if !tolerations.iter().any(|t| tolerates(t, &cordon)) {
-            return Err("node(s) were unschedulable".into());
-        }
-    }
-    for taint in spec.and_then(|s| s.taints.as_ref()).into_iter().flatten() {
-        if taint.effect == "PreferNoSchedule" {
-            continue;
-        }
-        if !tolerations.iter().any(|t| tolerates(t, taint)) {
-            return Err(format!(
-                "node(s) had untolerated taint {{{}: {}}}",
-                taint.key,
-                taint.value.clone().unwrap_or_default()
-            ));
-        }
-    }
-    if !pod.spec.as_ref().is_some_and(|spec| placeable(spec, node)) {
-        return Err("node(s) didn't match Pod's node affinity/selector".into());
-    }
-    let default = Usage::default();
-    let used = used.unwrap_or(&default);
-    if let Some(pods) = info.pods
-        && used.pods + 1 > pods
-    {
-        return Err("Too many pods".into());
-    }
-    if let Some(cpu) = info.cpu
-        && wanted.cpu > 0
-        && used.cpu + wanted.cpu > cpu
-    {
-        return Err("Insufficient cpu".into());
-    }
-    if let Some(memory) = info.memory
-        && wanted.memory > 0
-        && used.memory + wanted.memory > memory
-    {
-        return Err("Insufficient memory".into());
-    }
-    if wanted.ports.iter().any(|p| used.ports.contains(p)) {
-        return Err("node(s) didn't have free ports for the requested pod ports".into());
-    }
-    Ok(())
-}
-
-/// The taint of a cordoned node (`spec.unschedulable`).
-pub const UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
-
-/// Whether a pod with `spec` may go to `node` by its `nodeSelector` and required node
-/// affinity: any term matching, a term matching when all its `matchExpressions` (on the
-/// node's labels) and `matchFields` (`metadata.name`, the only field kube supports) do.
-pub fn placeable(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> bool {
-    let empty = BTreeMap::new();
-    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
-    let selector = spec.node_selector.as_ref().unwrap_or(&empty);
-    if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-        return false;
-    }
-    let required = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    required.is_none_or(|required| selector_matches(required, node))
-}
-
-/// Whether `node` matches a NodeSelector: any term matching, a term matching when all its
-/// `matchExpressions` (on the node's labels) and `matchFields` (`metadata.name`, the only
-/// field kube supports) do. Pods' required node affinity and volumes' node affinity read
-/// alike.
-pub fn selector_matches(selector: &k8s_openapi::api::core::v1::NodeSelector, node: &Node) -> bool {
-    let empty = BTreeMap::new();
-    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
-    let name = node.name_any();
-    selector.node_selector_terms.iter().any(|term| {
-        term.match_expressions.iter().flatten().all(|e| {
-            crate::labels::requirement(
-                &e.operator,
-                labels.get(&e.key),
-                e.values.as_deref().unwrap_or_default(),
-            )
-        }) && term.match_fields.iter().flatten().all(|f| {
-            let value = (f.key == "metadata.name").then_some(&name);
-            f.key == "metadata.name"
-                && crate::labels::requirement(
-                    &f.operator,
-                    value,
-                    f.values.as_deref().unwrap_or_default(),
-                )
-        })
-    })
-}
-
-/// Kubernetes' toleration matching: whether toleration `t` tolerates `taint`.
-pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty())
-        && effect != taint.effect
-    {
-        return false;
-    }
-    match t.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => t
-            .key
-            .as_deref()
-            .is_none_or(|k| k.is_empty() || k == taint.key),
-        _ => {
-            t.key.as_deref() == Some(taint.key.as_str())
-                && t.value.clone().unwrap_or_default() == taint.value.clone().unwrap_or_default()
-        }
-    }
-}
-
-/// Higher is better: spreading a controller's pods first (each pod of the same owner
-/// already on the node costs 100), then the least allocated node (0–100), then fewer pods.
-fn score(node: &NodeInfo, wanted: &Requests, used: Option<&Usage>, owner: Option<&str>) -> i64 {
-    let default = Usage::default();
-    let used = used.unwrap_or(&default);
-    let free = |total: Option<i64>, used: i64| -> i64 {
-        match total {
-            Some(total) if total > 0 => ((total - used).max(0) * 100) / total,
-            _ => 100,
-        }
-    };
-    let least_allocated = (free(node.cpu, used.cpu + wanted.cpu)
-        + free(node.memory, used.memory + wanted.memory))
-        / 2;
-    let same_owner = owner.and_then(|o| used.owners.get(o)).copied().unwrap_or(0);
-    -same_owner * 100_000 + least_allocated * 1_000 - used.pods
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filter::fits;
 
     fn node(json: serde_json::Value) -> NodeInfo {
         NodeInfo::new(Arc::new(serde_json::from_value(json).unwrap()))
@@ -911,6 +926,21 @@ mod tests {
             fits(&plain, &ok, &wanted, Some(&full)),
             Err("Too many pods".into())
         );
+        // Extended resources: a node without them has none.
+        let extended = pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c",
+            "resources": {"requests": {"example.com/foo": "2"}}}]}}),
+        );
+        assert_eq!(
+            fits(&extended, &ok, &requests(&extended), None),
+            Err("Insufficient example.com/foo".into())
+        );
+        let mut rich = ready_node("r");
+        rich["status"]["allocatable"]["example.com/foo"] = "5".into();
+        assert_eq!(
+            fits(&extended, &node(rich), &requests(&extended), None),
+            Ok(())
+        );
         let elsewhere = pod(
             json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}],
             "nodeSelector": {"zone": "b"}}}),
@@ -961,13 +991,32 @@ mod tests {
             owners: [("rs".to_owned(), 2)].into(),
             ..Usage::default()
         };
-        let emptier_but_same_owner = score(&n, &Requests::default(), Some(&crowded), Some("rs"));
+        let emptier_but_same_owner =
+            score::base(&n, &Requests::default(), Some(&crowded), Some("rs"));
         let busy_other = Usage {
             cpu: 1500,
             pods: 2,
             ..Usage::default()
         };
-        let other = score(&n, &Requests::default(), Some(&busy_other), Some("rs"));
+        let other = score::base(&n, &Requests::default(), Some(&busy_other), Some("rs"));
         assert!(other > emptier_but_same_owner);
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::snapshot::HostPort;
+
+    #[test]
+    fn host_ports_conflict_as_kube_says() {
+        let port = |ip: &str, protocol: &str| HostPort {
+            ip: ip.into(),
+            port: 54322,
+            protocol: protocol.into(),
+        };
+        assert!(port("", "TCP").conflicts(&port("10.0.0.1", "TCP")));
+        assert!(port("0.0.0.0", "TCP").conflicts(&port("10.0.0.1", "TCP")));
+        assert!(!port("10.0.0.2", "TCP").conflicts(&port("10.0.0.1", "TCP")));
+        assert!(!port("", "UDP").conflicts(&port("", "TCP")));
     }
 }

@@ -10,8 +10,11 @@
 //! the pods (`controller-revision-hash`, with `pod-template-generation`). With the
 //! `RollingUpdate` strategy, pods of older templates are deleted so that at most
 //! `maxUnavailable` (default 1) nodes lack an available pod at any time — old pods that are
-//! unavailable anyway go first; with `OnDelete`, only pods deleted by someone else are
-//! replaced with the new template. Failed pods are deleted and so replaced.
+//! unavailable anyway go first. With `maxSurge` > 0 (then `maxUnavailable` is 0), the new
+//! pod starts beside the old one on up to `maxSurge` nodes at a time, and the old one goes
+//! once the new one is available, so a node is never without its daemon. With `OnDelete`,
+//! only pods deleted by someone else are replaced with the new template. Failed pods are
+//! deleted and so replaced.
 //!
 //! *Expectations* (as the ReplicaSet controller's) keep a slow cache from making it create
 //! or delete twice.
@@ -306,6 +309,25 @@ fn max_unavailable(ds: &DaemonSet, desired: usize) -> usize {
     n.max(1)
 }
 
+/// How many nodes may run an old and a new pod at once during an update (`maxSurge`): an
+/// integer, or a percentage rounded up; 0 (the default) when unset.
+fn max_surge(ds: &DaemonSet, desired: usize) -> usize {
+    let value = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.max_surge.clone());
+    match value {
+        None => 0,
+        Some(IntOrString::Int(n)) => n.max(0) as usize,
+        Some(IntOrString::String(s)) => {
+            let percent: usize = s.trim_end_matches('%').parse().unwrap_or(0);
+            (desired * percent).div_ceil(100)
+        }
+    }
+}
+
 async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Controller>) -> Result<Action, DaemonSetError> {
     if ds.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -354,12 +376,39 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Controller>) -> Result<Action, D
     let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
     let updated = |p: &Pod| p.labels().get(REVISION_HASH) == Some(&hash);
 
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.type_.as_deref())
+        .unwrap_or("RollingUpdate")
+        == "RollingUpdate";
+    let surge = if rolling {
+        max_surge(&ds, eligible.len())
+    } else {
+        0
+    };
     let mut create: Vec<String> = Vec::new();
     let mut delete: Vec<String> = failed;
+    // Nodes running an old and a new pod at once (surging).
+    let mut surging = 0;
     for node in &eligible {
         match by_node.get(node).map(Vec::as_slice).unwrap_or_default() {
             [] => create.push(node.clone()),
             [_] => {}
+            pods if surge > 0 && pods.iter().any(|p| updated(p)) => {
+                // Surging: the newest updated pod stays; the old ones go once it is
+                // available, and until then stay.
+                let mut new: Vec<&Arc<Pod>> = pods.iter().filter(|p| updated(p)).collect();
+                new.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+                let keep = new[0];
+                delete.extend(new[1..].iter().map(|p| p.name_any()));
+                let old = pods.iter().filter(|p| !updated(p));
+                if available(keep, min_ready) {
+                    delete.extend(old.map(|p| p.name_any()));
+                } else if old.count() > 0 {
+                    surging += 1;
+                }
+            }
             pods => {
                 // More than one: keep the updated (then oldest) one.
                 let mut pods = pods.to_vec();
@@ -381,13 +430,24 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Controller>) -> Result<Action, D
     }
     // Rolling update: old pods go, keeping at most maxUnavailable nodes without an
     // available pod.
-    let rolling = spec
-        .update_strategy
-        .as_ref()
-        .and_then(|u| u.type_.as_deref())
-        .unwrap_or("RollingUpdate")
-        == "RollingUpdate";
-    if rolling {
+    if rolling && surge > 0 {
+        // Surge: a new pod beside each old one, on up to maxSurge nodes at a time; an old
+        // pod that is not available anyway is simply replaced.
+        for node in &eligible {
+            let Some([pod]) = by_node.get(node).map(Vec::as_slice) else {
+                continue;
+            };
+            if updated(pod) || delete.contains(&pod.name_any()) {
+                continue;
+            }
+            if !available(pod, min_ready) {
+                delete.push(pod.name_any());
+            } else if surging < surge {
+                surging += 1;
+                create.push(node.clone());
+            }
+        }
+    } else if rolling {
         let mut unavailable = eligible
             .iter()
             .filter(|n| {
