@@ -2,7 +2,8 @@
 //! network namespace of the test's own, busybox from a real registry, the real kubectl. An
 //! Indexed Job whose index 1 fails once (counted by its pod failure policy) is retried and
 //! completes; a pod failure policy's `FailJob` ends another at its first matching exit
-//! code; a CronJob with `Forbid` whose Job outlives a minute skips the next run.
+//! code; an evicted pod's failure ignored by the policy (`DisruptionTarget`); a CronJob
+//! with `Forbid` whose Job outlives a minute skips the next run.
 
 #![allow(clippy::unwrap_used)]
 
@@ -140,6 +141,64 @@ fn indexed_jobs_retry_failed_indexes_and_cronjobs_forbid_overlap() {
             .contains("failed with exit code 42 matching FailJob rule at index 1"),
         "{failed}"
     );
+
+    // An evicted pod is ignored by the policy (the eviction's DisruptionTarget condition
+    // reaches the Job through the node's terminal status): with backoffLimit 0 the Job does
+    // not fail, it replaces the pod.
+    host.apply(&json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "evicted", "namespace": "default"},
+        "spec": {"backoffLimit": 0, "podFailurePolicy": policy,
+            "template": {"metadata": {"labels": {"app": "evicted"}}, "spec": {"restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": IMAGE, "command": ["sleep", "3600"]}]}}},
+    }));
+    wait(&host, "job", "evicted", Duration::from_secs(60), |j| {
+        j["status"]["ready"] == 1
+    });
+    let first = host.kubectl(&[
+        "get",
+        "pods",
+        "-l",
+        "app=evicted",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    host.kubectl(&[
+        "drain",
+        "n1",
+        "--pod-selector",
+        "app=evicted",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout=60s",
+    ]);
+    host.kubectl(&["uncordon", "n1"]);
+    let replaced = wait(&host, "job", "evicted", Duration::from_secs(60), |j| {
+        j["status"]["ready"] == 1 && j["status"]["active"] == 1
+    });
+    assert!(
+        condition(&replaced, "Failed").is_none(),
+        "{:#}",
+        replaced["status"]
+    );
+    assert_eq!(
+        replaced["status"]["failed"].as_i64().unwrap_or(0),
+        0,
+        "the eviction was not ignored"
+    );
+    let now = host.kubectl(&[
+        "get",
+        "pods",
+        "-l",
+        "app=evicted",
+        "--field-selector",
+        "status.phase=Running",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    assert!(!now.contains(first.trim()), "{first} is still there: {now}");
+    host.kubectl(&["delete", "job", "evicted", "--wait=false"]);
 
     // A CronJob every minute whose Job runs 80 s: one Job at the first minute, none at
     // the next while it runs (Forbid).

@@ -1669,6 +1669,30 @@ impl PodWorker {
         for condition in &mut conditions {
             condition["observedGeneration"] = json!(generation);
         }
+        // Conditions others own stay as they are (the eviction API's and the taint
+        // manager's `DisruptionTarget`, readiness gates'): the status patch replaces the
+        // list, and the kubelet keeps what it does not manage.
+        const OWN: &[&str] = &[
+            "PodReadyToStartContainers",
+            "Initialized",
+            "Ready",
+            "ContainersReady",
+            "PodScheduled",
+            "PodResizePending",
+            "PodResizeInProgress",
+        ];
+        for foreign in pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|c| !OWN.contains(&c.type_.as_str()))
+        {
+            if let Ok(value) = serde_json::to_value(foreign) {
+                conditions.push(value);
+            }
+        }
         let ip = self.pod_ip();
         let mut status = json!({
             "observedGeneration": generation,
