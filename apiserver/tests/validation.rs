@@ -745,3 +745,89 @@ async fn a_crds_selectable_fields_are_what_field_selectors_may_name() {
     }
     assert_eq!(seen, ["+a", "+b", "-b"]);
 }
+
+/// What a workload update may not change: a Deployment's selector (422 naming the field,
+/// nothing written), a StatefulSet's spec beyond the rolling fields — while scaling and a
+/// new template still go through.
+#[tokio::test]
+async fn workload_updates_keep_their_fixed_fields() {
+    let c = cluster().await;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(deployment("fixed", json!({}))).unwrap(),
+        )
+        .await
+        .unwrap();
+    let patch = json!({"spec": {"selector": {"matchLabels": {"app": "fixed", "tier": "x"}},
+        "template": {"metadata": {"labels": {"tier": "x"}}}}});
+    let err = deployments
+        .patch("fixed", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status.message.contains("spec.selector"),
+        "{}",
+        status.message
+    );
+    let kept = deployments.get("fixed").await.unwrap();
+    assert!(
+        !kept
+            .spec
+            .unwrap()
+            .selector
+            .match_labels
+            .unwrap()
+            .contains_key("tier")
+    );
+
+    let sets = Api::<DynamicObject>::namespaced_with(
+        c.client.clone(),
+        "default",
+        &ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "StatefulSet")),
+    );
+    let set = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db"},
+        "spec": {"serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "db", "image": "postgres"}]}}}});
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_value(set).unwrap(),
+    )
+    .await
+    .unwrap();
+    let rolled = json!({"spec": {"replicas": 3,
+        "template": {"spec": {"containers": [{"name": "db", "image": "postgres:17"}]}}}});
+    sets.patch("db", &PatchParams::default(), &Patch::Merge(&rolled))
+        .await
+        .unwrap();
+    let err = sets
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"serviceName": "other"}})),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code, 422);
+    assert!(
+        status
+            .message
+            .contains("updates to statefulset spec for fields other than"),
+        "{}",
+        status.message
+    );
+    assert_eq!(
+        sets.get("db").await.unwrap().data["spec"]["serviceName"],
+        "db"
+    );
+}

@@ -344,11 +344,28 @@ fn validate_config_keys(object: &Value, causes: &mut Vec<Cause>) {
 /// What an update may not change: a ConfigMap or Secret marked `immutable` keeps its data
 /// (and a Secret its type), and stays immutable — kube's `field is immutable when
 /// \`immutable\` is set`; a Job keeps its selector, completion mode and, once started, its
-/// template ([`batch::validate_job_update`]).
+/// template ([`batch::validate_job_update`]); a StatefulSet its spec but for the rolling
+/// fields ([`statefulset::validate_update`]); the other apps workloads their selector, as
+/// the pods they own were chosen by it.
 pub fn check_immutable_data(def: &ResourceDef, old: &Value, new: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
-    if (def.group.as_str(), def.kind.as_str()) == ("batch", "Job") {
-        return batch::validate_job_update(old, new);
+    match (def.group.as_str(), def.kind.as_str()) {
+        ("batch", "Job") => return batch::validate_job_update(old, new),
+        ("apps", "StatefulSet") => return statefulset::validate_update(old, new),
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") => {
+            if old["spec"]["selector"] != new["spec"]["selector"] {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    "spec.selector".into(),
+                    format!(
+                        "Invalid value: {}: field is immutable",
+                        new["spec"]["selector"]
+                    ),
+                ));
+            }
+            return causes;
+        }
+        _ => {}
     }
     if (def.group.as_str(), def.kind.as_str()) == ("scheduling.k8s.io", "PriorityClass") {
         return priority::validate_class_update(old, new);

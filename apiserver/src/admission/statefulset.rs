@@ -6,6 +6,61 @@
 
 use serde_json::{Value, json};
 
+use super::{Cause, cause};
+
+/// The spec fields an update may change (`ValidateStatefulSetUpdate`); the rest — selector,
+/// serviceName, volumeClaimTemplates, podManagementPolicy — are fixed at creation, because
+/// the pods and claims already made from them would no longer match.
+const MUTABLE: [&str; 7] = [
+    "replicas",
+    "ordinals",
+    "template",
+    "updateStrategy",
+    "minReadySeconds",
+    "revisionHistoryLimit",
+    "persistentVolumeClaimRetentionPolicy",
+];
+
+/// What a StatefulSet update may not change: anything in its spec beyond [`MUTABLE`] —
+/// kube-apiserver's `Forbidden` on `spec`, with its message (tools match on it).
+pub fn validate_update(old: &Value, new: &Value) -> Vec<Cause> {
+    let fixed = |object: &Value| {
+        let mut spec = object["spec"].clone();
+        if let Some(spec) = spec.as_object_mut() {
+            for field in MUTABLE {
+                spec.remove(field);
+            }
+        }
+        without_nulls(spec)
+    };
+    if fixed(old) == fixed(new) {
+        return Vec::new();
+    }
+    vec![cause(
+        "FieldValueForbidden",
+        "spec".into(),
+        "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', \
+         'template', 'updateStrategy', 'revisionHistoryLimit', \
+         'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"
+            .into(),
+    )]
+}
+
+/// A value with its `null` members dropped, so `{"a": null}` and `{}` compare equal as Go's
+/// semantic equality sees them.
+fn without_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
+}
+
 /// Fills in what a StatefulSet leaves out.
 pub fn defaults(object: &mut Value) {
     if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
@@ -52,6 +107,34 @@ pub fn defaults(object: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_mutable_spec_fields_may_change() {
+        let set = json!({"spec": {"replicas": 3, "serviceName": "web",
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}}]}});
+        let mut scaled = set.clone();
+        scaled["spec"]["replicas"] = json!(5);
+        scaled["spec"]["template"]["metadata"]["labels"]["v"] = json!("2");
+        scaled["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        scaled["spec"]["minReadySeconds"] = Value::Null;
+        assert!(validate_update(&set, &scaled).is_empty());
+
+        for (field, value) in [
+            ("serviceName", json!("other")),
+            ("selector", json!({"matchLabels": {"app": "db"}})),
+            ("volumeClaimTemplates", json!([])),
+            ("podManagementPolicy", json!("Parallel")),
+        ] {
+            let mut changed = set.clone();
+            changed["spec"][field] = value;
+            let causes = validate_update(&set, &changed);
+            assert_eq!(causes.len(), 1, "{field}");
+            assert_eq!(causes[0].field, "spec");
+            assert!(causes[0].message.contains("are forbidden"), "{field}");
+        }
+    }
 
     #[test]
     fn fills_kube_defaults_once() {
