@@ -152,6 +152,10 @@ pub enum ApiError {
         /// Why (`DisruptionBudget`).
         causes: Vec<Cause>,
     },
+    /// A refusal an admission webhook answered with: its `Status` (code ≥ 400, message
+    /// naming the webhook), returned as it is.
+    #[error("{}", .0["message"].as_str().unwrap_or_default())]
+    Rejected(Box<Value>),
     /// 500: a failure inside the server that is not the store's.
     #[error("{0}")]
     Internal(String),
@@ -269,6 +273,11 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Rejected(status) => status["code"]
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) | ApiError::ServiceUnavailable(_) => {
@@ -278,7 +287,7 @@ impl ApiError {
     }
 
     /// The `metav1.Status` reason.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
@@ -293,6 +302,7 @@ impl ApiError {
             ApiError::TooLarge => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
             ApiError::TooManyRequests { .. } => "TooManyRequests",
+            ApiError::Rejected(status) => status["reason"].as_str().unwrap_or_default(),
             ApiError::Storage(_) | ApiError::Internal(_) => "InternalError",
             ApiError::Timeout(_) => "Timeout",
             ApiError::Unavailable(_) | ApiError::ServiceUnavailable(_) => "ServiceUnavailable",
@@ -301,6 +311,12 @@ impl ApiError {
 
     /// The full `metav1.Status` object.
     pub fn status(&self) -> Value {
+        if let ApiError::Rejected(status) = self {
+            let mut status = (**status).clone();
+            status["metadata"] = json!({});
+            status["code"] = json!(self.code().as_u16());
+            return status;
+        }
         let details = match self {
             ApiError::NotFound {
                 name, group, kind, ..

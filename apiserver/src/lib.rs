@@ -671,13 +671,17 @@ async fn serve(
         Some(asked) => asked.min(engine.request_timeout),
         None => engine.request_timeout,
     };
-    match tokio::time::timeout(
-        limit,
-        dispatch(engine, method, target, params, headers, body),
+    // Admission webhooks learn who asks from the request's scope, and give warnings back.
+    let (result, warnings) = admission::webhook::scoped(
+        caller.cloned(),
+        tokio::time::timeout(
+            limit,
+            dispatch(engine, method, target, params, headers, body),
+        ),
     )
-    .await
-    {
-        Ok(result) => result,
+    .await;
+    match result {
+        Ok(result) => result.map(|response| with_warnings(response, &warnings)),
         Err(_) => Err(ApiError::Timeout(format!(
             "Timeout: request did not complete within the allotted timeout of {limit:?}"
         ))),

@@ -205,6 +205,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let api_metrics = Arc::new(orquestra_apiserver::metrics::ApiMetrics::register(
         &registry,
     )?);
+    api.engine().webhooks().register(&registry)?;
     orquestra_apiserver::metrics::StorageObjects::register(
         &registry,
         api.engine().cache().clone(),

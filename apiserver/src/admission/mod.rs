@@ -13,6 +13,7 @@ pub mod runtime_class;
 pub mod schema;
 pub mod statefulset;
 pub mod storage_class;
+pub mod webhook;
 
 use std::collections::BTreeSet;
 

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use orquestra_store::{KeyValue, ListOptions, Store};
 use serde_json::{Value, json};
 
+use crate::admission::webhook;
 use crate::cache::WatchCache;
 use crate::error::ApiError;
 use crate::object::{
@@ -52,6 +53,8 @@ pub struct Engine {
     authenticator: Arc<std::sync::OnceLock<Arc<crate::identity::Authenticator>>>,
     /// Whether requests are authorized by RBAC (reviews answer by it), once set.
     rbac: Arc<std::sync::atomic::AtomicBool>,
+    /// Admission webhooks' clients and metrics.
+    webhooks: Arc<crate::admission::webhook::Webhooks>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -136,7 +139,38 @@ impl Engine {
             terminating: Arc::default(),
             authenticator: Arc::default(),
             rbac: Arc::default(),
+            webhooks: Arc::default(),
         }
+    }
+
+    /// Runs the mutating admission webhooks on `object`; what they change gets the kind's
+    /// defaults again (kube-apiserver decodes a patched object, defaulting it), and may not
+    /// move it to another name or namespace.
+    async fn mutate_by_webhooks(
+        &self,
+        attributes: &webhook::Attributes<'_>,
+        object: &mut Value,
+    ) -> Result<(), ApiError> {
+        let before = object.clone();
+        webhook::mutate(self, attributes, object).await?;
+        if *object == before {
+            return Ok(());
+        }
+        for field in ["name", "namespace"] {
+            if object["metadata"][field] != before["metadata"][field] {
+                return Err(ApiError::BadRequest(format!(
+                    "a mutating admission webhook changed metadata.{field} of {:?}",
+                    attributes.name
+                )));
+            }
+        }
+        crate::admission::on_write(attributes.def, object);
+        Ok(())
+    }
+
+    /// Admission webhooks' clients and metrics (register these with the server's metrics).
+    pub fn webhooks(&self) -> &crate::admission::webhook::Webhooks {
+        &self.webhooks
     }
 
     /// Records how the server authenticates and authorizes, for the reviews: `authenticator`
@@ -412,15 +446,26 @@ impl Engine {
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             crate::quota::apply_limits(self, def, ns, &mut object).await?;
         }
+        let name = meta_str(&object, "name").unwrap_or_default().to_owned();
+        let attributes = webhook::Attributes {
+            def,
+            namespace: ns.filter(|_| def.namespaced),
+            name: &name,
+            subresource: None,
+            operation: webhook::Operation::Create,
+            old_object: None,
+            dry_run,
+        };
+        self.mutate_by_webhooks(&attributes, &mut object).await?;
         validate_meta(def, &object)?;
         conform(def, &mut object)?;
         if crate::crd::is_crd(def) {
             crate::crd::admit(def, &mut object)?;
         }
+        webhook::validate(self, &attributes, Some(&object)).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             crate::quota::admit_create(self, def, ns, &object, dry_run).await?;
         }
-        let name = meta_str(&object, "name").unwrap_or_default().to_owned();
         let key = def.key(ns, &name);
         if is_namespace(def) && !dry_run {
             // A namespace made again under an old name starts Active.
@@ -498,6 +543,16 @@ impl Engine {
             self.to_client(def, &mut old);
             let mut new = merge_update(def, &old, &body, part)?;
             crate::admission::on_write(def, &mut new);
+            let attributes = webhook::Attributes {
+                def,
+                namespace: target.namespace.as_deref().filter(|_| def.namespaced),
+                name: &name,
+                subresource: target.subresource.as_deref(),
+                operation: webhook::Operation::Update,
+                old_object: Some(&old),
+                dry_run,
+            };
+            self.mutate_by_webhooks(&attributes, &mut new).await?;
             if def.group.is_empty() && def.kind == "Pod" && matches!(part, Part::Main) {
                 crate::admission::check_pod_update(&old, &new).map_err(|cause| {
                     ApiError::Invalid {
@@ -523,6 +578,7 @@ impl Engine {
             }
             validate_meta(def, &new)?;
             conform(def, &mut new)?;
+            webhook::validate(self, &attributes, Some(&new)).await?;
             if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
                 crate::quota::admit_update(self, def, ns, &old, &new, dry_run).await?;
             }
@@ -663,10 +719,26 @@ impl Engine {
         let def = &target.def;
         let (key, name) = self.named(target)?;
         let dry_run = params.dry_run()?;
+        let mut admitted = false;
         loop {
             let current = self.stored(def, &key, &name).await?;
             let mut object = decode(&current)?;
             self.to_client(def, &mut object);
+            if !admitted {
+                // Admission sees the object as it is when the delete is asked for.
+                let attributes = webhook::Attributes {
+                    def,
+                    namespace: target.namespace.as_deref().filter(|_| def.namespaced),
+                    name: &name,
+                    subresource: None,
+                    operation: webhook::Operation::Delete,
+                    old_object: Some(&object),
+                    dry_run,
+                };
+                webhook::mutate(self, &attributes, &mut Value::Null).await?;
+                webhook::validate(self, &attributes, None).await?;
+                admitted = true;
+            }
             if let Some(pre) = options.get("preconditions") {
                 if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
                     if meta_str(&object, "uid") != Some(uid) {
