@@ -339,8 +339,13 @@ async fn core_resource(
         && let Ok(target) = Target::parse(&engine.registry, "", "v1", &rest)
         && stream::is_stream(&target)
     {
-        return stream::serve(&engine, &target, query.as_deref().unwrap_or(""), http)
-            .await
+        let (response, warnings) = admission::webhook::scoped(
+            caller.clone(),
+            stream::serve(&engine, &target, query.as_deref().unwrap_or(""), http),
+        )
+        .await;
+        return response
+            .map(|response| with_warnings(response, &warnings))
             .unwrap_or_else(IntoResponse::into_response);
     }
     let body = Bytes::from_request(http, &()).await;

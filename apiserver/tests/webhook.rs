@@ -151,6 +151,37 @@ async fn refused(maps: &Api<ConfigMap>, name: &str, hook: &str) -> kube::core::S
     }
 }
 
+/// An upgrade request (as kubectl attach sends) on its own connection: status and body.
+async fn upgrade(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+         Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // Until the Status body has arrived (the server keeps the connection open).
+    while !String::from_utf8_lossy(&answer).contains("\"code\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
 #[tokio::test]
 async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
     let c = cluster().await;
@@ -340,6 +371,32 @@ async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
             "{label} was written"
         );
     }
+
+    // A CONNECT is admitted too: attaching to a pod is refused before any stream opens.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod = json!({"metadata": {"name": "attached"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).unwrap(),
+    )
+    .await
+    .unwrap();
+    let attach = json!({"name": "attach.e2e.orquestra.dev", "clientConfig": url("deny"),
+        "rules": [{"operations": ["CONNECT"], "apiGroups": [""], "apiVersions": ["v1"],
+            "resources": ["pods/attach"]}],
+        "sideEffects": "None", "admissionReviewVersions": ["v1"]});
+    configure(&c, "ValidatingWebhookConfiguration", "attach", vec![attach]).await;
+    let (code, body) = upgrade(
+        c.addr,
+        "/api/v1/namespaces/default/pods/attached/attach?container=c&stdout=true",
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("admission webhook \\\"attach.e2e.orquestra.dev\\\" denied the request"),
+        "{body}"
+    );
 
     // The configurations themselves are never subject to webhooks: a catch-all denying
     // webhook refuses everything else, but not its own removal.

@@ -147,6 +147,58 @@ impl NodeEndpoint {
 }
 
 /// Serves an upgrade request for `pods/{exec,attach,portforward}`.
+/// Admission for a CONNECT: webhooks see the options object (`PodExecOptions`,
+/// `PodAttachOptions`, `PodPortForwardOptions`) built from the query, as kube-apiserver
+/// passes it, and may refuse the stream before it opens.
+async fn admit_connect(
+    engine: &Engine,
+    target: &Target,
+    subresource: &str,
+    name: &str,
+    namespace: &str,
+    params: &[(String, String)],
+) -> Result<(), ApiError> {
+    use crate::admission::webhook;
+    let flag = |key: &str| {
+        params
+            .iter()
+            .any(|(k, v)| k == key && (v == "true" || v == "1"))
+    };
+    let container = params
+        .iter()
+        .find(|(k, _)| k == "container")
+        .map(|(_, v)| v.clone());
+    let mut options = match subresource {
+        "portforward" => serde_json::json!({"kind": "PodPortForwardOptions",
+            "ports": params.iter().filter(|(k, _)| k == "ports")
+                .filter_map(|(_, v)| v.parse::<i64>().ok()).collect::<Vec<_>>()}),
+        "exec" => serde_json::json!({"kind": "PodExecOptions",
+            "command": params.iter().filter(|(k, _)| k == "command")
+                .map(|(_, v)| v.clone()).collect::<Vec<_>>()}),
+        _ => serde_json::json!({"kind": "PodAttachOptions"}),
+    };
+    options["apiVersion"] = serde_json::json!("v1");
+    if subresource != "portforward" {
+        for key in ["stdin", "stdout", "stderr", "tty"] {
+            options[key] = serde_json::json!(flag(key));
+        }
+        if let Some(container) = container {
+            options["container"] = serde_json::json!(container);
+        }
+    }
+    let attributes = webhook::Attributes {
+        def: &target.def,
+        namespace: Some(namespace),
+        name,
+        subresource: Some(subresource),
+        operation: webhook::Operation::Connect,
+        old_object: None,
+        dry_run: false,
+    };
+    webhook::mutate(engine, &attributes, &mut options).await?;
+    webhook::validate(engine, &attributes, Some(&options)).await
+}
+
 pub async fn serve(
     engine: &Engine,
     target: &Target,
@@ -164,6 +216,7 @@ pub async fn serve(
     let namespace = target.namespace.clone().unwrap_or_default();
     let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
+    admit_connect(engine, target, &subresource, &name, &namespace, &params).await?;
     let path = if subresource == "portforward" {
         format!("/portforward/{namespace}/{name}")
     } else {

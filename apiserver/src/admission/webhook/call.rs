@@ -284,7 +284,12 @@ fn reqwest_reason(e: &reqwest::Error) -> String {
 /// The AdmissionReview sent.
 fn request(uid: &str, attributes: &Attributes<'_>, object: Option<&Value>) -> Value {
     let def = attributes.def;
-    let kind = json!({"group": def.group, "version": def.version, "kind": def.kind});
+    // A CONNECT is about its options object (`PodAttachOptions`), not the pod.
+    let kind_name = match (attributes.operation, object) {
+        (super::Operation::Connect, Some(options)) => options["kind"].as_str().unwrap_or(&def.kind),
+        _ => &def.kind,
+    };
+    let kind = json!({"group": def.group, "version": def.version, "kind": kind_name});
     let resource = json!({"group": def.group, "version": def.version, "resource": def.plural});
     let mut request = json!({
         "uid": uid,
