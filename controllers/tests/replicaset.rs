@@ -63,7 +63,9 @@ async fn replicas_are_kept() {
     let rs: ReplicaSet = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {"replicas": 5, "selector": {"matchLabels": {"app": "web"}},
-                 "template": {"metadata": {"labels": {"app": "web"}},
+                 // A template's name is not the pods' (kube ignores it; the conformance
+                 // suite's ReplicationController sets one).
+                 "template": {"metadata": {"name": "web", "labels": {"app": "web"}},
                               "spec": {"containers": [{"name": "app", "image": "busybox"}]}}},
     }))
     .unwrap();

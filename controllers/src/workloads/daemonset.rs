@@ -627,7 +627,7 @@ impl Controller {
         let spec = template.spec.clone().unwrap_or_default();
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": template.metadata.clone().unwrap_or_default(),
+            "metadata": super::pod_metadata(template.metadata.as_ref()),
             "spec": spec,
         });
         pod["metadata"]["generateName"] = json!(format!("{}-", ds.name_any()));

@@ -546,8 +546,7 @@ fn pod_for(job: &Job, index: Option<i32>, failures: Option<u32>) -> Result<Pod, 
     let spec = job.spec.clone().unwrap_or_default();
     let template = spec.template;
     let name = job.name_any();
-    let mut metadata =
-        serde_json::to_value(template.metadata.unwrap_or_default()).unwrap_or_else(|_| json!({}));
+    let mut metadata = super::pod_metadata(template.metadata.as_ref());
     let mut pod_spec =
         serde_json::to_value(template.spec.unwrap_or_default()).unwrap_or_else(|_| json!({}));
     let owner = job.controller_owner_ref(&()).map(|o| vec![o]);
@@ -557,7 +556,12 @@ fn pod_for(job: &Job, index: Option<i32>, failures: Option<u32>) -> Result<Pod, 
     });
     metadata["namespace"] = json!(job.namespace());
     metadata["ownerReferences"] = json!(owner);
-    metadata["finalizers"] = json!([TRACKING_FINALIZER]);
+    let mut finalizers = metadata["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    finalizers.push(json!(TRACKING_FINALIZER));
+    metadata["finalizers"] = json!(finalizers);
     if let Some(i) = index {
         metadata["annotations"][COMPLETION_INDEX] = json!(i.to_string());
         metadata["labels"][COMPLETION_INDEX] = json!(i.to_string());

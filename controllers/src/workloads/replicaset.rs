@@ -374,7 +374,7 @@ async fn reconcile<K: Replicated>(
         let owner = rs.controller_owner_ref(&()).map(|o| vec![o]);
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": template.metadata.clone().unwrap_or_default(),
+            "metadata": super::pod_metadata(template.metadata.as_ref()),
             "spec": template.spec.clone(),
         });
         pod["metadata"]["generateName"] = json!(format!("{}-", rs.name_any()));
