@@ -16,7 +16,7 @@ use crate::cache::WatchCache;
 use crate::error::ApiError;
 use crate::object::{
     check_type, conform, drop_empty_metadata, meta_str, metadata_mut, now, random_suffix, spec_of,
-    strip_nulls, validate_meta,
+    strip_nulls_of, validate_meta,
 };
 use crate::registry::{Registry, ResourceDef};
 use crate::request::{Params, Target};
@@ -372,7 +372,7 @@ impl Engine {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         check_type(def, &mut object)?;
-        strip_nulls(&mut object);
+        strip_nulls_of(def, &mut object);
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             // Before the name is generated, as kube-apiserver's admission does: a refusal
             // names the object by its generateName prefix then.
@@ -519,7 +519,7 @@ impl Engine {
         let def = &target.def;
         let (key, name) = self.named(target)?;
         check_type(def, &mut body)?;
-        strip_nulls(&mut body);
+        strip_nulls_of(def, &mut body);
         if meta_str(&body, "name").is_some_and(|n| n != name) {
             return Err(ApiError::BadRequest(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
