@@ -25,8 +25,10 @@ const CONCURRENCY: usize = 64;
 const CREATES: usize = 5_000;
 
 async fn allow(Json(review): Json<Value>) -> Json<Value> {
-    Json(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "response": {"uid": review["request"]["uid"], "allowed": true}}))
+    Json(
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "response": {"uid": review["request"]["uid"], "allowed": true}}),
+    )
 }
 
 /// Serves [`allow`] over TLS on loopback: its URL and CA bundle.
@@ -54,7 +56,10 @@ async fn webhook(dir: &std::path::Path) -> (String, String) {
 async fn creates(client: &Client, namespace: &str) -> f64 {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
-    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let started = Instant::now();
     futures::stream::iter(0..CREATES)
@@ -100,7 +105,10 @@ async fn main() {
                 "resources": ["configmaps"]}],
             "sideEffects": "None", "admissionReviewVersions": ["v1"]}]});
     configurations
-        .create(&PostParams::default(), &serde_json::from_value(configuration).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(configuration).unwrap(),
+        )
         .await
         .unwrap();
     let webhooked = creates(&client, "webhook").await;

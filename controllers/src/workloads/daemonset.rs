@@ -542,11 +542,8 @@ impl Controller {
         let mut template =
             serde_json::to_value(ds.spec.as_ref().map(|s| &s.template)).unwrap_or_default();
         template["$patch"] = json!("replace");
-        // The bytes Go marshals the template to (kube's `daemon.Match` compares them with
-        // the revision's): its ObjectMeta always carries `creationTimestamp`, null when unset.
-        if template["metadata"].get("creationTimestamp").is_none() {
-            template["metadata"]["creationTimestamp"] = Value::Null;
-        }
+        // The bytes are what Go marshals the template to (kube's `daemon.Match` compares
+        // them with the revision's): keys sorted, no null `creationTimestamp` (omitzero).
         let revision: ControllerRevision = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": namespace, "labels": labels,
                          "ownerReferences": [ds.controller_owner_ref(&())]},

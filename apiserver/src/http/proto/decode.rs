@@ -4,7 +4,8 @@
 //! Go's encoder writes unset value fields too, so empty strings are dropped (`""` means unset
 //! throughout the Kubernetes API) and the zero time becomes absent; zeros and `false` stay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
@@ -263,12 +264,34 @@ const PLAIN_BOOLS: &[(&str, &[&str])] = &[(
     ],
 )];
 
+/// The fields Go writes in protobuf even when zero and omits from JSON then (non-pointer
+/// `omitempty` scalars: `stdin`, `hostPort`, `hostNetwork`, `generation`, …), per message —
+/// generated from `k8s.io/api` by `scripts/go-zero-fields.sh`. kube-apiserver decodes into Go
+/// structs, so such a zero never reaches storage; kept, it would show in what controllers
+/// write (a DaemonSet's ControllerRevision would no longer match Go's view of its template).
+static GO_ZERO_FIELDS: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("go_zero_fields.json")).unwrap_or_else(|error| {
+        tracing::error!(%error, "go_zero_fields.json does not parse");
+        HashMap::new()
+    })
+});
+
+/// Whether `value` is a zero that Go's JSON would leave out for `message.field`.
 fn omitted_false(message: &str, field: &str, value: &Value) -> bool {
     let short = message.rsplit('.').next().unwrap_or(message);
-    *value == Value::Bool(false)
-        && PLAIN_BOOLS
-            .iter()
-            .any(|(m, fields)| *m == short && fields.contains(&field))
+    let zero = match value {
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    };
+    zero && (GO_ZERO_FIELDS
+        .get(message)
+        .is_some_and(|fields| fields.contains(field))
+        || *value == Value::Bool(false)
+            && PLAIN_BOOLS
+                .iter()
+                .any(|(m, fields)| *m == short && fields.contains(&field)))
 }
 
 /// Decodes one message of the schema into JSON.
@@ -356,4 +379,31 @@ fn message_value(name: &str, data: &[u8]) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(object))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Go writes `stdin: false`, `hostPort: 0`, `generation: 0` in protobuf; kube-apiserver's
+    /// JSON leaves them out, and so does the decoder — but a pointer's `false` (a security
+    /// context's `allowPrivilegeEscalation`) and a required zero (`containerPort`) stay.
+    #[test]
+    fn go_zero_values_of_omitempty_fields_are_left_out() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "generation": 0},
+            "spec": {"hostNetwork": false, "containers": [{"name": "c", "image": "busybox",
+                "stdin": false, "tty": false,
+                "ports": [{"containerPort": 0, "hostPort": 0}],
+                "securityContext": {"allowPrivilegeEscalation": false}}]}});
+        let bytes = super::super::encode::encode(&pod).unwrap();
+        let decoded = super::decode(&bytes).unwrap();
+        assert_eq!(
+            decoded,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c", "image": "busybox",
+                    "ports": [{"containerPort": 0}],
+                    "securityContext": {"allowPrivilegeEscalation": false}}]}})
+        );
+    }
 }

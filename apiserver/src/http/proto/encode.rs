@@ -394,7 +394,7 @@ mod tests {
                                      "ports": [{"containerPort": 80, "protocol": "TCP"}],
                                      "resources": {"limits": {"cpu": "500m"}},
                                      "livenessProbe": {"httpGet": {"port": "http", "path": "/"}}}],
-                     "securityContext": {"runAsUser": -1}, "hostNetwork": false},
+                     "securityContext": {"runAsUser": -1}, "hostNetwork": true},
         });
         let bytes = encode(&pod).unwrap();
         assert_eq!(super::super::decode(&bytes).unwrap(), pod);
