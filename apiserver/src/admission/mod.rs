@@ -6,6 +6,7 @@
 //! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), and LimitRanges and ResourceQuotas ([`quota`]).
 
 pub mod batch;
+pub mod cel;
 pub mod priority;
 pub mod quota;
 pub mod resize;

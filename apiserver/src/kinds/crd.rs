@@ -19,9 +19,11 @@ pub fn is_crd(def: &ResourceDef) -> bool {
     def.group == GROUP && def.plural == "customresourcedefinitions"
 }
 
-/// Checks a CRD and sets the status a CRD gets once its names are accepted: `NamesAccepted`
-/// and `Established` true, `acceptedNames`, `storedVersions`.
-pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
+/// Checks a CRD (its names, versions, selectable fields and CEL rules) and sets the status a
+/// CRD gets once its names are accepted: `NamesAccepted` and `Established` true,
+/// `acceptedNames`, and `storedVersions` — on an update (`old`), the versions stored before
+/// stay listed until a user removes them from the status, as kube-apiserver keeps them.
+pub fn admit(def: &ResourceDef, crd: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
     let spec = &crd["spec"];
     let group = spec["group"].as_str().unwrap_or_default();
     let plural = spec
@@ -81,6 +83,10 @@ pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
     );
     for (i, version) in versions.iter().enumerate() {
         causes.extend(selectable_field_causes(i, version));
+        if let Some(schema) = version.pointer("/schema/openAPIV3Schema") {
+            let at = format!("spec.versions[{i}].schema.openAPIV3Schema");
+            causes.extend(crate::schema::rules::problems(schema, &at));
+        }
     }
     if !causes.is_empty() {
         return Err(ApiError::Invalid {
@@ -100,9 +106,28 @@ pub fn admit(def: &ResourceDef, crd: &mut Value) -> Result<(), ApiError> {
             condition("Established", "InitialNamesAccepted", "the initial names have been accepted"),
         ],
         "acceptedNames": spec["names"].clone(),
-        "storedVersions": storage,
+        "storedVersions": stored_versions(old, &storage),
     });
     Ok(())
+}
+
+/// The old status's `storedVersions` with the current storage version added.
+fn stored_versions(old: Option<&Value>, storage: &[&str]) -> Vec<String> {
+    let mut stored: Vec<String> = old
+        .and_then(|o| o.pointer("/status/storedVersions"))
+        .and_then(Value::as_array)
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    for version in storage {
+        if !stored.iter().any(|s| s == version) {
+            stored.push((*version).to_owned());
+        }
+    }
+    stored
 }
 
 /// kube-apiserver's limit on a version's `selectableFields`.

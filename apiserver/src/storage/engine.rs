@@ -458,9 +458,9 @@ impl Engine {
         };
         self.mutate_by_webhooks(&attributes, &mut object).await?;
         validate_meta(def, &object)?;
-        conform(def, &mut object)?;
+        conform(def, &mut object, None)?;
         if crate::crd::is_crd(def) {
-            crate::crd::admit(def, &mut object)?;
+            crate::crd::admit(def, &mut object, None)?;
         }
         webhook::validate(self, &attributes, Some(&object)).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {
@@ -577,7 +577,10 @@ impl Engine {
                 });
             }
             validate_meta(def, &new)?;
-            conform(def, &mut new)?;
+            conform(def, &mut new, Some(&old))?;
+            if crate::crd::is_crd(def) && matches!(part, Part::Main) {
+                crate::crd::admit(def, &mut new, Some(&old))?;
+            }
             webhook::validate(self, &attributes, Some(&new)).await?;
             if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
                 crate::quota::admit_update(self, def, ns, &old, &new, dry_run).await?;

@@ -160,8 +160,9 @@ pub fn partial_metadata(object: &Value) -> Value {
 }
 
 /// Brings `object` in line with its kind's structural schema: unknown fields pruned, schema
-/// defaults filled in, then validated (every violation a cause of one `Invalid`).
-pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
+/// defaults filled in, then validated (every violation a cause of one `Invalid`) — last the
+/// schema's CEL rules, transition rules against `old` on an update.
+pub fn conform(def: &ResourceDef, object: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
     let Some(schema) = def.schema.as_deref() else {
         return Ok(());
     };
@@ -173,6 +174,9 @@ pub fn conform(def: &ResourceDef, object: &mut Value) -> Result<(), ApiError> {
     };
     if causes.is_empty() {
         causes = crate::admission::validate(def, object);
+    }
+    if causes.is_empty() && schema.has_rules() {
+        causes = crate::schema::rules::check(schema, object, old);
     }
     if causes.is_empty() {
         Ok(())

@@ -7,7 +7,10 @@
 //! formats, patterns, bounds), every problem becoming one `details.causes` entry of a 422.
 //!
 //! The root's `apiVersion`, `kind` and `metadata` are the engine's business (ObjectMeta has
-//! its own rules), so the walk starts below them.
+//! its own rules), so the walk starts below them. A CRD's `x-kubernetes-validations` (CEL
+//! rules, transition rules against the old object) run last, once the rest holds ([`rules`]).
+
+pub mod rules;
 
 use std::fmt::Write as _;
 
@@ -88,6 +91,14 @@ pub struct Structural {
     max_length: Option<u64>,
     min_items: Option<u64>,
     max_items: Option<u64>,
+    max_properties: Option<u64>,
+    /// `x-kubernetes-validations`, compiled (a rule that does not compile is left out: CRD
+    /// admission refuses it before it gets here).
+    rules: Vec<rules::Rule>,
+    /// Whether this node or one below has rules: a write walks only where they are.
+    rules_below: bool,
+    /// `x-kubernetes-list-type: map`'s keys: how an item finds its old self.
+    list_map_keys: Vec<String>,
     /// `x-kubernetes-embedded-resource`: apiVersion, kind and metadata are implied.
     embedded: bool,
 }
@@ -152,11 +163,17 @@ impl Structural {
         };
         let number = |name: &str| field(name).and_then(Value::as_f64);
         let count = |name: &str| field(name).and_then(Value::as_u64);
+        let items = field("items").map(|items| Box::new(Structural::compile(items)));
+        let rules = rules::compile_all(field("x-kubernetes-validations"));
+        let rules_below = !rules.is_empty()
+            || properties.iter().any(|(_, sub)| sub.rules_below)
+            || items.as_ref().is_some_and(|i| i.rules_below)
+            || matches!(&additional, Additional::Values(sub) if sub.rules_below);
         Structural {
             ty,
             properties,
             additional,
-            items: field("items").map(|items| Box::new(Structural::compile(items))),
+            items,
             required: strings("required"),
             enumeration: field("enum")
                 .and_then(Value::as_array)
@@ -174,6 +191,15 @@ impl Structural {
             max_length: count("maxLength"),
             min_items: count("minItems"),
             max_items: count("maxItems"),
+            max_properties: count("maxProperties"),
+            rules,
+            rules_below,
+            list_map_keys: if field("x-kubernetes-list-type").and_then(Value::as_str) == Some("map")
+            {
+                strings("x-kubernetes-list-map-keys")
+            } else {
+                Vec::new()
+            },
             embedded: flag("x-kubernetes-embedded-resource"),
         }
     }
@@ -219,6 +245,48 @@ impl Structural {
             }
         }
         matches!(node.ty, Type::String | Type::Boolean | Type::Integer)
+    }
+
+    /// Whether any node has `x-kubernetes-validations` rules.
+    pub fn has_rules(&self) -> bool {
+        self.rules_below
+    }
+
+    /// What CEL's `self.<name>` reaches: a property, or a map's values.
+    pub(crate) fn cel_field(&self, name: &str) -> Option<&Structural> {
+        match self.child(name) {
+            Child::Known(sub) => Some(sub),
+            _ => None,
+        }
+    }
+
+    /// A list's items, or a map's values.
+    pub(crate) fn cel_element(&self) -> Option<&Structural> {
+        match (&self.items, &self.additional) {
+            (Some(items), _) => Some(items),
+            (None, Additional::Values(values)) => Some(values),
+            _ => None,
+        }
+    }
+
+    /// The declared bound on its size: `maxItems`, `maxProperties` or `maxLength`.
+    pub(crate) fn cel_bound(&self) -> Option<u64> {
+        match self.ty {
+            Type::Array => self.max_items,
+            Type::Object => self.max_properties,
+            Type::String | Type::IntOrString => self.max_length,
+            _ => None,
+        }
+    }
+
+    /// Whether CEL iterates it as a map (keys first).
+    pub(crate) fn cel_is_map(&self) -> bool {
+        self.ty == Type::Object
+    }
+
+    /// Whether it is a number or a boolean: constant-size for CEL.
+    pub(crate) fn cel_is_scalar(&self) -> bool {
+        matches!(self.ty, Type::Integer | Type::Number | Type::Boolean)
     }
 
     fn child(&self, key: &str) -> Child<'_> {
