@@ -198,3 +198,168 @@ async fn crd_rules_that_do_not_compile_or_cost_too_much_are_refused_when_written
     .await
     .unwrap();
 }
+
+/// POSTs `body` under `path`; the status code, `Warning` headers and JSON answer.
+async fn post(c: &common::Cluster, path: &str, body: &Value) -> (u16, Vec<String>, Value) {
+    let request = http::Request::post(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap().into())
+        .unwrap();
+    let response = c.client.send(request).await.unwrap();
+    let status = response.status().as_u16();
+    let warnings = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let bytes = axum::body::to_bytes(axum::body::Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
+    (status, warnings, serde_json::from_slice(&bytes).unwrap())
+}
+
+const POLICIES: &str = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies";
+const BINDINGS: &str = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings";
+
+fn deployment(name: &str, replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    })
+}
+
+#[tokio::test]
+async fn a_validating_admission_policy_with_params_denies_warns_and_allows() {
+    let c = cluster().await;
+    // The limit comes from a ConfigMap: the binding's params.
+    let (code, _, _) = post(
+        &c,
+        "/api/v1/namespaces/default/configmaps",
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "replica-limit"}, "data": {"max": "3"}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, _, body) = post(
+        &c,
+        POLICIES,
+        &json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": "replica-limit"},
+            "spec": {
+                "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]},
+                "variables": [{"name": "limit", "expression": "int(params.data.max)"}],
+                "validations": [
+                    {"expression": "object.spec.replicas <= variables.limit",
+                     "messageExpression": "'replicas must be at most ' + string(variables.limit)"},
+                    {"expression": "namespaceObject.metadata.name == object.metadata.namespace",
+                     "message": "namespaceObject is the request's namespace"},
+                ],
+            }
+        }),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, _, body) = post(
+        &c,
+        BINDINGS,
+        &json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": "replica-limit"},
+            "spec": {"policyName": "replica-limit", "validationActions": ["Deny"],
+                     "paramRef": {"name": "replica-limit", "parameterNotFoundAction": "Deny"}}
+        }),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+
+    let deployments = "/apis/apps/v1/namespaces/default/deployments";
+    let (code, _, body) = post(&c, deployments, &deployment("small", 2)).await;
+    assert_eq!(code, 201, "{body}");
+    let (code, _, body) = post(&c, deployments, &deployment("big", 5)).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["reason"], "Invalid");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "ValidatingAdmissionPolicy 'replica-limit' with binding 'replica-limit' denied request: replicas must be at most 3"
+        ),
+        "{message}"
+    );
+
+    // Where the param is missing, `parameterNotFoundAction: Deny` refuses.
+    let (code, _, _) = post(
+        &c,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, _, body) = post(
+        &c,
+        "/apis/apps/v1/namespaces/other/deployments",
+        &deployment("small", 1),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no params found for policy binding with `Deny` parameterNotFoundAction"),
+        "{body}"
+    );
+
+    // A Warn binding lets the request through with a warning.
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "replica-limit"},
+        "spec": {"policyName": "replica-limit", "validationActions": ["Warn"],
+                 "paramRef": {"name": "replica-limit", "namespace": "default"}}
+    });
+    let request = http::Request::put(format!("{BINDINGS}/replica-limit"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&binding).unwrap().into())
+        .unwrap();
+    let response = c.client.send(request).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (code, warnings, body) = post(&c, deployments, &deployment("bigger", 9)).await;
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "Validation failed for ValidatingAdmissionPolicy 'replica-limit' with binding 'replica-limit': replicas must be at most 3"
+        )),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn policy_expressions_that_do_not_compile_are_refused_when_written() {
+    let c = cluster().await;
+    let (code, _, body) = post(
+        &c,
+        POLICIES,
+        &json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": "broken"},
+            "spec": {
+                "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": ["CREATE"], "resources": ["configmaps"]}]},
+                "validations": [{"expression": "object.data.size() <"}],
+            }
+        }),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.validations[0].expression")
+            && message.contains("compilation failed"),
+        "{message}"
+    );
+}

@@ -299,6 +299,15 @@ async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
                 json!({"url": "https://127.0.0.1:1/allow", "caBundle": ca}),
                 json!({}),
             ),
+            hook(
+                "conditional.e2e.orquestra.dev",
+                "conditional",
+                service("/deny"),
+                json!({"matchConditions": [
+                    {"name": "not-exempt", "expression": "object.metadata.name != 'exempt'"},
+                    {"name": "creates", "expression": "request.operation == 'CREATE'"},
+                ]}),
+            ),
         ],
     )
     .await;
@@ -319,6 +328,17 @@ async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
     maps.create(&PostParams::default(), &config_map("unlabelled", "none"))
         .await
         .unwrap();
+    // matchConditions (CEL) decide whether the webhook is called at all.
+    maps.create(&PostParams::default(), &config_map("exempt", "conditional"))
+        .await
+        .unwrap();
+    let status = refused(&maps, "caught", "conditional").await;
+    assert!(
+        status
+            .message
+            .contains("\"conditional.e2e.orquestra.dev\" denied the request"),
+        "{status:?}"
+    );
     // Mutated by a JSONPatch: what is stored carries the webhook's key.
     let mutated = maps
         .create(&PostParams::default(), &config_map("mutated", "mutate"))

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod cel;
+pub mod policy;
 pub mod priority;
 pub mod quota;
 pub mod resize;
@@ -225,9 +226,21 @@ pub fn validate(def: &ResourceDef, object: &Value) -> Vec<Cause> {
         ("batch", "CronJob") => batch::validate_cronjob(object, &mut causes),
         ("", "Event") => validate_event(object, false, &mut causes),
         ("events.k8s.io", "Event") => validate_event(object, true, &mut causes),
+        ("admissionregistration.k8s.io", _) => causes.extend(policy::problems(def, object)),
         _ => {}
     }
     causes
+}
+
+/// The validating phase of admission for one request, in kube-apiserver's order: CEL
+/// admission policies, then validating webhooks.
+pub async fn validate_request(
+    engine: &crate::engine::Engine,
+    attributes: &webhook::Attributes<'_>,
+    object: Option<&Value>,
+) -> Result<(), crate::error::ApiError> {
+    policy::validating::validate(engine, attributes, object).await?;
+    webhook::validate(engine, attributes, object).await
 }
 
 /// An Event, as kube's event validation checks it. An event with an `eventTime` (a "new"
@@ -574,7 +587,7 @@ fn one_of(value: &Value, allowed: &[&str], field: &str, causes: &mut Vec<Cause>)
 }
 
 /// Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`.
-fn selector_matches(selector: &Value, labels: &Value) -> bool {
+pub(crate) fn selector_matches(selector: &Value, labels: &Value) -> bool {
     let match_labels = selector["matchLabels"].as_object();
     let expressions = selector["matchExpressions"].as_array();
     match_labels

@@ -196,7 +196,7 @@ async fn admit_connect(
         dry_run: false,
     };
     webhook::mutate(engine, &attributes, &mut options).await?;
-    webhook::validate(engine, &attributes, Some(&options)).await
+    crate::admission::validate_request(engine, &attributes, Some(&options)).await
 }
 
 pub async fn serve(

@@ -462,7 +462,7 @@ impl Engine {
         if crate::crd::is_crd(def) {
             crate::crd::admit(def, &mut object, None)?;
         }
-        webhook::validate(self, &attributes, Some(&object)).await?;
+        crate::admission::validate_request(self, &attributes, Some(&object)).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             crate::quota::admit_create(self, def, ns, &object, dry_run).await?;
         }
@@ -581,7 +581,7 @@ impl Engine {
             if crate::crd::is_crd(def) && matches!(part, Part::Main) {
                 crate::crd::admit(def, &mut new, Some(&old))?;
             }
-            webhook::validate(self, &attributes, Some(&new)).await?;
+            crate::admission::validate_request(self, &attributes, Some(&new)).await?;
             if let Some(ns) = target.namespace.as_deref().filter(|_| def.namespaced) {
                 crate::quota::admit_update(self, def, ns, &old, &new, dry_run).await?;
             }
@@ -739,7 +739,7 @@ impl Engine {
                     dry_run,
                 };
                 webhook::mutate(self, &attributes, &mut Value::Null).await?;
-                webhook::validate(self, &attributes, None).await?;
+                crate::admission::validate_request(self, &attributes, None).await?;
                 admitted = true;
             }
             if let Some(pre) = options.get("preconditions") {

@@ -282,7 +282,7 @@ fn reqwest_reason(e: &reqwest::Error) -> String {
 }
 
 /// The AdmissionReview sent.
-fn request(uid: &str, attributes: &Attributes<'_>, object: Option<&Value>) -> Value {
+pub(crate) fn request(uid: &str, attributes: &Attributes<'_>, object: Option<&Value>) -> Value {
     let def = attributes.def;
     // A CONNECT is about its options object (`PodAttachOptions`), not the pod.
     let kind_name = match (attributes.operation, object) {

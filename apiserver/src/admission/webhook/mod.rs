@@ -16,8 +16,8 @@
 //! Who made the request (the review's `userInfo`) and the warnings webhooks answer with
 //! travel with the request as a task-local [`Context`] the HTTP layer sets ([`scoped`]).
 
-mod call;
-mod rules;
+pub(crate) mod call;
+pub(crate) mod rules;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,7 +49,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Operation::Create => "CREATE",
             Operation::Update => "UPDATE",
@@ -96,7 +96,7 @@ pub struct Attributes<'a> {
 impl Attributes<'_> {
     /// Whether this request is exempt from webhooks: writes to webhook configurations and
     /// admission policies themselves (kube's `IsExemptAdmissionConfigurationResource`).
-    fn exempt(&self) -> bool {
+    pub(crate) fn exempt(&self) -> bool {
         self.def.group == GROUP
             && matches!(
                 self.def.kind.as_str(),
@@ -136,7 +136,7 @@ pub async fn scoped<F: Future>(user: Option<User>, future: F) -> (F::Output, Vec
 
 /// The requester as AdmissionReview's `userInfo`: the authenticated caller, or — for the
 /// server's own writes and a server that does not authenticate — `system:apiserver`.
-fn user_info() -> Value {
+pub(crate) fn user_info() -> Value {
     let user = CONTEXT.try_with(|c| c.user.clone()).ok().flatten();
     match user {
         Some(user) => json!({"username": user.name, "groups": user.groups}),
@@ -144,7 +144,7 @@ fn user_info() -> Value {
     }
 }
 
-fn warn(warnings: impl IntoIterator<Item = String>) {
+pub(crate) fn warn(warnings: impl IntoIterator<Item = String>) {
     let _ = CONTEXT.try_with(|c| {
         c.warnings
             .lock()
@@ -174,6 +174,8 @@ struct Hook {
     speaks_v1: bool,
     /// `reinvocationPolicy: IfNeeded` (mutating webhooks).
     reinvoke: bool,
+    /// `matchConditions`: (name, CEL expression), all of which must hold.
+    match_conditions: Vec<(String, String)>,
 }
 
 impl Hook {
@@ -193,6 +195,15 @@ impl Hook {
                 .as_array()
                 .is_none_or(|versions| versions.iter().any(|v| v == "v1")),
             reinvoke: hook["reinvocationPolicy"] == "IfNeeded",
+            match_conditions: hook["matchConditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                    (text("name"), text("expression"))
+                })
+                .collect(),
         }
     }
 }

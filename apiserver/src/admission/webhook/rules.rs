@@ -1,7 +1,8 @@
 //! Whether a webhook is called for a request (kube's `ShouldCallHook`): one of its rules
 //! covers the operation, group, version, resource (`resource/subresource`, `*`, `*/*`,
 //! `resource/*`) and scope; the namespace's labels match its `namespaceSelector`; the new or
-//! the old object's labels match its `objectSelector`.
+//! the old object's labels match its `objectSelector`; its `matchConditions` (CEL over
+//! `object`, `oldObject` and `request`) all hold.
 
 use serde_json::Value;
 
@@ -23,7 +24,55 @@ pub(super) async fn matches(
     if !object_selected(&hook.object_selector, object, attributes.old_object) {
         return Ok(false);
     }
-    namespace_selected(engine, &hook.namespace_selector, attributes, object).await
+    if !namespace_selected(engine, &hook.namespace_selector, attributes, object).await? {
+        return Ok(false);
+    }
+    conditions_hold(hook, attributes, object)
+}
+
+/// The webhook's `matchConditions`: all must be true for it to be called. One that errors
+/// fails the request under `failurePolicy: Fail` and skips the webhook under `Ignore`.
+fn conditions_hold(
+    hook: &Hook,
+    attributes: &Attributes<'_>,
+    object: Option<&Value>,
+) -> Result<bool, ApiError> {
+    use crate::admission::cel::{self, Activation, Expression, Shape, Sizes};
+    if hook.match_conditions.is_empty() {
+        return Ok(true);
+    }
+    let request = super::call::request("", attributes, object)["request"].clone();
+    let mut vars = Activation::new();
+    vars.bind_json("object", object)
+        .bind_json("oldObject", attributes.old_object)
+        .bind_json("request", Some(&request));
+    let shapes = [
+        ("object", object.map_or(Shape::Unknown, Shape::json)),
+        (
+            "oldObject",
+            attributes.old_object.map_or(Shape::Unknown, Shape::json),
+        ),
+        ("request", Shape::json(&request)),
+    ];
+    let sizes = Sizes::of([object, attributes.old_object].into_iter().flatten());
+    for (name, source) in &hook.match_conditions {
+        let outcome = Expression::compile(source).and_then(|e| {
+            e.check_cost(&shapes, sizes, cel::PER_CALL_LIMIT)?;
+            e.eval_bool(&vars)
+        });
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(_) if hook.ignore_failures => return Ok(false),
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "Internal error occurred: failed calling webhook {:?}: failed to evaluate match condition {name:?}: {e}",
+                    hook.name
+                )));
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn listed(items: &Value, requested: &str) -> bool {
@@ -36,7 +85,7 @@ fn listed(items: &Value, requested: &str) -> bool {
 }
 
 /// One `RuleWithOperations` against the request.
-fn rule_matches(rule: &Value, attributes: &Attributes<'_>) -> bool {
+pub(crate) fn rule_matches(rule: &Value, attributes: &Attributes<'_>) -> bool {
     let def = attributes.def;
     let is_namespace = def.group.is_empty() && def.plural == "namespaces";
     let scope = match rule["scope"].as_str().unwrap_or("*") {
@@ -64,7 +113,11 @@ fn rule_matches(rule: &Value, attributes: &Attributes<'_>) -> bool {
 
 /// The `objectSelector`: empty selects everything; otherwise the new or the old object's
 /// labels must match.
-fn object_selected(selector: &Value, object: Option<&Value>, old: Option<&Value>) -> bool {
+pub(crate) fn object_selected(
+    selector: &Value,
+    object: Option<&Value>,
+    old: Option<&Value>,
+) -> bool {
     if is_empty(selector) {
         return true;
     }
@@ -77,7 +130,7 @@ fn object_selected(selector: &Value, object: Option<&Value>, old: Option<&Value>
 /// The `namespaceSelector`: empty selects everything, and so does any cluster-scoped object
 /// other than a Namespace; a Namespace is matched by its own labels, anything else by its
 /// namespace's.
-async fn namespace_selected(
+pub(crate) async fn namespace_selected(
     engine: &Engine,
     selector: &Value,
     attributes: &Attributes<'_>,
