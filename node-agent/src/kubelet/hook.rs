@@ -56,7 +56,7 @@ pub async fn run(
             probe::exec_probe(command, target, limit).await
         } else if let Some(http) = &handler.http_get {
             // Any answer will do: the kubelet only fails a hook it could not deliver.
-            probe::http_get_action(http, container, target, "lifecycle hooks")
+            probe::http_get_action(http, container, target)
                 .await
                 .map(|_| ())
         } else if let Some(sleep) = &handler.sleep {
