@@ -731,6 +731,7 @@ fn spawn(
     let (ctx, done) = (Arc::clone(ctx), done.clone());
     tokio::spawn(async move {
         let mut worker = PodWorker::new(Arc::clone(&ctx), &uid);
+        worker.watch_updates(rx.clone());
         loop {
             let pod = rx.borrow_and_update().clone();
             let begun = Instant::now();

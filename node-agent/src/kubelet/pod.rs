@@ -115,6 +115,9 @@ pub struct PodWorker {
     resize_infeasible: Option<String>,
     /// Whether the node admitted the pod (its host ports are free).
     admitted: bool,
+    /// The pod as the API has it, updated while a sync runs: a pull in progress gives up
+    /// when the pod is deleted, rather than hold its termination up.
+    updates: Option<tokio::sync::watch::Receiver<Option<Arc<Pod>>>>,
     /// Failed attempts to prepare the pod so far (its ServiceAccount, a Secret or ConfigMap
     /// it mounts missing, …): the next try backs off.
     prepare_failures: u32,
@@ -169,7 +172,13 @@ impl PodWorker {
             resize_infeasible: None,
             failure: None,
             evicted_at: Instant::now(),
+            updates: None,
         }
+    }
+
+    /// Lets the worker watch the pod while it syncs (see `updates`).
+    pub fn watch_updates(&mut self, updates: tokio::sync::watch::Receiver<Option<Arc<Pod>>>) {
+        self.updates = Some(updates);
     }
 
     /// The lifecycle state.
@@ -1186,13 +1195,18 @@ impl PodWorker {
         let auth = self.registry_auth(pod, &reference).await;
         let begun = Instant::now();
         let name = reference.clone();
-        let pulled = self
-            .ctx
-            .images
-            .pull(&reference, &auth, &move |p| {
-                tracing::debug!(image = %name, progress = ?p, "pulling");
-            })
-            .await;
+        let progress = move |p| tracing::debug!(image = %name, progress = ?p, "pulling");
+        let pull = self.ctx.images.pull(&reference, &auth, &progress);
+        let pulled = match self.updates.clone() {
+            Some(mut updates) => tokio::select! {
+                pulled = pull => pulled,
+                () = deleted(&mut updates) => {
+                    // Sync again at once: the pod is terminated, nothing was started.
+                    return Err(Next::After(Duration::ZERO));
+                }
+            },
+            None => pull.await,
+        };
         self.ctx
             .metrics
             .image_pull(begun.elapsed(), pulled.is_err());
@@ -2115,6 +2129,22 @@ pub fn remove_pod_dir(dir: &Path) -> std::io::Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Resolves once the watched pod is deleted (marked, or gone); never if the watch ends.
+async fn deleted(updates: &mut tokio::sync::watch::Receiver<Option<Arc<Pod>>>) {
+    loop {
+        let gone = updates
+            .borrow_and_update()
+            .as_ref()
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some());
+        if gone {
+            return;
+        }
+        if updates.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

@@ -181,6 +181,9 @@ pub struct ImageStore {
     clients: Mutex<HashMap<String, Arc<Client>>>,
     /// One pull at a time per reference; concurrent pullers wait and then find it present.
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last failed pull of each reference: pullers that waited behind it fail the same
+    /// way for a few seconds instead of each trying (and timing out) again in turn.
+    failures: Mutex<HashMap<String, (std::time::Instant, String)>>,
     /// Registries (`host[:port]`) spoken to over plain HTTP besides loopback ones.
     insecure: Vec<String>,
     /// Registry → the mirrors (`host[:port]`) asked first, in order: k3s' `registries.yaml`
@@ -212,6 +215,7 @@ impl ImageStore {
             root,
             clients: Mutex::default(),
             pulls: Mutex::default(),
+            failures: Mutex::default(),
             insecure: Vec::new(),
             mirrors: HashMap::new(),
         })
@@ -400,6 +404,43 @@ impl ImageStore {
         let _guard = lock.lock().await;
         let failed = |message: String| ImageError::Pull {
             reference: name.clone(),
+            message,
+        };
+        if let Some(message) = self.recent_failure(&name) {
+            return Err(failed(message));
+        }
+        let result = self.pull_locked(parsed, &name, auth, progress).await;
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Err(ImageError::Pull { message, .. }) => {
+                failures.insert(name.clone(), (std::time::Instant::now(), message.clone()));
+            }
+            _ => {
+                failures.remove(&name);
+            }
+        }
+        drop(failures);
+        result
+    }
+
+    /// Why the last pull of `name` failed, if it did in the last few seconds.
+    fn recent_failure(&self, name: &str) -> Option<String> {
+        const SHARED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.retain(|_, (at, _)| at.elapsed() < SHARED_FOR);
+        failures.get(name).map(|(_, message)| message.clone())
+    }
+
+    /// A pull, with the reference's lock held.
+    async fn pull_locked(
+        &self,
+        parsed: Reference,
+        name: &str,
+        auth: &RegistryAuth,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<Image, ImageError> {
+        let failed = |message: String| ImageError::Pull {
+            reference: name.to_owned(),
             message,
         };
         // The first source (a mirror, then the registry) that has the manifest serves the
@@ -807,6 +848,28 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pullers queued behind a failed pull of the same reference fail with its error at
+    /// once (a registry that times out would otherwise hold each of them in turn).
+    #[tokio::test]
+    async fn a_failed_pull_is_shared_with_those_waiting_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        // Nothing listens on port 1: refused.
+        let reference = "127.0.0.1:1/nothing:here";
+        let first = store
+            .pull(reference, &RegistryAuth::Anonymous, &|_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(store.recent_failure("127.0.0.1:1/nothing:here").is_some());
+        let second = store
+            .pull(reference, &RegistryAuth::Anonymous, &|_| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(first, second);
+    }
 
     #[test]
     fn loopback_registries() {
