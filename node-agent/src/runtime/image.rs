@@ -466,7 +466,7 @@ impl ImageStore {
         let Some((parsed, client, manifest, digest)) = found else {
             return Err(failed(tried.join("; ")));
         };
-        if let Some(image) = self.get(&name)?
+        if let Some(image) = self.get(name)?
             && image.digest == digest
         {
             return Ok(image);
@@ -482,7 +482,7 @@ impl ImageStore {
             .pull_blob(&parsed, &manifest.config, &mut config)
             .await
             .map_err(|e| failed(format!("config {}: {e}", manifest.config.digest)))?;
-        let image = Image::from_manifest(&name, &digest, &manifest, &config).map_err(failed)?;
+        let image = Image::from_manifest(name, &digest, &manifest, &config).map_err(failed)?;
         for (layer, diff_id) in manifest.layers.iter().zip(&image.layers) {
             let dir = self.root.join("layers").join(hex_of(diff_id));
             let size = layer.size.max(0) as u64;
@@ -526,7 +526,7 @@ impl ImageStore {
             });
         }
         write_atomically(
-            &self.record_path(&name),
+            &self.record_path(name),
             &serde_json::to_vec_pretty(&image).map_err(io::Error::other)?,
         )?;
         Ok(image)
