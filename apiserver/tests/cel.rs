@@ -363,3 +363,74 @@ async fn policy_expressions_that_do_not_compile_are_refused_when_written() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn mutating_admission_policies_apply_configurations_and_json_patches() {
+    let c = cluster().await;
+    let policies = "/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicies";
+    let bindings = "/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicybindings";
+    let rules = json!({"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
+        "operations": ["CREATE"], "resources": ["deployments"]}]});
+    for (name, mutation) in [
+        (
+            "annotate",
+            json!({"patchType": "ApplyConfiguration", "applyConfiguration": {"expression":
+                r#"Object{metadata: Object.metadata{annotations: {"mutated-by": "admission-policy"}}}"#}}),
+        ),
+        (
+            "label",
+            json!({"patchType": "JSONPatch", "jsonPatch": {"expression":
+                r#"[JSONPatch{op: "add", path: "/metadata/labels", value: {"replicas": string(object.spec.replicas)}}]"#}}),
+        ),
+    ] {
+        let (code, _, body) = post(
+            &c,
+            policies,
+            &json!({
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+                "metadata": {"name": name},
+                "spec": {"matchConstraints": rules, "mutations": [mutation],
+                         "reinvocationPolicy": "Never"}
+            }),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        let (code, _, body) = post(
+            &c,
+            bindings,
+            &json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingAdmissionPolicyBinding",
+                "metadata": {"name": name}, "spec": {"policyName": name}
+            }),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let (code, _, created) = post(
+        &c,
+        "/apis/apps/v1/namespaces/default/deployments",
+        &deployment("mutated", 2),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        created["metadata"]["annotations"]["mutated-by"], "admission-policy",
+        "{created}"
+    );
+    assert_eq!(created["metadata"]["labels"]["replicas"], "2", "{created}");
+
+    // A mutation that builds something other than Object{…} is refused when written.
+    let (code, _, body) = post(
+        &c,
+        policies,
+        &json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+            "metadata": {"name": "wrong"},
+            "spec": {"matchConstraints": rules, "mutations": [{"patchType": "ApplyConfiguration",
+                "applyConfiguration": {"expression": "Deployment{spec: 1}"}}]}
+        }),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+}

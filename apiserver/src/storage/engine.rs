@@ -143,8 +143,8 @@ impl Engine {
         }
     }
 
-    /// Runs the mutating admission webhooks on `object`; what they change gets the kind's
-    /// defaults again (kube-apiserver decodes a patched object, defaulting it), and may not
+    /// Runs the mutating admission policies, then the mutating webhooks, on `object`; what
+    /// they change gets the kind's defaults again (kube-apiserver decodes a patched object, defaulting it), and may not
     /// move it to another name or namespace.
     async fn mutate_by_webhooks(
         &self,
@@ -152,6 +152,7 @@ impl Engine {
         object: &mut Value,
     ) -> Result<(), ApiError> {
         let before = object.clone();
+        crate::admission::policy::mutating::mutate(self, attributes, object).await?;
         webhook::mutate(self, attributes, object).await?;
         if *object == before {
             return Ok(());
@@ -159,7 +160,7 @@ impl Engine {
         for field in ["name", "namespace"] {
             if object["metadata"][field] != before["metadata"][field] {
                 return Err(ApiError::BadRequest(format!(
-                    "a mutating admission webhook changed metadata.{field} of {:?}",
+                    "mutating admission changed metadata.{field} of {:?}",
                     attributes.name
                 )));
             }

@@ -1,12 +1,17 @@
 //! Kubernetes' CEL libraries beyond cel-go's extensions: the list functions (`isSorted`,
 //! `sum`, `min`, `max`, `indexOf`, `lastIndexOf`) and the regex ones (`find`, `findAll`),
-//! with kube-apiserver's names and semantics.
+//! with kube-apiserver's names and semantics; and the object types mutations construct
+//! (`Object{…}`, `JSONPatch{…}`), which build plain maps.
 //!
 //! Each overload converts its arguments to `cel::Value`s, which keeps the functions plain;
 //! a list is copied once per call, which the cost estimate already charges for.
 
 use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::common::types::Type;
 
 use cel::common::types::{DYN_TYPE, INT_TYPE, LIST_TYPE, STRING_TYPE};
 use cel::common::value::{CowVal, Val};
@@ -54,6 +59,87 @@ pub fn extension(env: &mut Env) -> Result<(), DeclarationError> {
         find_all_n,
     )?;
     Ok(())
+}
+
+/// A type a mutation constructs (`Object.spec`): its value is the map of its fields, which
+/// is what the apply configuration or JSON patch is made of.
+#[derive(Debug)]
+pub struct ObjectType {
+    r#type: Type,
+}
+
+impl ObjectType {
+    /// The type named `name`.
+    pub fn new(name: String) -> ObjectType {
+        ObjectType {
+            r#type: Type::new_struct(name),
+        }
+    }
+}
+
+impl cel::StructType for ObjectType {
+    fn get_type(&self) -> &Type {
+        &self.r#type
+    }
+
+    fn new_value<'b, 'v>(
+        &self,
+        fields: BTreeMap<String, CowVal<'b, 'v>>,
+    ) -> Result<Box<dyn Val + 'v>, ExecutionError> {
+        let mut map = HashMap::new();
+        for (name, value) in fields {
+            map.insert(name, Value::try_from(value.as_ref())?);
+        }
+        Value::from(map)
+            .try_into()
+            .map_err(|_| ExecutionError::function_error("Object", "value has no CEL form"))
+    }
+}
+
+/// The type names of the struct literals in `expr`.
+pub fn struct_names(expr: &IdedExpr, names: &mut BTreeSet<String>) {
+    match &expr.expr {
+        Expr::Struct(object) => {
+            names.insert(object.type_name.clone());
+            for entry in &object.entries {
+                match &entry.expr {
+                    EntryExpr::StructField(field) => struct_names(&field.value, names),
+                    EntryExpr::MapEntry(e) => {
+                        struct_names(&e.key, names);
+                        struct_names(&e.value, names);
+                    }
+                }
+            }
+        }
+        Expr::Call(call) => {
+            if let Some(target) = &call.target {
+                struct_names(target, names);
+            }
+            call.args.iter().for_each(|a| struct_names(a, names));
+        }
+        Expr::Comprehension(c) => {
+            for e in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                struct_names(e, names);
+            }
+        }
+        Expr::List(list) => list.elements.iter().for_each(|e| struct_names(e, names)),
+        Expr::Map(map) => {
+            for entry in &map.entries {
+                if let EntryExpr::MapEntry(e) = &entry.expr {
+                    struct_names(&e.key, names);
+                    struct_names(&e.value, names);
+                }
+            }
+        }
+        Expr::Select(select) => struct_names(&select.operand, names),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
 }
 
 /// The arguments as values.
@@ -252,6 +338,29 @@ mod tests {
         assert_eq!(eval("[1, 2, 1].indexOf(1)"), 0.into());
         assert_eq!(eval("[1, 2, 1].lastIndexOf(1)"), 2.into());
         assert_eq!(eval("'abc'.indexOf('c')"), 2.into());
+    }
+
+    #[test]
+    fn objects_are_built_as_maps() {
+        let source = r#"Object{metadata: Object.metadata{annotations: {"a": "b"}}, spec: Object.spec{replicas: 3}}"#;
+        let value = Expression::compile_with_objects(source)
+            .unwrap()
+            .eval(&Activation::new())
+            .unwrap();
+        assert_eq!(
+            super::super::to_json(&value),
+            serde_json::json!({"metadata": {"annotations": {"a": "b"}}, "spec": {"replicas": 3}})
+        );
+        let patch = r#"[JSONPatch{op: "add", path: "/x", value: 1}]"#;
+        let value = Expression::compile_with_objects(patch)
+            .unwrap()
+            .eval(&Activation::new())
+            .unwrap();
+        assert_eq!(
+            super::super::to_json(&value),
+            serde_json::json!([{"op": "add", "path": "/x", "value": 1}])
+        );
+        assert!(Expression::compile_with_objects("Other{a: 1}").is_err());
     }
 
     #[test]

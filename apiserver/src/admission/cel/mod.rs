@@ -64,6 +64,9 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
 pub struct Expression {
     source: Arc<str>,
     program: Arc<Program>,
+    /// The environment it runs in: the shared one, or — for an expression that builds
+    /// `Object{…}` values (a mutation) — one that also knows those type names.
+    env: Arc<Env>,
 }
 
 impl std::fmt::Debug for Expression {
@@ -95,7 +98,36 @@ impl Expression {
         Ok(Expression {
             source: source.into(),
             program: Arc::new(program),
+            env: Arc::clone(&ENV),
         })
+    }
+
+    /// Compiles an expression that may construct objects as Kubernetes' mutations do —
+    /// `Object{spec: Object.spec{replicas: 3}}`, `JSONPatch{op: "add", …}`: each type name
+    /// it uses builds a plain map of its fields.
+    pub fn compile_with_objects(source: &str) -> Result<Expression, CelError> {
+        let mut expression = Expression::compile(source)?;
+        let mut names = std::collections::BTreeSet::new();
+        library::struct_names(expression.program.expression(), &mut names);
+        if names.is_empty() {
+            return Ok(expression);
+        }
+        let mut env = Env::stdlib();
+        env.add_extension(cel::extensions::strings)
+            .and_then(|()| env.add_extension(cel::extensions::lists))
+            .and_then(|()| env.add_extension(library::extension))
+            .map_err(|e| CelError::Compile(e.to_string()))?;
+        for name in names {
+            if !(name == "Object" || name.starts_with("Object.") || name == "JSONPatch") {
+                return Err(CelError::Compile(format!(
+                    "unknown type {name:?}: mutations build Object{{…}}, Object.<field>{{…}} or JSONPatch{{…}} values"
+                )));
+            }
+            env.add_type(library::ObjectType::new(name))
+                .map_err(|e| CelError::Compile(e.to_string()))?;
+        }
+        expression.env = Arc::new(env);
+        Ok(expression)
     }
 
     /// The text it was compiled from.
@@ -132,7 +164,7 @@ impl Expression {
 
     /// Evaluates with `variables` bound (JSON values, converted as Kubernetes does).
     pub fn eval(&self, variables: &Activation) -> Result<CelValue, CelError> {
-        let mut context = Context::with_env(Arc::clone(&ENV));
+        let mut context = Context::with_env(Arc::clone(&self.env));
         for (name, value) in &variables.bindings {
             context.add_variable_from_value(name.as_str(), value.clone());
         }

@@ -9,6 +9,7 @@
 //! write; their expressions are compiled once per policy revision ([`compiled`]) and any
 //! that do not compile are refused when the policy is written ([`problems`]).
 
+pub mod mutating;
 pub mod validating;
 
 use std::collections::HashMap;
@@ -104,11 +105,22 @@ pub(crate) struct Compiled {
     pub expression: Expression,
 }
 
-/// Compiles the expression at `field` of a policy; `None` when it is absent.
-fn compile_at(spec: &Value, pointer: &str, field: String) -> Option<Result<Compiled, Cause>> {
+/// Compiles the expression at `field` of a policy; `None` when it is absent. A mutation's
+/// (`objects`) may construct `Object{…}` values.
+fn compile_at(
+    spec: &Value,
+    pointer: &str,
+    field: String,
+    objects: bool,
+) -> Option<Result<Compiled, Cause>> {
     let source = spec.pointer(pointer)?.as_str()?;
-    Some(
+    let compiled = if objects {
+        Expression::compile_with_objects(source)
+    } else {
         Expression::compile(source)
+    };
+    Some(
+        compiled
             .map(|expression| Compiled {
                 field: field.clone(),
                 expression,
@@ -133,7 +145,8 @@ pub fn problems(def: &ResourceDef, object: &Value) -> Vec<Cause> {
     }
     let mut causes = Vec::new();
     let mut check = |pointer: String, field: String| {
-        if let Some(Err(cause)) = compile_at(object, &pointer, field) {
+        let objects = pointer.contains("/mutations/");
+        if let Some(Err(cause)) = compile_at(object, &pointer, field, objects) {
             causes.push(cause);
         }
     };
@@ -192,26 +205,131 @@ pub fn problems(def: &ResourceDef, object: &Value) -> Vec<Cause> {
 
 /// Compiled policies, by uid and resourceVersion: a policy's expressions are compiled once
 /// per revision, not once per request.
-static CACHE: LazyLock<Mutex<HashMap<String, Arc<validating::Policy>>>> =
-    LazyLock::new(Mutex::default);
+pub(crate) type Cache<T> = LazyLock<Mutex<HashMap<String, Arc<T>>>>;
 
-/// The compiled form of `policy`, from the cache when this revision was seen before.
-pub(crate) fn compiled(policy: &Value) -> Arc<validating::Policy> {
+/// The compiled form of `policy`, from `cache` when this revision was seen before.
+pub(crate) fn compiled<T>(cache: &Cache<T>, policy: &Value, compile: fn(&Value) -> T) -> Arc<T> {
     let meta = &policy["metadata"];
     let key = format!(
         "{}/{}",
         meta["uid"].as_str().unwrap_or_default(),
         meta["resourceVersion"].as_str().unwrap_or_default()
     );
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(hit) = cache.get(&key) {
         return Arc::clone(hit);
     }
-    let compiled = Arc::new(validating::Policy::compile(policy));
+    let compiled = Arc::new(compile(policy));
     // Old revisions go once the cache outgrows any sensible number of live policies.
     if cache.len() > 4096 {
         cache.clear();
     }
     cache.insert(key, Arc::clone(&compiled));
     compiled
+}
+
+/// The parameter objects a binding evaluates its policy with.
+pub(crate) enum ParamSet {
+    /// None found and `parameterNotFoundAction: Allow`: the binding does nothing.
+    Allow,
+    /// One evaluation per entry; `None` when the policy takes no parameters.
+    Each(Vec<Option<Value>>),
+}
+
+pub(crate) async fn params(
+    engine: &Engine,
+    policy: &str,
+    param_kind: Option<&(String, String)>,
+    binding: &Value,
+    attributes: &Attributes<'_>,
+) -> Result<ParamSet, String> {
+    let Some((api_version, kind)) = param_kind else {
+        return Ok(ParamSet::Each(vec![None]));
+    };
+    let param_ref = &binding["paramRef"];
+    if param_ref.is_null() {
+        return Err(format!(
+            "policy {policy} has paramKind {kind} but its binding has no paramRef"
+        ));
+    }
+    let def = resource_of_kind(engine, api_version, kind).ok_or_else(|| {
+        format!("failed to find resource referenced by paramKind: '{api_version}, Kind={kind}'")
+    })?;
+    let namespace = match param_ref["namespace"].as_str() {
+        Some(ns) if !ns.is_empty() => Some(ns.to_owned()),
+        _ if def.namespaced => match attributes.namespace {
+            Some(ns) => Some(ns.to_owned()),
+            None => {
+                return Err(
+                    "cannot use namespaced paramRef in policy binding that matches cluster-scoped resources"
+                        .into(),
+                );
+            }
+        },
+        _ => None,
+    };
+    let found: Vec<Value> = match param_ref["name"].as_str().filter(|n| !n.is_empty()) {
+        Some(name) => {
+            let target = Target {
+                def: Arc::clone(&def),
+                namespace: namespace.clone(),
+                name: Some(name.to_owned()),
+                subresource: None,
+            };
+            match engine.get(&target).await {
+                Ok(object) => vec![object],
+                Err(ApiError::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        None => {
+            let target = Target {
+                def: Arc::clone(&def),
+                namespace: namespace.clone(),
+                name: None,
+                subresource: None,
+            };
+            let list = engine
+                .list(&target, &Params::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let selector = &param_ref["selector"];
+            list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| crate::admission::selector_matches(selector, &o["metadata"]["labels"]))
+                .cloned()
+                .collect()
+        }
+    };
+    if found.is_empty() {
+        return if param_ref["parameterNotFoundAction"] == "Deny" {
+            Err("no params found for policy binding with `Deny` parameterNotFoundAction".into())
+        } else {
+            Ok(ParamSet::Allow)
+        };
+    }
+    Ok(ParamSet::Each(found.into_iter().map(Some).collect()))
+}
+
+/// The request's namespace, as `namespaceObject` (null for cluster-scoped requests).
+pub(crate) async fn namespace_of(
+    engine: &Engine,
+    attributes: &Attributes<'_>,
+) -> Result<Option<Value>, ApiError> {
+    let Some(namespace) = attributes.namespace else {
+        return Ok(None);
+    };
+    let target = Target::parse(
+        &engine.registry,
+        "",
+        "v1",
+        &format!("namespaces/{namespace}"),
+    )?;
+    match engine.get(&target).await {
+        Ok(ns) => Ok(Some(ns)),
+        Err(ApiError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -11,17 +11,17 @@
 //! no audit log) and changes nothing.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use ::cel::Value as CelValue;
 use serde_json::{Value, json};
 
-use super::{Compiled, compile_at, compiled, list, resource_of_kind, resources_match};
+use super::{
+    Compiled, ParamSet, compile_at, compiled, list, namespace_of, params, resources_match,
+};
 use crate::admission::cel::{self, Activation, Shape, Sizes};
 use crate::admission::webhook::{self, Attributes};
 use crate::engine::Engine;
 use crate::error::{ApiError, Cause};
-use crate::request::{Params, Target};
 
 /// One validation.
 #[derive(Debug)]
@@ -54,14 +54,15 @@ impl Policy {
     pub fn compile(policy: &Value) -> Policy {
         let spec = &policy["spec"];
         let mut broken = Vec::new();
-        let mut take = |pointer: String, field: String| match compile_at(spec, &pointer, field) {
-            Some(Ok(compiled)) => Some(compiled),
-            Some(Err(cause)) => {
-                broken.push(cause);
-                None
-            }
-            None => None,
-        };
+        let mut take =
+            |pointer: String, field: String| match compile_at(spec, &pointer, field, false) {
+                Some(Ok(compiled)) => Some(compiled),
+                Some(Err(cause)) => {
+                    broken.push(cause);
+                    None
+                }
+                None => None,
+            };
         let named = |list: &str, take: &mut dyn FnMut(String, String) -> Option<Compiled>| {
             spec[list]
                 .as_array()
@@ -129,6 +130,8 @@ impl Policy {
     }
 }
 
+static CACHE: super::Cache<Policy> = std::sync::LazyLock::new(Default::default);
+
 /// One failed validation of one binding.
 #[derive(Debug)]
 struct Failure {
@@ -169,7 +172,7 @@ pub async fn validate(
         let Some(stored) = spec["policyName"].as_str().and_then(|n| policies.get(n)) else {
             continue;
         };
-        let policy = compiled(stored);
+        let policy = compiled(&CACHE, stored, Policy::compile);
         if policy.match_constraints.is_null()
             || !resources_match(engine, &policy.match_constraints, attributes, object).await?
             || !resources_match(engine, &spec["matchResources"], attributes, object).await?
@@ -180,7 +183,15 @@ pub async fn validate(
             namespace_object = Some(namespace_of(engine, attributes).await?);
         }
         let binding_name = binding["metadata"]["name"].as_str().unwrap_or_default();
-        let failures = match params(engine, &policy, spec, attributes).await {
+        let failures = match params(
+            engine,
+            &policy.name,
+            policy.param_kind.as_ref(),
+            spec,
+            attributes,
+        )
+        .await
+        {
             Err(message) => vec![Failure {
                 message,
                 reason: None,
@@ -211,112 +222,6 @@ pub async fn validate(
         )?;
     }
     Ok(())
-}
-
-/// The parameter objects a binding evaluates its policy with.
-enum ParamSet {
-    /// None found and `parameterNotFoundAction: Allow`: the binding does nothing.
-    Allow,
-    /// One evaluation per entry; `None` when the policy takes no parameters.
-    Each(Vec<Option<Value>>),
-}
-
-async fn params(
-    engine: &Engine,
-    policy: &Policy,
-    binding: &Value,
-    attributes: &Attributes<'_>,
-) -> Result<ParamSet, String> {
-    let Some((api_version, kind)) = &policy.param_kind else {
-        return Ok(ParamSet::Each(vec![None]));
-    };
-    let param_ref = &binding["paramRef"];
-    if param_ref.is_null() {
-        return Err(format!(
-            "policy {} has paramKind {kind} but its binding has no paramRef",
-            policy.name
-        ));
-    }
-    let def = resource_of_kind(engine, api_version, kind).ok_or_else(|| {
-        format!("failed to find resource referenced by paramKind: '{api_version}, Kind={kind}'")
-    })?;
-    let namespace = match param_ref["namespace"].as_str() {
-        Some(ns) if !ns.is_empty() => Some(ns.to_owned()),
-        _ if def.namespaced => match attributes.namespace {
-            Some(ns) => Some(ns.to_owned()),
-            None => {
-                return Err(
-                    "cannot use namespaced paramRef in policy binding that matches cluster-scoped resources"
-                        .into(),
-                );
-            }
-        },
-        _ => None,
-    };
-    let found: Vec<Value> = match param_ref["name"].as_str().filter(|n| !n.is_empty()) {
-        Some(name) => {
-            let target = Target {
-                def: Arc::clone(&def),
-                namespace: namespace.clone(),
-                name: Some(name.to_owned()),
-                subresource: None,
-            };
-            match engine.get(&target).await {
-                Ok(object) => vec![object],
-                Err(ApiError::NotFound { .. }) => Vec::new(),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        None => {
-            let target = Target {
-                def: Arc::clone(&def),
-                namespace: namespace.clone(),
-                name: None,
-                subresource: None,
-            };
-            let list = engine
-                .list(&target, &Params::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let selector = &param_ref["selector"];
-            list["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|o| crate::admission::selector_matches(selector, &o["metadata"]["labels"]))
-                .cloned()
-                .collect()
-        }
-    };
-    if found.is_empty() {
-        return if param_ref["parameterNotFoundAction"] == "Deny" {
-            Err("no params found for policy binding with `Deny` parameterNotFoundAction".into())
-        } else {
-            Ok(ParamSet::Allow)
-        };
-    }
-    Ok(ParamSet::Each(found.into_iter().map(Some).collect()))
-}
-
-/// The request's namespace, as `namespaceObject` (null for cluster-scoped requests).
-async fn namespace_of(
-    engine: &Engine,
-    attributes: &Attributes<'_>,
-) -> Result<Option<Value>, ApiError> {
-    let Some(namespace) = attributes.namespace else {
-        return Ok(None);
-    };
-    let target = Target::parse(
-        &engine.registry,
-        "",
-        "v1",
-        &format!("namespaces/{namespace}"),
-    )?;
-    match engine.get(&target).await {
-        Ok(ns) => Ok(Some(ns)),
-        Err(ApiError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Evaluates a policy for one parameter object; its failures (empty: it passed, or did not
