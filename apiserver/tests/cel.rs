@@ -293,13 +293,18 @@ async fn a_validating_admission_policy_with_params_denies_warns_and_allows() {
     );
 
     // Where the param is missing, `parameterNotFoundAction: Deny` refuses.
-    let (code, _, _) = post(
+    let (code, _, namespace) = post(
         &c,
         "/api/v1/namespaces",
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}),
     )
     .await;
     assert_eq!(code, 201);
+    // Every namespace is labelled with its name, for namespace selectors.
+    assert_eq!(
+        namespace["metadata"]["labels"]["kubernetes.io/metadata.name"], "other",
+        "{namespace}"
+    );
     let (code, _, body) = post(
         &c,
         "/apis/apps/v1/namespaces/other/deployments",

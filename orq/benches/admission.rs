@@ -1,9 +1,11 @@
 //! Admission benchmark (issue 22), one run, release build, the in-process API server over
 //! SQLite as `orq server` runs it: ConfigMap creates per second, 64 at a time, with no
-//! admission webhook, then through one validating webhook that allows everything (HTTPS on
+//! admission, then through one ValidatingAdmissionPolicy (two CEL validations, bound to its
+//! own namespace), then through one validating webhook that allows everything (HTTPS on
 //! loopback, its CA in `caBundle`, answered by an axum server in the same process) — side
-//! by side in the same run, as a ratio. What the ratio costs is the review's encoding, the
-//! TLS round trip and the webhook's answer.
+//! by side in the same run, as ratios. What the webhook's ratio costs is the review's
+//! encoding, the TLS round trip and the webhook's answer; the policy's, listing the
+//! bindings and evaluating the compiled expressions.
 //!
 //! `cargo bench -p orq --bench admission`
 
@@ -85,6 +87,55 @@ async fn main() {
     let client = api.client();
     let bare = creates(&client, "bare").await;
 
+    let resource = |kind: &str, plural: &str| ApiResource {
+        group: "admissionregistration.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "admissionregistration.k8s.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    let policies: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+    );
+    let bindings: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource(
+            "ValidatingAdmissionPolicyBinding",
+            "validatingadmissionpolicybindings",
+        ),
+    );
+    let policy = json!({"apiVersion": "admissionregistration.k8s.io/v1",
+    "kind": "ValidatingAdmissionPolicy", "metadata": {"name": "small-maps"},
+    "spec": {
+        "matchConstraints": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "policy"}},
+            "resourceRules": [{"operations": ["CREATE"], "apiGroups": [""],
+                "apiVersions": ["v1"], "resources": ["configmaps"]}]},
+        "validations": [
+            {"expression": "object.data.all(k, size(object.data[k]) < 1024)",
+             "message": "values must be under 1 KiB"},
+            {"expression": "object.metadata.name.startsWith('m')"},
+        ]}});
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy).unwrap(),
+        )
+        .await
+        .unwrap();
+    let binding = json!({"apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": "small-maps"},
+        "spec": {"policyName": "small-maps", "validationActions": ["Deny"]}});
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).unwrap(),
+        )
+        .await
+        .unwrap();
+    let policed = creates(&client, "policy").await;
+
     let dir = tempfile::tempdir().unwrap();
     let (url, ca) = webhook(dir.path()).await;
     let configurations: Api<DynamicObject> = Api::all_with(
@@ -114,7 +165,11 @@ async fn main() {
     let webhooked = creates(&client, "webhook").await;
 
     println!("ConfigMap creates, {CREATES} at concurrency {CONCURRENCY}:");
-    println!("  no admission webhook        {bare:>8.0}/s");
+    println!("  no admission                {bare:>8.0}/s");
+    println!(
+        "  one CEL policy (2 rules)    {policed:>8.0}/s   ({:.2}x the bare rate)",
+        policed / bare
+    );
     println!(
         "  one validating webhook      {webhooked:>8.0}/s   ({:.2}x the bare rate)",
         webhooked / bare

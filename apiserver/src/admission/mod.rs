@@ -153,6 +153,7 @@ pub fn default_tolerations(object: &mut Value, seconds: i64) {
 pub fn on_write(def: &ResourceDef, object: &mut Value) {
     match (def.group.as_str(), def.kind.as_str()) {
         ("", "Secret") => secret_string_data(object),
+        ("", "Namespace") => namespace_name_label(object),
         ("", "Pod") => {
             if let Some(spec) = object.get_mut("spec") {
                 pod_spec_defaults(spec);
@@ -845,6 +846,24 @@ fn secret_string_data(object: &mut Value) {
 
 /// A namespace is `Active` and carries the `kubernetes` finalizer (the namespace
 /// controller empties it before it goes).
+/// Every namespace carries `kubernetes.io/metadata.name: <its name>` (kube-apiserver sets
+/// it on every write), so selectors — a webhook's or policy's `namespaceSelector`, a
+/// NetworkPolicy's — can pick a namespace by name.
+fn namespace_name_label(object: &mut Value) {
+    let Some(name) = object.pointer("/metadata/name").and_then(Value::as_str) else {
+        return;
+    };
+    let name = name.to_owned();
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        let labels = meta.entry("labels").or_insert_with(|| json!({}));
+        if let Some(labels) = labels.as_object_mut() {
+            labels.insert("kubernetes.io/metadata.name".into(), Value::String(name));
+        } else {
+            *labels = json!({"kubernetes.io/metadata.name": name});
+        }
+    }
+}
+
 fn namespace_defaults(object: &mut Value) {
     if object.pointer("/spec/finalizers").is_none() {
         object["spec"] = json!({"finalizers": ["kubernetes"]});
