@@ -204,7 +204,7 @@ async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
         &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
     );
     let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hooks"},
-        "spec": {"ports": [{"name": "https", "port": 443, "targetPort": addr.port()}]}});
+        "spec": {"ports": [{"name": "https", "port": 8443, "targetPort": addr.port()}]}});
     services
         .create(
             &PostParams::default(),
@@ -228,7 +228,8 @@ async fn webhooks_deny_mutate_time_out_and_fail_with_a_status_naming_them() {
         .await
         .unwrap();
     let service = |path: &str| {
-        json!({"service": {"namespace": "default", "name": "hooks",
+        // The Service's port is not the endpoint's: the call goes to the endpoint's.
+        json!({"service": {"namespace": "default", "name": "hooks", "port": 8443,
         "path": path}, "caBundle": ca})
     };
 

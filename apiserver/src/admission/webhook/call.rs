@@ -414,6 +414,9 @@ async fn locate(
     let address = endpoint(engine, namespace, name, port)
         .await
         .map_err(|e| format!("failed to call webhook: Post {url:?}: {e}"))?;
+    // The client resolves the name to the endpoint, but a port written in the URL wins over
+    // the resolved one: name the endpoint's port (the Service's target) in the URL itself.
+    let url = format!("https://{host}:{}{path}", address.port());
     Ok((url, Some((host, address))))
 }
 
