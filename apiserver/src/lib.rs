@@ -9,7 +9,8 @@
 //! - [`auth`]: who is asking (tokens, certificates, service-account tokens) and whether they
 //!   may (RBAC), and the review kinds that answer those questions;
 //! - [`admission`]: what a write must satisfy before it is stored — defaults, semantic
-//!   checks, structural schemas (pruning, defaulting, validation), limits and quotas;
+//!   checks, structural schemas (pruning, defaulting, validation, CEL rules), admission
+//!   policies in CEL and webhooks, limits and quotas;
 //! - [`storage`]: the engine (CRUD, list, watch over the store), its watch cache, version
 //!   conversion, object metadata, patches and field management, selectors;
 //! - [`kinds`]: what particular kinds add — the registry of resources, CRDs, subresources

@@ -3,7 +3,9 @@
 //! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
 //! RuntimeClasses' overhead and scheduling ([`runtime_class`]), in-place pod resizes
 //! ([`resize`]), claims' default
-//! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), and LimitRanges and ResourceQuotas ([`quota`]).
+//! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), LimitRanges and
+//! ResourceQuotas ([`quota`]); and what users add — admission policies in CEL ([`policy`],
+//! on the [`cel`] environment) and admission webhooks ([`webhook`]).
 
 pub mod batch;
 pub mod cel;
