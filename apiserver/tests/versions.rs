@@ -240,3 +240,98 @@ async fn events_are_one_resource_in_two_groups() {
         ["e2"]
     );
 }
+
+/// A CRD served in v1 and v2 without a conversion webhook: objects are relabelled between
+/// them. After the storage version moves to v2, objects written before are still stored as
+/// v1 — and still read back (get, list, watch) in whichever version is asked for.
+#[tokio::test]
+async fn a_crds_objects_read_in_every_version_after_the_storage_version_moves() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+
+    let c = common::cluster().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let crd = |storage: &str| -> CustomResourceDefinition {
+        let version = |name: &str| {
+            json!({"name": name, "served": true, "storage": name == storage,
+                   "schema": {"openAPIV3Schema": {"type": "object",
+                       "x-kubernetes-preserve-unknown-fields": true}}})
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "gadgets.example.com"},
+            "spec": {"group": "example.com", "scope": "Namespaced",
+                     "names": {"plural": "gadgets", "kind": "Gadget"},
+                     "versions": [version("v1"), version("v2")]}
+        }))
+        .unwrap()
+    };
+    crds.create(&PostParams::default(), &crd("v1"))
+        .await
+        .unwrap();
+    let api = |version: &str| -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk("example.com", version, "Gadget");
+        Api::namespaced_with(
+            c.client.clone(),
+            "default",
+            &ApiResource::from_gvk_with_plural(&gvk, "gadgets"),
+        )
+    };
+    let gadget: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Gadget",
+        "metadata": {"name": "g"}, "spec": {"size": 1}}))
+    .unwrap();
+    api("v1")
+        .create(&PostParams::default(), &gadget)
+        .await
+        .unwrap();
+
+    // v2 becomes the storage version; the object is still stored as v1.
+    crds.patch(
+        "gadgets.example.com",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::to_value(crd("v2")).unwrap()),
+    )
+    .await
+    .unwrap();
+    let stored = crds.get("gadgets.example.com").await.unwrap();
+    assert_eq!(
+        stored.status.unwrap().stored_versions.unwrap(),
+        vec!["v1", "v2"],
+        "both versions have been storage versions"
+    );
+    for version in ["v1", "v2"] {
+        let read = api(version).get("g").await.unwrap();
+        let api_version = read.types.unwrap().api_version;
+        assert_eq!(api_version, format!("example.com/{version}"));
+        let listed = api(version).list(&ListParams::default()).await.unwrap();
+        assert_eq!(
+            listed.items[0].types.as_ref().unwrap().api_version,
+            format!("example.com/{version}")
+        );
+        let mut events = api(version)
+            .watch(&WatchParams::default(), "0")
+            .await
+            .unwrap()
+            .boxed();
+        match events.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(o) => {
+                assert_eq!(
+                    o.types.unwrap().api_version,
+                    format!("example.com/{version}")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A patch through v2 answers in v2 (client-go refuses anything else).
+    let patched = api("v2")
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 2}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.types.unwrap().api_version, "example.com/v2");
+}

@@ -109,7 +109,8 @@ impl ResourceDef {
     /// Whether objects read from the store are served exactly as stored (no conversion, no
     /// defaults to fill in): the fast paths that pass stored JSON through.
     pub fn reads_as_stored(&self) -> bool {
-        self.storage && !self.defaults_on_read
+        // A custom resource's objects may be stored in an earlier storage version.
+        self.storage && !self.defaults_on_read && !matches!(self.openapi, SchemaSource::Custom(_))
     }
 
     /// `group/version`, or `version` for the core group.

@@ -50,12 +50,12 @@ const EVENT_FIELDS: &[(&str, &str)] = &[
     ("count", "deprecatedCount"),
 ];
 
-/// `object`, as stored, converted for a client of `def`'s version (nothing to do when `def` is
-/// the storage version).
+/// `object`, as stored, converted for a client of `def`'s version (nothing to do when it is
+/// stored in that version). An object is compared by its own `apiVersion`, not by whether
+/// `def` is the storage version: a CRD's storage version can change, and the objects written
+/// before stay in the old one until they are written again.
 pub fn for_client(def: &crate::registry::ResourceDef, object: &mut Value) {
-    if !def.storage {
-        convert(&def.group, &def.kind, object, &def.api_version());
-    }
+    convert(&def.group, &def.kind, object, &def.api_version());
     if let (true, Some(schema)) = (def.defaults_on_read, def.schema.as_deref()) {
         crate::schema::default_only(schema, object);
     }
