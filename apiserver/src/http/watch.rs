@@ -57,7 +57,13 @@ pub async fn watch(
         Some(rv) if !initial_events => Some(rv),
         _ => None,
     };
-    if let Some(cached) = engine.cache().watch(&prefix, after).await {
+    // The cache serves events from stored JSON; a kind converted by webhook needs each
+    // object converted on the way out, which the general path does.
+    let cached = match def.conversion {
+        None => engine.cache().watch(&prefix, after).await,
+        Some(_) => None,
+    };
+    if let Some(cached) = cached {
         let from_cache = CachedWatch {
             def: def.clone(),
             prefix,
@@ -89,13 +95,13 @@ pub async fn watch(
             include_object.as_deref(),
         )
     };
-    let line = move |kind: &str, object: &Value| -> Bytes {
+    let line = std::sync::Arc::new(move |kind: &str, object: &Value| -> Bytes {
         if kind == "ADDED" || kind == "MODIFIED" || kind == "DELETED" {
             line(kind, &render(object))
         } else {
             line(kind, object)
         }
-    };
+    });
 
     // The starting point, and the objects to announce first.
     let mut initial = Vec::new();
@@ -105,14 +111,16 @@ pub async fn watch(
             let mut options = ListOptions::default();
             loop {
                 let page = engine.store.list(&prefix, &options).await?;
+                let mut objects = Vec::new();
                 for kv in &page.kvs {
                     // Selectors name fields of the stored form (as the watch cache's do).
-                    let mut object = decode(kv)?;
+                    let object = decode(kv)?;
                     if matches(&object) {
-                        engine.to_client(&def, &mut object);
-                        initial.push(line("ADDED", &object));
+                        objects.push(object);
                     }
                 }
+                engine.to_client_all(&def, &mut objects).await?;
+                initial.extend(objects.iter().map(|object| line("ADDED", object)));
                 match page.next(None) {
                     Some(next) => options = next,
                     None => break page.revision,
@@ -132,22 +140,19 @@ pub async fn watch(
     let changes = engine.store.watch(&prefix, start).await?;
     let kind = def.kind.clone();
     let api_version = def.api_version();
-    // Selectors name fields of the stored form; the client sees its own version.
-    let for_client = move |mut object: Value| {
-        crate::convert::for_client(&def, &mut object);
-        object
-    };
+    // Selectors name fields of the stored form; the client sees its own version, converted
+    // as each event goes out (a conversion webhook is called then).
+    let engine = engine.clone();
     let events = changes.filter_map(move |item| {
-        let out = match item {
+        let pending = match item {
             Ok(WatchEvent::Change(event)) => {
                 let new = decode(&event.kv).ok();
                 let old = event.prev.as_ref().and_then(|kv| decode(kv).ok());
                 let was = old.as_ref().is_some_and(&matches);
                 match event.kind {
-                    EventKind::Delete => old.filter(|_| was).map(|o| {
-                        let mut o = for_client(o);
+                    EventKind::Delete => old.filter(|_| was).map(|mut o| {
                         set_resource_version(&mut o, event.kv.mod_revision);
-                        line("DELETED", &o)
+                        Pending::Object("DELETED", o)
                     }),
                     EventKind::Create | EventKind::Update => new.and_then(|new| {
                         let kind = match (was, matches(&new)) {
@@ -156,20 +161,34 @@ pub async fn watch(
                             (true, false) => "DELETED",
                             (false, false) => return None,
                         };
-                        Some(line(kind, &for_client(new)))
+                        Some(Pending::Object(kind, new))
                     }),
                 }
             }
             Ok(WatchEvent::Progress(revision)) => bookmarks.then(|| {
-                line(
+                Pending::Line(line(
                     "BOOKMARK",
                     &json!({"kind": kind, "apiVersion": api_version,
                                 "metadata": {"resourceVersion": revision.to_string()}}),
-                )
+                ))
             }),
-            Err(error) => Some(line("ERROR", &ApiError::from(error).status())),
+            Err(error) => Some(Pending::Line(line(
+                "ERROR",
+                &ApiError::from(error).status(),
+            ))),
         };
-        futures::future::ready(out)
+        let (engine, def, line) = (engine.clone(), def.clone(), line.clone());
+        async move {
+            match pending? {
+                Pending::Line(bytes) => Some(bytes),
+                Pending::Object(kind, mut object) => {
+                    Some(match engine.to_client(&def, &mut object).await {
+                        Ok(()) => line(kind, &object),
+                        Err(error) => line("ERROR", &error.status()),
+                    })
+                }
+            }
+        }
     });
     // The store's stream ends after an error, so an ERROR event is the last one.
     let body = futures::stream::iter(initial)
@@ -177,6 +196,14 @@ pub async fn watch(
         .take_until(tokio::time::sleep(timeout))
         .map(Ok);
     Ok(body.boxed())
+}
+
+/// One event of the general path before its object is converted for the client.
+enum Pending {
+    /// An object event: its type and the object as stored.
+    Object(&'static str, Value),
+    /// A line ready to send (a bookmark, an error).
+    Line(Bytes),
 }
 
 /// A watch served by the watch cache: every watcher shares the cached JSON of each object,

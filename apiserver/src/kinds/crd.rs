@@ -81,6 +81,7 @@ pub fn admit(def: &ResourceDef, crd: &mut Value, old: Option<&Value>) -> Result<
         "spec.versions",
         "Invalid value: must have exactly one version marked as storage version".into(),
     );
+    causes.extend(conversion_causes(spec));
     for (i, version) in versions.iter().enumerate() {
         causes.extend(selectable_field_causes(i, version));
         if let Some(schema) = version.pointer("/schema/openAPIV3Schema") {
@@ -128,6 +129,89 @@ fn stored_versions(old: Option<&Value>, storage: &[&str]) -> Vec<String> {
         }
     }
     stored
+}
+
+/// What is wrong with `spec.conversion`, as kube-apiserver validates it: a known strategy;
+/// `Webhook` with a webhook that is reached by exactly one of an `https` URL or a Service and
+/// speaks a ConversionReview version this server sends; `None` without one.
+fn conversion_causes(spec: &Value) -> Vec<Cause> {
+    let conversion = &spec["conversion"];
+    if conversion.is_null() {
+        return Vec::new();
+    }
+    let mut causes = Vec::new();
+    let mut cause = |reason: &str, field: &str, message: String| {
+        causes.push(Cause {
+            reason: reason.into(),
+            message,
+            field: field.into(),
+        })
+    };
+    let webhook = &conversion["webhook"];
+    match conversion["strategy"].as_str() {
+        Some("None") | None => {
+            if !webhook.is_null() {
+                cause(
+                    "FieldValueForbidden",
+                    "spec.conversion.webhook",
+                    "Forbidden: should not be set when strategy is not set to Webhook".into(),
+                );
+            }
+        }
+        Some("Webhook") => {
+            if webhook.is_null() || webhook["clientConfig"].is_null() {
+                cause(
+                    "FieldValueRequired",
+                    "spec.conversion.webhook.clientConfig",
+                    "Required value: required when strategy is set to Webhook".into(),
+                );
+                return causes;
+            }
+            let versions: Vec<&str> = webhook["conversionReviewVersions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if !versions.iter().any(|v| matches!(*v, "v1" | "v1beta1")) {
+                cause(
+                    "FieldValueInvalid",
+                    "spec.conversion.webhook.conversionReviewVersions",
+                    format!(
+                        "Invalid value: {versions:?}: must include at least one of v1, v1beta1"
+                    ),
+                );
+            }
+            let config = &webhook["clientConfig"];
+            match (config["url"].as_str(), config["service"].is_object()) {
+                (Some(_), true) | (None, false) => cause(
+                    "FieldValueRequired",
+                    "spec.conversion.webhook.clientConfig",
+                    "Required value: exactly one of url or service is required".into(),
+                ),
+                (Some(url), false) if !url.starts_with("https://") => cause(
+                    "FieldValueInvalid",
+                    "spec.conversion.webhook.clientConfig.url",
+                    format!("Unsupported value: {url:?}: supported values: \"https\""),
+                ),
+                _ => {}
+            }
+            if spec["preserveUnknownFields"] == true {
+                cause(
+                    "FieldValueInvalid",
+                    "spec.conversion.strategy",
+                    "Invalid value: \"Webhook\": must be None if spec.preserveUnknownFields is true"
+                        .into(),
+                );
+            }
+        }
+        Some(other) => cause(
+            "FieldValueNotSupported",
+            "spec.conversion.strategy",
+            format!("Unsupported value: {other:?}: supported values: \"None\", \"Webhook\""),
+        ),
+    }
+    causes
 }
 
 /// kube-apiserver's limit on a version's `selectableFields`.

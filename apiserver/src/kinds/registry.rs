@@ -70,6 +70,10 @@ pub struct ResourceDef {
     /// JSONPath `.spec.color`); anything else is refused as kube-apiserver refuses it. `None`
     /// for the built-in kinds, whose selectors may name any field.
     pub selectable_fields: Option<Vec<String>>,
+    /// A custom resource whose CRD converts between versions by webhook (`spec.conversion`
+    /// with `strategy: Webhook`): the webhook's `clientConfig` and `conversionReviewVersions`.
+    /// `None` converts by relabelling.
+    pub conversion: Option<Arc<serde_json::Value>>,
 }
 
 /// The annotation of a built-in manifest whose kind is only created, never stored.
@@ -231,6 +235,7 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 from_crd(&crd).into_iter().map(|def| ResourceDef {
                     openapi: SchemaSource::Builtin(text),
                     selectable_fields: None,
+                    conversion: None,
                     // Kept in another group's storage version: converted both ways.
                     storage: def.storage
                         && crate::convert::stored_in(&def.group, &def.plural).is_none(),
@@ -268,6 +273,17 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
         Some(s) if !s.is_empty() => s.to_owned(),
         _ => kind.to_ascii_lowercase(),
     };
+    let conversion = (spec
+        .pointer("/conversion/strategy")
+        .and_then(|s| s.as_str())
+        == Some("Webhook"))
+    .then(|| {
+        Arc::new(
+            spec.pointer("/conversion/webhook")
+                .cloned()
+                .unwrap_or_default(),
+        )
+    });
     spec["versions"]
         .as_array()
         .map(Vec::as_slice)
@@ -317,6 +333,7 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
                     .map(|path| path.trim_start_matches('.').to_owned())
                     .collect(),
             ),
+            conversion: conversion.clone(),
         })
         .collect()
 }

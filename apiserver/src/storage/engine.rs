@@ -190,22 +190,68 @@ impl Engine {
 
     /// `object` (stored in its kind's storage version) as a client of `def`'s version sees
     /// it ([`crate::convert`]).
-    pub(crate) fn to_client(&self, def: &ResourceDef, object: &mut Value) {
-        crate::convert::for_client(def, object);
+    pub(crate) async fn to_client(
+        &self,
+        def: &ResourceDef,
+        object: &mut Value,
+    ) -> Result<(), ApiError> {
+        self.to_client_all(def, std::slice::from_mut(object)).await
+    }
+
+    /// [`Engine::to_client`] for many objects: a CRD's conversion webhook gets them all in one
+    /// review.
+    pub(crate) async fn to_client_all(
+        &self,
+        def: &ResourceDef,
+        objects: &mut [Value],
+    ) -> Result<(), ApiError> {
+        if let Some(hook) = &def.conversion {
+            // Boxed: finding the webhook's Service reads through the engine again.
+            let api_version = def.api_version();
+            Box::pin(crate::convert::webhook::convert(
+                self,
+                def,
+                hook,
+                &api_version,
+                objects,
+            ))
+            .await?;
+        }
+        for object in objects {
+            crate::convert::for_client(def, object);
+        }
+        Ok(())
     }
 
     /// `object` (in `def`'s version) as it is stored: in its kind's storage version.
-    pub(crate) fn to_storage(&self, def: &ResourceDef, object: &mut Value) {
+    pub(crate) async fn to_storage(
+        &self,
+        def: &ResourceDef,
+        object: &mut Value,
+    ) -> Result<(), ApiError> {
         if def.storage {
-            return;
+            return Ok(());
         }
         let storage = match crate::convert::stored_in(&def.group, &def.plural) {
             Some((group, version)) => self.registry.get(group, version, &def.plural),
             None => self.registry.storage_version(&def.group, &def.plural),
         };
         if let Some(storage) = storage {
-            crate::convert::convert(&def.group, &def.kind, object, &storage.api_version());
+            let api_version = storage.api_version();
+            if let Some(hook) = &def.conversion {
+                let objects = std::slice::from_mut(object);
+                Box::pin(crate::convert::webhook::convert(
+                    self,
+                    def,
+                    hook,
+                    &api_version,
+                    objects,
+                ))
+                .await?;
+            }
+            crate::convert::convert(&def.group, &def.kind, object, &api_version);
         }
+        Ok(())
     }
 
     /// The authenticator, if the server authenticates requests.
@@ -280,7 +326,7 @@ impl Engine {
     pub async fn get(&self, target: &Target) -> Result<Value, ApiError> {
         let (key, name) = self.named(target)?;
         let mut object = decode(&self.stored(&target.def, &key, &name).await?)?;
-        self.to_client(&target.def, &mut object);
+        self.to_client(&target.def, &mut object).await?;
         Ok(object)
     }
 
@@ -478,9 +524,9 @@ impl Engine {
         if crate::service::is_service(def) && !dry_run {
             crate::service::admit_create(self, &mut object).await?;
         }
-        self.to_storage(def, &mut object);
+        self.to_storage(def, &mut object).await?;
         let bytes = encode(&object)?;
-        self.to_client(def, &mut object);
+        self.to_client(def, &mut object).await?;
         if dry_run {
             return match self.store.get(&key, None).await?.1 {
                 Some(_) => Err(ApiError::already_exists(def, &name)),
@@ -541,7 +587,7 @@ impl Engine {
                 return Err(ApiError::stale(def, &name));
             }
             let mut old = decode(&current)?;
-            self.to_client(def, &mut old);
+            self.to_client(def, &mut old).await?;
             let mut new = merge_update(def, &old, &body, part)?;
             crate::admission::on_write(def, &mut new);
             let attributes = webhook::Attributes {
@@ -619,12 +665,12 @@ impl Engine {
         dry_run: bool,
     ) -> Result<Value, ApiError> {
         // `new` is in `def`'s version; the store holds the storage version.
-        self.to_storage(def, &mut new);
+        self.to_storage(def, &mut new).await?;
         let bytes = encode(&new)?;
-        self.to_client(def, &mut new);
+        self.to_client(def, &mut new).await?;
         if bytes == current.value {
             let mut unchanged = decode(current)?;
-            self.to_client(def, &mut unchanged);
+            self.to_client(def, &mut unchanged).await?;
             return Ok(unchanged);
         }
         if dry_run {
@@ -727,7 +773,12 @@ impl Engine {
         loop {
             let current = self.stored(def, &key, &name).await?;
             let mut object = decode(&current)?;
-            self.to_client(def, &mut object);
+            if let Err(error) = self.to_client(def, &mut object).await {
+                // A conversion webhook that is gone must not make its objects undeletable:
+                // the delete goes on with the object relabelled, as stored.
+                tracing::warn!(%error, "deleting {name} unconverted");
+                crate::convert::for_client(def, &mut object);
+            }
             if !admitted {
                 // Admission sees the object as it is when the delete is asked for.
                 let attributes = webhook::Attributes {
@@ -900,11 +951,11 @@ impl Engine {
         if let Some(list) = self.list_cached(target, params).await? {
             let mut items = Vec::with_capacity(list.items.len());
             for item in &list.items {
-                let mut object = serde_json::from_slice::<Value>(&item.json)
+                let object = serde_json::from_slice::<Value>(&item.json)
                     .map_err(|e| ApiError::Internal(format!("cached object is not JSON: {e}")))?;
-                self.to_client(&target.def, &mut object);
                 items.push(object);
             }
+            self.to_client_all(&target.def, &mut items).await?;
             return Ok(json!({
                 "kind": format!("{}List", target.def.kind),
                 "apiVersion": target.def.api_version(),
@@ -1123,9 +1174,8 @@ impl Engine {
                 }
                 start_after = Some(kv.key.clone());
                 // Selectors name fields of the stored form (as the watch cache's do).
-                let mut object = decode(kv)?;
+                let object = decode(kv)?;
                 if labels.matches(&object) && fields.matches(&object) {
-                    self.to_client(def, &mut object);
                     items.push(object);
                 }
             }
@@ -1137,6 +1187,7 @@ impl Engine {
                 break;
             }
         }
+        self.to_client_all(def, &mut items).await?;
         let revision = revision.unwrap_or_default();
         let mut metadata = json!({"resourceVersion": revision.to_string()});
         if let Some(start) = next {

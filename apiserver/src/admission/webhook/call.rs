@@ -40,6 +40,8 @@ struct Metrics {
     duration: HistogramVec,
     rejections: IntCounterVec,
     fail_open: IntCounterVec,
+    /// `apiserver_crd_conversion_webhook_duration_seconds`.
+    conversion: HistogramVec,
 }
 
 impl Metrics {
@@ -80,6 +82,16 @@ impl Metrics {
                  admission type (validating or admit).",
                 &["name", "type"],
             ),
+            #[allow(clippy::expect_used)] // a constant, valid metric definition
+            conversion: HistogramVec::new(
+                HistogramOpts::new(
+                    "apiserver_crd_conversion_webhook_duration_seconds",
+                    "CRD webhook conversion duration in seconds",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+                &["crd_name", "from_version", "to_version", "succeeded"],
+            )
+            .expect("valid metric"),
         }
     }
 }
@@ -90,10 +102,21 @@ impl Webhooks {
         registry.register(Box::new(self.metrics.requests.clone()))?;
         registry.register(Box::new(self.metrics.duration.clone()))?;
         registry.register(Box::new(self.metrics.rejections.clone()))?;
-        registry.register(Box::new(self.metrics.fail_open.clone()))
+        registry.register(Box::new(self.metrics.fail_open.clone()))?;
+        registry.register(Box::new(self.metrics.conversion.clone()))
     }
 
-    fn client(
+    /// Records one conversion webhook call ([`crate::convert::webhook`]).
+    pub(crate) fn observe_conversion(&self, crd: &str, from: &str, to: &str, ok: bool, secs: f64) {
+        self.metrics
+            .conversion
+            .with_label_values(&[crd, from, to, &ok.to_string()])
+            .observe(secs);
+    }
+
+    /// The HTTP client for a webhook trusting `ca_bundle` (base64 PEM; empty: the system's
+    /// roots), with its host name resolved to `resolve` when reached through a Service.
+    pub(crate) fn client(
         &self,
         ca_bundle: &str,
         resolve: Option<(&str, SocketAddr)>,
@@ -268,7 +291,7 @@ async fn call(
 }
 
 /// Why reqwest failed, in the words kube's users search for (`context deadline exceeded`).
-fn reqwest_reason(e: &reqwest::Error) -> String {
+pub(crate) fn reqwest_reason(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         return "context deadline exceeded".into();
     }
@@ -395,7 +418,7 @@ fn denial(webhook: &str, status: &Value) -> Value {
 
 /// Where the webhook is: its URL, and for a Service the address its host name stands for
 /// (one of its ready endpoints; TLS still checks the name `NAME.NAMESPACE.svc`).
-async fn locate(
+pub(crate) async fn locate(
     engine: &Engine,
     config: &Value,
 ) -> Result<(String, Option<(String, SocketAddr)>), String> {

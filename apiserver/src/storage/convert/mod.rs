@@ -12,6 +12,11 @@
 //! One resource is served by two groups: `events.k8s.io/v1` Events are core `v1` Events
 //! under other field names ([`SHARED_STORAGE`]), kept in one place, so an event written
 //! through either API is read, listed, watched and selected through both.
+//!
+//! A CRD may convert by webhook instead ([`webhook`]): the engine sends its objects there
+//! before relabelling.
+
+pub(crate) mod webhook;
 
 use serde_json::{Value, json};
 
