@@ -31,8 +31,8 @@ pub use admission::{quota, schema};
 pub use auth::{authorization, identity, impersonation, review, token};
 pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
 pub use kinds::{
-    crd, crdgen, eviction, kubernetes_service, podlog, proxy, quantity, registry, service, stream,
-    subresource,
+    crd, crdgen, eviction, kubernetes_service, podlog, proxy, quantity, registry, resource_metrics,
+    service, stream, subresource,
 };
 pub use storage::{cache, convert, engine, managed, object, patch, selector, smp};
 
@@ -653,6 +653,9 @@ async fn serve(
         let answer = review::answer(engine, &target, caller, parse_body(&body)?).await?;
         return Ok(json(StatusCode::CREATED, &answer));
     }
+    if target.def.read_only {
+        return serve_read_only(engine, &target, &method, headers, query.as_deref()).await;
+    }
     if stream::is_stream(&target) {
         return Err(ApiError::BadRequest(
             "Upgrade request required: use a client that streams (kubectl, client-go, kube-rs)"
@@ -692,6 +695,38 @@ async fn serve(
             "Timeout: request did not complete within the allotted timeout of {limit:?}"
         ))),
     }
+}
+
+/// Serves a GET of what the server computes rather than stores (the resource metrics).
+async fn serve_read_only(
+    engine: &Engine,
+    target: &Target,
+    method: &Method,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    if *method != Method::GET || target.subresource.is_some() {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let params: Params = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query parameters: {e}")))?;
+    let answer = resource_metrics::serve(engine, target, &params).await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if Representation::from_accept(accept) != Representation::Table {
+        return Ok(json(StatusCode::OK, &answer));
+    }
+    let items = match answer.get("items") {
+        Some(Value::Array(items)) => items.clone(),
+        _ => vec![answer],
+    };
+    let include = params.include_object.as_deref();
+    Ok(json(
+        StatusCode::OK,
+        &table::table(&target.def, None, &items, json!({}), include),
+    ))
 }
 
 /// Serves one resource request by verb, once parsed.

@@ -256,3 +256,119 @@ fn cgroup_working_set(path: &str) -> Option<f64> {
     let inactive = stat_value(&stat, "inactive_file ").unwrap_or(0.0);
     Some((usage - inactive).max(0.0))
 }
+
+/// The kubelet's `/metrics/resource`: what metrics-server (and Orquestra's built-in
+/// `metrics.k8s.io`) reads — the node's and every running container's cumulative CPU time and
+/// memory working set, each sample with the millisecond timestamp it was read at, under the
+/// kubelet's names (`node_cpu_usage_seconds_total`, `container_memory_working_set_bytes`, …).
+pub fn resource_metrics(ctx: &crate::agent::Context) -> String {
+    use std::fmt::Write as _;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    };
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        "node_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed by the node in core-seconds",
+    );
+    family(
+        "node_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the node in bytes",
+    );
+    family(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "Cumulative cpu time consumed by the container in core-seconds",
+    );
+    family(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "Current working set of the container in bytes",
+    );
+    let mut scrape_error = 0;
+    match (node_cpu_seconds(), node_working_set()) {
+        (Some(cpu), Some(memory)) => {
+            let at = now();
+            let _ = writeln!(out, "node_cpu_usage_seconds_total {cpu} {at}");
+            let _ = writeln!(out, "node_memory_working_set_bytes {memory} {at}");
+        }
+        _ => scrape_error = 1,
+    }
+    for (namespace, pod, container, cgroup) in ctx.running_containers() {
+        let (Some(cpu), Some(memory)) = (cgroup_cpu_seconds(&cgroup), cgroup_working_set(&cgroup))
+        else {
+            continue;
+        };
+        let at = now();
+        let labels = format!(
+            "container={},namespace={},pod={}",
+            quoted(&container),
+            quoted(&namespace),
+            quoted(&pod)
+        );
+        let _ = writeln!(
+            out,
+            "container_cpu_usage_seconds_total{{{labels}}} {cpu} {at}"
+        );
+        let _ = writeln!(
+            out,
+            "container_memory_working_set_bytes{{{labels}}} {memory} {at}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP resource_scrape_error 1 if there was an error while getting container metrics, 0 otherwise\n\
+         # TYPE resource_scrape_error gauge\nresource_scrape_error {scrape_error}"
+    );
+    out
+}
+
+/// A label value in the text format's quotes and escapes.
+fn quoted(value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
+}
+
+/// The node's CPU time in core-seconds: the non-idle jiffies of `/proc/stat`'s `cpu` line.
+fn node_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user and nice).
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum();
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(busy / 100.0)
+}
+
+/// The node's memory working set: in use, less the inactive file cache (what cAdvisor
+/// reports for the root cgroup), from `/proc/meminfo`.
+fn node_working_set() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let used = kib("MemTotal:")? - kib("MemFree:")?;
+    let inactive_file = kib("Inactive(file):").unwrap_or(0.0);
+    Some((used - inactive_file).max(0.0) * 1024.0)
+}

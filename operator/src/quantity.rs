@@ -12,6 +12,8 @@ pub fn parse(quantity: &str, scale: f64) -> Option<i64> {
     let number: f64 = number.parse().ok()?;
     let multiplier = match suffix {
         "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
         "m" => 1e-3,
         "k" => 1e3,
         "M" => 1e6,

@@ -29,7 +29,7 @@ enum Command {
     /// Kubernetes API over HTTPS (writing an admin kubeconfig into the data dir) with
     /// /healthz, /readyz and /metrics, and runs the local node agent. The built-in
     /// controllers join it as they land.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Join a cluster as a node: register it and keep its Lease and status fresh (pods
     /// follow with the rest of the node agent).
     Agent(agent::AgentArgs),
@@ -249,7 +249,7 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async move {
             match command {
-                Command::Server(args) => server::run(args).await,
+                Command::Server(args) => server::run(*args).await,
                 Command::Agent(args) => agent::run(args).await,
                 Command::Operator(args) => operator::run(args).await,
                 Command::Image(args) => image::run(args).await,

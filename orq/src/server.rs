@@ -84,6 +84,10 @@ pub struct ServerArgs {
     /// duration, as kube-apiserver's flag: `60s`, `1m30s`). Clients may ask for less.
     #[arg(long, default_value = "60s", value_parser = request_timeout)]
     request_timeout: Duration,
+    /// How often the node agents' resource use is read for `metrics.k8s.io` (`kubectl top`,
+    /// the HorizontalPodAutoscaler); CPU is a rate over this window (metrics-server's flag).
+    #[arg(long, default_value = "15s", value_parser = request_timeout)]
+    metric_resolution: Duration,
     /// Do not run the local node agent (by default this host registers as a node).
     #[arg(long)]
     no_agent: bool,
@@ -251,6 +255,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let quota_status = tokio::spawn(orquestra_apiserver::quota::status::run(
         api.engine().clone(),
     ));
+    // `metrics.k8s.io`, from the agents' `/metrics/resource`, as metrics-server.
+    let resource_metrics = tokio::spawn(orquestra_apiserver::resource_metrics::scrape::run(
+        api.engine().clone(),
+        args.metric_resolution,
+    ));
     let handle = axum_server::Handle::new();
     let server = if args.insecure_http {
         tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
@@ -406,6 +415,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     kubernetes_service.abort();
     quota_status.abort();
+    resource_metrics.abort();
     if let Some(agent) = agent {
         let _ = agent.await;
     }

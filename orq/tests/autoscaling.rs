@@ -2,7 +2,8 @@
 //! in a network namespace of the test's own, busybox from a real registry, the real kubectl.
 //! A Deployment whose pods spin the CPU (each capped at 200m, requesting 100m) is scaled up
 //! by its autoscaler to the maximum, and back down to the minimum once the pods go idle —
-//! the usage read from the node agent's cgroup counters.
+//! the usage read from `metrics.k8s.io`, which the server fills from the node agent's cgroup
+//! counters, and which `kubectl top pods` and `kubectl top nodes` show.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,7 +50,12 @@ fn an_autoscaler_follows_cpu_load_up_and_down() {
         "hpa",
         "127.0.0.1:6443",
         |_| {},
-        &["--horizontal-pod-autoscaler-sync-period", "5s"],
+        &[
+            "--horizontal-pod-autoscaler-sync-period",
+            "5s",
+            "--metric-resolution",
+            "5s",
+        ],
     );
     host.apply(&json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -86,6 +92,29 @@ fn an_autoscaler_follows_cpu_load_up_and_down() {
         .as_i64()
         .unwrap();
     assert!(utilization > 100, "{status:#}");
+
+    // `kubectl top`: each busy pod near its 200m cap, the node busy too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let top = loop {
+        let top = host.kubectl_try(&["top", "pods", "-l", "app=burn", "--no-headers"]);
+        if let Some(top) = top.as_ref()
+            && top.lines().count() >= 3
+        {
+            break top.clone();
+        }
+        assert!(Instant::now() < deadline, "kubectl top pods: {top:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let busy: Vec<i64> = top
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.strip_suffix('m')?.parse().ok())
+        .collect();
+    assert!(
+        busy.iter().filter(|m| **m > 100).count() >= 1,
+        "no busy pod in kubectl top pods:\n{top}"
+    );
+    let nodes = host.kubectl(&["top", "nodes", "--no-headers"]);
+    assert!(nodes.starts_with("n1 "), "kubectl top nodes:\n{nodes}");
     let events = host.kubectl(&[
         "get",
         "events",

@@ -77,10 +77,16 @@ const VERBS: &[&str] = &[
     "watch",
 ];
 
-/// The verbs a resource serves: everything, or only `create` for the reviews that are
-/// answered and never stored.
+/// The verbs a resource serves: everything, only `create` for the reviews that are
+/// answered and never stored, or only `get` and `list` for what the server computes.
 fn verbs(def: &ResourceDef) -> &'static [&'static str] {
-    if def.create_only { &["create"] } else { VERBS }
+    if def.create_only {
+        &["create"]
+    } else if def.read_only {
+        &["get", "list"]
+    } else {
+        VERBS
+    }
 }
 
 fn resource_entries(def: &ResourceDef) -> Vec<Value> {

@@ -148,6 +148,8 @@ pub fn builtin_crds() -> Vec<Value> {
             kind(&["crd", "crds"], &["api-extensions"]).status(),
         ),
         crd::<apiregistration::APIService>(kind(NONE, &["api-extensions"]).status()),
+        computed::<crate::resource_metrics::NodeMetrics>(),
+        computed::<crate::resource_metrics::PodMetrics>(),
         review::<k8s_openapi::api::authentication::v1::TokenReview>(),
         review::<k8s_openapi::api::authentication::v1::SelfSubjectReview>(),
         review::<k8s_openapi::api::authorization::v1::SubjectAccessReview>(),
@@ -209,6 +211,19 @@ where
     crd["metadata"]["annotations"] = json!({ crate::registry::CREATE_ONLY: "true" });
     crd
 }
+
+/// What the server computes (the resource metrics): only read, never stored.
+fn computed<K>() -> Value
+where
+    K: k8s_openapi::Resource + k8s_openapi::ListableResource + JsonSchema,
+    K::Scope: Scope,
+{
+    let mut crd = crd::<K>(kind(NONE_NAMES, NONE_NAMES));
+    crd["metadata"]["annotations"] = json!({ crate::registry::READ_ONLY: "true" });
+    crd
+}
+
+const NONE_NAMES: &[&str] = &[];
 
 fn definition<K>(how: Kind, list_kind: Option<&str>) -> Value
 where

@@ -11,6 +11,7 @@ pub mod podlog;
 pub mod proxy;
 pub mod quantity;
 pub mod registry;
+pub mod resource_metrics;
 pub mod service;
 pub mod stream;
 pub mod subresource;

@@ -65,6 +65,10 @@ pub struct ResourceDef {
     /// SubjectAccessReview, …) answered from the request. Marked in a built-in manifest by
     /// the annotation [`CREATE_ONLY`].
     pub create_only: bool,
+    /// Only `get` and `list` are served, from what the server computes rather than from the
+    /// store: the resource metrics (`metrics.k8s.io`, [`crate::metrics`]). Marked in a
+    /// built-in manifest by the annotation [`READ_ONLY`].
+    pub read_only: bool,
     /// The field labels a field selector may name beyond `metadata.name` and
     /// `metadata.namespace`: a custom resource's `selectableFields` (`spec.color` for the
     /// JSONPath `.spec.color`); anything else is refused as kube-apiserver refuses it. `None`
@@ -78,6 +82,8 @@ pub struct ResourceDef {
 
 /// The annotation of a built-in manifest whose kind is only created, never stored.
 pub const CREATE_ONLY: &str = "orquestra.dev/create-only";
+/// The annotation of a built-in manifest whose kind is only read, computed by the server.
+pub const READ_ONLY: &str = "orquestra.dev/read-only";
 
 /// Where a resource's schema as written lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +203,8 @@ pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
     builtin!("events.k8s.io_events.yaml"),
     builtin!("flowcontrol.apiserver.k8s.io_flowschemas.yaml"),
     builtin!("flowcontrol.apiserver.k8s.io_prioritylevelconfigurations.yaml"),
+    builtin!("metrics.k8s.io_nodes.yaml"),
+    builtin!("metrics.k8s.io_pods.yaml"),
     builtin!("networking.k8s.io_ingressclasses.yaml"),
     builtin!("networking.k8s.io_ingresses.yaml"),
     builtin!("networking.k8s.io_ipaddresses.yaml"),
@@ -263,12 +271,11 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
     };
     let kind = text(&names["kind"]);
     let plural = text(&names["plural"]);
-    let create_only = crd
-        .pointer(&format!(
-            "/metadata/annotations/{}",
-            CREATE_ONLY.replace('/', "~1")
-        ))
-        .is_some_and(|v| v == "true");
+    let annotated = |key: &str| {
+        crd.pointer(&format!("/metadata/annotations/{}", key.replace('/', "~1")))
+            .is_some_and(|v| v == "true")
+    };
+    let (create_only, read_only) = (annotated(CREATE_ONLY), annotated(READ_ONLY));
     let singular = match names["singular"].as_str() {
         Some(s) if !s.is_empty() => s.to_owned(),
         _ => kind.to_ascii_lowercase(),
@@ -323,6 +330,7 @@ pub fn from_crd(crd: &serde_json::Value) -> Vec<ResourceDef> {
             },
             storage: v["storage"].as_bool().unwrap_or(true),
             create_only,
+            read_only,
             selectable_fields: Some(
                 v["selectableFields"]
                     .as_array()

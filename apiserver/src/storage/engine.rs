@@ -55,6 +55,8 @@ pub struct Engine {
     rbac: Arc<std::sync::atomic::AtomicBool>,
     /// Admission webhooks' clients and metrics.
     webhooks: Arc<crate::admission::webhook::Webhooks>,
+    /// The nodes' and pods' latest resource use (`metrics.k8s.io`).
+    resource_metrics: Arc<crate::resource_metrics::ResourceMetrics>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -140,6 +142,7 @@ impl Engine {
             authenticator: Arc::default(),
             rbac: Arc::default(),
             webhooks: Arc::default(),
+            resource_metrics: Arc::default(),
         }
     }
 
@@ -167,6 +170,12 @@ impl Engine {
         }
         crate::admission::on_write(attributes.def, object);
         Ok(())
+    }
+
+    /// The nodes' and pods' latest resource use, as [`crate::resource_metrics::scrape`]
+    /// leaves it.
+    pub fn resource_metrics(&self) -> &crate::resource_metrics::ResourceMetrics {
+        &self.resource_metrics
     }
 
     /// Admission webhooks' clients and metrics (register these with the server's metrics).

@@ -8,11 +8,12 @@
 //! (stabilization windows — 300 s for scaling down by default — and the rate policies), the
 //! min/max bounds, and writes the new `scale`.
 //!
-//! **Where usage comes from.** Until the API server serves `metrics.k8s.io`, the pods' use is
-//! read from their node agents' cAdvisor-named counters (`container_cpu_usage_seconds_total`,
-//! `container_memory_working_set_bytes`) through `nodes/proxy`, and CPU rates are taken
-//! between this controller's own successive samples — what metrics-server does with kubelets.
-//! [`UsageSource`] is the seam where `metrics.k8s.io` will plug in.
+//! **Where usage comes from.** From `metrics.k8s.io` ([`ResourceMetricsApi`]), as kube's
+//! controller reads it: Orquestra's API server serves it, as metrics-server does elsewhere.
+//! Where no server serves it, the pods' use is read from their node agents' cAdvisor-named
+//! counters (`container_cpu_usage_seconds_total`, `container_memory_working_set_bytes`)
+//! through `nodes/proxy`, CPU rates taken between this controller's own successive samples
+//! ([`NodeMetrics`]). [`UsageSource`] is the seam.
 //!
 //! Status carries `currentReplicas`, `desiredReplicas`, `currentMetrics`, `lastScaleTime`
 //! and the `AbleToScale`, `ScalingActive` and `ScalingLimited` conditions; a rescale is a
@@ -57,6 +58,11 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list"],
+    },
+    Rule {
+        api_groups: &["metrics.k8s.io"],
         resources: &["pods"],
         verbs: &["get", "list"],
     },
@@ -230,6 +236,95 @@ impl UsageSource for NodeMetrics {
     }
 }
 
+/// Pods' use read from `metrics.k8s.io` (`PodMetrics`, summed over containers), falling
+/// back to [`NodeMetrics`] where the API is not served.
+pub struct ResourceMetricsApi {
+    client: Client,
+    fallback: NodeMetrics,
+}
+
+impl std::fmt::Debug for ResourceMetricsApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceMetricsApi").finish_non_exhaustive()
+    }
+}
+
+impl ResourceMetricsApi {
+    /// A source reading through `client`.
+    pub fn new(client: Client) -> Self {
+        ResourceMetricsApi {
+            fallback: NodeMetrics::new(client.clone()),
+            client,
+        }
+    }
+
+    /// The use of the pods of `namespace` that have metrics, or the error reading them.
+    async fn namespace(
+        &self,
+        namespace: &str,
+    ) -> Result<HashMap<(String, String), Usage>, kube::Error> {
+        let request = http::Request::get(format!(
+            "/apis/metrics.k8s.io/v1beta1/namespaces/{namespace}/pods"
+        ))
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+        let list: Value = self.client.request(request).await?;
+        Ok(pod_metrics_usage(&list))
+    }
+}
+
+/// `(namespace, pod)` → usage of a `PodMetricsList`.
+fn pod_metrics_usage(list: &Value) -> HashMap<(String, String), Usage> {
+    let mut out = HashMap::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let (Some(namespace), Some(name)) = (
+            item.pointer("/metadata/namespace").and_then(Value::as_str),
+            item.pointer("/metadata/name").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let mut usage = Usage {
+            cpu: Some(0.0),
+            memory: Some(0.0),
+        };
+        for container in item["containers"].as_array().into_iter().flatten() {
+            let read = |resource: &str, scale: f64| {
+                container["usage"][resource]
+                    .as_str()
+                    .and_then(|q| quantity::parse(q, scale))
+                    .map(|v| v as f64 / scale)
+            };
+            usage.cpu = usage.cpu.zip(read("cpu", 1e9)).map(|(a, b)| a + b);
+            usage.memory = usage.memory.zip(read("memory", 1.0)).map(|(a, b)| a + b);
+        }
+        out.insert((namespace.to_owned(), name.to_owned()), usage);
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl UsageSource for ResourceMetricsApi {
+    async fn usage(&self, pods: &[Pod]) -> HashMap<(String, String), Usage> {
+        let mut namespaces: Vec<String> = pods.iter().filter_map(|p| p.namespace()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let mut out = HashMap::new();
+        for namespace in namespaces {
+            match self.namespace(&namespace).await {
+                Ok(usage) => out.extend(usage),
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    // Not served here: the agents' counters instead.
+                    return self.fallback.usage(pods).await;
+                }
+                Err(error) => {
+                    tracing::debug!(%namespace, %error, "reading the pods' metrics failed");
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Past recommendations and scale changes of one autoscaler (for its behavior).
 #[derive(Debug, Default)]
 struct History {
@@ -255,7 +350,7 @@ impl std::fmt::Debug for Context {
 /// Adds the autoscaler to `manager`, syncing every `period` (kube's default is 15 s).
 pub fn add(manager: &mut Manager, period: Duration) {
     let client = manager.client();
-    add_with(manager, period, Box::new(NodeMetrics::new(client)));
+    add_with(manager, period, Box::new(ResourceMetricsApi::new(client)));
 }
 
 /// Adds the autoscaler with its usage read from `source`.
@@ -913,6 +1008,17 @@ mod tests {
                     container_memory_working_set_bytes{container=\"a\",namespace=\"ns\",pod=\"p\"} 1024\n";
         let parsed = parse_metrics(text);
         assert_eq!(parsed[&("ns".to_string(), "p".to_string())], (2.0, 1024.0));
+    }
+
+    #[test]
+    fn pod_metrics_sum_their_containers() {
+        let list = json!({"items": [{"metadata": {"name": "p", "namespace": "ns"},
+            "containers": [{"name": "a", "usage": {"cpu": "250000000n", "memory": "1024Ki"}},
+                           {"name": "b", "usage": {"cpu": "50m", "memory": "1Mi"}}]}]});
+        let usage = pod_metrics_usage(&list);
+        let p = usage[&("ns".to_string(), "p".to_string())];
+        assert!((p.cpu.unwrap() - 0.3).abs() < 1e-9, "{p:?}");
+        assert_eq!(p.memory, Some(2.0 * 1024.0 * 1024.0));
     }
 
     #[test]

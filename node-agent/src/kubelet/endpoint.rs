@@ -91,6 +91,7 @@ impl Endpoint {
                 get(portforward).post(portforward),
             )
             .route("/metrics", get(metrics))
+            .route("/metrics/resource", get(resource_metrics))
             .with_state((ctx, registry))
             .layer(axum::middleware::from_fn(
                 move |req: Request, next: Next| {
@@ -139,6 +140,12 @@ async fn metrics(State((_, registry)): State<AppState>) -> Response {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// `GET /metrics/resource`: see [`crate::metrics::resource_metrics`].
+async fn resource_metrics(State((ctx, _)): State<AppState>) -> Response {
+    let body = crate::metrics::resource_metrics(&ctx);
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
 }
 
 /// `GET|POST /exec/{namespace}/{pod}/{container}?command=…`: see [`crate::stream`].
