@@ -3,8 +3,9 @@
 //! Built-in Orquestra controllers and users' controllers are written the same way: a
 //! level-based `reconcile(object, context) -> Result<Action, Error>` handed to a [`Runner`],
 //! which records controller-runtime's metrics around every reconcile, contains panics, backs
-//! off per object on errors and limits concurrency. [`testing`] (feature `testing`) runs the
-//! real API server in-process for tests.
+//! off per object on errors and limits concurrency. [`webhook`] serves typed admission
+//! handlers over HTTPS and writes the configurations that register them. [`testing`] (feature
+//! `testing`) runs the real API server in-process for tests, webhooks included.
 //!
 //! The framework talks to the cluster only through a kube `Client`.
 
@@ -20,6 +21,7 @@ pub mod quantity;
 pub mod rbac;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod webhook;
 
 pub use controller::{Backoff, Progress, ReconcileError, Runner};
 pub use leader::LeaderElection;

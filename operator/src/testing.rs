@@ -48,6 +48,24 @@ pub enum TestError {
     /// A condition did not become true in time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// The webhook server could not be set up.
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::WebhookError),
+}
+
+/// Webhooks served for a test: they stop, and their configurations stay (the server goes
+/// with the test), when this is dropped.
+#[derive(Debug)]
+pub struct ServedWebhooks {
+    task: tokio::task::JoinHandle<()>,
+    /// Where the handlers listen (HTTPS, loopback).
+    pub addr: SocketAddr,
+}
+
+impl Drop for ServedWebhooks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A running in-process API server with a client for it.
@@ -113,6 +131,47 @@ impl TestApi {
     /// The store under the server, for tests that look beneath the API.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Serves `webhooks` on a loopback port with a fresh certificate and registers every
+    /// handler with this API server (configurations named `name`, reached by URL with the
+    /// certificate's CA as `caBundle`) — so requests through the real API server reach them.
+    pub async fn serve_webhooks(
+        &self,
+        name: &str,
+        webhooks: crate::webhook::WebhookServer,
+    ) -> Result<ServedWebhooks, TestError> {
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+        };
+        let tls = crate::webhook::Tls::generate(&["127.0.0.1"])?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let client = WebhookClientConfig {
+            url: Some(format!("https://{addr}")),
+            ca_bundle: Some(tls.ca_bundle()),
+            service: None,
+        };
+        let (validating, mutating) = webhooks.configurations(name, &client);
+        let task = tokio::spawn(async move {
+            if let Err(error) = webhooks.serve_on(listener, &tls).await {
+                tracing::error!(%error, "the test's webhook server stopped");
+            }
+        });
+        let served = ServedWebhooks { task, addr };
+        let pp = PostParams::default();
+        if let Some(configuration) = validating {
+            Api::<ValidatingWebhookConfiguration>::all(self.client())
+                .create(&pp, &configuration)
+                .await?;
+        }
+        if let Some(configuration) = mutating {
+            Api::<MutatingWebhookConfiguration>::all(self.client())
+                .create(&pp, &configuration)
+                .await?;
+        }
+        Ok(served)
     }
 
     /// Creates a CustomResourceDefinition and waits until it is Established.

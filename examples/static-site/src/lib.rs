@@ -5,6 +5,10 @@
 //! StaticSite, written with server-side apply under one field manager. A finalizer removes
 //! them when the StaticSite is deleted; the status carries a `Ready` condition and the
 //! controller reports what it did as events.
+//!
+//! What the API server checks before a StaticSite is stored comes two ways: a CEL rule in the
+//! CRD's schema (a site that runs needs content: checked by the API server alone), and a
+//! validating webhook this crate serves ([`webhooks`]: the web server image must be pinned).
 
 #![deny(missing_docs)]
 
@@ -18,7 +22,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::{Client, CustomResource, Resource, ResourceExt};
+use kube::{Client, CustomResource, KubeSchema, Resource, ResourceExt};
 use orquestra_operator::conditions;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -31,7 +35,7 @@ pub const MANAGER: &str = "static-site-controller";
 pub const FINALIZER: &str = "staticsites.example.orquestra.dev/cleanup";
 
 /// What a StaticSite asks for.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "example.orquestra.dev",
     version = "v1",
@@ -43,6 +47,8 @@ pub const FINALIZER: &str = "staticsites.example.orquestra.dev/cleanup";
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replicas == 0 || size(self.content) > 0")
+    .message("a site with replicas needs content"))]
 pub struct StaticSiteSpec {
     /// The page to serve, as HTML.
     pub content: String,
@@ -296,6 +302,35 @@ pub fn crd()
 -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     use kube::CustomResourceExt;
     StaticSite::crd()
+}
+
+/// The admission webhook the controller serves: refuses a StaticSite whose image is not
+/// pinned (see [`pinned_image`]). Serve it with [`orquestra_operator::webhook`]; the harness's
+/// `TestApi::serve_webhooks` registers it with an in-process API server.
+pub fn webhooks() -> orquestra_operator::webhook::WebhookServer {
+    use orquestra_operator::webhook::{Operation, WebhookServer};
+    WebhookServer::new("example.orquestra.dev")
+        .validate(&[Operation::Create, Operation::Update], pinned_image)
+}
+
+/// A site's web server must not change under it: its image needs a tag other than `latest`,
+/// or a digest. (A rule a CEL expression could say too; here to show a webhook.)
+pub fn pinned_image(
+    request: &orquestra_operator::webhook::Request<StaticSite>,
+) -> orquestra_operator::webhook::Response<StaticSite> {
+    use orquestra_operator::webhook::Response;
+    let Some(site) = request.object.as_ref() else {
+        return Response::allow();
+    };
+    let image = &site.spec.image;
+    let name = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || name.split_once(':').is_some_and(|(_, tag)| tag != "latest") {
+        Response::allow()
+    } else {
+        Response::deny(format!(
+            "spec.image {image:?} is not pinned: name a tag other than latest, or a digest"
+        ))
+    }
 }
 
 /// What [`controller`]'s requests need (see [`orquestra_operator::rbac`]). Server-side

@@ -1,6 +1,7 @@
 //! The StaticSite controller against the real API server in-process (the framework's test
 //! harness): children created and owned, status conditions, events, updates, the schema's
-//! Invalid error, and deletion through the finalizer.
+//! Invalid error and CEL rule, the controller's validating webhook called by the API server,
+//! and deletion through the finalizer.
 
 #![allow(clippy::unwrap_used)]
 
@@ -164,6 +165,70 @@ async fn the_crd_schema_refuses_bad_sites() {
         status.message
     );
     assert!(sites.get_opt("huge").await.unwrap().is_none());
+}
+
+async fn refused(sites: &Api<StaticSite>, site: &StaticSite) -> kube::core::Status {
+    let err = sites
+        .create(&PostParams::default(), site)
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("an API error, got {err:?}")
+    };
+    *status
+}
+
+#[tokio::test]
+async fn the_webhook_and_the_cel_rule_refuse_bad_sites_through_the_api_server() {
+    let api = start().await;
+    let _webhooks = api
+        .serve_webhooks("static-site", static_site::webhooks())
+        .await
+        .unwrap();
+    let sites: Api<StaticSite> = Api::namespaced(api.client(), "default");
+
+    // The webhook: an unpinned image is refused, naming the webhook and why.
+    let mut unpinned = site("unpinned", "<h1>hi</h1>", 1);
+    unpinned.spec.image = "nginx:latest".into();
+    let status = refused(&sites, &unpinned).await;
+    assert_eq!(status.code, 403, "{status:?}");
+    assert!(
+        status.message.contains(
+            "admission webhook \"vstaticsite.staticsites.example.orquestra.dev\" denied the request: \
+             spec.image \"nginx:latest\" is not pinned"
+        ),
+        "{}",
+        status.message
+    );
+    unpinned.spec.image = "nginx".into();
+    assert_eq!(refused(&sites, &unpinned).await.code, 403);
+
+    // The CEL rule, checked by the API server itself: replicas without content.
+    let status = refused(&sites, &site("empty", "", 2)).await;
+    assert_eq!((status.reason.as_str(), status.code), ("Invalid", 422));
+    assert!(
+        status
+            .message
+            .contains("a site with replicas needs content"),
+        "{}",
+        status.message
+    );
+
+    // What both accept is stored; an update is checked too.
+    let pp = PostParams::default();
+    sites.create(&pp, &site("parked", "", 0)).await.unwrap();
+    let mut pinned = site("pinned", "<h1>hi</h1>", 1);
+    pinned.spec.image = "registry.example/nginx@sha256:0123".into();
+    sites.create(&pp, &pinned).await.unwrap();
+    let err = sites
+        .patch(
+            "pinned",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"image": "nginx:latest"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 403));
 }
 
 /// `crds/` holds the CRD this crate's types generate (`orq crdgen --out crds` rewrites it).
