@@ -12,9 +12,11 @@
 //!   checks, structural schemas (pruning, defaulting, validation, CEL rules), admission
 //!   policies in CEL and webhooks, limits and quotas;
 //! - [`storage`]: the engine (CRUD, list, watch over the store), its watch cache, version
-//!   conversion, object metadata, patches and field management, selectors;
+//!   conversion (CRD conversion webhooks included), object metadata, patches and field
+//!   management, selectors;
 //! - [`kinds`]: what particular kinds add — the registry of resources, CRDs, subresources
-//!   (scale, binding, eviction, log), Services and the `kubernetes` Service's endpoints;
+//!   (scale, binding, eviction, log), Services and the `kubernetes` Service's endpoints, and
+//!   the resource metrics (`metrics.k8s.io`, read from the node agents);
 //!
 //! and every failure is a Kubernetes `Status` ([`error`]). The modules are re-exported at
 //! the crate root under their own names (`orquestra_apiserver::engine`, `::registry`, …).

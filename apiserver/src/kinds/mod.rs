@@ -1,7 +1,8 @@
 //! What particular kinds add to the generic engine: the registry of resources (built-in and
 //! from CRDs), CRD handling and generation, subresources (scale, binding, eviction, log, the
 //! exec/attach/portforward streams, the pod/service/node proxies),
-//! Services and the `kubernetes` Service, resource quantities.
+//! Services and the `kubernetes` Service, resource quantities, and the resource metrics
+//! (`metrics.k8s.io`).
 
 pub mod crd;
 pub mod crdgen;
