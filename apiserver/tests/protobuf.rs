@@ -254,7 +254,9 @@ fn every_served_kind_round_trips_through_protobuf() {
         ("storage.k8s.io/v1", "VolumeAttributesClass") => api::storage::v1::VolumeAttributesClass,
     };
     let served = orquestra_apiserver::registry::builtin_resources();
-    for def in &served {
+    // The resource metrics are answered in JSON whatever is asked (client-go's metrics
+    // clientset and kubectl top ask for JSON; k8s-pb has no metrics.k8s.io messages).
+    for def in served.iter().filter(|d| !d.read_only) {
         let wire = proto::has_schema(&def.api_version(), &def.kind);
         let listed = checked.contains(&def.kind.as_str());
         assert!(
