@@ -33,8 +33,8 @@ pub use admission::{quota, schema};
 pub use auth::{authorization, identity, impersonation, review, token};
 pub use http::{body, discovery, metrics, openapi, proto, request, request_info, table, watch};
 pub use kinds::{
-    crd, crdgen, eviction, kubernetes_service, podlog, proxy, quantity, registry, resource_metrics,
-    service, stream, subresource,
+    aggregator, crd, crdgen, eviction, kubernetes_service, podlog, proxy, quantity, registry,
+    resource_metrics, service, stream, subresource,
 };
 pub use storage::{cache, convert, engine, managed, object, patch, selector, smp};
 
@@ -252,22 +252,46 @@ async fn core_resources(State(engine): State<Engine>) -> Response {
 
 /// `/api`: the core group's versions, or its aggregated discovery document.
 async fn core_groups(State(engine): State<Engine>, headers: HeaderMap) -> Response {
-    aggregated(&engine, &headers, true)
+    aggregated(&engine, &headers, true, Vec::new())
         .unwrap_or_else(|| json(StatusCode::OK, &discovery::core_versions()))
 }
 
-/// `/apis`: the groups, or their aggregated discovery document.
+/// `/apis`: the groups (the APIServices' included), or their aggregated discovery document.
 async fn groups(State(engine): State<Engine>, headers: HeaderMap) -> Response {
-    aggregated(&engine, &headers, false)
-        .unwrap_or_else(|| json(StatusCode::OK, &discovery::groups(&engine.registry)))
+    let remote = match discovery::aggregated_version(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    ) {
+        Some(_) => aggregator::aggregated_groups(&engine).await,
+        None => aggregator::legacy_groups(&engine).await,
+    };
+    if let Some(response) = aggregated(&engine, &headers, false, remote.clone()) {
+        return response;
+    }
+    let mut document = discovery::groups(&engine.registry);
+    if let Some(groups) = document["groups"].as_array_mut() {
+        groups.extend(remote);
+    }
+    json(StatusCode::OK, &document)
 }
 
 /// The aggregated discovery document, if the client's `Accept` asks for it (what it asks
-/// first wins: kubectl lists v2, then v2beta1, then plain JSON).
-fn aggregated(engine: &Engine, headers: &HeaderMap, legacy: bool) -> Option<Response> {
+/// first wins: kubectl lists v2, then v2beta1, then plain JSON), with `remote` groups (the
+/// APIServices') added.
+fn aggregated(
+    engine: &Engine,
+    headers: &HeaderMap,
+    legacy: bool,
+    remote: Vec<Value>,
+) -> Option<Response> {
     let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
     let version = discovery::aggregated_version(accept)?;
-    let document = discovery::aggregated(&engine.registry, legacy, version);
+    let mut document = discovery::aggregated(&engine.registry, legacy, version);
+    if let Some(items) = document["items"].as_array_mut() {
+        items.extend(remote);
+    }
     let content_type =
         format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
     let body = serde_json::to_vec(&document).unwrap_or_default();
@@ -287,17 +311,27 @@ fn aggregated(engine: &Engine, headers: &HeaderMap, legacy: bool) -> Option<Resp
 async fn group(State(engine): State<Engine>, Path(group): Path<String>) -> Response {
     match discovery::group(&engine.registry, &group) {
         Some(g) => json(StatusCode::OK, &g),
-        None => ApiError::NoRoute.into_response(),
+        None => match aggregator::group(&engine, &group).await {
+            Some(g) => json(StatusCode::OK, &g),
+            None => ApiError::NoRoute.into_response(),
+        },
     }
 }
 
 async fn group_resources(
     State(engine): State<Engine>,
     Path((group, version)): Path<(String, String)>,
+    caller: Caller,
+    http: axum::extract::Request,
 ) -> Response {
     match discovery::resources(&engine.registry, &group, &version) {
         Some(list) => json(StatusCode::OK, &list),
-        None => ApiError::NoRoute.into_response(),
+        None => {
+            let caller = caller.map(|axum::Extension(user)| user);
+            aggregator::serve(&engine, &group, &version, http, caller.as_ref())
+                .await
+                .unwrap_or_else(|| ApiError::NoRoute.into_response())
+        }
     }
 }
 
@@ -365,9 +399,18 @@ async fn group_resource(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     caller: Caller,
-    body: Result<Bytes, BytesRejection>,
+    http: axum::extract::Request,
 ) -> Response {
+    use axum::extract::FromRequest as _;
     let caller = caller.map(|axum::Extension(user)| user);
+    // A group/version served by an APIService's server, not here: proxied there.
+    if engine.registry.resources(&group, &version).is_none() {
+        match aggregator::serve(&engine, &group, &version, http, caller.as_ref()).await {
+            Some(response) => return response,
+            None => return ApiError::NoRoute.into_response(),
+        }
+    }
+    let body = Bytes::from_request(http, &()).await;
     let request = Request {
         engine: &engine,
         method,

@@ -260,6 +260,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         api.engine().clone(),
         args.metric_resolution,
     ));
+    // APIServices' `Available` condition, as kube-apiserver's availability controller.
+    let api_services = tokio::spawn(orquestra_apiserver::aggregator::availability::run(
+        api.engine().clone(),
+    ));
     let handle = axum_server::Handle::new();
     let server = if args.insecure_http {
         tracing::warn!(listen = %local, "serving plain HTTP without authentication (--insecure-http)");
@@ -304,6 +308,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
         // What agents join with, and what this server shows their endpoints.
         let _ = api.engine().kubelet_token.set(identity.node_token.clone());
+        // Aggregated API servers: the proxy's client identity, and how they trust it.
+        api.engine().set_front_proxy(identity.front_proxy.clone());
+        orquestra_apiserver::aggregator::publish_authentication(
+            api.engine(),
+            &identity.ca_pem,
+            &identity.front_proxy,
+        )
+        .await
+        .context("publishing the extension-apiserver-authentication ConfigMap")?;
         let auth = Arc::new(
             Authenticator::new(identity.token.clone(), api.engine().clone())
                 .with_node_token(identity.node_token.clone()),
@@ -416,6 +429,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     kubernetes_service.abort();
     quota_status.abort();
     resource_metrics.abort();
+    api_services.abort();
     if let Some(agent) = agent {
         let _ = agent.await;
     }

@@ -383,8 +383,27 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
          "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]},
     ]);
+    // What an aggregated API server's service account is bound to, to check who calls it.
+    let auth_delegator = serde_json::json!([
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+    ]);
+    // Bound to nobody: users bind it (`system:auth-delegator`, as kube-apiserver has it).
+    let [delegator_role, _] = role_for_group("system:auth-delegator", auth_delegator, "");
+    let reader = (
+        "roles",
+        serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "extension-apiserver-authentication-reader",
+                         "namespace": "kube-system", "labels": labels},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                       "resourceNames": [crate::aggregator::AUTHENTICATION_CONFIGMAP],
+                       "verbs": ["get", "list", "watch"]}],
+        }),
+    );
     let objects = role_for_group("cluster-admin", everything, MASTERS)
         .into_iter()
+        .chain([delegator_role, reader])
         .chain(role_for_group("system:node", node_rules(), NODES))
         .chain(role_for_group(
             "system:basic-user",
@@ -396,7 +415,11 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
             .registry
             .get(group, "v1", plural)
             .ok_or(ApiError::NoRoute)?;
-        match engine.create(&def, None, object.clone(), false).await {
+        let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
+        match engine
+            .create(&def, namespace.as_deref(), object.clone(), false)
+            .await
+        {
             Ok(_) => {}
             Err(ApiError::AlreadyExists { .. }) => reconcile_bootstrap(engine, def, object).await?,
             Err(e) => return Err(e),
@@ -420,7 +443,7 @@ async fn reconcile_bootstrap(
         .to_owned();
     let target = Target {
         def,
-        namespace: None,
+        namespace: wanted["metadata"]["namespace"].as_str().map(str::to_owned),
         name: Some(name),
         subresource: None,
     };

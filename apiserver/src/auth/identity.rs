@@ -63,6 +63,10 @@ pub struct Identity {
     /// [`User::node_agent`], which RBAC's bootstrap `system:node` role lets do what an agent
     /// does, and the API server presents it to agents' endpoints.
     pub node_token: String,
+    /// The front-proxy CA and the client certificate (CN `front-proxy-client`) it signs:
+    /// what requests proxied to aggregated API servers present
+    /// ([`crate::aggregator::FrontProxy`]).
+    pub front_proxy: crate::aggregator::FrontProxy,
 }
 
 impl std::fmt::Debug for Identity {
@@ -179,8 +183,62 @@ impl Identity {
             key_pem,
             token: load_or_create_token(&data_dir.join("token"))?,
             node_token: load_or_create_token(&data_dir.join("node-token"))?,
+            front_proxy: front_proxy(&dir)?,
         })
     }
+}
+
+/// The front-proxy CA (`front-proxy-ca.{crt,key}`) and its client certificate
+/// (`front-proxy-client.{crt,key}`, CN `front-proxy-client`), created on first use — a CA
+/// of their own, as kube-apiserver's `--requestheader-client-ca-file`, so a client
+/// certificate of the cluster CA cannot pass for the proxy.
+fn front_proxy(dir: &Path) -> Result<crate::aggregator::FrontProxy, IdentityError> {
+    let cert = |what| move |source| IdentityError::Certificate { what, source };
+    let paths = [
+        dir.join("front-proxy-ca.crt"),
+        dir.join("front-proxy-client.crt"),
+        dir.join("front-proxy-client.key"),
+    ];
+    if let [Ok(ca_pem), Ok(cert_pem), Ok(key_pem)] = paths.each_ref().map(std::fs::read_to_string) {
+        return Ok(crate::aggregator::FrontProxy {
+            ca_pem,
+            cert_pem,
+            key_pem,
+        });
+    }
+    let ca_key = KeyPair::generate().map_err(cert("the front-proxy CA key"))?;
+    let mut ca_params = ca_params().map_err(cert("the front-proxy CA"))?;
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "orquestra-front-proxy-ca");
+    let ca = ca_params
+        .self_signed(&ca_key)
+        .map_err(cert("the front-proxy CA"))?;
+    let key = KeyPair::generate().map_err(cert("the front-proxy client key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new())
+        .map_err(cert("the front-proxy client certificate"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, crate::aggregator::FRONT_PROXY_CLIENT);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let client = params
+        .signed_by(&key, &issuer)
+        .map_err(cert("the front-proxy client certificate"))?;
+    write_private(
+        &dir.join("front-proxy-ca.key"),
+        ca_key.serialize_pem().as_bytes(),
+    )?;
+    write_private(&paths[0], ca.pem().as_bytes())?;
+    write_private(&paths[2], key.serialize_pem().as_bytes())?;
+    write_private(&paths[1], client.pem().as_bytes())?;
+    Ok(crate::aggregator::FrontProxy {
+        ca_pem: ca.pem(),
+        cert_pem: client.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// A random bearer token kept in `path` (mode 0600), created on first use.

@@ -4,6 +4,7 @@
 //! Services and the `kubernetes` Service, resource quantities, and the resource metrics
 //! (`metrics.k8s.io`).
 
+pub mod aggregator;
 pub mod crd;
 pub mod crdgen;
 pub mod eviction;

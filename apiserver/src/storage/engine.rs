@@ -57,6 +57,8 @@ pub struct Engine {
     webhooks: Arc<crate::admission::webhook::Webhooks>,
     /// The nodes' and pods' latest resource use (`metrics.k8s.io`).
     resource_metrics: Arc<crate::resource_metrics::ResourceMetrics>,
+    /// The client identity requests to aggregated API servers carry, once set.
+    front_proxy: Arc<std::sync::OnceLock<crate::aggregator::FrontProxy>>,
 }
 
 /// Turns a stored key-value into the object clients see.
@@ -143,6 +145,7 @@ impl Engine {
             rbac: Arc::default(),
             webhooks: Arc::default(),
             resource_metrics: Arc::default(),
+            front_proxy: Arc::default(),
         }
     }
 
@@ -170,6 +173,17 @@ impl Engine {
         }
         crate::admission::on_write(attributes.def, object);
         Ok(())
+    }
+
+    /// Sets the front-proxy client identity requests to aggregated API servers carry (once:
+    /// false after).
+    pub fn set_front_proxy(&self, front_proxy: crate::aggregator::FrontProxy) -> bool {
+        self.front_proxy.set(front_proxy).is_ok()
+    }
+
+    /// The front-proxy client identity, if set.
+    pub fn front_proxy(&self) -> Option<&crate::aggregator::FrontProxy> {
+        self.front_proxy.get()
     }
 
     /// The nodes' and pods' latest resource use, as [`crate::resource_metrics::scrape`]
