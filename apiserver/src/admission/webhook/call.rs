@@ -263,6 +263,8 @@ async fn call(
         .post(&url)
         .timeout(timeout)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
+        // Not reqwest's default `*/*`: a Go webhook may then answer in YAML.
+        .header(reqwest::header::ACCEPT, "application/json")
         .body(body.to_string())
         .send()
         .await

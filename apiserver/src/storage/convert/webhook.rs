@@ -117,6 +117,8 @@ async fn review(
         .post(&url)
         .timeout(TIMEOUT)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
+        // Not reqwest's default `*/*`: a Go webhook may then answer in YAML.
+        .header(reqwest::header::ACCEPT, "application/json")
         .body(body.to_string())
         .send()
         .await
