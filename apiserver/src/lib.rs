@@ -15,8 +15,9 @@
 //!   conversion (CRD conversion webhooks included), object metadata, patches and field
 //!   management, selectors;
 //! - [`kinds`]: what particular kinds add — the registry of resources, CRDs, subresources
-//!   (scale, binding, eviction, log), Services and the `kubernetes` Service's endpoints, and
-//!   the resource metrics (`metrics.k8s.io`, read from the node agents);
+//!   (scale, binding, eviction, log), Services and the `kubernetes` Service's endpoints,
+//!   the resource metrics (`metrics.k8s.io`, read from the node agents), and API
+//!   aggregation (APIServices proxied to their servers);
 //!
 //! and every failure is a Kubernetes `Status` ([`error`]). The modules are re-exported at
 //! the crate root under their own names (`orquestra_apiserver::engine`, `::registry`, …).
