@@ -27,6 +27,21 @@ pub struct RequestInfo {
     pub scope: &'static str,
 }
 
+/// The name a `fieldSelector` requires exactly (`metadata.name=NAME`, alone or among others).
+fn selected_name(query: &str) -> Option<String> {
+    let (_, selector) = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == "fieldSelector")?;
+    selector.split(',').find_map(|term| {
+        let value = term.trim().strip_prefix("metadata.name")?;
+        let value = value
+            .strip_prefix("==")
+            .or_else(|| value.strip_prefix('='))?;
+        (!value.is_empty()).then(|| value.trim().to_owned())
+    })
+}
+
 impl RequestInfo {
     /// Parses a request; `None` for anything outside `/api/v1` and `/apis/G/V`.
     pub fn parse(method: &Method, path: &str, query: &str) -> Option<RequestInfo> {
@@ -78,6 +93,12 @@ impl RequestInfo {
             (false, true) => "namespace",
             (false, false) => "cluster",
         };
+        // A list or watch selecting one name by field is about that name, as kube-apiserver
+        // reads it: RBAC rules with `resourceNames` allow it (an informer on one ConfigMap).
+        let name = match (name, verb) {
+            (None, "LIST" | "WATCH") => selected_name(query),
+            (name, _) => name.map(str::to_owned),
+        };
         Some(RequestInfo {
             verb,
             dry_run: if flag("dryRun") { "All" } else { "" },
@@ -86,7 +107,7 @@ impl RequestInfo {
             resource: resource.to_owned(),
             subresource: subresource.to_owned(),
             namespace: namespace.map(str::to_owned),
-            name: name.map(str::to_owned),
+            name,
             scope,
         })
     }
@@ -153,6 +174,32 @@ mod tests {
 
     fn c(m: Method, p: &str, q: &str) -> Option<(&'static str, String, String, &'static str)> {
         RequestInfo::parse(&m, p, q).map(|i| (i.verb, i.group.clone(), i.resource_path(), i.scope))
+    }
+
+    #[test]
+    fn a_list_selecting_one_name_is_about_that_name() {
+        let list = |query: &str| {
+            RequestInfo::parse(
+                &Method::GET,
+                "/api/v1/namespaces/kube-system/configmaps",
+                query,
+            )
+            .unwrap()
+        };
+        let info = list("fieldSelector=metadata.name%3Dextension-apiserver-authentication&watch=1");
+        assert_eq!(info.verb, "WATCH");
+        assert_eq!(
+            info.name.as_deref(),
+            Some("extension-apiserver-authentication")
+        );
+        assert_eq!(
+            list("fieldSelector=a%3Db,metadata.name%3D%3Dx")
+                .name
+                .as_deref(),
+            Some("x")
+        );
+        assert_eq!(list("fieldSelector=metadata.name!%3Dx").name, None);
+        assert_eq!(list("").name, None);
     }
 
     #[test]
