@@ -1,9 +1,11 @@
 //! The APIServices' `Available` condition, as kube-apiserver's availability controller keeps
 //! it: a local one (no Service) is available; a Service-backed one is when its server
-//! answers its group/version's discovery through the proxy, checked every few seconds. Only
-//! the `Available` condition is written; others a user set stay.
+//! answers its group/version's discovery through the proxy. A new or changed APIService, or
+//! one not yet available, is checked within a second; an available one every 10 s. Only the
+//! `Available` condition is written; others a user set stay.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -11,18 +13,24 @@ use serde_json::{Value, json};
 use crate::engine::Engine;
 use crate::request::{Params, Target};
 
-/// How often every APIService is checked.
-const PERIOD: Duration = Duration::from_secs(5);
+/// How often the APIServices are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// How often an available, unchanged APIService is checked again.
+const RECHECK: Duration = Duration::from_secs(10);
 
-/// Checks every APIService each period, for as long as the task runs.
+/// When each APIService was last checked, and at which resourceVersion.
+type Checked = HashMap<String, (Instant, String)>;
+
+/// Checks the APIServices, for as long as the task runs.
 pub async fn run(engine: Engine) {
+    let mut checked = Checked::new();
     loop {
-        check_all(&engine).await;
-        tokio::time::sleep(PERIOD).await;
+        check_all(&engine, &mut checked).await;
+        tokio::time::sleep(TICK).await;
     }
 }
 
-async fn check_all(engine: &Engine) {
+async fn check_all(engine: &Engine, checked: &mut Checked) {
     let Some(def) = crate::quota::served(engine, super::GROUP, "apiservices") else {
         return;
     };
@@ -35,11 +43,33 @@ async fn check_all(engine: &Engine) {
     let Ok(list) = engine.list(&all, &Params::default()).await else {
         return;
     };
-    for api_service in list["items"].as_array().into_iter().flatten() {
-        let (status, reason, message) = check(engine, api_service).await;
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    checked.retain(|name, _| items.iter().any(|s| s["metadata"]["name"] == name.as_str()));
+    for api_service in &items {
+        let name = api_service["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let version = api_service["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let current = api_service["status"]["conditions"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["type"] == "Available"));
+        let due = match checked.get(&name) {
+            None => true,
+            Some((at, seen)) => {
+                *seen != version
+                    || current.is_none_or(|c| c["status"] != "True")
+                    || at.elapsed() >= RECHECK
+            }
+        };
+        if !due {
+            continue;
+        }
+        checked.insert(name, (Instant::now(), version));
+        let (status, reason, message) = check(engine, api_service).await;
         if current.is_some_and(|c| c["status"] == status && c["reason"] == reason) {
             continue;
         }
