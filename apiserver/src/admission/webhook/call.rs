@@ -243,7 +243,7 @@ async fn call(
     let timeout = hook.timeout;
     let (url, resolve) = locate(engine, &hook.client_config)
         .await
-        .map_err(Failure::Call)?;
+        .map_err(|e| Failure::Call(format!("failed to call webhook: {e}")))?;
     let url = format!(
         "{url}{}timeout={}s",
         if url.contains('?') { '&' } else { '?' },
@@ -438,7 +438,7 @@ pub(crate) async fn locate(
     let url = format!("https://{host}:{port}{path}");
     let address = endpoint(engine, namespace, name, port)
         .await
-        .map_err(|e| format!("failed to call webhook: Post {url:?}: {e}"))?;
+        .map_err(|e| format!("Post {url:?}: {e}"))?;
     // The client resolves the name to the endpoint, but a port written in the URL wins over
     // the resolved one: name the endpoint's port (the Service's target) in the URL itself.
     let url = format!("https://{host}:{}{path}", address.port());

@@ -1,7 +1,7 @@
 //! The APIServices' `Available` condition, as kube-apiserver's availability controller keeps
 //! it: a local one (no Service) is available; a Service-backed one is when its server
-//! answers its group/version's discovery through the proxy. A new or changed APIService, or
-//! one not yet available, is checked within a second; an available one every 10 s. Only the
+//! answers its group/version's discovery through the proxy. A new or changed APIService is
+//! checked at once, one not yet available every second, an available one every 10 s. Only the
 //! `Available` condition is written; others a user set stay.
 
 use std::collections::HashMap;
@@ -13,10 +13,16 @@ use serde_json::{Value, json};
 use crate::engine::Engine;
 use crate::request::{Params, Target};
 
-/// How often the APIServices are looked at.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the APIServices are looked at (a list from the watch cache): a new one is
+/// checked at once, as kube-apiserver's controller does on its add event — clients read the
+/// condition right after creating the APIService.
+const TICK: Duration = Duration::from_millis(100);
 /// How often an available, unchanged APIService is checked again.
 const RECHECK: Duration = Duration::from_secs(10);
+
+/// How long one check may take (a server that accepts and never answers must not stall the
+/// others).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// When each APIService was last checked, and at which resourceVersion.
 type Checked = HashMap<String, (Instant, String)>;
@@ -61,15 +67,17 @@ async fn check_all(engine: &Engine, checked: &mut Checked) {
             None => true,
             Some((at, seen)) => {
                 *seen != version
-                    || current.is_none_or(|c| c["status"] != "True")
+                    || (current.is_none_or(|c| c["status"] != "True")
+                        && at.elapsed() >= Duration::from_secs(1))
                     || at.elapsed() >= RECHECK
             }
         };
         if !due {
             continue;
         }
-        checked.insert(name, (Instant::now(), version));
+        checked.insert(name.clone(), (Instant::now(), version));
         let (status, reason, message) = check(engine, api_service).await;
+        tracing::debug!(apiservice = %name, status, reason, %message, "APIService checked");
         if current.is_some_and(|c| c["status"] == status && c["reason"] == reason) {
             continue;
         }
@@ -91,7 +99,7 @@ async fn check_all(engine: &Engine, checked: &mut Checked) {
             subresource: Some("status".into()),
         };
         if let Err(error) = engine.update(&target, updated, false).await {
-            tracing::debug!(%error, "writing an APIService's availability");
+            tracing::warn!(%error, "writing an APIService's availability");
         }
     }
 }
@@ -112,16 +120,24 @@ async fn check(engine: &Engine, api_service: &Value) -> (&'static str, &'static 
         name: "system:kube-aggregator".into(),
         groups: vec![crate::authorization::MASTERS.into()],
     };
-    let answer = super::proxy(
-        engine,
-        api_service,
-        axum::http::Method::GET,
-        &path,
-        &axum::http::HeaderMap::new(),
-        Some(&caller),
-        axum::body::Bytes::new(),
+    let answer = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        super::proxy(
+            engine,
+            api_service,
+            axum::http::Method::GET,
+            &path,
+            &axum::http::HeaderMap::new(),
+            Some(&caller),
+            axum::body::Bytes::new(),
+        ),
     )
-    .await;
+    .await
+    .unwrap_or_else(|_| {
+        Err(crate::error::ApiError::Timeout(format!(
+            "no answer from {path} in {CHECK_TIMEOUT:?}"
+        )))
+    });
     match answer {
         Ok(response) if response.status() == StatusCode::OK => {
             ("True", "Passed", "all checks passed".into())
