@@ -101,6 +101,12 @@ fn crd(storage: &str, client_config: Value) -> Value {
         json!({"name": name, "served": true, "storage": name == storage,
             "schema": {"openAPIV3Schema": {"type": "object", "properties": properties}}})
     };
+    let v1 = version("v1", json!({"hostPort": {"type": "string"}}));
+    let mut v2 = version(
+        "v2",
+        json!({"host": {"type": "string"}, "port": {"type": "string"}}),
+    );
+    v2["selectableFields"] = json!([{"jsonPath": ".host"}]);
     json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "endpoints.example.com"},
@@ -108,10 +114,7 @@ fn crd(storage: &str, client_config: Value) -> Value {
             "group": "example.com", "scope": "Namespaced",
             "names": {"plural": "endpoints", "singular": "endpoint", "kind": "Endpoint",
                       "listKind": "EndpointList"},
-            "versions": [
-                version("v1", json!({"hostPort": {"type": "string"}})),
-                version("v2", json!({"host": {"type": "string"}, "port": {"type": "string"}})),
-            ],
+            "versions": [v1, v2],
             "conversion": {"strategy": "Webhook", "webhook": {
                 "clientConfig": client_config, "conversionReviewVersions": ["v1", "v1beta1"]}},
         },
@@ -258,6 +261,36 @@ async fn a_crd_with_two_versions_and_a_conversion_webhook_reads_in_both() {
     hosts.sort();
     assert_eq!(hosts, ["cache", "db", "localhost"]);
     assert!(as_v2.items.iter().all(|o| o.data.get("hostPort").is_none()));
+
+    // A field selector names the requested version's fields: v2's `host`, which the objects
+    // stored as v1 only have once converted.
+    let db = v2
+        .list(&ListParams::default().fields("host=db"))
+        .await
+        .unwrap();
+    let names: Vec<_> = db
+        .items
+        .iter()
+        .map(|o| o.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["second"]);
+    let mut selected = v2
+        .watch(
+            &WatchParams::default().fields("host=localhost").timeout(10),
+            "0",
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), selected.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Added(first) = first else {
+        panic!("expected ADDED, got {first:?}");
+    };
+    assert_eq!(first.metadata.name.as_deref(), Some("first"));
 
     // Watched as v1 from the list: an update written as v2 arrives converted.
     let rv = as_v1.metadata.resource_version.unwrap();

@@ -75,6 +75,13 @@ pub async fn watch(
         };
         return Ok(from_cache.stream(cached, initial_events, timeout));
     }
+    // A kind converted by webhook selects by the requested version's fields: its objects are
+    // converted before the field selector looks at them.
+    let convert_first = crate::engine::selects_after_conversion(&def, &fields);
+    let (late_labels, late_fields) = (labels.clone(), fields.clone());
+    let matches_late = std::sync::Arc::new(move |object: &Value| {
+        late_labels.matches(object) && late_fields.matches(object)
+    });
     let matches = move |object: &Value| labels.matches(object) && fields.matches(object);
     // `kubectl get -w` asks for every event's object as a one-row Table.
     let table_def = def.clone();
@@ -115,11 +122,14 @@ pub async fn watch(
                 for kv in &page.kvs {
                     // Selectors name fields of the stored form (as the watch cache's do).
                     let object = decode(kv)?;
-                    if matches(&object) {
+                    if convert_first || matches(&object) {
                         objects.push(object);
                     }
                 }
                 engine.to_client_all(&def, &mut objects).await?;
+                if convert_first {
+                    objects.retain(&matches);
+                }
                 initial.extend(objects.iter().map(|object| line("ADDED", object)));
                 match page.next(None) {
                     Some(next) => options = next,
@@ -145,6 +155,13 @@ pub async fn watch(
     let engine = engine.clone();
     let events = changes.filter_map(move |item| {
         let pending = match item {
+            Ok(WatchEvent::Change(event)) if convert_first => Some(Pending::Unmatched {
+                old: event.prev.as_ref().and_then(|kv| decode(kv).ok()),
+                new: decode(&event.kv)
+                    .ok()
+                    .filter(|_| !matches!(event.kind, EventKind::Delete)),
+                revision: event.kv.mod_revision,
+            }),
             Ok(WatchEvent::Change(event)) => {
                 let new = decode(&event.kv).ok();
                 let old = event.prev.as_ref().and_then(|kv| decode(kv).ok());
@@ -178,9 +195,36 @@ pub async fn watch(
             ))),
         };
         let (engine, def, line) = (engine.clone(), def.clone(), line.clone());
+        let late_matches = matches_late.clone();
         async move {
             match pending? {
                 Pending::Line(bytes) => Some(bytes),
+                Pending::Unmatched { old, new, revision } => {
+                    let converted = |object: Option<Value>| async {
+                        let mut object = object?;
+                        Some(engine.to_client(&def, &mut object).await.map(|()| object))
+                    };
+                    let (old, new) = match (converted(old).await, converted(new).await) {
+                        (Some(Err(error)), _) | (_, Some(Err(error))) => {
+                            return Some(line("ERROR", &error.status()));
+                        }
+                        (old, new) => (old.and_then(Result::ok), new.and_then(Result::ok)),
+                    };
+                    let was = old.as_ref().is_some_and(|o| late_matches(o));
+                    match (new, was) {
+                        (None, true) => old.map(|mut o| {
+                            set_resource_version(&mut o, revision);
+                            line("DELETED", &o)
+                        }),
+                        (None, false) => None,
+                        (Some(new), was) => match (was, late_matches(&new)) {
+                            (true, true) => Some(line("MODIFIED", &new)),
+                            (false, true) => Some(line("ADDED", &new)),
+                            (true, false) => Some(line("DELETED", &new)),
+                            (false, false) => None,
+                        },
+                    }
+                }
                 Pending::Object(kind, mut object) => {
                     Some(match engine.to_client(&def, &mut object).await {
                         Ok(()) => line(kind, &object),
@@ -202,6 +246,13 @@ pub async fn watch(
 enum Pending {
     /// An object event: its type and the object as stored.
     Object(&'static str, Value),
+    /// A change of a kind whose selectors look at converted objects: the object before and
+    /// after (none after a delete), matched once converted.
+    Unmatched {
+        old: Option<Value>,
+        new: Option<Value>,
+        revision: i64,
+    },
     /// A line ready to send (a bookmark, an error).
     Line(Bytes),
 }

@@ -1050,6 +1050,9 @@ impl Engine {
             params.field_selector.as_deref().unwrap_or(""),
             &target.def,
         )?;
+        if selects_after_conversion(&target.def, &fields) {
+            return Ok(None);
+        }
         let limit = params.limit()?;
         let (at_least, start_after, pinned) = match params.continue_token.as_deref() {
             Some(token) if !token.is_empty() => {
@@ -1196,9 +1199,17 @@ impl Engine {
                     break 'pages;
                 }
                 start_after = Some(kv.key.clone());
-                // Selectors name fields of the stored form (as the watch cache's do).
-                let object = decode(kv)?;
-                if labels.matches(&object) && fields.matches(&object) {
+                // Selectors name fields of the stored form (as the watch cache's do), but
+                // for a kind converted by webhook, whose versions differ in shape: its field
+                // selectors name the requested version's fields.
+                let mut object = decode(kv)?;
+                if !labels.matches(&object) {
+                    continue;
+                }
+                if selects_after_conversion(def, &fields) {
+                    self.to_client(def, &mut object).await?;
+                }
+                if fields.matches(&object) {
                     items.push(object);
                 }
             }
@@ -1235,6 +1246,13 @@ impl Engine {
             "items": items,
         }))
     }
+}
+
+/// Whether `fields` must be matched against objects converted to `def`'s version first: a
+/// kind converted by webhook selects by its requested version's fields, which the stored
+/// form may name otherwise (kube-apiserver filters custom resources after conversion).
+pub(crate) fn selects_after_conversion(def: &ResourceDef, fields: &FieldSelector) -> bool {
+    def.conversion.is_some() && !fields.is_empty()
 }
 
 /// Whether `needle` occurs in `haystack`.
