@@ -60,6 +60,9 @@ pub struct ServedWebhooks {
     task: tokio::task::JoinHandle<()>,
     /// Where the handlers listen (HTTPS, loopback).
     pub addr: SocketAddr,
+    /// How the API server reaches them (URL and `caBundle`): for a CRD's conversion,
+    /// [`crate::webhook::conversion`].
+    pub client: k8s_openapi::api::admissionregistration::v1::WebhookClientConfig,
 }
 
 impl Drop for ServedWebhooks {
@@ -154,12 +157,17 @@ impl TestApi {
             service: None,
         };
         let (validating, mutating) = webhooks.configurations(name, &client);
+        let client_for_test = client.clone();
         let task = tokio::spawn(async move {
             if let Err(error) = webhooks.serve_on(listener, &tls).await {
                 tracing::error!(%error, "the test's webhook server stopped");
             }
         });
-        let served = ServedWebhooks { task, addr };
+        let served = ServedWebhooks {
+            task,
+            addr,
+            client: client_for_test,
+        };
         let pp = PostParams::default();
         if let Some(configuration) = validating {
             Api::<ValidatingWebhookConfiguration>::all(self.client())

@@ -127,11 +127,12 @@ impl<K> Response<K> {
     }
 }
 
-/// Validating or mutating.
+/// Validating, mutating, or converting between a CRD's versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Type {
     Validating,
     Mutating,
+    Converting,
 }
 
 type Handler = Arc<dyn Fn(&Value) -> Result<Value, String> + Send + Sync>;
@@ -206,6 +207,7 @@ impl WebhookServer {
         let prefix = match kind {
             Type::Validating => "validate",
             Type::Mutating => "mutate",
+            Type::Converting => "convert",
         };
         let group_path = if group.is_empty() { "core" } else { &group };
         let path = format!("/{prefix}/{group_path}/{version}/{plural}");
@@ -251,6 +253,54 @@ impl WebhookServer {
             .iter()
             .map(|h| (h.name.clone(), h.path.clone()))
             .collect()
+    }
+
+    /// Adds a conversion handler between two versions of one custom resource, `A` and `B`
+    /// (their Rust types, as `kube::CustomResource` derives them): `up` turns an `A` into a
+    /// `B`, `down` the reverse. Served at `/convert/GROUP/PLURAL`. Objects already in the
+    /// version asked for pass unchanged; one in neither fails the review. Point the CRD's
+    /// `spec.conversion` at it with [`conversion`].
+    #[must_use]
+    pub fn convert<A, B>(
+        mut self,
+        up: impl Fn(A) -> B + Send + Sync + 'static,
+        down: impl Fn(B) -> A + Send + Sync + 'static,
+    ) -> Self
+    where
+        A: Resource<DynamicType = ()> + DeserializeOwned + Serialize,
+        B: Resource<DynamicType = ()> + DeserializeOwned + Serialize,
+    {
+        let (group, plural) = (A::group(&()).to_string(), A::plural(&()).to_string());
+        let (a, b) = (
+            A::api_version(&()).to_string(),
+            B::api_version(&()).to_string(),
+        );
+        let one = move |object: Value, to: &str| -> Result<Value, String> {
+            let from = object["apiVersion"].as_str().unwrap_or_default().to_owned();
+            let parse = |e: serde_json::Error| format!("{from} object does not parse: {e}");
+            let write = |e: serde_json::Error| e.to_string();
+            match (from.as_str(), to) {
+                (f, t) if f == t => Ok(object),
+                (f, t) if f == a && t == b => {
+                    let old: A = serde_json::from_value(object).map_err(parse)?;
+                    serde_json::to_value(up(old)).map_err(write)
+                }
+                (f, t) if f == b && t == a => {
+                    let old: B = serde_json::from_value(object).map_err(parse)?;
+                    serde_json::to_value(down(old)).map_err(write)
+                }
+                (f, t) => Err(format!("no conversion from {f:?} to {t:?}")),
+            }
+        };
+        let handler: Handler = Arc::new(move |review: &Value| Ok(conversion_answer(review, &one)));
+        self.hooks.push(Hook {
+            name: format!("c.{plural}.{group}"),
+            path: format!("/convert/{group}/{plural}"),
+            kind: Type::Converting,
+            rule: RuleWithOperations::default(),
+            handler,
+        });
+        self
     }
 
     /// Registers the webhook metrics in `registry` (a [`crate::Manager::registry`]).
@@ -316,17 +366,7 @@ impl WebhookServer {
         Option<ValidatingWebhookConfiguration>,
         Option<MutatingWebhookConfiguration>,
     ) {
-        let client_for = |path: &str| {
-            let mut client = client.clone();
-            if let Some(url) = client.url.as_mut() {
-                url.push_str(path);
-            }
-            if let Some(service) = client.service.as_mut() {
-                let base = service.path.take().unwrap_or_default();
-                service.path = Some(format!("{}{path}", base.trim_end_matches('/')));
-            }
-            client
-        };
+        let client_for = |path: &str| client_with_path(client, path);
         let versions = Some(vec!["v1".to_owned()]);
         let validating: Vec<ValidatingWebhook> = self
             .hooks
@@ -374,6 +414,67 @@ impl WebhookServer {
             }),
         )
     }
+}
+
+/// The `spec.conversion` of `A`'s CRD pointing at a [`WebhookServer::convert`] handler for
+/// it, reached through `client` (as [`WebhookServer::configurations`] takes it).
+pub fn conversion<A: Resource<DynamicType = ()>>(
+    client: &WebhookClientConfig,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceConversion {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
+    let path = format!("/convert/{}/{}", A::group(&()), A::plural(&()));
+    let client = client_with_path(client, &path);
+    ext::CustomResourceConversion {
+        strategy: "Webhook".into(),
+        webhook: Some(ext::WebhookConversion {
+            client_config: Some(ext::WebhookClientConfig {
+                ca_bundle: client.ca_bundle,
+                url: client.url,
+                service: client.service.map(|s| ext::ServiceReference {
+                    name: s.name,
+                    namespace: s.namespace,
+                    path: s.path,
+                    port: s.port,
+                }),
+            }),
+            conversion_review_versions: vec!["v1".into()],
+        }),
+    }
+}
+
+/// `client` with `path` appended to its URL or its Service's path.
+fn client_with_path(client: &WebhookClientConfig, path: &str) -> WebhookClientConfig {
+    let mut client = client.clone();
+    if let Some(url) = client.url.as_mut() {
+        url.push_str(path);
+    }
+    if let Some(service) = client.service.as_mut() {
+        let base = service.path.take().unwrap_or_default();
+        service.path = Some(format!("{}{path}", base.trim_end_matches('/')));
+    }
+    client
+}
+
+/// Answers a ConversionReview: every object converted by `one`, or the first failure.
+fn conversion_answer(review: &Value, one: &dyn Fn(Value, &str) -> Result<Value, String>) -> Value {
+    let request = &review["request"];
+    let to = request["desiredAPIVersion"].as_str().unwrap_or_default();
+    let converted: Result<Vec<Value>, String> = request["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|object| one(object.clone(), to))
+        .collect();
+    let response = match converted {
+        Ok(objects) => json!({"uid": request["uid"], "convertedObjects": objects,
+                              "result": {"status": "Success"}}),
+        Err(message) => json!({"uid": request["uid"],
+                               "result": {"status": "Failure", "message": message}}),
+    };
+    let api_version = review["apiVersion"]
+        .as_str()
+        .unwrap_or("apiextensions.k8s.io/v1");
+    json!({"apiVersion": api_version, "kind": "ConversionReview", "response": response})
 }
 
 /// Answers one review: the handler's response, or a 400 review for a body that is not one.
