@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use base64::Engine as _;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use orquestra_apiserver::identity::Identity;
@@ -39,16 +38,6 @@ fn remember(seen: &Seen, headers: &HeaderMap) {
 
 async fn extension_server(dir: &std::path::Path, seen: Seen) -> (std::net::SocketAddr, String) {
     use axum::routing::get;
-    let identity = Identity::load_or_create(dir, &["api.default.svc".into()]).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        identity.cert_pem.into_bytes(),
-        identity.key_pem.into_bytes(),
-    )
-    .await
-    .unwrap();
     let resources = |State(seen): State<Seen>, headers: HeaderMap| async move {
         remember(&seen, &headers);
         Json(json!({"kind": "APIResourceList", "apiVersion": "v1",
@@ -77,10 +66,7 @@ async fn extension_server(dir: &std::path::Path, seen: Seen) -> (std::net::Socke
             get(flunders).post(create),
         )
         .with_state(seen);
-    let serving = axum_server::from_tcp_rustls(listener, tls).unwrap();
-    tokio::spawn(serving.serve(app.into_make_service()));
-    let ca = base64::engine::general_purpose::STANDARD.encode(identity.ca_pem);
-    (addr, ca)
+    common::serve_tls(dir, &["api.default.svc".into()], app).await
 }
 
 fn dynamic(c: &common::Cluster, resource: ApiResource) -> Api<DynamicObject> {

@@ -15,11 +15,9 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use base64::Engine as _;
 use futures::{StreamExt, TryStreamExt};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams};
-use orquestra_apiserver::identity::Identity;
 use serde_json::{Value, json};
 
 /// How many reviews and how many objects the webhook has converted.
@@ -76,23 +74,10 @@ async fn webhook_server(
     dir: &std::path::Path,
     calls: Arc<Calls>,
 ) -> (std::net::SocketAddr, String) {
-    let identity = Identity::load_or_create(dir, &[]).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        identity.cert_pem.into_bytes(),
-        identity.key_pem.into_bytes(),
-    )
-    .await
-    .unwrap();
     let app = axum::Router::new()
         .route("/{mode}", axum::routing::post(convert))
         .with_state(calls);
-    let serving = axum_server::from_tcp_rustls(listener, tls).unwrap();
-    tokio::spawn(serving.serve(app.into_make_service()));
-    let ca = base64::engine::general_purpose::STANDARD.encode(identity.ca_pem);
-    (addr, ca)
+    common::serve_tls(dir, &[], app).await
 }
 
 /// The CRD, storing `storage`, converting through `client_config`.

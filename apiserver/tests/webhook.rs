@@ -71,21 +71,8 @@ async fn answer(Path(mode): Path<String>, Json(review): Json<Value>) -> axum::re
 /// Serves [`answer`] over TLS with a certificate for 127.0.0.1 and `sans`; its address and
 /// the CA (base64 PEM, as `caBundle` holds it).
 async fn webhook_server(dir: &std::path::Path, sans: &[String]) -> (std::net::SocketAddr, String) {
-    let identity = Identity::load_or_create(dir, sans).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        identity.cert_pem.into_bytes(),
-        identity.key_pem.into_bytes(),
-    )
-    .await
-    .unwrap();
     let app = axum::Router::new().route("/{mode}", axum::routing::post(answer));
-    let serving = axum_server::from_tcp_rustls(listener, tls).unwrap();
-    tokio::spawn(serving.serve(app.into_make_service()));
-    let ca = base64::engine::general_purpose::STANDARD.encode(identity.ca_pem);
-    (addr, ca)
+    common::serve_tls(dir, sans, app).await
 }
 
 /// A webhook on ConfigMap creates labelled `hook: <label>`.

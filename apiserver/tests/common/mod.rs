@@ -74,3 +74,28 @@ impl Cluster {
         (code, body)
     }
 }
+
+/// Serves `app` over TLS on a free loopback port with a certificate (of its own CA, made in
+/// `dir`) for 127.0.0.1 and `sans`: its address and the CA as `caBundle` holds it (base64
+/// PEM). The test webhooks and extension servers.
+pub async fn serve_tls(
+    dir: &std::path::Path,
+    sans: &[String],
+    app: axum::Router,
+) -> (std::net::SocketAddr, String) {
+    use base64::Engine as _;
+    let identity = orquestra_apiserver::identity::Identity::load_or_create(dir, sans).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+        identity.cert_pem.into_bytes(),
+        identity.key_pem.into_bytes(),
+    )
+    .await
+    .unwrap();
+    let serving = axum_server::from_tcp_rustls(listener, tls).unwrap();
+    tokio::spawn(serving.serve(app.into_make_service()));
+    let ca = base64::engine::general_purpose::STANDARD.encode(identity.ca_pem);
+    (addr, ca)
+}

@@ -256,11 +256,31 @@ async fn call(
         .map_err(Failure::Call)?;
     let uid = uuid::Uuid::new_v4().to_string();
     let body = request(&uid, attributes, object);
-    let failed = |e: &dyn std::fmt::Display| {
-        Failure::Call(format!("failed to call webhook: Post {url:?}: {e}"))
-    };
+    let bytes = post_json(&client, &url, timeout, &body)
+        .await
+        .map_err(|e| Failure::Call(format!("failed to call webhook: {e}")))?;
+    let review: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Failure::Call(format!(
+            "failed to call webhook: its answer is not JSON: {e}"
+        ))
+    })?;
+    verify(&uid, &review).map_err(|failure| match failure {
+        Failure::Denied(status) => Failure::Denied(denial(&hook.name, &status)),
+        other => other,
+    })
+}
+
+/// POSTs `body` as JSON to a webhook (admission or conversion) and returns its answer's bytes,
+/// or why there is none: `Post "URL": REASON`, a non-2xx status with the start of its body.
+pub(crate) async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: std::time::Duration,
+    body: &Value,
+) -> Result<bytes::Bytes, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("Post {url:?}: {e}");
     let response = client
-        .post(&url)
+        .post(url)
         .timeout(timeout)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         // Not reqwest's default `*/*`: a Go webhook may then answer in YAML.
@@ -281,19 +301,11 @@ async fn call(
             text.chars().take(200).collect::<String>()
         )));
     }
-    let review: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Failure::Call(format!(
-            "failed to call webhook: its answer is not JSON: {e}"
-        ))
-    })?;
-    verify(&uid, &review).map_err(|failure| match failure {
-        Failure::Denied(status) => Failure::Denied(denial(&hook.name, &status)),
-        other => other,
-    })
+    Ok(bytes)
 }
 
 /// Why reqwest failed, in the words kube's users search for (`context deadline exceeded`).
-pub(crate) fn reqwest_reason(e: &reqwest::Error) -> String {
+fn reqwest_reason(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         return "context deadline exceeded".into();
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::admission::webhook::call::{locate, reqwest_reason};
+use crate::admission::webhook::call::{locate, post_json};
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::registry::ResourceDef;
@@ -112,29 +112,7 @@ async fn review(
         "kind": "ConversionReview",
         "request": {"uid": uid, "desiredAPIVersion": api_version, "objects": objects},
     });
-    let failed = |e: &dyn std::fmt::Display| format!("Post {url:?}: {e}");
-    let response = client
-        .post(&url)
-        .timeout(TIMEOUT)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        // Not reqwest's default `*/*`: a Go webhook may then answer in YAML.
-        .header(reqwest::header::ACCEPT, "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .map_err(|e| failed(&reqwest_reason(&e)))?;
-    let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| failed(&reqwest_reason(&e)))?;
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&bytes);
-        return Err(failed(&format!(
-            "the server answered {status}: {}",
-            text.chars().take(200).collect::<String>()
-        )));
-    }
+    let bytes = post_json(&client, &url, TIMEOUT, &body).await?;
     let mut answer: Value = serde_json::from_slice(&bytes)
         .map_err(|e| format!("its answer is not a ConversionReview: {e}"))?;
     if answer["apiVersion"] != review_api.as_str() || answer["kind"] != "ConversionReview" {
