@@ -362,13 +362,13 @@ async fn victims_protected_by_a_budget_are_avoided() {
         .unwrap();
     pods.create(
         &PostParams::default(),
-        &pod("guarded", "low", 1, json!({"nodeName": "sim-0"})),
+        &pod("guarded", "low", 1, on("sim-0")),
     )
     .await
     .unwrap();
     pods.create(
         &PostParams::default(),
-        &pod("free", "low", 1, json!({"nodeName": "sim-1"})),
+        &pod("free", "low", 1, on("sim-1")),
     )
     .await
     .unwrap();
@@ -389,6 +389,12 @@ async fn victims_protected_by_a_budget_are_avoided() {
     gone(&pods, "free").await;
     let guarded = pods.get("guarded").await.unwrap();
     assert!(guarded.metadata.deletion_timestamp.is_none());
+}
+
+/// A pod spec pinned to `node` through the scheduler (a nodeSelector, not `nodeName`), so the
+/// scheduler has placed — and so counts — the pod before anything is preempted.
+fn on(node: &str) -> serde_json::Value {
+    json!({"nodeSelector": {"kubernetes.io/hostname": node}})
 }
 
 /// Where the pods named `prefix-*` went: node → count; and how many are pending.
