@@ -366,12 +366,9 @@ async fn victims_protected_by_a_budget_are_avoided() {
     )
     .await
     .unwrap();
-    pods.create(
-        &PostParams::default(),
-        &pod("free", "low", 1, on("sim-1")),
-    )
-    .await
-    .unwrap();
+    pods.create(&PostParams::default(), &pod("free", "low", 1, on("sim-1")))
+        .await
+        .unwrap();
     for name in ["guarded", "free"] {
         wait_for(&pods, name, Duration::from_secs(20), |p| {
             p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
