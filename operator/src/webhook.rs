@@ -247,6 +247,19 @@ impl WebhookServer {
         self
     }
 
+    /// `self` with `other`'s handlers too: one server for several controllers' webhooks (as
+    /// `orq operator` serves every selected controller's on one port). Metrics are `self`'s.
+    #[must_use]
+    pub fn merge(mut self, other: WebhookServer) -> Self {
+        self.hooks.extend(other.hooks);
+        self
+    }
+
+    /// Whether it has no handler at all.
+    pub fn is_empty(&self) -> bool {
+        self.hooks.is_empty()
+    }
+
     /// Each handler's webhook name and path.
     pub fn routes(&self) -> BTreeMap<String, String> {
         self.hooks

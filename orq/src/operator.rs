@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use orquestra_operator::webhook::{Tls, WebhookServer};
 use orquestra_operator::{LeaderElection, Manager};
 
 /// The control loops' flags, shared by `orq server` and `orq operator`.
@@ -55,6 +56,7 @@ pub(crate) const CUSTOM: &[Custom] = &[Custom {
     name: "staticsite",
     add: static_site::controller,
     rules: static_site::RULES,
+    webhooks: Some(static_site::webhooks),
 }];
 
 /// A controller of one of Orquestra's own custom resources.
@@ -65,6 +67,9 @@ pub(crate) struct Custom {
     pub add: fn(&mut Manager) -> Option<()>,
     /// The RBAC rules its requests need.
     pub rules: &'static [orquestra_operator::rbac::Rule],
+    /// Its admission webhooks, if it has any: `orq operator --webhook-listen` serves them and
+    /// `orq chartgen` writes their configurations into the chart.
+    pub webhooks: Option<fn() -> WebhookServer>,
 }
 
 impl ControllerArgs {
@@ -159,8 +164,51 @@ pub struct OperatorArgs {
     /// several replicas can run (one acts at a time).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
+    /// Serve the admission webhooks of the selected controllers that have any (staticsite's)
+    /// over HTTPS on this address, as controller-runtime's webhook server does; the chart
+    /// points its webhook configurations' Service here. Every replica serves, leader or not.
+    #[arg(long, value_name = "ADDR", requires = "webhook_cert_dir")]
+    webhook_listen: Option<SocketAddr>,
+    /// The webhooks' serving certificate: `tls.crt`, `tls.key` and the `ca.crt` that signed
+    /// them, in this directory (a mounted `kubernetes.io/tls` Secret, as the chart mounts).
+    #[arg(long, value_name = "DIR", requires = "webhook_listen")]
+    webhook_cert_dir: Option<PathBuf>,
     #[command(flatten)]
     controllers: ControllerArgs,
+}
+
+/// The webhooks of the custom controllers in `added`, on one server; `None` if they have none.
+pub(crate) fn webhooks_of(added: &[&str]) -> Option<WebhookServer> {
+    CUSTOM
+        .iter()
+        .filter(|c| added.contains(&c.name))
+        .filter_map(|c| c.webhooks)
+        .map(|webhooks| webhooks())
+        .reduce(WebhookServer::merge)
+}
+
+/// Binds `addr` now (so a taken port fails the start) and serves `server` there with the
+/// certificate in `dir` on a task of its own.
+fn serve_webhooks(
+    server: WebhookServer,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let ca = Some(dir.join("ca.crt"))
+        .filter(|ca| ca.exists())
+        .unwrap_or_else(|| dir.join("tls.crt"));
+    let tls = Tls::from_files(&dir.join("tls.crt"), &dir.join("tls.key"), &ca)
+        .context("--webhook-cert-dir")?;
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .with_context(|| format!("--webhook-listen {addr}"))?;
+    tracing::info!(%addr, routes = ?server.routes(), "serving admission webhooks");
+    tokio::spawn(async move {
+        if let Err(error) = server.serve_on(listener, &tls).await {
+            tracing::error!(%error, "the webhook server stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Runs the selected control loops until SIGTERM/SIGINT.
@@ -180,6 +228,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     });
     let added = args.controllers.add_to(&mut manager, default_ca)?;
     anyhow::ensure!(!added.is_empty(), "--controllers selects no control loop");
+    if let (Some(addr), Some(dir)) = (args.webhook_listen, &args.webhook_cert_dir) {
+        let server = webhooks_of(&added).with_context(|| {
+            format!("--webhook-listen: none of the selected controllers ({added:?}) has webhooks")
+        })?;
+        server.register_metrics(manager.registry())?;
+        serve_webhooks(server, addr, dir)?;
+    }
     if args.leader_elect {
         // Unique per process, readable in `kubectl get lease`: host and pid.
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

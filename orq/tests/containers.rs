@@ -1112,8 +1112,10 @@ fn a_failing_node_part_shows_on_the_node_and_recovers() {
 /// serviceaccount, nodeipam) and the garbage collector, and none of those the chart's
 /// operator runs, and enforces RBAC, so the operator has only the chart's generated rules.
 /// Install → the operator pod is Ready, leads, reconciles a StaticSite and keeps its own
-/// metrics Service's Endpoints, with no request refused; upgrade with a changed value → a new
-/// pod; uninstall → nothing of the release is left.
+/// metrics Service's Endpoints, with no request refused, and serves the StaticSite webhook
+/// the chart registered (Service, generated certificate, caBundle): an unpinned image is
+/// refused; upgrade with a changed value → a new pod, the certificate kept and the webhook
+/// still answering; uninstall → nothing of the release is left.
 #[test]
 fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
     const NS: &str = "orquestra-system";
@@ -1340,6 +1342,43 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
         "403"
     );
 
+    // The chart registered the StaticSite controller's validating webhook, served by the
+    // operator pod behind the chart's Service with the certificate the chart generated: an
+    // unpinned image is refused, naming the webhook.
+    let unpinned = serde_json::json!({
+        "apiVersion": "example.orquestra.dev/v1", "kind": "StaticSite",
+        "metadata": {"name": "drifting", "namespace": "default"},
+        "spec": {"content": "x", "replicas": 0, "image": "nginx"},
+    });
+    let refused = host.apply_try(&unpinned).unwrap_err();
+    assert!(
+        refused.contains(r#"admission webhook "vstaticsite.staticsites.example.orquestra.dev" denied the request"#)
+            && refused.contains(r#"spec.image "nginx" is not pinned"#),
+        "{refused}"
+    );
+    let metrics = host
+        .curl(&format!("http://{pod_ip}:10257/metrics"))
+        .unwrap_or_default();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            r#"controller_runtime_webhook_requests_total{code="200",webhook="vstaticsite.staticsites.example.orquestra.dev"}"#
+        )),
+        "{metrics}"
+    );
+    let webhook_ca = || {
+        host.kubectl(&[
+            "get",
+            "secret",
+            "orq-orquestra-webhook-cert",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])
+    };
+    let ca_before = webhook_ca();
+    assert!(!ca_before.is_empty());
+
     // A changed value rolls the pod; the new one becomes Ready and takes over the Lease.
     let upgraded = helm(&[
         "upgrade",
@@ -1371,6 +1410,11 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
         Duration::from_secs(60),
         &|| holder().starts_with(&format!("{second}_")),
     );
+    // The upgrade kept the webhook's certificate, so the caBundle still matches what the
+    // new pod serves with.
+    assert_eq!(webhook_ca(), ca_before);
+    let refused = host.apply_try(&unpinned).unwrap_err();
+    assert!(refused.contains("is not pinned"), "{refused}");
 
     // Deleting the StaticSite runs the operator's finalizer, which removes its children.
     host.kubectl(&[
@@ -1397,12 +1441,13 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
         &|| {
             left(&[
                 "get",
-                "deployments,replicasets,pods,services,serviceaccounts",
+                "deployments,replicasets,pods,services,serviceaccounts,secrets",
                 "-n",
                 NS,
             ])
             .is_empty()
                 && left(&["get", "clusterroles,clusterrolebindings"]).is_empty()
+                && left(&["get", "validatingwebhookconfigurations"]).is_empty()
                 && left(&["get", "roles,rolebindings", "-n", "kube-system"]).is_empty()
         },
     );

@@ -254,6 +254,30 @@ impl Host {
         run_with_input(&mut kubectl, manifest.to_string().as_bytes());
     }
 
+    /// `kubectl apply` of `manifest`, or what kubectl said when it failed.
+    pub fn apply_try(&self, manifest: &Value) -> Result<(), String> {
+        use std::io::Write;
+        let mut child = self
+            .nsenter("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.data_dir().join("kubeconfig.yaml"))
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(manifest.to_string().as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     pub fn pod(&self, name: &str) -> Value {
         serde_json::from_str(&self.kubectl(&["get", "pod", name, "-o", "json"])).unwrap()
     }
