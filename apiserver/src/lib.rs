@@ -405,7 +405,7 @@ async fn group_resource(
     use axum::extract::FromRequest as _;
     let caller = caller.map(|axum::Extension(user)| user);
     // A group/version served by an APIService's server, not here: proxied there.
-    if engine.registry.resources(&group, &version).is_none() {
+    if !engine.registry.serves(&group, &version) {
         match aggregator::serve(&engine, &group, &version, http, caller.as_ref()).await {
             Some(response) => return response,
             None => return ApiError::NoRoute.into_response(),

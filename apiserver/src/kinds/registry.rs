@@ -424,6 +424,13 @@ impl Registry {
             .cloned()
     }
 
+    /// Whether this server serves `group/version` itself (not an APIService's server).
+    pub fn serves(&self, group: &str, version: &str) -> bool {
+        self.table
+            .read()
+            .is_ok_and(|table| table.get(group).is_some_and(|v| v.contains_key(version)))
+    }
+
     /// The resources of one group version, by plural.
     pub fn resources(&self, group: &str, version: &str) -> Option<Vec<Arc<ResourceDef>>> {
         let table = self.table.read().ok()?;
