@@ -20,7 +20,9 @@
 #   DATA_DIR [$CONF_DIR/server]  the server's data dir; its log is $CONF_DIR/server.log
 #   FOCUS ['\[Conformance\]']  SKIP ['\[Disruptive\]|\[Flaky\]']  PROCS [8]  WALL [90m]
 #   SERIAL [1]: the [Serial] specs in a second pass with one process (0: skip them)
-#   NODE_IP [198.51.100.2/24]: the node's address inside the namespace
+#   NODE_IP [198.51.100.2/24]: the server's node address inside its namespaces
+#   NODES [2]: how many nodes — the server's own agent, and `orq agent`s in network and mount
+#     namespaces of their own on the same link (the next addresses), as a cluster's workers
 #
 # Where the source comes from: any Kubernetes tree with vendor/, e.g. the one in
 # openshift/microshift at deps/github.com/openshift/kubernetes (docs/conformance.md).
@@ -36,7 +38,10 @@ SKIP=${SKIP:-'\[Disruptive\]|\[Flaky\]'}
 PROCS=${PROCS:-8}
 WALL=${WALL:-90m}
 NODE_IP=${NODE_IP:-198.51.100.2/24}
+NODES=${NODES:-2}
 HOLDER=$CONF_DIR/netns.pid  # the first process of the server's namespaces
+# The first process of node N's namespaces (N >= 2).
+worker_holder() { echo "$CONF_DIR/netns-node$1.pid"; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/orquestra-target}
 
 die() { echo "conformance: $*" >&2; exit 1; }
@@ -111,24 +116,27 @@ start() {
   orq=$(orq_binary)
   mkdir -p "$DATA_DIR"
   rm -f "$DATA_DIR/kubeconfig.yaml"
-  gw=$(python3 -c 'import ipaddress,sys; i=ipaddress.ip_interface(sys.argv[1]); print(next(h for h in i.network.hosts() if h != i.ip))' "$NODE_IP")
+  gw=$(host_in "$NODE_IP" 0)
   # A registry inside the namespaces mirrors registry.k8s.io (the images are pushed to it on
   # `run`), so pulls with `imagePullPolicy: Always` have a registry to ask, as on a cluster
   # that can reach registry.k8s.io.
   mkdir -p "$CONF_DIR/registry"
-  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:5000\nlog:\n  level: error\n' \
+  printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 0.0.0.0:5000\nlog:\n  level: error\n' \
     "$CONF_DIR/registry" >"$CONF_DIR/registry.yml"
-  # The namespaces' first process sets up a node address whose default route leads nowhere
-  # (so nothing leaves the machine: images come from `orq image import` and the mirror), runs
+  # The namespaces' first process sets up the nodes' link — a bridge holding the server's
+  # node address, the other nodes' veths join it — whose default route leads nowhere (so
+  # nothing leaves the machine: images come from `orq image import` and the mirror), runs
   # the registry and the server, and when the server exits cleans up the node inside the
   # namespaces, which then go with it.
   # shellcheck disable=SC2016
   setsid unshare --net --mount --propagation private -- /bin/sh -c '
     node_ip=$1 gw=$2 orq=$3 data=$4 registry_config=$5; shift 5
     ip link set lo up
-    ip link add orqnode0 type veth peer name orqnode1
+    ip link add orqnode0 type bridge
+    ip link add orqnode1 type veth peer name orqnode2
+    ip link set orqnode1 master orqnode0
     ip addr add "$node_ip" dev orqnode0
-    ip link set orqnode1 up && ip link set orqnode0 up
+    ip link set orqnode1 up && ip link set orqnode2 up && ip link set orqnode0 up
     ip route add default via "$gw" dev orqnode0 onlink
     docker-registry serve "$registry_config" >/dev/null 2>&1 &
     registry=$!
@@ -147,12 +155,63 @@ start() {
     [ $SECONDS -lt $deadline ] || { tail -n 30 "$CONF_DIR/server.log" >&2; die "no Ready node after 120 s"; }
     sleep 1
   done
+  local n
+  for n in $(seq 2 "$NODES"); do start_worker "$n" "$orq" "$gw"; done
+  deadline=$((SECONDS + 120))
+  until [ "$(kc get nodes --no-headers 2>/dev/null | grep -c ' Ready ')" -ge "$NODES" ]; do
+    [ $SECONDS -lt $deadline ] || { kc get nodes >&2; die "not $NODES Ready nodes after 120 s"; }
+    sleep 1
+  done
   kc get nodes -o wide
 }
 
+# The I-th address of NODE_IP's network other than NODE_IP (0: the dead-end gateway).
+host_in() {
+  python3 -c 'import ipaddress,sys; i=ipaddress.ip_interface(sys.argv[1]); print([h for h in i.network.hosts() if h != i.ip][int(sys.argv[2])])' "$1" "$2"
+}
+
+# Node N (N >= 2): `orq agent` in network and mount namespaces of its own, its veth on the
+# server's node bridge, joined with the server's node token; its images come from the
+# registry.k8s.io mirror in the server's namespace (and `run`'s imports).
+start_worker() {
+  local n=$1 orq=$2 gw=$3 ip prefix holder
+  ip=$(host_in "$NODE_IP" $((n - 1)))
+  prefix=${NODE_IP#*/}
+  # shellcheck disable=SC2016
+  setsid unshare --net --mount --propagation private -- /bin/sh -c '
+    ip=$1 prefix=$2 gw=$3 orq=$4 data=$5 server_ip=$6 name=$7 n=$8
+    until ip link show eth0 >/dev/null 2>&1; do sleep 0.1; done
+    ip link set lo up
+    ip addr add "$ip/$prefix" dev eth0
+    ip link set eth0 up
+    ip route add default via "$gw" dev eth0 onlink
+    "$orq" agent --server "https://$server_ip:6443" --token-file "$data/node-token" \
+      --ca-file "$data/tls/ca.crt" --node-name "$name" --node-ip "$ip" \
+      --agent-data-dir "$data/agent$n" \
+      --registry-mirror "registry.k8s.io=http://$server_ip:5000" &
+    agent=$!
+    trap "kill -TERM $agent" TERM INT
+    wait $agent; wait $agent
+    "$orq" agent --cleanup --agent-data-dir "$data/agent$n"
+  ' worker "$ip" "$prefix" "$gw" "$orq" "$DATA_DIR" "${NODE_IP%/*}" "$(hostname)-node$n" "$n" \
+    </dev/null >"$CONF_DIR/node$n.log" 2>&1 &
+  holder=$!
+  echo "$holder" >"$(worker_holder "$n")"
+  in_ns ip link add "orqw$n" type veth peer name eth0 netns "$holder"
+  in_ns ip link set "orqw$n" master orqnode0 up
+}
+
 stop() {
+  local holder file
+  # Workers first, while the server still answers their last status updates.
+  for file in "$CONF_DIR"/netns-node*.pid; do
+    [ -f "$file" ] || continue
+    holder=$(cat "$file")
+    kill -TERM "$holder" 2>/dev/null || true
+    for _ in $(seq 120); do kill -0 "$holder" 2>/dev/null || break; sleep 1; done
+    rm -f "$file"
+  done
   [ -f "$HOLDER" ] || return 0
-  local holder
   holder=$(cat "$HOLDER")
   # SIGTERM reaches the server through the holder's trap; the holder then cleans up.
   kill -TERM "$holder" 2>/dev/null || true
@@ -161,12 +220,14 @@ stop() {
 }
 
 import_images() {
-  local orq dir repo tags
+  local orq dir repo tags agent
   orq=$(orq_binary)
   [ -f "$CONF_DIR/images/images.tsv" ] || die "no images: run scripts/conformance.sh build first"
   while IFS=$'\t' read -r dir repo tags _; do
     [ -n "$dir" ] || continue
-    "$orq" image --agent-data-dir "$DATA_DIR/agent" import "$CONF_DIR/images/$dir" --name "$repo" >/dev/null
+    for agent in "$DATA_DIR/agent" $(seq -f "$DATA_DIR/agent%g" 2 "$NODES"); do
+      "$orq" image --agent-data-dir "$agent" import "$CONF_DIR/images/$dir" --name "$repo" >/dev/null
+    done
     # And into the registry.k8s.io mirror.
     for tag in ${tags//,/ }; do
       in_ns skopeo copy --quiet --dest-tls-verify=false "oci:$CONF_DIR/images/$dir:$tag" \
