@@ -284,13 +284,26 @@ impl Network {
         Ok(out)
     }
 
-    /// The address held by `uid`, or a new one.
+    /// The address held by `uid`, or a new one: the first free one after the address last
+    /// handed out, wrapping around (CNI host-local's order). A freed address is taken again
+    /// only once the others have had their turn, so neighbours' ARP caches still holding the
+    /// last pod's MAC for it (seconds, on the node and in other pods) have long expired.
     fn allocate(&self, uid: &str) -> Result<Ipv4Addr, NetworkError> {
         fs::create_dir_all(&self.state_dir)?;
         if let Some((addr, _)) = self.allocated()?.into_iter().find(|(_, u)| u == uid) {
             return Ok(addr);
         }
-        for addr in self.cidr.hosts() {
+        let last_file = self.state_dir.join(LAST_RESERVED);
+        let last = fs::read_to_string(&last_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<Ipv4Addr>().ok());
+        let hosts: Vec<Ipv4Addr> = self.cidr.hosts().collect();
+
+        let start = last
+            .and_then(|last| hosts.iter().position(|h| *h == last))
+            .map_or(0, |i| i + 1);
+        let (before, after) = hosts.split_at(start.min(hosts.len()));
+        for &addr in after.iter().chain(before) {
             let path = self.state_dir.join(addr.to_string());
             match fs::OpenOptions::new()
                 .write(true)
@@ -301,6 +314,8 @@ impl Network {
                     use std::io::Write;
                     file.write_all(uid.as_bytes())?;
                     file.sync_all()?;
+                    // Only the order depends on it: a lost write just restarts the scan.
+                    let _ = fs::write(&last_file, addr.to_string());
                     return Ok(addr);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -319,6 +334,9 @@ impl Network {
         Ok(())
     }
 }
+
+/// The file in the state directory naming the address handed out last.
+const LAST_RESERVED: &str = "last_reserved_ip";
 
 /// The host-side veth of a pod: `veth` + 8 hex digits of its UID's hash (names are limited
 /// to 15 bytes).
@@ -413,6 +431,25 @@ mod tests {
         assert!(matches!(net.allocate("g"), Err(NetworkError::Exhausted(_))));
         net.release("b").unwrap();
         assert_eq!(net.allocate("g").unwrap(), b);
+    }
+
+    #[test]
+    fn a_freed_address_waits_for_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Network::new("orqtest0", Cidr::parse("10.1.0.0/29").unwrap(), dir.path());
+        let a = net.allocate("a").unwrap();
+        net.release("a").unwrap();
+        let b = net.allocate("b").unwrap();
+        assert_ne!(
+            a, b,
+            "the address just freed is not handed out again at once"
+        );
+        assert_eq!(b, Ipv4Addr::new(10, 1, 0, 3));
+        // Around the end of the range and back to the start.
+        for uid in ["c", "d", "e"] {
+            net.allocate(uid).unwrap();
+        }
+        assert_eq!(net.allocate("f").unwrap(), a);
     }
 
     #[test]
