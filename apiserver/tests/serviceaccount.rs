@@ -10,8 +10,10 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{
+    BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use orquestra_apiserver::ApiServer;
@@ -55,6 +57,8 @@ async fn secure_with(rbac: bool) -> Secure {
         Authenticator::new(identity.token.clone(), server.engine().clone())
             .with_node_token(identity.node_token.clone()),
     );
+    // The reviews (TokenReview) answer with the same authenticator, as in `orq server`.
+    server.engine().set_access(Some(Arc::clone(&auth)), rbac);
     let mut app = server.router();
     if rbac {
         let authorizer = Arc::new(Authorizer::new(server.engine().clone()));
@@ -279,9 +283,12 @@ async fn forged_expired_and_unbound_tokens_are_refused() {
     assert_eq!(api_code(list("not-a-token".into()).await).0, 401);
 
     // A token bound to a pod works while the pod exists.
+    let nodes: Api<Node> = Api::all(cluster.admin.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+    let node = nodes.create(&PostParams::default(), &node).await.unwrap();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "p"},
-        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
     }))
     .unwrap();
     let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
@@ -303,11 +310,33 @@ async fn forged_expired_and_unbound_tokens_are_refused() {
         .unwrap()
         .token
         .unwrap();
-    assert_eq!(claims_of(&bound)["kubernetes.io"]["pod"]["name"], "p");
+    let claims = claims_of(&bound);
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "p");
+    assert_eq!(claims["kubernetes.io"]["node"]["name"], "n1");
+    // A TokenReview names the credential, the pod and its node, as kube-apiserver's does.
+    let review: TokenReview =
+        serde_json::from_value(json!({"spec": {"token": bound.clone()}})).unwrap();
+    let review = Api::<TokenReview>::all(cluster.admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    let user = review.status.unwrap().user.unwrap();
+    let extra = user.extra.unwrap();
+    let one = |key: &str| extra[&format!("authentication.kubernetes.io/{key}")].clone();
+    assert_eq!(
+        one("credential-id"),
+        vec![format!("JTI={}", claims["jti"].as_str().unwrap())]
+    );
+    assert_eq!(one("pod-name"), vec!["p".to_owned()]);
+    assert_eq!(one("pod-uid"), vec![pod.uid().unwrap()]);
+    assert_eq!(one("node-name"), vec!["n1".to_owned()]);
+    assert_eq!(one("node-uid"), vec![node.uid().unwrap()]);
     pods.delete("p", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
     wait_deleted(&pods, "p").await;
+    // (The review above checked the pod; that check holds for RECHECK_AFTER.)
+    tokio::time::sleep(orquestra_apiserver::identity::RECHECK_AFTER).await;
     assert_eq!(api_code(list(bound).await).0, 401);
 
     // No ServiceAccount, no token: 404 NotFound.

@@ -21,12 +21,16 @@ use crate::request::{Params, Target};
 use crate::request_info::RequestInfo;
 
 /// Who made a request, as authentication established it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct User {
     /// `system:admin`, `system:serviceaccount:NS:NAME`.
     pub name: String,
     /// `system:masters`, `system:serviceaccounts`, `system:authenticated`, … .
     pub groups: Vec<String>,
+    /// What else the authenticator knows (UserInfo's `extra`): for a service account token,
+    /// `authentication.kubernetes.io/credential-id` (`JTI=…`) and the pod and node it is
+    /// bound to.
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// The group whose members every authorizer allows (kube-apiserver's superusers).
@@ -72,6 +76,7 @@ impl User {
         User {
             name: "system:admin".into(),
             groups: vec![MASTERS.into(), "system:authenticated".into()],
+            ..User::default()
         }
     }
 
@@ -80,6 +85,7 @@ impl User {
         User {
             name: "system:orquestra:node-agent".into(),
             groups: vec![NODES.into(), "system:authenticated".into()],
+            ..User::default()
         }
     }
 
@@ -92,6 +98,7 @@ impl User {
                 format!("system:serviceaccounts:{namespace}"),
                 "system:authenticated".into(),
             ],
+            ..User::default()
         }
     }
 }

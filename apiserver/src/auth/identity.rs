@@ -342,10 +342,13 @@ impl Authenticator {
         }
         let issuer = self.engine.token_issuer().ok()?;
         let claims = issuer.verify(presented).ok()?;
-        let user = User::service_account(
-            &claims.kubernetes.namespace,
-            &claims.kubernetes.serviceaccount.name,
-        );
+        let user = User {
+            extra: claims.extra(),
+            ..User::service_account(
+                &claims.kubernetes.namespace,
+                &claims.kubernetes.serviceaccount.name,
+            )
+        };
         let fresh = {
             let checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
             checked

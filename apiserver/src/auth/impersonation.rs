@@ -112,6 +112,7 @@ impl Asked {
         User {
             name: name.to_owned(),
             groups,
+            ..User::default()
         }
     }
 }

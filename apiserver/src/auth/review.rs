@@ -42,6 +42,7 @@ pub async fn answer(
     let anonymous = User {
         name: "system:anonymous".into(),
         groups: vec!["system:masters".into(), "system:unauthenticated".into()],
+        ..User::default()
     };
     let me = caller.unwrap_or(&anonymous);
     let status = match def.kind.as_str() {
@@ -94,7 +95,11 @@ pub async fn answer(
 }
 
 fn user_info(user: &User) -> Value {
-    json!({"username": user.name, "groups": user.groups})
+    let mut info = json!({"username": user.name, "groups": user.groups});
+    if !user.extra.is_empty() {
+        info["extra"] = json!(user.extra);
+    }
+    info
 }
 
 /// The user a (Local)SubjectAccessReview asks about.
@@ -117,7 +122,27 @@ fn subject(spec: &Value) -> Result<User, ApiError> {
             "spec.user or spec.groups is required".into(),
         ));
     }
-    Ok(User { name, groups })
+    Ok(User {
+        name,
+        groups,
+        extra: spec["extra"]
+            .as_object()
+            .map(|extra| {
+                extra
+                    .iter()
+                    .map(|(key, values)| {
+                        let values = values
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect();
+                        (key.clone(), values)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
 }
 
 /// `{allowed, reason}` for the resource or non-resource attributes in `spec`.

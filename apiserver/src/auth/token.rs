@@ -70,6 +70,9 @@ pub struct KubernetesClaim {
     /// The Secret the token is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<ObjectClaim>,
+    /// The node the bound pod runs on (kube-apiserver adds it for pod-bound tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<ObjectClaim>,
 }
 
 /// A service account token's claims.
@@ -122,6 +125,7 @@ impl Claims {
                 },
                 pod: None,
                 secret: None,
+                node: None,
             },
         }
     }
@@ -372,6 +376,7 @@ pub async fn request(
         };
         if kind == "Pod" {
             claims.kubernetes.pod = Some(reference);
+            claims.kubernetes.node = node_of(engine, &object).await;
         } else {
             claims.kubernetes.secret = Some(reference);
         }
@@ -393,6 +398,50 @@ pub async fn request(
         "spec": spec_out,
         "status": {"token": token, "expirationTimestamp": expires},
     }))
+}
+
+/// The node `pod` is bound to, with its UID, if it is bound and the Node exists.
+async fn node_of(engine: &Engine, pod: &Value) -> Option<ObjectClaim> {
+    let name = pod.pointer("/spec/nodeName").and_then(Value::as_str)?;
+    let def = engine.registry.get("", "v1", "nodes")?;
+    let node = engine
+        .get(&Target {
+            def,
+            namespace: None,
+            name: Some(name.to_owned()),
+            subresource: None,
+        })
+        .await
+        .ok()?;
+    Some(ObjectClaim {
+        name: name.to_owned(),
+        uid: node.pointer("/metadata/uid")?.as_str()?.to_owned(),
+    })
+}
+
+impl Claims {
+    /// The UserInfo `extra` a service account token gives its user, as kube-apiserver's:
+    /// the credential's ID and the pod and node it is bound to.
+    pub fn extra(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        const PREFIX: &str = "authentication.kubernetes.io/";
+        let mut extra = std::collections::BTreeMap::new();
+        if !self.jti.is_empty() {
+            extra.insert(
+                format!("{PREFIX}credential-id"),
+                vec![format!("JTI={}", self.jti)],
+            );
+        }
+        for (what, object) in [
+            ("pod", &self.kubernetes.pod),
+            ("node", &self.kubernetes.node),
+        ] {
+            if let Some(object) = object {
+                extra.insert(format!("{PREFIX}{what}-name"), vec![object.name.clone()]);
+                extra.insert(format!("{PREFIX}{what}-uid"), vec![object.uid.clone()]);
+            }
+        }
+        extra
+    }
 }
 
 /// Whether the objects a verified token names still exist as they were when it was issued:

@@ -218,11 +218,19 @@ pub(crate) async fn proxy(
     let unsecured = User {
         name: "system:unsecured".into(),
         groups: vec![MASTERS.into(), "system:authenticated".into()],
+        ..User::default()
     };
     let user = caller.unwrap_or(&unsecured);
     request = request.header("X-Remote-User", &user.name);
     for group in &user.groups {
         request = request.header("X-Remote-Group", group);
+    }
+    // Extra keys travel percent-encoded in the header name, as kube-apiserver sends them.
+    for (key, values) in &user.extra {
+        let name = format!("X-Remote-Extra-{}", escape_extra_key(key));
+        for value in values {
+            request = request.header(name.as_str(), value);
+        }
     }
     let response = request
         .body(body)
@@ -415,6 +423,19 @@ fn aggregated_resources(group: &str, version: &str, list: &Value) -> Vec<Value> 
         out.push(entry);
     }
     out
+}
+
+/// An extra key as a header name's tail: bytes other than letters, digits and `-._~`
+/// percent-encoded (kube-apiserver uses Go's `url.PathEscape`; `/` is the one that matters).
+fn escape_extra_key(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -119,6 +119,7 @@ async fn check(engine: &Engine, api_service: &Value) -> (&'static str, &'static 
     let caller = crate::authorization::User {
         name: "system:kube-aggregator".into(),
         groups: vec![crate::authorization::MASTERS.into()],
+        ..Default::default()
     };
     let answer = tokio::time::timeout(
         CHECK_TIMEOUT,
