@@ -191,6 +191,12 @@ def main():
         agnhost.add(tool)
     agnhost.add("/bin/nc.openbsd", "/usr/bin/nc")
     agnhost.add("/usr/bin/bash", "/bin/bash")
+    # Debian's busybox-static ash runs its own applets before PATH (a "standalone" shell), so
+    # `sh -c 'nc -u …'` got busybox's nc, which has no -u, and `nslookup` busybox's; Alpine's
+    # ash (the real image's) finds the netcat-openbsd and bind-tools it installs. bash as sh
+    # finds them too.
+    (agnhost.root / "bin/sh").unlink()
+    agnhost.add("/usr/bin/bash", "/bin/sh")
     (agnhost.root / "uploads").mkdir()
     if Path("/etc/ssl/certs/ca-certificates.crt").exists():
         agnhost.write("/etc/ssl/certs/ca-certificates.crt",
@@ -210,7 +216,7 @@ def main():
     agnhost_version = (src / "test/images/agnhost/VERSION").read_text().strip()
     previous = manifest.name("AgnhostPrev")[1]
     images.register(manifest.name("Agnhost"), agnhost, "real",
-                    f"agnhost {agnhost_version} from source with Debian curl/dig/nc/bash; "
+                    f"agnhost {agnhost_version} from source with Debian curl/dig/nc, bash as sh; "
                     f"tag {previous} is a stand-in (the same build)",
                     ["--config.entrypoint", "/agnhost", "--config.cmd", "pause", *ports],
                     extra_tags=(previous,))
