@@ -788,6 +788,7 @@ async fn dispatch(
         None => {}
         Some("status") if target.def.status => {}
         Some("ephemeralcontainers" | "resize") if crate::engine::is_pod(&target.def) => {}
+        Some("approval") if crate::engine::is_csr(&target.def) => {}
         Some("scale") if target.def.scale.is_some() => {
             return serve_scale(engine, &target, method, &params, headers, &body).await;
         }

@@ -839,6 +839,59 @@ async fn a_status_write_takes_the_metadata_of_most_built_in_kinds_but_not_of_cus
     assert_eq!(patched.data["status"]["ready"], true);
 }
 
+/// A CertificateSigningRequest's `approval` subresource (what `kubectl certificate approve`
+/// writes) changes its conditions and metadata, nothing else, and discovery lists it.
+#[tokio::test]
+async fn a_csr_is_approved_through_its_approval_subresource() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let c = cluster().await;
+    let csrs: Api<CertificateSigningRequest> = Api::all(c.client.clone());
+    let csr: CertificateSigningRequest = serde_json::from_value(json!({
+        "metadata": {"name": "alice"},
+        "spec": {"request": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURSBSRVFVRVNULS0tLS0K",
+            "signerName": "example.com/e2e", "usages": ["client auth"]}}))
+    .unwrap();
+    csrs.create(&PostParams::default(), &csr).await.unwrap();
+    let patched: CertificateSigningRequest = c
+        .client
+        .request(
+            http::Request::patch(
+                "/apis/certificates.k8s.io/v1/certificatesigningrequests/alice/approval",
+            )
+            .header("Content-Type", "application/merge-patch+json")
+            .body(
+                serde_json::to_vec(&json!({
+                    "metadata": {"annotations": {"approved-by": "e2e"}},
+                    "spec": {"signerName": "example.com/other"},
+                    "status": {"conditions": [{"type": "Approved", "status": "True",
+                        "reason": "E2E", "message": "approved in a test"}],
+                        "certificate": "Zm9v"}}))
+                .unwrap(),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = patched.status.unwrap();
+    let conditions = status.conditions.unwrap();
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(conditions[0].type_, "Approved");
+    assert!(status.certificate.is_none(), "only conditions change");
+    assert_eq!(patched.spec.signer_name, "example.com/e2e", "spec kept");
+    assert_eq!(patched.metadata.annotations.unwrap()["approved-by"], "e2e");
+    let resources = c
+        .client
+        .list_api_group_resources("certificates.k8s.io/v1")
+        .await
+        .unwrap();
+    assert!(
+        resources
+            .resources
+            .iter()
+            .any(|r| r.name == "certificatesigningrequests/approval")
+    );
+}
+
 #[tokio::test]
 async fn a_json_patch_may_add_below_an_empty_status() {
     use k8s_openapi::api::policy::v1::PodDisruptionBudget;

@@ -129,6 +129,15 @@ fn resource_entries(def: &ResourceDef) -> Vec<Value> {
             "verbs": ["update"],
         }));
     }
+    if crate::engine::is_csr(def) {
+        entries.push(json!({
+            "name": "certificatesigningrequests/approval",
+            "singularName": "",
+            "namespaced": false,
+            "kind": "CertificateSigningRequest",
+            "verbs": ["get", "patch", "update"],
+        }));
+    }
     if def.group.is_empty() && def.plural == "serviceaccounts" {
         entries.push(json!({
             "name": "serviceaccounts/token",

@@ -1332,6 +1332,9 @@ enum Part {
     EphemeralContainers,
     /// `pods/<name>/resize`: only the containers' CPU and memory `resources`.
     Resize,
+    /// `certificatesigningrequests/<name>/approval`: only `status.conditions` (where
+    /// `Approved` and `Denied` live) and the mutable metadata.
+    Approval,
 }
 
 impl Part {
@@ -1341,9 +1344,15 @@ impl Part {
             Some("finalize") if is_namespace(def) => Part::Finalize,
             Some("ephemeralcontainers") if is_pod(def) => Part::EphemeralContainers,
             Some("resize") if is_pod(def) => Part::Resize,
+            Some("approval") if is_csr(def) => Part::Approval,
             _ => Part::Main,
         }
     }
+}
+
+/// Whether `def` is the CertificateSigningRequest resource.
+pub(crate) fn is_csr(def: &ResourceDef) -> bool {
+    def.group == "certificates.k8s.io" && def.plural == "certificatesigningrequests"
 }
 
 /// Whether `def` is the Pod resource.
@@ -1512,6 +1521,24 @@ fn merge_update(
         }
         Part::EphemeralContainers => merge_ephemeral_containers(old, body)?,
         Part::Resize => crate::admission::resize::merge(old, body)?,
+        Part::Approval => {
+            let mut new = old.clone();
+            copy_mutable_metadata(&mut new, body);
+            match body.pointer("/status/conditions") {
+                Some(conditions) => {
+                    if !new["status"].is_object() {
+                        new["status"] = json!({});
+                    }
+                    new["status"]["conditions"] = conditions.clone();
+                }
+                None => {
+                    if let Some(status) = new.get_mut("status").and_then(Value::as_object_mut) {
+                        status.remove("conditions");
+                    }
+                }
+            }
+            new
+        }
         Part::Main => {
             let mut new = body.clone();
             if def.status {
