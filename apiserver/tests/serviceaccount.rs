@@ -400,6 +400,17 @@ async fn rbac_grants_service_accounts_what_their_bindings_allow() {
         .unwrap();
     let robot = client(&cluster.url, &cluster.ca_pem, &token).await;
     robot.list_core_api_resources("v1").await.unwrap();
+    // Every service account may read the issuer's OIDC documents (the bootstrap
+    // `system:service-account-issuer-discovery` binding).
+    let discovery: Value = robot
+        .request(
+            http::Request::get("/.well-known/openid-configuration")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(discovery["issuer"], ISSUER);
     let here: Api<ConfigMap> = Api::namespaced(robot.clone(), "default");
     let there: Api<ConfigMap> = Api::namespaced(robot.clone(), "kube-system");
     let (code, reason) = api_code(here.list(&Default::default()).await);

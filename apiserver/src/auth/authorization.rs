@@ -354,7 +354,9 @@ impl Authorizer {
 /// Creates the bootstrap roles every cluster has, if missing: `cluster-admin` (everything),
 /// bound to `system:masters` — what `kubectl create clusterrolebinding
 /// --clusterrole=cluster-admin` names — `system:node`, bound to `system:nodes`, and
-/// `system:basic-user` (the self reviews), bound to `system:authenticated`.
+/// `system:basic-user` (the self reviews), bound to `system:authenticated`, and
+/// `system:service-account-issuer-discovery` (the OIDC documents), bound to
+/// `system:serviceaccounts`.
 pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
     let group = "rbac.authorization.k8s.io";
     let labels = serde_json::json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
@@ -395,6 +397,13 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
         {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
     ]);
+    // The service account issuer's OIDC documents, for every service account (token
+    // consumers inside the cluster verify tokens with them).
+    let issuer_discovery = serde_json::json!([
+        {"nonResourceURLs": ["/.well-known/openid-configuration",
+            "/.well-known/openid-configuration/", "/openid/v1/jwks", "/openid/v1/jwks/"],
+         "verbs": ["get"]},
+    ]);
     // Bound to nobody: users bind it (`system:auth-delegator`, as kube-apiserver has it).
     let [delegator_role, _] = role_for_group("system:auth-delegator", auth_delegator, "");
     let reader = (
@@ -416,6 +425,11 @@ pub async fn ensure_bootstrap_roles(engine: &Engine) -> Result<(), ApiError> {
             "system:basic-user",
             basic_user,
             "system:authenticated",
+        ))
+        .chain(role_for_group(
+            "system:service-account-issuer-discovery",
+            issuer_discovery,
+            "system:serviceaccounts",
         ));
     for (plural, object) in objects {
         let def = engine
