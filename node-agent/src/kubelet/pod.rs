@@ -1592,10 +1592,13 @@ impl PodWorker {
             .containers
             .iter()
             .map(|c| {
-                let reason = if initializing && !init_statuses.is_empty() {
-                    "PodInitializing"
-                } else {
+                // The kubelet's default waiting reason: PodInitializing for every pod with
+                // init containers (also once one failed and the pod is over), else
+                // ContainerCreating.
+                let reason = if init_statuses.is_empty() {
                     "ContainerCreating"
+                } else {
+                    "PodInitializing"
                 };
                 self.container_status(c, reason, false)
             })
