@@ -91,7 +91,10 @@ fn the_orquestra_chart_lints_clean_and_refuses_bad_values() {
         ("operator.replicas=-1", "/operator/replicas"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("operator.replica=2", "'replica' not allowed"),
-        ("webhooks.failurePolicy=Sometimes", "/webhooks/failurePolicy"),
+        (
+            "webhooks.failurePolicy=Sometimes",
+            "/webhooks/failurePolicy",
+        ),
     ] {
         let out = helm(&["template", "x", chart, "--set", value]);
         let stderr = String::from_utf8_lossy(&out.stderr);
