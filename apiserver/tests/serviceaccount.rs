@@ -540,3 +540,79 @@ async fn bootstrap_roles_are_reconciled_at_start() {
         Some(Vec::new())
     );
 }
+
+/// The ServiceAccount admission plugin's token volume: a pod gets the projected
+/// `kube-api-access-…` volume mounted where in-cluster clients look, unless it or its
+/// ServiceAccount opts out — what the conformance spec on opting out of automount checks.
+#[tokio::test]
+async fn pods_get_the_token_volume_unless_they_opt_out() {
+    let cluster = secure().await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.admin.clone(), "default");
+    let quiet: ServiceAccount = serde_json::from_value(json!({
+        "metadata": {"name": "quiet"}, "automountServiceAccountToken": false}))
+    .unwrap();
+    accounts
+        .create(&PostParams::default(), &quiet)
+        .await
+        .unwrap();
+    create_account(&cluster.admin, "robot").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.admin.clone(), "default");
+    let create = |name: &str, account: &str, automount: Option<bool>| {
+        let pods = pods.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceAccountName": account, "automountServiceAccountToken": automount,
+                "initContainers": [{"name": "init", "image": "busybox"}],
+                "containers": [{"name": "c", "image": "busybox"}]},
+        }))
+        .unwrap();
+        async move { pods.create(&PostParams::default(), &pod).await.unwrap() }
+    };
+    let mounts = |pod: &Pod| -> Vec<bool> {
+        let spec = pod.spec.as_ref().unwrap();
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .map(|c| {
+                c.volume_mounts.iter().flatten().any(|m| {
+                    m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount"
+                        && m.read_only == Some(true)
+                        && m.name.starts_with("kube-api-access-")
+                })
+            })
+            .collect()
+    };
+
+    let mounted = create("mounted", "robot", None).await;
+    assert_eq!(mounts(&mounted), vec![true, true]);
+    let volumes = mounted.spec.unwrap().volumes.unwrap();
+    let sources = volumes[0]
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .as_ref()
+        .unwrap();
+    let token = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(token.expiration_seconds, Some(3607));
+    assert_eq!(
+        sources[1].config_map.as_ref().unwrap().name,
+        "kube-root-ca.crt"
+    );
+    assert!(sources[2].downward_api.is_some());
+
+    assert_eq!(
+        mounts(&create("opted-out", "robot", Some(false)).await),
+        vec![false, false]
+    );
+    assert_eq!(
+        mounts(&create("quiet-account", "quiet", None).await),
+        vec![false, false]
+    );
+    assert_eq!(
+        mounts(&create("opted-in", "quiet", Some(true)).await),
+        vec![true, true],
+        "the pod's own setting wins over its account's"
+    );
+}

@@ -1109,7 +1109,8 @@ fn a_failing_node_part_shows_on_the_node_and_recovers() {
 /// `charts/orquestra` onto a running `orq server`: the operator image (this build, packaged
 /// by scripts/build-image.sh) comes from the registry in the host's namespace; the server
 /// runs only the loops that get a pod onto the node (scheduler, deployment, replicaset,
-/// serviceaccount, nodeipam) and the garbage collector, and none of those the chart's
+/// serviceaccount and root-ca-cert-publisher — a pod's token volume needs the namespace's
+/// `kube-root-ca.crt` — nodeipam) and the garbage collector, and none of those the chart's
 /// operator runs, and enforces RBAC, so the operator has only the chart's generated rules.
 /// Install → the operator pod is Ready, leads, reconciles a StaticSite and keeps its own
 /// metrics Service's Endpoints, with no request refused, and serves the StaticSite webhook
@@ -1124,7 +1125,9 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
         "chart",
         "0.0.0.0:6443",
         uplink,
-        &["--controllers=scheduler,deployment,replicaset,serviceaccount,nodeipam,garbagecollector"],
+        &[
+            "--controllers=scheduler,deployment,replicaset,serviceaccount,root-ca-cert-publisher,nodeipam,garbagecollector",
+        ],
     );
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let layout = host.dir.path().join("orq-oci");
@@ -1150,7 +1153,7 @@ fn helm_chart_installs_upgrades_and_uninstalls_the_operator() {
             "image": {"repository": OPERATOR_IMAGE, "tag": "test"},
             "operator": {"controllers": [
                 "*", "-scheduler", "-deployment", "-replicaset", "-serviceaccount",
-                "-nodeipam", "-garbagecollector", "staticsite",
+                "-root-ca-cert-publisher", "-nodeipam", "-garbagecollector", "staticsite",
             ]},
         })
         .to_string(),

@@ -15,6 +15,7 @@ pub mod quota;
 pub mod resize;
 pub mod runtime_class;
 pub mod schema;
+pub mod service_account;
 pub mod statefulset;
 pub mod storage_class;
 pub mod webhook;

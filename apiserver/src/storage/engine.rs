@@ -513,6 +513,7 @@ impl Engine {
         crate::admission::runtime_class::admit(self, def, &mut object).await?;
         crate::admission::storage_class::admit(self, def, &mut object).await?;
         crate::admission::priority::admit(self, def, &mut object).await?;
+        crate::admission::service_account::admit(self, def, &mut object).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             crate::quota::apply_limits(self, def, ns, &mut object).await?;
         }

@@ -816,6 +816,7 @@ impl PodWorker {
         fs::write(self.dir.join("etc/resolv.conf"), self.resolv_conf(pod))
             .map_err(|e| e.to_string())?;
         if self.service_account.is_none()
+            && !crate::serviceaccount::mounted_by_volume(pod)
             && crate::serviceaccount::automount(&self.ctx.client, pod).await?
         {
             self.service_account = Some(

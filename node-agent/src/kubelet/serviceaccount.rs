@@ -8,6 +8,10 @@
 //! for a new one at 80 % of its lifetime ([`Projected::due`]). Files are replaced by rename,
 //! so a client never reads half a token; the directory is bind-mounted read-only into every
 //! container. Only the API is touched here — the bind mount itself is the pod worker's.
+//!
+//! Pods admitted by Orquestra's API server (or kube-apiserver) carry the directory as a
+//! projected `kube-api-access-…` volume instead, which the volume code keeps; this is the
+//! fallback for pods without one ([`mounted_by_volume`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,6 +47,19 @@ pub fn account_name(pod: &Pod) -> String {
                 .or_else(|| s.service_account.clone().filter(|n| !n.is_empty()))
         })
         .unwrap_or_else(|| "default".into())
+}
+
+/// Whether the pod's containers mount the directory from a volume of their own — the
+/// projected `kube-api-access-…` volume the API server's admission adds — so the agent
+/// writes no directory of its own (it still does for pods admitted without one).
+pub fn mounted_by_volume(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .flat_map(|c| c.volume_mounts.iter().flatten())
+            .any(|m| m.mount_path == MOUNT_PATH)
+    })
 }
 
 /// Whether the pod gets a token: its `automountServiceAccountToken`, else its
