@@ -92,6 +92,16 @@ pub fn dns1123_problem(name: &str, label: bool) -> Option<String> {
     }
 }
 
+/// Why `name` cannot name an IPAddress: it must be the address itself in canonical form
+/// (`10.0.0.1`, `2001:db8::1` — RFC 5952 for IPv6), as upstream's `ValidateIPAddressName`.
+pub fn ip_address_name_problem(name: &str) -> Option<String> {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.to_string() == name => None,
+        Ok(ip) => Some(format!("must be in canonical form (\"{ip}\")")),
+        Err(_) => Some("must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)".into()),
+    }
+}
+
 /// Why `name` cannot be a path segment (upstream's `ValidatePathSegmentName`), if it cannot.
 pub fn path_segment_problem(name: &str) -> Option<String> {
     if name.is_empty() {
@@ -113,6 +123,8 @@ pub fn validate_meta(def: &ResourceDef, object: &Value) -> Result<(), ApiError> 
     // validates them; everything else here a DNS subdomain.
     let problem = if def.group == "rbac.authorization.k8s.io" {
         path_segment_problem(name)
+    } else if def.group == "networking.k8s.io" && def.plural == "ipaddresses" {
+        ip_address_name_problem(name)
     } else {
         dns1123_problem(name, def.kind == "Namespace")
     };
@@ -341,6 +353,15 @@ mod tests {
         assert!(dns1123_problem("-a", false).is_some());
         assert!(dns1123_problem("", false).is_some());
         assert!(dns1123_problem(&"a".repeat(64), true).is_some());
+    }
+
+    #[test]
+    fn ip_address_names() {
+        assert_eq!(ip_address_name_problem("10.0.0.1"), None);
+        assert_eq!(ip_address_name_problem("fe80::42:1dff:fe84:f9e2"), None);
+        assert!(ip_address_name_problem("2001:DB8::1").is_some());
+        assert!(ip_address_name_problem("2001:db8:0::1").is_some());
+        assert!(ip_address_name_problem("web").is_some());
     }
 
     #[test]
