@@ -39,8 +39,25 @@ pub enum EtcdStartError {
 }
 
 impl EtcdProcess {
-    /// Starts `etcd` (from `$ETCD_BIN` or `PATH`) and waits until it serves requests.
+    /// Starts `etcd` (from `$ETCD_BIN` or `PATH`) and waits until it serves requests. Its
+    /// ports are picked free, but another process may take one before etcd binds it: an etcd
+    /// that exits for an address in use is started again on new ports (three tries).
     pub async fn start() -> Result<EtcdProcess, EtcdStartError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once().await {
+                Err(EtcdStartError::NotReady(_, log))
+                    if tries < 3 && log.contains("address already in use") =>
+                {
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once() -> Result<EtcdProcess, EtcdStartError> {
         let binary = PathBuf::from(std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into()));
         let dir = tempfile::Builder::new()
             .prefix("orquestra-etcd-")
@@ -83,7 +100,7 @@ impl EtcdProcess {
             binary: binary.clone(),
             source,
         })?;
-        let etcd = EtcdProcess {
+        let mut etcd = EtcdProcess {
             child,
             endpoint: format!("127.0.0.1:{client_port}"),
             client_url,
@@ -93,13 +110,14 @@ impl EtcdProcess {
         Ok(etcd)
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> Result<(), EtcdStartError> {
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), EtcdStartError> {
         let deadline = Instant::now() + timeout;
         let options = EtcdOptions {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(2),
         };
-        while Instant::now() < deadline {
+        // An etcd that exited will not become ready: say so at once, with its log.
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             if EtcdStore::connect(std::slice::from_ref(&self.endpoint), options.clone())
                 .await
                 .is_ok()
