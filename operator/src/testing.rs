@@ -157,17 +157,12 @@ impl TestApi {
             service: None,
         };
         let (validating, mutating) = webhooks.configurations(name, &client);
-        let client_for_test = client.clone();
         let task = tokio::spawn(async move {
             if let Err(error) = webhooks.serve_on(listener, &tls).await {
                 tracing::error!(%error, "the test's webhook server stopped");
             }
         });
-        let served = ServedWebhooks {
-            task,
-            addr,
-            client: client_for_test,
-        };
+        let served = ServedWebhooks { task, addr, client };
         let pp = PostParams::default();
         if let Some(configuration) = validating {
             Api::<ValidatingWebhookConfiguration>::all(self.client())

@@ -255,11 +255,6 @@ impl WebhookServer {
         self
     }
 
-    /// Whether it has no handler at all.
-    pub fn is_empty(&self) -> bool {
-        self.hooks.is_empty()
-    }
-
     /// Each handler's webhook name and path.
     pub fn routes(&self) -> BTreeMap<String, String> {
         self.hooks

@@ -178,7 +178,7 @@ pub struct OperatorArgs {
 }
 
 /// The webhooks of the custom controllers in `added`, on one server; `None` if they have none.
-pub(crate) fn webhooks_of(added: &[&str]) -> Option<WebhookServer> {
+fn webhooks_of(added: &[&str]) -> Option<WebhookServer> {
     CUSTOM
         .iter()
         .filter(|c| added.contains(&c.name))

@@ -1464,6 +1464,24 @@ fn essence(container: &Value) -> Value {
     Value::Object(picked)
 }
 
+/// Sets `object[parent][field]` to `value` (creating `parent`), or removes the field when
+/// there is no value (leaving `parent` as it is).
+fn put_or_remove(object: &mut Value, parent: &str, field: &str, value: Option<&Value>) {
+    match value {
+        Some(value) => {
+            if !object[parent].is_object() {
+                object[parent] = json!({});
+            }
+            object[parent][field] = value.clone();
+        }
+        None => {
+            if let Some(map) = object.get_mut(parent).and_then(Value::as_object_mut) {
+                map.remove(field);
+            }
+        }
+    }
+}
+
 /// Whether `def` is the Namespace resource.
 pub(crate) fn is_namespace(def: &ResourceDef) -> bool {
     def.group.is_empty() && def.plural == "namespaces"
@@ -1503,21 +1521,11 @@ fn merge_update(
             let mut new = old.clone();
             let finalizers = body
                 .pointer("/spec/finalizers")
-                .and_then(Value::as_array)
-                .filter(|f| !f.is_empty())
-                .cloned();
+                .filter(|f| f.as_array().is_some_and(|f| !f.is_empty()));
             if !new["spec"].is_object() {
                 new["spec"] = json!({});
             }
-            match (finalizers, new["spec"].as_object_mut()) {
-                (Some(finalizers), Some(spec)) => {
-                    spec.insert("finalizers".into(), Value::Array(finalizers));
-                }
-                (None, Some(spec)) => {
-                    spec.remove("finalizers");
-                }
-                (_, None) => {}
-            }
+            put_or_remove(&mut new, "spec", "finalizers", finalizers);
             new
         }
         Part::EphemeralContainers => merge_ephemeral_containers(old, body)?,
@@ -1525,19 +1533,12 @@ fn merge_update(
         Part::Approval => {
             let mut new = old.clone();
             copy_mutable_metadata(&mut new, body);
-            match body.pointer("/status/conditions") {
-                Some(conditions) => {
-                    if !new["status"].is_object() {
-                        new["status"] = json!({});
-                    }
-                    new["status"]["conditions"] = conditions.clone();
-                }
-                None => {
-                    if let Some(status) = new.get_mut("status").and_then(Value::as_object_mut) {
-                        status.remove("conditions");
-                    }
-                }
-            }
+            put_or_remove(
+                &mut new,
+                "status",
+                "conditions",
+                body.pointer("/status/conditions"),
+            );
             new
         }
         Part::Main => {
@@ -1546,19 +1547,12 @@ fn merge_update(
                 copy_status(&mut new, old);
             }
             if is_namespace(def) {
-                match old.pointer("/spec/finalizers") {
-                    Some(finalizers) => {
-                        if !new["spec"].is_object() {
-                            new["spec"] = json!({});
-                        }
-                        new["spec"]["finalizers"] = finalizers.clone();
-                    }
-                    None => {
-                        if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
-                            spec.remove("finalizers");
-                        }
-                    }
-                }
+                put_or_remove(
+                    &mut new,
+                    "spec",
+                    "finalizers",
+                    old.pointer("/spec/finalizers"),
+                );
             }
             new
         }
