@@ -507,15 +507,27 @@ fn spawn_services(
         &ctx.client,
         vec![Arc::clone(&changed), Arc::clone(&nodes_changed)],
     );
+    // This node's pods, for their host ports.
+    let (pods, pods_feed) = cache_of::<Pod>(
+        &ctx.client,
+        watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.node_name)),
+        vec![Arc::clone(&changed)],
+    );
     // Both start once every cache has its first list. One waiter per cache: kube-runtime
     // 5's ready signal wakes only the latest task waiting on it.
     let ready = {
-        let (services, slices, nodes) = (services.clone(), slices.clone(), nodes.clone());
+        let (services, slices, nodes, pods) = (
+            services.clone(),
+            slices.clone(),
+            nodes.clone(),
+            pods.clone(),
+        );
         async move {
             let _ = tokio::join!(
                 services.wait_until_ready(),
                 slices.wait_until_ready(),
-                nodes.wait_until_ready()
+                nodes.wait_until_ready(),
+                pods.wait_until_ready()
             );
         }
     };
@@ -529,6 +541,7 @@ fn spawn_services(
         nodes.clone(),
         ProxyMetrics::register(registry)?,
     )
+    .with_pods(pods)
     .with_health(health.clone());
     let routes = {
         let (ctx, health) = (Arc::clone(ctx), health.clone());
@@ -582,6 +595,7 @@ fn spawn_services(
         tokio::spawn(services_feed),
         tokio::spawn(slices_feed),
         tokio::spawn(nodes_feed),
+        tokio::spawn(pods_feed),
         tokio::spawn(network),
     ])
 }
@@ -604,13 +618,31 @@ where
         + Sync
         + 'static,
 {
+    cache_of(client, watcher::Config::default(), notify)
+}
+
+/// [`cache`] of the `K`s that `config` selects.
+pub fn cache_of<K>(
+    client: &Client,
+    config: watcher::Config,
+    notify: Vec<Arc<tokio::sync::Notify>>,
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     use kube::runtime::WatchStreamExt;
     let (store, writer) = kube::runtime::reflector::store();
     let api: Api<K> = Api::all(client.clone());
-    let stream = kube::runtime::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = kube::runtime::reflector(writer, watcher(api, config).default_backoff());
     let feed = stream.for_each(move |event| {
         if let Err(e) = event {
             tracing::warn!(error = %e, "watch failed; retrying");

@@ -13,6 +13,9 @@
 //! HOST.SVC.NS.svc.DOMAIN             A/AAAA  that endpoint of a headless Service; HOST is its
 //!                                            `hostname`, else its IP with dashes
 //! A-B-C-D.NS.pod.DOMAIN              A       A.B.C.D (IPv6 with dashes for colons: AAAA)
+//! D.C.B.A.in-addr.arpa (and ip6.arpa) PTR    SVC.NS.svc.DOMAIN for a ClusterIP, and
+//!                                            HOST.SVC.NS.svc.DOMAIN for a headless Service's
+//!                                            ready endpoint; any other address is forwarded
 //! ```
 //!
 //! Answers under the domain are authoritative: a name that doesn't exist is NXDOMAIN, a type a
@@ -56,7 +59,7 @@ use hickory_server::proto::op::{
     DnsRequest, DnsRequestOptions, Edns, Header, HeaderCounts, Message, Metadata, OpCode, Query,
     ResponseCode,
 };
-use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -319,6 +322,11 @@ impl Handler {
             return reply.error(ResponseCode::FormErr).await;
         };
         let query = info.query.original();
+        if let Some(answer) = self.zone.reverse(query.name(), query.query_type()) {
+            // A cluster address: the reverse zones' fallthrough (CoreDNS' `in-addr.arpa
+            // ip6.arpa` with `fallthrough`) forwards every other one.
+            return reply.authoritative(answer).await;
+        }
         if self.zone.contains(query.name()) {
             if query.query_class() != DNSClass::IN {
                 return reply.error(ResponseCode::Refused).await;
@@ -565,6 +573,60 @@ impl Zone {
             answer.authority.push(self.soa.clone());
         }
         answer
+    }
+
+    /// The answer to a PTR (or ANY) question for a cluster address: a Service's ClusterIP, or
+    /// a ready endpoint of a headless Service. `None` for any other question or address, which
+    /// is the upstream's to answer.
+    fn reverse(&self, name: &Name, qtype: RecordType) -> Option<ZoneAnswer> {
+        if !matches!(qtype, RecordType::PTR | RecordType::ANY) {
+            return None;
+        }
+        let net = name.parse_arpa_name().ok()?;
+        if net.prefix_len() != net.max_prefix_len() {
+            return None;
+        }
+        let ip = net.addr();
+        let mut targets: Vec<Name> = Vec::new();
+        for service in self.services.state() {
+            let (Some(namespace), Some(service_name)) =
+                (service.namespace(), service.metadata.name.as_deref())
+            else {
+                continue;
+            };
+            match Kind::of(&service) {
+                Kind::ClusterIp(ips) if ips.contains(&ip) => {
+                    targets.extend(self.service_name(&namespace, service_name));
+                }
+                Kind::Headless => {
+                    for backend in self.backends(&namespace, service_name) {
+                        if backend.ip == ip {
+                            targets.extend(self.endpoint_name(
+                                &backend.host,
+                                &namespace,
+                                service_name,
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return None;
+        }
+        Some(ZoneAnswer {
+            rcode: ResponseCode::NoError,
+            answers: targets
+                .into_iter()
+                .map(|target| Record::from_rdata(name.clone(), self.ttl, RData::PTR(PTR(target))))
+                .collect(),
+            authority: Vec::new(),
+            additionals: Vec::new(),
+            external: None,
+        })
     }
 
     /// What exists at `name`, a name in the zone.
@@ -1390,6 +1452,48 @@ mod tests {
         assert_eq!(undash("10-0-0"), None);
         assert_eq!(undash("web"), None);
         assert_eq!(undash("300-0-0-1"), None);
+    }
+
+    #[test]
+    fn cluster_addresses_have_reverse_names_and_others_are_forwarded() {
+        let zone = zone();
+        let ptrs = |text: &str, qtype| {
+            zone.reverse(&name(text), qtype).map(|answer| {
+                answer
+                    .answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::PTR(PTR(target)) => Some(target.to_ascii()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            ptrs("20.0.43.10.in-addr.arpa.", RecordType::PTR),
+            Some(vec!["web.default.svc.cluster.local.".to_owned()])
+        );
+        // A headless Service's ready endpoints, by hostname or dashed address.
+        assert_eq!(
+            ptrs("5.0.42.10.IN-ADDR.ARPA.", RecordType::PTR),
+            Some(vec!["db-0.db.default.svc.cluster.local.".to_owned()])
+        );
+        assert_eq!(
+            ptrs("6.0.42.10.in-addr.arpa.", RecordType::ANY),
+            Some(vec!["10-42-0-6.db.default.svc.cluster.local.".to_owned()])
+        );
+        // Not ready, a ClusterIP Service's endpoint, an unknown address, a network, another
+        // type: the upstream's.
+        for text in [
+            "7.0.42.10.in-addr.arpa.",
+            "9.0.42.10.in-addr.arpa.",
+            "1.1.168.192.in-addr.arpa.",
+            "42.10.in-addr.arpa.",
+            "web.default.svc.cluster.local.",
+        ] {
+            assert_eq!(ptrs(text, RecordType::PTR), None, "{text}");
+        }
+        assert_eq!(ptrs("20.0.43.10.in-addr.arpa.", RecordType::A), None);
     }
 
     #[test]

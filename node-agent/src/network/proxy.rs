@@ -17,6 +17,10 @@
 //! - `endpoint-…` chains DNAT; a pod reaching itself through its Service (hairpin), or any
 //!   local pod reaching an endpoint on the same bridge, is masqueraded so the reply comes
 //!   back through the node and conntrack can undo the DNAT;
+//! - host ports of this node's pods (the CNI `portmap` plugin's job under a kubelet) are in
+//!   `host-ports` (a given host address) and `host-ports-any` (`0.0.0.0`: every local
+//!   address, 127.0.0.1 too), looked up before node ports; `hostport-…` chains DNAT to the
+//!   pod, masquerading a pod on the same bridge that reaches itself or a neighbour;
 //! - Services without endpoints are in `no-endpoint-services` / `no-endpoint-nodeports`,
 //!   which the `filter` hooks answer with a reject: a connection is refused at once instead
 //!   of hanging.
@@ -33,7 +37,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
@@ -159,7 +163,7 @@ impl Ruleset {
 }
 
 /// The maps the packet path consults.
-const MAPS: [(&str, &str); 4] = [
+const MAPS: [(&str, &str); 6] = [
     (
         "service-ips",
         "ipv4_addr . inet_proto . inet_service : verdict",
@@ -173,6 +177,11 @@ const MAPS: [(&str, &str); 4] = [
         "no-endpoint-nodeports",
         "inet_proto . inet_service : verdict",
     ),
+    (
+        "host-ports",
+        "ipv4_addr . inet_proto . inet_service : verdict",
+    ),
+    ("host-ports-any", "inet_proto . inet_service : verdict"),
 ];
 
 /// A short stable hash of `text`, so chain names stay unique however names are cut.
@@ -420,6 +429,122 @@ pub fn desired(
     rules
 }
 
+/// One host port of a running pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct HostPortMapping {
+    /// `namespace/pod/protocol/hostIP:hostPort`.
+    id: String,
+    /// `None`: every local address (`hostIP` empty or `0.0.0.0`).
+    host_ip: Option<Ipv4Addr>,
+    protocol: &'static str,
+    host_port: u16,
+    pod_ip: Ipv4Addr,
+    container_port: u16,
+}
+
+/// The host ports of `pods` (this node's): those of pods with an IPv4 address in the pod
+/// network that have not finished. Host-network pods bind their ports themselves.
+fn host_port_mappings(pods: &[Arc<Pod>]) -> Vec<HostPortMapping> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else {
+            continue;
+        };
+        if spec.host_network == Some(true)
+            || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let Some(pod_ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+            continue;
+        };
+        let ports = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .flat_map(|c| c.ports.iter().flatten());
+        for port in ports {
+            let Some(host_port) = port.host_port.and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
+            let Ok(container_port) = u16::try_from(port.container_port) else {
+                continue;
+            };
+            if host_port == 0 {
+                continue;
+            }
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => "tcp",
+                "UDP" => "udp",
+                _ => continue,
+            };
+            let host_ip: Option<Ipv4Addr> = match port.host_ip.as_deref().unwrap_or("") {
+                "" | "0.0.0.0" => None,
+                ip => match ip.parse() {
+                    Ok(ip) => Some(ip),
+                    // An IPv6 host address: the proxy programs IPv4 only.
+                    Err(_) => continue,
+                },
+            };
+            out.push(HostPortMapping {
+                id: format!(
+                    "{}/{}/{protocol}/{}:{host_port}",
+                    pod.namespace().unwrap_or_default(),
+                    pod.name_any(),
+                    host_ip.map_or("0.0.0.0".to_owned(), |ip| ip.to_string()),
+                ),
+                host_ip,
+                protocol,
+                host_port,
+                pod_ip,
+                container_port,
+            });
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Adds the host ports of this node's `pods` to `rules`.
+pub fn add_host_ports(rules: &mut Ruleset, pods: &[Arc<Pod>], config: &ProxyConfig) {
+    for mapping in host_port_mappings(pods) {
+        let chain = format!("hostport-{}-{}", hash(&mapping.id), mapping.id);
+        let body = vec![
+            // A pod on this bridge reaching itself or a neighbour through the node: its
+            // reply must come back through the node for conntrack to undo the DNAT.
+            format!(
+                "ip saddr {} ip saddr != {} jump mark-for-masquerade",
+                config.pod_cidr,
+                config.pod_cidr.gateway()
+            ),
+            format!(
+                "meta l4proto {} dnat to {}:{}",
+                mapping.protocol, mapping.pod_ip, mapping.container_port
+            ),
+        ];
+        let (map, key) = match mapping.host_ip {
+            Some(ip) => (
+                "host-ports",
+                format!("{ip} . {} . {}", mapping.protocol, mapping.host_port),
+            ),
+            None => (
+                "host-ports-any",
+                format!("{} . {}", mapping.protocol, mapping.host_port),
+            ),
+        };
+        // The kubelet admitted no two pods on one port and overlapping address; should two
+        // ever be listed (one going, one coming), the first keeps the port.
+        let entries = rules.maps.entry(map).or_default();
+        if entries.contains_key(&key) {
+            continue;
+        }
+        entries.insert(key, format!("goto {chain}"));
+        rules.chains.insert(chain, body);
+    }
+}
+
 /// The table's fixed part: hooks, dispatch chains and maps.
 fn skeleton() -> String {
     let mut t = String::new();
@@ -473,6 +598,8 @@ fn skeleton() -> String {
             "services",
             vec![
                 "ip daddr . meta l4proto . th dport vmap @service-ips".to_owned(),
+                "ip daddr . meta l4proto . th dport vmap @host-ports".to_owned(),
+                "fib daddr type local meta l4proto . th dport vmap @host-ports-any".to_owned(),
                 // Node ports answer on every local address, 127.0.0.1 too (kube-proxy's
                 // iptables mode with `route_localnet`): users try localhost first.
                 "fib daddr type local meta l4proto . th dport vmap @service-nodeports".to_owned(),
@@ -644,6 +771,8 @@ pub struct ServiceProxy {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    /// This node's pods, for their host ports.
+    pods: Option<Store<Pod>>,
     metrics: ProxyMetrics,
     applied: Option<Ruleset>,
     /// Slice UID → the trigger time already measured, so each change counts once.
@@ -674,11 +803,18 @@ impl ServiceProxy {
             services,
             slices,
             nodes,
+            pods: None,
             metrics,
             applied: None,
             triggers: HashMap::new(),
             health: Health::new(),
         }
+    }
+
+    /// Programs the host ports of the pods in `pods` (a cache of this node's pods).
+    pub fn with_pods(mut self, pods: Store<Pod>) -> ServiceProxy {
+        self.pods = Some(pods);
+        self
     }
 
     /// Reports failed and recovered syncs to `health` (the Node's conditions).
@@ -694,7 +830,10 @@ impl ServiceProxy {
         let begun = Instant::now();
         let (cidrs, _) = node_cidrs(&self.nodes.state(), &self.config.node_name);
         let slices = self.slices.state();
-        let next = desired(&self.services.state(), &slices, &cidrs, &self.config);
+        let mut next = desired(&self.services.state(), &slices, &cidrs, &self.config);
+        if let Some(pods) = &self.pods {
+            add_host_ports(&mut next, &pods.state(), &self.config);
+        }
         if self.applied.as_ref() == Some(&next) {
             return Ok(());
         }
@@ -874,6 +1013,90 @@ mod tests {
         assert!(local.1.iter().any(|r| r.contains("ip saddr 10.244.1.0/24")));
         assert!(local.1.last().unwrap().ends_with("dnat to 10.244.1.5:8080"));
         assert!(!rules.chains.keys().any(|c| c.contains("10.244.3.5")));
+    }
+
+    #[test]
+    fn host_ports_dnat_by_address_and_protocol() {
+        let pod = |name: &str, ip: &str, ports: serde_json::Value, phase: &str| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": "hp"},
+                    "spec": {"containers": [{"name": "c", "ports": ports}]},
+                    "status": {"phase": phase, "podIP": ip}
+                }))
+                .unwrap(),
+            )
+        };
+        let pods = [
+            pod(
+                "pod1",
+                "10.244.1.5",
+                json!([{"containerPort": 8080, "hostPort": 54323, "hostIP": "127.0.0.1"}]),
+                "Running",
+            ),
+            pod(
+                "pod2",
+                "10.244.1.6",
+                json!([{"containerPort": 8080, "hostPort": 54323, "hostIP": "198.51.100.3"}]),
+                "Running",
+            ),
+            pod(
+                "pod3",
+                "10.244.1.7",
+                json!([{"containerPort": 8081, "hostPort": 54323, "hostIP": "198.51.100.3",
+                        "protocol": "UDP"}, {"containerPort": 80, "hostPort": 8000},
+                       {"containerPort": 81}, {"containerPort": 82, "hostPort": 8001,
+                        "hostIP": "fd00::1"}]),
+                "Running",
+            ),
+            // Finished, and not yet given an address: nothing to forward to.
+            pod(
+                "done",
+                "10.244.1.8",
+                json!([{"containerPort": 80, "hostPort": 9000}]),
+                "Succeeded",
+            ),
+            pod(
+                "new",
+                "",
+                json!([{"containerPort": 80, "hostPort": 9001}]),
+                "Pending",
+            ),
+        ];
+        let mut rules = desired(&[], &[], &BTreeSet::new(), &config());
+        add_host_ports(&mut rules, &pods, &config());
+        let keys = |map: &str| rules.maps[map].keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            keys("host-ports"),
+            [
+                "127.0.0.1 . tcp . 54323",
+                "198.51.100.3 . tcp . 54323",
+                "198.51.100.3 . udp . 54323"
+            ]
+        );
+        assert_eq!(keys("host-ports-any"), ["tcp . 8000"]);
+        let chain = |key: &str, map: &str| {
+            let verdict = &rules.maps[map][key];
+            rules.chains[verdict.strip_prefix("goto ").unwrap()].clone()
+        };
+        assert_eq!(
+            chain("198.51.100.3 . udp . 54323", "host-ports")
+                .last()
+                .unwrap(),
+            "meta l4proto udp dnat to 10.244.1.7:8081"
+        );
+        assert_eq!(
+            chain("tcp . 8000", "host-ports-any").last().unwrap(),
+            "meta l4proto tcp dnat to 10.244.1.7:80"
+        );
+        assert!(chain("127.0.0.1 . tcp . 54323", "host-ports")[0].contains("mark-for-masquerade"));
+        // They go with their pods, in the same incremental way.
+        let before = rules.clone();
+        let mut after = desired(&[], &[], &BTreeSet::new(), &config());
+        add_host_ports(&mut after, &pods[..1], &config());
+        let delta = transaction(Some(&before), &after);
+        assert_eq!(delta.matches("delete element").count(), 3, "{delta}");
+        assert_eq!(delta.matches("delete chain").count(), 3, "{delta}");
     }
 
     #[test]
