@@ -432,7 +432,7 @@ pub fn desired(
 /// One host port of a running pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct HostPortMapping {
-    /// `namespace/pod/protocol/hostIP:hostPort`.
+    /// `namespace/pod/protocol/hostIP/hostPort` (no colon: it names a chain).
     id: String,
     /// `None`: every local address (`hostIP` empty or `0.0.0.0`).
     host_ip: Option<Ipv4Addr>,
@@ -490,7 +490,7 @@ fn host_port_mappings(pods: &[Arc<Pod>]) -> Vec<HostPortMapping> {
             };
             out.push(HostPortMapping {
                 id: format!(
-                    "{}/{}/{protocol}/{}:{host_port}",
+                    "{}/{}/{protocol}/{}/{host_port}",
                     pod.namespace().unwrap_or_default(),
                     pod.name_any(),
                     host_ip.map_or("0.0.0.0".to_owned(), |ip| ip.to_string()),
@@ -1090,6 +1090,14 @@ mod tests {
             "meta l4proto tcp dnat to 10.244.1.7:80"
         );
         assert!(chain("127.0.0.1 . tcp . 54323", "host-ports")[0].contains("mark-for-masquerade"));
+        // Every name is an nft identifier (a colon, say, is a syntax error in a chain name).
+        for name in rules.chains.keys() {
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c)),
+                "{name}"
+            );
+        }
         // They go with their pods, in the same incremental way.
         let before = rules.clone();
         let mut after = desired(&[], &[], &BTreeSet::new(), &config());
