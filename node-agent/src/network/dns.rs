@@ -23,6 +23,10 @@
 //! the domain are never forwarded, so the search-path expansions of external names that every
 //! pod's resolver tries first (`example.com.default.svc.cluster.local`) end here, quickly.
 //!
+//! Forwarded answers are cached for their TTL, at most 30 s (CoreDNS' `cache 30`), negative
+//! ones for their SOA's minimum: a pod's resolver asks for the same external names again and
+//! again, each through its search path.
+//!
 //! Serving is hickory-server's (UDP and TCP on one port; it answers FORMERR to a request it
 //! can't parse past the header and drops anything shorter); this module is its
 //! [`RequestHandler`]. hickory logs every request at `info` under the `hickory_server`
@@ -43,7 +47,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -78,6 +82,10 @@ const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_RESPONSE_BUFFER: usize = 32;
 /// CNAMEs followed inside the zone (ExternalName pointing at another Service) before giving up.
 const MAX_CNAME_CHAIN: usize = 8;
+/// The longest a forwarded answer is kept (CoreDNS' `cache 30`).
+const CACHE_MAX_TTL: u32 = 30;
+/// Forwarded answers kept at most; when full, expired ones go first, then everything.
+const CACHE_ENTRIES: usize = 10_000;
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -202,7 +210,7 @@ impl ClusterDns {
             source,
         })?;
         // The forwarder spawns its background task here, inside the runtime.
-        let forwarder = Forwarder::new(&self.upstreams);
+        let forwarder = Forwarder::new(&self.upstreams, self.metrics.clone());
         Ok(BoundDns {
             handler: Handler {
                 zone: self.zone.clone(),
@@ -989,9 +997,94 @@ fn undash(label: &str) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
-/// The upstream resolvers, tried in order.
+/// The upstream resolvers, tried in order, behind a cache of their answers.
 struct Forwarder {
     upstreams: Vec<Upstream>,
+    cache: std::sync::Mutex<HashMap<CacheKey, Cached>>,
+    metrics: Metrics,
+}
+
+/// What makes two forwarded questions the same.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct CacheKey {
+    /// Lower case: names compare without case.
+    name: Name,
+    qtype: RecordType,
+    class: DNSClass,
+    recursion_desired: bool,
+    dnssec_ok: bool,
+}
+
+impl CacheKey {
+    fn of(query: &Query, options: &DnsRequestOptions) -> CacheKey {
+        CacheKey {
+            name: query.name().to_lowercase(),
+            qtype: query.query_type(),
+            class: query.query_class(),
+            recursion_desired: options.recursion_desired,
+            dnssec_ok: options.edns_set_dnssec_ok,
+        }
+    }
+}
+
+/// A forwarded answer and how long it may be served from the cache.
+#[derive(Debug)]
+struct Cached {
+    message: Message,
+    stored: Instant,
+    ttl: u32,
+}
+
+impl Cached {
+    /// An upstream's answer worth keeping: a positive one for its smallest TTL, a negative
+    /// one (NXDOMAIN, NODATA) for its SOA's (RFC 2308), at most [`CACHE_MAX_TTL`]. Failures and
+    /// truncated answers are not kept.
+    fn new(message: &Message, now: Instant) -> Option<Cached> {
+        if message.metadata.truncation
+            || !matches!(
+                message.metadata.response_code,
+                ResponseCode::NoError | ResponseCode::NXDomain
+            )
+        {
+            return None;
+        }
+        let ttl = if message.answers.is_empty() {
+            message
+                .authorities
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+                    _ => None,
+                })
+                .min()?
+        } else {
+            message.answers.iter().map(|r| r.ttl).min()?
+        };
+        let ttl = ttl.min(CACHE_MAX_TTL);
+        (ttl > 0).then(|| Cached {
+            message: message.clone(),
+            stored: now,
+            ttl,
+        })
+    }
+
+    /// The answer with its TTLs counted down to `now`; `None` once expired.
+    fn at(&self, now: Instant) -> Option<Message> {
+        let age = u32::try_from(now.duration_since(self.stored).as_secs()).unwrap_or(u32::MAX);
+        if age >= self.ttl {
+            return None;
+        }
+        let mut message = self.message.clone();
+        for record in message
+            .answers
+            .iter_mut()
+            .chain(message.authorities.iter_mut())
+            .chain(message.additionals.iter_mut())
+        {
+            record.ttl = record.ttl.saturating_sub(age);
+        }
+        Some(message)
+    }
 }
 
 struct Upstream {
@@ -1023,7 +1116,7 @@ enum ForwardError {
 }
 
 impl Forwarder {
-    fn new(upstreams: &[SocketAddr]) -> Forwarder {
+    fn new(upstreams: &[SocketAddr], metrics: Metrics) -> Forwarder {
         let upstreams = upstreams
             .iter()
             .map(|&addr| {
@@ -1034,13 +1127,65 @@ impl Forwarder {
                 Upstream { addr, runtime, udp }
             })
             .collect();
-        Forwarder { upstreams }
+        Forwarder {
+            upstreams,
+            cache: std::sync::Mutex::default(),
+            metrics,
+        }
     }
 
     /// The first upstream's answer; an upstream that fails (SERVFAIL, REFUSED) is passed over
     /// for the next, and its answer returned only if none does better. `None` when no upstream
     /// answers at all.
     async fn forward(
+        &self,
+        query: Query,
+        options: DnsRequestOptions,
+        over_tcp: bool,
+    ) -> Option<Message> {
+        let key = CacheKey::of(&query, &options);
+        if let Some(message) = self.cached(&key) {
+            return Some(message);
+        }
+        self.metrics.cache_misses.inc();
+        let answer = self.ask_upstreams(query, options, over_tcp).await?;
+        if let Some(entry) = Cached::new(&answer, Instant::now()) {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= CACHE_ENTRIES {
+                let now = Instant::now();
+                cache.retain(|_, entry| entry.at(now).is_some());
+                if cache.len() >= CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, entry);
+        }
+        Some(answer)
+    }
+
+    fn cached(&self, key: &CacheKey) -> Option<Message> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = cache.get(key) else {
+            return None;
+        };
+        match entry.at(Instant::now()) {
+            Some(message) => {
+                let kind = if message.answers.is_empty() {
+                    "denial"
+                } else {
+                    "success"
+                };
+                self.metrics.cache_hits.with_label_values(&[kind]).inc();
+                Some(message)
+            }
+            None => {
+                cache.remove(key);
+                None
+            }
+        }
+    }
+
+    async fn ask_upstreams(
         &self,
         query: Query,
         options: DnsRequestOptions,
@@ -1109,6 +1254,9 @@ struct Metrics {
     requests: IntCounterVec,
     responses: IntCounterVec,
     duration: HistogramVec,
+    /// Forwarded questions answered from the cache, by `success` or `denial`.
+    cache_hits: IntCounterVec,
+    cache_misses: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -1136,7 +1284,20 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.00025, 2.0, 16)?),
                 &["type"],
             )?,
+            cache_hits: IntCounterVec::new(
+                Opts::new(
+                    "coredns_cache_hits_total",
+                    "The count of cache hits (forwarded answers served from the cache).",
+                ),
+                &["type"],
+            )?,
+            cache_misses: prometheus::IntCounter::new(
+                "coredns_cache_misses_total",
+                "The count of cache misses (questions sent upstream).",
+            )?,
         };
+        registry.register(Box::new(metrics.cache_hits.clone()))?;
+        registry.register(Box::new(metrics.cache_misses.clone()))?;
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.responses.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
@@ -1716,6 +1877,61 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_answers_are_cached_for_their_ttl_at_most_30_s() {
+        let now = Instant::now();
+        let owner = name("example.com.");
+        let mut message = Message::new(
+            7,
+            hickory_server::proto::op::MessageType::Response,
+            OpCode::Query,
+        );
+        message.answers.push(Record::from_rdata(
+            owner.clone(),
+            300,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
+        message.answers.push(Record::from_rdata(
+            owner.clone(),
+            20,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 2))),
+        ));
+        let entry = Cached::new(&message, now).unwrap();
+        assert_eq!(entry.ttl, 20, "the smallest TTL");
+        let later = entry.at(now + Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            later.answers.iter().map(|r| r.ttl).collect::<Vec<_>>(),
+            [295, 15],
+            "TTLs count down"
+        );
+        assert!(entry.at(now + Duration::from_secs(20)).is_none(), "expired");
+        // Capped at 30 s.
+        message.answers.truncate(1);
+        assert_eq!(Cached::new(&message, now).unwrap().ttl, CACHE_MAX_TTL);
+        // NXDOMAIN: the SOA's minimum; SERVFAIL and truncated answers: not kept.
+        let mut negative = Message::new(
+            7,
+            hickory_server::proto::op::MessageType::Response,
+            OpCode::Query,
+        );
+        negative.metadata.response_code = ResponseCode::NXDomain;
+        let soa = SOA::new(owner.clone(), owner.clone(), 1, 7200, 1800, 86400, 10);
+        negative
+            .authorities
+            .push(Record::from_rdata(owner.clone(), 60, RData::SOA(soa)));
+        assert_eq!(Cached::new(&negative, now).unwrap().ttl, 10);
+        negative.metadata.response_code = ResponseCode::ServFail;
+        assert!(Cached::new(&negative, now).is_none());
+        message.metadata.truncation = true;
+        assert!(Cached::new(&message, now).is_none());
+        // Keys ignore case.
+        let options = DnsRequestOptions::default();
+        assert_eq!(
+            CacheKey::of(&Query::query(name("Example.COM."), RecordType::A), &options),
+            CacheKey::of(&Query::query(name("example.com."), RecordType::A), &options)
+        );
+    }
+
+    #[test]
     fn the_metric_names_follow_coredns() {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).unwrap();
@@ -1728,6 +1944,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "coredns_cache_misses_total",
                 "coredns_dns_request_duration_seconds",
                 "coredns_dns_requests_total",
                 "coredns_dns_responses_total",
