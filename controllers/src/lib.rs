@@ -1,10 +1,10 @@
 //! Orquestra's built-in control loops, written with the same framework users write theirs
 //! with (`orquestra-operator`), grouped by what they look after: the [`scheduler`],
 //! [`workloads`] (ReplicaSets, Deployments, DaemonSets, …), [`services`] (Endpoints,
-//! EndpointSlices), [`nodes`] (lifecycle, IPAM), [`storage`] (the PersistentVolume binder,
-//! the local-path provisioner) and [`cluster`] housekeeping (garbage collection, namespaces,
-//! ServiceAccounts, the root CA). [`BUILTIN`] names them for `--controllers`, as
-//! kube-controller-manager does.
+//! EndpointSlices, LoadBalancer addresses), [`nodes`] (lifecycle, IPAM), [`storage`] (the
+//! PersistentVolume binder, the local-path provisioner) and [`cluster`] housekeeping
+//! (garbage collection, namespaces, ServiceAccounts, the root CA). [`BUILTIN`] names them
+//! for `--controllers`, as kube-controller-manager does.
 
 #![deny(missing_docs)]
 
@@ -21,7 +21,7 @@ pub mod workloads;
 
 use cluster::{garbage, namespace, rootcacert, serviceaccount};
 use nodes::{nodeipam, nodelifecycle, tainteviction};
-use services::{endpoints, endpointslice};
+use services::{endpoints, endpointslice, servicelb};
 use storage::{localpath, persistentvolume};
 use workloads::{daemonset, deployment, disruption, replicaset, statefulset};
 
@@ -64,6 +64,9 @@ pub struct Settings {
     /// How often each HorizontalPodAutoscaler is evaluated
     /// (`--horizontal-pod-autoscaler-sync-period`, 15 s).
     pub horizontal_pod_autoscaler_sync_period: Duration,
+    /// The addresses LoadBalancer Services get (`--service-lb-pool`); empty: the nodes'
+    /// own addresses, as k3s' ServiceLB gives them.
+    pub service_lb_pool: servicelb::Pool,
 }
 
 impl Default for Settings {
@@ -74,6 +77,7 @@ impl Default for Settings {
             node_startup_grace_period: Duration::from_secs(60),
             node_ipam: nodeipam::Config::default(),
             horizontal_pod_autoscaler_sync_period: Duration::from_secs(15),
+            service_lb_pool: servicelb::Pool::default(),
         }
     }
 }
@@ -184,6 +188,14 @@ pub const BUILTIN: &[Builtin] = &[
         rules: endpointslice::RULES,
         add: |m, _| {
             endpointslice::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "servicelb",
+        rules: servicelb::RULES,
+        add: |m, s| {
+            servicelb::add(m, s.service_lb_pool.clone());
             Ok(())
         },
     },

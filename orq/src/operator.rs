@@ -21,7 +21,8 @@ pub struct ControllerArgs {
     /// deployment, replicaset, replicationcontroller, daemonset, statefulset, job, cronjob,
     /// ttl-after-finished, horizontalpodautoscaling, disruption, endpoint, endpointslice,
     /// garbagecollector, namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle,
-    /// taint-eviction-controller, nodeipam, persistentvolume-binder, local-path-provisioner.
+    /// taint-eviction-controller, servicelb, nodeipam, persistentvolume-binder,
+    /// local-path-provisioner.
     /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
     /// may not be installed: staticsite.
     #[arg(long, value_delimiter = ',', default_value = "*")]
@@ -43,6 +44,12 @@ pub struct ControllerArgs {
     /// The prefix length of each node's `podCIDR`.
     #[arg(long, default_value_t = 24)]
     pub node_cidr_mask_size: u8,
+    /// Addresses for LoadBalancer Services (repeatable): an IPv4 CIDR (`10.0.0.200/30`) or
+    /// range (`10.0.0.200-10.0.0.210`), one address per Service, announced on a node's
+    /// interface. Without one, LoadBalancer Services get the Ready nodes' addresses (k3s'
+    /// ServiceLB).
+    #[arg(long = "service-lb-pool", value_name = "RANGE")]
+    pub service_lb_pools: Vec<String>,
     /// The cluster CA (PEM) published to every namespace as the ConfigMap `kube-root-ca.crt`.
     /// Default: `orq server`'s own CA; for `orq operator`, the in-cluster service account's
     /// `ca.crt`, else the kubeconfig's CA.
@@ -130,12 +137,20 @@ impl ControllerArgs {
             ),
             None => None,
         };
+        let service_lb_pool = orquestra_controllers::services::servicelb::Pool::new(
+            self.service_lb_pools
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()
+                .context("--service-lb-pool")?,
+        );
         Ok(orquestra_controllers::Settings {
             root_ca,
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_startup_grace_period: self.node_startup_grace_period,
             node_ipam,
             horizontal_pod_autoscaler_sync_period: self.horizontal_pod_autoscaler_sync_period,
+            service_lb_pool,
         })
     }
 }

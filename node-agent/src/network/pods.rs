@@ -352,7 +352,7 @@ async fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).await.is_ok()
 }
 
-async fn ip(args: &[&str]) -> Result<String, NetworkError> {
+pub(crate) async fn ip(args: &[&str]) -> Result<String, NetworkError> {
     run(
         Command::new("ip").args(args),
         &format!("ip {}", args.join(" ")),

@@ -7,13 +7,16 @@
 //! table, [`TABLE`], of the agent's network namespace:
 //!
 //! - `services` (from the `nat` prerouting and output hooks) looks the destination up in
-//!   the `service-ips` map, and for the node's own addresses in `service-nodeports`;
+//!   the `service-ips` map (cluster IPs, and LoadBalancer addresses:
+//!   `status.loadBalancer.ingress[].ip`, on every node as kube-proxy does), and for the
+//!   node's own addresses in `service-nodeports`;
 //! - `service-…` chains mark traffic from outside the pod network for masquerading, keep
 //!   `sessionAffinity: ClientIP` clients on their endpoint (a dynamic set per endpoint,
-//!   refreshed on every packet), then pick an endpoint; `external-…` chains (node ports)
-//!   mark for masquerading and go to the service chain — or, with
-//!   `externalTrafficPolicy: Local`, pick among this node's endpoints only and keep the
-//!   client's address;
+//!   refreshed on every packet), then pick an endpoint; `external-…` chains (node ports
+//!   and load balancer addresses) mark for masquerading and go to the service chain — or,
+//!   with `externalTrafficPolicy: Local`, pick among this node's endpoints only and keep
+//!   the client's address (pods and the node itself still reach every endpoint, as with
+//!   kube-proxy);
 //! - `endpoint-…` chains DNAT; a pod reaching itself through its Service (hairpin), or any
 //!   local pod reaching an endpoint on the same bridge, is masqueraded so the reply comes
 //!   back through the node and conntrack can undo the DNAT;
@@ -23,7 +26,9 @@
 //!   pod, masquerading a pod on the same bridge that reaches itself or a neighbour;
 //! - Services without endpoints are in `no-endpoint-services` / `no-endpoint-nodeports`,
 //!   which the `filter` hooks answer with a reject: a connection is refused at once instead
-//!   of hanging.
+//!   of hanging;
+//! - the pool addresses this node announces for ServiceLB are put on its interface after
+//!   the rules that DNAT them ([`announce`]).
 //!
 //! Syncs are incremental: the proxy keeps the rules it last applied and sends `nft` one
 //! transaction holding only the difference (new and changed chains rewritten, map elements
@@ -44,6 +49,7 @@ use kube::runtime::reflector::Store;
 use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
 
 use crate::health::{Backoff, Health, Part};
+use crate::network::announce::{self, Announcer};
 use crate::network::{Cidr, NetworkError, nft};
 
 /// The nftables table the proxy owns (family `ip`).
@@ -134,6 +140,8 @@ struct ServicePort {
     protocol: &'static str,
     port: u16,
     node_port: Option<u16>,
+    /// The LoadBalancer's addresses the proxy DNATs (`ipMode: VIP` or unset).
+    load_balancer_ips: Vec<Ipv4Addr>,
     local_only: bool,
     affinity: Option<i32>,
     endpoints: Vec<Endpoint>,
@@ -234,6 +242,21 @@ fn service_ports(
                 .unwrap_or(DEFAULT_AFFINITY_SECONDS)
         });
         let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        // `ipMode: Proxy` addresses are a proxying load balancer's: traffic to them arrives
+        // from it, addressed to the node.
+        let load_balancer_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
+            svc.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let slices = by_service.get(&(namespace.clone(), name.clone()));
         for port in spec.ports.iter().flatten() {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -289,6 +312,7 @@ fn service_ports(
                 protocol,
                 port: number,
                 node_port,
+                load_balancer_ips: load_balancer_ips.clone(),
                 local_only,
                 affinity,
                 endpoints: endpoints.into_iter().collect(),
@@ -322,12 +346,17 @@ pub fn desired(
         let h = hash(&sp.id);
         let ip_key = format!("{} . {} . {}", sp.cluster_ip, sp.protocol, sp.port);
         let node_key = sp.node_port.map(|p| format!("{} . {p}", sp.protocol));
+        let lb_keys: Vec<String> = sp
+            .load_balancer_ips
+            .iter()
+            .map(|ip| format!("{ip} . {} . {}", sp.protocol, sp.port))
+            .collect();
         if sp.endpoints.is_empty() {
-            rules
-                .maps
-                .entry("no-endpoint-services")
-                .or_default()
-                .insert(ip_key, "goto reject-chain".into());
+            let entries = rules.maps.entry("no-endpoint-services").or_default();
+            entries.insert(ip_key, "goto reject-chain".into());
+            for key in lb_keys {
+                entries.insert(key, "goto reject-chain".into());
+            }
             if let Some(key) = node_key {
                 rules
                     .maps
@@ -405,25 +434,39 @@ pub fn desired(
             .entry("service-ips")
             .or_default()
             .insert(ip_key, format!("goto {service_chain}"));
-        if let Some(key) = node_key {
+        if node_key.is_some() || !lb_keys.is_empty() {
             let external = format!("external-{h}-{}", sp.id);
             let body = if sp.local_only {
+                // As kube-proxy: pods and the node itself reaching a node port or load
+                // balancer address are cluster traffic, not dropped where no endpoint is.
+                let mut body = vec![
+                    format!("ip saddr @pod-cidrs goto {service_chain}"),
+                    "fib saddr type local jump mark-for-masquerade".to_owned(),
+                    format!("fib saddr type local goto {service_chain}"),
+                ];
                 let local: Vec<&EndpointChain> =
                     endpoint_chains.iter().filter(|(_, _, e)| e.local).collect();
                 if local.is_empty() {
-                    vec!["drop".to_owned()]
+                    body.push("drop".to_owned());
                 } else {
-                    pick(&local)
+                    body.extend(pick(&local));
                 }
+                body
             } else {
                 vec![mark.clone(), format!("goto {service_chain}")]
             };
             rules.chains.insert(external.clone(), body);
-            rules
-                .maps
-                .entry("service-nodeports")
-                .or_default()
-                .insert(key, format!("goto {external}"));
+            if let Some(key) = node_key {
+                rules
+                    .maps
+                    .entry("service-nodeports")
+                    .or_default()
+                    .insert(key, format!("goto {external}"));
+            }
+            let entries = rules.maps.entry("service-ips").or_default();
+            for key in lb_keys {
+                entries.insert(key, format!("goto {external}"));
+            }
         }
     }
     rules
@@ -779,6 +822,10 @@ pub struct ServiceProxy {
     triggers: HashMap<String, String>,
     /// Where failures and recoveries of the programming are reported.
     health: Health,
+    /// The load balancer addresses this node announces (see [`announce`]).
+    announcer: Announcer,
+    /// The node's address and the addresses announced at the last sync of them.
+    announced: Option<(Option<Ipv4Addr>, BTreeSet<Ipv4Addr>)>,
 }
 
 impl std::fmt::Debug for ServiceProxy {
@@ -808,6 +855,8 @@ impl ServiceProxy {
             applied: None,
             triggers: HashMap::new(),
             health: Health::new(),
+            announcer: Announcer::default(),
+            announced: None,
         }
     }
 
@@ -830,12 +879,13 @@ impl ServiceProxy {
         let begun = Instant::now();
         let (cidrs, _) = node_cidrs(&self.nodes.state(), &self.config.node_name);
         let slices = self.slices.state();
-        let mut next = desired(&self.services.state(), &slices, &cidrs, &self.config);
+        let services = self.services.state();
+        let mut next = desired(&services, &slices, &cidrs, &self.config);
         if let Some(pods) = &self.pods {
             add_host_ports(&mut next, &pods.state(), &self.config);
         }
         if self.applied.as_ref() == Some(&next) {
-            return Ok(());
+            return self.announce(&services).await;
         }
         let transaction = transaction(self.applied.as_ref(), &next);
         let mut result = nft(&transaction).await;
@@ -879,6 +929,21 @@ impl ServiceProxy {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or_default(),
         );
+        self.announce(&services).await
+    }
+
+    /// Puts the load balancer addresses this node announces on its interface (after the
+    /// rules that DNAT them), when they or the node's address changed since the last time.
+    async fn announce(&mut self, services: &[Arc<Service>]) -> Result<(), NetworkError> {
+        let wanted = announce::wanted(services, &self.config.node_name);
+        let node_ip = announce::node_ip(&self.nodes.state(), &self.config.node_name);
+        let key = (node_ip, wanted);
+        if self.announced.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        self.announced = None;
+        self.announcer.sync(key.0, &key.1).await?;
+        self.announced = Some(key);
         Ok(())
     }
 
@@ -911,7 +976,10 @@ impl ServiceProxy {
             self.health.recovered(Part::ServiceProxy);
             tokio::select! {
                 () = changed.notified() => {}
-                () = tokio::time::sleep(resync) => self.applied = None,
+                () = tokio::time::sleep(resync) => {
+                    self.applied = None;
+                    self.announced = None;
+                }
                 () = &mut shutdown => return,
             }
         }
@@ -928,9 +996,12 @@ fn allow_localhost_node_ports() -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// Removes the proxy's table (`orq agent --cleanup`).
+/// Removes the proxy's table and the load balancer addresses announced (`orq agent
+/// --cleanup`).
 pub async fn cleanup() -> Result<(), NetworkError> {
-    nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")).await
+    let announced = announce::cleanup().await;
+    nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")).await?;
+    announced
 }
 
 #[cfg(test)]
@@ -1150,6 +1221,79 @@ mod tests {
         assert_eq!(gone.matches("delete chain").count(), 3, "{gone}");
     }
 
+    fn load_balancer(extra: serde_json::Value) -> Arc<Service> {
+        let mut svc = json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {
+            "type": "LoadBalancer", "clusterIP": "10.43.0.10",
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "10.214.0.200", "ipMode": "VIP"},
+                {"ip": "10.214.0.11"},
+                {"ip": "10.214.0.250", "ipMode": "Proxy"},
+                {"hostname": "lb.example"}]}}});
+        if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        service(svc)
+    }
+
+    #[test]
+    fn load_balancer_addresses_go_where_node_ports_go() {
+        let ready = [endpoints(&[
+            ("10.244.1.5", "a", true),
+            ("10.244.2.5", "b", true),
+        ])];
+        let rules = desired(
+            &[load_balancer(json!({}))],
+            &ready,
+            &BTreeSet::new(),
+            &config(),
+        );
+        let ips = &rules.maps["service-ips"];
+        assert_eq!(
+            ips.keys().collect::<Vec<_>>(),
+            [
+                "10.214.0.11 . tcp . 80",
+                "10.214.0.200 . tcp . 80",
+                "10.43.0.10 . tcp . 80"
+            ],
+            "VIP (and unset) addresses only, not a proxying load balancer's"
+        );
+        let external = &ips["10.214.0.200 . tcp . 80"];
+        assert!(external.starts_with("goto external-"), "{external}");
+        assert_eq!(&rules.maps["service-nodeports"]["tcp . 30080"], external);
+        let chain = &rules.chains[external.strip_prefix("goto ").unwrap()];
+        assert!(
+            chain[0].starts_with("meta mark set"),
+            "masqueraded: {chain:?}"
+        );
+
+        // `allocateLoadBalancerNodePorts: false`: no node port, the address still answers;
+        // `externalTrafficPolicy: Local` picks this node's endpoints only.
+        let no_node_port = load_balancer(json!({
+            "allocateLoadBalancerNodePorts": false, "externalTrafficPolicy": "Local",
+            "ports": [{"name": "http", "port": 80}]}));
+        let rules = desired(&[no_node_port], &ready, &BTreeSet::new(), &config());
+        assert!(rules.maps["service-nodeports"].is_empty());
+        let external = &rules.maps["service-ips"]["10.214.0.200 . tcp . 80"];
+        let chain = &rules.chains[external.strip_prefix("goto ").unwrap()];
+        let pick = chain.last().unwrap();
+        assert!(pick.starts_with("numgen random mod 1 "), "{chain:?}");
+        assert!(pick.contains("10.244.1.5"), "{chain:?}");
+
+        // Without endpoints the address refuses connections; once the Service is no longer
+        // a LoadBalancer its stale status is ignored.
+        let rules = desired(
+            &[load_balancer(json!({}))],
+            &[],
+            &BTreeSet::new(),
+            &config(),
+        );
+        assert!(rules.maps["no-endpoint-services"].contains_key("10.214.0.200 . tcp . 80"));
+        let cluster_ip = load_balancer(json!({"type": "ClusterIP"}));
+        let rules = desired(&[cluster_ip], &ready, &BTreeSet::new(), &config());
+        assert_eq!(rules.maps["service-ips"].len(), 1);
+    }
+
     #[test]
     fn affinity_and_local_policy() {
         let svc = service(
@@ -1180,7 +1324,9 @@ mod tests {
                 .unwrap()
                 .starts_with("numgen random mod 1")
         );
-        assert!(!external.1.iter().any(|r| r.contains("mark")));
+        // Outside clients keep their address; pods and the node itself go to the Service.
+        assert!(!external.1.iter().any(|r| r.starts_with("meta mark set")));
+        assert!(external.1[0].starts_with("ip saddr @pod-cidrs goto service-"));
         let service = rules
             .chains
             .iter()
