@@ -200,6 +200,14 @@ pub const BUILTIN: &[Builtin] = &[
         },
     },
     Builtin {
+        name: "ingress",
+        rules: services::ingress::RULES,
+        add: |m, _| {
+            services::ingress::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
         name: "nodeipam",
         rules: nodeipam::RULES,
         add: |m, s| {

@@ -1,6 +1,6 @@
 //! Orquestra's node agent (the kubelet), grouped by stage: [`kubelet`] (the pod workers,
 //! node, probes, hooks, endpoint), [`runtime`] (images, bundles, the libcontainer shim),
-//! [`network`] (pod network, service proxy, DNS) and [`stream`] (exec, attach,
+//! [`network`] (pod network, service proxy, DNS, ingress) and [`stream`] (exec, attach,
 //! port-forward).
 //!
 //! It registers its host as a `Node` and keeps it alive
@@ -26,7 +26,7 @@ pub use kubelet::{
     agent, downward, endpoint, events, health, hook, hosts, links, logs, node, pod, probe, resize,
     resolve, serviceaccount, simulated, termination, volume,
 };
-pub use network::{dns, proxy};
+pub use network::{dns, ingress, proxy};
 pub use runtime::{auth, container, image, shim};
 
 pub use agent::{AgentConfig, run};

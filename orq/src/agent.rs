@@ -104,6 +104,19 @@ pub struct NodeArgs {
     /// up only once a pod needs it.
     #[arg(long)]
     disable_kube_proxy: bool,
+    /// Where the built-in ingress serves plain HTTP (Ingresses of the default class
+    /// `orquestra`, as k3s' Traefik). A port another process holds is retried in the
+    /// background; the node stays Ready.
+    #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR")]
+    ingress_http_listen: std::net::SocketAddr,
+    /// Where the built-in ingress serves HTTPS (certificates from the Ingresses' TLS
+    /// Secrets, by SNI).
+    #[arg(long, default_value = "0.0.0.0:443", value_name = "ADDR")]
+    ingress_https_listen: std::net::SocketAddr,
+    /// Serve no Ingresses on this node (k3s' `--disable traefik`). Implied by
+    /// `--disable-kube-proxy`: the ingress is part of the network the agent programs.
+    #[arg(long)]
+    disable_ingress: bool,
 }
 
 impl NodeArgs {
@@ -160,6 +173,11 @@ pub fn config(
     config.insecure_registries = node.insecure_registries.clone();
     config.registry_mirrors = node.registry_mirrors.clone();
     config.kube_proxy = !node.disable_kube_proxy;
+    config.ingress =
+        (!node.disable_ingress).then_some(orquestra_node_agent::ingress::IngressConfig {
+            http: node.ingress_http_listen,
+            https: node.ingress_https_listen,
+        });
     config.register_with_taints = node.register_with_taints.clone();
     Ok(config)
 }

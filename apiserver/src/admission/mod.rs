@@ -2,13 +2,14 @@
 //! stays generic: the defaults and semantic checks that k8s-openapi's schemas cannot carry
 //! (here), the structural schemas themselves ([`schema`]: pruning, defaulting, validation),
 //! RuntimeClasses' overhead and scheduling ([`runtime_class`]), in-place pod resizes
-//! ([`resize`]), claims' default
-//! StorageClass ([`storage_class`]), Jobs and CronJobs ([`batch`]), LimitRanges and
+//! ([`resize`]), claims' default StorageClass ([`storage_class`]), Ingresses' default
+//! IngressClass ([`ingress_class`]), Jobs and CronJobs ([`batch`]), LimitRanges and
 //! ResourceQuotas ([`quota`]); and what users add — admission policies in CEL ([`policy`],
 //! on the [`cel`] environment) and admission webhooks ([`webhook`]).
 
 pub mod batch;
 pub mod cel;
+pub mod ingress_class;
 pub mod policy;
 pub mod priority;
 pub mod quota;

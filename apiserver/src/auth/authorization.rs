@@ -41,7 +41,7 @@ pub const NODES: &str = "system:nodes";
 /// What a node agent does (the bootstrap `system:node` ClusterRole): register and heartbeat
 /// its Node and Lease, run the pods bound to it (their volumes' ConfigMaps and Secrets,
 /// their service account tokens), report their status and finish their deletion, proxy
-/// Services and serve DNS, and record events.
+/// Services, serve DNS and Ingresses, and record events.
 fn node_rules() -> serde_json::Value {
     serde_json::json!([
         {"apiGroups": [""], "resources": ["nodes"],
@@ -57,6 +57,11 @@ fn node_rules() -> serde_json::Value {
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["get", "list", "watch"]},
+        // The built-in ingress: its routes, and the TLS Secrets it serves (a cluster-wide
+        // read, as any ingress controller's).
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         // Pods' claims and volumes; the local-path volumes a node holds, which it reclaims
         // (deletes) once released.

@@ -512,6 +512,7 @@ impl Engine {
         }
         crate::admission::runtime_class::admit(self, def, &mut object).await?;
         crate::admission::storage_class::admit(self, def, &mut object).await?;
+        crate::admission::ingress_class::admit(self, def, &mut object).await?;
         crate::admission::priority::admit(self, def, &mut object).await?;
         crate::admission::service_account::admit(self, def, &mut object).await?;
         if let Some(ns) = ns.filter(|_| def.namespaced) {

@@ -1,7 +1,9 @@
 //! The service controllers: which pods back each Service, as Endpoints ([`endpoints`]) and
-//! EndpointSlices ([`endpointslice`]), and the addresses of LoadBalancer Services
-//! ([`servicelb`]).
+//! EndpointSlices ([`endpointslice`]), the addresses of LoadBalancer Services
+//! ([`servicelb`]) and the built-in ingress controller's IngressClass, Ingress status and
+//! events ([`ingress`]).
 
 pub mod endpoints;
 pub mod endpointslice;
+pub mod ingress;
 pub mod servicelb;

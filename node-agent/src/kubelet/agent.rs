@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
@@ -112,6 +113,9 @@ pub struct AgentConfig {
     pub register_with_taints: Vec<crate::node::RegisterTaint>,
     /// The cluster CA (PEM) pods get as `ca.crt` beside their service account token.
     pub cluster_ca: Option<String>,
+    /// Serve Ingresses of the built-in class on these ports (k3s' Traefik's role), on nodes
+    /// that program their network (`kube_proxy`); `None` leaves Ingresses to something else.
+    pub ingress: Option<crate::ingress::IngressConfig>,
 }
 
 impl AgentConfig {
@@ -138,6 +142,7 @@ impl AgentConfig {
             kube_proxy: true,
             register_with_taints: Vec::new(),
             cluster_ca: None,
+            ingress: None,
         }
     }
 }
@@ -168,6 +173,9 @@ pub enum AgentError {
     /// Cluster DNS could not start (its port taken, say).
     #[error("cluster DNS: {0}")]
     Dns(#[from] crate::dns::DnsError),
+    /// The ingress could not start (its metrics or TLS configuration).
+    #[error(transparent)]
+    Ingress(#[from] crate::ingress::IngressError),
 }
 
 /// What every pod worker shares.
@@ -416,6 +424,7 @@ pub async fn run(
     node.port = endpoint.port();
     node.taints = config.register_with_taints.clone();
     node.manages_network = config.kube_proxy;
+    node.serves_ingress = config.kube_proxy && config.ingress.is_some();
     let local_root = crate::volume::local::root(&config.data_dir);
     node.local_path_root = Some(local_root.display().to_string());
     // What of the agent works; the heartbeat shows it on the Node.
@@ -494,8 +503,45 @@ fn spawn_services(
     use tokio::sync::Notify;
     let changed = Arc::new(Notify::new());
     let nodes_changed = Arc::new(Notify::new());
-    let (services, services_feed) = cache::<Service>(&ctx.client, vec![Arc::clone(&changed)]);
-    let (slices, slices_feed) = cache::<EndpointSlice>(&ctx.client, vec![Arc::clone(&changed)]);
+    // The ingress rebuilds its routes on its own notifications (a Notify wakes one waiter).
+    let ingress_changed = Arc::new(Notify::new());
+    let (services, services_feed) = cache::<Service>(
+        &ctx.client,
+        vec![Arc::clone(&changed), Arc::clone(&ingress_changed)],
+    );
+    let (slices, slices_feed) = cache::<EndpointSlice>(
+        &ctx.client,
+        vec![Arc::clone(&changed), Arc::clone(&ingress_changed)],
+    );
+    let mut ingress_tasks = Vec::new();
+    if let Some(config) = ctx.config.ingress {
+        let notify = || vec![Arc::clone(&ingress_changed)];
+        let (ingresses, ingresses_feed) = cache::<Ingress>(&ctx.client, notify());
+        let (classes, classes_feed) = cache::<IngressClass>(&ctx.client, notify());
+        // Only TLS Secrets: the ingress reads nothing else.
+        let (secrets, secrets_feed) = cache_of::<Secret>(
+            &ctx.client,
+            watcher::Config::default().fields("type=kubernetes.io/tls"),
+            notify(),
+        );
+        let ingress = crate::ingress::IngressController::new(
+            config,
+            crate::ingress::Stores {
+                ingresses,
+                classes,
+                secrets,
+                services: services.clone(),
+                slices: slices.clone(),
+            },
+            registry,
+        )?;
+        ingress_tasks = vec![
+            tokio::spawn(ingresses_feed),
+            tokio::spawn(classes_feed),
+            tokio::spawn(secrets_feed),
+            tokio::spawn(ingress.run(Arc::clone(&ingress_changed))),
+        ];
+    }
     let resolv_conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let dns = crate::dns::ClusterDns::new(
         services.clone(),
@@ -591,13 +637,15 @@ fn spawn_services(
             );
         }
     };
-    Ok(vec![
+    let mut tasks = vec![
         tokio::spawn(services_feed),
         tokio::spawn(slices_feed),
         tokio::spawn(nodes_feed),
         tokio::spawn(pods_feed),
         tokio::spawn(network),
-    ])
+    ];
+    tasks.extend(ingress_tasks);
+    Ok(tasks)
 }
 
 /// A cache of every `K`, and the future feeding it from a watch, waking `notify` on each

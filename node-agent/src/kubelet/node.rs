@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// The agent programs the node's network (bridge, DNS, service proxy, routes), so the
     /// Node reports `NetworkUnavailable` for it.
     pub manages_network: bool,
+    /// The agent serves Ingresses: the Node is annotated `orquestra.dev/ingress: "true"`,
+    /// so the ingress controller publishes its address in the Ingresses' status.
+    pub serves_ingress: bool,
     /// Where this node's local-path volumes live, advertised in the Node's
     /// `orquestra.io/local-path-root` annotation for the provisioner.
     pub local_path_root: Option<String>,
@@ -118,6 +121,7 @@ impl NodeConfig {
             status_refresh: Duration::from_secs(300),
             taints: Vec::new(),
             manages_network: false,
+            serves_ingress: false,
             local_path_root: None,
         }
     }
@@ -194,7 +198,10 @@ fn node_object(config: &NodeConfig, host: &HostInfo) -> Value {
         },
     });
     if let Some(root) = &config.local_path_root {
-        node["metadata"]["annotations"] = json!({crate::volume::local::ANN_ROOT: root});
+        node["metadata"]["annotations"][crate::volume::local::ANN_ROOT] = json!(root);
+    }
+    if config.serves_ingress {
+        node["metadata"]["annotations"][crate::ingress::ANN_NODE_SERVES] = json!("true");
     }
     node
 }
