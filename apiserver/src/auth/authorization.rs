@@ -57,6 +57,11 @@ fn node_rules() -> serde_json::Value {
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["get", "list", "watch"]},
+        // NetworkPolicy enforcement: the policies, every pod (above) and the namespaces
+        // their selectors pick.
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
         // The built-in ingress: its routes, and the TLS Secrets it serves (a cluster-wide
         // read, as any ingress controller's).
         {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"],

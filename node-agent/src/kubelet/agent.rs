@@ -464,7 +464,9 @@ pub async fn run(
     ))?))?;
     let serving = tokio::spawn(endpoint.serve(Arc::clone(&ctx), registry.clone()));
     let services = if ctx.config.kube_proxy {
-        Some(spawn_services(&ctx, registry, &health)?)
+        let mut tasks = spawn_services(&ctx, registry, &health)?;
+        tasks.extend(spawn_network_policy(&ctx, registry, &health)?);
+        Some(tasks)
     } else {
         None
     };
@@ -646,6 +648,49 @@ fn spawn_services(
     ];
     tasks.extend(ingress_tasks);
     Ok(tasks)
+}
+
+/// Starts NetworkPolicy enforcement ([`crate::network::policy`]) for this node: caches of
+/// the policies, of every pod (peers live on every node; the proxy's cache holds only this
+/// node's) and of the namespaces (for namespace selectors), then the enforcer syncing on
+/// any change once all three are listed. It needs nothing of the node network: a pod's
+/// traffic crosses the forward hook whether or not the bridge is up yet.
+fn spawn_network_policy(
+    ctx: &Arc<Context>,
+    registry: &prometheus::Registry,
+    health: &Health,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let (policies, policies_feed) = cache::<NetworkPolicy>(&ctx.client, vec![Arc::clone(&changed)]);
+    let (pods, pods_feed) = cache::<Pod>(&ctx.client, vec![Arc::clone(&changed)]);
+    let (namespaces, namespaces_feed) = cache::<Namespace>(&ctx.client, vec![Arc::clone(&changed)]);
+    let enforcer = crate::network::policy::PolicyEnforcer::new(
+        ctx.config.node_name.clone(),
+        policies.clone(),
+        pods.clone(),
+        namespaces.clone(),
+        crate::network::policy::PolicyMetrics::register(registry)?,
+    )
+    .with_health(health.clone());
+    let enforce = async move {
+        // Before the first lists an empty pod cache would isolate nobody.
+        let _ = tokio::join!(
+            policies.wait_until_ready(),
+            pods.wait_until_ready(),
+            namespaces.wait_until_ready()
+        );
+        enforcer
+            .run(changed, Duration::from_secs(30), std::future::pending())
+            .await;
+    };
+    Ok(vec![
+        tokio::spawn(policies_feed),
+        tokio::spawn(pods_feed),
+        tokio::spawn(namespaces_feed),
+        tokio::spawn(enforce),
+    ])
 }
 
 /// A cache of every `K`, and the future feeding it from a watch, waking `notify` on each
@@ -905,6 +950,7 @@ pub async fn cleanup(data_dir: &std::path::Path, network: Option<&Network>) -> s
     if let Some(network) = network {
         let _ = network.remove_node().await;
         let _ = crate::proxy::cleanup().await;
+        let _ = crate::network::policy::cleanup().await;
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub enum Part {
     ServiceProxy,
     /// The routes to other nodes' pod CIDRs.
     Routes,
+    /// The network policies' nftables rules (and bridge netfilter, which they need).
+    NetworkPolicy,
 }
 
 impl fmt::Display for Part {
@@ -36,6 +38,7 @@ impl fmt::Display for Part {
             Part::ClusterDns => "cluster DNS",
             Part::ServiceProxy => "service proxy",
             Part::Routes => "routes to other nodes' pods",
+            Part::NetworkPolicy => "network policy enforcement",
         })
     }
 }
