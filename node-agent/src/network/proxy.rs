@@ -129,6 +129,19 @@ struct Endpoint {
     ip: Ipv4Addr,
     port: u16,
     local: bool,
+    /// Ready; otherwise serving while terminating, a fallback only (see [`prefer_ready`]).
+    ready: bool,
+}
+
+/// The ready endpoints among `endpoints`, or — when none is ready — the ones still serving
+/// while they terminate (kube-proxy's terminating-endpoint fallback, so a rolling update or
+/// a drain of the last pods does not drop connections that could still be served).
+fn prefer_ready<'a>(
+    endpoints: impl IntoIterator<Item = &'a EndpointChain<'a>>,
+) -> Vec<&'a EndpointChain<'a>> {
+    let all: Vec<&EndpointChain> = endpoints.into_iter().collect();
+    let ready: Vec<&EndpointChain> = all.iter().copied().filter(|(_, _, e)| e.ready).collect();
+    if ready.is_empty() { all } else { ready }
 }
 
 /// One Service port, as the proxy programs it.
@@ -142,7 +155,11 @@ struct ServicePort {
     node_port: Option<u16>,
     /// The LoadBalancer's addresses the proxy DNATs (`ipMode: VIP` or unset).
     load_balancer_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`: node port and load balancer traffic to this node's
+    /// endpoints only, keeping the client's address.
     local_only: bool,
+    /// `internalTrafficPolicy: Local`: cluster IP traffic to this node's endpoints only.
+    internal_local: bool,
     affinity: Option<i32>,
     endpoints: Vec<Endpoint>,
 }
@@ -242,6 +259,7 @@ fn service_ports(
                 .unwrap_or(DEFAULT_AFFINITY_SECONDS)
         });
         let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         // `ipMode: Proxy` addresses are a proxying load balancer's: traffic to them arrives
         // from it, addressed to the node.
         let load_balancer_ips: Vec<Ipv4Addr> = if kind == "LoadBalancer" {
@@ -281,7 +299,13 @@ fn service_ports(
                     continue;
                 };
                 for e in slice.endpoints.iter().flatten() {
-                    if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    // The conditions' defaults: ready unless said otherwise, serving as
+                    // ready, not terminating.
+                    let conditions = e.conditions.clone().unwrap_or_default();
+                    let ready = conditions.ready != Some(false);
+                    let serving = conditions.serving.unwrap_or(ready);
+                    let terminating = conditions.terminating.unwrap_or(false);
+                    if !ready && !(serving && terminating) {
                         continue;
                     }
                     let local = e.node_name.as_deref() == Some(node_name);
@@ -291,6 +315,7 @@ fn service_ports(
                                 ip,
                                 port: target_port,
                                 local,
+                                ready,
                             });
                         }
                     }
@@ -314,6 +339,7 @@ fn service_ports(
                 node_port,
                 load_balancer_ips: load_balancer_ips.clone(),
                 local_only,
+                internal_local,
                 affinity,
                 endpoints: endpoints.into_iter().collect(),
             });
@@ -421,13 +447,20 @@ pub fn desired(
             ));
             body
         };
-        let all: Vec<&EndpointChain> = endpoint_chains.iter().collect();
+        let all = prefer_ready(&endpoint_chains);
+        let local = prefer_ready(endpoint_chains.iter().filter(|(_, _, e)| e.local));
         let service_chain = format!("service-{h}-{}", sp.id);
         let mut body = vec![format!(
             "ip daddr {} {} dport {} ip saddr != @pod-cidrs jump mark-for-masquerade",
             sp.cluster_ip, sp.protocol, sp.port
         )];
-        body.extend(pick(&all));
+        match (sp.internal_local, local.is_empty()) {
+            // `internalTrafficPolicy: Local` without an endpoint here: dropped, as
+            // kube-proxy does (the client's own node is the point of the policy).
+            (true, true) => body.push("drop".to_owned()),
+            (true, false) => body.extend(pick(&local)),
+            (false, _) => body.extend(pick(&all)),
+        }
         rules.chains.insert(service_chain.clone(), body);
         rules
             .maps
@@ -444,13 +477,16 @@ pub fn desired(
                     "fib saddr type local jump mark-for-masquerade".to_owned(),
                     format!("fib saddr type local goto {service_chain}"),
                 ];
-                let local: Vec<&EndpointChain> =
-                    endpoint_chains.iter().filter(|(_, _, e)| e.local).collect();
                 if local.is_empty() {
                     body.push("drop".to_owned());
                 } else {
                     body.extend(pick(&local));
                 }
+                body
+            } else if sp.internal_local {
+                // External traffic is not bound by the internal policy: every endpoint.
+                let mut body = vec![mark.clone()];
+                body.extend(pick(&all));
                 body
             } else {
                 vec![mark.clone(), format!("goto {service_chain}")]
@@ -1176,6 +1212,82 @@ mod tests {
         let delta = transaction(Some(&before), &after);
         assert_eq!(delta.matches("delete element").count(), 3, "{delta}");
         assert_eq!(delta.matches("delete chain").count(), 3, "{delta}");
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready_and_internal_local_stays_local() {
+        let slice_with = |endpoints: serde_json::Value| {
+            slice(
+                json!({"metadata": {"name": "web-abc", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "endpoints": endpoints,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
+            )
+        };
+        let picked = |rules: &Ruleset, prefix: &str| -> Vec<String> {
+            let (_, body) = rules
+                .chains
+                .iter()
+                .find(|(c, _)| c.starts_with(prefix))
+                .unwrap();
+            let last = body.last().unwrap();
+            rules
+                .chains
+                .keys()
+                .filter(|c| c.starts_with("endpoint-") && last.contains(c.as_str()))
+                .map(|c| c.rsplit("__").next().unwrap().to_owned())
+                .collect()
+        };
+        let terminating = json!({"ready": false, "serving": true, "terminating": true});
+        // One ready, one terminating but serving, one terminating and not serving.
+        let mixed = slice_with(json!([
+            {"addresses": ["10.244.1.5"], "nodeName": "a", "conditions": {"ready": true}},
+            {"addresses": ["10.244.2.5"], "nodeName": "b", "conditions": terminating},
+            {"addresses": ["10.244.3.5"], "nodeName": "c",
+             "conditions": {"ready": false, "serving": false, "terminating": true}},
+        ]));
+        let rules = desired(&[web("ClusterIP")], &[mixed], &BTreeSet::new(), &config());
+        assert_eq!(picked(&rules, "service-"), ["10.244.1.5/8080"]);
+        // None ready: the serving terminating one takes the traffic, not a reject.
+        let draining = slice_with(json!([
+            {"addresses": ["10.244.2.5"], "nodeName": "b", "conditions": terminating},
+            {"addresses": ["10.244.3.5"], "nodeName": "c",
+             "conditions": {"ready": false, "serving": false, "terminating": true}},
+        ]));
+        let rules = desired(
+            &[web("ClusterIP")],
+            &[draining],
+            &BTreeSet::new(),
+            &config(),
+        );
+        assert_eq!(picked(&rules, "service-"), ["10.244.2.5/8080"]);
+        assert!(rules.maps["no-endpoint-services"].is_empty());
+
+        // internalTrafficPolicy: Local picks this node's endpoints for the cluster IP only.
+        let local_policy = service(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIP": "10.43.0.10",
+                     "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}));
+        let spread = endpoints(&[("10.244.1.5", "a", true), ("10.244.2.5", "b", true)]);
+        let rules = desired(
+            &[local_policy.clone()],
+            &[spread],
+            &BTreeSet::new(),
+            &config(),
+        );
+        assert_eq!(picked(&rules, "service-"), ["10.244.1.5/8080"]);
+        let mut external = picked(&rules, "external-");
+        external.sort();
+        assert_eq!(external, ["10.244.1.5/8080", "10.244.2.5/8080"]);
+        // No endpoint here: the cluster IP drops rather than leaving the node.
+        let elsewhere = endpoints(&[("10.244.2.5", "b", true)]);
+        let rules = desired(&[local_policy], &[elsewhere], &BTreeSet::new(), &config());
+        let (_, body) = rules
+            .chains
+            .iter()
+            .find(|(c, _)| c.starts_with("service-"))
+            .unwrap();
+        assert_eq!(body.last().unwrap(), "drop");
     }
 
     #[test]
