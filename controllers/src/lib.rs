@@ -21,7 +21,7 @@ pub mod workloads;
 
 use cluster::{garbage, namespace, rootcacert, serviceaccount};
 use nodes::{nodeipam, nodelifecycle, tainteviction};
-use services::{endpoints, endpointslice, servicelb};
+use services::{endpoints, endpointslice, endpointslicemirroring, servicelb};
 use storage::{localpath, persistentvolume};
 use workloads::{daemonset, deployment, disruption, replicaset, statefulset};
 
@@ -188,6 +188,14 @@ pub const BUILTIN: &[Builtin] = &[
         rules: endpointslice::RULES,
         add: |m, _| {
             endpointslice::add(m);
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "endpointslicemirroring",
+        rules: endpointslicemirroring::RULES,
+        add: |m, _| {
+            endpointslicemirroring::add(m);
             Ok(())
         },
     },

@@ -20,7 +20,8 @@ pub struct ControllerArgs {
     /// built-in ones, a name to add one, `-name` to leave one out. Built-in: scheduler,
     /// deployment, replicaset, replicationcontroller, daemonset, statefulset, job, cronjob,
     /// ttl-after-finished, horizontalpodautoscaling, disruption, endpoint, endpointslice,
-    /// garbagecollector, namespace, serviceaccount, root-ca-cert-publisher, nodelifecycle,
+    /// endpointslicemirroring, garbagecollector, namespace, serviceaccount,
+    /// root-ca-cert-publisher, nodelifecycle,
     /// taint-eviction-controller, servicelb, nodeipam, persistentvolume-binder,
     /// local-path-provisioner.
     /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
