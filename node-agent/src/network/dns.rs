@@ -1165,9 +1165,7 @@ impl Forwarder {
 
     fn cached(&self, key: &CacheKey) -> Option<Message> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = cache.get(key) else {
-            return None;
-        };
+        let entry = cache.get(key)?;
         match entry.at(Instant::now()) {
             Some(message) => {
                 let kind = if message.answers.is_empty() {

@@ -305,7 +305,8 @@ fn service_ports(
                     let ready = conditions.ready != Some(false);
                     let serving = conditions.serving.unwrap_or(ready);
                     let terminating = conditions.terminating.unwrap_or(false);
-                    if !ready && !(serving && terminating) {
+                    // Neither ready nor a serving terminating endpoint: no use.
+                    if !(ready || serving && terminating) {
                         continue;
                     }
                     let local = e.node_name.as_deref() == Some(node_name);
@@ -1270,7 +1271,7 @@ mod tests {
                      "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}));
         let spread = endpoints(&[("10.244.1.5", "a", true), ("10.244.2.5", "b", true)]);
         let rules = desired(
-            &[local_policy.clone()],
+            std::slice::from_ref(&local_policy),
             &[spread],
             &BTreeSet::new(),
             &config(),
