@@ -723,6 +723,13 @@ async fn a_service_changing_type_gets_and_gives_back_its_allocations() {
         .create(&PostParams::default(), &taker)
         .await
         .expect("the freed node port is free");
+    // A LoadBalancer told not to gets no node port (its load balancer needs none).
+    let lb: Service = serde_json::from_value(json!({"metadata": {"name": "lb"},
+        "spec": {"type": "LoadBalancer", "allocateLoadBalancerNodePorts": false,
+                 "ports": [{"port": 80}]}}))
+    .unwrap();
+    let lb = services.create(&PostParams::default(), &lb).await.unwrap();
+    assert_eq!(lb.spec.unwrap().ports.unwrap()[0].node_port, None);
 
     // → ExternalName: the cluster IP goes back too.
     let back = services

@@ -246,13 +246,17 @@ async fn allocate_cluster_ip(engine: &Engine, object: &mut Value) -> Result<(), 
 }
 
 /// Gives every port of a NodePort or LoadBalancer Service a node port: the one it names
-/// (taken unless `held` says the Service holds it already) or a free one.
+/// (taken unless `held` says the Service holds it already) or a free one — none for a
+/// LoadBalancer with `allocateLoadBalancerNodePorts: false`, whose load balancer reaches the
+/// Service without them.
 async fn allocate_node_ports(
     engine: &Engine,
     object: &mut Value,
     held: &[u64],
 ) -> Result<(), ApiError> {
     let count = object["spec"]["ports"].as_array().map_or(0, Vec::len);
+    let automatic = !(object["spec"]["type"] == "LoadBalancer"
+        && object["spec"]["allocateLoadBalancerNodePorts"] == false);
     for i in 0..count {
         // 0 is how an unset node port arrives in protobuf.
         match object["spec"]["ports"][i]["nodePort"]
@@ -278,6 +282,7 @@ async fn allocate_node_ports(
                     ));
                 }
             }
+            None if !automatic => {}
             None => {
                 let candidates: Vec<u16> = NODE_PORTS.collect();
                 let port = allocate(engine, object, PORT_PREFIX, &candidates)

@@ -85,12 +85,12 @@ pub const ANNOUNCE_NODE: &str = "orquestra.dev/load-balancer-node";
 pub const ENABLE_LB: &str = "svccontroller.k3s.cattle.io/enablelb";
 
 /// An inclusive range of IPv4 addresses of the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Range {
     first: Ipv4Addr,
     last: Ipv4Addr,
-    /// The prefix length when the range was given as a CIDR.
-    prefix: Option<u8>,
+    /// As it was given (what events name).
+    text: String,
 }
 
 /// A pool range that does not parse.
@@ -119,7 +119,7 @@ impl std::str::FromStr for Range {
             return Ok(Range {
                 first: addr,
                 last: Ipv4Addr::from(u32::from(addr) | host_bits),
-                prefix: Some(prefix),
+                text: s.trim().to_owned(),
             });
         }
         let (first, last) = match s.split_once('-') {
@@ -132,18 +132,14 @@ impl std::str::FromStr for Range {
         Ok(Range {
             first,
             last,
-            prefix: None,
+            text: s.trim().to_owned(),
         })
     }
 }
 
 impl std::fmt::Display for Range {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.prefix {
-            Some(prefix) => write!(f, "{}/{prefix}", self.first),
-            None if self.first == self.last => write!(f, "{}", self.first),
-            None => write!(f, "{}-{}", self.first, self.last),
-        }
+        f.write_str(&self.text)
     }
 }
 
