@@ -131,6 +131,8 @@ pub struct IngressController {
     certificates: Arc<tls::CertResolver>,
     tls: Arc<rustls::ServerConfig>,
     parsed: tls::ParsedSecrets,
+    /// The TLS problems last logged.
+    tls_problems: Vec<String>,
 }
 
 impl IngressController {
@@ -150,6 +152,7 @@ impl IngressController {
             certificates,
             tls,
             parsed: tls::ParsedSecrets::new(),
+            tls_problems: Vec::new(),
         })
     }
 
@@ -174,8 +177,12 @@ impl IngressController {
             &self.stores.secrets.state(),
             &mut self.parsed,
         );
-        for problem in problems {
-            tracing::debug!(%problem, "ingress TLS");
+        // Said once per change (the control side records them as events).
+        if problems != self.tls_problems {
+            for problem in problems.iter().filter(|p| !self.tls_problems.contains(p)) {
+                tracing::warn!(%problem, "ingress TLS: {problem}");
+            }
+            self.tls_problems = problems;
         }
         self.proxy.set_routes(routes);
         self.certificates.set(certificates);
@@ -240,5 +247,118 @@ where
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{cache, cache_of};
+    use kube::Api;
+    use kube::api::PostParams;
+    use orquestra_operator::testing::TestApi;
+    use serde_json::json;
+
+    /// The tables follow the API through the agent's caches: an Ingress' route and its TLS
+    /// Secret's certificate are in place once both are written.
+    #[tokio::test]
+    async fn tables_follow_the_api() {
+        let api = TestApi::start().await.unwrap();
+        let client = api.client();
+        let changed = Arc::new(Notify::new());
+        let notify = || vec![Arc::clone(&changed)];
+        let (ingresses, f1) = cache::<Ingress>(&client, notify());
+        let (classes, f2) = cache::<IngressClass>(&client, notify());
+        let (secrets, f3) = cache_of::<Secret>(
+            &client,
+            kube::runtime::watcher::Config::default().fields("type=kubernetes.io/tls"),
+            notify(),
+        );
+        let (services, f4) = cache::<Service>(&client, notify());
+        let (slices, f5) = cache::<EndpointSlice>(&client, notify());
+        for feed in [
+            tokio::spawn(f1),
+            tokio::spawn(f2),
+            tokio::spawn(f3),
+            tokio::spawn(f4),
+            tokio::spawn(f5),
+        ] {
+            drop(feed);
+        }
+        let stores = Stores {
+            ingresses,
+            classes,
+            secrets,
+            services,
+            slices,
+        };
+        let mut controller = IngressController::new(
+            IngressConfig::default(),
+            stores.clone(),
+            &prometheus::Registry::new(),
+        )
+        .unwrap();
+        stores.ready().await;
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["secure.example.com".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pp = PostParams::default();
+        Api::<Secret>::namespaced(client.clone(), "default")
+            .create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "secure"}, "type": "kubernetes.io/tls",
+                    "stringData": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        Api::<Ingress>::namespaced(client.clone(), "default")
+            .create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "web"},
+                    "spec": {
+                        "ingressClassName": "orquestra",
+                        "tls": [{"hosts": ["secure.example.com"], "secretName": "secure"}],
+                        "rules": [{"host": "secure.example.com", "http": {"paths": [
+                            {"path": "/", "pathType": "Prefix",
+                             "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}],
+                    },
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let fallback = controller.certificates.certificate(None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            controller.sync();
+            let routed = controller
+                .proxy()
+                .routes()
+                .route("secure.example.com", "/")
+                .is_some();
+            let certified = !Arc::ptr_eq(
+                &controller
+                    .certificates
+                    .certificate(Some("secure.example.com")),
+                &fallback,
+            );
+            if routed && certified {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "routed {routed}, certified {certified}; problems {:?}; secrets {}",
+                controller.tls_problems,
+                controller.stores.secrets.state().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
