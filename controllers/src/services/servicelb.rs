@@ -695,6 +695,10 @@ impl Controller {
                 .get(u)
                 .is_some_and(|s| ingress_ips(s) != *ips && at.elapsed() < Duration::from_secs(60))
         });
+        self.warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|u, _| present.contains_key(u));
         if assumed.contains_key(&uid) {
             return None;
         }
