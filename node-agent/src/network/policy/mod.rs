@@ -10,10 +10,11 @@
 //!   their ICMP errors (`ct state established,related`), then looks the source up in the
 //!   `egress-pods` map and the destination in `ingress-pods`: each maps an isolated local
 //!   pod's address to its chain;
-//! - a pod's chain asks one interval set — `peer . protocol . port`, named like the chain —
+//! - a pod's chain returns for the pod's own address (a pod reaching itself through a
+//!   Service), then asks one interval set — `peer . protocol . port`, named like the chain —
 //!   and returns if the packet is in it, else drops it. However many policies and rules
 //!   select a pod, a new connection costs two map lookups and one set lookup per
-//!   direction.
+//!   direction. Pods the same policies select get equal sets, computed once.
 //!
 //! Each node checks only its own pods: the egress of a pod here and the ingress of a pod
 //! here. A connection between two nodes is checked for egress on the client's node and for

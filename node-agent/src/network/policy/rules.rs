@@ -98,7 +98,8 @@ impl Allowed {
 pub struct Isolated {
     /// `namespace/name`, for names in the table.
     pub pod: String,
-    /// Disjoint elements: nftables refuses overlapping elements of an interval set.
+    /// Disjoint elements: nftables refuses overlapping elements of an interval set. The
+    /// pod's own address is not among them: its chain lets it through before the set.
     pub allowed: BTreeSet<Allowed>,
 }
 
@@ -126,6 +127,10 @@ impl Ruleset {
     /// the packet path (egress of the source if isolated here, then ingress of the
     /// destination), for tests and diagnostics.
     pub fn allows(&self, from: Ipv4Addr, to: Ipv4Addr, protocol: u8, port: u16) -> bool {
+        // A pod reaching itself (through a Service): its chains let it through.
+        if from == to {
+            return true;
+        }
         self.egress
             .get(&from)
             .is_none_or(|e| e.allows(to, protocol, port))
@@ -368,16 +373,82 @@ impl<'a> Peers<'a> {
     }
 }
 
-/// Everything the peers of a policy are resolved against.
+/// Everything the peers of a policy are resolved against, indexed so that a selector
+/// naming a label looks only at the pods carrying it (a sync recomputes every policy, on
+/// every pod change anywhere in the cluster).
 struct World<'a> {
     pods: &'a [PodInfo<'a>],
     namespaces: HashMap<&'a str, &'a BTreeMap<String, String>>,
+    /// Namespace → its pods (indices into `pods`).
+    by_namespace: HashMap<&'a str, Vec<usize>>,
+    /// `key=value` → the pods labelled so.
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
 }
 
 impl<'a> World<'a> {
+    fn new(pods: &'a [PodInfo<'a>], namespaces: &'a [Arc<Namespace>]) -> World<'a> {
+        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, pod) in pods.iter().enumerate() {
+            by_namespace.entry(&pod.namespace).or_default().push(i);
+            for (k, v) in pod.labels {
+                by_label.entry((k, v)).or_default().push(i);
+            }
+        }
+        World {
+            pods,
+            namespaces: namespaces
+                .iter()
+                .filter_map(|ns| {
+                    Some((
+                        ns.metadata.name.as_deref()?,
+                        ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
+                    ))
+                })
+                .collect(),
+            by_namespace,
+            by_label,
+        }
+    }
+
     fn namespace_labels(&self, name: &str) -> &'a BTreeMap<String, String> {
         static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
         self.namespaces.get(name).copied().unwrap_or(&NO_LABELS)
+    }
+
+    /// The pods of `namespace` (every namespace: `None`) that `selector` (`None`: all)
+    /// picks, looking only at the shortest list an index offers.
+    fn select(
+        &self,
+        namespace: Option<&str>,
+        selector: Option<&LabelSelector>,
+    ) -> Vec<&'a PodInfo<'a>> {
+        static NONE: Vec<usize> = Vec::new();
+        let mut shortest: Option<&Vec<usize>> =
+            namespace.map(|ns| self.by_namespace.get(ns).unwrap_or(&NONE));
+        for (k, v) in selector
+            .and_then(|s| s.match_labels.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let list = self
+                .by_label
+                .get(&(k.as_str(), v.as_str()))
+                .unwrap_or(&NONE);
+            if shortest.is_none_or(|s| list.len() < s.len()) {
+                shortest = Some(list);
+            }
+        }
+        let keep = |p: &&PodInfo| {
+            namespace.is_none_or(|ns| p.namespace == ns)
+                && selector.is_none_or(|s| selects(s, p.labels))
+        };
+        let pods: &'a [PodInfo<'a>] = self.pods;
+        match shortest {
+            Some(list) => list.iter().map(|i| &pods[*i]).filter(keep).collect(),
+            None => pods.iter().filter(keep).collect(),
+        }
     }
 
     /// The peers of a rule of a policy in `namespace`.
@@ -392,21 +463,25 @@ impl<'a> World<'a> {
                 blocks.extend(block_spans(block));
                 continue;
             }
-            let in_namespace = |p: &PodInfo| match &peer.namespace_selector {
-                Some(ns) => selects(ns, self.namespace_labels(&p.namespace)),
-                None => p.namespace == namespace,
-            };
-            if peer.namespace_selector.is_none() && peer.pod_selector.is_none() {
+            match (&peer.namespace_selector, &peer.pod_selector) {
                 // The API refuses an empty peer; it selects nothing rather than everyone.
-                continue;
+                (None, None) => {}
+                (None, Some(pod_selector)) => {
+                    pods.extend(self.select(Some(namespace), Some(pod_selector)));
+                }
+                (Some(ns_selector), pod_selector) => {
+                    let mut namespaces: Vec<&str> = self
+                        .by_namespace
+                        .keys()
+                        .copied()
+                        .filter(|ns| selects(ns_selector, self.namespace_labels(ns)))
+                        .collect();
+                    namespaces.sort_unstable();
+                    for ns in namespaces {
+                        pods.extend(self.select(Some(ns), pod_selector.as_ref()));
+                    }
+                }
             }
-            pods.extend(self.pods.iter().filter(|p| {
-                in_namespace(p)
-                    && peer
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| selects(s, p.labels))
-            }));
         }
         Peers::Some { pods, blocks }
     }
@@ -472,19 +547,7 @@ pub fn desired(
     node: &str,
 ) -> Ruleset {
     let infos: Vec<PodInfo> = pods.iter().filter_map(|p| pod_info(p)).collect();
-    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
-    let world = World {
-        pods: &infos,
-        namespaces: namespaces
-            .iter()
-            .filter_map(|ns| {
-                Some((
-                    ns.metadata.name.as_deref()?,
-                    ns.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
-                ))
-            })
-            .collect(),
-    };
+    let world = World::new(&infos, namespaces);
     // Boxes per local pod address, in no particular shape yet.
     let mut ingress: BTreeMap<Ipv4Addr, (String, Vec<Allowed>)> = BTreeMap::new();
     let mut egress: BTreeMap<Ipv4Addr, (String, Vec<Allowed>)> = BTreeMap::new();
@@ -495,37 +558,27 @@ pub fn desired(
             continue;
         };
         let namespace = policy.namespace().unwrap_or_default();
-        let selected: Vec<&PodInfo> = infos
-            .iter()
-            .filter(|p| {
-                p.node == Some(node)
-                    && p.namespace == namespace
-                    && spec
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| selects(s, p.labels))
-            })
-            .collect();
+        let mut selected = world.select(Some(&namespace), spec.pod_selector.as_ref());
+        selected.retain(|p| p.node == Some(node));
         if selected.is_empty() {
             continue;
         }
         let (is_ingress, is_egress) = policy_types(policy);
         if is_ingress {
-            let rules: Vec<(Peers, Vec<PortSpec>)> = spec
+            let rules: Vec<(Vec<Span<u32>>, Vec<PortSpec>)> = spec
                 .ingress
                 .iter()
                 .flatten()
                 .map(|r| {
                     (
-                        world.peers(&namespace, r.from.as_deref()),
+                        world.peers(&namespace, r.from.as_deref()).spans(),
                         port_specs(r.ports.as_deref()),
                     )
                 })
                 .collect();
             for target in &selected {
                 let mut boxes = Vec::new();
-                for (peers, ports) in &rules {
-                    let spans = peers.spans();
+                for (spans, ports) in &rules {
                     for port in ports {
                         // Named ports are the target's own.
                         let (protocol, port) = match port {
@@ -600,22 +653,19 @@ pub fn desired(
             }
         }
     }
-    let finish = |map: BTreeMap<Ipv4Addr, (String, Vec<Allowed>)>| {
+    // Pods the same policies select have the same boxes (replicas, mostly): made disjoint
+    // once.
+    let mut made: HashMap<Vec<Allowed>, BTreeSet<Allowed>> = HashMap::new();
+    let mut finish = |map: BTreeMap<Ipv4Addr, (String, Vec<Allowed>)>| {
         map.into_iter()
             .map(|(ip, (pod, mut boxes))| {
-                // A pod reaching itself (through a Service) is never cut off.
-                boxes.push(Allowed {
-                    peer: Span::one(u32::from(ip)),
-                    protocol: ANY_PROTOCOL,
-                    port: ANY_PORT,
-                });
-                (
-                    ip,
-                    Isolated {
-                        pod,
-                        allowed: disjoint(boxes),
-                    },
-                )
+                boxes.sort_unstable();
+                boxes.dedup();
+                let allowed = made
+                    .entry(boxes)
+                    .or_insert_with_key(|boxes| disjoint(boxes.clone()))
+                    .clone();
+                (ip, Isolated { pod, allowed })
             })
             .collect()
     };

@@ -91,9 +91,11 @@ fn named(direction: Direction, rules: &Ruleset) -> BTreeMap<String, (Ipv4Addr, &
         .collect()
 }
 
-/// The rules of a pod's chain: its set lets the packet on, anything else is dropped.
-fn chain_rules(direction: Direction, chain: &str) -> [String; 2] {
+/// The rules of the chain of the pod at `ip`: the pod itself (reaching itself through a
+/// Service) and what its set holds go on, anything else is dropped.
+fn chain_rules(direction: Direction, chain: &str, ip: Ipv4Addr) -> [String; 3] {
     [
+        format!("{} {ip} return", direction.peer()),
         format!(
             "{} . meta l4proto . th dport @{chain} return",
             direction.peer()
@@ -180,7 +182,7 @@ pub fn transaction(previous: Option<&Ruleset>, next: &Ruleset) -> String {
     for direction in DIRECTIONS {
         // Chains and sets go by name (a pod's name and address), map elements by address.
         let (old, new) = (named(direction, previous), named(direction, next));
-        for (name, (_, isolated)) in &new {
+        for (name, (ip, isolated)) in &new {
             let before = match old.get(name) {
                 Some((_, i)) => &i.allowed,
                 None => {
@@ -189,7 +191,7 @@ pub fn transaction(previous: Option<&Ruleset>, next: &Ruleset) -> String {
                         "add set ip {TABLE} {name} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}"
                     );
                     let _ = writeln!(t, "add chain ip {TABLE} {name}");
-                    for rule in chain_rules(direction, name) {
+                    for rule in chain_rules(direction, name, *ip) {
                         let _ = writeln!(t, "add rule ip {TABLE} {name} {rule}");
                     }
                     &no_elements
