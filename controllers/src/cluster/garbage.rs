@@ -789,8 +789,15 @@ async fn delete_dependents(owner: &GraphNode, gc: &Collector) -> Result<Action, 
         if kept_by_another {
             gc.unlink(&dependent, &[owner.uid()]).await?;
         } else {
-            gc.delete(&dependent, PropagationPolicy::Foreground, None)
-                .await?;
+            // Preconditioned on the version the graph judged: a dependent given another
+            // owner a moment ago (not yet in the graph) is a Conflict, retried once the
+            // graph has caught up, rather than deleted.
+            gc.delete(
+                &dependent,
+                PropagationPolicy::Foreground,
+                dependent.object.resource_version.clone(),
+            )
+            .await?;
             blocked |= blocks;
         }
     }
