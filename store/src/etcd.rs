@@ -86,6 +86,36 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// Streams an etcd snapshot (its maintenance API: the whole backend, consistent at one
+    /// revision) into the new file `to` and returns the revision it was taken at. Restore
+    /// it with `etcdutl snapshot restore` (`etcdctl` before etcd 3.5), which keeps the
+    /// revision.
+    pub async fn snapshot(&self, to: &std::path::Path) -> Result<Revision> {
+        use std::io::Write;
+        let io = |source| Error::Io {
+            path: to.to_owned(),
+            source,
+        };
+        // The revision before the stream starts: the snapshot holds at least it.
+        let revision = self.current_revision().await?;
+        let mut file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(to)
+            .map_err(io)?;
+        let mut stream = self
+            .client
+            .maintenance_client()
+            .snapshot()
+            .await
+            .map_err(|e| self.error(e))?;
+        while let Some(chunk) = stream.message().await.map_err(|e| self.error(e))? {
+            file.write_all(chunk.blob()).map_err(io)?;
+        }
+        file.sync_all().map_err(io)?;
+        Ok(revision)
+    }
+
     /// Maps a client error to the store's error.
     fn error(&self, source: etcd_client::Error) -> Error {
         use etcd_client::Error as E;

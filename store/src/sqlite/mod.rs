@@ -520,6 +520,56 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(Revision, Revision)> {
     Ok((current, compacted))
 }
 
+/// Copies the store at `path` into a new database file `to` with SQLite's online backup API,
+/// while a running server keeps writing (it reads a consistent snapshot; in WAL mode it
+/// never blocks the writer), and returns the copy's revision. `to` must not exist.
+pub fn backup(path: &Path, to: &Path) -> Result<Revision> {
+    if to.exists() {
+        return Err(Error::Io {
+            path: to.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
+        });
+    }
+    let source = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| sqlite_error(path, e))?;
+    source
+        .busy_timeout(Duration::from_secs(5))
+        .map_err(|e| sqlite_error(path, e))?;
+    // Not someone else's database, nor another schema version.
+    init_schema(&source, path)?;
+    let mut copy = Connection::open(to).map_err(|e| sqlite_error(to, e))?;
+    {
+        let backup =
+            rusqlite::backup::Backup::new(&source, &mut copy).map_err(|e| sqlite_error(to, e))?;
+        // All pages in one step: one consistent snapshot, however busy the writer is (a
+        // step over several calls restarts whenever the source changes in between).
+        loop {
+            use rusqlite::backup::StepResult;
+            match backup.step(-1).map_err(|e| sqlite_error(to, e))? {
+                StepResult::Done => break,
+                StepResult::More | StepResult::Busy | StepResult::Locked => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+    let (revision, _) = init_schema(&copy, to)?;
+    // The copy is a plain rollback-journal file until a store opens it (then WAL): make it
+    // durable before anyone relies on it.
+    drop(copy);
+    File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: to.to_owned(),
+            source,
+        })?;
+    Ok(revision)
+}
+
 /// Checkpoints the WAL into the database file every `interval` on its own connection and
 /// thread, so the writer never pays for it. Stops when the returned sender is dropped.
 fn spawn_checkpointer(
