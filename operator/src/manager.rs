@@ -540,7 +540,9 @@ async fn lead(
     let gauge = leader.gauge;
     gauge.set(0);
     // Candidate until the Lease is ours.
+    let mut renewed;
     loop {
+        renewed = tokio::time::Instant::now();
         if attempt(&leader.elector, config.renew_deadline).await == Some(Attempt::Leading) {
             break;
         }
@@ -552,16 +554,21 @@ async fn lead(
     tracing::info!(identity = %config.identity, lease = %config.name, "became the leader");
     gauge.set(1);
     let running = start(controllers, signal);
-    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = signal.clone() => break,
             () = tokio::time::sleep(config.retry_period) => {}
         }
-        match attempt(&leader.elector, config.renew_deadline).await {
-            Some(Attempt::Leading) => renewed = tokio::time::Instant::now(),
+        // Bounded by what is left of the renew deadline, so a leader cut off from the API
+        // server stops acting exactly then — `lease_duration - renew_deadline` before any
+        // other candidate can see the Lease expire — not a whole attempt later.
+        // The renewal counts from when the attempt started (its renewTime is no earlier).
+        let left = config.renew_deadline.saturating_sub(renewed.elapsed());
+        let started = tokio::time::Instant::now();
+        match attempt(&leader.elector, left).await {
+            Some(Attempt::Leading) => renewed = started,
             Some(Attempt::Following) => return lost(&gauge, running, &config),
-            None if renewed.elapsed() > config.renew_deadline => {
+            None if renewed.elapsed() >= config.renew_deadline => {
                 return lost(&gauge, running, &config);
             }
             None => {}

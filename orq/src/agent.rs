@@ -22,9 +22,11 @@ pub struct AgentArgs {
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// The API server to join, e.g. `https://10.0.0.1:6443` (with `--token` or
-    /// `--token-file`, and `--ca-file`).
-    #[arg(long, env = "ORQ_SERVER")]
-    server: Option<String>,
+    /// `--token-file`, and `--ca-file`). Repeat it (or separate with commas) for several
+    /// servers of one cluster: the agent then dials them through a local load balancer that
+    /// fails over between them and learns the others from the `kubernetes` Endpoints.
+    #[arg(long, env = "ORQ_SERVER", value_delimiter = ',')]
+    server: Vec<String>,
     /// The bearer token to join with: `orq server`'s node token, DATA_DIR/node-token.
     #[arg(
         long,
@@ -269,17 +271,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cleaning up {}", config.data_dir.display()))?;
         return Ok(());
     }
-    let (client, token) = match (&args.server, &args.kubeconfig) {
-        (Some(server), _) => join(server, &args).await?,
-        (None, Some(kubeconfig)) => (client(kubeconfig).await?, kubeconfig_token(kubeconfig)),
-        (None, None) => anyhow::bail!(
+    let (client, token) = match (args.server.is_empty(), &args.kubeconfig) {
+        (false, _) => join(&args.server, &args).await?,
+        (true, Some(kubeconfig)) => (client(kubeconfig).await?, kubeconfig_token(kubeconfig)),
+        (true, None) => anyhow::bail!(
             "no cluster to join: pass --server URL --token TOKEN (or --token-file) [--ca-file], \
              or --kubeconfig FILE (orq server writes DATA_DIR/kubeconfig.yaml)"
         ),
     };
+    let servers = args.server.join(", ");
     check_access(
         &client,
-        args.server.as_deref().unwrap_or("the kubeconfig's server"),
+        if servers.is_empty() {
+            "the kubeconfig's server"
+        } else {
+            &servers
+        },
     )
     .await?;
     let mut term = signal(SignalKind::terminate())?;
@@ -308,13 +315,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let mut config = config(args.node_name, &args.node, default_dir)?;
             config.endpoint_token = token;
             // `--server` wins over a kubeconfig (KUBECONFIG may be set in the environment).
-            config.cluster_ca = match (&args.server, &args.kubeconfig) {
-                (Some(_), _) => args
+            config.cluster_ca = match (args.server.is_empty(), &args.kubeconfig) {
+                (false, _) => args
                     .ca_file
                     .as_ref()
                     .and_then(|ca| std::fs::read_to_string(ca).ok()),
-                (None, Some(kubeconfig)) => kubeconfig_ca(kubeconfig),
-                (None, None) => None,
+                (true, Some(kubeconfig)) => kubeconfig_ca(kubeconfig),
+                (true, None) => None,
             };
             let registry = prometheus::Registry::new();
             orquestra_node_agent::run(client, config, &registry, stop).await?;
@@ -327,16 +334,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A client for `--server` with `--token`/`--token-file` and `--ca-file`, and the token.
-async fn join(server: &str, args: &AgentArgs) -> anyhow::Result<(kube::Client, Option<String>)> {
+/// A client for `--server` (one, or several through a [`Balancer`]) with
+/// `--token`/`--token-file` and `--ca-file`, and the token.
+///
+/// [`Balancer`]: crate::balancer::Balancer
+async fn join(
+    servers: &[String],
+    args: &AgentArgs,
+) -> anyhow::Result<(kube::Client, Option<String>)> {
     use kube::config::{
         AuthInfo, Cluster, Context as KubeContext, Kubeconfig, NamedAuthInfo, NamedCluster,
         NamedContext,
     };
-    anyhow::ensure!(
-        server.starts_with("https://") || server.starts_with("http://"),
-        "--server {server:?} is not a URL like https://HOST:6443"
-    );
+    for server in servers {
+        anyhow::ensure!(
+            server.starts_with("https://") || server.starts_with("http://"),
+            "--server {server:?} is not a URL like https://HOST:6443"
+        );
+    }
+    let server = servers.first().context("no --server")?;
     let token = match (&args.token, &args.token_file) {
         (Some(token), _) => token.trim().to_owned(),
         (None, Some(file)) => std::fs::read_to_string(file)
@@ -383,7 +399,7 @@ async fn join(server: &str, args: &AgentArgs) -> anyhow::Result<(kube::Client, O
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .context("loading --ca-file")?;
-    let client = kube::Client::try_from(config).context("building the API client")?;
+    let (client, _) = crate::balancer::client(config, servers).await?;
     Ok((client, Some(token)))
 }
 

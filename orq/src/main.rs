@@ -3,9 +3,13 @@
 //! live in [`client`].
 
 mod agent;
+mod backup;
+mod balancer;
+mod bootstrap;
 mod chartgen;
 mod client;
 mod config;
+mod control;
 mod image;
 mod lock;
 mod operator;
@@ -39,6 +43,12 @@ enum Command {
     Operator(operator::OperatorArgs),
     /// Manage the node's images: import an OCI layout without a registry, list, remove, pull.
     Image(image::ImageArgs),
+    /// Snapshot a server's store (online: SQLite's backup API, or etcd's snapshot) and the
+    /// secrets of its data dir into one archive.
+    Backup(backup::BackupArgs),
+    /// Make a new data dir (and, for etcd, a new etcd data dir) from an `orq backup`
+    /// archive: a server started on it serves the same objects at the same revisions.
+    Restore(backup::RestoreArgs),
     /// The per-container helper the node agent runs containers through (internal: started
     /// by the agent, single-threaded because libcontainer must not run in a threaded process).
     #[command(hide = true)]
@@ -253,6 +263,8 @@ fn main() -> anyhow::Result<()> {
                 Command::Agent(args) => agent::run(args).await,
                 Command::Operator(args) => operator::run(args).await,
                 Command::Image(args) => image::run(args).await,
+                Command::Backup(args) => backup::backup(args).await,
+                Command::Restore(args) => backup::restore(args).await,
                 Command::Crdgen { out } => crdgen(&out),
                 Command::Chartgen { chart } => chartgen::run(&chart),
                 // Handled above.

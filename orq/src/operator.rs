@@ -86,9 +86,14 @@ impl ControllerArgs {
         orquestra_controllers::BUILTIN
             .iter()
             .any(|b| orquestra_controllers::enabled(&self.controllers, b.name))
-            || CUSTOM
-                .iter()
-                .any(|c| self.controllers.iter().any(|s| s.trim() == c.name))
+            || self.selects_custom()
+    }
+
+    /// Whether a controller of Orquestra's own custom resources is selected.
+    pub fn selects_custom(&self) -> bool {
+        CUSTOM
+            .iter()
+            .any(|c| self.controllers.iter().any(|s| s.trim() == c.name))
     }
 
     /// Adds the selected control loops to `manager`; returns their names. `default_ca` is
@@ -173,6 +178,11 @@ pub struct OperatorArgs {
     /// service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The cluster's API servers (repeatable, or comma-separated), overriding the
+    /// kubeconfig's: with several, the loops dial them through a local load balancer that
+    /// fails over between them (the kubeconfig's credentials and CA are used for all).
+    #[arg(long, value_delimiter = ',', requires = "kubeconfig")]
+    server: Vec<String>,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, default_value = "127.0.0.1:10257")]
     listen: SocketAddr,
@@ -230,6 +240,14 @@ fn serve_webhooks(
 /// Runs the selected control loops until SIGTERM/SIGINT.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let client = match &args.kubeconfig {
+        Some(path) if !args.server.is_empty() => {
+            let config = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+                .await
+                .context("loading the kubeconfig")?;
+            crate::balancer::client(config, &args.server).await?.0
+        }
         Some(path) => crate::agent::client(path).await?,
         None => kube::Client::try_default().await.context(
             "no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not in a cluster",

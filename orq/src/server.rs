@@ -88,6 +88,12 @@ pub struct ServerArgs {
     /// the HorizontalPodAutoscaler); CPU is a rate over this window (metrics-server's flag).
     #[arg(long, default_value = "15s", value_parser = request_timeout)]
     metric_resolution: Duration,
+    /// The cluster's server token: a server started on a datastore that already holds a
+    /// cluster joins it with this token (the first server's DATA_DIR/server-token), taking
+    /// its CAs, keys and tokens from the datastore. The first server generates one unless
+    /// given.
+    #[arg(long, env = "ORQ_CLUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Do not run the local node agent (by default this host registers as a node).
     #[arg(long)]
     no_agent: bool,
@@ -127,9 +133,9 @@ struct AppState {
     registry: Registry,
     revision: IntGauge,
     db_size: IntGauge,
-    /// The built-in controllers' health, once they are started: a stalled one makes the
-    /// server unready.
-    controllers: std::sync::OnceLock<orquestra_operator::Health>,
+    /// The control loops' current managers: their metrics, and their health (a stalled
+    /// controller makes the server unready).
+    controllers: crate::control::Running,
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -162,6 +168,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store at {datastore}"))?;
     tracing::info!(%datastore, revision = store.current_revision().await?, "store open");
+    // A datastore that holds a cluster gives this server its secrets before it makes any.
+    let cluster_token = crate::bootstrap::token(&args.data_dir, args.token.as_deref());
+    let joined =
+        crate::bootstrap::join(store.as_ref(), &args.data_dir, cluster_token.as_deref()).await?;
 
     let registry = Registry::new();
     let revision = IntGauge::new("orquestra_store_revision", "The store's current revision.")?;
@@ -176,10 +186,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         registry: registry.clone(),
         revision,
         db_size,
-        controllers: std::sync::OnceLock::new(),
+        controllers: crate::control::Running::default(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The control loops stop first (see the end of this function).
+    let (controllers_stop_tx, controllers_stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -244,13 +256,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         issuer = issuer.with_max_expiration(max.as_secs());
     }
     api.engine().set_token_issuer(issuer);
-    let kubernetes_service = tokio::spawn(
-        KubernetesService {
-            address: advertise,
-            port: local.port(),
-        }
-        .run(api.engine().clone()),
-    );
+    let identity = crate::control::identity(&args.data_dir)?;
+    let endpoint = KubernetesService {
+        address: advertise,
+        port: local.port(),
+        identity: identity.clone(),
+    };
+    let kubernetes_service = tokio::spawn(endpoint.clone().run(api.engine().clone()));
     // ResourceQuotas' status (used vs hard), as kube-controller-manager's quota controller.
     let quota_status = tokio::spawn(orquestra_apiserver::quota::status::run(
         api.engine().clone(),
@@ -306,6 +318,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             KubeconfigUser::NodeAgent,
         )?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
+        if !joined {
+            crate::bootstrap::publish(store.as_ref(), &args.data_dir, cluster_token.clone())
+                .await?;
+        }
         // What agents join with, and what this server shows their endpoints.
         let _ = api.engine().kubelet_token.set(identity.node_token.clone());
         // Aggregated API servers: the proxy's client identity, and how they trust it.
@@ -348,27 +364,33 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tokio::spawn(server.serve(app.into_make_service()))
     };
 
-    // The control loops, through the API like any client (the admin kubeconfig).
-    let controllers = if args.controllers.selects_any() {
+    // The control loops, through the API like any client (the admin kubeconfig), each group
+    // behind its leader Lease.
+    let mut controllers = Vec::new();
+    if args.controllers.selects_any() {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
-        let mut manager = orquestra_operator::Manager::with_registry(client, registry.clone());
         let own_ca = std::fs::read_to_string(args.data_dir.join("tls/ca.crt")).ok();
-        let added = args.controllers.add_to(&mut manager, own_ca)?;
-        tracing::info!(controllers = ?added, "starting the control loops");
-        let _ = state.controllers.set(manager.health());
-        // The manager's own health endpoint stays on loopback; the server's /metrics
-        // serves its metrics.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let stop = stopped(stop_rx.clone());
-        Some(tokio::spawn(async move {
-            if let Err(e) = manager.run_on(listener, stop).await {
-                tracing::error!(error = %e, "the controllers stopped");
+        for group in crate::control::Group::ALL {
+            let elected = crate::control::Elected {
+                group,
+                client: client.clone(),
+                args: args.controllers.clone(),
+                own_ca: own_ca.clone(),
+                identity: identity.clone(),
+                running: state.controllers.clone(),
+            };
+            if !elected.selects_any() {
+                continue;
             }
-        }))
-    } else {
-        None
-    };
+            let stop = controllers_stop_rx.clone();
+            controllers.push(tokio::spawn(async move {
+                if let Err(e) = elected.run(stop).await {
+                    tracing::error!(error = %e, lease = group.lease(), "the control loops stopped");
+                }
+            }));
+        }
+    }
 
     // The local node: its heartbeat talks to this server like any agent would, as a node
     // (the node token; the admin kubeconfig's in insecure mode, which has none).
@@ -420,9 +442,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 Err(e) => anyhow::Error::new(e).context("the local node agent's task failed"),
             };
             handle.graceful_shutdown(Some(Duration::from_secs(5)));
+            let _ = controllers_stop_tx.send(true);
             let _ = stop_tx.send(true);
             return Err(error);
         }
+    }
+    // The control loops first, while this server still serves: they finish their
+    // reconciles and release their Leases through it, so a standby takes over at once.
+    let _ = controllers_stop_tx.send(true);
+    for controllers in controllers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
     }
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = stop_tx.send(true);
@@ -433,9 +462,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(agent) = agent {
         let _ = agent.await;
     }
-    if let Some(controllers) = controllers {
-        let _ = controllers.await;
-    }
+    // Out of the `kubernetes` endpoints now rather than when the Lease expires.
+    endpoint.release(api.engine()).await;
     let _ = compactor.await;
     drop(store);
     Ok(())
@@ -529,9 +557,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
     if let Err(error) = state.store.current_revision().await {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {error}"));
     }
-    match state.controllers.get().map(|h| h.controllers()) {
-        Some(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, why),
-        _ => (StatusCode::OK, "ok".into()),
+    match state.controllers.controllers() {
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+        Ok(()) => (StatusCode::OK, "ok".into()),
     }
 }
 
@@ -543,7 +571,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
         state.db_size.set(size as i64);
     }
     let mut body = Vec::new();
-    match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
+    match TextEncoder::new().encode(&state.controllers.gather(&state.registry), &mut body) {
         Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&body).into_owned()),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
