@@ -39,11 +39,23 @@ impl Default for EtcdOptions {
 }
 
 /// A [`Store`] backed by etcd.
+///
+/// One client per member, requests pinned to one of them as etcd's own client does: the
+/// etcd-client crate's balanced channel fails every request while any one member is down
+/// (etcdv3/etcd-client#39), so a request failing as unavailable moves the pin to the next
+/// member instead (at most once per [`FAILOVER_EVERY`], however many requests failed at
+/// once). The failed request is reported as `Unavailable` — never retried here, since a
+/// write may have been applied — and the caller's next one goes to the next member.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    clients: std::sync::Arc<[Client]>,
+    pinned: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed_over: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     endpoints: String,
 }
+
+/// How often the pinned member may change.
+const FAILOVER_EVERY: Duration = Duration::from_millis(500);
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,18 +84,62 @@ impl EtcdStore {
             .with_connect_timeout(options.connect_timeout)
             .with_timeout(options.request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(&urls, Some(connect))
-            .await
-            .map_err(|source| Error::Unavailable {
-                endpoints: joined.clone(),
-                source,
-            })?;
+        let mut clients = Vec::new();
+        let mut last_error = None;
+        for url in &urls {
+            match Client::connect(std::slice::from_ref(url), Some(connect.clone())).await {
+                Ok(client) => clients.push(client),
+                Err(source) => last_error = Some(source),
+            }
+        }
+        if clients.is_empty() {
+            return Err(Error::Unavailable {
+                endpoints: joined,
+                source: last_error
+                    .unwrap_or(etcd_client::Error::InvalidArgs("no etcd endpoints".into())),
+            });
+        }
         let store = EtcdStore {
-            client,
+            clients: clients.into(),
+            pinned: Default::default(),
+            failed_over: Default::default(),
             endpoints: joined,
         };
-        store.current_revision().await?;
+        // One member answering is enough (the others may be down); each try that fails
+        // moves the pin on.
+        let mut answered = store.current_revision().await;
+        for _ in 1..store.clients.len() {
+            if answered.is_ok() {
+                break;
+            }
+            *store.failed_over.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            answered = store.current_revision().await;
+        }
+        answered?;
         Ok(store)
+    }
+
+    /// The client of the pinned member.
+    fn client(&self) -> Client {
+        let i = self.pinned.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+
+    /// Moves the pin to the next member (see the type's docs).
+    fn fail_over(&self) {
+        if self.clients.len() < 2 {
+            return;
+        }
+        let mut last = self.failed_over.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < FAILOVER_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let next = self
+            .pinned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(endpoint = next % self.clients.len(), endpoints = %self.endpoints, "etcd member unavailable: trying the next one");
     }
 
     /// Streams an etcd snapshot (its maintenance API: the whole backend, consistent at one
@@ -104,7 +160,7 @@ impl EtcdStore {
             .open(to)
             .map_err(io)?;
         let mut stream = self
-            .client
+            .client()
             .maintenance_client()
             .snapshot()
             .await
@@ -125,10 +181,13 @@ impl EtcdStore {
                 match status.code() {
                     tonic::Code::Unavailable
                     | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled => Error::Unavailable {
-                        endpoints: self.endpoints.clone(),
-                        source,
-                    },
+                    | tonic::Code::Cancelled => {
+                        self.fail_over();
+                        Error::Unavailable {
+                            endpoints: self.endpoints.clone(),
+                            source,
+                        }
+                    }
                     _ if message.contains("request is too large") => Error::ValueTooLarge {
                         key: String::new(),
                         size: 0,
@@ -137,10 +196,13 @@ impl EtcdStore {
                     _ => Error::Etcd { source },
                 }
             }
-            E::TransportError(_) | E::IoError(_) | E::EndpointError(_) => Error::Unavailable {
-                endpoints: self.endpoints.clone(),
-                source,
-            },
+            E::TransportError(_) | E::IoError(_) | E::EndpointError(_) => {
+                self.fail_over();
+                Error::Unavailable {
+                    endpoints: self.endpoints.clone(),
+                    source,
+                }
+            }
             _ => Error::Etcd { source },
         }
     }
@@ -180,7 +242,7 @@ impl EtcdStore {
     /// etcd does not report its compaction point directly, but refuses a watch from revision 1
     /// with it (after a range read was refused as compacted, so the answer comes at once).
     async fn compacted_revision(&self) -> Result<Revision> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let mut stream = client
             .watch("\0", Some(WatchOptions::new().with_start_revision(1)))
             .await
@@ -200,11 +262,7 @@ impl EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        self.client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.error(e))
+        self.client().txn(txn).await.map_err(|e| self.error(e))
     }
 }
 
@@ -255,8 +313,7 @@ impl Store for EtcdStore {
         check_key(key)?;
         let rev = revision.filter(|r| *r > 0).unwrap_or(0);
         let response = match self
-            .client
-            .clone()
+            .client()
             .get(key, Some(GetOptions::new().with_revision(rev)))
             .await
         {
@@ -296,7 +353,7 @@ impl Store for EtcdStore {
         if let Some(limit) = limit {
             get = get.with_limit(limit as i64);
         }
-        let response = match self.client.clone().get(start, Some(get)).await {
+        let response = match self.client().get(start, Some(get)).await {
             Ok(response) => response,
             Err(e) => return Err(self.read_error(e, rev).await),
         };
@@ -316,8 +373,7 @@ impl Store for EtcdStore {
         check_prefix(prefix)?;
         let key = if prefix.is_empty() { "\0" } else { prefix };
         let response = self
-            .client
-            .clone()
+            .client()
             .get(
                 key,
                 Some(
@@ -455,8 +511,7 @@ impl Store for EtcdStore {
             .with_prev_key()
             .with_progress_notify();
         let stream = self
-            .client
-            .clone()
+            .client()
             .watch(key, Some(options))
             .await
             .map_err(|e| self.error(e))?;
@@ -535,8 +590,7 @@ impl Store for EtcdStore {
 
     async fn compact(&self, revision: Revision) -> Result<()> {
         match self
-            .client
-            .clone()
+            .client()
             .compact(revision, Some(CompactionOptions::new().with_physical()))
             .await
         {
@@ -554,8 +608,7 @@ impl Store for EtcdStore {
 
     async fn current_revision(&self) -> Result<Revision> {
         let response = self
-            .client
-            .clone()
+            .client()
             .get("\0", Some(GetOptions::new().with_count_only()))
             .await
             .map_err(|e| self.error(e))?;
@@ -563,12 +616,7 @@ impl Store for EtcdStore {
     }
 
     async fn size(&self) -> Result<u64> {
-        let status = self
-            .client
-            .clone()
-            .status()
-            .await
-            .map_err(|e| self.error(e))?;
+        let status = self.client().status().await.map_err(|e| self.error(e))?;
         Ok(status.db_size().max(0) as u64)
     }
 }
