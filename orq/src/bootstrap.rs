@@ -56,10 +56,73 @@ pub fn token(data_dir: &Path, flag: Option<&str>) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-/// Before the server creates its identity: if the store holds a cluster's bundle, writes its
-/// files into `data_dir` (with `token`, which must open it); returns whether it did. A data
-/// dir holding another cluster's CA is refused.
-pub async fn join(store: &dyn Store, data_dir: &Path, token: Option<&str>) -> anyhow::Result<bool> {
+/// Before the server loads its identity: joins the cluster whose bundle the store holds, or
+/// — on a datastore without one — makes the cluster's secrets and stores them. Two first
+/// servers racing: the one whose bundle lands first wins, the other drops what it made and
+/// joins it (it needs the same token then).
+pub async fn bootstrap(
+    store: &dyn Store,
+    data_dir: &Path,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    if join(store, data_dir, token.as_deref()).await? {
+        return Ok(());
+    }
+    // The shared secrets, made now (the serving certificate is re-issued for this server's
+    // names when the server loads its identity).
+    orquestra_apiserver::identity::Identity::load_or_create(data_dir, &[])
+        .context("creating the cluster's CA and tokens")?;
+    orquestra_apiserver::token::TokenIssuer::load_or_create(data_dir)
+        .context("creating the service account signing key")?;
+    let generated = token.is_none();
+    let token = match token {
+        Some(token) => token,
+        None => random_hex(32)?,
+    };
+    let mut files = BTreeMap::new();
+    for path in SHARED {
+        if let Ok(contents) = std::fs::read(data_dir.join(path)) {
+            files.insert(PathBuf::from(path), contents);
+        }
+    }
+    match store.create(KEY, seal(&files, &token)?.into()).await {
+        Ok(_) => {
+            orquestra_apiserver::identity::write_private(
+                &data_dir.join(TOKEN_FILE),
+                token.as_bytes(),
+            )?;
+            if generated {
+                tracing::info!(file = %data_dir.join(TOKEN_FILE).display(), "generated the cluster's server token (other servers join with --token)");
+            }
+            Ok(())
+        }
+        Err(orquestra_store::Error::AlreadyExists { .. }) => {
+            // Another first server was quicker: what this one made was never used.
+            for path in
+                SHARED
+                    .iter()
+                    .chain(&["tls/server.crt", "tls/server.key", "tls/server.sans"])
+            {
+                let _ = std::fs::remove_file(data_dir.join(path));
+            }
+            anyhow::ensure!(
+                !generated,
+                "another server bootstrapped this datastore at the same time: start this one with --token (that server's DATA_DIR/server-token)"
+            );
+            anyhow::ensure!(
+                join(store, data_dir, Some(&token)).await?,
+                "the datastore's bootstrap data vanished while joining"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).context("storing the bootstrap data"),
+    }
+}
+
+/// If the store holds a cluster's bundle, writes its files into `data_dir` (with `token`,
+/// which must open it); returns whether it did. A data dir holding another cluster's CA is
+/// refused.
+async fn join(store: &dyn Store, data_dir: &Path, token: Option<&str>) -> anyhow::Result<bool> {
     let (_, Some(kv)) = store
         .get(KEY, None)
         .await
@@ -95,41 +158,6 @@ pub async fn join(store: &dyn Store, data_dir: &Path, token: Option<&str>) -> an
         "joined the cluster in the datastore: its CAs, keys and tokens"
     );
     Ok(true)
-}
-
-/// After the first server created its identity: stores the bundle, sealed with `token`
-/// (generated and written to `DATA_DIR/server-token` if `None`). Another server that
-/// stored one first wins; this one then must hold the same CA (it joins it on restart).
-pub async fn publish(
-    store: &dyn Store,
-    data_dir: &Path,
-    token: Option<String>,
-) -> anyhow::Result<()> {
-    let token = match token {
-        Some(token) => token,
-        None => {
-            let token = random_hex(32)?;
-            tracing::info!(file = %data_dir.join(TOKEN_FILE).display(), "generated the cluster's server token (other servers join with --token)");
-            token
-        }
-    };
-    orquestra_apiserver::identity::write_private(&data_dir.join(TOKEN_FILE), token.as_bytes())?;
-    let mut files = BTreeMap::new();
-    for path in SHARED {
-        if let Ok(contents) = std::fs::read(data_dir.join(path)) {
-            files.insert(PathBuf::from(path), contents);
-        }
-    }
-    let sealed = seal(&files, &token)?;
-    match store.create(KEY, sealed.into()).await {
-        Ok(_) => Ok(()),
-        Err(orquestra_store::Error::AlreadyExists { .. }) => {
-            anyhow::bail!(
-                "another server bootstrapped this datastore at the same time: restart this one with --token (that server's DATA_DIR/server-token)"
-            )
-        }
-        Err(e) => Err(e).context("storing the bootstrap data"),
-    }
 }
 
 fn key(token: &str, salt: &[u8]) -> anyhow::Result<aead::LessSafeKey> {

@@ -168,10 +168,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store at {datastore}"))?;
     tracing::info!(%datastore, revision = store.current_revision().await?, "store open");
-    // A datastore that holds a cluster gives this server its secrets before it makes any.
-    let cluster_token = crate::bootstrap::token(&args.data_dir, args.token.as_deref());
-    let joined =
-        crate::bootstrap::join(store.as_ref(), &args.data_dir, cluster_token.as_deref()).await?;
+    // A datastore that holds a cluster gives this server its secrets before it makes any;
+    // on one that does not, this server makes them and stores them there.
+    if !args.insecure_http {
+        let token = crate::bootstrap::token(&args.data_dir, args.token.as_deref());
+        crate::bootstrap::bootstrap(store.as_ref(), &args.data_dir, token).await?;
+    }
 
     let registry = Registry::new();
     let revision = IntGauge::new("orquestra_store_revision", "The store's current revision.")?;
@@ -318,10 +320,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             KubeconfigUser::NodeAgent,
         )?;
         tracing::info!(listen = %local, kubeconfig = %path.display(), "serving HTTPS; admin kubeconfig written");
-        if !joined {
-            crate::bootstrap::publish(store.as_ref(), &args.data_dir, cluster_token.clone())
-                .await?;
-        }
+
         // What agents join with, and what this server shows their endpoints.
         let _ = api.engine().kubelet_token.set(identity.node_token.clone());
         // Aggregated API servers: the proxy's client identity, and how they trust it.
@@ -564,10 +563,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> (StatusCode, String) {
-    if let Ok(revision) = state.store.current_revision().await {
+    // Bounded: a server cut off from etcd still serves its metrics (the store gauges keep
+    // their last values), which is when its leader-election gauges matter most.
+    let bound = Duration::from_millis(500);
+    if let Ok(Ok(revision)) = tokio::time::timeout(bound, state.store.current_revision()).await {
         state.revision.set(revision);
     }
-    if let Ok(size) = state.store.size().await {
+    if let Ok(Ok(size)) = tokio::time::timeout(bound, state.store.size()).await {
         state.db_size.set(size as i64);
     }
     let mut body = Vec::new();
