@@ -19,7 +19,7 @@ pub mod services;
 pub mod storage;
 pub mod workloads;
 
-use cluster::{garbage, namespace, rootcacert, serviceaccount};
+use cluster::{csrsigning, garbage, namespace, rootcacert, serviceaccount};
 use nodes::{nodeipam, nodelifecycle, tainteviction};
 use services::{endpoints, endpointslice, endpointslicemirroring, servicelb};
 use storage::{localpath, persistentvolume};
@@ -67,6 +67,10 @@ pub struct Settings {
     /// The addresses LoadBalancer Services get (`--service-lb-pool`); empty: the nodes'
     /// own addresses, as k3s' ServiceLB gives them.
     pub service_lb_pool: servicelb::Pool,
+    /// The CA that signs approved client CertificateSigningRequests
+    /// (`--cluster-signing-cert-file`/`--cluster-signing-key-file`); without one, `csrsigning`
+    /// does not run.
+    pub cluster_signing: Option<csrsigning::SigningCa>,
 }
 
 impl Default for Settings {
@@ -78,6 +82,7 @@ impl Default for Settings {
             node_ipam: nodeipam::Config::default(),
             horizontal_pod_autoscaler_sync_period: Duration::from_secs(15),
             service_lb_pool: servicelb::Pool::default(),
+            cluster_signing: None,
         }
     }
 }
@@ -170,6 +175,19 @@ pub const BUILTIN: &[Builtin] = &[
                 Some(ca) => rootcacert::add(m, ca.clone()),
                 None => tracing::warn!(
                     "no cluster CA to publish: namespaces get no kube-root-ca.crt ConfigMap"
+                ),
+            }
+            Ok(())
+        },
+    },
+    Builtin {
+        name: "csrsigning",
+        rules: csrsigning::RULES,
+        add: |m, s| {
+            match &s.cluster_signing {
+                Some(ca) => csrsigning::add(m, ca.clone()),
+                None => tracing::warn!(
+                    "no cluster signing CA (--cluster-signing-cert-file): CertificateSigningRequests are not signed"
                 ),
             }
             Ok(())

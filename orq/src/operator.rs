@@ -21,7 +21,7 @@ pub struct ControllerArgs {
     /// deployment, replicaset, replicationcontroller, daemonset, statefulset, job, cronjob,
     /// ttl-after-finished, horizontalpodautoscaling, disruption, endpoint, endpointslice,
     /// endpointslicemirroring, garbagecollector, namespace, serviceaccount,
-    /// root-ca-cert-publisher, nodelifecycle,
+    /// root-ca-cert-publisher, csrsigning, nodelifecycle,
     /// taint-eviction-controller, servicelb, nodeipam, persistentvolume-binder,
     /// local-path-provisioner.
     /// Controllers of Orquestra's own custom resources run only when named, since their CRDs
@@ -51,6 +51,14 @@ pub struct ControllerArgs {
     /// ServiceLB).
     #[arg(long = "service-lb-pool", value_name = "RANGE")]
     pub service_lb_pools: Vec<String>,
+    /// The CA certificate (PEM) that signs approved client CertificateSigningRequests
+    /// (kube-controller-manager's flag; `orq server`: its own CA). With
+    /// `--cluster-signing-key-file`.
+    #[arg(long, value_name = "FILE", requires = "cluster_signing_key_file")]
+    pub cluster_signing_cert_file: Option<PathBuf>,
+    /// The signing CA's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cluster_signing_cert_file")]
+    pub cluster_signing_key_file: Option<PathBuf>,
     /// The cluster CA (PEM) published to every namespace as the ConfigMap `kube-root-ca.crt`.
     /// Default: `orq server`'s own CA; for `orq operator`, the in-cluster service account's
     /// `ca.crt`, else the kubeconfig's CA.
@@ -150,7 +158,24 @@ impl ControllerArgs {
                 .collect::<Result<_, _>>()
                 .context("--service-lb-pool")?,
         );
+        let cluster_signing = match (
+            &self.cluster_signing_cert_file,
+            &self.cluster_signing_key_file,
+        ) {
+            (Some(cert), Some(key)) => {
+                let read = |file: &PathBuf| {
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))
+                };
+                Some(orquestra_controllers::cluster::csrsigning::SigningCa {
+                    cert_pem: read(cert)?,
+                    key_pem: read(key)?,
+                })
+            }
+            _ => None,
+        };
         Ok(orquestra_controllers::Settings {
+            cluster_signing,
             root_ca,
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_startup_grace_period: self.node_startup_grace_period,

@@ -301,12 +301,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         sans.retain(|s| !s.is_empty());
         let identity =
             Identity::load_or_create(&args.data_dir, &sans).context("creating the TLS identity")?;
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-            identity.cert_pem.clone().into_bytes(),
-            identity.key_pem.clone().into_bytes(),
-        )
-        .await
-        .context("loading the serving certificate")?;
+        let tls = serving_tls(&identity).context("loading the serving certificate")?;
         let path = write_kubeconfig(
             &args.data_dir,
             local,
@@ -358,7 +353,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Arc::new(Impersonation { authorizer }),
             impersonate,
         ));
-        let app = app.layer(axum::middleware::from_fn_with_state(auth, authenticate));
+        let app = app
+            .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+            .layer(axum::middleware::from_fn(client_certificate));
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()))
     };
@@ -370,11 +367,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let kubeconfig = args.data_dir.join("kubeconfig.yaml");
         let client = crate::agent::client(&kubeconfig).await?;
         let own_ca = std::fs::read_to_string(args.data_dir.join("tls/ca.crt")).ok();
+        // The cluster CA signs approved client certificate requests, as kube-apiserver's
+        // `--client-ca-file` trusts them.
+        let mut controller_args = args.controllers.clone();
+        if controller_args.cluster_signing_cert_file.is_none() && !args.insecure_http {
+            controller_args.cluster_signing_cert_file = Some(args.data_dir.join("tls/ca.crt"));
+            controller_args.cluster_signing_key_file = Some(args.data_dir.join("tls/ca.key"));
+        }
         for group in crate::control::Group::ALL {
             let elected = crate::control::Elected {
                 group,
                 client: client.clone(),
-                args: args.controllers.clone(),
+                args: controller_args.clone(),
                 own_ca: own_ca.clone(),
                 identity: identity.clone(),
                 running: state.controllers.clone(),
@@ -466,6 +470,57 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let _ = compactor.await;
     drop(store);
     Ok(())
+}
+
+/// The serving TLS: this server's certificate, and client certificates asked for and
+/// verified against the cluster CA (as kube-apiserver's `--client-ca-file`) but not
+/// required — bearer tokens work without one.
+fn serving_tls(identity: &Identity) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(identity.ca_pem.as_bytes()) {
+        roots.add(ca.context("the cluster CA")?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("the client certificate verifier")?;
+    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the serving certificate")?;
+    let key =
+        PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).context("the serving key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(axum_server::tls_rustls::RustlsConfig::from_config(
+        Arc::new(config),
+    ))
+}
+
+/// Hands the connection's verified client certificate (axum-server's `TlsInfo`) to the
+/// authentication layer.
+async fn client_certificate(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let leaf = request
+        .extensions()
+        .get::<Arc<axum_server::tls::TlsInfo>>()
+        .and_then(|info| info.peer_certificates.first().cloned());
+    if let Some(leaf) = leaf {
+        request
+            .extensions_mut()
+            .insert(orquestra_apiserver::identity::ClientCertificate(leaf));
+    }
+    next.run(request).await
 }
 
 /// The address to advertise when none is given: `listen` if it is a specific non-loopback

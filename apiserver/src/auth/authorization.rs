@@ -41,7 +41,7 @@ pub const NODES: &str = "system:nodes";
 /// What a node agent does (the bootstrap `system:node` ClusterRole): register and heartbeat
 /// its Node and Lease, run the pods bound to it (their volumes' ConfigMaps and Secrets,
 /// their service account tokens), report their status and finish their deletion, proxy
-/// Services, serve DNS and Ingresses, and record events.
+/// Services, serve DNS and Ingresses, record events, and request its client certificate.
 fn node_rules() -> serde_json::Value {
     serde_json::json!([
         {"apiGroups": [""], "resources": ["nodes"],
@@ -77,6 +77,10 @@ fn node_rules() -> serde_json::Value {
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"],
          "verbs": ["get", "list", "watch"]},
+        // Its own client certificate: requested (kubeadm's `system:node-bootstrapper` and
+        // the self-node-client renewal), and followed until signed.
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"],
+         "verbs": ["create", "get", "list", "watch"]},
     ])
 }
 

@@ -281,6 +281,41 @@ fn public(path: &str) -> bool {
         || path.starts_with("/livez/")
 }
 
+/// The client certificate the connection presented, DER — put in a request's extensions by
+/// the server's TLS layer only once verified against the cluster CA (as kube-apiserver's
+/// `--client-ca-file`).
+#[derive(Clone, Debug)]
+pub struct ClientCertificate(pub Vec<u8>);
+
+impl ClientCertificate {
+    /// The user it names, as kube-apiserver's x509 authenticator reads it: the subject's
+    /// common name is the user, each organization a group; `None` without a common name or
+    /// outside its validity.
+    pub fn user(&self) -> Option<crate::authorization::User> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.0).ok()?;
+        if !cert.validity().is_valid() {
+            return None;
+        }
+        let subject = cert.subject();
+        let name = subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .filter(|cn| !cn.is_empty())?
+            .to_owned();
+        let mut groups: Vec<String> = subject
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok().map(str::to_owned))
+            .collect();
+        groups.push("system:authenticated".to_owned());
+        Some(crate::authorization::User {
+            name,
+            groups,
+            extra: Default::default(),
+        })
+    }
+}
+
 /// Who may call the API: the admin token's holder, and the ServiceAccounts holding a token
 /// this server issued (valid signature and audience, not expired, its ServiceAccount and
 /// bound object still there). What they may do is [`crate::authorization`]'s business.
@@ -402,9 +437,16 @@ pub async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let user = match presented {
-        Some(p) => auth.user(p).await,
-        None => None,
+    // As kube-apiserver's union authenticator: a verified client certificate first (its
+    // CN the user, its Os the groups), then a bearer token.
+    let certified = request
+        .extensions()
+        .get::<ClientCertificate>()
+        .and_then(ClientCertificate::user);
+    let user = match (certified, presented) {
+        (Some(user), _) => Some(user),
+        (None, Some(p)) => auth.user(p).await,
+        (None, None) => None,
     };
     match user {
         Some(user) => {

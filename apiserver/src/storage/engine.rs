@@ -443,6 +443,9 @@ impl Engine {
     ) -> Result<Value, ApiError> {
         check_type(def, &mut object)?;
         strip_nulls_of(def, &mut object);
+        if is_csr(def) {
+            stamp_requester(&mut object);
+        }
         if let Some(ns) = ns.filter(|_| def.namespaced) {
             // Before the name is generated, as kube-apiserver's admission does: a refusal
             // names the object by its generateName prefix then.
@@ -1353,6 +1356,28 @@ impl Part {
 }
 
 /// Whether `def` is the CertificateSigningRequest resource.
+/// A CertificateSigningRequest's requestor, as kube-apiserver records it on create
+/// (whatever the client wrote): `spec.username`, `groups` and `extra` of the caller, which
+/// approvers and signers trust.
+fn stamp_requester(object: &mut Value) {
+    let Some(user) = crate::admission::webhook::requester() else {
+        return;
+    };
+    if !object["spec"].is_object() {
+        return;
+    }
+    object["spec"]["username"] = json!(user.name);
+    object["spec"]["groups"] = json!(user.groups);
+    if user.extra.is_empty() {
+        if let Some(spec) = object["spec"].as_object_mut() {
+            spec.remove("extra");
+            spec.remove("uid");
+        }
+    } else {
+        object["spec"]["extra"] = json!(user.extra);
+    }
+}
+
 pub(crate) fn is_csr(def: &ResourceDef) -> bool {
     def.group == "certificates.k8s.io" && def.plural == "certificatesigningrequests"
 }

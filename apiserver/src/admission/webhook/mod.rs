@@ -144,6 +144,11 @@ pub(crate) fn user_info() -> Value {
     }
 }
 
+/// The authenticated caller of the request being served, if any.
+pub(crate) fn requester() -> Option<User> {
+    CONTEXT.try_with(|c| c.user.clone()).ok().flatten()
+}
+
 pub(crate) fn warn(warnings: impl IntoIterator<Item = String>) {
     let _ = CONTEXT.try_with(|c| {
         c.warnings
