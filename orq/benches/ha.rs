@@ -214,8 +214,9 @@ async fn run() {
     let mut servers: Vec<Option<Proc>> =
         vec![Some(start_server(dir.path(), 0, port, &datastore, None))];
     let token_file = dir.path().join("server0/server-token");
+    let kubeconfig = dir.path().join("server0/kubeconfig.yaml");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !token_file.exists() {
+    while !token_file.exists() || !kubeconfig.exists() {
         assert!(
             Instant::now() < deadline,
             "the first server did not bootstrap"
