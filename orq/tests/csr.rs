@@ -223,29 +223,15 @@ fn certificate_signing_requests_give_client_certificates_that_authenticate() {
     let forged = params.self_signed(&stranger).unwrap();
     std::fs::write(work.path().join("forged.crt"), forged.pem()).unwrap();
     std::fs::write(work.path().join("forged.key"), stranger.serialize_pem()).unwrap();
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "10",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-        ])
-        .arg(server.data_dir.join("tls/ca.crt"))
-        .arg("--cert")
-        .arg(work.path().join("forged.crt"))
-        .arg("--key")
-        .arg(work.path().join("forged.key"))
-        .arg(format!("https://{}/api/v1/namespaces", server.addr))
-        .output()
-        .unwrap();
-    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, _) = get_with_cert(
+        &server,
+        &work.path().join("forged.crt"),
+        &work.path().join("forged.key"),
+        "/api/v1/namespaces",
+    );
     assert!(
-        code != "200",
-        "a self-signed admin certificate is refused: {code}"
+        status != 200,
+        "a self-signed admin certificate is refused: {status}"
     );
 
     // A kubelet request for a subject that is not a node's: approved by hand, it fails.

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bed::{Proc, is_root};
+use bed::{Proc, is_root, wire_hosts};
 use busybox::run_ok;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -82,35 +82,10 @@ impl Cluster {
             agents: (0..HOSTS).map(|_| None).collect(),
             token: None,
         };
-        let bridge = cluster.bridge();
-        run_ok(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
-        run_ok(Command::new("ip").args([
-            "addr",
-            "add",
-            &format!("10.{NET}.0.1/24"),
-            "dev",
-            &bridge,
-        ]));
-        run_ok(Command::new("ip").args(["link", "set", &bridge, "up"]));
-        for i in 0..HOSTS {
-            let (ns, veth) = (cluster.netns(i), cluster.veth(i));
-            run_ok(Command::new("ip").args(["netns", "add", &ns]));
-            run_ok(Command::new("ip").args([
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]));
-            run_ok(Command::new("ip").args(["link", "set", &veth, "master", &bridge, "up"]));
-            run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
-            run_ok(Command::new("ip").args([
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", host_ip(i)),
-                "dev",
-                "eth0",
-            ]));
-            run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
-        }
+        let hosts: Vec<(String, String, String)> = (0..HOSTS)
+            .map(|i| (cluster.netns(i), cluster.veth(i), host_ip(i)))
+            .collect();
+        wire_hosts(&cluster.bridge(), &format!("10.{NET}.0.1"), &hosts);
         for i in 0..HOSTS {
             cluster.start_etcd(i);
         }
@@ -331,6 +306,26 @@ async fn holder(clients: &[kube::Client], ids: &[String], lease: &str) -> Option
     None
 }
 
+/// The server leading the controllers, once one does (within 30 s).
+async fn controller_leader(clients: &[kube::Client], ids: &[String], cluster: &Cluster) -> usize {
+    let start = Instant::now();
+    loop {
+        if let Some(leader) = holder(clients, ids, "kube-controller-manager").await {
+            eprintln!(
+                "controllers lead on server {leader} (after {:?})",
+                start.elapsed()
+            );
+            return leader;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a controller leader within 30 s\n{}",
+            cluster.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn until<F, Fut>(within: Duration, what: &str, cluster: &Cluster, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,
@@ -516,22 +511,7 @@ async fn the_control_plane_survives_server_kills_etcd_member_kills_and_partition
     };
 
     // 1. SIGKILL the server leading the controllers (and the scheduler, if the same).
-    let leader = until(
-        Duration::from_secs(30),
-        "a controller leader",
-        &cluster,
-        || async {
-            holder(&clients, &ids, "kube-controller-manager")
-                .await
-                .is_some()
-        },
-    )
-    .await;
-    eprintln!("a controller leader after {leader:?}");
-    let leader = holder(&clients, &ids, "kube-controller-manager")
-        .await
-        .unwrap();
-    eprintln!("controllers lead on server {leader}");
+    let leader = controller_leader(&clients, &ids, &cluster).await;
     cluster.servers[leader].take();
     let killed = Instant::now();
     let others: Vec<kube::Client> = (0..HOSTS)
@@ -592,21 +572,7 @@ async fn the_control_plane_survives_server_kills_etcd_member_kills_and_partition
     cluster.start_etcd(member);
 
     // 3. Cut the leading server's host off: it stops acting before another starts.
-    let leader = until(
-        Duration::from_secs(30),
-        "a controller leader again",
-        &cluster,
-        || async {
-            holder(&clients, &ids, "kube-controller-manager")
-                .await
-                .is_some()
-        },
-    )
-    .await;
-    eprintln!("a controller leader again after {leader:?}");
-    let leader = holder(&clients, &ids, "kube-controller-manager")
-        .await
-        .unwrap();
+    let leader = controller_leader(&clients, &ids, &cluster).await;
     let survivors: Vec<usize> = (0..HOSTS).filter(|i| *i != leader).collect();
     cluster.set_link(leader, false);
     let cut = Instant::now();

@@ -99,35 +99,10 @@ impl Bed {
             server_args: server_args.iter().map(|s| (*s).to_owned()).collect(),
             agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let bridge = bed.bridge();
-        run_ok(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
-        run_ok(Command::new("ip").args([
-            "addr",
-            "add",
-            &format!("{}/24", bed.gateway()),
-            "dev",
-            &bridge,
-        ]));
-        run_ok(Command::new("ip").args(["link", "set", &bridge, "up"]));
-        for i in 0..HOSTS {
-            let (ns, veth) = (bed.netns(i), bed.veth(i));
-            run_ok(Command::new("ip").args(["netns", "add", &ns]));
-            run_ok(Command::new("ip").args([
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]));
-            run_ok(Command::new("ip").args(["link", "set", &veth, "master", &bridge, "up"]));
-            run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
-            run_ok(Command::new("ip").args([
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", bed.host_ip(i)),
-                "dev",
-                "eth0",
-            ]));
-            run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
-        }
+        let hosts: Vec<(String, String, String)> = (0..HOSTS)
+            .map(|i| (bed.netns(i), bed.veth(i), bed.host_ip(i)))
+            .collect();
+        wire_hosts(&bed.bridge(), &bed.gateway(), &hosts);
         bed.start_registry();
         bed.start_server();
         for i in 0..HOSTS {
@@ -412,6 +387,33 @@ impl Drop for Bed {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge()])
             .status();
+    }
+}
+
+/// Creates the bridge `bridge` with address `gateway`/24 in the machine's namespace and, for
+/// each `(namespace, veth, address)`, a network namespace whose `eth0` (at `address`/24) is
+/// the peer of `veth` on the bridge. The caller deletes them.
+pub fn wire_hosts(bridge: &str, gateway: &str, hosts: &[(String, String, String)]) {
+    run_ok(Command::new("ip").args(["link", "add", bridge, "type", "bridge"]));
+    run_ok(Command::new("ip").args(["addr", "add", &format!("{gateway}/24"), "dev", bridge]));
+    run_ok(Command::new("ip").args(["link", "set", bridge, "up"]));
+    for (ns, veth, address) in hosts {
+        run_ok(Command::new("ip").args(["netns", "add", ns]));
+        run_ok(Command::new("ip").args([
+            "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", veth, "master", bridge, "up"]));
+        run_ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ]));
+        run_ok(Command::new("ip").args(["-n", ns, "link", "set", "eth0", "up"]));
     }
 }
 
